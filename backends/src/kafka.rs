@@ -1,0 +1,244 @@
+//! [`PubSub`] over Kafka (any Kafka-protocol broker) through `rdkafka`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode as Code;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::pubsub::{ConsumedRecord, Delivery, PartitionConsumer, PubSub, PubSubError};
+
+/// How long metadata and admin calls may take before the broker is reported unavailable.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Kafka connection settings.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port]`.
+    pub bootstrap_servers: String,
+}
+
+/// Kafka-backed [`PubSub`]. One producer, shared; one consumer per partition consumer.
+pub struct KafkaPubSub {
+    config: KafkaConfig,
+    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer,
+    metadata: Arc<BaseConsumer>,
+}
+
+fn unavailable(context: &str, e: impl std::fmt::Display) -> PubSubError {
+    PubSubError::Unavailable { context: context.to_string(), detail: e.to_string() }
+}
+
+fn failed(context: &str, e: impl std::fmt::Display) -> PubSubError {
+    PubSubError::Failed { context: context.to_string(), detail: e.to_string() }
+}
+
+fn classify(context: &str, e: KafkaError) -> PubSubError {
+    match e.rdkafka_error_code() {
+        Some(Code::UnknownTopicOrPartition) | Some(Code::UnknownTopic) => PubSubError::UnknownTopic(context.to_string()),
+        Some(
+            Code::BrokerTransportFailure
+            | Code::AllBrokersDown
+            | Code::OperationTimedOut
+            | Code::RequestTimedOut
+            | Code::NetworkException,
+        ) => unavailable(context, e),
+        _ => failed(context, e),
+    }
+}
+
+impl KafkaPubSub {
+    /// Connects lazily: creating the client does not contact the broker.
+    pub fn new(config: KafkaConfig) -> Result<KafkaPubSub, PubSubError> {
+        let base = |extra: &[(&str, &str)]| {
+            let mut c = ClientConfig::new();
+            c.set("bootstrap.servers", &config.bootstrap_servers);
+            c.set("socket.timeout.ms", "10000");
+            for (k, v) in extra {
+                c.set(*k, *v);
+            }
+            c
+        };
+        let admin = base(&[]).create().map_err(|e| failed("create admin client", e))?;
+        let producer = base(&[
+            ("enable.idempotence", "true"),
+            ("linger.ms", "5"),
+            ("batch.num.messages", "10000"),
+            ("queue.buffering.max.messages", "200000"),
+            ("compression.type", "lz4"),
+            ("message.timeout.ms", "120000"),
+        ])
+        .create()
+        .map_err(|e| failed("create producer", e))?;
+        let metadata = base(&[("group.id", "rialto-metadata"), ("enable.auto.commit", "false")])
+            .create()
+            .map_err(|e| failed("create metadata consumer", e))?;
+        Ok(KafkaPubSub { config, admin, producer, metadata: Arc::new(metadata) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&BaseConsumer) -> Result<T, PubSubError> + Send + 'static,
+    ) -> Result<T, PubSubError> {
+        let consumer = self.metadata.clone();
+        tokio::task::spawn_blocking(move || f(&consumer))
+            .await
+            .map_err(|e| failed("metadata task", e))?
+    }
+}
+
+#[async_trait]
+impl PubSub for KafkaPubSub {
+    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), PubSubError> {
+        let context = format!("create topic {topic}");
+        let new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+        let results = self.admin.create_topics([&new_topic], &opts).await.map_err(|e| classify(&context, e))?;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    let existing = self.partition_count(topic).await?;
+                    if existing != Some(partitions) {
+                        return Err(failed(
+                            &context,
+                            format!("topic exists with {existing:?} partitions, wanted {partitions}"),
+                        ));
+                    }
+                }
+                Err((_, code)) => return Err(failed(&context, code)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), PubSubError> {
+        let context = format!("delete topic {topic}");
+        let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+        let results = self.admin.delete_topics(&[topic], &opts).await.map_err(|e| classify(&context, e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((_, code)) => return Err(failed(&context, code)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<Option<u32>, PubSubError> {
+        let topic = topic.to_string();
+        self.blocking(move |c| {
+            let md = c
+                .fetch_metadata(Some(&topic), ADMIN_TIMEOUT)
+                .map_err(|e| classify(&format!("metadata of {topic}"), e))?;
+            Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions().len() as u32)
+                .filter(|n| *n > 0))
+        })
+        .await
+    }
+
+    async fn watermarks(&self, topic: &str, partition: u32) -> Result<(i64, i64), PubSubError> {
+        let topic = topic.to_string();
+        self.blocking(move |c| {
+            c.fetch_watermarks(&topic, partition as i32, ADMIN_TIMEOUT)
+                .map_err(|e| classify(&format!("watermarks of {topic}/{partition}"), e))
+        })
+        .await
+    }
+
+    async fn send(&self, topic: &str, partition: u32, key: &[u8], value: &[u8]) -> Result<Delivery, PubSubError> {
+        loop {
+            let record = FutureRecord::to(topic).partition(partition as i32).key(key).payload(value);
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    let topic = topic.to_string();
+                    return Ok(async move {
+                        match delivery.await {
+                            Ok(Ok(delivered)) => Ok(delivered.offset),
+                            Ok(Err((e, _))) => Err(classify(&format!("produce to {topic}/{partition}"), e)),
+                            Err(_) => Err(failed(&format!("produce to {topic}/{partition}"), "producer dropped")),
+                        }
+                    }
+                    .boxed());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Back-pressure: the local queue is full, wait for deliveries to drain it.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(classify(&format!("produce to {topic}/{partition}"), e)),
+            }
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<(), PubSubError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| failed("flush task", e))?
+            .map_err(|e| classify("flush producer", e))
+    }
+
+    async fn consumer(&self, topic: &str, partition: u32, offset: i64) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
+        let context = format!("consume {topic}/{partition}");
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.bootstrap_servers)
+            .set("group.id", "rialto-server")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.max.bytes", "52428800")
+            .set("max.partition.fetch.bytes", "10485760")
+            .set("socket.timeout.ms", "10000")
+            .create()
+            .map_err(|e| failed(&context, e))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))
+            .map_err(|e| failed(&context, e))?;
+        consumer.assign(&tpl).map_err(|e| classify(&context, e))?;
+        Ok(Box::new(KafkaPartitionConsumer { consumer, context }))
+    }
+}
+
+struct KafkaPartitionConsumer {
+    consumer: StreamConsumer,
+    context: String,
+}
+
+impl KafkaPartitionConsumer {
+    fn convert(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> ConsumedRecord {
+        ConsumedRecord { offset: m.offset(), key: m.key().map(<[u8]>::to_vec), value: m.payload().map(<[u8]>::to_vec) }
+    }
+}
+
+#[async_trait]
+impl PartitionConsumer for KafkaPartitionConsumer {
+    async fn poll(&mut self, max_records: usize, timeout: std::time::Duration) -> Result<Vec<ConsumedRecord>, PubSubError> {
+        let mut out = Vec::new();
+        let first = match tokio::time::timeout(timeout, self.consumer.recv()).await {
+            Err(_) => return Ok(out),
+            Ok(r) => r.map_err(|e| classify(&self.context, e))?,
+        };
+        out.push(self.convert(&first));
+        drop(first);
+        while out.len() < max_records {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(m)) => out.push(self.convert(&m)),
+                Some(Err(e)) => return Err(classify(&self.context, e)),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+}

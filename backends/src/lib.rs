@@ -1,0 +1,21 @@
+//! The two external systems Rialto depends on, each behind a small trait:
+//!
+//! * [`pubsub`]: topics, partitioned producer, consumer with assign + seek, watermarks.
+//!   Production implementation: Kafka through `rdkafka` ([`kafka`]).
+//! * [`meta`]: get/put/compare-and-put, prefix watch, leases. Production implementation: etcd
+//!   through `etcd-client` ([`etcd`]).
+//!
+//! Everything above these traits (controller, server, client, push job) is written against the
+//! traits, so an embedded implementation (one process, local files) can replace both.
+//!
+//! **API Boundary:** nothing outside this crate names `rdkafka` or `etcd_client` types.
+
+pub mod etcd;
+pub mod kafka;
+pub mod meta;
+pub mod mirror;
+pub mod pubsub;
+
+pub use meta::{KeyValue, LeaseHandle, MetaError, MetaStore};
+pub use mirror::PrefixMirror;
+pub use pubsub::{ConsumedRecord, PartitionConsumer, PubSub, PubSubError};

@@ -1,0 +1,104 @@
+//! The controller's admin API: HTTP/1.1 + JSON, used by `rialto-admin`, `rialto-push` and
+//! operators' scripts.
+//!
+//! | method, path | body | answer |
+//! |---|---|---|
+//! | `POST /v1/stores` | [`CreateStoreRequest`] | 201 [`StoreRecord`] |
+//! | `GET /v1/stores` | – | 200 `[StoreRecord]` |
+//! | `GET /v1/stores/{store}` | – | 200 [`StoreDescription`] |
+//! | `POST /v1/stores/{store}/versions` | [`StartPushRequest`] | 201 [`StartPushResponse`] |
+//! | `GET /v1/stores/{store}/versions/{version}` | – | 200 [`VersionDescription`] |
+//! | `POST /v1/stores/{store}/versions/{version}/written` | – | 200 [`VersionDescription`] |
+//! | `POST /v1/stores/{store}/versions/{version}/fail` | [`FailPushRequest`] | 200 [`VersionDescription`] |
+//! | `GET /v1/nodes` | – | 200 `[NodeRecord]` |
+//! | `GET /health` | – | 200 `ok` |
+//!
+//! Every error is a non-2xx status with an [`ApiError`] body.
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{NodeRecord, ReplicaState, StorageProfile, StoreRecord, VersionRecord};
+
+/// Body of `POST /v1/stores`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateStoreRequest {
+    pub name: String,
+    #[serde(default)]
+    pub owner: String,
+    /// Avro schema (JSON text) of keys.
+    pub key_schema: String,
+    /// Avro schema (JSON text) of values; registered as value schema id 1.
+    pub value_schema: String,
+    pub partition_count: u32,
+    pub replication_factor: u32,
+    #[serde(default)]
+    pub storage: StorageProfile,
+}
+
+/// Body of `POST /v1/stores/{store}/versions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartPushRequest {
+    /// Free text identifying the push (job id, input path) for operators.
+    #[serde(default)]
+    pub push_id: String,
+}
+
+/// What a push job needs to write a new version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartPushResponse {
+    pub store: String,
+    pub version: u32,
+    pub topic: String,
+    pub partition_count: u32,
+    /// Kafka bootstrap servers the push job produces to.
+    pub kafka_bootstrap: String,
+    pub key_schema: String,
+    pub value_schema_id: u32,
+    pub value_schema: String,
+}
+
+/// Body of `POST .../fail`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailPushRequest {
+    pub reason: String,
+}
+
+/// One replica of a version, as reported by its server (state `Offline` when not reported).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub partition: u32,
+    pub node_id: String,
+    pub state: ReplicaState,
+    pub offset: i64,
+    pub records: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A version with its replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionDescription {
+    pub record: VersionRecord,
+    pub replicas: Vec<ReplicaView>,
+    /// Whether this version is the store's current version.
+    pub current: bool,
+}
+
+/// A store with its versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreDescription {
+    pub store: StoreRecord,
+    pub versions: Vec<VersionDescription>,
+}
+
+/// Error body of every failed admin call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable machine-readable kind: `bad_request`, `not_found`, `conflict`, `unavailable`, `internal`.
+    pub kind: String,
+    /// What happened and what to do, for a person.
+    pub message: String,
+}
+
+/// Convenience re-export for API users.
+pub type NodeList = Vec<NodeRecord>;

@@ -1,0 +1,21 @@
+//! Everything that crosses a Rialto process boundary, and nothing else.
+//!
+//! * [`partitioner`]: which partition a key belongs to (push job, server and client agree).
+//! * [`envelope`]: the value of every record on a version topic, with producer metadata.
+//! * [`wire`]: the binary framing of get and batch-get over HTTP/2.
+//! * [`meta`]: the etcd key layout and the JSON metadata records stored under it.
+//! * [`error`]: stable error codes that cross the wire, and whether a client may retry.
+//! * [`avro`]: Avro key/value encoding shared by the push job and the client.
+//! * [`admin`]: the controller's HTTP/JSON admin API types.
+//!
+//! **Architecture Invariant:** this crate does no I/O. It is pure data and functions over bytes.
+
+pub mod admin;
+pub mod avro;
+pub mod envelope;
+pub mod error;
+pub mod meta;
+pub mod partitioner;
+pub mod wire;
+
+pub use error::ErrorCode;

@@ -1,0 +1,330 @@
+//! The etcd key layout and the metadata records stored under it (JSON, so operators can read
+//! them with `etcdctl get --prefix /rialto/`).
+//!
+//! ```text
+//! {root}/stores/{store}                              StoreRecord      written by the controller
+//! {root}/versions/{store}/{version:010}              VersionRecord    written by the controller
+//! {root}/nodes/{node_id}                             NodeRecord       written by each server, under its lease
+//! {root}/replicas/{store}/{version:010}/{partition:05}/{node_id}
+//!                                                    ReplicaRecord    written by the hosting server, under its lease
+//! {root}/controller/leader                           controller id    under the leader's lease
+//! ```
+//!
+//! Version numbers and partitions are zero-padded so that etcd's lexical order is numeric order.
+//! Replica records live under the server's lease: when a server dies its replicas vanish and no
+//! client routes to it.
+
+use serde::{Deserialize, Serialize};
+
+/// Default root prefix of a Rialto cluster in etcd.
+pub const DEFAULT_ROOT: &str = "/rialto";
+/// Longest store name; names are `[a-zA-Z0-9_-]`, so they are safe in paths, topics and keys.
+pub const STORE_NAME_BYTES_MAX: usize = 128;
+/// Most partitions in one version.
+pub const PARTITION_COUNT_MAX: u32 = 4096;
+/// Most replicas of one partition.
+pub const REPLICATION_FACTOR_MAX: u32 = 16;
+
+/// Key builder for one cluster root.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: String,
+}
+
+impl Layout {
+    pub fn new(root: &str) -> Layout {
+        Layout { root: root.trim_end_matches('/').to_string() }
+    }
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+    pub fn stores_prefix(&self) -> String {
+        format!("{}/stores/", self.root)
+    }
+    pub fn store(&self, store: &str) -> String {
+        format!("{}/stores/{store}", self.root)
+    }
+    pub fn versions_prefix(&self) -> String {
+        format!("{}/versions/", self.root)
+    }
+    pub fn store_versions_prefix(&self, store: &str) -> String {
+        format!("{}/versions/{store}/", self.root)
+    }
+    pub fn version(&self, store: &str, version: u32) -> String {
+        format!("{}/versions/{store}/{version:010}", self.root)
+    }
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}/nodes/", self.root)
+    }
+    pub fn node(&self, node_id: &str) -> String {
+        format!("{}/nodes/{node_id}", self.root)
+    }
+    pub fn replicas_prefix(&self) -> String {
+        format!("{}/replicas/", self.root)
+    }
+    pub fn store_replicas_prefix(&self, store: &str) -> String {
+        format!("{}/replicas/{store}/", self.root)
+    }
+    pub fn version_replicas_prefix(&self, store: &str, version: u32) -> String {
+        format!("{}/replicas/{store}/{version:010}/", self.root)
+    }
+    pub fn replica(&self, store: &str, version: u32, partition: u32, node_id: &str) -> String {
+        format!("{}/replicas/{store}/{version:010}/{partition:05}/{node_id}", self.root)
+    }
+    pub fn leader(&self) -> String {
+        format!("{}/controller/leader", self.root)
+    }
+
+    /// Parses a replica key back into (store, version, partition, node_id).
+    pub fn parse_replica_key<'a>(&self, key: &'a str) -> Option<(&'a str, u32, u32, &'a str)> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("/replicas/")?;
+        let mut parts = rest.split('/');
+        let store = parts.next()?;
+        let version = parts.next()?.parse().ok()?;
+        let partition = parts.next()?.parse().ok()?;
+        let node = parts.next()?;
+        parts.next().is_none().then_some((store, version, partition, node))
+    }
+}
+
+/// Checks a store name: 1..=128 characters of `[a-zA-Z0-9_-]`.
+pub fn validate_store_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > STORE_NAME_BYTES_MAX {
+        return Err(format!("store name must be 1 to {STORE_NAME_BYTES_MAX} characters"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+        return Err(format!("store name `{name}` contains `{c}`; use letters, digits, `_` and `-`"));
+    }
+    Ok(())
+}
+
+/// The version topic of a store version: `<store>_v<N>`.
+pub fn version_topic(store: &str, version: u32) -> String {
+    format!("{store}_v{version}")
+}
+
+/// The real-time topic of a hybrid store: `<store>_rt`.
+pub fn realtime_topic(store: &str) -> String {
+    format!("{store}_rt")
+}
+
+/// How a store's data is laid out on the servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageProfile {
+    /// Data expected to fit in memory.
+    InMemory,
+    /// Block-based tables with a bounded cache.
+    #[default]
+    OnDisk,
+}
+
+/// One registered value schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueSchema {
+    pub id: u32,
+    pub schema: String,
+}
+
+/// A store: schemas, shape, and which versions serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreRecord {
+    pub name: String,
+    pub owner: String,
+    pub key_schema: String,
+    pub value_schemas: Vec<ValueSchema>,
+    pub partition_count: u32,
+    pub replication_factor: u32,
+    #[serde(default)]
+    pub storage: StorageProfile,
+    pub created_ms: i64,
+    /// The version reads go to; `None` until the first push goes live.
+    pub current_version: Option<u32>,
+    /// The previous current version, kept for rollback.
+    pub backup_version: Option<u32>,
+    /// Highest version number ever allocated; numbers are never reused.
+    pub largest_version: u32,
+}
+
+impl StoreRecord {
+    /// The newest value schema (pushes write with it).
+    pub fn latest_value_schema(&self) -> Option<&ValueSchema> {
+        self.value_schemas.iter().max_by_key(|s| s.id)
+    }
+    pub fn value_schema(&self, id: u32) -> Option<&ValueSchema> {
+        self.value_schemas.iter().find(|s| s.id == id)
+    }
+}
+
+/// Where a version is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum VersionStatus {
+    /// Topic created, replicas assigned, data flowing in.
+    Pushing,
+    /// The push job wrote END_OF_PUSH to every partition; waiting for replicas.
+    PushWritten,
+    /// Every replica was ONLINE and the version became (or was) current.
+    Online,
+    /// The push failed; the version never serves and its resources are being removed.
+    Failed { reason: String },
+}
+
+/// A store version: its topic, its shape, and where each partition's replicas live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub store: String,
+    pub version: u32,
+    pub topic: String,
+    pub partition_count: u32,
+    /// `assignment[p]` lists the node ids hosting partition `p`, in zone order.
+    pub assignment: Vec<Vec<String>>,
+    pub status: VersionStatus,
+    pub created_ms: i64,
+    /// The storage profile in force when the version was created.
+    #[serde(default)]
+    pub storage: StorageProfile,
+}
+
+impl VersionRecord {
+    /// Every (partition, node) pair assigned.
+    pub fn replicas(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.assignment
+            .iter()
+            .enumerate()
+            .flat_map(|(p, nodes)| nodes.iter().map(move |n| (p as u32, n.as_str())))
+    }
+    /// Partitions assigned to `node_id`.
+    pub fn partitions_of(&self, node_id: &str) -> Vec<u32> {
+        self.replicas().filter(|(_, n)| *n == node_id).map(|(p, _)| p).collect()
+    }
+}
+
+/// A storage server, registered under its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: String,
+    /// `host:port` of the HTTP/2 read endpoint.
+    pub address: String,
+    pub zone: String,
+    /// Whether the read endpoint speaks TLS.
+    pub tls: bool,
+    pub started_ms: i64,
+}
+
+/// Replica life cycle (seed 02).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReplicaState {
+    Offline,
+    Bootstrap,
+    Online,
+    Error,
+    Dropped,
+}
+
+impl ReplicaState {
+    /// Whether the transition `self -> to` is allowed.
+    pub fn can_become(self, to: ReplicaState) -> bool {
+        use ReplicaState::*;
+        matches!(
+            (self, to),
+            (Offline, Bootstrap)
+                | (Bootstrap, Online)
+                | (Bootstrap, Offline)
+                | (Online, Offline)
+                | (Bootstrap, Error)
+                | (Offline, Error)
+                | (Offline, Dropped)
+                | (Error, Dropped)
+                | (Online, Dropped)
+                | (Bootstrap, Dropped)
+        )
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            ReplicaState::Offline => "OFFLINE",
+            ReplicaState::Bootstrap => "BOOTSTRAP",
+            ReplicaState::Online => "ONLINE",
+            ReplicaState::Error => "ERROR",
+            ReplicaState::Dropped => "DROPPED",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A replica's state as reported by its server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub state: ReplicaState,
+    /// Next topic offset to consume (everything before it is applied).
+    pub offset: i64,
+    /// Records applied so far.
+    pub records: u64,
+    /// Offset this server process started consuming from (its checkpoint at start-up).
+    #[serde(default)]
+    pub consumed_from: i64,
+    pub updated_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Milliseconds since the Unix epoch; metadata timestamps only.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_numerically_and_parse_back() {
+        let l = Layout::new("/rialto/");
+        assert!(l.version("s", 9) < l.version("s", 10));
+        let k = l.replica("ads", 12, 3, "node-a");
+        assert_eq!(k, "/rialto/replicas/ads/0000000012/00003/node-a");
+        assert_eq!(l.parse_replica_key(&k), Some(("ads", 12, 3, "node-a")));
+        assert_eq!(l.parse_replica_key("/rialto/replicas/ads/x/1/n"), None);
+    }
+
+    #[test]
+    fn store_names_are_checked() {
+        assert!(validate_store_name("ads_v2-x").is_ok());
+        assert!(validate_store_name("").is_err());
+        assert!(validate_store_name("a/b").is_err());
+        assert!(validate_store_name(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn replica_transitions_follow_the_state_model() {
+        use ReplicaState::*;
+        assert!(Offline.can_become(Bootstrap));
+        assert!(Bootstrap.can_become(Online));
+        assert!(!Offline.can_become(Online));
+        assert!(!Error.can_become(Online));
+    }
+
+    #[test]
+    fn records_are_json_round_trippable() {
+        let v = VersionRecord {
+            store: "s".into(),
+            version: 1,
+            topic: version_topic("s", 1),
+            partition_count: 2,
+            assignment: vec![vec!["a".into(), "b".into()], vec!["b".into(), "c".into()]],
+            status: VersionStatus::Failed { reason: "replica ERROR".into() },
+            created_ms: 1,
+            storage: StorageProfile::OnDisk,
+        };
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);
+        assert_eq!(v.partitions_of("b"), vec![0, 1]);
+    }
+}

@@ -1,0 +1,370 @@
+//! HTTP/2 framing between `fast-client` and `rialto-server`.
+//!
+//! Endpoints (the protocol version is part of the path, so a rolling upgrade can serve `v1` and a
+//! later `v2` side by side; a server answers an unknown version with 404 `not_found`):
+//!
+//! | method, path | request body | response body |
+//! |---|---|---|
+//! | `POST /v1/get/{store}/{version}/{partition}` | the serialized key | a [stored value](StoredValue) (200), or an [error body](ErrorBody) |
+//! | `POST /v1/batch-get/{store}/{version}` | a [`BatchGetRequest`] | a stream of [`BatchGetFrame`]s ending with a trailer |
+//! | `GET /health` | – | `ok` |
+//! | `GET /metrics` | – | Prometheus text |
+//!
+//! Batch-get responses are streamed: the server writes record frames as it reads them (in chunks,
+//! not one DATA frame per record) and ends with a trailer that says whether every key was
+//! answered. A response that ends without a trailer is incomplete.
+
+use crate::envelope::{EnvelopeError, Reader, KEY_BYTES_MAX};
+use crate::ErrorCode;
+
+/// Format byte at the start of a batch-get request body.
+pub const BATCH_GET_FORMAT: u8 = 1;
+/// Default ceiling of keys in one batch-get sent to one server.
+pub const BATCH_GET_KEYS_MAX: usize = 10_000;
+/// Default ceiling of a request body.
+pub const REQUEST_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Header carrying the numeric error code on error responses.
+pub const ERROR_CODE_HEADER: &str = "x-rialto-error";
+
+/// Path of a single get.
+pub fn get_path(store: &str, version: u32, partition: u32) -> String {
+    format!("/v1/get/{store}/{version}/{partition}")
+}
+
+/// Path of a batch-get.
+pub fn batch_get_path(store: &str, version: u32) -> String {
+    format!("/v1/batch-get/{store}/{version}")
+}
+
+/// A parsed request path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    Get { store: &'a str, version: u32, partition: u32 },
+    BatchGet { store: &'a str, version: u32 },
+    Health,
+    Metrics,
+}
+
+/// Parses a request path; `None` for anything that is not a known endpoint.
+pub fn parse_route(path: &str) -> Option<Route<'_>> {
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next()?, parts.next()) {
+        ("health", None) => Some(Route::Health),
+        ("metrics", None) => Some(Route::Metrics),
+        ("v1", Some("get")) => {
+            let store = parts.next().filter(|s| !s.is_empty())?;
+            let version = parts.next()?.parse().ok()?;
+            let partition = parts.next()?.parse().ok()?;
+            parts.next().is_none().then_some(Route::Get { store, version, partition })
+        }
+        ("v1", Some("batch-get")) => {
+            let store = parts.next().filter(|s| !s.is_empty())?;
+            let version = parts.next()?.parse().ok()?;
+            parts.next().is_none().then_some(Route::BatchGet { store, version })
+        }
+        _ => None,
+    }
+}
+
+/// A value as stored by the server and returned to the client: `schema_id u32` then the bytes.
+///
+/// The server stores exactly these bytes, so a read copies them to the socket untouched.
+pub struct StoredValue;
+
+impl StoredValue {
+    /// Builds the stored form of a value.
+    pub fn encode(schema_id: u32, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + value.len());
+        out.extend_from_slice(&schema_id.to_be_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    /// Splits a stored value into schema id and value bytes.
+    pub fn decode(stored: &[u8]) -> Result<(u32, &[u8]), EnvelopeError> {
+        if stored.len() < 4 {
+            return Err(EnvelopeError::Truncated { needed: 4, at: 0, len: stored.len() });
+        }
+        let schema_id = u32::from_be_bytes([stored[0], stored[1], stored[2], stored[3]]);
+        Ok((schema_id, &stored[4..]))
+    }
+}
+
+/// A batch-get request: keys with their partitions, in the caller's order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatchGetRequest {
+    pub keys: Vec<(u32, Vec<u8>)>,
+}
+
+impl BatchGetRequest {
+    /// Appends the encoded request for `keys` (partition, key) to `out`.
+    pub fn encode_keys<'a>(keys: impl ExactSizeIterator<Item = (u32, &'a [u8])>, out: &mut Vec<u8>) {
+        out.push(BATCH_GET_FORMAT);
+        out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+        for (partition, key) in keys {
+            out.extend_from_slice(&partition.to_be_bytes());
+            out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            out.extend_from_slice(key);
+        }
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(5 + self.keys.iter().map(|(_, k)| 8 + k.len()).sum::<usize>());
+        Self::encode_keys(self.keys.iter().map(|(p, k)| (*p, k.as_slice())), &mut out);
+        out
+    }
+
+    /// Decodes a request without copying keys; `keys_max` bounds the key count.
+    pub fn decode(body: &[u8], keys_max: usize) -> Result<Vec<(u32, &[u8])>, WireError> {
+        let mut r = Reader::new(body);
+        let format = r.u8()?;
+        if format != BATCH_GET_FORMAT {
+            return Err(WireError::UnsupportedFormat(format));
+        }
+        let count = r.u32()? as usize;
+        if count > keys_max {
+            return Err(WireError::TooManyKeys { count, max: keys_max });
+        }
+        // Every key takes at least 8 bytes: refuse counts the body cannot hold before allocating.
+        if count > r.remaining() / 8 {
+            return Err(WireError::Malformed(EnvelopeError::Truncated {
+                needed: count * 8,
+                at: r.pos,
+                len: body.len(),
+            }));
+        }
+        let mut keys = Vec::with_capacity(count);
+        for _ in 0..count {
+            let partition = r.u32()?;
+            let key = r.bytes("key", KEY_BYTES_MAX)?;
+            keys.push((partition, key));
+        }
+        if r.remaining() != 0 {
+            return Err(WireError::Malformed(EnvelopeError::TrailingBytes(r.remaining())));
+        }
+        Ok(keys)
+    }
+}
+
+/// Errors decoding wire messages.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("malformed message: {0}")]
+    Malformed(#[from] EnvelopeError),
+    #[error("unsupported batch-get format {0}")]
+    UnsupportedFormat(u8),
+    #[error("batch-get of {count} keys exceeds the limit of {max}")]
+    TooManyKeys { count: usize, max: usize },
+    #[error("unknown frame tag {0}")]
+    UnknownFrame(u8),
+}
+
+impl WireError {
+    /// The error code a server answers with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WireError::TooManyKeys { .. } => ErrorCode::TooManyKeys,
+            WireError::UnsupportedFormat(_) => ErrorCode::UnsupportedProtocol,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+}
+
+const TAG_RECORD: u8 = 1;
+const TAG_MISSING: u8 = 2;
+const TAG_KEY_ERROR: u8 = 3;
+const TAG_TRAILER: u8 = 0xFF;
+
+/// One frame of a streamed batch-get response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchGetFrame<'a> {
+    /// The key at `key_index` of the request has this [stored value](StoredValue).
+    Record { key_index: u32, stored: &'a [u8] },
+    /// The key at `key_index` is not in the store.
+    Missing { key_index: u32 },
+    /// The key at `key_index` could not be answered by this server.
+    KeyError { key_index: u32, code: ErrorCode },
+    /// End of response: every key of the request was answered (found, missing or error).
+    Trailer(BatchGetTrailer),
+}
+
+/// Totals sent at the end of a batch-get response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchGetTrailer {
+    pub keys_total: u32,
+    pub found: u32,
+    pub missing: u32,
+    pub errors: u32,
+}
+
+/// Writes batch-get frames into a reusable buffer.
+pub struct BatchGetFrameWriter;
+
+impl BatchGetFrameWriter {
+    pub fn record(out: &mut Vec<u8>, key_index: u32, stored: &[u8]) {
+        out.push(TAG_RECORD);
+        out.extend_from_slice(&key_index.to_be_bytes());
+        out.extend_from_slice(&(stored.len() as u32).to_be_bytes());
+        out.extend_from_slice(stored);
+    }
+    pub fn missing(out: &mut Vec<u8>, key_index: u32) {
+        out.push(TAG_MISSING);
+        out.extend_from_slice(&key_index.to_be_bytes());
+    }
+    pub fn key_error(out: &mut Vec<u8>, key_index: u32, code: ErrorCode) {
+        out.push(TAG_KEY_ERROR);
+        out.extend_from_slice(&key_index.to_be_bytes());
+        out.extend_from_slice(&code.as_u16().to_be_bytes());
+    }
+    pub fn trailer(out: &mut Vec<u8>, t: &BatchGetTrailer) {
+        out.push(TAG_TRAILER);
+        for v in [t.keys_total, t.found, t.missing, t.errors] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+    }
+}
+
+/// Decodes the next complete frame from the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` holds only part of a frame (read more bytes), or the frame and
+/// the number of bytes it used.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(BatchGetFrame<'_>, usize)>, WireError> {
+    let Some(&tag) = buf.first() else { return Ok(None) };
+    let need = |n: usize| buf.len() >= n;
+    let u32_at = |at: usize| u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+    match tag {
+        TAG_RECORD => {
+            if !need(9) {
+                return Ok(None);
+            }
+            let len = u32_at(5) as usize;
+            if len > crate::envelope::VALUE_BYTES_MAX + 4 {
+                return Err(WireError::Malformed(EnvelopeError::TooLarge {
+                    what: "value",
+                    len,
+                    max: crate::envelope::VALUE_BYTES_MAX + 4,
+                }));
+            }
+            if !need(9 + len) {
+                return Ok(None);
+            }
+            Ok(Some((BatchGetFrame::Record { key_index: u32_at(1), stored: &buf[9..9 + len] }, 9 + len)))
+        }
+        TAG_MISSING => {
+            if !need(5) {
+                return Ok(None);
+            }
+            Ok(Some((BatchGetFrame::Missing { key_index: u32_at(1) }, 5)))
+        }
+        TAG_KEY_ERROR => {
+            if !need(7) {
+                return Ok(None);
+            }
+            let raw = u16::from_be_bytes([buf[5], buf[6]]);
+            let code = ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal);
+            Ok(Some((BatchGetFrame::KeyError { key_index: u32_at(1), code }, 7)))
+        }
+        TAG_TRAILER => {
+            if !need(17) {
+                return Ok(None);
+            }
+            let t = BatchGetTrailer { keys_total: u32_at(1), found: u32_at(5), missing: u32_at(9), errors: u32_at(13) };
+            Ok(Some((BatchGetFrame::Trailer(t), 17)))
+        }
+        other => Err(WireError::UnknownFrame(other)),
+    }
+}
+
+/// Body of every non-200 response: `code u16, retryable u8, message (UTF-8, rest of body)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(3 + self.message.len());
+        out.extend_from_slice(&self.code.as_u16().to_be_bytes());
+        out.push(u8::from(self.code.retryable()));
+        out.extend_from_slice(self.message.as_bytes());
+        out
+    }
+
+    /// Decodes an error body; unknown codes become `Internal` so that old clients stay safe.
+    pub fn decode(body: &[u8]) -> Result<ErrorBody, WireError> {
+        let mut r = Reader::new(body);
+        let raw = r.u16()?;
+        let _retryable = r.u8()?;
+        let message = String::from_utf8_lossy(&body[3..]).into_owned();
+        Ok(ErrorBody { code: ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal), message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_and_reject_junk() {
+        assert_eq!(parse_route("/v1/get/ads/3/7"), Some(Route::Get { store: "ads", version: 3, partition: 7 }));
+        assert_eq!(parse_route("/v1/batch-get/ads/3"), Some(Route::BatchGet { store: "ads", version: 3 }));
+        assert_eq!(parse_route("/health"), Some(Route::Health));
+        for junk in ["/", "", "/v1/get/ads", "/v1/get/ads/x/1", "/v1/get//1/1", "/v1/get/a/1/2/3", "/v2/get/a/1/1", "/v1/batch-get/a/-1"] {
+            assert_eq!(parse_route(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn batch_request_round_trips() {
+        let req = BatchGetRequest { keys: vec![(0, b"a".to_vec()), (5, vec![]), (7, vec![0xff; 300])] };
+        let bytes = req.encode();
+        let keys = BatchGetRequest::decode(&bytes, 10).unwrap();
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[2], (7, &[0xff; 300][..]));
+        assert!(matches!(BatchGetRequest::decode(&bytes, 2), Err(WireError::TooManyKeys { count: 3, max: 2 })));
+    }
+
+    #[test]
+    fn batch_request_decoding_never_panics_on_truncation() {
+        let bytes = BatchGetRequest { keys: vec![(1, b"abc".to_vec()), (2, b"defg".to_vec())] }.encode();
+        for len in 0..bytes.len() {
+            assert!(BatchGetRequest::decode(&bytes[..len], 100).is_err());
+        }
+        let mut huge = vec![BATCH_GET_FORMAT];
+        huge.extend_from_slice(&5_000u32.to_be_bytes());
+        assert!(BatchGetRequest::decode(&huge, 10_000).is_err());
+    }
+
+    #[test]
+    fn frames_stream_in_any_chunking() {
+        let mut out = Vec::new();
+        BatchGetFrameWriter::record(&mut out, 0, &StoredValue::encode(1, b"value-0"));
+        BatchGetFrameWriter::missing(&mut out, 1);
+        BatchGetFrameWriter::key_error(&mut out, 2, ErrorCode::PartitionNotServed);
+        let trailer = BatchGetTrailer { keys_total: 3, found: 1, missing: 1, errors: 1 };
+        BatchGetFrameWriter::trailer(&mut out, &trailer);
+        // Feed the stream one byte at a time: a partial frame is never decoded.
+        let mut frames = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        for b in &out {
+            buf.push(*b);
+            while let Some((frame, used)) = decode_frame(&buf).unwrap() {
+                frames.push(format!("{frame:?}"));
+                buf.drain(..used);
+            }
+        }
+        assert!(buf.is_empty());
+        assert_eq!(frames.len(), 4);
+        assert!(frames[3].contains("Trailer"));
+        assert!(decode_frame(&[9]).is_err());
+    }
+
+    #[test]
+    fn error_body_round_trips() {
+        let e = ErrorBody { code: ErrorCode::UnknownStore, message: "store `x` is not hosted".into() };
+        assert_eq!(ErrorBody::decode(&e.encode()).unwrap(), e);
+        assert!(ErrorBody::decode(&[0]).is_err());
+    }
+}
