@@ -9,7 +9,9 @@ cd "$here/.."
 . scripts/env.sh
 bash scripts/provision.sh
 echo "demo: building binaries (target dir $CARGO_TARGET_DIR)"
-cargo build --workspace --bins -q
+# The same package and target selection as scripts/test.sh: a different selection unifies
+# features differently and would rebuild RocksDB and librdkafka from scratch.
+cargo build --workspace --all-targets -q
 bin="$CARGO_TARGET_DIR/debug"
 
 RECORDS="${RIALTO_DEMO_RECORDS:-20000}"

@@ -1,0 +1,83 @@
+//! Micro-benchmarks of the protocol hot paths: the partitioner, and batch-get framing on both
+//! sides (client request encoding, server response writing, client response decoding).
+//!
+//! Run: `cargo bench -p rialto-benches --bench protocol`.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rialto_protocol::partitioner::partition_for_key;
+use rialto_protocol::wire::{decode_frame, BatchGetFrame, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, StoredValue};
+
+fn keys(count: usize) -> Vec<Vec<u8>> {
+    (0..count).map(|i| format!("member-{i:012}").into_bytes()).collect()
+}
+
+fn partitioner(c: &mut Criterion) {
+    let mut g = c.benchmark_group("partitioner");
+    for key_bytes in [16usize, 64, 256] {
+        let key = vec![0xabu8; key_bytes];
+        g.throughput(Throughput::Elements(1));
+        g.bench_with_input(BenchmarkId::new("partition_for_key", key_bytes), &key, |b, key| {
+            b.iter(|| partition_for_key(black_box(key), black_box(64)))
+        });
+    }
+    g.finish();
+}
+
+fn batch_get_framing(c: &mut Criterion) {
+    const KEYS: usize = 5_000;
+    const VALUE_BYTES: usize = 1_024;
+    let keys = keys(KEYS);
+    let stored = StoredValue::encode(1, &vec![7u8; VALUE_BYTES]);
+    let mut g = c.benchmark_group("batch_get_5000x1KiB");
+    g.throughput(Throughput::Elements(KEYS as u64));
+
+    g.bench_function("client_encode_request", |b| {
+        let mut out = Vec::with_capacity(KEYS * 32);
+        b.iter(|| {
+            out.clear();
+            BatchGetRequest::encode_keys(keys.iter().map(|k| (partition_for_key(k, 64), k.as_slice())), &mut out);
+            black_box(out.len())
+        })
+    });
+
+    let mut request = Vec::new();
+    BatchGetRequest::encode_keys(keys.iter().map(|k| (partition_for_key(k, 64), k.as_slice())), &mut request);
+    g.bench_function("server_decode_request", |b| {
+        b.iter(|| black_box(BatchGetRequest::decode(black_box(&request), 10_000).map(|k| k.len())))
+    });
+
+    g.bench_function("server_write_response", |b| {
+        let mut out = Vec::with_capacity(KEYS * (VALUE_BYTES + 16));
+        b.iter(|| {
+            out.clear();
+            for i in 0..KEYS as u32 {
+                BatchGetFrameWriter::record(&mut out, i, &stored);
+            }
+            BatchGetFrameWriter::trailer(&mut out, &BatchGetTrailer { keys_total: KEYS as u32, found: KEYS as u32, ..Default::default() });
+            black_box(out.len())
+        })
+    });
+
+    let mut response = Vec::new();
+    for i in 0..KEYS as u32 {
+        BatchGetFrameWriter::record(&mut response, i, &stored);
+    }
+    BatchGetFrameWriter::trailer(&mut response, &BatchGetTrailer { keys_total: KEYS as u32, found: KEYS as u32, ..Default::default() });
+    g.bench_function("client_decode_response", |b| {
+        b.iter(|| {
+            let mut at = 0;
+            let mut found = 0u32;
+            while let Ok(Some((frame, used))) = decode_frame(&response[at..]) {
+                if let BatchGetFrame::Record { stored, .. } = frame {
+                    found += stored.len() as u32 & 1;
+                }
+                at += used;
+            }
+            black_box(found)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, partitioner, batch_get_framing);
+criterion_main!(benches);

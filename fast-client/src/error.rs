@@ -1,0 +1,147 @@
+//! The one error type of the client, [`ClientError`].
+//!
+//! Every message says what happened and what the application engineer can do about it.
+//! [`ClientError::is_retryable`] says whether the same read may succeed on another replica; the
+//! client uses it to decide when to fail over, applications may use it to decide whether to retry
+//! later.
+
+use std::time::Duration;
+
+use rialto_backends::MetaError;
+use rialto_protocol::avro::AvroError;
+use rialto_protocol::ErrorCode;
+
+/// A failed read or a failed client start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The store record does not exist in etcd.
+    #[error(
+        "store `{store}` does not exist in cluster root {root}: check the store name and \
+         `ClientConfig::meta_root`, or create the store with `rialto-admin`"
+    )]
+    UnknownStore { store: String, root: String },
+
+    /// The store exists but no version has gone live yet.
+    #[error(
+        "store `{store}` has no current version: the first push has not finished; run a push \
+         (`rialto-push`) or wait for the running one, or set `ClientConfig::routing_wait`"
+    )]
+    NoCurrentVersion { store: String },
+
+    /// No replica of the partition is ONLINE on a registered server.
+    #[error(
+        "no ONLINE replica of partition {partition} of version {version}: every server hosting it \
+         is down or still ingesting; check `rialto-admin` replicas for the store and retry later"
+    )]
+    NoReplica { partition: u32, version: u32 },
+
+    /// The server could not be reached, or the connection broke during the request.
+    #[error(
+        "storage server {address} is unreachable: {detail}; the client retries other replicas \
+         and reconnects on the next request"
+    )]
+    Unreachable { address: String, detail: String },
+
+    /// The server answered with an error code.
+    #[error("storage server {address} answered {code}: {message}")]
+    Server {
+        address: String,
+        code: ErrorCode,
+        message: String,
+    },
+
+    /// The read did not finish within `ClientConfig::request_timeout`.
+    #[error(
+        "read from storage server {address} did not finish within {after:?}; the server may be \
+         overloaded, or raise `ClientConfig::request_timeout`"
+    )]
+    Timeout { address: String, after: Duration },
+
+    /// A key or value did not match the store's schemas.
+    #[error("schema problem: {0}")]
+    Schema(#[from] AvroError),
+
+    /// The metadata store (etcd) could not be read.
+    #[error("could not read cluster metadata: {0}; check that etcd is reachable from this host")]
+    Metadata(#[from] MetaError),
+
+    /// A server sent something this client does not understand.
+    #[error(
+        "protocol error: {0}; the server and client versions may be incompatible, report this \
+         with both versions"
+    )]
+    Protocol(String),
+
+    /// A batch-get with more keys than the client sends in one call.
+    #[error(
+        "batch-get of {count} keys exceeds the limit of {max} keys per call: split the keys into \
+         smaller batches"
+    )]
+    TooManyKeys { count: usize, max: usize },
+
+    /// The client configuration cannot be used (for example, an unreadable CA certificate).
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+
+    /// Some keys of a batch-get could not be read, even after a retry on another replica.
+    #[error(
+        "batch-get incomplete: {failed_keys} keys could not be read even after a retry on another \
+         replica; first error: {first_error}"
+    )]
+    Incomplete {
+        failed_keys: usize,
+        first_error: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the same read may succeed on another replica (or later).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::NoReplica { .. } => true,
+            ClientError::Server { code, .. } => code.retryable(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryability_follows_error_codes() {
+        let server = |code| ClientError::Server {
+            address: "a:1".into(),
+            code,
+            message: String::new(),
+        };
+        assert!(server(ErrorCode::PartitionNotServed).is_retryable());
+        assert!(!server(ErrorCode::BadRequest).is_retryable());
+        assert!(ClientError::Unreachable {
+            address: "a:1".into(),
+            detail: "refused".into()
+        }
+        .is_retryable());
+        assert!(!ClientError::Protocol("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn messages_name_the_store_and_the_remedy() {
+        let e = ClientError::UnknownStore {
+            store: "x".into(),
+            root: "/rialto".into(),
+        };
+        assert!(
+            e.to_string()
+                .starts_with("store `x` does not exist in cluster root /rialto"),
+            "{e}"
+        );
+        let e = ClientError::NoCurrentVersion { store: "x".into() };
+        assert!(
+            e.to_string()
+                .starts_with("store `x` has no current version: the first push has not finished"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! Rialto's fat client: the library applications link to read a store.
+//!
+//! [`Client::connect`] follows the store's metadata in etcd (store record, versions, replicas,
+//! nodes) through [`PrefixMirror`](rialto_backends::PrefixMirror)s and keeps a
+//! [routing table](routing::RoutingTable) of the ONLINE replicas of the current version. Reads go
+//! straight to the storage servers over HTTP/2 (TLS or, for local use, plaintext h2c): a key is
+//! encoded with the store's Avro key schema, partitioned with the shared partitioner, and sent to
+//! one replica of its partition; a retryable failure is retried on another replica.
+//!
+//! ```no_run
+//! # async fn example(meta: std::sync::Arc<dyn rialto_backends::MetaStore>) -> Result<(), rialto_fast_client::ClientError> {
+//! use rialto_fast_client::{Client, ClientConfig};
+//! use rialto_protocol::avro::Value;
+//! let client = Client::connect(ClientConfig::new("ads"), meta).await?;
+//! let value = client.get(&Value::String("member-42".into())).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`routing`] (the pure routing-table builder), `metadata` (following etcd),
+//! `pool` (HTTP/2 connections), `response` (incremental batch-get decoding), `client` (the read
+//! paths), [`error`] and `stats`.
+
+mod client;
+pub mod error;
+mod metadata;
+mod pool;
+mod response;
+pub mod routing;
+mod stats;
+
+use std::time::Duration;
+
+pub use client::Client;
+pub use error::ClientError;
+pub use pool::{CONNECTION_WINDOW_BYTES, CONNECT_TIMEOUT, FRAME_BYTES_MAX, STREAM_WINDOW_BYTES};
+pub use response::RawValue;
+pub use routing::{Replica, RoutingTable};
+pub use stats::ClientStats;
+
+/// Most keys one `batch_get` call accepts (the servers' default limit per request).
+pub const BATCH_GET_KEYS_MAX: usize = rialto_protocol::wire::BATCH_GET_KEYS_MAX;
+/// Default [`ClientConfig::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// TLS settings for talking to storage servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM of the CA certificate(s) that signed the servers' certificates.
+    pub ca_cert_pem: Vec<u8>,
+    /// The name to verify in server certificates; `None` uses the host of each server's address.
+    pub server_name: Option<String>,
+}
+
+/// How to reach a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The store to read.
+    pub store: String,
+    /// The cluster's root prefix in etcd (default [`DEFAULT_ROOT`](rialto_protocol::meta::DEFAULT_ROOT)).
+    pub meta_root: String,
+    /// TLS settings; `None` talks plaintext HTTP/2 (h2c), for local use only.
+    pub tls: Option<ClientTls>,
+    /// Deadline of one `get` or `batch_get` call, retries included (default 5 s).
+    pub request_timeout: Duration,
+    /// How long `connect` waits for the store to have a current version (default 0: don't wait).
+    pub routing_wait: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for reading `store`: default root, plaintext, 5 s timeout, no routing wait.
+    pub fn new(store: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            store: store.into(),
+            meta_root: rialto_protocol::meta::DEFAULT_ROOT.to_string(),
+            tls: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            routing_wait: Duration::ZERO,
+        }
+    }
+}

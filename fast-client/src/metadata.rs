@@ -1,0 +1,206 @@
+//! Following the store's metadata: four prefix mirrors, a rebuild of the routing table and of the
+//! Avro codecs on every change, and the atomic swap of both.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use rialto_backends::{MetaError, MetaStore, PrefixMirror};
+use rialto_protocol::avro::{AvroCodec, AvroError};
+use rialto_protocol::meta::{Layout, StoreRecord, ValueSchema};
+
+use crate::client::Shared;
+use crate::routing::{build_routing_table, RoutingTable};
+use crate::stats::Counters;
+
+/// The parsed schemas of the store.
+pub(crate) struct Codecs {
+    key_schema: String,
+    value_schemas: Vec<ValueSchema>,
+    /// Codec of the key schema.
+    pub(crate) key: AvroCodec,
+    /// Codecs of the value schemas, by id.
+    pub(crate) values: HashMap<u32, AvroCodec>,
+}
+
+impl Codecs {
+    /// Parses the store's schemas; an unparsable value schema is skipped with a warning (values
+    /// written with it then fail to decode), an unparsable key schema is an error.
+    pub(crate) fn from_record(record: &StoreRecord) -> Result<Codecs, AvroError> {
+        let key = AvroCodec::parse(&record.key_schema)?;
+        let mut values = HashMap::with_capacity(record.value_schemas.len());
+        for schema in &record.value_schemas {
+            match AvroCodec::parse(&schema.schema) {
+                Ok(codec) => {
+                    values.insert(schema.id, codec);
+                }
+                Err(e) => {
+                    tracing::warn!(store = record.name, id = schema.id, error = %e, "skipping unparsable value schema")
+                }
+            }
+        }
+        Ok(Codecs {
+            key_schema: record.key_schema.clone(),
+            value_schemas: record.value_schemas.clone(),
+            key,
+            values,
+        })
+    }
+
+    fn matches(&self, record: &StoreRecord) -> bool {
+        self.key_schema == record.key_schema && self.value_schemas == record.value_schemas
+    }
+}
+
+/// Live copies of the metadata a client needs.
+pub(crate) struct Mirrors {
+    store_key: String,
+    store: PrefixMirror,
+    versions: PrefixMirror,
+    replicas: PrefixMirror,
+    nodes: PrefixMirror,
+}
+
+impl Mirrors {
+    /// Lists and starts following the store record, its versions, its replicas and the nodes.
+    pub(crate) async fn start(
+        meta: Arc<dyn MetaStore>,
+        layout: &Layout,
+        store: &str,
+    ) -> Result<Mirrors, MetaError> {
+        let store_key = layout.store(store);
+        Ok(Mirrors {
+            store: PrefixMirror::start(meta.clone(), store_key.clone()).await?,
+            versions: PrefixMirror::start(meta.clone(), layout.store_versions_prefix(store))
+                .await?,
+            replicas: PrefixMirror::start(meta.clone(), layout.store_replicas_prefix(store))
+                .await?,
+            nodes: PrefixMirror::start(meta, layout.nodes_prefix()).await?,
+            store_key,
+        })
+    }
+
+    /// The store record. The store mirror's prefix also matches longer store names (`ads` and
+    /// `ads2`), so only the exact key counts.
+    pub(crate) async fn store_record(&self) -> Result<Option<StoreRecord>, MetaError> {
+        let Some(bytes) = self.store.with(|m| m.get(&self.store_key).cloned()).await else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| MetaError::Failed {
+                context: format!("reading store record `{}`", self.store_key),
+                detail: format!("the record is not valid JSON of a store ({e})"),
+            })
+    }
+
+    /// Builds the routing table from the current mirrors.
+    pub(crate) async fn build(
+        &self,
+        layout: &Layout,
+        store: &str,
+        record: Option<&StoreRecord>,
+        routed: Option<u32>,
+    ) -> RoutingTable {
+        let versions = self.versions.snapshot().await;
+        let replicas = self.replicas.snapshot().await;
+        let nodes = self.nodes.snapshot().await;
+        build_routing_table(layout, store, record, &versions, &replicas, &nodes, routed)
+    }
+}
+
+/// Rebuilds routing and codecs whenever any mirror changes; runs until the client is dropped.
+pub(crate) async fn follow(shared: Arc<Shared>, mirrors: Mirrors) {
+    let mut subs = [
+        mirrors.store.subscribe(),
+        mirrors.versions.subscribe(),
+        mirrors.replicas.subscribe(),
+        mirrors.nodes.subscribe(),
+    ];
+    loop {
+        let changed = {
+            let [a, b, c, d] = &mut subs;
+            tokio::select! {
+                r = a.changed() => r,
+                r = b.changed() => r,
+                r = c.changed() => r,
+                r = d.changed() => r,
+            }
+        };
+        if changed.is_err() {
+            return;
+        }
+        for sub in subs.iter_mut() {
+            sub.borrow_and_update();
+        }
+        refresh(&shared, &mirrors).await;
+    }
+}
+
+async fn refresh(shared: &Shared, mirrors: &Mirrors) {
+    let record = match mirrors.store_record().await {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::warn!(store = shared.store, error = %e, "keeping the previous routing table");
+            return;
+        }
+    };
+    if let Some(record) = &record {
+        if !shared.codecs().matches(record) {
+            match Codecs::from_record(record) {
+                Ok(codecs) => {
+                    tracing::info!(
+                        store = shared.store,
+                        value_schemas = codecs.values.len(),
+                        "store schemas changed"
+                    );
+                    *shared.codecs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(codecs);
+                }
+                Err(e) => {
+                    tracing::warn!(store = shared.store, error = %e, "keeping the previous schemas")
+                }
+            }
+        }
+    }
+    let routed = shared.table().version;
+    let table = mirrors
+        .build(&shared.layout, &shared.store, record.as_ref(), routed)
+        .await;
+    install(shared, table);
+}
+
+/// Swaps in `table` if it differs from the current one; warms connections to new servers.
+pub(crate) fn install(shared: &Shared, table: RoutingTable) {
+    let old = shared.table();
+    if *old == table {
+        return;
+    }
+    if let (Some(from), Some(to)) = (old.version, table.version) {
+        if from != to {
+            Counters::add(&shared.counters.version_swaps, 1);
+            tracing::info!(store = shared.store, from, to, "routing to a new version");
+        }
+    }
+    Counters::add(&shared.counters.routing_updates, 1);
+    let old_addresses = old.addresses();
+    let new_addresses = table.addresses();
+    shared
+        .pool
+        .retain(&new_addresses.iter().map(|(a, _)| a.clone()).collect());
+    shared.routing.send_replace(Arc::new(table));
+    warm(
+        shared,
+        new_addresses.difference(&old_addresses).cloned().collect(),
+    );
+}
+
+/// Opens connections to `addresses` in the background; failures are logged, not returned.
+pub(crate) fn warm(shared: &Shared, addresses: HashSet<(String, bool)>) {
+    for (address, tls) in addresses {
+        let pool = shared.pool.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pool.sender(&address, tls).await {
+                tracing::warn!(%address, error = %e, "could not warm connection to storage server");
+            }
+        });
+    }
+}

@@ -1,0 +1,284 @@
+//! HTTP/2 connections to storage servers: one per server address, shared by every request.
+//!
+//! A connection is opened on first use (or when the routing table names a new server, to warm
+//! it), and forgotten as soon as its connection task ends (server restart, network failure,
+//! GOAWAY), so the next request reconnects. h2's `SendRequest` is a cheap clonable handle; many
+//! requests multiplex on one connection.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::error::ClientError;
+use crate::stats::Counters;
+use crate::ClientTls;
+
+/// Per-stream receive window the client advertises (large responses stream without stalls).
+pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// Per-connection receive window the client advertises.
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+/// Largest HTTP/2 frame the client accepts.
+pub const FRAME_BYTES_MAX: u32 = 1024 * 1024;
+/// Longest time spent opening one connection (TCP, TLS and HTTP/2 handshakes).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// TLS settings derived from [`ClientTls`].
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    server_name: Option<String>,
+}
+
+/// One address's connection, opened lazily.
+#[derive(Default)]
+struct Slot {
+    conn: tokio::sync::Mutex<Option<(u64, SendRequest<Bytes>)>>,
+}
+
+/// The shared connections of one client.
+pub(crate) struct ConnectionPool {
+    tls: Option<Tls>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    next_id: AtomicU64,
+    counters: Arc<Counters>,
+    this: Weak<ConnectionPool>,
+}
+
+impl ConnectionPool {
+    /// A pool; fails when the TLS settings are unusable.
+    pub(crate) fn new(
+        tls: Option<&ClientTls>,
+        counters: Arc<Counters>,
+    ) -> Result<Arc<ConnectionPool>, ClientError> {
+        let tls = tls.map(build_tls).transpose()?;
+        Ok(Arc::new_cyclic(|this| ConnectionPool {
+            tls,
+            slots: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            counters,
+            this: this.clone(),
+        }))
+    }
+
+    fn slot(&self, address: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(address.to_string()).or_default().clone()
+    }
+
+    /// A request handle for `address`, connecting if there is no live connection.
+    pub(crate) async fn sender(
+        &self,
+        address: &str,
+        tls: bool,
+    ) -> Result<SendRequest<Bytes>, ClientError> {
+        let slot = self.slot(address);
+        let mut conn = slot.conn.lock().await;
+        if let Some((_, sender)) = conn.as_ref() {
+            return Ok(sender.clone());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sender = match tokio::time::timeout(CONNECT_TIMEOUT, self.dial(address, tls, id)).await
+        {
+            Ok(Ok(sender)) => sender,
+            Ok(Err(e)) => {
+                self.counters
+                    .connection_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+            Err(_) => {
+                self.counters
+                    .connection_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(ClientError::Unreachable {
+                    address: address.to_string(),
+                    detail: format!("could not connect within {CONNECT_TIMEOUT:?}"),
+                });
+            }
+        };
+        self.counters
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        *conn = Some((id, sender.clone()));
+        Ok(sender)
+    }
+
+    /// Forgets the connection to `address` so the next request reconnects.
+    pub(crate) fn invalidate(&self, address: &str) {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(address)
+            .cloned();
+        if let Some(slot) = slot {
+            if let Ok(mut conn) = slot.conn.try_lock() {
+                *conn = None;
+            }
+        }
+    }
+
+    /// Forgets the connection `id` to `address` if it is still the pooled one.
+    async fn connection_ended(&self, address: &str, id: u64) {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(address)
+            .cloned();
+        if let Some(slot) = slot {
+            let mut conn = slot.conn.lock().await;
+            if conn.as_ref().is_some_and(|(current, _)| *current == id) {
+                *conn = None;
+            }
+        }
+    }
+
+    /// Drops the connections to servers not in `keep`; in-flight requests on them finish.
+    pub(crate) fn retain(&self, keep: &HashSet<String>) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|address, _| keep.contains(address));
+    }
+
+    async fn dial(
+        &self,
+        address: &str,
+        tls: bool,
+        id: u64,
+    ) -> Result<SendRequest<Bytes>, ClientError> {
+        let unreachable = |detail: String| ClientError::Unreachable {
+            address: address.to_string(),
+            detail,
+        };
+        let tcp = TcpStream::connect(address)
+            .await
+            .map_err(|e| unreachable(format!("TCP connect failed: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        match (&self.tls, tls) {
+            (None, false) => self.handshake(address, tcp, id).await,
+            (Some(settings), true) => {
+                let name = settings.server_name.clone().unwrap_or_else(|| host_of(address).to_string());
+                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| unreachable(format!("`{name}` is not a valid TLS server name ({e}); set `ClientTls::server_name`")))?;
+                let stream = settings
+                    .connector
+                    .connect(server_name, tcp)
+                    .await
+                    .map_err(|e| unreachable(format!("TLS handshake failed: {e}; check the CA certificate and server name")))?;
+                if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    tracing::warn!(address, "server did not negotiate ALPN `h2`; trying HTTP/2 anyway");
+                }
+                self.handshake(address, stream, id).await
+            }
+            (None, true) => Err(unreachable(
+                "the server speaks TLS but the client has no TLS settings; set `ClientConfig::tls` with the cluster CA".into(),
+            )),
+            (Some(_), false) => Err(unreachable(
+                "the server speaks plaintext but the client requires TLS; refusing to downgrade (set `ClientConfig::tls` to None for a plaintext cluster)".into(),
+            )),
+        }
+    }
+
+    async fn handshake<T>(
+        &self,
+        address: &str,
+        io: T,
+        id: u64,
+    ) -> Result<SendRequest<Bytes>, ClientError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .max_frame_size(FRAME_BYTES_MAX)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                address: address.to_string(),
+                detail: format!("HTTP/2 handshake failed: {e}"),
+            })?;
+        let pool = self.this.clone();
+        let address = address.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%address, error = %e, "connection to storage server ended");
+            }
+            if let Some(pool) = pool.upgrade() {
+                pool.connection_ended(&address, id).await;
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// The host part of `host:port` (or `[v6]:port`).
+fn host_of(address: &str) -> &str {
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => address,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn build_tls(tls: &ClientTls) -> Result<Tls, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut tls.ca_cert_pem.as_slice()) {
+        let cert = cert
+            .map_err(|e| ClientError::Config(format!("CA certificate PEM is unreadable: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Config(format!("CA certificate is not usable: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Config(
+            "`ClientTls::ca_cert_pem` holds no PEM certificate".into(),
+        ));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Config(format!("TLS setup failed: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Tls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        server_name: tls.server_name.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_split_from_port() {
+        assert_eq!(host_of("server-1:7000"), "server-1");
+        assert_eq!(host_of("127.0.0.1:7000"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7000"), "::1");
+        assert_eq!(host_of("server-1"), "server-1");
+    }
+
+    #[test]
+    fn tls_settings_without_a_certificate_are_refused() {
+        let tls = ClientTls {
+            ca_cert_pem: b"not a pem".to_vec(),
+            server_name: None,
+        };
+        let err = ConnectionPool::new(Some(&tls), Arc::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("no PEM certificate"), "{err}");
+    }
+}

@@ -1,0 +1,849 @@
+//! End-to-end: a real `Client` against in-process fake storage servers (h2, canned values) and an
+//! in-memory `MetaStore`. Covers get, batch-get, failover from a replica that answers
+//! PartitionNotServed, and a version swap picked up by a running client.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rialto_backends::meta::{WatchEvent, WatchStream};
+use rialto_backends::{KeyValue, LeaseHandle, MetaError, MetaStore};
+use rialto_fast_client::{Client, ClientConfig, ClientError};
+use rialto_protocol::avro::{AvroCodec, Value};
+use rialto_protocol::meta::{
+    Layout, NodeRecord, ReplicaRecord, ReplicaState, StorageProfile, StoreRecord, ValueSchema,
+    VersionRecord, VersionStatus,
+};
+use rialto_protocol::wire::{
+    self, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route, StoredValue,
+};
+use rialto_protocol::ErrorCode;
+use tokio::sync::broadcast;
+
+// ---------------------------------------------------------------------------------------------
+// In-memory MetaStore with revisions and prefix watches.
+
+#[derive(Default)]
+struct MetaState {
+    map: BTreeMap<String, (Vec<u8>, i64)>,
+    revision: i64,
+    history: Vec<(i64, WatchEvent)>,
+}
+
+struct FakeMeta {
+    state: Mutex<MetaState>,
+    events: broadcast::Sender<(i64, WatchEvent)>,
+}
+
+impl FakeMeta {
+    fn new() -> Arc<FakeMeta> {
+        Arc::new(FakeMeta {
+            state: Mutex::new(MetaState::default()),
+            events: broadcast::channel(4096).0,
+        })
+    }
+
+    fn apply(&self, key: &str, value: Option<Vec<u8>>) {
+        let mut s = self.state.lock().unwrap();
+        s.revision += 1;
+        let rev = s.revision;
+        let event = match value {
+            Some(v) => {
+                s.map.insert(key.to_string(), (v.clone(), rev));
+                WatchEvent::Put(KeyValue {
+                    key: key.to_string(),
+                    value: v,
+                    mod_revision: rev,
+                })
+            }
+            None => {
+                s.map.remove(key);
+                WatchEvent::Delete {
+                    key: key.to_string(),
+                    mod_revision: rev,
+                }
+            }
+        };
+        s.history.push((rev, event.clone()));
+        let _ = self.events.send((rev, event));
+    }
+
+    fn put_json<T: serde::Serialize>(&self, key: &str, value: &T) {
+        self.apply(key, Some(serde_json::to_vec(value).unwrap()));
+    }
+}
+
+fn event_key(e: &WatchEvent) -> &str {
+    match e {
+        WatchEvent::Put(kv) => &kv.key,
+        WatchEvent::Delete { key, .. } => key,
+    }
+}
+
+struct FakeWatch {
+    prefix: String,
+    replay: Vec<WatchEvent>,
+    rx: broadcast::Receiver<(i64, WatchEvent)>,
+}
+
+#[async_trait]
+impl WatchStream for FakeWatch {
+    async fn next(&mut self) -> Result<Option<Vec<WatchEvent>>, MetaError> {
+        if !self.replay.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.replay)));
+        }
+        loop {
+            match self.rx.recv().await {
+                Ok((_, e)) if event_key(&e).starts_with(&self.prefix) => return Ok(Some(vec![e])),
+                Ok(_) => continue,
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl MetaStore for FakeMeta {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
+        let s = self.state.lock().unwrap();
+        Ok(s.map.get(key).map(|(v, r)| KeyValue {
+            key: key.to_string(),
+            value: v.clone(),
+            mod_revision: *r,
+        }))
+    }
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), MetaError> {
+        let s = self.state.lock().unwrap();
+        let items = s
+            .map
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (v, r))| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+                mod_revision: *r,
+            })
+            .collect();
+        Ok((items, s.revision))
+    }
+    async fn put(&self, key: &str, value: Vec<u8>, _lease: Option<i64>) -> Result<(), MetaError> {
+        self.apply(key, Some(value));
+        Ok(())
+    }
+    async fn delete(&self, key: &str) -> Result<(), MetaError> {
+        self.apply(key, None);
+        Ok(())
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), MetaError> {
+        let keys: Vec<String> = self
+            .state
+            .lock()
+            .unwrap()
+            .map
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        for k in keys {
+            self.apply(&k, None);
+        }
+        Ok(())
+    }
+    async fn compare_and_put(
+        &self,
+        _: &str,
+        _: Option<i64>,
+        _: Vec<u8>,
+        _: Option<i64>,
+    ) -> Result<bool, MetaError> {
+        Err(MetaError::Failed {
+            context: "fake".into(),
+            detail: "not supported".into(),
+        })
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+    ) -> Result<Box<dyn WatchStream>, MetaError> {
+        let s = self.state.lock().unwrap();
+        let replay = s
+            .history
+            .iter()
+            .filter(|(rev, e)| *rev >= start_revision && event_key(e).starts_with(prefix))
+            .map(|(_, e)| e.clone())
+            .collect();
+        let rx = self.events.subscribe();
+        Ok(Box::new(FakeWatch {
+            prefix: prefix.to_string(),
+            replay,
+            rx,
+        }))
+    }
+    async fn grant_lease(&self, _: i64) -> Result<LeaseHandle, MetaError> {
+        Err(MetaError::Failed {
+            context: "fake".into(),
+            detail: "leases not supported".into(),
+        })
+    }
+    async fn revoke_lease(&self, _: i64) -> Result<(), MetaError> {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake storage server: canned stored values for one version, or PartitionNotServed for all.
+
+const STORE: &str = "ads";
+
+struct FakeServer {
+    address: String,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct Behavior {
+    version: u32,
+    values: Arc<HashMap<Vec<u8>, Vec<u8>>>,
+    bad: bool,
+}
+
+async fn start_server(behavior: Behavior) -> FakeServer {
+    start_server_with(behavior, None).await
+}
+
+/// Starts a fake server; with `tls`, it speaks TLS (ALPN `h2`) with that server config.
+async fn start_server_with(
+    behavior: Behavior,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> FakeServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let behavior = behavior.clone();
+            let counter = counter.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(socket).await {
+                            serve_connection(stream, behavior, counter).await;
+                        }
+                    }
+                    None => serve_connection(socket, behavior, counter).await,
+                }
+            });
+        }
+    });
+    FakeServer {
+        address,
+        requests,
+        task,
+    }
+}
+
+async fn serve_connection<T>(io: T, behavior: Behavior, counter: Arc<AtomicUsize>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut conn) = h2::server::handshake(io).await else {
+        return;
+    };
+    while let Some(Ok((request, respond))) = conn.accept().await {
+        counter.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(serve(behavior.clone(), request, respond));
+    }
+}
+
+fn error_response(respond: &mut h2::server::SendResponse<Bytes>, code: ErrorCode) {
+    let response = http::Response::builder()
+        .status(code.http_status())
+        .body(())
+        .unwrap();
+    let mut stream = respond.send_response(response, false).unwrap();
+    let body = ErrorBody {
+        code,
+        message: format!("fake server says {}", code.name()),
+    }
+    .encode();
+    stream.send_data(Bytes::from(body), true).unwrap();
+}
+
+async fn serve(
+    b: Behavior,
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let path = request.uri().path().to_string();
+    let mut body = request.into_body();
+    let mut bytes = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    match wire::parse_route(&path) {
+        Some(Route::Get { store, version, .. }) => {
+            if b.bad {
+                return error_response(&mut respond, ErrorCode::PartitionNotServed);
+            }
+            if store != STORE || version != b.version {
+                return error_response(&mut respond, ErrorCode::UnknownVersion);
+            }
+            match b.values.get(&bytes) {
+                Some(stored) => {
+                    let mut s = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    s.send_data(Bytes::from(stored.clone()), true).unwrap();
+                }
+                None => error_response(&mut respond, ErrorCode::KeyNotFound),
+            }
+        }
+        Some(Route::BatchGet { store, version }) => {
+            if store != STORE || version != b.version {
+                return error_response(&mut respond, ErrorCode::UnknownVersion);
+            }
+            let keys = BatchGetRequest::decode(&bytes, 10_000).unwrap();
+            let mut out = Vec::new();
+            let mut t = BatchGetTrailer {
+                keys_total: keys.len() as u32,
+                ..Default::default()
+            };
+            for (i, (_, key)) in keys.iter().enumerate() {
+                if b.bad {
+                    BatchGetFrameWriter::key_error(
+                        &mut out,
+                        i as u32,
+                        ErrorCode::PartitionNotServed,
+                    );
+                    t.errors += 1;
+                } else if let Some(stored) = b.values.get(*key) {
+                    BatchGetFrameWriter::record(&mut out, i as u32, stored);
+                    t.found += 1;
+                } else {
+                    BatchGetFrameWriter::missing(&mut out, i as u32);
+                    t.missing += 1;
+                }
+            }
+            BatchGetFrameWriter::trailer(&mut out, &t);
+            // Send in uneven chunks that cut frames in the middle.
+            let mut s = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let out = Bytes::from(out);
+            let mut at = 0;
+            let mut step = 3;
+            while at < out.len() {
+                let end = (at + step).min(out.len());
+                s.send_data(out.slice(at..end), end == out.len()).unwrap();
+                at = end;
+                step = step * 3 + 1;
+            }
+        }
+        _ => error_response(&mut respond, ErrorCode::NotFound),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster metadata helpers.
+
+fn key_codec() -> AvroCodec {
+    AvroCodec::parse(r#""string""#).unwrap()
+}
+
+fn key_bytes(k: &str) -> Vec<u8> {
+    key_codec().encode(&Value::String(k.into()), "key").unwrap()
+}
+
+fn values(version: u32, count: usize) -> Arc<HashMap<Vec<u8>, Vec<u8>>> {
+    let codec = AvroCodec::parse(r#""string""#).unwrap();
+    Arc::new(
+        (0..count)
+            .map(|i| {
+                let datum = codec
+                    .encode(&Value::String(format!("v{version}-value-{i}")), "value")
+                    .unwrap();
+                (
+                    key_bytes(&format!("key-{i}")),
+                    StoredValue::encode(1, &datum),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreRecord {
+    StoreRecord {
+        name: name.into(),
+        owner: "test".into(),
+        key_schema: r#""string""#.into(),
+        value_schemas: vec![ValueSchema {
+            id: 1,
+            schema: r#""string""#.into(),
+        }],
+        partition_count: 2,
+        replication_factor: 2,
+        storage: StorageProfile::OnDisk,
+        created_ms: 0,
+        current_version: current,
+        backup_version: backup,
+        largest_version: current.unwrap_or(0),
+    }
+}
+
+fn put_node(meta: &FakeMeta, layout: &Layout, id: &str, address: &str) {
+    let r = NodeRecord {
+        node_id: id.into(),
+        address: address.into(),
+        zone: format!("zone-{id}"),
+        tls: false,
+        started_ms: 0,
+    };
+    meta.put_json(&layout.node(id), &r);
+}
+
+fn put_version(meta: &FakeMeta, layout: &Layout, version: u32, assignment: Vec<Vec<String>>) {
+    let r = VersionRecord {
+        store: STORE.into(),
+        version,
+        topic: format!("{STORE}_v{version}"),
+        partition_count: assignment.len() as u32,
+        assignment,
+        status: VersionStatus::Online,
+        created_ms: 0,
+        storage: StorageProfile::OnDisk,
+    };
+    meta.put_json(&layout.version(STORE, version), &r);
+}
+
+fn put_replica(
+    meta: &FakeMeta,
+    layout: &Layout,
+    version: u32,
+    partition: u32,
+    node: &str,
+    state: ReplicaState,
+) {
+    let r = ReplicaRecord {
+        state,
+        offset: 0,
+        records: 0,
+        consumed_from: 0,
+        updated_ms: 0,
+        error: None,
+    };
+    meta.put_json(&layout.replica(STORE, version, partition, node), &r);
+}
+
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn string(v: &str) -> Value {
+    Value::String(v.into())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn reads_fail_over_and_follow_a_version_swap() {
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    let bad = start_server(Behavior {
+        version: 1,
+        values: values(1, 50),
+        bad: true,
+    })
+    .await;
+    let good = start_server(Behavior {
+        version: 1,
+        values: values(1, 50),
+        bad: false,
+    })
+    .await;
+    let next = start_server(Behavior {
+        version: 2,
+        values: values(2, 50),
+        bad: false,
+    })
+    .await;
+    put_node(&meta, &layout, "a", &bad.address);
+    put_node(&meta, &layout, "b", &good.address);
+    put_node(&meta, &layout, "c", &next.address);
+    put_version(
+        &meta,
+        &layout,
+        1,
+        vec![vec!["a".into(), "b".into()], vec!["a".into(), "b".into()]],
+    );
+    for p in 0..2 {
+        put_replica(&meta, &layout, 1, p, "a", ReplicaState::Online);
+        put_replica(&meta, &layout, 1, p, "b", ReplicaState::Online);
+    }
+    meta.put_json(&layout.store(STORE), &store_record(STORE, Some(1), None));
+    // A store whose name extends ours must not leak into our routing.
+    meta.put_json(&layout.store("ads2"), &store_record("ads2", Some(9), None));
+
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    assert_eq!(client.current_version(), Some(1));
+
+    // Single gets: every read succeeds even though replica `a` refuses every partition.
+    for i in 0..10 {
+        let v = client.get(&string(&format!("key-{i}"))).await.unwrap();
+        assert_eq!(v, Some(string(&format!("v1-value-{i}"))));
+    }
+    assert_eq!(client.get(&string("absent")).await.unwrap(), None);
+    let stats = client.stats();
+    assert!(
+        stats.retries >= 1,
+        "rotation must have sent some gets to the bad replica first: {stats:?}"
+    );
+    assert!(bad.requests.load(Ordering::SeqCst) >= 1);
+    let raw = client.get_raw(&key_bytes("key-3")).await.unwrap().unwrap();
+    assert_eq!(raw.schema_id, 1);
+
+    // Batch-get: order kept, duplicates and missing keys answered, failures retried elsewhere.
+    let mut keys: Vec<Value> = (0..40).map(|i| string(&format!("key-{i}"))).collect();
+    keys.push(string("absent"));
+    keys.push(string("key-7"));
+    for _ in 0..3 {
+        let got = client.batch_get(&keys).await.unwrap();
+        assert_eq!(got.len(), keys.len());
+        for (i, v) in got.iter().enumerate().take(40) {
+            assert_eq!(v, &Some(string(&format!("v1-value-{i}"))));
+        }
+        assert_eq!(got[40], None);
+        assert_eq!(got[41], Some(string("v1-value-7")));
+    }
+    assert!(client.batch_get(&[]).await.unwrap().is_empty());
+    let too_many = vec![key_bytes("k"); rialto_fast_client::BATCH_GET_KEYS_MAX + 1];
+    assert!(matches!(
+        client.batch_get_raw(&too_many).await,
+        Err(ClientError::TooManyKeys { .. })
+    ));
+
+    // Version 2 becomes current while its replicas still bootstrap: keep reading version 1.
+    put_version(&meta, &layout, 2, vec![vec!["c".into()], vec!["c".into()]]);
+    put_replica(&meta, &layout, 2, 0, "c", ReplicaState::Online);
+    put_replica(&meta, &layout, 2, 1, "c", ReplicaState::Bootstrap);
+    meta.put_json(&layout.store(STORE), &store_record(STORE, Some(2), Some(1)));
+    wait_until("the client to see version 2 pending", || {
+        client.routing_table().pending_version == Some(2)
+    })
+    .await;
+    assert_eq!(client.current_version(), Some(1));
+    assert_eq!(
+        client.get(&string("key-1")).await.unwrap(),
+        Some(string("v1-value-1"))
+    );
+
+    // Every partition of version 2 ONLINE: the running client switches, no reconnect needed.
+    put_replica(&meta, &layout, 2, 1, "c", ReplicaState::Online);
+    wait_until("the client to route to version 2", || {
+        client.current_version() == Some(2)
+    })
+    .await;
+    assert_eq!(
+        client.get(&string("key-1")).await.unwrap(),
+        Some(string("v2-value-1"))
+    );
+    let got = client.batch_get(&keys[..5]).await.unwrap();
+    assert_eq!(got[4], Some(string("v2-value-4")));
+    assert!(client.stats().version_swaps >= 1);
+    assert!(next.requests.load(Ordering::SeqCst) >= 2);
+
+    // The only server of version 2 goes away: reads say no replica rather than hang.
+    meta.apply(&layout.node("c"), None);
+    wait_until("the client to drop node c", || {
+        client
+            .routing_table()
+            .partitions
+            .iter()
+            .all(|p| p.is_empty())
+    })
+    .await;
+    assert!(matches!(
+        client.get(&string("key-1")).await,
+        Err(ClientError::NoReplica { version: 2, .. })
+    ));
+}
+
+#[tokio::test]
+async fn batch_get_reports_keys_that_no_replica_could_answer() {
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    let bad = start_server(Behavior {
+        version: 1,
+        values: values(1, 10),
+        bad: true,
+    })
+    .await;
+    put_node(&meta, &layout, "a", &bad.address);
+    put_version(&meta, &layout, 1, vec![vec!["a".into()], vec!["a".into()]]);
+    put_replica(&meta, &layout, 1, 0, "a", ReplicaState::Online);
+    put_replica(&meta, &layout, 1, 1, "a", ReplicaState::Online);
+    meta.put_json(&layout.store(STORE), &store_record(STORE, Some(1), None));
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    match client.batch_get(&[string("key-1"), string("key-2")]).await {
+        Err(ClientError::Incomplete {
+            failed_keys,
+            first_error,
+        }) => {
+            assert_eq!(failed_keys, 2);
+            assert!(
+                first_error.contains("partition_not_served"),
+                "{first_error}"
+            );
+        }
+        other => panic!("expected Incomplete, got {other:?}"),
+    }
+    match client.get(&string("key-1")).await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::PartitionNotServed),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    assert!(client.stats().errors >= 2);
+}
+
+#[tokio::test]
+async fn unreachable_replica_is_skipped() {
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    let good = start_server(Behavior {
+        version: 1,
+        values: values(1, 10),
+        bad: false,
+    })
+    .await;
+    // A port nothing listens on: bind, note the address, close.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    put_node(&meta, &layout, "dead", &dead);
+    put_node(&meta, &layout, "b", &good.address);
+    put_version(&meta, &layout, 1, vec![vec!["dead".into(), "b".into()]]);
+    put_replica(&meta, &layout, 1, 0, "dead", ReplicaState::Online);
+    put_replica(&meta, &layout, 1, 0, "b", ReplicaState::Online);
+    let mut record = store_record(STORE, Some(1), None);
+    record.partition_count = 1;
+    meta.put_json(&layout.store(STORE), &record);
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    for i in 0..4 {
+        assert_eq!(
+            client.get(&string(&format!("key-{i}"))).await.unwrap(),
+            Some(string(&format!("v1-value-{i}")))
+        );
+    }
+    let keys: Vec<Value> = (0..10).map(|i| string(&format!("key-{i}"))).collect();
+    for _ in 0..2 {
+        let got = client.batch_get(&keys).await.unwrap();
+        assert_eq!(got[9], Some(string("v1-value-9")));
+    }
+    assert!(client.stats().connection_failures >= 1);
+}
+
+#[tokio::test]
+async fn unknown_store_and_store_without_version() {
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    meta.put_json(&layout.store("adsx"), &store_record("adsx", Some(1), None));
+    let err = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::UnknownStore { .. }));
+    assert!(
+        err.to_string()
+            .starts_with("store `ads` does not exist in cluster root /rialto"),
+        "{err}"
+    );
+
+    meta.put_json(&layout.store(STORE), &store_record(STORE, None, None));
+    let mut config = ClientConfig::new(STORE);
+    config.routing_wait = Duration::from_millis(50);
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    assert_eq!(client.current_version(), None);
+    let err = client.get(&string("k")).await.unwrap_err();
+    assert!(matches!(err, ClientError::NoCurrentVersion { .. }), "{err}");
+    assert!(err
+        .to_string()
+        .starts_with("store `ads` has no current version: the first push has not finished"));
+    // A key that does not match the key schema is a schema error, not a network one.
+    assert!(matches!(
+        client.get(&Value::Long(5)).await,
+        Err(ClientError::Schema(_))
+    ));
+}
+
+#[tokio::test]
+async fn reads_over_tls_verify_the_server_certificate() {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certified = rcgen::generate_simple_self_signed(vec!["storage.test".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+    let mut server_config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+    server_config.alpn_protocols = vec![b"h2".to_vec()];
+    let server = start_server_with(
+        Behavior {
+            version: 1,
+            values: values(1, 10),
+            bad: false,
+        },
+        Some(Arc::new(server_config)),
+    )
+    .await;
+
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    let node = NodeRecord {
+        node_id: "t".into(),
+        address: server.address.clone(),
+        zone: "z".into(),
+        tls: true,
+        started_ms: 0,
+    };
+    meta.put_json(&layout.node("t"), &node);
+    put_version(&meta, &layout, 1, vec![vec!["t".into()]]);
+    put_replica(&meta, &layout, 1, 0, "t", ReplicaState::Online);
+    let mut record = store_record(STORE, Some(1), None);
+    record.partition_count = 1;
+    meta.put_json(&layout.store(STORE), &record);
+
+    let tls = rialto_fast_client::ClientTls {
+        ca_cert_pem: certified.cert.pem().into_bytes(),
+        server_name: Some("storage.test".into()),
+    };
+    let mut config = ClientConfig::new(STORE);
+    config.tls = Some(tls.clone());
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    assert_eq!(
+        client.get(&string("key-2")).await.unwrap(),
+        Some(string("v1-value-2"))
+    );
+    let got = client
+        .batch_get(&[string("key-1"), string("nope")])
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some(string("v1-value-1")), None]);
+
+    // A wrong expected name fails verification: the read reports the server unreachable.
+    let mut config = ClientConfig::new(STORE);
+    config.tls = Some(rialto_fast_client::ClientTls {
+        server_name: Some("other.test".into()),
+        ..tls
+    });
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    match client.get(&string("key-2")).await {
+        Err(ClientError::Unreachable { detail, .. }) => {
+            assert!(detail.contains("TLS handshake failed"), "{detail}")
+        }
+        other => panic!("expected a TLS failure, got {other:?}"),
+    }
+
+    // A plaintext client refuses a TLS server with a clear message.
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    match client.get(&string("key-2")).await {
+        Err(ClientError::Unreachable { detail, .. }) => {
+            assert!(detail.contains("ClientConfig::tls"), "{detail}")
+        }
+        other => panic!("expected a TLS configuration error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out() {
+    // Accepts TCP connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    put_node(&meta, &layout, "silent", &address);
+    put_version(&meta, &layout, 1, vec![vec!["silent".into()]]);
+    put_replica(&meta, &layout, 1, 0, "silent", ReplicaState::Online);
+    let mut record = store_record(STORE, Some(1), None);
+    record.partition_count = 1;
+    meta.put_json(&layout.store(STORE), &record);
+    let mut config = ClientConfig::new(STORE);
+    config.request_timeout = Duration::from_millis(200);
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    let started = std::time::Instant::now();
+    match client.get(&string("key-1")).await {
+        Err(ClientError::Timeout { address: a, after }) => {
+            assert_eq!(a, address);
+            assert_eq!(after, Duration::from_millis(200));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match client.batch_get(&[string("key-1")]).await {
+        Err(ClientError::Incomplete {
+            failed_keys: 1,
+            first_error,
+        }) => {
+            assert!(
+                first_error.contains("did not finish within"),
+                "{first_error}"
+            )
+        }
+        other => panic!("expected an incomplete batch, got {other:?}"),
+    }
+    assert!(client.stats().timeouts >= 1);
+    holder.abort();
+}
+
+/// Applications spawn reads on multi-threaded runtimes: every read future must be `Send`.
+#[allow(dead_code)]
+fn read_futures_are_send(client: &Client, key: &Value, keys: &[Value], raw: &[Vec<u8>]) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(client.get(key));
+    is_send(client.get_raw(b"k"));
+    is_send(client.batch_get(keys));
+    is_send(client.batch_get_raw(raw));
+    is_send(Client::connect(ClientConfig::new(STORE), FakeMeta::new()));
+    fn is_sync<T: Send + Sync + Clone>() {}
+    is_sync::<Client>();
+}

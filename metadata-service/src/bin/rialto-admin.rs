@@ -1,0 +1,165 @@
+//! `rialto-admin`: the operator CLI over the controller's admin API.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use rialto_controller::{render, AdminClient};
+use rialto_protocol::admin::CreateStoreRequest;
+use rialto_protocol::meta::StorageProfile;
+use serde::Serialize;
+
+/// Operator CLI of a Rialto cluster.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Admin API of any controller.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:7070",
+        env = "RIALTO_CONTROLLER"
+    )]
+    controller: String,
+    /// Print the raw JSON answer instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stores: list, describe, create.
+    #[command(subcommand)]
+    Stores(StoresCommand),
+    /// Storage nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoresCommand {
+    /// Every store with its current and backup version.
+    List,
+    /// One store: versions, status and a per-partition replica table.
+    Describe { store: String },
+    /// Creates a store.
+    Create {
+        name: String,
+        /// Avro key schema: JSON text, or @path to read it from a file.
+        #[arg(long)]
+        key_schema: String,
+        /// Avro value schema: JSON text, or @path to read it from a file.
+        #[arg(long)]
+        value_schema: String,
+        #[arg(long)]
+        partitions: u32,
+        #[arg(long)]
+        replication_factor: u32,
+        #[arg(long, default_value = "")]
+        owner: String,
+        #[arg(long, value_enum, default_value_t = Storage::OnDisk)]
+        storage: Storage,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// Registered (live) storage nodes.
+    List,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Storage {
+    InMemory,
+    OnDisk,
+}
+
+/// A schema argument: inline JSON, or `@file`.
+fn schema_arg(arg: &str) -> anyhow::Result<String> {
+    match arg.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading schema file {path}"))
+        }
+        None => Ok(arg.to_string()),
+    }
+}
+
+fn print<T: Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text(value));
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let client = AdminClient::new(args.controller.clone());
+    match args.command {
+        Command::Stores(StoresCommand::List) => {
+            let stores = client.list_stores().await?;
+            print(args.json, &stores, |s| render::stores(s))
+        }
+        Command::Stores(StoresCommand::Describe { store }) => {
+            let d = client.describe_store(&store).await?;
+            print(args.json, &d, render::store_description)
+        }
+        Command::Stores(StoresCommand::Create {
+            name,
+            key_schema,
+            value_schema,
+            partitions,
+            replication_factor,
+            owner,
+            storage,
+        }) => {
+            let req = CreateStoreRequest {
+                name,
+                owner,
+                key_schema: schema_arg(&key_schema)?,
+                value_schema: schema_arg(&value_schema)?,
+                partition_count: partitions,
+                replication_factor,
+                storage: match storage {
+                    Storage::InMemory => StorageProfile::InMemory,
+                    Storage::OnDisk => StorageProfile::OnDisk,
+                },
+            };
+            let s = client.create_store(&req).await?;
+            print(args.json, &s, |s| {
+                format!(
+                    "created store `{}`\n{}",
+                    s.name,
+                    render::stores(std::slice::from_ref(s))
+                )
+            })
+        }
+        Command::Nodes(NodesCommand::List) => {
+            let nodes = client.list_nodes().await?;
+            print(args.json, &nodes, |n| render::nodes(n))
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<rialto_controller::ControllerError>() {
+                Some(rialto_controller::ControllerError::Api { message, .. }) => {
+                    eprintln!("error: {message}")
+                }
+                _ => eprintln!("error: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

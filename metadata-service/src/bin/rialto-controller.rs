@@ -1,0 +1,91 @@
+//! `rialto-controller`: runs one controller (admin API + leader election + reconcile loop) against
+//! etcd and Kafka until ctrl-c or SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use rialto_backends::etcd::EtcdMetaStore;
+use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
+use rialto_controller::{start, ControllerConfig, LEASE_TTL_S_DEFAULT};
+use rialto_protocol::meta::DEFAULT_ROOT;
+
+/// How long to wait for etcd at start-up.
+const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The Rialto controller.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Unique id of this controller (defaults to controller-<pid>).
+    #[arg(long, env = "RIALTO_CONTROLLER_ID")]
+    id: Option<String>,
+    /// Address of the admin API.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7070",
+        env = "RIALTO_CONTROLLER_LISTEN"
+    )]
+    listen: SocketAddr,
+    /// etcd endpoints, comma separated.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2379",
+        env = "RIALTO_ETCD",
+        value_delimiter = ','
+    )]
+    etcd: Vec<String>,
+    /// Kafka bootstrap servers (host:port[,host:port]).
+    #[arg(long, default_value = "127.0.0.1:9092", env = "RIALTO_KAFKA")]
+    kafka: String,
+    /// Root prefix of the cluster in etcd.
+    #[arg(long, default_value = DEFAULT_ROOT, env = "RIALTO_META_ROOT")]
+    meta_root: String,
+    /// TTL of the leader lease in seconds.
+    #[arg(long, default_value_t = LEASE_TTL_S_DEFAULT)]
+    lease_ttl_s: i64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let meta = EtcdMetaStore::connect(&args.etcd, ETCD_CONNECT_TIMEOUT)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))?;
+    let pubsub = KafkaPubSub::new(KafkaConfig {
+        bootstrap_servers: args.kafka.clone(),
+    })
+    .with_context(|| format!("creating the Kafka client for {}", args.kafka))?;
+    let mut config = ControllerConfig {
+        listen: args.listen,
+        meta_root: args.meta_root,
+        kafka_bootstrap: args.kafka,
+        lease_ttl_s: args.lease_ttl_s,
+        ..ControllerConfig::default()
+    };
+    if let Some(id) = args.id {
+        config.controller_id = id;
+    }
+    let controller = start(config, Arc::new(meta), Arc::new(pubsub)).await?;
+    println!(
+        "rialto-controller listening on http://{}",
+        controller.address()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: shutting down (giving up leadership)");
+    controller.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! The Rialto controller: the admin HTTP/JSON API (stores, pushes, nodes), replica placement,
+//! and the leader's reconcile loop that swaps, fails and retires versions.
+//!
+//! The controller is stateless: everything lives in etcd behind [`MetaStore`]. Every controller
+//! serves the API (each write is a compare-and-put); one leader, elected through etcd, reconciles.
+//!
+//! * [`api`]: the HTTP routes; [`client`]: [`AdminClient`], the typed client of those routes.
+//! * [`placement`]: which nodes host each partition of a new version.
+//! * [`reconcile`]: pure planning ([`reconcile::plan`]) and the loop that applies it.
+//! * [`election`]: leader election under an etcd lease.
+//! * [`render`]: the tables `rialto-admin` prints.
+//! * [`testing`]: in-memory [`MetaStore`] and [`PubSub`] for tests.
+//!
+//! ```no_run
+//! # async fn demo(meta: std::sync::Arc<dyn rialto_backends::MetaStore>, pubsub: std::sync::Arc<dyn rialto_backends::PubSub>) -> Result<(), rialto_controller::ControllerError> {
+//! let config = rialto_controller::ControllerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+//! let controller = rialto_controller::start(config, meta, pubsub).await?;
+//! let client = rialto_controller::AdminClient::new(format!("http://{}", controller.address()));
+//! client.list_stores().await?;
+//! controller.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+pub mod api;
+pub mod client;
+pub mod election;
+pub mod error;
+pub mod placement;
+pub mod reconcile;
+pub mod render;
+pub mod store_ops;
+pub mod testing;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rialto_backends::{MetaStore, PubSub};
+use rialto_protocol::meta::{Layout, DEFAULT_ROOT};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use client::AdminClient;
+pub use error::ControllerError;
+pub use placement::{place, PlacementError};
+
+/// Default TTL of the leader lease, in seconds.
+pub const LEASE_TTL_S_DEFAULT: i64 = 10;
+
+/// How one controller runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Unique id of this controller (written into the leader key).
+    pub controller_id: String,
+    /// Address of the admin API; port 0 picks a free one (see [`RunningController::address`]).
+    pub listen: SocketAddr,
+    /// Root prefix of the cluster in etcd.
+    pub meta_root: String,
+    /// Kafka bootstrap servers handed to push jobs in the start-push answer.
+    pub kafka_bootstrap: String,
+    /// TTL of the leader lease; a dead leader is replaced after about this long.
+    pub lease_ttl_s: i64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            controller_id: format!("controller-{}", std::process::id()),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            meta_root: DEFAULT_ROOT.to_string(),
+            kafka_bootstrap: "127.0.0.1:9092".to_string(),
+            lease_ttl_s: LEASE_TTL_S_DEFAULT,
+        }
+    }
+}
+
+/// A controller running in this process: its API server and its election/reconcile task.
+pub struct RunningController {
+    address: SocketAddr,
+    leader: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    election: JoinHandle<()>,
+}
+
+impl RunningController {
+    /// The address the admin API listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// `http://{address}`, for an [`AdminClient`].
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Whether this controller currently leads (and reconciles).
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Stops serving, stops reconciling and gives up leadership (revoking the lease).
+    pub async fn shutdown(self) -> Result<(), ControllerError> {
+        let _ = self.shutdown.send(true);
+        let election = self.election.await;
+        let server = self.server.await;
+        election.map_err(|e| ControllerError::Internal(format!("election task: {e}")))?;
+        server
+            .map_err(|e| ControllerError::Internal(format!("admin API task: {e}")))?
+            .map_err(|e| ControllerError::Internal(format!("admin API server: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Starts a controller: binds the admin API, then campaigns for leadership in the background.
+pub async fn start(
+    config: ControllerConfig,
+    meta: Arc<dyn MetaStore>,
+    pubsub: Arc<dyn PubSub>,
+) -> Result<RunningController, ControllerError> {
+    if config.lease_ttl_s < 1 {
+        return Err(ControllerError::BadRequest(format!(
+            "lease TTL must be at least 1 second, got {}",
+            config.lease_ttl_s
+        )));
+    }
+    let layout = Layout::new(&config.meta_root);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ControllerError::Bind {
+            addr: config.listen.to_string(),
+            detail: e.to_string(),
+        })?;
+    let address = listener.local_addr().map_err(|e| ControllerError::Bind {
+        addr: config.listen.to_string(),
+        detail: e.to_string(),
+    })?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let app = api::router(api::ApiState {
+        layout: layout.clone(),
+        meta: meta.clone(),
+        pubsub: pubsub.clone(),
+        kafka_bootstrap: config.kafka_bootstrap.clone(),
+    });
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                while !*server_shutdown.borrow() {
+                    if server_shutdown.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await
+    });
+
+    let leader = Arc::new(AtomicBool::new(false));
+    let election = tokio::spawn(election::run(
+        config.controller_id.clone(),
+        layout,
+        config.lease_ttl_s,
+        meta,
+        pubsub,
+        leader.clone(),
+        shutdown_rx,
+    ));
+    tracing::info!(controller = %config.controller_id, %address, "controller started");
+    Ok(RunningController {
+        address,
+        leader,
+        shutdown: shutdown_tx,
+        server,
+        election,
+    })
+}

@@ -1,0 +1,746 @@
+//! The leader's reconcile loop: swap versions whose replicas are all ONLINE, fail versions with a
+//! replica in ERROR, retire versions that are no longer needed.
+//!
+//! Split in two halves so the decisions can be tested without etcd:
+//!
+//! * [`ClusterView`] + [`plan`]: pure functions from parsed records to a list of [`Action`]s;
+//! * [`Reconciler`]: follows the three prefixes with [`PrefixMirror`], plans on every change (and
+//!   on a safety tick), and applies each action with compare-and-put, re-reading the record first
+//!   so a stale mirror can never make it swap to an older version or revive a failed one.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rialto_backends::mirror::PrefixMap;
+use rialto_backends::{MetaStore, PrefixMirror, PubSub};
+use rialto_protocol::meta::{
+    Layout, ReplicaRecord, ReplicaState, StoreRecord, VersionRecord, VersionStatus,
+};
+use tokio::sync::watch;
+
+use crate::error::ControllerError;
+use crate::store_ops::{update_store, update_version};
+
+/// How often the leader reconciles even when nothing changed (covers lost notifications and
+/// retries failed actions).
+pub const RECONCILE_TICK: Duration = Duration::from_secs(2);
+
+/// Parsed metadata: every store, version and replica record the controller knows.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Store name → record.
+    pub stores: BTreeMap<String, StoreRecord>,
+    /// (store, version) → record.
+    pub versions: BTreeMap<(String, u32), VersionRecord>,
+    /// (store, version, partition, node) → record.
+    pub replicas: BTreeMap<(String, u32, u32, String), ReplicaRecord>,
+}
+
+impl ClusterView {
+    /// Parses mirrored prefixes; corrupt records are logged and skipped.
+    pub fn parse(
+        layout: &Layout,
+        stores: &PrefixMap,
+        versions: &PrefixMap,
+        replicas: &PrefixMap,
+    ) -> ClusterView {
+        let mut view = ClusterView::default();
+        for (key, value) in stores {
+            match serde_json::from_slice::<StoreRecord>(value) {
+                Ok(s) => {
+                    view.stores.insert(s.name.clone(), s);
+                }
+                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt store record"),
+            }
+        }
+        for (key, value) in versions {
+            match serde_json::from_slice::<VersionRecord>(value) {
+                Ok(v) => {
+                    view.versions.insert((v.store.clone(), v.version), v);
+                }
+                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt version record"),
+            }
+        }
+        for (key, value) in replicas {
+            let Some((store, version, partition, node)) = layout.parse_replica_key(key) else {
+                tracing::warn!(%key, "skipping replica record with an unexpected key");
+                continue;
+            };
+            match serde_json::from_slice::<ReplicaRecord>(value) {
+                Ok(r) => {
+                    view.replicas
+                        .insert((store.to_string(), version, partition, node.to_string()), r);
+                }
+                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt replica record"),
+            }
+        }
+        view
+    }
+
+    /// The reported record of one replica, if its server wrote one.
+    pub fn replica(
+        &self,
+        store: &str,
+        version: u32,
+        partition: u32,
+        node: &str,
+    ) -> Option<&ReplicaRecord> {
+        self.replicas
+            .get(&(store.to_string(), version, partition, node.to_string()))
+    }
+
+    /// The state of one assigned replica; `Offline` when its server has not reported.
+    pub fn replica_state(
+        &self,
+        store: &str,
+        version: u32,
+        partition: u32,
+        node: &str,
+    ) -> ReplicaState {
+        self.replica(store, version, partition, node)
+            .map(|r| r.state)
+            .unwrap_or(ReplicaState::Offline)
+    }
+}
+
+/// One thing the reconciler must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Mark an in-progress version failed.
+    Fail {
+        store: String,
+        version: u32,
+        reason: String,
+    },
+    /// Make `version` current (old current becomes backup), then mark it online.
+    Swap { store: String, version: u32 },
+    /// The version is already current (a swap whose second step was interrupted): mark it online.
+    MarkOnline { store: String, version: u32 },
+    /// Delete the topic of a failed version at once (its record stays for operators).
+    DeleteTopic {
+        store: String,
+        version: u32,
+        topic: String,
+    },
+    /// Delete topic, replica records and version record.
+    Retire {
+        store: String,
+        version: u32,
+        topic: String,
+    },
+    /// Replica records left behind by a retired version (a server rewrote one after retirement).
+    DeleteOrphanReplicas { store: String, version: u32 },
+}
+
+fn in_progress(status: &VersionStatus) -> bool {
+    matches!(status, VersionStatus::Pushing | VersionStatus::PushWritten)
+}
+
+/// The first assigned replica in ERROR, as a failure reason.
+fn first_error(view: &ClusterView, v: &VersionRecord) -> Option<String> {
+    v.replicas().find_map(|(p, node)| {
+        let r = view.replica(&v.store, v.version, p, node)?;
+        (r.state == ReplicaState::Error).then(|| {
+            format!(
+                "partition {p} replica on {node}: {}",
+                r.error.as_deref().unwrap_or("replica reported ERROR")
+            )
+        })
+    })
+}
+
+fn all_online(view: &ClusterView, v: &VersionRecord) -> bool {
+    let mut any = false;
+    for (p, node) in v.replicas() {
+        any = true;
+        if view.replica_state(&v.store, v.version, p, node) != ReplicaState::Online {
+            return false;
+        }
+    }
+    // A version with no partition assigned (corrupt record) never goes live.
+    any && v.assignment.len() as u64 == u64::from(v.partition_count)
+}
+
+/// Decides what to do for one store, given the whole view.
+pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
+    let name = &store.name;
+    let current = store.current_version;
+    let backup = store.backup_version;
+    let mut actions = Vec::new();
+    let mut swap: Option<u32> = None;
+    let versions = view
+        .versions
+        .range((name.clone(), 0)..=(name.clone(), u32::MAX))
+        .map(|(_, v)| v);
+    for v in versions {
+        let n = v.version;
+        match &v.status {
+            s if in_progress(s) => {
+                if current == Some(n) {
+                    actions.push(Action::MarkOnline {
+                        store: name.clone(),
+                        version: n,
+                    });
+                } else if let Some(c) = current.filter(|&c| n < c) {
+                    actions.push(Action::Fail {
+                        store: name.clone(),
+                        version: n,
+                        reason: format!("superseded: newer version {c} became current first"),
+                    });
+                } else if let Some(reason) = first_error(view, v) {
+                    actions.push(Action::Fail {
+                        store: name.clone(),
+                        version: n,
+                        reason,
+                    });
+                } else if all_online(view, v) {
+                    // Versions iterate in ascending order: the newest ready one wins.
+                    swap = Some(n);
+                }
+            }
+            VersionStatus::Online if current != Some(n) && backup != Some(n) => {
+                actions.push(Action::Retire {
+                    store: name.clone(),
+                    version: n,
+                    topic: v.topic.clone(),
+                });
+            }
+            VersionStatus::Failed { .. } => {
+                if current == Some(n) || backup == Some(n) {
+                    // A push reported failed after it went live (a narrow race with the swap):
+                    // the version serves, so keep its topic and record; operators decide.
+                    tracing::warn!(store = %name, version = n, "current or backup version is marked failed");
+                } else if current.is_some_and(|c| n < c) && backup != Some(n) {
+                    actions.push(Action::Retire {
+                        store: name.clone(),
+                        version: n,
+                        topic: v.topic.clone(),
+                    });
+                } else {
+                    actions.push(Action::DeleteTopic {
+                        store: name.clone(),
+                        version: n,
+                        topic: v.topic.clone(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(n) = swap {
+        actions.push(Action::Swap {
+            store: name.clone(),
+            version: n,
+        });
+    }
+    // Replica records of versions that no longer exist. Only versions older than the current one:
+    // newer ones may simply not have reached the versions mirror yet.
+    if let Some(c) = current {
+        let mut seen = HashSet::new();
+        for ((s, n, _, _), _) in view.replicas.range((name.clone(), 0, 0, String::new())..) {
+            if s != name {
+                break;
+            }
+            if *n < c && !view.versions.contains_key(&(name.clone(), *n)) && seen.insert(*n) {
+                actions.push(Action::DeleteOrphanReplicas {
+                    store: name.clone(),
+                    version: *n,
+                });
+            }
+        }
+    }
+    actions
+}
+
+/// Decides what to do for every store.
+pub fn plan(view: &ClusterView) -> Vec<Action> {
+    view.stores
+        .values()
+        .flat_map(|s| plan_store(view, s))
+        .collect()
+}
+
+/// Applies [`Action`]s against etcd and the pub-sub broker. Remembers which topics it deleted so a
+/// failed version's topic is deleted once per leadership term, not on every tick.
+pub struct Reconciler {
+    layout: Layout,
+    meta: Arc<dyn MetaStore>,
+    pubsub: Arc<dyn PubSub>,
+    deleted_topics: HashSet<String>,
+}
+
+impl Reconciler {
+    /// A reconciler over one cluster root.
+    pub fn new(layout: Layout, meta: Arc<dyn MetaStore>, pubsub: Arc<dyn PubSub>) -> Reconciler {
+        Reconciler {
+            layout,
+            meta,
+            pubsub,
+            deleted_topics: HashSet::new(),
+        }
+    }
+
+    /// Follows the metadata and reconciles until `stop` becomes true (leadership lost or
+    /// shutdown). Returns an error only if the prefixes cannot be listed at all.
+    pub async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+        let stores = PrefixMirror::start(self.meta.clone(), self.layout.stores_prefix()).await?;
+        let versions =
+            PrefixMirror::start(self.meta.clone(), self.layout.versions_prefix()).await?;
+        let replicas =
+            PrefixMirror::start(self.meta.clone(), self.layout.replicas_prefix()).await?;
+        let (mut s_rx, mut v_rx, mut r_rx) = (
+            stores.subscribe(),
+            versions.subscribe(),
+            replicas.subscribe(),
+        );
+        let mut tick = tokio::time::interval(RECONCILE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let view = ClusterView::parse(
+                &self.layout,
+                &stores.snapshot().await,
+                &versions.snapshot().await,
+                &replicas.snapshot().await,
+            );
+            for action in plan(&view) {
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                if let Err(e) = self.apply(&action).await {
+                    tracing::warn!(?action, error = %e, "reconcile action failed; retrying on the next pass");
+                }
+            }
+            tokio::select! {
+                _ = s_rx.changed() => {}
+                _ = v_rx.changed() => {}
+                _ = r_rx.changed() => {}
+                _ = tick.tick() => {}
+                r = stop.changed() => if r.is_err() { return Ok(()) },
+            }
+        }
+    }
+
+    /// Applies one action. Every step re-reads the record it changes and is idempotent.
+    pub async fn apply(&mut self, action: &Action) -> Result<(), ControllerError> {
+        match action {
+            Action::Fail {
+                store,
+                version,
+                reason,
+            } => {
+                let changed = update_version(&*self.meta, &self.layout, store, *version, |v| {
+                    if !in_progress(&v.status) {
+                        return Ok(false);
+                    }
+                    v.status = VersionStatus::Failed {
+                        reason: reason.clone(),
+                    };
+                    Ok(true)
+                })
+                .await?;
+                if changed.is_some() {
+                    tracing::warn!(%store, version, %reason, "version failed");
+                }
+            }
+            Action::Swap { store, version } => self.swap(store, *version).await?,
+            Action::MarkOnline { store, version } => {
+                let changed = update_version(&*self.meta, &self.layout, store, *version, |v| {
+                    if !in_progress(&v.status) {
+                        return Ok(false);
+                    }
+                    v.status = VersionStatus::Online;
+                    Ok(true)
+                })
+                .await?;
+                if changed.is_some() {
+                    tracing::info!(%store, version, "current version marked online");
+                }
+            }
+            Action::DeleteTopic {
+                store,
+                version,
+                topic,
+            } => {
+                if !self.deleted_topics.contains(topic) {
+                    self.pubsub.delete_topic(topic).await?;
+                    self.deleted_topics.insert(topic.clone());
+                    tracing::info!(%store, version, %topic, "deleted topic of failed version");
+                }
+            }
+            Action::Retire {
+                store,
+                version,
+                topic,
+            } => {
+                if !self.deleted_topics.contains(topic) {
+                    self.pubsub.delete_topic(topic).await?;
+                }
+                self.meta
+                    .delete_prefix(&self.layout.version_replicas_prefix(store, *version))
+                    .await?;
+                // The version record goes last: while it exists, the next pass retries the rest.
+                self.meta
+                    .delete(&self.layout.version(store, *version))
+                    .await?;
+                self.deleted_topics.remove(topic);
+                tracing::info!(%store, version, %topic, "retired version (topic, replicas and record deleted)");
+            }
+            Action::DeleteOrphanReplicas { store, version } => {
+                self.meta
+                    .delete_prefix(&self.layout.version_replicas_prefix(store, *version))
+                    .await?;
+                tracing::info!(%store, version, "deleted replica records of a retired version");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `version` current in one compare-and-put of the store record, then marks it online.
+    async fn swap(&mut self, store: &str, version: u32) -> Result<(), ControllerError> {
+        // Re-read the version: the mirror may be stale, and a failed push must never go live.
+        let key = self.layout.version(store, version);
+        let Some(kv) = self.meta.get(&key).await? else {
+            return Ok(());
+        };
+        let record: VersionRecord = crate::error::parse_record(&key, &kv.value)?;
+        if !in_progress(&record.status) {
+            return Ok(());
+        }
+        let mut previous = None;
+        let swapped = update_store(&*self.meta, &self.layout, store, |s| {
+            if s.current_version.is_some_and(|c| c >= version) {
+                // Never swap to a version older than (or equal to) the current one.
+                return Ok(false);
+            }
+            previous = s.current_version;
+            s.backup_version = s.current_version;
+            s.current_version = Some(version);
+            Ok(true)
+        })
+        .await?;
+        if swapped.is_some() {
+            tracing::info!(%store, version, backup = ?previous, "swapped current version");
+        }
+        update_version(&*self.meta, &self.layout, store, version, |v| {
+            if !in_progress(&v.status) {
+                return Ok(false);
+            }
+            v.status = VersionStatus::Online;
+            Ok(true)
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rialto_protocol::meta::{version_topic, StorageProfile, ValueSchema};
+
+    use super::*;
+
+    fn store(current: Option<u32>, backup: Option<u32>, largest: u32) -> StoreRecord {
+        StoreRecord {
+            name: "s".into(),
+            owner: String::new(),
+            key_schema: "\"string\"".into(),
+            value_schemas: vec![ValueSchema {
+                id: 1,
+                schema: "\"string\"".into(),
+            }],
+            partition_count: 2,
+            replication_factor: 2,
+            storage: StorageProfile::OnDisk,
+            created_ms: 0,
+            current_version: current,
+            backup_version: backup,
+            largest_version: largest,
+        }
+    }
+
+    fn version(n: u32, status: VersionStatus) -> VersionRecord {
+        VersionRecord {
+            store: "s".into(),
+            version: n,
+            topic: version_topic("s", n),
+            partition_count: 2,
+            assignment: vec![vec!["a".into(), "b".into()], vec!["b".into(), "a".into()]],
+            status,
+            created_ms: 0,
+            storage: StorageProfile::OnDisk,
+        }
+    }
+
+    fn replica(state: ReplicaState, error: Option<&str>) -> ReplicaRecord {
+        ReplicaRecord {
+            state,
+            offset: 10,
+            records: 5,
+            consumed_from: 0,
+            updated_ms: 0,
+            error: error.map(str::to_string),
+        }
+    }
+
+    fn view(s: StoreRecord, versions: Vec<VersionRecord>) -> ClusterView {
+        let mut v = ClusterView::default();
+        v.stores.insert(s.name.clone(), s);
+        for r in versions {
+            v.versions.insert((r.store.clone(), r.version), r);
+        }
+        v
+    }
+
+    fn set_all(v: &mut ClusterView, version: u32, state: ReplicaState) {
+        for p in 0..2 {
+            for n in ["a", "b"] {
+                v.replicas
+                    .insert(("s".into(), version, p, n.into()), replica(state, None));
+            }
+        }
+    }
+
+    #[test]
+    fn all_online_swaps() {
+        let mut v = view(
+            store(None, None, 1),
+            vec![version(1, VersionStatus::PushWritten)],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        assert_eq!(
+            plan(&v),
+            vec![Action::Swap {
+                store: "s".into(),
+                version: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn missing_replica_report_blocks_the_swap() {
+        let mut v = view(
+            store(None, None, 1),
+            vec![version(1, VersionStatus::Pushing)],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        v.replicas.remove(&("s".into(), 1, 1, "a".into()));
+        assert_eq!(plan(&v), vec![]);
+        set_all(&mut v, 1, ReplicaState::Bootstrap);
+        assert_eq!(plan(&v), vec![]);
+    }
+
+    #[test]
+    fn error_replica_fails_the_version_with_a_reason() {
+        let mut v = view(
+            store(Some(1), None, 2),
+            vec![
+                version(1, VersionStatus::Online),
+                version(2, VersionStatus::Pushing),
+            ],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        set_all(&mut v, 2, ReplicaState::Online);
+        v.replicas.insert(
+            ("s".into(), 2, 1, "b".into()),
+            replica(ReplicaState::Error, Some("checksum mismatch")),
+        );
+        assert_eq!(
+            plan(&v),
+            vec![Action::Fail {
+                store: "s".into(),
+                version: 2,
+                reason: "partition 1 replica on b: checksum mismatch".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn unassigned_replica_errors_are_ignored() {
+        let mut v = view(
+            store(None, None, 1),
+            vec![version(1, VersionStatus::Pushing)],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        v.replicas.insert(
+            ("s".into(), 1, 0, "zz".into()),
+            replica(ReplicaState::Error, Some("x")),
+        );
+        assert_eq!(
+            plan(&v),
+            vec![Action::Swap {
+                store: "s".into(),
+                version: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn newest_ready_version_wins_and_older_in_progress_ones_are_superseded() {
+        let mut v = view(
+            store(Some(1), None, 3),
+            vec![
+                version(1, VersionStatus::Online),
+                version(2, VersionStatus::Pushing),
+                version(3, VersionStatus::PushWritten),
+            ],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        set_all(&mut v, 2, ReplicaState::Online);
+        set_all(&mut v, 3, ReplicaState::Online);
+        assert_eq!(
+            plan(&v),
+            vec![Action::Swap {
+                store: "s".into(),
+                version: 3
+            }]
+        );
+        // After the swap to 3, version 2 (older than current) is failed as superseded.
+        let mut s = store(Some(3), Some(1), 3);
+        s.name = "s".into();
+        v.stores.insert("s".into(), s);
+        let actions = plan(&v);
+        assert!(actions.iter().any(|a| matches!(a, Action::Fail { version: 2, reason, .. } if reason.contains("superseded"))));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::MarkOnline { version: 3, .. })));
+        assert!(!actions.iter().any(|a| matches!(a, Action::Swap { .. })));
+    }
+
+    #[test]
+    fn never_swaps_to_an_older_version() {
+        let mut v = view(
+            store(Some(5), Some(4), 6),
+            vec![
+                version(4, VersionStatus::Online),
+                version(5, VersionStatus::Online),
+            ],
+        );
+        set_all(&mut v, 4, ReplicaState::Online);
+        set_all(&mut v, 5, ReplicaState::Online);
+        assert_eq!(plan(&v), vec![]);
+    }
+
+    #[test]
+    fn versions_beyond_current_and_backup_are_retired() {
+        let v = view(
+            store(Some(3), Some(2), 3),
+            vec![
+                version(1, VersionStatus::Online),
+                version(2, VersionStatus::Online),
+                version(3, VersionStatus::Online),
+            ],
+        );
+        assert_eq!(
+            plan(&v),
+            vec![Action::Retire {
+                store: "s".into(),
+                version: 1,
+                topic: "s_v1".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn failed_versions_lose_their_topic_at_once_and_their_record_once_older_than_current() {
+        let failed = || VersionStatus::Failed {
+            reason: "boom".into(),
+        };
+        let v = view(
+            store(Some(2), None, 3),
+            vec![
+                version(1, failed()),
+                version(2, VersionStatus::Online),
+                version(3, failed()),
+            ],
+        );
+        assert_eq!(
+            plan(&v),
+            vec![
+                Action::Retire {
+                    store: "s".into(),
+                    version: 1,
+                    topic: "s_v1".into()
+                },
+                Action::DeleteTopic {
+                    store: "s".into(),
+                    version: 3,
+                    topic: "s_v3".into()
+                },
+            ]
+        );
+        // No current version yet: failed records stay for operators, only the topic goes.
+        let v = view(store(None, None, 1), vec![version(1, failed())]);
+        assert_eq!(
+            plan(&v),
+            vec![Action::DeleteTopic {
+                store: "s".into(),
+                version: 1,
+                topic: "s_v1".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn current_but_still_pushing_is_marked_online() {
+        let v = view(
+            store(Some(1), None, 1),
+            vec![version(1, VersionStatus::PushWritten)],
+        );
+        assert_eq!(
+            plan(&v),
+            vec![Action::MarkOnline {
+                store: "s".into(),
+                version: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn orphan_replicas_of_old_versions_are_deleted_but_not_of_new_ones() {
+        let mut v = view(
+            store(Some(3), None, 4),
+            vec![version(3, VersionStatus::Online)],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        set_all(&mut v, 3, ReplicaState::Online);
+        set_all(&mut v, 4, ReplicaState::Bootstrap);
+        assert_eq!(
+            plan(&v),
+            vec![Action::DeleteOrphanReplicas {
+                store: "s".into(),
+                version: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn view_parses_keys_and_skips_corrupt_records() {
+        let layout = Layout::new("/r");
+        let mut stores = PrefixMap::new();
+        stores.insert(
+            layout.store("s"),
+            serde_json::to_vec(&store(None, None, 0)).unwrap(),
+        );
+        stores.insert(layout.store("bad"), b"{not json".to_vec());
+        let mut versions = PrefixMap::new();
+        versions.insert(
+            layout.version("s", 1),
+            serde_json::to_vec(&version(1, VersionStatus::Pushing)).unwrap(),
+        );
+        let mut replicas = PrefixMap::new();
+        replicas.insert(
+            layout.replica("s", 1, 0, "a"),
+            serde_json::to_vec(&replica(ReplicaState::Online, None)).unwrap(),
+        );
+        replicas.insert("/r/replicas/garbage".into(), b"{}".to_vec());
+        let v = ClusterView::parse(&layout, &stores, &versions, &replicas);
+        assert_eq!(v.stores.len(), 1);
+        assert_eq!(v.versions.len(), 1);
+        assert_eq!(v.replica_state("s", 1, 0, "a"), ReplicaState::Online);
+        assert_eq!(v.replica_state("s", 1, 1, "a"), ReplicaState::Offline);
+    }
+}

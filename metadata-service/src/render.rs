@@ -1,0 +1,228 @@
+//! Plain-text rendering for `rialto-admin`: a tiny aligned-table formatter and the layouts of
+//! store, version and node listings. `--json` bypasses all of this.
+
+use rialto_protocol::admin::{StoreDescription, VersionDescription};
+use rialto_protocol::meta::{NodeRecord, StorageProfile, StoreRecord, VersionStatus};
+
+/// A table of left-aligned columns separated by two spaces.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column titles.
+    pub fn new<S: Into<String>>(header: impl IntoIterator<Item = S>) -> Table {
+        Table {
+            header: header.into_iter().map(Into::into).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Appends a row; missing cells are blank, extra cells are kept.
+    pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) {
+        self.rows.push(cells.into_iter().map(Into::into).collect());
+    }
+
+    /// Renders the table, one line per row, each ending with a newline.
+    pub fn render(&self) -> String {
+        let columns = self
+            .rows
+            .iter()
+            .map(Vec::len)
+            .chain([self.header.len()])
+            .max()
+            .unwrap_or(0);
+        let mut widths = vec![0usize; columns];
+        for line in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, cell) in line.iter().enumerate() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for line in std::iter::once(&self.header).chain(&self.rows) {
+            let mut text = String::new();
+            for (i, width) in widths.iter().enumerate() {
+                let cell = line.get(i).map(String::as_str).unwrap_or("");
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                text.push_str(cell);
+                text.extend(std::iter::repeat_n(' ', width - cell.chars().count()));
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn opt(v: Option<u32>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn storage(s: StorageProfile) -> &'static str {
+    match s {
+        StorageProfile::InMemory => "in-memory",
+        StorageProfile::OnDisk => "on-disk",
+    }
+}
+
+/// A version status in one word, plus the failure reason if any.
+pub fn status(s: &VersionStatus) -> (String, Option<&str>) {
+    match s {
+        VersionStatus::Pushing => ("pushing".into(), None),
+        VersionStatus::PushWritten => ("push-written".into(), None),
+        VersionStatus::Online => ("online".into(), None),
+        VersionStatus::Failed { reason } => ("failed".into(), Some(reason)),
+    }
+}
+
+/// `stores list`.
+pub fn stores(stores: &[StoreRecord]) -> String {
+    let mut t = Table::new([
+        "STORE",
+        "OWNER",
+        "PARTITIONS",
+        "RF",
+        "STORAGE",
+        "CURRENT",
+        "BACKUP",
+        "LARGEST",
+    ]);
+    for s in stores {
+        t.row([
+            s.name.clone(),
+            s.owner.clone(),
+            s.partition_count.to_string(),
+            s.replication_factor.to_string(),
+            storage(s.storage).to_string(),
+            opt(s.current_version),
+            opt(s.backup_version),
+            s.largest_version.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+/// The replica table of one version.
+pub fn replicas(v: &VersionDescription) -> String {
+    let mut t = Table::new(["PARTITION", "NODE", "STATE", "OFFSET", "RECORDS", "ERROR"]);
+    for r in &v.replicas {
+        t.row([
+            r.partition.to_string(),
+            r.node_id.clone(),
+            r.state.to_string(),
+            r.offset.to_string(),
+            r.records.to_string(),
+            r.error.clone().unwrap_or_default(),
+        ]);
+    }
+    t.render()
+}
+
+/// `stores describe`.
+pub fn store_description(d: &StoreDescription) -> String {
+    let s = &d.store;
+    let mut out = String::new();
+    let mut t = Table::new(["store", s.name.as_str()]);
+    t.row(["owner".to_string(), s.owner.clone()]);
+    t.row(["partitions".to_string(), s.partition_count.to_string()]);
+    t.row([
+        "replication factor".to_string(),
+        s.replication_factor.to_string(),
+    ]);
+    t.row(["storage".to_string(), storage(s.storage).to_string()]);
+    t.row(["current version".to_string(), opt(s.current_version)]);
+    t.row(["backup version".to_string(), opt(s.backup_version)]);
+    t.row(["largest version".to_string(), s.largest_version.to_string()]);
+    t.row([
+        "value schemas".to_string(),
+        s.value_schemas
+            .iter()
+            .map(|v| v.id.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    ]);
+    out.push_str(&t.render());
+    if d.versions.is_empty() {
+        out.push_str("\nno versions yet: start one with `rialto-push`\n");
+        return out;
+    }
+    out.push('\n');
+    let mut versions = Table::new(["VERSION", "STATUS", "ROLE", "TOPIC", "PARTITIONS", "REASON"]);
+    for v in &d.versions {
+        let (st, reason) = status(&v.record.status);
+        let role = if v.current {
+            "current"
+        } else if s.backup_version == Some(v.record.version) {
+            "backup"
+        } else {
+            ""
+        };
+        versions.row([
+            v.record.version.to_string(),
+            st,
+            role.to_string(),
+            v.record.topic.clone(),
+            v.record.partition_count.to_string(),
+            reason.unwrap_or("").to_string(),
+        ]);
+    }
+    out.push_str(&versions.render());
+    for v in &d.versions {
+        let (st, _) = status(&v.record.status);
+        out.push_str(&format!(
+            "\nversion {} ({st}) replicas:\n",
+            v.record.version
+        ));
+        out.push_str(&replicas(v));
+    }
+    out
+}
+
+/// `nodes list`.
+pub fn nodes(nodes: &[NodeRecord]) -> String {
+    let mut t = Table::new(["NODE", "ADDRESS", "ZONE", "TLS"]);
+    for n in nodes {
+        t.row([
+            n.node_id.clone(),
+            n.address.clone(),
+            n.zone.clone(),
+            if n.tls { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let mut t = Table::new(["A", "LONG HEADER"]);
+        t.row(["wide cell", "x"]);
+        t.row(["b"]);
+        assert_eq!(t.render(), "A          LONG HEADER\nwide cell  x\nb\n");
+    }
+
+    #[test]
+    fn node_table_lists_every_node() {
+        let n = NodeRecord {
+            node_id: "n1".into(),
+            address: "h:1".into(),
+            zone: "z".into(),
+            tls: true,
+            started_ms: 0,
+        };
+        let out = nodes(&[n]);
+        assert!(
+            out.lines()
+                .nth(1)
+                .is_some_and(|l| l.starts_with("n1") && l.ends_with("yes")),
+            "{out}"
+        );
+    }
+}

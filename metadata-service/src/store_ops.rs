@@ -1,0 +1,101 @@
+//! Read-modify-write of store and version records with compare-and-put, so concurrent controllers
+//! (and the API next to the reconciler) never lose each other's updates.
+
+use rialto_backends::MetaStore;
+use rialto_protocol::meta::{Layout, StoreRecord, VersionRecord};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{encode_record, parse_record, ControllerError};
+
+/// Most compare-and-put attempts on one key before giving up with [`ControllerError::Contended`].
+pub const CAS_ATTEMPTS_MAX: usize = 32;
+
+/// Applies `change` to the record at `key` until the compare-and-put wins.
+///
+/// `change` returns `Ok(false)` to leave the record as it is. Returns the written record, or
+/// `None` when `change` declined. A missing key is `not_found(...)`.
+pub(crate) async fn update_record<T, F>(
+    meta: &dyn MetaStore,
+    key: &str,
+    not_found: impl Fn() -> ControllerError,
+    mut change: F,
+) -> Result<Option<T>, ControllerError>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnMut(&mut T) -> Result<bool, ControllerError>,
+{
+    for _ in 0..CAS_ATTEMPTS_MAX {
+        let Some(kv) = meta.get(key).await? else {
+            return Err(not_found());
+        };
+        let mut record: T = parse_record(key, &kv.value)?;
+        if !change(&mut record)? {
+            return Ok(None);
+        }
+        if meta
+            .compare_and_put(key, Some(kv.mod_revision), encode_record(&record)?, None)
+            .await?
+        {
+            return Ok(Some(record));
+        }
+    }
+    Err(ControllerError::Contended {
+        key: key.to_string(),
+        attempts: CAS_ATTEMPTS_MAX,
+    })
+}
+
+/// The "store does not exist" error every endpoint uses.
+pub fn store_not_found(store: &str) -> ControllerError {
+    ControllerError::NotFound(format!(
+        "store `{store}` does not exist; create it with `rialto-admin stores create`"
+    ))
+}
+
+/// The "version does not exist" error every endpoint uses.
+pub fn version_not_found(store: &str, version: u32) -> ControllerError {
+    ControllerError::NotFound(format!(
+        "version {version} of store `{store}` does not exist (it may have been retired); \
+         see `rialto-admin stores describe {store}`"
+    ))
+}
+
+/// Read-modify-write of a store record.
+pub(crate) async fn update_store<F>(
+    meta: &dyn MetaStore,
+    layout: &Layout,
+    store: &str,
+    change: F,
+) -> Result<Option<StoreRecord>, ControllerError>
+where
+    F: FnMut(&mut StoreRecord) -> Result<bool, ControllerError>,
+{
+    update_record(
+        meta,
+        &layout.store(store),
+        || store_not_found(store),
+        change,
+    )
+    .await
+}
+
+/// Read-modify-write of a version record.
+pub(crate) async fn update_version<F>(
+    meta: &dyn MetaStore,
+    layout: &Layout,
+    store: &str,
+    version: u32,
+    change: F,
+) -> Result<Option<VersionRecord>, ControllerError>
+where
+    F: FnMut(&mut VersionRecord) -> Result<bool, ControllerError>,
+{
+    update_record(
+        meta,
+        &layout.version(store, version),
+        || version_not_found(store, version),
+        change,
+    )
+    .await
+}

@@ -1,0 +1,272 @@
+//! `rialto-push`: a dataset file becomes a new version of a store.
+//!
+//! 1. Fetch the store's schemas from the controller; read and validate the whole input
+//!    ([`input`]) — nothing is produced if a single record is bad or two records share a key
+//!    with different values.
+//! 2. Ask the controller for a new version (it creates the topic and places replicas).
+//! 3. Produce every partition with producer metadata ([`writer`]), showing progress.
+//! 4. Tell the controller the push is written and wait until the version is live or failed.
+//!
+//! Any failure after the version was allocated is reported to the controller, so a failed push
+//! never goes live and the current version keeps serving.
+
+pub mod input;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
+use rialto_backends::{PubSub, PubSubError};
+use rialto_controller::{AdminClient, ControllerError};
+use rialto_protocol::admin::StartPushRequest;
+use rialto_protocol::avro::{AvroCodec, AvroError};
+use rialto_protocol::envelope::{CompressionCodec, ControlMessage};
+use rialto_protocol::meta::{ReplicaState, VersionStatus};
+
+pub use input::{InputFormat, InputShape};
+use writer::PartitionWriter;
+
+/// Records in flight to the broker at most (bounds memory while producing).
+const IN_FLIGHT_RECORDS_MAX: usize = 50_000;
+/// How often progress is reported.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Everything that can stop a push, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("controller: {0}")]
+    Controller(#[from] ControllerError),
+    #[error("cannot read {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+    #[error("{path}: record {record}: {detail}")]
+    BadRecord { path: PathBuf, record: u64, detail: String },
+    #[error("{path}: key {key} appears in record {first} and record {second} with different values; a push must have one value per key")]
+    DuplicateKey { path: PathBuf, key: String, first: u64, second: u64 },
+    #[error("cannot tell the input format of {0}; pass --format avro|json")]
+    UnknownFormat(PathBuf),
+    #[error("store schema is unusable: {0}")]
+    Schema(#[from] AvroError),
+    #[error("store `{store}` has no value schema; recreate it with one")]
+    NoValueSchema { store: String },
+    #[error("producing version {version} failed: {source}")]
+    Produce { version: u32, source: PubSubError },
+    #[error("version {version} of `{store}` failed and will not serve: {reason}")]
+    VersionFailed { store: String, version: u32, reason: String },
+    #[error("version {version} of `{store}` did not go live within {waited:?}; it was marked failed")]
+    Timeout { store: String, version: u32, waited: Duration },
+}
+
+/// What to push, and where.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    pub controller_url: String,
+    pub store: String,
+    pub input: PathBuf,
+    /// Input format; guessed from the extension when `None`.
+    pub format: Option<InputFormat>,
+    pub shape: InputShape,
+    /// Free text recorded with the version (job id, input path).
+    pub push_id: String,
+    /// How long to wait for the version to go live after producing.
+    pub wait_timeout: Duration,
+    /// Overrides the Kafka bootstrap servers the controller hands out.
+    pub kafka_bootstrap: Option<String>,
+}
+
+impl PushConfig {
+    pub fn new(controller_url: &str, store: &str, input: impl Into<PathBuf>) -> PushConfig {
+        let input = input.into();
+        PushConfig {
+            controller_url: controller_url.to_string(),
+            store: store.to_string(),
+            push_id: input.display().to_string(),
+            input,
+            format: None,
+            shape: InputShape::default(),
+            wait_timeout: Duration::from_secs(600),
+            kafka_bootstrap: None,
+        }
+    }
+}
+
+/// What a successful push did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    pub store: String,
+    pub version: u32,
+    pub records: u64,
+    pub bytes: u64,
+    pub partitions: u32,
+    pub identical_duplicates: u64,
+    pub read_elapsed: Duration,
+    pub produce_elapsed: Duration,
+    pub live_elapsed: Duration,
+}
+
+/// Runs a whole push. Progress goes to the `tracing` log (target `rialto_push`).
+pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
+    let admin = AdminClient::new(&config.controller_url);
+    let started = Instant::now();
+    let store = admin.describe_store(&config.store).await?.store;
+    let value_schema = store
+        .latest_value_schema()
+        .ok_or_else(|| PushError::NoValueSchema { store: store.name.clone() })?
+        .clone();
+    let key_codec = AvroCodec::parse(&store.key_schema)?;
+    let value_codec = AvroCodec::parse(&value_schema.schema)?;
+    let format = match config.format {
+        Some(f) => f,
+        None => InputFormat::from_path(&config.input).ok_or_else(|| PushError::UnknownFormat(config.input.clone()))?,
+    };
+    tracing::info!(store = %store.name, input = %config.input.display(), "reading and validating input");
+    let (input, shape) = (config.input.clone(), config.shape.clone());
+    let partition_count = store.partition_count;
+    let dataset = tokio::task::spawn_blocking(move || {
+        input::read_dataset(&input, format, &shape, &key_codec, &value_codec, partition_count)
+    })
+    .await
+    .map_err(|e| PushError::Io { path: config.input.clone(), detail: format!("reader task failed: {e}") })??;
+    let read_elapsed = started.elapsed();
+    tracing::info!(records = dataset.records, bytes = dataset.bytes, ?read_elapsed, "input valid");
+
+    let start = admin.start_push(&store.name, &StartPushRequest { push_id: config.push_id.clone() }).await?;
+    let version = start.version;
+    tracing::info!(store = %store.name, version, topic = %start.topic, "version allocated");
+
+    let result = async {
+        if start.partition_count != partition_count {
+            return Err(PushError::VersionFailed {
+                store: store.name.clone(),
+                version,
+                reason: format!(
+                    "controller allocated {} partitions, the input was partitioned for {partition_count}",
+                    start.partition_count
+                ),
+            });
+        }
+        let bootstrap = config.kafka_bootstrap.clone().unwrap_or_else(|| start.kafka_bootstrap.clone());
+        let pubsub: Arc<dyn PubSub> = Arc::new(
+            KafkaPubSub::new(KafkaConfig { bootstrap_servers: bootstrap })
+                .map_err(|source| PushError::Produce { version, source })?,
+        );
+        let produce_started = Instant::now();
+        produce(pubsub.as_ref(), &start.topic, start.value_schema_id, dataset.partitions, dataset.records)
+            .await
+            .map_err(|source| PushError::Produce { version, source })?;
+        let produce_elapsed = produce_started.elapsed();
+        admin.push_written(&store.name, version).await?;
+        let live_started = Instant::now();
+        wait_until_live(&admin, &store.name, version, config.wait_timeout).await?;
+        Ok((produce_elapsed, live_started.elapsed()))
+    }
+    .await;
+
+    match result {
+        Ok((produce_elapsed, live_elapsed)) => Ok(PushReport {
+            store: store.name.clone(),
+            version,
+            records: dataset.records,
+            bytes: dataset.bytes,
+            partitions: partition_count,
+            identical_duplicates: dataset.identical_duplicates,
+            read_elapsed,
+            produce_elapsed,
+            live_elapsed,
+        }),
+        Err(e) => {
+            // Whatever went wrong, the version must never go live: say so to the controller.
+            if !matches!(e, PushError::VersionFailed { .. }) {
+                if let Err(report) = admin.fail_push(&store.name, version, &e.to_string()).await {
+                    tracing::error!(error = %report, "could not mark version {version} failed");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Produces every partition's stream and waits until the broker has acknowledged all of it.
+async fn produce(
+    pubsub: &dyn PubSub,
+    topic: &str,
+    schema_id: u32,
+    partitions: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
+    records_total: u64,
+) -> Result<(), PubSubError> {
+    let producer_guid = *uuid::Uuid::new_v4().as_bytes();
+    let mut in_flight = FuturesUnordered::new();
+    let mut acked: u64 = 0;
+    let mut sent: u64 = 0;
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    for (partition, records) in partitions.into_iter().enumerate() {
+        let partition = partition as u32;
+        let mut w = PartitionWriter::new(producer_guid);
+        let mut envelopes = vec![
+            w.start_segment(),
+            w.control(ControlMessage::StartOfPush { sorted: true, codec: CompressionCodec::None, dictionary: Vec::new() }),
+        ];
+        for e in envelopes.drain(..) {
+            in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
+        }
+        for (key, value) in records {
+            // The key travels inside the envelope; the Kafka record key stays empty (partitions
+            // are chosen explicitly, and compaction is never used on version topics).
+            let e = w.put(key, schema_id, value);
+            in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
+            sent += 1;
+            while in_flight.len() >= IN_FLIGHT_RECORDS_MAX {
+                if let Some(r) = in_flight.next().await {
+                    r?;
+                    acked += 1;
+                }
+            }
+            if last_progress.elapsed() >= PROGRESS_INTERVAL {
+                last_progress = Instant::now();
+                let rate = sent as f64 / started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!("produced {sent}/{records_total} records ({:.0}%), {rate:.0} records/s", 100.0 * sent as f64 / records_total.max(1) as f64);
+            }
+        }
+        for e in [w.control(ControlMessage::EndOfPush), w.end_segment()] {
+            in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        r?;
+        acked += 1;
+    }
+    tracing::info!(records = sent, envelopes = acked, elapsed = ?started.elapsed(), "all records acknowledged by the broker");
+    Ok(())
+}
+
+/// Polls the controller until the version is live, failed, or the timeout passes.
+async fn wait_until_live(admin: &AdminClient, store: &str, version: u32, timeout: Duration) -> Result<(), PushError> {
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    loop {
+        let v = admin.describe_version(store, version).await?;
+        match &v.record.status {
+            VersionStatus::Online => {
+                tracing::info!(store, version, elapsed = ?started.elapsed(), "version is live");
+                return Ok(());
+            }
+            VersionStatus::Failed { reason } => {
+                return Err(PushError::VersionFailed { store: store.to_string(), version, reason: reason.clone() })
+            }
+            VersionStatus::Pushing | VersionStatus::PushWritten => {}
+        }
+        if started.elapsed() > timeout {
+            return Err(PushError::Timeout { store: store.to_string(), version, waited: timeout });
+        }
+        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+            last_progress = Instant::now();
+            let online = v.replicas.iter().filter(|r| r.state == ReplicaState::Online).count();
+            let records: u64 = v.replicas.iter().map(|r| r.records).sum();
+            tracing::info!("waiting for version {version}: {online}/{} replicas ONLINE, {records} records ingested", v.replicas.len());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

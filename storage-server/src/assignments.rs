@@ -1,0 +1,353 @@
+//! Follows the versions prefix and keeps the hosted replicas equal to this node's assignment.
+//!
+//! Reconciles against the whole mirrored map on every change (never against single events):
+//! a replica assigned to this node in a version that is not `Failed` gets an ingestion task; a
+//! replica that is no longer assigned (version deleted, `Failed`, or re-assigned elsewhere) is
+//! stopped, its database closed and deleted, and its replica record removed.
+//!
+//! At start-up, replica directories on disk that belong to no current assignment are deleted
+//! (except those of versions whose record could not be parsed: they are left for an operator).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rialto_backends::mirror::PrefixMap;
+use rialto_backends::PrefixMirror;
+use rialto_protocol::meta::{ReplicaState, VersionRecord, VersionStatus};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::node::NodeContext;
+use crate::replica::{ReplicaId, ReplicaSlot};
+use crate::store::remove_replica_dir;
+use crate::{ingest, ServerError};
+
+/// How long a stopping ingestion task may take before it is aborted.
+const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for in-flight reads to release a replica's database before closing it.
+const STORE_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+const STORE_RELEASE_POLL: Duration = Duration::from_millis(5);
+
+/// What this node should host, from one snapshot of the versions prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct DesiredReplicas {
+    /// Replica → its version topic.
+    pub replicas: BTreeMap<ReplicaId, String>,
+    /// (store, version) of records that could not be parsed: their data is left alone.
+    pub unparsed: BTreeSet<(String, u32)>,
+}
+
+/// Computes the replicas assigned to `node_id` in a snapshot of the versions prefix.
+pub(crate) fn desired_replicas(
+    versions: &PrefixMap,
+    versions_prefix: &str,
+    node_id: &str,
+) -> DesiredReplicas {
+    let mut desired = DesiredReplicas::default();
+    for (key, value) in versions {
+        let record: VersionRecord = match serde_json::from_slice(value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "ignoring a version record that does not parse");
+                if let Some((store, version)) = parse_version_key(key, versions_prefix) {
+                    desired.unparsed.insert((store, version));
+                }
+                continue;
+            }
+        };
+        if matches!(record.status, VersionStatus::Failed { .. }) {
+            continue;
+        }
+        for partition in record.partitions_of(node_id) {
+            let id = ReplicaId {
+                store: record.store.clone(),
+                version: record.version,
+                partition,
+            };
+            desired.replicas.insert(id, record.topic.clone());
+        }
+    }
+    desired
+}
+
+fn parse_version_key(key: &str, prefix: &str) -> Option<(String, u32)> {
+    let (store, version) = key.strip_prefix(prefix)?.split_once('/')?;
+    Some((store.to_string(), version.parse().ok()?))
+}
+
+/// Deletes replica directories under `data_dir` that are not in `desired`.
+pub(crate) fn remove_orphan_dirs(
+    data_dir: &Path,
+    desired: &DesiredReplicas,
+) -> Result<(), ServerError> {
+    let read = |dir: &Path| {
+        std::fs::read_dir(dir).map_err(|e| ServerError::io("list data directory", dir, e))
+    };
+    for store_entry in read(data_dir)? {
+        let store_entry =
+            store_entry.map_err(|e| ServerError::io("list data directory", data_dir, e))?;
+        let store_dir = store_entry.path();
+        if !store_dir.is_dir() {
+            continue;
+        }
+        let store = store_entry.file_name().to_string_lossy().into_owned();
+        for version_entry in read(&store_dir)? {
+            let version_entry =
+                version_entry.map_err(|e| ServerError::io("list data directory", &store_dir, e))?;
+            let name = version_entry.file_name().to_string_lossy().into_owned();
+            let Some(version) = name.strip_prefix('v').and_then(|v| v.parse::<u32>().ok()) else {
+                continue;
+            };
+            if desired.unparsed.contains(&(store.clone(), version)) {
+                continue;
+            }
+            let version_dir = version_entry.path();
+            for partition_entry in read(&version_dir)? {
+                let partition_entry = partition_entry
+                    .map_err(|e| ServerError::io("list data directory", &version_dir, e))?;
+                let name = partition_entry.file_name().to_string_lossy().into_owned();
+                let Some(partition) = name.strip_prefix('p').and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let id = ReplicaId {
+                    store: store.clone(),
+                    version,
+                    partition,
+                };
+                if !desired.replicas.contains_key(&id) {
+                    tracing::info!(replica = %id, "deleting the data of a replica no longer assigned here");
+                    remove_replica_dir(&partition_entry.path())?;
+                }
+            }
+            let _ = std::fs::remove_dir(&version_dir); // only succeeds when empty
+        }
+        let _ = std::fs::remove_dir(&store_dir);
+    }
+    Ok(())
+}
+
+/// A hosted replica and its ingestion task.
+struct HostedReplica {
+    slot: Arc<ReplicaSlot>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl HostedReplica {
+    async fn stop_task(&mut self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(TASK_STOP_TIMEOUT, &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(replica = %self.slot.id, "ingestion task did not stop in time; aborting it");
+            self.task.abort();
+        }
+    }
+}
+
+/// Follows assignments until `shutdown`; then stops every task and closes every database.
+pub(crate) async fn reconcile(
+    ctx: Arc<NodeContext>,
+    mirror: PrefixMirror,
+    first: DesiredReplicas,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut hosted: BTreeMap<ReplicaId, HostedReplica> = BTreeMap::new();
+    let mut changes = mirror.subscribe();
+    let prefix = ctx.layout.versions_prefix();
+    let mut desired = first;
+    loop {
+        let stale: Vec<ReplicaId> = hosted
+            .keys()
+            .filter(|id| !desired.replicas.contains_key(id))
+            .cloned()
+            .collect();
+        for id in stale {
+            if let Some(replica) = hosted.remove(&id) {
+                drop_replica(&ctx, replica).await;
+            }
+        }
+        for (id, topic) in &desired.replicas {
+            if hosted.contains_key(id) {
+                continue;
+            }
+            let slot = Arc::new(ReplicaSlot::new(id.clone(), &ctx.metrics));
+            ctx.registry.insert(slot.clone());
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(ingest::run(
+                ctx.clone(),
+                slot.clone(),
+                topic.clone(),
+                stop_rx,
+            ));
+            tracing::info!(replica = %id, %topic, "replica assigned");
+            hosted.insert(id.clone(), HostedReplica { slot, stop, task });
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            changed = changes.changed() => if changed.is_err() { break },
+        }
+        desired = mirror
+            .with(|map| desired_replicas(map, &prefix, &ctx.node_id))
+            .await;
+    }
+    // Shutdown: stop ingestion, close databases, keep data and let the lease revoke the records.
+    for (_, mut replica) in std::mem::take(&mut hosted) {
+        replica.stop_task().await;
+        ctx.registry.remove(&replica.slot.id);
+        replica.slot.retire(&ctx.metrics);
+        if let Some(store) = replica.slot.take_store() {
+            if wait_until_unique(&store).await {
+                drop(store);
+            } else {
+                tracing::warn!(replica = %replica.slot.id, "reads still hold the database at shutdown");
+            }
+        }
+    }
+}
+
+/// Stops a replica, deletes its data and its record.
+async fn drop_replica(ctx: &NodeContext, mut replica: HostedReplica) {
+    let id = replica.slot.id.clone();
+    tracing::info!(replica = %id, "replica unassigned; dropping it");
+    replica.stop_task().await;
+    ctx.registry.remove(&id);
+    replica
+        .slot
+        .update(&ctx.metrics, |r| r.state = ReplicaState::Dropped);
+    let path = id.data_path(&ctx.data_dir);
+    match replica.slot.take_store() {
+        Some(store) => {
+            wait_until_unique(&store).await;
+            match Arc::try_unwrap(store) {
+                Ok(store) => match tokio::task::spawn_blocking(move || store.destroy()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(replica = %id, error = %e, "deleting the replica's data failed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(replica = %id, error = %e, "deleting the replica's data panicked")
+                    }
+                },
+                Err(_) => tracing::warn!(
+                    replica = %id,
+                    "reads still hold the database; its directory is deleted at the next start"
+                ),
+            }
+        }
+        None => {
+            if let Err(e) = remove_replica_dir(&path) {
+                tracing::warn!(replica = %id, error = %e, "deleting the replica's data failed");
+            }
+        }
+    }
+    if let Some(version_dir) = path.parent() {
+        let _ = std::fs::remove_dir(version_dir);
+        if let Some(store_dir) = version_dir.parent() {
+            let _ = std::fs::remove_dir(store_dir);
+        }
+    }
+    ctx.delete_report(&replica.slot).await;
+    replica.slot.retire(&ctx.metrics);
+}
+
+/// Waits (bounded) until `store` is the only reference to the database.
+async fn wait_until_unique<T>(store: &Arc<T>) -> bool {
+    let deadline = tokio::time::Instant::now() + STORE_RELEASE_TIMEOUT;
+    while Arc::strong_count(store) > 1 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(STORE_RELEASE_POLL).await;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rialto_protocol::meta::{Layout, StorageProfile};
+
+    fn version(store: &str, n: u32, assignment: Vec<Vec<&str>>, status: VersionStatus) -> Vec<u8> {
+        let r = VersionRecord {
+            store: store.into(),
+            version: n,
+            topic: format!("{store}_v{n}"),
+            partition_count: assignment.len() as u32,
+            assignment: assignment
+                .into_iter()
+                .map(|p| p.into_iter().map(String::from).collect())
+                .collect(),
+            status,
+            created_ms: 0,
+            storage: StorageProfile::OnDisk,
+        };
+        serde_json::to_vec(&r).unwrap()
+    }
+
+    #[test]
+    fn desired_replicas_follow_assignment_and_status() {
+        let l = Layout::new("/r");
+        let mut map = PrefixMap::new();
+        map.insert(
+            l.version("a", 1),
+            version(
+                "a",
+                1,
+                vec![vec!["n1", "n2"], vec!["n2"]],
+                VersionStatus::Online,
+            ),
+        );
+        map.insert(
+            l.version("a", 2),
+            version(
+                "a",
+                2,
+                vec![vec!["n1"]],
+                VersionStatus::Failed { reason: "x".into() },
+            ),
+        );
+        map.insert(l.version("b", 7), b"{broken".to_vec());
+        let d = desired_replicas(&map, &l.versions_prefix(), "n1");
+        assert_eq!(d.replicas.len(), 1);
+        assert_eq!(
+            d.replicas
+                .get(&ReplicaId {
+                    store: "a".into(),
+                    version: 1,
+                    partition: 0
+                })
+                .map(String::as_str),
+            Some("a_v1")
+        );
+        assert!(d.unparsed.contains(&("b".to_string(), 7)));
+    }
+
+    #[test]
+    fn orphan_dirs_are_removed_and_assigned_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        for p in ["a/v1/p0", "a/v1/p1", "a/v2/p0", "b/v7/p0", "c/v1/p3"] {
+            std::fs::create_dir_all(dir.path().join(p)).unwrap();
+        }
+        let mut desired = DesiredReplicas::default();
+        desired.replicas.insert(
+            ReplicaId {
+                store: "a".into(),
+                version: 1,
+                partition: 0,
+            },
+            "a_v1".into(),
+        );
+        desired.unparsed.insert(("b".into(), 7));
+        remove_orphan_dirs(dir.path(), &desired).unwrap();
+        assert!(dir.path().join("a/v1/p0").exists());
+        assert!(!dir.path().join("a/v1/p1").exists());
+        assert!(!dir.path().join("a/v2").exists());
+        assert!(dir.path().join("b/v7/p0").exists());
+        assert!(!dir.path().join("c").exists());
+    }
+}

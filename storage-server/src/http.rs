@@ -1,0 +1,1053 @@
+//! The HTTP/2 read endpoint: `h2` directly over tokio TCP, optionally TLS (ALPN `h2`).
+//!
+//! Routes (see `rialto_protocol::wire`): single get, streamed batch-get, health, metrics. Every
+//! failure is a typed error response (`ErrorCode` status, `x-rialto-error` header, `ErrorBody`);
+//! a malformed request only ever affects its own stream.
+//!
+//! Batch-get writes frames into a pooled buffer and sends a DATA chunk whenever the buffer passes
+//! [`CHUNK_BYTES`], waiting for flow-control capacity between chunks so a slow reader bounds the
+//! memory held for it. RocksDB reads are done inline on the runtime thread, in sub-batches of
+//! [`MULTI_GET_KEYS_MAX`] keys (a later issue may move them to a blocking pool).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use rialto_protocol::envelope::KEY_BYTES_MAX;
+use rialto_protocol::wire::{
+    parse_route, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route,
+    ERROR_CODE_HEADER, REQUEST_BYTES_MAX,
+};
+use rialto_protocol::ErrorCode;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::{RouteKind, ServerMetrics};
+use crate::node::NodeContext;
+use crate::replica::ReplicaRegistry;
+use crate::store::ReplicaStore;
+
+/// Initial per-stream flow-control window advertised to clients.
+pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// Initial connection flow-control window advertised to clients.
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+/// Largest HTTP/2 frame the server accepts.
+pub const FRAME_BYTES_MAX: u32 = 1024 * 1024;
+/// Concurrent streams per connection.
+pub const CONCURRENT_STREAMS_MAX: u32 = 1024;
+/// Data h2 may buffer per stream before a sender waits for the peer.
+pub const SEND_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+/// A batch-get response is sent in DATA chunks of about this size.
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+/// Keys read from RocksDB in one `multi_get` call.
+pub const MULTI_GET_KEYS_MAX: usize = 256;
+/// Response buffers kept for reuse.
+const POOLED_BUFFERS_MAX: usize = 64;
+/// Buffers that grew beyond this are not kept.
+const POOLED_BUFFER_BYTES_MAX: usize = 2 * CHUNK_BYTES;
+/// Longest TLS plus HTTP/2 handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections may drain at shutdown before they are closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shared state of the read path.
+pub(crate) struct ReadService {
+    pub node: Arc<NodeContext>,
+    pub metrics: Arc<ServerMetrics>,
+    pub batch_get_keys_max: usize,
+    pub buffers: Arc<BufferPool>,
+}
+
+/// Accepts connections until `shutdown`, then drains them (bounded) and returns.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    service: Arc<ReadService>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            accepted = listener.accept() => accepted,
+            // Reap finished connection tasks so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = service.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        connections.spawn(async move {
+            match tls {
+                None => serve_connection(tcp, peer, service, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, peer, service, shutdown).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            open = connections.len(),
+            "closing connections that did not drain in time"
+        );
+        connections.shutdown().await;
+    }
+}
+
+fn h2_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(FRAME_BYTES_MAX)
+        .max_concurrent_streams(CONCURRENT_STREAMS_MAX)
+        .max_send_buffer_size(SEND_BUFFER_BYTES);
+    b
+}
+
+async fn serve_connection<T>(
+    io: T,
+    peer: SocketAddr,
+    service: Arc<ReadService>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_builder().handshake::<_, Bytes>(io)).await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "HTTP/2 handshake timed out");
+                return;
+            }
+        };
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(handle(service.clone(), request, respond));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "connection error");
+                    break;
+                }
+                None => break,
+            },
+            _ = shutdown.wait_for(|s| *s), if !draining => {
+                conn.graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+/// A request-level failure: answered with an error response.
+struct Failure {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+async fn handle(
+    service: Arc<ReadService>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let (parts, body) = request.into_parts();
+    let route = parse_route(parts.uri.path());
+    let kind = match route {
+        Some(Route::Get { .. }) => RouteKind::Get,
+        Some(Route::BatchGet { .. }) => RouteKind::BatchGet,
+        Some(Route::Health) => RouteKind::Health,
+        Some(Route::Metrics) => RouteKind::Metrics,
+        None => RouteKind::Unknown,
+    };
+    service.metrics.count_request(kind);
+    let declared_len = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let result = match route {
+        None => Err(Failure::new(
+            ErrorCode::NotFound,
+            format!("no endpoint at `{}`", parts.uri.path()),
+        )),
+        Some(Route::Health) => {
+            send_body(&mut respond, "text/plain", Bytes::from_static(b"ok")).await
+        }
+        Some(Route::Metrics) => {
+            let text = service.metrics.render_prometheus();
+            send_body(&mut respond, "text/plain; version=0.0.4", Bytes::from(text)).await
+        }
+        Some(Route::Get {
+            store,
+            version,
+            partition,
+        }) => {
+            if parts.method != Method::POST {
+                Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    "get must be a POST with the key as body",
+                ))
+            } else {
+                get(
+                    &service,
+                    &mut respond,
+                    body,
+                    declared_len,
+                    store,
+                    version,
+                    partition,
+                )
+                .await
+            }
+        }
+        Some(Route::BatchGet { store, version }) => {
+            if parts.method != Method::POST {
+                Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    "batch-get must be a POST",
+                ))
+            } else {
+                batch_get(&service, &mut respond, body, declared_len, store, version).await
+            }
+        }
+    };
+    if let Err(failure) = result {
+        service.metrics.count_error(failure.code);
+        if failure.code != ErrorCode::KeyNotFound {
+            tracing::debug!(path = parts.uri.path(), code = %failure.code, message = %failure.message, "request failed");
+        }
+        send_error(&mut respond, failure.code, &failure.message);
+    }
+}
+
+/// Reads a request body of at most `limit` bytes, releasing flow-control capacity as it goes.
+async fn read_body(
+    mut body: RecvStream,
+    declared_len: Option<u64>,
+    limit: usize,
+) -> Result<Bytes, Failure> {
+    let too_large = |len: u64| {
+        Failure::new(
+            ErrorCode::TooLarge,
+            format!("request body of {len} bytes exceeds the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = declared_len {
+        if len > limit as u64 {
+            return Err(too_large(len));
+        }
+    }
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut total = 0usize;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| {
+            Failure::new(
+                ErrorCode::BadRequest,
+                format!("request body stream failed: {e}"),
+            )
+        })?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        total += chunk.len();
+        if total > limit {
+            // Stop reading: dropping the stream resets the rest of the upload.
+            return Err(too_large(total as u64));
+        }
+        if first.is_none() && rest.is_empty() {
+            first = Some(chunk);
+        } else {
+            if let Some(f) = first.take() {
+                rest.extend_from_slice(&f);
+            }
+            rest.extend_from_slice(&chunk);
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.freeze()))
+}
+
+async fn get(
+    service: &ReadService,
+    respond: &mut SendResponse<Bytes>,
+    body: RecvStream,
+    declared_len: Option<u64>,
+    store: &str,
+    version: u32,
+    partition: u32,
+) -> Result<(), Failure> {
+    let key = read_body(body, declared_len, KEY_BYTES_MAX).await?;
+    let replica = online(&service.node.registry, store, version, partition)?;
+    service
+        .metrics
+        .keys_requested
+        .fetch_add(1, Ordering::Relaxed);
+    let value = match replica.get(&key) {
+        Ok(Some(v)) => Bytes::copy_from_slice(&v),
+        Ok(None) => {
+            service.metrics.keys_missing.fetch_add(1, Ordering::Relaxed);
+            return Err(Failure::new(ErrorCode::KeyNotFound, "key not found"));
+        }
+        Err(e) => return Err(Failure::new(ErrorCode::Internal, e.to_string())),
+    };
+    service.metrics.keys_found.fetch_add(1, Ordering::Relaxed);
+    drop(replica);
+    send_body(respond, "application/octet-stream", value).await
+}
+
+fn online(
+    registry: &ReplicaRegistry,
+    store: &str,
+    version: u32,
+    partition: u32,
+) -> Result<Arc<ReplicaStore>, Failure> {
+    registry
+        .online(store, version, partition)
+        .map_err(|code| Failure::new(code, not_served_message(code, store, version, partition)))
+}
+
+fn not_served_message(code: ErrorCode, store: &str, version: u32, partition: u32) -> String {
+    match code {
+        ErrorCode::UnknownStore => format!("store `{store}` is not hosted on this server"),
+        ErrorCode::UnknownVersion => {
+            format!("version {version} of store `{store}` is not hosted on this server")
+        }
+        _ => format!("partition {partition} of `{store}` v{version} is not ONLINE on this server"),
+    }
+}
+
+async fn batch_get(
+    service: &ReadService,
+    respond: &mut SendResponse<Bytes>,
+    body: RecvStream,
+    declared_len: Option<u64>,
+    store: &str,
+    version: u32,
+) -> Result<(), Failure> {
+    let body = read_body(body, declared_len, REQUEST_BYTES_MAX).await?;
+    let keys = BatchGetRequest::decode(&body, service.batch_get_keys_max)
+        .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
+    let partitions = service
+        .node
+        .registry
+        .version(store, version)
+        .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))?;
+    service
+        .metrics
+        .keys_requested
+        .fetch_add(keys.len() as u64, Ordering::Relaxed);
+
+    // Group request indexes by partition so each partition is one multi-get.
+    let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (index, (partition, _)) in keys.iter().enumerate() {
+        groups.entry(*partition).or_default().push(index as u32);
+    }
+
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/octet-stream")
+        .body(())
+        .map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
+    let mut stream = match respond.send_response(response, false) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "client went away before the response");
+            return Ok(());
+        }
+    };
+    let mut trailer = BatchGetTrailer {
+        keys_total: keys.len() as u32,
+        ..Default::default()
+    };
+    let mut buf = service.buffers.take();
+    let mut key_refs: Vec<&[u8]> = Vec::with_capacity(MULTI_GET_KEYS_MAX);
+    for (partition, indexes) in &groups {
+        let replica = partitions
+            .get(partition)
+            .and_then(|slot| slot.online_store());
+        for sub in indexes.chunks(MULTI_GET_KEYS_MAX) {
+            match &replica {
+                None => {
+                    for &i in sub {
+                        BatchGetFrameWriter::key_error(&mut buf, i, ErrorCode::PartitionNotServed);
+                        service.metrics.count_error(ErrorCode::PartitionNotServed);
+                    }
+                    trailer.errors += sub.len() as u32;
+                }
+                Some(replica) => {
+                    key_refs.clear();
+                    key_refs.extend(sub.iter().map(|&i| keys[i as usize].1));
+                    write_frames(
+                        replica,
+                        &key_refs,
+                        sub,
+                        &mut buf,
+                        &mut trailer,
+                        &service.metrics,
+                    );
+                }
+            }
+            if buf.len() >= CHUNK_BYTES {
+                let chunk = service
+                    .buffers
+                    .freeze(std::mem::replace(&mut buf, service.buffers.take()));
+                if let Err(e) = send_chunk(&mut stream, chunk, false).await {
+                    tracing::debug!(error = %e, "batch-get stream closed by the client");
+                    return Ok(());
+                }
+            }
+        }
+    }
+    service
+        .metrics
+        .keys_found
+        .fetch_add(trailer.found as u64, Ordering::Relaxed);
+    service
+        .metrics
+        .keys_missing
+        .fetch_add(trailer.missing as u64, Ordering::Relaxed);
+    BatchGetFrameWriter::trailer(&mut buf, &trailer);
+    let chunk = service.buffers.freeze(buf);
+    if let Err(e) = send_chunk(&mut stream, chunk, true).await {
+        tracing::debug!(error = %e, "batch-get stream closed by the client");
+    }
+    Ok(())
+}
+
+/// Reads one sub-batch and appends its frames. Synchronous so pinned slices never cross an await.
+fn write_frames(
+    replica: &ReplicaStore,
+    keys: &[&[u8]],
+    indexes: &[u32],
+    buf: &mut Vec<u8>,
+    trailer: &mut BatchGetTrailer,
+    metrics: &ServerMetrics,
+) {
+    for (result, &index) in replica.multi_get(keys).into_iter().zip(indexes) {
+        match result {
+            Ok(Some(value)) => {
+                BatchGetFrameWriter::record(buf, index, &value);
+                trailer.found += 1;
+            }
+            Ok(None) => {
+                BatchGetFrameWriter::missing(buf, index);
+                trailer.missing += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "multi-get failed for a key");
+                BatchGetFrameWriter::key_error(buf, index, ErrorCode::Internal);
+                metrics.count_error(ErrorCode::Internal);
+                trailer.errors += 1;
+            }
+        }
+    }
+}
+
+/// Sends `data`, first waiting until the stream has some flow-control capacity, so at most about
+/// one chunk beyond the peer's window is buffered per stream.
+async fn send_chunk(
+    stream: &mut SendStream<Bytes>,
+    data: Bytes,
+    end_of_stream: bool,
+) -> Result<(), h2::Error> {
+    if !data.is_empty() {
+        stream.reserve_capacity(data.len());
+        while stream.capacity() == 0 {
+            match futures::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+            }
+        }
+    }
+    stream.send_data(data, end_of_stream)
+}
+
+async fn send_body(
+    respond: &mut SendResponse<Bytes>,
+    content_type: &str,
+    body: Bytes,
+) -> Result<(), Failure> {
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(())
+        .map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
+    match respond.send_response(response, false) {
+        Ok(mut stream) => {
+            if let Err(e) = send_chunk(&mut stream, body, true).await {
+                tracing::debug!(error = %e, "client went away during the response");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "client went away before the response"),
+    }
+    Ok(())
+}
+
+fn send_error(respond: &mut SendResponse<Bytes>, code: ErrorCode, message: &str) {
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let Ok(response) = Response::builder()
+        .status(status)
+        .header(ERROR_CODE_HEADER, code.as_u16().to_string())
+        .header(http::header::CONTENT_TYPE, "application/octet-stream")
+        .body(())
+    else {
+        return;
+    };
+    let body = ErrorBody {
+        code,
+        message: message.to_string(),
+    }
+    .encode();
+    match respond.send_response(response, false) {
+        Ok(mut stream) => {
+            let _ = stream.send_data(Bytes::from(body), true);
+        }
+        Err(e) => tracing::debug!(error = %e, "client went away before the error response"),
+    }
+}
+
+/// Reusable response buffers: a buffer sent as `Bytes` comes back to the pool when h2 is done.
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    fn take(&self) -> Vec<u8> {
+        let pooled = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        pooled.unwrap_or_else(|| Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 8))
+    }
+
+    fn freeze(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(PooledBuffer {
+            buf,
+            pool: self.clone(),
+        })
+    }
+}
+
+struct PooledBuffer {
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.capacity() > POOLED_BUFFER_BYTES_MAX {
+            return;
+        }
+        buf.clear();
+        let mut free = self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < POOLED_BUFFERS_MAX {
+            free.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{
+        reported_state, version_record, wait_until, MemoryMetaStore, MemoryPubSub, PushRecords,
+    };
+    use crate::{start, RunningServer, ServerConfig};
+    use http::HeaderMap;
+    use rialto_backends::{MetaStore, PubSub};
+    use rialto_protocol::meta::{Layout, ReplicaState};
+    use rialto_protocol::wire::{decode_frame, BatchGetFrame, StoredValue, BATCH_GET_FORMAT};
+
+    const ROOT: &str = "/r";
+    const KEYS_MAX: usize = 400;
+
+    struct Fixture {
+        server: RunningServer,
+        _dir: tempfile::TempDir,
+    }
+
+    fn big_value(i: usize) -> Vec<u8> {
+        vec![(i % 251) as u8; 10_000]
+    }
+
+    /// A server hosting `s` v1 partition 0 (ONLINE, keys k0..k299) but not partition 1.
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemoryMetaStore::new();
+        let pubsub = MemoryPubSub::new();
+        pubsub.create_topic("s_v1", 2).await.unwrap();
+        let mut push = PushRecords::start([3; 16]);
+        for i in 0..300 {
+            push.put(format!("k{i}").as_bytes(), 1, &big_value(i));
+        }
+        pubsub.append_all("s_v1", 0, push.finish());
+        let record = version_record("s", 1, &[&["n1"], &["n2"]]);
+        meta.put(
+            &Layout::new(ROOT).version("s", 1),
+            serde_json::to_vec(&record).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        let mut config = ServerConfig::new("n1", "z1", dir.path());
+        config.meta_root = ROOT.into();
+        config.batch_get_keys_max = KEYS_MAX;
+        let server = start(config, Arc::new(meta.clone()), Arc::new(pubsub))
+            .await
+            .unwrap();
+        let m = &meta;
+        let online = wait_until(Duration::from_secs(20), move || async move {
+            reported_state(m, ROOT, "s", 1, 0, "n1")
+                .await
+                .map(|r| r.state)
+                == Some(ReplicaState::Online)
+        })
+        .await;
+        assert!(online, "replica did not become ONLINE");
+        Fixture { server, _dir: dir }
+    }
+
+    async fn connect(addr: SocketAddr, window: u32) -> h2::client::SendRequest<Bytes> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::Builder::new()
+            .initial_window_size(window)
+            .initial_connection_window_size(window)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    async fn call(
+        client: &h2::client::SendRequest<Bytes>,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, mut stream) = client
+            .send_request(req.body(()).unwrap(), body.is_empty())
+            .unwrap();
+        if !body.is_empty() {
+            stream.send_data(Bytes::from(body), true).unwrap();
+        }
+        let (parts, mut body) = response.await.unwrap().into_parts();
+        let mut out = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        (parts.status, parts.headers, out)
+    }
+
+    fn assert_error(result: &(StatusCode, HeaderMap, Vec<u8>), code: ErrorCode) {
+        let (status, headers, body) = result;
+        assert_eq!(
+            status.as_u16(),
+            code.http_status(),
+            "{code}: {:?}",
+            String::from_utf8_lossy(body)
+        );
+        assert_eq!(
+            headers.get(ERROR_CODE_HEADER).unwrap().to_str().unwrap(),
+            code.as_u16().to_string()
+        );
+        assert_eq!(ErrorBody::decode(body).unwrap().code, code);
+    }
+
+    fn batch(keys: &[(u32, &str)]) -> Vec<u8> {
+        BatchGetRequest {
+            keys: keys
+                .iter()
+                .map(|(p, k)| (*p, k.as_bytes().to_vec()))
+                .collect(),
+        }
+        .encode()
+    }
+
+    fn frames(body: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = body;
+        while let Some((frame, used)) = decode_frame(rest).unwrap() {
+            out.push(match frame {
+                BatchGetFrame::Record { key_index, stored } => {
+                    format!("record {key_index} {}", stored.len())
+                }
+                BatchGetFrame::Missing { key_index } => format!("missing {key_index}"),
+                BatchGetFrame::KeyError { key_index, code } => {
+                    format!("error {key_index} {}", code.name())
+                }
+                BatchGetFrame::Trailer(t) => format!(
+                    "trailer {} {} {} {}",
+                    t.keys_total, t.found, t.missing, t.errors
+                ),
+            });
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty(), "{} trailing bytes", rest.len());
+        out
+    }
+
+    #[tokio::test]
+    async fn get_health_and_metrics() {
+        let f = fixture().await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let (status, _, body) = call(&client, Method::GET, "/health", &[], vec![]).await;
+        assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"ok"[..]));
+        let (status, _, body) =
+            call(&client, Method::POST, "/v1/get/s/1/0", &[], b"k5".to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, StoredValue::encode(1, &big_value(5)));
+        assert_error(
+            &call(
+                &client,
+                Method::POST,
+                "/v1/get/s/1/0",
+                &[],
+                b"nope".to_vec(),
+            )
+            .await,
+            ErrorCode::KeyNotFound,
+        );
+        let (status, _, body) = call(&client, Method::GET, "/metrics", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.contains("rialto_server_requests_total{route=\"get\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_replicas{state=\"ONLINE\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_records_ingested_total 300"),
+            "{text}"
+        );
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_store_version_partition_and_path() {
+        let f = fixture().await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let c = &client;
+        assert_error(
+            &call(c, Method::POST, "/v1/get/zz/1/0", &[], b"k".to_vec()).await,
+            ErrorCode::UnknownStore,
+        );
+        assert_error(
+            &call(c, Method::POST, "/v1/get/s/9/0", &[], b"k".to_vec()).await,
+            ErrorCode::UnknownVersion,
+        );
+        assert_error(
+            &call(c, Method::POST, "/v1/get/s/1/1", &[], b"k".to_vec()).await,
+            ErrorCode::PartitionNotServed,
+        );
+        assert_error(
+            &call(
+                c,
+                Method::POST,
+                "/v1/batch-get/zz/1",
+                &[],
+                batch(&[(0, "k1")]),
+            )
+            .await,
+            ErrorCode::UnknownStore,
+        );
+        assert_error(
+            &call(
+                c,
+                Method::POST,
+                "/v1/batch-get/s/2",
+                &[],
+                batch(&[(0, "k1")]),
+            )
+            .await,
+            ErrorCode::UnknownVersion,
+        );
+        assert_error(
+            &call(c, Method::GET, "/v2/get/s/1/0", &[], vec![]).await,
+            ErrorCode::NotFound,
+        );
+        assert_error(
+            &call(c, Method::GET, "/v1/get/s/1/0", &[], vec![]).await,
+            ErrorCode::BadRequest,
+        );
+        let m = f.server.metrics();
+        assert_eq!(m.errors(ErrorCode::UnknownStore), 2);
+        assert_eq!(m.requests(RouteKind::Unknown), 1);
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_get_typed_errors_and_the_connection_keeps_serving() {
+        let f = fixture().await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let c = &client;
+        let path = "/v1/batch-get/s/1";
+        // Truncated body.
+        let mut truncated = batch(&[(0, "k1"), (0, "k2")]);
+        truncated.truncate(truncated.len() - 1);
+        assert_error(
+            &call(c, Method::POST, path, &[], truncated).await,
+            ErrorCode::BadRequest,
+        );
+        // Count larger than the body can hold.
+        let mut lying = vec![BATCH_GET_FORMAT];
+        lying.extend_from_slice(&300u32.to_be_bytes());
+        assert_error(
+            &call(c, Method::POST, path, &[], lying).await,
+            ErrorCode::BadRequest,
+        );
+        assert_error(
+            &call(c, Method::POST, path, &[], vec![]).await,
+            ErrorCode::BadRequest,
+        );
+        assert_error(
+            &call(c, Method::POST, path, &[], vec![9, 0, 0, 0, 0]).await,
+            ErrorCode::UnsupportedProtocol,
+        );
+        // Too many keys.
+        let many: Vec<(u32, String)> = (0..KEYS_MAX + 1).map(|i| (0, format!("k{i}"))).collect();
+        let many: Vec<(u32, &str)> = many.iter().map(|(p, k)| (*p, k.as_str())).collect();
+        assert_error(
+            &call(c, Method::POST, path, &[], batch(&many)).await,
+            ErrorCode::TooManyKeys,
+        );
+        // Declared body over the limit: refused before reading it.
+        {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("http://127.0.0.1{path}"))
+                .header("content-length", (REQUEST_BYTES_MAX + 1).to_string())
+                .body(())
+                .unwrap();
+            let mut sender = c.clone().ready().await.unwrap();
+            // Headers only: the upload never starts, the server must answer without waiting for it.
+            let (response, _upload) = sender.send_request(req, false).unwrap();
+            let (parts, mut body) = response.await.unwrap().into_parts();
+            let mut out = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                out.extend_from_slice(&chunk);
+            }
+            assert_error(&(parts.status, parts.headers, out), ErrorCode::TooLarge);
+        }
+        // A get key over the key limit, sent for real.
+        assert_error(
+            &call(
+                c,
+                Method::POST,
+                "/v1/get/s/1/0",
+                &[],
+                vec![b'k'; KEY_BYTES_MAX + 10],
+            )
+            .await,
+            ErrorCode::TooLarge,
+        );
+        // The same connection still serves good requests.
+        let (status, _, body) = call(
+            c,
+            Method::POST,
+            path,
+            &[],
+            batch(&[(0, "k1"), (0, "missing"), (1, "k2")]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let mut got = frames(&body);
+        let trailer = got.pop().unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                "error 2 partition_not_served",
+                "missing 1",
+                "record 0 10004"
+            ]
+        );
+        assert_eq!(trailer, "trailer 3 1 1 1");
+        let (status, _, _) = call(c, Method::POST, "/v1/get/s/1/0", &[], b"k7".to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(f.server.metrics().errors(ErrorCode::TooManyKeys), 1);
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn large_batch_get_streams_in_chunks_through_small_client_windows() {
+        let f = fixture().await;
+        // Default 64 KiB client windows: the server must wait for capacity, not buffer blindly.
+        let client = connect(f.server.address(), 65_535).await;
+        let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+        let keys: Vec<(u32, &str)> = keys.iter().map(|k| (0, k.as_str())).collect();
+        let (status, _, body) = call(
+            &client,
+            Method::POST,
+            "/v1/batch-get/s/1",
+            &[],
+            batch(&keys),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.len() > 2 * CHUNK_BYTES, "{}", body.len());
+        let got = frames(&body);
+        assert_eq!(got.last().unwrap(), "trailer 300 300 0 0");
+        assert_eq!(got.len(), 301);
+        let m = f.server.metrics();
+        assert_eq!(m.keys_found.load(Ordering::Relaxed), 300);
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_streams_on_one_connection() {
+        let f = fixture().await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = format!("k{i}").into_bytes();
+                let (status, _, body) =
+                    call(&client, Method::POST, "/v1/get/s/1/0", &[], key).await;
+                assert_eq!(status, StatusCode::OK);
+                assert_eq!(body, StoredValue::encode(1, &big_value(i)));
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        f.server.shutdown().await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use crate::testing::{MemoryMetaStore, MemoryPubSub};
+    use crate::{start, ServerConfig, TlsFiles};
+
+    #[tokio::test]
+    async fn serves_health_over_tls_with_alpn_h2() {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert_pem = dir.path().join("cert.pem");
+        let key_pem = dir.path().join("key.pem");
+        std::fs::write(&cert_pem, certified.cert.pem()).unwrap();
+        std::fs::write(&key_pem, certified.key_pair.serialize_pem()).unwrap();
+        let mut config = ServerConfig::new("n1", "z1", dir.path().join("data"));
+        config.tls = Some(TlsFiles { cert_pem, key_pem });
+        let server = start(
+            config,
+            Arc::new(MemoryMetaStore::new()),
+            Arc::new(MemoryPubSub::new()),
+        )
+        .await
+        .unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certified.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let tcp = tokio::net::TcpStream::connect(server.address())
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (client, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = Request::builder()
+            .uri("https://localhost/health")
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(req, true).unwrap();
+        let (parts, mut body) = response.await.unwrap().into_parts();
+        assert_eq!(parts.status, StatusCode::OK);
+        let chunk = body.data().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"ok");
+
+        // A bad certificate path is a clear start-up error.
+        let mut bad = ServerConfig::new("n2", "z1", dir.path().join("data2"));
+        bad.tls = Some(TlsFiles {
+            cert_pem: dir.path().join("missing.pem"),
+            key_pem: dir.path().join("key.pem"),
+        });
+        let err = start(
+            bad,
+            Arc::new(MemoryMetaStore::new()),
+            Arc::new(MemoryPubSub::new()),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, crate::ServerError::Tls(_)), "{err}");
+        server.shutdown().await.unwrap();
+    }
+}

@@ -1,0 +1,464 @@
+//! The Rialto storage server as a library: [`start`] a server in-process, read its
+//! [`ServerMetrics`], [`RunningServer::shutdown`] it. `main.rs` is a thin CLI over this.
+//!
+//! * `node`: registration under an etcd lease, replica reports, re-registration.
+//! * `assignments`: follows the versions prefix, starts and drops replicas.
+//! * [`ingest`]: one task per replica, version topic → validated write batches.
+//! * [`validator`]: producer-metadata rules and the checkpoint that carries their state.
+//! * [`store`]: one RocksDB instance per replica ([`ReplicaStore`]).
+//! * `http`: the HTTP/2 read endpoint (get, streamed batch-get, health, metrics).
+//! * [`testing`]: in-memory `MetaStore` / `PubSub` fakes and a push-record builder for tests.
+//!
+//! **Invariant:** a replica never serves before it consumed END_OF_PUSH.
+//! **Invariant:** a replica's checkpoint and the data it covers are written in one write batch.
+//! **Invariant:** the server never panics on input from the network or from a topic.
+
+mod assignments;
+mod error;
+mod http;
+pub mod ingest;
+pub mod metrics;
+mod node;
+pub mod replica;
+pub mod store;
+pub mod testing;
+pub mod validator;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rialto_backends::{MetaStore, PrefixMirror, PubSub};
+use rialto_protocol::meta::{now_ms, Layout, NodeRecord, DEFAULT_ROOT};
+use rialto_protocol::wire::BATCH_GET_KEYS_MAX;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use error::ServerError;
+pub use metrics::{RouteKind, ServerMetrics};
+pub use store::ReplicaStore;
+
+/// Default lease TTL of a server's registration.
+pub const DEFAULT_LEASE_TTL_S: i64 = 10;
+/// Default host advertised in the node record.
+pub const DEFAULT_ADVERTISE_HOST: &str = "127.0.0.1";
+
+/// PEM files of the read endpoint's TLS identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert_pem: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: PathBuf,
+}
+
+/// Configuration of one storage server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Stable identity of the node across restarts.
+    pub node_id: String,
+    /// Availability zone; replicas of a partition are spread across zones.
+    pub zone: String,
+    /// Address to bind; port 0 picks a free port, which is then advertised.
+    pub listen: SocketAddr,
+    /// Host put in the node record's address.
+    pub advertise_host: String,
+    /// Root of the replica databases.
+    pub data_dir: PathBuf,
+    /// Root prefix of the cluster in etcd.
+    pub meta_root: String,
+    /// TTL of the registration lease.
+    pub lease_ttl_s: i64,
+    /// TLS identity; `None` serves plaintext HTTP/2 (h2c), for local use only.
+    pub tls: Option<TlsFiles>,
+    /// Most keys accepted in one batch-get.
+    pub batch_get_keys_max: usize,
+}
+
+impl ServerConfig {
+    /// A configuration with defaults for everything but identity, zone and data directory:
+    /// `127.0.0.1:0`, plaintext, default root, lease TTL and key limit.
+    pub fn new(
+        node_id: impl Into<String>,
+        zone: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> ServerConfig {
+        ServerConfig {
+            node_id: node_id.into(),
+            zone: zone.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_host: DEFAULT_ADVERTISE_HOST.to_string(),
+            data_dir: data_dir.into(),
+            meta_root: DEFAULT_ROOT.to_string(),
+            lease_ttl_s: DEFAULT_LEASE_TTL_S,
+            tls: None,
+            batch_get_keys_max: BATCH_GET_KEYS_MAX,
+        }
+    }
+}
+
+/// A server started by [`start`]. Dropping it stops every task (without revoking the lease);
+/// prefer [`RunningServer::shutdown`].
+pub struct RunningServer {
+    address: SocketAddr,
+    metrics: Arc<ServerMetrics>,
+    ctx: Arc<node::NodeContext>,
+    shutdown: watch::Sender<bool>,
+    serve_task: JoinHandle<()>,
+    reconcile_task: JoinHandle<()>,
+    lease_task: JoinHandle<rialto_backends::LeaseHandle>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("address", &self.address)
+            .field("node", &self.ctx.node_id)
+            .finish()
+    }
+}
+
+impl RunningServer {
+    /// The bound read endpoint.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> Arc<ServerMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The node id.
+    pub fn node_id(&self) -> &str {
+        &self.ctx.node_id
+    }
+
+    /// Stops serving (draining connections), stops ingestion, closes every database and revokes
+    /// the lease (which removes the node and replica records).
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let RunningServer {
+            ctx,
+            shutdown,
+            serve_task,
+            reconcile_task,
+            lease_task,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        let mut first_error = None;
+        let mut note = |name: &'static str, r: Result<(), tokio::task::JoinError>| {
+            if let Err(e) = r {
+                first_error.get_or_insert(ServerError::Task(name, e.to_string()));
+            }
+        };
+        note("serve", serve_task.await);
+        note("assignments", reconcile_task.await);
+        let lease = match lease_task.await {
+            Ok(lease) => Some(lease),
+            Err(e) => {
+                first_error.get_or_insert(ServerError::Task("lease", e.to_string()));
+                None
+            }
+        };
+        let lease_id = *ctx.lease_id.lock().await;
+        let revoked = ctx.meta.revoke_lease(lease_id).await;
+        drop(lease);
+        tracing::info!(node = %ctx.node_id, "server stopped");
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        revoked.map_err(ServerError::from)
+    }
+}
+
+/// Starts a storage server: binds, registers under a lease, follows assignments, serves reads.
+pub async fn start(
+    config: ServerConfig,
+    meta: Arc<dyn MetaStore>,
+    pubsub: Arc<dyn PubSub>,
+) -> Result<RunningServer, ServerError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| ServerError::io("create data directory", &config.data_dir, e))?;
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(|e| {
+        ServerError::io(
+            "read the bound address",
+            PathBuf::from(config.listen.to_string()),
+            e,
+        )
+    })?;
+
+    let layout = Layout::new(&config.meta_root);
+    let metrics = Arc::new(ServerMetrics::default());
+    let ctx = Arc::new(node::NodeContext {
+        node_id: config.node_id.clone(),
+        data_dir: config.data_dir.clone(),
+        layout: layout.clone(),
+        meta: meta.clone(),
+        pubsub,
+        metrics: metrics.clone(),
+        registry: replica::ReplicaRegistry::default(),
+        node_record: NodeRecord {
+            node_id: config.node_id.clone(),
+            address: format!("{}:{}", config.advertise_host, address.port()),
+            zone: config.zone.clone(),
+            tls: config.tls.is_some(),
+            started_ms: now_ms(),
+        },
+        lease_ttl_s: config.lease_ttl_s,
+        lease_id: tokio::sync::Mutex::new(0),
+    });
+
+    let mirror = PrefixMirror::start(meta.clone(), layout.versions_prefix()).await?;
+    let prefix = layout.versions_prefix();
+    let first = mirror
+        .with(|map| assignments::desired_replicas(map, &prefix, &config.node_id))
+        .await;
+    {
+        let data_dir = config.data_dir.clone();
+        let first = first.clone();
+        tokio::task::spawn_blocking(move || assignments::remove_orphan_dirs(&data_dir, &first))
+            .await
+            .map_err(|e| ServerError::Task("startup cleanup", e.to_string()))??;
+    }
+    let lease = ctx.register().await?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let service = Arc::new(http::ReadService {
+        node: ctx.clone(),
+        metrics: metrics.clone(),
+        batch_get_keys_max: config.batch_get_keys_max,
+        buffers: Arc::new(http::BufferPool::default()),
+    });
+    let serve_task = tokio::spawn(http::serve(listener, tls, service, shutdown_rx.clone()));
+    let reconcile_task = tokio::spawn(assignments::reconcile(
+        ctx.clone(),
+        mirror,
+        first,
+        shutdown_rx.clone(),
+    ));
+    let lease_task = tokio::spawn(node::keep_registered(ctx.clone(), lease, shutdown_rx));
+    tracing::info!(node = %config.node_id, %address, tls = config.tls.is_some(), "storage server started");
+    Ok(RunningServer {
+        address,
+        metrics,
+        ctx,
+        shutdown,
+        serve_task,
+        reconcile_task,
+        lease_task,
+    })
+}
+
+mod tls {
+    //! Loading the TLS identity into a `rustls` acceptor (ring provider, ALPN `h2`).
+
+    use std::sync::Arc;
+
+    use tokio_rustls::TlsAcceptor;
+
+    use crate::{ServerError, TlsFiles};
+
+    pub(crate) fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServerError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| ServerError::Tls(format!("cannot read {}: {e}", path.display())))
+        };
+        let cert_pem = read(&files.cert_pem)?;
+        let key_pem = read(&files.key_pem)?;
+        let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                ServerError::Tls(format!(
+                    "bad certificate PEM {}: {e}",
+                    files.cert_pem.display()
+                ))
+            })?;
+        if certs.is_empty() {
+            return Err(ServerError::Tls(format!(
+                "no certificate in {}",
+                files.cert_pem.display()
+            )));
+        }
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| ServerError::Tls(format!("bad key PEM {}: {e}", files.key_pem.display())))?
+            .ok_or_else(|| {
+                ServerError::Tls(format!("no private key in {}", files.key_pem.display()))
+            })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ServerError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::{
+        reported_state, version_record, wait_until, MemoryMetaStore, MemoryPubSub, PushRecords,
+    };
+    use rialto_protocol::meta::{ReplicaState, VersionStatus};
+
+    const ROOT: &str = "/r";
+    const WAIT: Duration = Duration::from_secs(20);
+
+    async fn online(meta: &MemoryMetaStore, store: &str, version: u32, partition: u32) -> bool {
+        wait_until(WAIT, move || async move {
+            reported_state(meta, ROOT, store, version, partition, "n1")
+                .await
+                .map(|r| r.state)
+                == Some(ReplicaState::Online)
+        })
+        .await
+    }
+
+    async fn push(pubsub: &MemoryPubSub, meta: &MemoryMetaStore, store: &str, version: u32) {
+        let record = version_record(store, version, &[&["n1"]]);
+        pubsub.create_topic(&record.topic, 1).await.unwrap();
+        let mut p = PushRecords::start([9; 16]);
+        p.put(b"key", 1, b"value");
+        pubsub.append_all(&record.topic, 0, p.finish());
+        let key = Layout::new(ROOT).version(store, version);
+        meta.put(&key, serde_json::to_vec(&record).unwrap(), None)
+            .await
+            .unwrap();
+    }
+
+    fn config(dir: &std::path::Path) -> ServerConfig {
+        let mut c = ServerConfig::new("n1", "z1", dir);
+        c.meta_root = ROOT.into();
+        c
+    }
+
+    #[tokio::test]
+    async fn registers_serves_drops_and_revokes() {
+        let dir = tempfile::tempdir().unwrap();
+        // An orphan replica directory from an earlier life is deleted at start-up.
+        std::fs::create_dir_all(dir.path().join("old/v3/p0")).unwrap();
+        let meta = MemoryMetaStore::new();
+        let pubsub = MemoryPubSub::new();
+        push(&pubsub, &meta, "a", 1).await;
+        push(&pubsub, &meta, "b", 1).await;
+        let server = start(
+            config(dir.path()),
+            Arc::new(meta.clone()),
+            Arc::new(pubsub.clone()),
+        )
+        .await
+        .unwrap();
+        assert!(!dir.path().join("old").exists());
+        let layout = Layout::new(ROOT);
+        let node: NodeRecord =
+            serde_json::from_slice(&meta.value(&layout.node("n1")).unwrap()).unwrap();
+        assert_eq!(
+            node.address,
+            format!("127.0.0.1:{}", server.address().port())
+        );
+        assert!(online(&meta, "a", 1, 0).await);
+        assert!(online(&meta, "b", 1, 0).await);
+        assert!(dir.path().join("a/v1/p0").exists());
+
+        // Version deleted: replica dropped, data and record gone.
+        meta.delete(&layout.version("a", 1)).await.unwrap();
+        let m = &meta;
+        let d = dir.path();
+        let gone = wait_until(WAIT, move || async move {
+            reported_state(m, ROOT, "a", 1, 0, "n1").await.is_none()
+        })
+        .await;
+        assert!(gone);
+        assert!(wait_until(WAIT, move || async move { !d.join("a/v1/p0").exists() }).await);
+
+        // Version failed: same.
+        let mut failed = version_record("b", 1, &[&["n1"]]);
+        failed.status = VersionStatus::Failed {
+            reason: "test".into(),
+        };
+        meta.put(
+            &layout.version("b", 1),
+            serde_json::to_vec(&failed).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(wait_until(WAIT, move || async move { !d.join("b/v1/p0").exists() }).await);
+        assert!(reported_state(&meta, ROOT, "b", 1, 0, "n1").await.is_none());
+        assert_eq!(server.metrics().replicas_in(ReplicaState::Online), 0);
+
+        // Shutdown revokes the lease: the node record disappears.
+        server.shutdown().await.unwrap();
+        assert!(meta.value(&layout.node("n1")).is_none());
+        assert!(meta.leases().is_empty());
+    }
+
+    #[tokio::test]
+    async fn lost_lease_re_registers_node_and_replicas() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemoryMetaStore::new();
+        let pubsub = MemoryPubSub::new();
+        push(&pubsub, &meta, "a", 1).await;
+        let server = start(config(dir.path()), Arc::new(meta.clone()), Arc::new(pubsub))
+            .await
+            .unwrap();
+        assert!(online(&meta, "a", 1, 0).await);
+        let layout = Layout::new(ROOT);
+        let old = meta.lease_of(&layout.node("n1")).unwrap();
+        meta.expire_lease(old);
+        let (m, node_key) = (&meta, layout.node("n1"));
+        let node_key = &node_key;
+        let back = wait_until(WAIT, move || async move {
+            m.lease_of(node_key).is_some_and(|l| l != old)
+                && reported_state(m, ROOT, "a", 1, 0, "n1")
+                    .await
+                    .map(|r| r.state)
+                    == Some(ReplicaState::Online)
+        })
+        .await;
+        assert!(
+            back,
+            "node and replica records were not re-written under a new lease"
+        );
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn restart_keeps_ingested_data_and_goes_online_without_consuming() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemoryMetaStore::new();
+        let pubsub = MemoryPubSub::new();
+        push(&pubsub, &meta, "a", 1).await;
+        let server = start(
+            config(dir.path()),
+            Arc::new(meta.clone()),
+            Arc::new(pubsub.clone()),
+        )
+        .await
+        .unwrap();
+        assert!(online(&meta, "a", 1, 0).await);
+        server.shutdown().await.unwrap();
+        pubsub.delete_topic("a_v1").await.unwrap();
+        let server = start(config(dir.path()), Arc::new(meta.clone()), Arc::new(pubsub))
+            .await
+            .unwrap();
+        assert!(online(&meta, "a", 1, 0).await);
+        let record = reported_state(&meta, ROOT, "a", 1, 0, "n1").await.unwrap();
+        assert_eq!(record.records, 1);
+        server.shutdown().await.unwrap();
+    }
+}

@@ -1,0 +1,103 @@
+//! `rialto-server`: the storage server binary. Parses flags, connects etcd and Kafka, and runs
+//! the library's server until ctrl-c.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use rialto_backends::etcd::EtcdMetaStore;
+use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
+use rialto_protocol::meta::DEFAULT_ROOT;
+use rialto_protocol::wire::BATCH_GET_KEYS_MAX;
+use rialto_server::{ServerConfig, TlsFiles, DEFAULT_ADVERTISE_HOST, DEFAULT_LEASE_TTL_S};
+
+/// How long to wait for etcd at start-up.
+const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Rialto storage server: ingests assigned version topics into RocksDB, serves reads over HTTP/2.
+#[derive(Debug, Parser)]
+#[command(name = "rialto-server", version)]
+struct Cli {
+    /// Stable node id (keep it across restarts so the node keeps its replicas).
+    #[arg(long, env = "RIALTO_NODE_ID")]
+    node_id: String,
+    /// Availability zone of this node.
+    #[arg(long, default_value = "zone-a")]
+    zone: String,
+    /// Address of the HTTP/2 read endpoint (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Host clients use to reach this node (put in the node record).
+    #[arg(long, default_value = DEFAULT_ADVERTISE_HOST)]
+    advertise_host: String,
+    /// Directory of the replica databases.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Root prefix of the cluster in etcd.
+    #[arg(long, default_value = DEFAULT_ROOT)]
+    meta_root: String,
+    /// TTL of the registration lease, in seconds.
+    #[arg(long, default_value_t = DEFAULT_LEASE_TTL_S)]
+    lease_ttl_s: i64,
+    /// TLS certificate chain (PEM); with --tls-key enables TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Most keys accepted in one batch-get.
+    #[arg(long, default_value_t = BATCH_GET_KEYS_MAX)]
+    batch_get_keys_max: usize,
+    /// etcd endpoints, comma separated.
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    kafka: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let tls = match (cli.tls_cert, cli.tls_key) {
+        (Some(cert_pem), Some(key_pem)) => Some(TlsFiles { cert_pem, key_pem }),
+        _ => None,
+    };
+    let config = ServerConfig {
+        node_id: cli.node_id,
+        zone: cli.zone,
+        listen: cli.listen,
+        advertise_host: cli.advertise_host,
+        data_dir: cli.data_dir,
+        meta_root: cli.meta_root,
+        lease_ttl_s: cli.lease_ttl_s,
+        tls,
+        batch_get_keys_max: cli.batch_get_keys_max,
+    };
+    let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", cli.etcd.join(",")))?;
+    let pubsub = KafkaPubSub::new(KafkaConfig {
+        bootstrap_servers: cli.kafka.clone(),
+    })
+    .with_context(|| format!("creating the Kafka client for {}", cli.kafka))?;
+    let server = rialto_server::start(config, Arc::new(meta), Arc::new(pubsub))
+        .await
+        .context("starting the storage server")?;
+    tracing::info!(address = %server.address(), "serving; press ctrl-c to stop");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    tracing::info!("shutting down");
+    server.shutdown().await.context("shutting down")?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Counters of one storage server, readable by tests and rendered as Prometheus text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use rialto_protocol::meta::ReplicaState;
+use rialto_protocol::ErrorCode;
+
+/// The routes counted in [`ServerMetrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Get = 0,
+    BatchGet = 1,
+    Health = 2,
+    Metrics = 3,
+    /// Any path that is not a known endpoint.
+    Unknown = 4,
+}
+
+impl RouteKind {
+    const ALL: [RouteKind; 5] = [
+        RouteKind::Get,
+        RouteKind::BatchGet,
+        RouteKind::Health,
+        RouteKind::Metrics,
+        RouteKind::Unknown,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            RouteKind::Get => "get",
+            RouteKind::BatchGet => "batch_get",
+            RouteKind::Health => "health",
+            RouteKind::Metrics => "metrics",
+            RouteKind::Unknown => "unknown",
+        }
+    }
+}
+
+const STATES: [ReplicaState; 5] = [
+    ReplicaState::Offline,
+    ReplicaState::Bootstrap,
+    ReplicaState::Online,
+    ReplicaState::Error,
+    ReplicaState::Dropped,
+];
+
+fn state_index(state: ReplicaState) -> usize {
+    STATES.iter().position(|s| *s == state).unwrap_or(0)
+}
+
+fn code_index(code: ErrorCode) -> usize {
+    ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0)
+}
+
+/// Server counters. All methods are lock-free.
+#[derive(Debug, Default)]
+pub struct ServerMetrics {
+    requests: [AtomicU64; 5],
+    /// Keys asked for by get and batch-get.
+    pub keys_requested: AtomicU64,
+    /// Keys answered with a value.
+    pub keys_found: AtomicU64,
+    /// Keys not in the store.
+    pub keys_missing: AtomicU64,
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+    /// Data records (PUT/DELETE) applied by ingestion.
+    pub records_ingested: AtomicU64,
+    /// Redelivered records skipped by validation.
+    pub duplicates_skipped: AtomicU64,
+    replicas: [AtomicI64; 5],
+}
+
+impl ServerMetrics {
+    /// Counts one request on `route`.
+    pub fn count_request(&self, route: RouteKind) {
+        self.requests[route as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Requests seen on `route`.
+    pub fn requests(&self, route: RouteKind) -> u64 {
+        self.requests[route as usize].load(Ordering::Relaxed)
+    }
+    /// Counts one error answer (a whole-request error or a per-key error).
+    pub fn count_error(&self, code: ErrorCode) {
+        self.errors[code_index(code)].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Errors answered with `code`.
+    pub fn errors(&self, code: ErrorCode) -> u64 {
+        self.errors[code_index(code)].load(Ordering::Relaxed)
+    }
+    /// Records a replica moving from `from` (None: new replica) to `to` (None: replica removed).
+    pub fn replica_transition(&self, from: Option<ReplicaState>, to: Option<ReplicaState>) {
+        if let Some(f) = from {
+            self.replicas[state_index(f)].fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(t) = to {
+            self.replicas[state_index(t)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    /// Replicas currently in `state` on this server.
+    pub fn replicas_in(&self, state: ReplicaState) -> i64 {
+        self.replicas[state_index(state)].load(Ordering::Relaxed)
+    }
+    /// Shorthand for reading one of the public counters.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition of every counter.
+    pub fn render_prometheus(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        out.push_str("# TYPE rialto_server_requests_total counter\n");
+        for r in RouteKind::ALL {
+            let _ = writeln!(
+                out,
+                "rialto_server_requests_total{{route=\"{}\"}} {}",
+                r.name(),
+                self.requests(r)
+            );
+        }
+        for (name, c) in [
+            ("rialto_server_keys_requested_total", &self.keys_requested),
+            ("rialto_server_keys_found_total", &self.keys_found),
+            ("rialto_server_keys_missing_total", &self.keys_missing),
+            (
+                "rialto_server_records_ingested_total",
+                &self.records_ingested,
+            ),
+            (
+                "rialto_server_duplicates_skipped_total",
+                &self.duplicates_skipped,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# TYPE rialto_server_errors_total counter\n");
+        for code in ErrorCode::ALL {
+            let _ = writeln!(
+                out,
+                "rialto_server_errors_total{{code=\"{}\"}} {}",
+                code.name(),
+                self.errors(code)
+            );
+        }
+        out.push_str("# TYPE rialto_server_replicas gauge\n");
+        for s in STATES {
+            let _ = writeln!(
+                out,
+                "rialto_server_replicas{{state=\"{s}\"}} {}",
+                self.replicas_in(s)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family() {
+        let m = ServerMetrics::default();
+        m.count_request(RouteKind::Get);
+        m.count_error(ErrorCode::TooManyKeys);
+        m.replica_transition(None, Some(ReplicaState::Offline));
+        m.replica_transition(Some(ReplicaState::Offline), Some(ReplicaState::Online));
+        let text = m.render_prometheus();
+        assert!(
+            text.contains("rialto_server_requests_total{route=\"get\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_errors_total{code=\"too_many_keys\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_replicas{state=\"ONLINE\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_replicas{state=\"OFFLINE\"} 0"),
+            "{text}"
+        );
+    }
+}
