@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::watch;
 
@@ -20,14 +20,26 @@ pub struct EtcdMetaStore {
 fn err(context: &str, e: etcd_client::Error) -> MetaError {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
-            MetaError::Unavailable { context: context.to_string(), detail: e.to_string() }
+            MetaError::Unavailable {
+                context: context.to_string(),
+                detail: e.to_string(),
+            }
         }
         etcd_client::Error::GRpcStatus(ref s)
-            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) =>
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) =>
         {
-            MetaError::Unavailable { context: context.to_string(), detail: e.to_string() }
+            MetaError::Unavailable {
+                context: context.to_string(),
+                detail: e.to_string(),
+            }
         }
-        _ => MetaError::Failed { context: context.to_string(), detail: e.to_string() },
+        _ => MetaError::Failed {
+            context: context.to_string(),
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -41,7 +53,10 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
 
 impl EtcdMetaStore {
     /// Connects to etcd (`http://host:port` endpoints), failing after `timeout` if none answers.
-    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<EtcdMetaStore, MetaError> {
+    pub async fn connect(
+        endpoints: &[String],
+        timeout: Duration,
+    ) -> Result<EtcdMetaStore, MetaError> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(Duration::from_secs(10))
@@ -99,7 +114,12 @@ impl WatchStream for EtcdWatch {
 #[async_trait]
 impl MetaStore for EtcdMetaStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
-        let resp = self.client.clone().get(key, None).await.map_err(|e| err(&format!("get {key}"), e))?;
+        let resp = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(|e| err(&format!("get {key}"), e))?;
         Ok(resp.kvs().first().map(kv))
     }
 
@@ -116,12 +136,20 @@ impl MetaStore for EtcdMetaStore {
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> Result<(), MetaError> {
         let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        self.client.clone().put(key, value, opts).await.map_err(|e| err(&format!("put {key}"), e))?;
+        self.client
+            .clone()
+            .put(key, value, opts)
+            .await
+            .map_err(|e| err(&format!("put {key}"), e))?;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), MetaError> {
-        self.client.clone().delete(key, None).await.map_err(|e| err(&format!("delete {key}"), e))?;
+        self.client
+            .clone()
+            .delete(key, None)
+            .await
+            .map_err(|e| err(&format!("delete {key}"), e))?;
         Ok(())
     }
 
@@ -147,22 +175,47 @@ impl MetaStore for EtcdMetaStore {
         };
         let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
         let txn = Txn::new().when(vec![compare]).and_then(vec![put]);
-        let resp = self.client.clone().txn(txn).await.map_err(|e| err(&format!("compare-and-put {key}"), e))?;
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| err(&format!("compare-and-put {key}"), e))?;
         Ok(resp.succeeded())
     }
 
-    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Box<dyn WatchStream>, MetaError> {
-        let opts = WatchOptions::new().with_prefix().with_start_revision(start_revision);
-        let (watcher, stream) =
-            self.client.clone().watch(prefix, Some(opts)).await.map_err(|e| err(&format!("watch {prefix}"), e))?;
-        Ok(Box::new(EtcdWatch { _watcher: watcher, stream, prefix: prefix.to_string() }))
+    async fn watch(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+    ) -> Result<Box<dyn WatchStream>, MetaError> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start_revision);
+        let (watcher, stream) = self
+            .client
+            .clone()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(|e| err(&format!("watch {prefix}"), e))?;
+        Ok(Box::new(EtcdWatch {
+            _watcher: watcher,
+            stream,
+            prefix: prefix.to_string(),
+        }))
     }
 
     async fn grant_lease(&self, ttl_s: i64) -> Result<LeaseHandle, MetaError> {
         let mut client = self.client.clone();
-        let granted = client.lease_grant(ttl_s, None).await.map_err(|e| err("grant lease", e))?;
+        let granted = client
+            .lease_grant(ttl_s, None)
+            .await
+            .map_err(|e| err("grant lease", e))?;
         let id = granted.id();
-        let (mut keeper, mut responses) = client.lease_keep_alive(id).await.map_err(|e| err("keep lease alive", e))?;
+        let (mut keeper, mut responses) = client
+            .lease_keep_alive(id)
+            .await
+            .map_err(|e| err("keep lease alive", e))?;
         let (lost_tx, lost) = watch::channel(false);
         let interval = Duration::from_millis((ttl_s.max(1) as u64 * 1000) / 3);
         let task = tokio::spawn(async move {
@@ -183,7 +236,11 @@ impl MetaStore for EtcdMetaStore {
     }
 
     async fn revoke_lease(&self, id: i64) -> Result<(), MetaError> {
-        self.client.clone().lease_revoke(id).await.map_err(|e| err("revoke lease", e))?;
+        self.client
+            .clone()
+            .lease_revoke(id)
+            .await
+            .map_err(|e| err("revoke lease", e))?;
         Ok(())
     }
 }

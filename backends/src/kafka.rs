@@ -35,16 +35,24 @@ pub struct KafkaPubSub {
 }
 
 fn unavailable(context: &str, e: impl std::fmt::Display) -> PubSubError {
-    PubSubError::Unavailable { context: context.to_string(), detail: e.to_string() }
+    PubSubError::Unavailable {
+        context: context.to_string(),
+        detail: e.to_string(),
+    }
 }
 
 fn failed(context: &str, e: impl std::fmt::Display) -> PubSubError {
-    PubSubError::Failed { context: context.to_string(), detail: e.to_string() }
+    PubSubError::Failed {
+        context: context.to_string(),
+        detail: e.to_string(),
+    }
 }
 
 fn classify(context: &str, e: KafkaError) -> PubSubError {
     match e.rdkafka_error_code() {
-        Some(Code::UnknownTopicOrPartition) | Some(Code::UnknownTopic) => PubSubError::UnknownTopic(context.to_string()),
+        Some(Code::UnknownTopicOrPartition) | Some(Code::UnknownTopic) => {
+            PubSubError::UnknownTopic(context.to_string())
+        }
         Some(
             Code::BrokerTransportFailure
             | Code::AllBrokersDown
@@ -68,7 +76,9 @@ impl KafkaPubSub {
             }
             c
         };
-        let admin = base(&[]).create().map_err(|e| failed("create admin client", e))?;
+        let admin = base(&[])
+            .create()
+            .map_err(|e| failed("create admin client", e))?;
         let producer = base(&[
             ("enable.idempotence", "true"),
             ("linger.ms", "5"),
@@ -79,10 +89,18 @@ impl KafkaPubSub {
         ])
         .create()
         .map_err(|e| failed("create producer", e))?;
-        let metadata = base(&[("group.id", "rialto-metadata"), ("enable.auto.commit", "false")])
-            .create()
-            .map_err(|e| failed("create metadata consumer", e))?;
-        Ok(KafkaPubSub { config, admin, producer, metadata: Arc::new(metadata) })
+        let metadata = base(&[
+            ("group.id", "rialto-metadata"),
+            ("enable.auto.commit", "false"),
+        ])
+        .create()
+        .map_err(|e| failed("create metadata consumer", e))?;
+        Ok(KafkaPubSub {
+            config,
+            admin,
+            producer,
+            metadata: Arc::new(metadata),
+        })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -102,7 +120,11 @@ impl PubSub for KafkaPubSub {
         let context = format!("create topic {topic}");
         let new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
         let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
-        let results = self.admin.create_topics([&new_topic], &opts).await.map_err(|e| classify(&context, e))?;
+        let results = self
+            .admin
+            .create_topics([&new_topic], &opts)
+            .await
+            .map_err(|e| classify(&context, e))?;
         for r in results {
             match r {
                 Ok(_) => {}
@@ -111,7 +133,9 @@ impl PubSub for KafkaPubSub {
                     if existing != Some(partitions) {
                         return Err(failed(
                             &context,
-                            format!("topic exists with {existing:?} partitions, wanted {partitions}"),
+                            format!(
+                                "topic exists with {existing:?} partitions, wanted {partitions}"
+                            ),
                         ));
                     }
                 }
@@ -124,7 +148,11 @@ impl PubSub for KafkaPubSub {
     async fn delete_topic(&self, topic: &str) -> Result<(), PubSubError> {
         let context = format!("delete topic {topic}");
         let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
-        let results = self.admin.delete_topics(&[topic], &opts).await.map_err(|e| classify(&context, e))?;
+        let results = self
+            .admin
+            .delete_topics(&[topic], &opts)
+            .await
+            .map_err(|e| classify(&context, e))?;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
@@ -159,17 +187,31 @@ impl PubSub for KafkaPubSub {
         .await
     }
 
-    async fn send(&self, topic: &str, partition: u32, key: &[u8], value: &[u8]) -> Result<Delivery, PubSubError> {
+    async fn send(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Delivery, PubSubError> {
         loop {
-            let record = FutureRecord::to(topic).partition(partition as i32).key(key).payload(value);
+            let record = FutureRecord::to(topic)
+                .partition(partition as i32)
+                .key(key)
+                .payload(value);
             match self.producer.send_result(record) {
                 Ok(delivery) => {
                     let topic = topic.to_string();
                     return Ok(async move {
                         match delivery.await {
                             Ok(Ok(delivered)) => Ok(delivered.offset),
-                            Ok(Err((e, _))) => Err(classify(&format!("produce to {topic}/{partition}"), e)),
-                            Err(_) => Err(failed(&format!("produce to {topic}/{partition}"), "producer dropped")),
+                            Ok(Err((e, _))) => {
+                                Err(classify(&format!("produce to {topic}/{partition}"), e))
+                            }
+                            Err(_) => Err(failed(
+                                &format!("produce to {topic}/{partition}"),
+                                "producer dropped",
+                            )),
                         }
                     }
                     .boxed());
@@ -191,7 +233,12 @@ impl PubSub for KafkaPubSub {
             .map_err(|e| classify("flush producer", e))
     }
 
-    async fn consumer(&self, topic: &str, partition: u32, offset: i64) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
+    async fn consumer(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
         let context = format!("consume {topic}/{partition}");
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.bootstrap_servers)
@@ -218,13 +265,21 @@ struct KafkaPartitionConsumer {
 
 impl KafkaPartitionConsumer {
     fn convert(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> ConsumedRecord {
-        ConsumedRecord { offset: m.offset(), key: m.key().map(<[u8]>::to_vec), value: m.payload().map(<[u8]>::to_vec) }
+        ConsumedRecord {
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+        }
     }
 }
 
 #[async_trait]
 impl PartitionConsumer for KafkaPartitionConsumer {
-    async fn poll(&mut self, max_records: usize, timeout: std::time::Duration) -> Result<Vec<ConsumedRecord>, PubSubError> {
+    async fn poll(
+        &mut self,
+        max_records: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<ConsumedRecord>, PubSubError> {
         let mut out = Vec::new();
         let first = match tokio::time::timeout(timeout, self.consumer.recv()).await {
             Err(_) => return Ok(out),

@@ -46,17 +46,13 @@ pub struct LeaseHandle {
 }
 
 impl LeaseHandle {
-    /// Builds a handle from its parts, for [`MetaStore`] implementations outside this crate
-    /// (in-memory fakes in tests). `task` keeps the lease alive and is aborted when the handle drops.
-    pub fn from_parts(id: i64, lost: watch::Receiver<bool>, task: tokio::task::JoinHandle<()>) -> LeaseHandle {
-        LeaseHandle { id, lost, task }
-    }
-}
-
-impl LeaseHandle {
     /// Builds a handle around a keep-alive task, for [`MetaStore`] implementations outside this
     /// crate (test fakes, embedded stores). Dropping the handle aborts `task`.
-    pub fn new(id: i64, lost: watch::Receiver<bool>, task: tokio::task::JoinHandle<()>) -> LeaseHandle {
+    pub fn new(
+        id: i64,
+        lost: watch::Receiver<bool>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> LeaseHandle {
         LeaseHandle { id, lost, task }
     }
 }
@@ -86,7 +82,11 @@ pub trait MetaStore: Send + Sync + 'static {
         lease: Option<i64>,
     ) -> Result<bool, MetaError>;
     /// Watches every change under `prefix` from `start_revision` on.
-    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Box<dyn WatchStream>, MetaError>;
+    async fn watch(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+    ) -> Result<Box<dyn WatchStream>, MetaError>;
     /// Grants a lease of `ttl_s` seconds and keeps it alive until the handle is dropped.
     async fn grant_lease(&self, ttl_s: i64) -> Result<LeaseHandle, MetaError>;
     /// Revokes a lease now, deleting its keys.

@@ -34,13 +34,20 @@ impl Drop for PrefixMirror {
 
 impl PrefixMirror {
     /// Lists `prefix` (failing if the store is unreachable) and starts following it.
-    pub async fn start(meta: Arc<dyn MetaStore>, prefix: String) -> Result<PrefixMirror, MetaError> {
+    pub async fn start(
+        meta: Arc<dyn MetaStore>,
+        prefix: String,
+    ) -> Result<PrefixMirror, MetaError> {
         let (items, revision) = meta.list(&prefix).await?;
         let map: PrefixMap = items.into_iter().map(|kv| (kv.key, kv.value)).collect();
         let map = Arc::new(RwLock::new(map));
         let (gen_tx, generation) = watch::channel(1u64);
         let task = tokio::spawn(follow(meta, prefix, map.clone(), gen_tx, revision));
-        Ok(PrefixMirror { map, generation, task })
+        Ok(PrefixMirror {
+            map,
+            generation,
+            task,
+        })
     }
 
     /// A copy of the current map.

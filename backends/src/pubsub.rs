@@ -52,11 +52,22 @@ pub trait PubSub: Send + Sync + 'static {
     async fn watermarks(&self, topic: &str, partition: u32) -> Result<(i64, i64), PubSubError>;
     /// Enqueues a record for one partition; the returned future completes when it is durable.
     /// Records enqueued for one partition are delivered in order.
-    async fn send(&self, topic: &str, partition: u32, key: &[u8], value: &[u8]) -> Result<Delivery, PubSubError>;
+    async fn send(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Delivery, PubSubError>;
     /// Waits until every enqueued record is delivered or `timeout` passes.
     async fn flush(&self, timeout: Duration) -> Result<(), PubSubError>;
     /// Opens a consumer of one partition starting at `offset`.
-    async fn consumer(&self, topic: &str, partition: u32, offset: i64) -> Result<Box<dyn PartitionConsumer>, PubSubError>;
+    async fn consumer(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<Box<dyn PartitionConsumer>, PubSubError>;
 }
 
 /// A consumer of one topic partition.
@@ -64,5 +75,9 @@ pub trait PubSub: Send + Sync + 'static {
 pub trait PartitionConsumer: Send {
     /// Returns up to `max_records` records, waiting at most `timeout` for the first one.
     /// An empty vector means nothing arrived in time.
-    async fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, PubSubError>;
+    async fn poll(
+        &mut self,
+        max_records: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ConsumedRecord>, PubSubError>;
 }

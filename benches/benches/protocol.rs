@@ -5,10 +5,14 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rialto_protocol::partitioner::partition_for_key;
-use rialto_protocol::wire::{decode_frame, BatchGetFrame, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, StoredValue};
+use rialto_protocol::wire::{
+    decode_frame, BatchGetFrame, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, StoredValue,
+};
 
 fn keys(count: usize) -> Vec<Vec<u8>> {
-    (0..count).map(|i| format!("member-{i:012}").into_bytes()).collect()
+    (0..count)
+        .map(|i| format!("member-{i:012}").into_bytes())
+        .collect()
 }
 
 fn partitioner(c: &mut Criterion) {
@@ -16,9 +20,11 @@ fn partitioner(c: &mut Criterion) {
     for key_bytes in [16usize, 64, 256] {
         let key = vec![0xabu8; key_bytes];
         g.throughput(Throughput::Elements(1));
-        g.bench_with_input(BenchmarkId::new("partition_for_key", key_bytes), &key, |b, key| {
-            b.iter(|| partition_for_key(black_box(key), black_box(64)))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("partition_for_key", key_bytes),
+            &key,
+            |b, key| b.iter(|| partition_for_key(black_box(key), black_box(64))),
+        );
     }
     g.finish();
 }
@@ -35,13 +41,21 @@ fn batch_get_framing(c: &mut Criterion) {
         let mut out = Vec::with_capacity(KEYS * 32);
         b.iter(|| {
             out.clear();
-            BatchGetRequest::encode_keys(keys.iter().map(|k| (partition_for_key(k, 64), k.as_slice())), &mut out);
+            BatchGetRequest::encode_keys(
+                keys.iter()
+                    .map(|k| (partition_for_key(k, 64), k.as_slice())),
+                &mut out,
+            );
             black_box(out.len())
         })
     });
 
     let mut request = Vec::new();
-    BatchGetRequest::encode_keys(keys.iter().map(|k| (partition_for_key(k, 64), k.as_slice())), &mut request);
+    BatchGetRequest::encode_keys(
+        keys.iter()
+            .map(|k| (partition_for_key(k, 64), k.as_slice())),
+        &mut request,
+    );
     g.bench_function("server_decode_request", |b| {
         b.iter(|| black_box(BatchGetRequest::decode(black_box(&request), 10_000).map(|k| k.len())))
     });
@@ -53,7 +67,14 @@ fn batch_get_framing(c: &mut Criterion) {
             for i in 0..KEYS as u32 {
                 BatchGetFrameWriter::record(&mut out, i, &stored);
             }
-            BatchGetFrameWriter::trailer(&mut out, &BatchGetTrailer { keys_total: KEYS as u32, found: KEYS as u32, ..Default::default() });
+            BatchGetFrameWriter::trailer(
+                &mut out,
+                &BatchGetTrailer {
+                    keys_total: KEYS as u32,
+                    found: KEYS as u32,
+                    ..Default::default()
+                },
+            );
             black_box(out.len())
         })
     });
@@ -62,7 +83,14 @@ fn batch_get_framing(c: &mut Criterion) {
     for i in 0..KEYS as u32 {
         BatchGetFrameWriter::record(&mut response, i, &stored);
     }
-    BatchGetFrameWriter::trailer(&mut response, &BatchGetTrailer { keys_total: KEYS as u32, found: KEYS as u32, ..Default::default() });
+    BatchGetFrameWriter::trailer(
+        &mut response,
+        &BatchGetTrailer {
+            keys_total: KEYS as u32,
+            found: KEYS as u32,
+            ..Default::default()
+        },
+    );
     g.bench_function("client_decode_response", |b| {
         b.iter(|| {
             let mut at = 0;

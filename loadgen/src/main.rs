@@ -23,7 +23,12 @@ use rialto_protocol::meta::{Layout, StoreRecord, DEFAULT_ROOT};
 #[command(name = "rialto-loadgen", version)]
 struct Args {
     /// etcd endpoints, comma separated.
-    #[arg(long, env = "RIALTO_ETCD", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "RIALTO_ETCD",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
     etcd: Vec<String>,
     /// Cluster root in etcd.
     #[arg(long, default_value = DEFAULT_ROOT)]
@@ -56,7 +61,9 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -69,13 +76,20 @@ async fn main() -> Result<()> {
         Command::Get { store, key } => {
             let client = connect(&args.root, &store, meta.clone()).await?;
             let key_codec = store_codecs(meta.as_ref(), &args.root, &store).await?.0;
-            let key = key_codec.from_json(&serde_json::from_str(&key).context("--key must be JSON")?, "key")?;
+            let key = key_codec.from_json(
+                &serde_json::from_str(&key).context("--key must be JSON")?,
+                "key",
+            )?;
             match client.get(&key).await? {
                 Some(v) => println!("{}", to_json(&v)),
                 None => println!("(no value for this key)"),
             }
         }
-        Command::Verify { store, input, batch } => {
+        Command::Verify {
+            store,
+            input,
+            batch,
+        } => {
             let client = connect(&args.root, &store, meta.clone()).await?;
             let (key_codec, value_codec) = store_codecs(meta.as_ref(), &args.root, &store).await?;
             verify(&client, &key_codec, &value_codec, &input, batch.max(1)).await?;
@@ -91,14 +105,32 @@ async fn connect(root: &str, store: &str, meta: Arc<dyn MetaStore>) -> Result<Cl
     Ok(Client::connect(config, meta).await?)
 }
 
-async fn store_codecs(meta: &dyn MetaStore, root: &str, store: &str) -> Result<(AvroCodec, AvroCodec)> {
-    let kv = meta.get(&Layout::new(root).store(store)).await?.with_context(|| format!("store `{store}` does not exist"))?;
+async fn store_codecs(
+    meta: &dyn MetaStore,
+    root: &str,
+    store: &str,
+) -> Result<(AvroCodec, AvroCodec)> {
+    let kv = meta
+        .get(&Layout::new(root).store(store))
+        .await?
+        .with_context(|| format!("store `{store}` does not exist"))?;
     let record: StoreRecord = serde_json::from_slice(&kv.value)?;
-    let value = record.latest_value_schema().context("store has no value schema")?;
-    Ok((AvroCodec::parse(&record.key_schema)?, AvroCodec::parse(&value.schema)?))
+    let value = record
+        .latest_value_schema()
+        .context("store has no value schema")?;
+    Ok((
+        AvroCodec::parse(&record.key_schema)?,
+        AvroCodec::parse(&value.schema)?,
+    ))
 }
 
-async fn verify(client: &Client, key_codec: &AvroCodec, value_codec: &AvroCodec, input: &PathBuf, batch: usize) -> Result<()> {
+async fn verify(
+    client: &Client,
+    key_codec: &AvroCodec,
+    value_codec: &AvroCodec,
+    input: &PathBuf,
+    batch: usize,
+) -> Result<()> {
     let file = std::fs::File::open(input).with_context(|| format!("open {}", input.display()))?;
     let mut expected = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
@@ -106,7 +138,8 @@ async fn verify(client: &Client, key_codec: &AvroCodec, value_codec: &AvroCodec,
         if line.trim().is_empty() {
             continue;
         }
-        let json: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("line {}", i + 1))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("line {}", i + 1))?;
         let key = key_codec.from_json(&json["key"], "key")?;
         let value = value_codec.from_json(&json["value"], "value")?;
         expected.push((key, to_json(&value)));

@@ -331,7 +331,7 @@ impl MetaStore for MemoryMetaStore {
             let _guard = guard;
             std::future::pending::<()>().await;
         });
-        Ok(LeaseHandle::from_parts(id, lost, task))
+        Ok(LeaseHandle::new(id, lost, task))
     }
 
     async fn revoke_lease(&self, id: i64) -> Result<(), MetaError> {

@@ -28,7 +28,8 @@ pub struct AvroCodec {
 impl AvroCodec {
     /// Parses a schema from its JSON text.
     pub fn parse(schema_json: &str) -> Result<AvroCodec, AvroError> {
-        let schema = Schema::parse_str(schema_json).map_err(|e| AvroError::Schema(e.to_string()))?;
+        let schema =
+            Schema::parse_str(schema_json).map_err(|e| AvroError::Schema(e.to_string()))?;
         Ok(AvroCodec { schema })
     }
 
@@ -42,15 +43,24 @@ impl AvroCodec {
         let resolved = value
             .clone()
             .resolve(&self.schema)
-            .map_err(|e| AvroError::Mismatch { what, detail: e.to_string() })?;
-        apache_avro::to_avro_datum(&self.schema, resolved).map_err(|e| AvroError::Mismatch { what, detail: e.to_string() })
+            .map_err(|e| AvroError::Mismatch {
+                what,
+                detail: e.to_string(),
+            })?;
+        apache_avro::to_avro_datum(&self.schema, resolved).map_err(|e| AvroError::Mismatch {
+            what,
+            detail: e.to_string(),
+        })
     }
 
     /// Encodes a value known to already match the schema exactly (e.g. read from an Avro file
     /// written with this schema); falls back to [`encode`](Self::encode) when it does not.
     pub fn encode_exact(&self, value: Value, what: &'static str) -> Result<Vec<u8>, AvroError> {
         if value.validate(&self.schema) {
-            apache_avro::to_avro_datum(&self.schema, value).map_err(|e| AvroError::Mismatch { what, detail: e.to_string() })
+            apache_avro::to_avro_datum(&self.schema, value).map_err(|e| AvroError::Mismatch {
+                what,
+                detail: e.to_string(),
+            })
         } else {
             self.encode(&value, what)
         }
@@ -58,26 +68,41 @@ impl AvroCodec {
 
     /// Decodes a binary datum written with this schema; the whole input must be consumed.
     pub fn decode(&self, mut bytes: &[u8], what: &'static str) -> Result<Value, AvroError> {
-        let value = apache_avro::from_avro_datum(&self.schema, &mut bytes, None)
-            .map_err(|e| AvroError::Decode { what, detail: e.to_string() })?;
+        let value = apache_avro::from_avro_datum(&self.schema, &mut bytes, None).map_err(|e| {
+            AvroError::Decode {
+                what,
+                detail: e.to_string(),
+            }
+        })?;
         if !bytes.is_empty() {
-            return Err(AvroError::Decode { what, detail: format!("{} trailing bytes", bytes.len()) });
+            return Err(AvroError::Decode {
+                what,
+                detail: format!("{} trailing bytes", bytes.len()),
+            });
         }
         Ok(value)
     }
 
     /// Converts a JSON value (as found in newline-delimited JSON input) to an Avro value of this
     /// schema.
-    pub fn from_json(&self, json: &serde_json::Value, what: &'static str) -> Result<Value, AvroError> {
+    pub fn from_json(
+        &self,
+        json: &serde_json::Value,
+        what: &'static str,
+    ) -> Result<Value, AvroError> {
         Value::from(json.clone())
             .resolve(&self.schema)
-            .map_err(|e| AvroError::Mismatch { what, detail: e.to_string() })
+            .map_err(|e| AvroError::Mismatch {
+                what,
+                detail: e.to_string(),
+            })
     }
 }
 
 /// Converts an Avro value to JSON for display (CLI output, logs).
 pub fn to_json(value: &Value) -> serde_json::Value {
-    serde_json::Value::try_from(value.clone()).unwrap_or_else(|e| serde_json::Value::String(format!("<{e}>")))
+    serde_json::Value::try_from(value.clone())
+        .unwrap_or_else(|e| serde_json::Value::String(format!("<{e}>")))
 }
 
 #[cfg(test)]
@@ -93,7 +118,10 @@ mod tests {
         let codec = AvroCodec::parse(r#""string""#).unwrap();
         let bytes = codec.encode(&Value::String("k1".into()), "key").unwrap();
         assert_eq!(bytes, vec![4, b'k', b'1']);
-        assert_eq!(codec.decode(&bytes, "key").unwrap(), Value::String("k1".into()));
+        assert_eq!(
+            codec.decode(&bytes, "key").unwrap(),
+            Value::String("k1".into())
+        );
     }
 
     #[test]
@@ -109,8 +137,13 @@ mod tests {
     #[test]
     fn mismatches_are_clear_errors() {
         let codec = AvroCodec::parse(VALUE_SCHEMA).unwrap();
-        let err = codec.from_json(&serde_json::json!({"id": "seven"}), "value").unwrap_err();
-        assert!(err.to_string().contains("value does not match the schema"), "{err}");
+        let err = codec
+            .from_json(&serde_json::json!({"id": "seven"}), "value")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("value does not match the schema"),
+            "{err}"
+        );
         assert!(AvroCodec::parse("{not json").is_err());
         assert!(codec.decode(&[0xff, 0xff], "value").is_err());
     }

@@ -39,7 +39,11 @@ const HEADER_BYTES: usize = 1 + 1 + 1 + 16 + 4 + 4 + 8;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum EnvelopeError {
     #[error("envelope truncated: needed {needed} bytes at offset {at}, record has {len}")]
-    Truncated { needed: usize, at: usize, len: usize },
+    Truncated {
+        needed: usize,
+        at: usize,
+        len: usize,
+    },
     #[error("bad envelope magic byte {0:#04x}: not a Rialto record")]
     BadMagic(u8),
     #[error("unsupported envelope format {0}; this build reads format {ENVELOPE_FORMAT}")]
@@ -51,7 +55,11 @@ pub enum EnvelopeError {
     #[error("envelope checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     ChecksumMismatch { stored: u32, computed: u32 },
     #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { what: &'static str, len: usize, max: usize },
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("{0} trailing bytes after the payload")]
     TrailingBytes(usize),
     #[error("unknown compression codec {0}")]
@@ -91,7 +99,11 @@ impl CompressionCodec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
     /// First message of a push on every partition.
-    StartOfPush { sorted: bool, codec: CompressionCodec, dictionary: Vec<u8> },
+    StartOfPush {
+        sorted: bool,
+        codec: CompressionCodec,
+        dictionary: Vec<u8>,
+    },
     /// Last message of a push: the partition holds the complete dataset once this is consumed.
     EndOfPush,
     /// Opens segment `segment` of a producer; its sequence number is 0.
@@ -128,8 +140,14 @@ impl ControlMessage {
 /// The payload of an envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Put { key: Vec<u8>, schema_id: u32, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        schema_id: u32,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
     Control(ControlMessage),
 }
 
@@ -156,7 +174,11 @@ impl Envelope {
         out.extend_from_slice(&self.producer.sequence.to_be_bytes());
         out.extend_from_slice(&self.producer.timestamp_ms.to_be_bytes());
         match &self.message {
-            Message::Put { key, schema_id, value } => {
+            Message::Put {
+                key,
+                schema_id,
+                value,
+            } => {
                 put_bytes(out, key);
                 out.extend_from_slice(&schema_id.to_be_bytes());
                 put_bytes(out, value);
@@ -165,13 +187,20 @@ impl Envelope {
             Message::Control(control) => {
                 out.push(control.type_byte());
                 match control {
-                    ControlMessage::StartOfPush { sorted, codec, dictionary } => {
+                    ControlMessage::StartOfPush {
+                        sorted,
+                        codec,
+                        dictionary,
+                    } => {
                         out.push(u8::from(*sorted));
                         out.push(*codec as u8);
                         put_bytes(out, dictionary);
                     }
                     ControlMessage::EndOfPush | ControlMessage::StartOfSegment => {}
-                    ControlMessage::EndOfSegment { checksum, record_count } => {
+                    ControlMessage::EndOfSegment {
+                        checksum,
+                        record_count,
+                    } => {
                         out.extend_from_slice(&checksum.to_be_bytes());
                         out.extend_from_slice(&record_count.to_be_bytes());
                     }
@@ -240,9 +269,15 @@ impl Envelope {
                 let key = r.bytes("key", KEY_BYTES_MAX)?.to_vec();
                 let schema_id = r.u32()?;
                 let value = r.bytes("value", VALUE_BYTES_MAX)?.to_vec();
-                Message::Put { key, schema_id, value }
+                Message::Put {
+                    key,
+                    schema_id,
+                    value,
+                }
             }
-            1 => Message::Delete { key: r.bytes("key", KEY_BYTES_MAX)?.to_vec() },
+            1 => Message::Delete {
+                key: r.bytes("key", KEY_BYTES_MAX)?.to_vec(),
+            },
             2 => Message::Control(match r.u8()? {
                 0 => ControlMessage::StartOfPush {
                     sorted: r.u8()? != 0,
@@ -251,7 +286,10 @@ impl Envelope {
                 },
                 1 => ControlMessage::EndOfPush,
                 2 => ControlMessage::StartOfSegment,
-                3 => ControlMessage::EndOfSegment { checksum: r.u32()?, record_count: r.u32()? },
+                3 => ControlMessage::EndOfSegment {
+                    checksum: r.u32()?,
+                    record_count: r.u32()?,
+                },
                 4 => {
                     let n = r.u32()? as usize;
                     // Each offset is 8 bytes; refuse counts the record cannot hold before allocating.
@@ -286,7 +324,11 @@ impl Message {
     /// changes the checksum.
     pub fn update_checksum(&self, checksum: &mut SegmentChecksum) {
         match self {
-            Message::Put { key, schema_id, value } => {
+            Message::Put {
+                key,
+                schema_id,
+                value,
+            } => {
                 checksum.update(&[0]);
                 checksum.update(&(key.len() as u32).to_be_bytes());
                 checksum.update(key);
@@ -337,7 +379,11 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], EnvelopeError> {
         if self.remaining() < n {
-            return Err(EnvelopeError::Truncated { needed: n, at: self.pos, len: self.buf.len() });
+            return Err(EnvelopeError::Truncated {
+                needed: n,
+                at: self.pos,
+                len: self.buf.len(),
+            });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -364,7 +410,11 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(a))
     }
     /// A u32-length-prefixed byte string no longer than `max`.
-    pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], EnvelopeError> {
+    pub(crate) fn bytes(
+        &mut self,
+        what: &'static str,
+        max: usize,
+    ) -> Result<&'a [u8], EnvelopeError> {
         let len = self.u32()? as usize;
         if len > max {
             return Err(EnvelopeError::TooLarge { what, len, max });
@@ -378,16 +428,30 @@ mod tests {
     use super::*;
 
     fn producer(seq: u32) -> ProducerMetadata {
-        ProducerMetadata { producer_guid: [7; 16], segment: 3, sequence: seq, timestamp_ms: 1_700_000_000_000 }
+        ProducerMetadata {
+            producer_guid: [7; 16],
+            segment: 3,
+            sequence: seq,
+            timestamp_ms: 1_700_000_000_000,
+        }
     }
 
     fn samples() -> Vec<Envelope> {
         vec![
             Envelope {
                 producer: producer(1),
-                message: Message::Put { key: b"k".to_vec(), schema_id: 1, value: vec![1, 2, 3] },
+                message: Message::Put {
+                    key: b"k".to_vec(),
+                    schema_id: 1,
+                    value: vec![1, 2, 3],
+                },
             },
-            Envelope { producer: producer(2), message: Message::Delete { key: b"gone".to_vec() } },
+            Envelope {
+                producer: producer(2),
+                message: Message::Delete {
+                    key: b"gone".to_vec(),
+                },
+            },
             Envelope {
                 producer: producer(0),
                 message: Message::Control(ControlMessage::StartOfPush {
@@ -396,15 +460,26 @@ mod tests {
                     dictionary: vec![9; 100],
                 }),
             },
-            Envelope { producer: producer(5), message: Message::Control(ControlMessage::EndOfPush) },
-            Envelope { producer: producer(0), message: Message::Control(ControlMessage::StartOfSegment) },
+            Envelope {
+                producer: producer(5),
+                message: Message::Control(ControlMessage::EndOfPush),
+            },
+            Envelope {
+                producer: producer(0),
+                message: Message::Control(ControlMessage::StartOfSegment),
+            },
             Envelope {
                 producer: producer(9),
-                message: Message::Control(ControlMessage::EndOfSegment { checksum: 0xdeadbeef, record_count: 8 }),
+                message: Message::Control(ControlMessage::EndOfSegment {
+                    checksum: 0xdeadbeef,
+                    record_count: 8,
+                }),
             },
             Envelope {
                 producer: producer(1),
-                message: Message::Control(ControlMessage::StartOfBufferReplay { rt_offsets: vec![1, -1, 220] }),
+                message: Message::Control(ControlMessage::StartOfBufferReplay {
+                    rt_offsets: vec![1, -1, 220],
+                }),
             },
         ]
     }
@@ -424,7 +499,10 @@ mod tests {
                 for bit in 0..8 {
                     let mut corrupt = bytes.clone();
                     corrupt[i] ^= 1 << bit;
-                    assert!(Envelope::decode(&corrupt).is_err(), "flip at byte {i} bit {bit} undetected");
+                    assert!(
+                        Envelope::decode(&corrupt).is_err(),
+                        "flip at byte {i} bit {bit} undetected"
+                    );
                 }
             }
         }
@@ -449,13 +527,24 @@ mod tests {
         body.extend_from_slice(&u32::MAX.to_be_bytes());
         let crc = crc32c::crc32c(&body);
         body.extend_from_slice(&crc.to_be_bytes());
-        assert!(matches!(Envelope::decode(&body), Err(EnvelopeError::Truncated { .. })));
+        assert!(matches!(
+            Envelope::decode(&body),
+            Err(EnvelopeError::Truncated { .. })
+        ));
     }
 
     #[test]
     fn segment_checksum_is_order_sensitive() {
-        let a = Message::Put { key: b"a".to_vec(), schema_id: 1, value: b"1".to_vec() };
-        let b = Message::Put { key: b"b".to_vec(), schema_id: 1, value: b"2".to_vec() };
+        let a = Message::Put {
+            key: b"a".to_vec(),
+            schema_id: 1,
+            value: b"1".to_vec(),
+        };
+        let b = Message::Put {
+            key: b"b".to_vec(),
+            schema_id: 1,
+            value: b"2".to_vec(),
+        };
         let mut ab = SegmentChecksum::default();
         a.update_checksum(&mut ab);
         b.update_checksum(&mut ab);

@@ -33,7 +33,9 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(root: &str) -> Layout {
-        Layout { root: root.trim_end_matches('/').to_string() }
+        Layout {
+            root: root.trim_end_matches('/').to_string(),
+        }
     }
     pub fn root(&self) -> &str {
         &self.root
@@ -69,7 +71,10 @@ impl Layout {
         format!("{}/replicas/{store}/{version:010}/", self.root)
     }
     pub fn replica(&self, store: &str, version: u32, partition: u32, node_id: &str) -> String {
-        format!("{}/replicas/{store}/{version:010}/{partition:05}/{node_id}", self.root)
+        format!(
+            "{}/replicas/{store}/{version:010}/{partition:05}/{node_id}",
+            self.root
+        )
     }
     pub fn leader(&self) -> String {
         format!("{}/controller/leader", self.root)
@@ -83,17 +88,27 @@ impl Layout {
         let version = parts.next()?.parse().ok()?;
         let partition = parts.next()?.parse().ok()?;
         let node = parts.next()?;
-        parts.next().is_none().then_some((store, version, partition, node))
+        parts
+            .next()
+            .is_none()
+            .then_some((store, version, partition, node))
     }
 }
 
 /// Checks a store name: 1..=128 characters of `[a-zA-Z0-9_-]`.
 pub fn validate_store_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > STORE_NAME_BYTES_MAX {
-        return Err(format!("store name must be 1 to {STORE_NAME_BYTES_MAX} characters"));
+        return Err(format!(
+            "store name must be 1 to {STORE_NAME_BYTES_MAX} characters"
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
-        return Err(format!("store name `{name}` contains `{c}`; use letters, digits, `_` and `-`"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "store name `{name}` contains `{c}`; use letters, digits, `_` and `-`"
+        ));
     }
     Ok(())
 }
@@ -196,7 +211,10 @@ impl VersionRecord {
     }
     /// Partitions assigned to `node_id`.
     pub fn partitions_of(&self, node_id: &str) -> Vec<u32> {
-        self.replicas().filter(|(_, n)| *n == node_id).map(|(p, _)| p).collect()
+        self.replicas()
+            .filter(|(_, n)| *n == node_id)
+            .map(|(p, _)| p)
+            .collect()
     }
 }
 
@@ -319,7 +337,9 @@ mod tests {
             topic: version_topic("s", 1),
             partition_count: 2,
             assignment: vec![vec!["a".into(), "b".into()], vec!["b".into(), "c".into()]],
-            status: VersionStatus::Failed { reason: "replica ERROR".into() },
+            status: VersionStatus::Failed {
+                reason: "replica ERROR".into(),
+            },
             created_ms: 1,
             storage: StorageProfile::OnDisk,
         };

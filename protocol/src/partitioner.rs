@@ -49,7 +49,10 @@ mod tests {
 
     #[test]
     fn golden_partitions_are_stable() {
-        assert_eq!(partition_for_key(b"rialto", 16), (0x2354861acf0a702eu64 % 16) as u32);
+        assert_eq!(
+            partition_for_key(b"rialto", 16),
+            (0x2354861acf0a702eu64 % 16) as u32
+        );
     }
 
     #[test]

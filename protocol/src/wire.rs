@@ -39,8 +39,15 @@ pub fn batch_get_path(store: &str, version: u32) -> String {
 /// A parsed request path.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
-    Get { store: &'a str, version: u32, partition: u32 },
-    BatchGet { store: &'a str, version: u32 },
+    Get {
+        store: &'a str,
+        version: u32,
+        partition: u32,
+    },
+    BatchGet {
+        store: &'a str,
+        version: u32,
+    },
     Health,
     Metrics,
 }
@@ -55,12 +62,19 @@ pub fn parse_route(path: &str) -> Option<Route<'_>> {
             let store = parts.next().filter(|s| !s.is_empty())?;
             let version = parts.next()?.parse().ok()?;
             let partition = parts.next()?.parse().ok()?;
-            parts.next().is_none().then_some(Route::Get { store, version, partition })
+            parts.next().is_none().then_some(Route::Get {
+                store,
+                version,
+                partition,
+            })
         }
         ("v1", Some("batch-get")) => {
             let store = parts.next().filter(|s| !s.is_empty())?;
             let version = parts.next()?.parse().ok()?;
-            parts.next().is_none().then_some(Route::BatchGet { store, version })
+            parts
+                .next()
+                .is_none()
+                .then_some(Route::BatchGet { store, version })
         }
         _ => None,
     }
@@ -83,7 +97,11 @@ impl StoredValue {
     /// Splits a stored value into schema id and value bytes.
     pub fn decode(stored: &[u8]) -> Result<(u32, &[u8]), EnvelopeError> {
         if stored.len() < 4 {
-            return Err(EnvelopeError::Truncated { needed: 4, at: 0, len: stored.len() });
+            return Err(EnvelopeError::Truncated {
+                needed: 4,
+                at: 0,
+                len: stored.len(),
+            });
         }
         let schema_id = u32::from_be_bytes([stored[0], stored[1], stored[2], stored[3]]);
         Ok((schema_id, &stored[4..]))
@@ -98,7 +116,10 @@ pub struct BatchGetRequest {
 
 impl BatchGetRequest {
     /// Appends the encoded request for `keys` (partition, key) to `out`.
-    pub fn encode_keys<'a>(keys: impl ExactSizeIterator<Item = (u32, &'a [u8])>, out: &mut Vec<u8>) {
+    pub fn encode_keys<'a>(
+        keys: impl ExactSizeIterator<Item = (u32, &'a [u8])>,
+        out: &mut Vec<u8>,
+    ) {
         out.push(BATCH_GET_FORMAT);
         out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
         for (partition, key) in keys {
@@ -110,7 +131,8 @@ impl BatchGetRequest {
 
     /// Encodes into a fresh buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(5 + self.keys.iter().map(|(_, k)| 8 + k.len()).sum::<usize>());
+        let mut out =
+            Vec::with_capacity(5 + self.keys.iter().map(|(_, k)| 8 + k.len()).sum::<usize>());
         Self::encode_keys(self.keys.iter().map(|(p, k)| (*p, k.as_slice())), &mut out);
         out
     }
@@ -124,7 +146,10 @@ impl BatchGetRequest {
         }
         let count = r.u32()? as usize;
         if count > keys_max {
-            return Err(WireError::TooManyKeys { count, max: keys_max });
+            return Err(WireError::TooManyKeys {
+                count,
+                max: keys_max,
+            });
         }
         // Every key takes at least 8 bytes: refuse counts the body cannot hold before allocating.
         if count > r.remaining() / 8 {
@@ -141,7 +166,9 @@ impl BatchGetRequest {
             keys.push((partition, key));
         }
         if r.remaining() != 0 {
-            return Err(WireError::Malformed(EnvelopeError::TrailingBytes(r.remaining())));
+            return Err(WireError::Malformed(EnvelopeError::TrailingBytes(
+                r.remaining(),
+            )));
         }
         Ok(keys)
     }
@@ -230,7 +257,9 @@ impl BatchGetFrameWriter {
 /// Returns `Ok(None)` when `buf` holds only part of a frame (read more bytes), or the frame and
 /// the number of bytes it used.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(BatchGetFrame<'_>, usize)>, WireError> {
-    let Some(&tag) = buf.first() else { return Ok(None) };
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
     let need = |n: usize| buf.len() >= n;
     let u32_at = |at: usize| u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
     match tag {
@@ -249,13 +278,24 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(BatchGetFrame<'_>, usize)>, Wi
             if !need(9 + len) {
                 return Ok(None);
             }
-            Ok(Some((BatchGetFrame::Record { key_index: u32_at(1), stored: &buf[9..9 + len] }, 9 + len)))
+            Ok(Some((
+                BatchGetFrame::Record {
+                    key_index: u32_at(1),
+                    stored: &buf[9..9 + len],
+                },
+                9 + len,
+            )))
         }
         TAG_MISSING => {
             if !need(5) {
                 return Ok(None);
             }
-            Ok(Some((BatchGetFrame::Missing { key_index: u32_at(1) }, 5)))
+            Ok(Some((
+                BatchGetFrame::Missing {
+                    key_index: u32_at(1),
+                },
+                5,
+            )))
         }
         TAG_KEY_ERROR => {
             if !need(7) {
@@ -263,13 +303,24 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(BatchGetFrame<'_>, usize)>, Wi
             }
             let raw = u16::from_be_bytes([buf[5], buf[6]]);
             let code = ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal);
-            Ok(Some((BatchGetFrame::KeyError { key_index: u32_at(1), code }, 7)))
+            Ok(Some((
+                BatchGetFrame::KeyError {
+                    key_index: u32_at(1),
+                    code,
+                },
+                7,
+            )))
         }
         TAG_TRAILER => {
             if !need(17) {
                 return Ok(None);
             }
-            let t = BatchGetTrailer { keys_total: u32_at(1), found: u32_at(5), missing: u32_at(9), errors: u32_at(13) };
+            let t = BatchGetTrailer {
+                keys_total: u32_at(1),
+                found: u32_at(5),
+                missing: u32_at(9),
+                errors: u32_at(13),
+            };
             Ok(Some((BatchGetFrame::Trailer(t), 17)))
         }
         other => Err(WireError::UnknownFrame(other)),
@@ -298,7 +349,10 @@ impl ErrorBody {
         let raw = r.u16()?;
         let _retryable = r.u8()?;
         let message = String::from_utf8_lossy(&body[3..]).into_owned();
-        Ok(ErrorBody { code: ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal), message })
+        Ok(ErrorBody {
+            code: ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal),
+            message,
+        })
     }
 }
 
@@ -308,27 +362,57 @@ mod tests {
 
     #[test]
     fn routes_parse_and_reject_junk() {
-        assert_eq!(parse_route("/v1/get/ads/3/7"), Some(Route::Get { store: "ads", version: 3, partition: 7 }));
-        assert_eq!(parse_route("/v1/batch-get/ads/3"), Some(Route::BatchGet { store: "ads", version: 3 }));
+        assert_eq!(
+            parse_route("/v1/get/ads/3/7"),
+            Some(Route::Get {
+                store: "ads",
+                version: 3,
+                partition: 7
+            })
+        );
+        assert_eq!(
+            parse_route("/v1/batch-get/ads/3"),
+            Some(Route::BatchGet {
+                store: "ads",
+                version: 3
+            })
+        );
         assert_eq!(parse_route("/health"), Some(Route::Health));
-        for junk in ["/", "", "/v1/get/ads", "/v1/get/ads/x/1", "/v1/get//1/1", "/v1/get/a/1/2/3", "/v2/get/a/1/1", "/v1/batch-get/a/-1"] {
+        for junk in [
+            "/",
+            "",
+            "/v1/get/ads",
+            "/v1/get/ads/x/1",
+            "/v1/get//1/1",
+            "/v1/get/a/1/2/3",
+            "/v2/get/a/1/1",
+            "/v1/batch-get/a/-1",
+        ] {
             assert_eq!(parse_route(junk), None, "{junk}");
         }
     }
 
     #[test]
     fn batch_request_round_trips() {
-        let req = BatchGetRequest { keys: vec![(0, b"a".to_vec()), (5, vec![]), (7, vec![0xff; 300])] };
+        let req = BatchGetRequest {
+            keys: vec![(0, b"a".to_vec()), (5, vec![]), (7, vec![0xff; 300])],
+        };
         let bytes = req.encode();
         let keys = BatchGetRequest::decode(&bytes, 10).unwrap();
         assert_eq!(keys.len(), 3);
         assert_eq!(keys[2], (7, &[0xff; 300][..]));
-        assert!(matches!(BatchGetRequest::decode(&bytes, 2), Err(WireError::TooManyKeys { count: 3, max: 2 })));
+        assert!(matches!(
+            BatchGetRequest::decode(&bytes, 2),
+            Err(WireError::TooManyKeys { count: 3, max: 2 })
+        ));
     }
 
     #[test]
     fn batch_request_decoding_never_panics_on_truncation() {
-        let bytes = BatchGetRequest { keys: vec![(1, b"abc".to_vec()), (2, b"defg".to_vec())] }.encode();
+        let bytes = BatchGetRequest {
+            keys: vec![(1, b"abc".to_vec()), (2, b"defg".to_vec())],
+        }
+        .encode();
         for len in 0..bytes.len() {
             assert!(BatchGetRequest::decode(&bytes[..len], 100).is_err());
         }
@@ -343,7 +427,12 @@ mod tests {
         BatchGetFrameWriter::record(&mut out, 0, &StoredValue::encode(1, b"value-0"));
         BatchGetFrameWriter::missing(&mut out, 1);
         BatchGetFrameWriter::key_error(&mut out, 2, ErrorCode::PartitionNotServed);
-        let trailer = BatchGetTrailer { keys_total: 3, found: 1, missing: 1, errors: 1 };
+        let trailer = BatchGetTrailer {
+            keys_total: 3,
+            found: 1,
+            missing: 1,
+            errors: 1,
+        };
         BatchGetFrameWriter::trailer(&mut out, &trailer);
         // Feed the stream one byte at a time: a partial frame is never decoded.
         let mut frames = Vec::new();
@@ -363,7 +452,10 @@ mod tests {
 
     #[test]
     fn error_body_round_trips() {
-        let e = ErrorBody { code: ErrorCode::UnknownStore, message: "store `x` is not hosted".into() };
+        let e = ErrorBody {
+            code: ErrorCode::UnknownStore,
+            message: "store `x` is not hosted".into(),
+        };
         assert_eq!(ErrorBody::decode(&e.encode()).unwrap(), e);
         assert!(ErrorBody::decode(&[0]).is_err());
     }

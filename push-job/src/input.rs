@@ -48,7 +48,10 @@ pub struct InputShape {
 
 impl Default for InputShape {
     fn default() -> Self {
-        InputShape { key_field: "key".into(), value_field: "value".into() }
+        InputShape {
+            key_field: "key".into(),
+            value_field: "value".into(),
+        }
     }
 }
 
@@ -84,7 +87,12 @@ impl<'a> Builder<'a> {
                 .decode(&key, "key")
                 .map(|v| rialto_protocol::avro::to_json(&v).to_string())
                 .unwrap_or_else(|_| format!("{key:?}"));
-            return Err(PushError::DuplicateKey { path: self.path.clone(), key: shown, first: *first, second: record_no });
+            return Err(PushError::DuplicateKey {
+                path: self.path.clone(),
+                key: shown,
+                first: *first,
+                second: record_no,
+            });
         }
         self.seen.insert(key.clone(), (record_no, value_hash));
         let p = partition_for_key(&key, self.partition_count) as usize;
@@ -114,25 +122,39 @@ pub fn read_dataset(
     let mut b = Builder {
         key_codec,
         partition_count,
-        dataset: PartitionedDataset { partitions: vec![Vec::new(); partition_count as usize], ..Default::default() },
+        dataset: PartitionedDataset {
+            partitions: vec![Vec::new(); partition_count as usize],
+            ..Default::default()
+        },
         seen: HashMap::new(),
         path: path.to_path_buf(),
     };
-    let file = std::fs::File::open(path).map_err(|e| PushError::Io { path: path.to_path_buf(), detail: e.to_string() })?;
-    let bad = |record: u64, detail: String| PushError::BadRecord { path: path.to_path_buf(), record, detail };
+    let file = std::fs::File::open(path).map_err(|e| PushError::Io {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let bad = |record: u64, detail: String| PushError::BadRecord {
+        path: path.to_path_buf(),
+        record,
+        detail,
+    };
     match format {
         InputFormat::Json => {
             let reader = std::io::BufReader::new(file);
             for (i, line) in reader.lines().enumerate() {
                 let line_no = i as u64 + 1;
-                let line = line.map_err(|e| PushError::Io { path: path.to_path_buf(), detail: e.to_string() })?;
+                let line = line.map_err(|e| PushError::Io {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                })?;
                 if line.trim().is_empty() {
                     continue;
                 }
-                let json: serde_json::Value =
-                    serde_json::from_str(&line).map_err(|e| bad(line_no, format!("not valid JSON: {e}")))?;
+                let json: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| bad(line_no, format!("not valid JSON: {e}")))?;
                 let field = |name: &str| {
-                    json.get(name).ok_or_else(|| bad(line_no, format!("missing field `{name}`")))
+                    json.get(name)
+                        .ok_or_else(|| bad(line_no, format!("missing field `{name}`")))
                 };
                 let key = key_codec
                     .from_json(field(&shape.key_field)?, "key")
@@ -150,9 +172,13 @@ pub fn read_dataset(
                 .map_err(|e| bad(0, format!("not an Avro container file: {e}")))?;
             for (i, datum) in reader.enumerate() {
                 let record_no = i as u64 + 1;
-                let datum = datum.map_err(|e| bad(record_no, format!("unreadable Avro datum: {e}")))?;
+                let datum =
+                    datum.map_err(|e| bad(record_no, format!("unreadable Avro datum: {e}")))?;
                 let Value::Record(fields) = datum else {
-                    return Err(bad(record_no, "datum is not a record with key and value fields".into()));
+                    return Err(bad(
+                        record_no,
+                        "datum is not a record with key and value fields".into(),
+                    ));
                 };
                 let mut key = None;
                 let mut value = None;
@@ -163,10 +189,18 @@ pub fn read_dataset(
                         value = Some(v);
                     }
                 }
-                let key = key.ok_or_else(|| bad(record_no, format!("missing field `{}`", shape.key_field)))?;
-                let value = value.ok_or_else(|| bad(record_no, format!("missing field `{}`", shape.value_field)))?;
-                let key = key_codec.encode_exact(key, "key").map_err(|e| bad(record_no, e.to_string()))?;
-                let value = value_codec.encode_exact(value, "value").map_err(|e| bad(record_no, e.to_string()))?;
+                let key = key.ok_or_else(|| {
+                    bad(record_no, format!("missing field `{}`", shape.key_field))
+                })?;
+                let value = value.ok_or_else(|| {
+                    bad(record_no, format!("missing field `{}`", shape.value_field))
+                })?;
+                let key = key_codec
+                    .encode_exact(key, "key")
+                    .map_err(|e| bad(record_no, e.to_string()))?;
+                let value = value_codec
+                    .encode_exact(value, "value")
+                    .map_err(|e| bad(record_no, e.to_string()))?;
                 b.add(record_no, key, value)?;
             }
         }
@@ -182,11 +216,17 @@ mod tests {
     const VALUE: &str = r#"{"type":"record","name":"V","fields":[{"name":"n","type":"long"}]}"#;
 
     fn codecs() -> (AvroCodec, AvroCodec) {
-        (AvroCodec::parse(r#""string""#).unwrap(), AvroCodec::parse(VALUE).unwrap())
+        (
+            AvroCodec::parse(r#""string""#).unwrap(),
+            AvroCodec::parse(VALUE).unwrap(),
+        )
     }
 
     fn write(lines: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::Builder::new().suffix(".jsonl").tempfile().unwrap();
+        let mut f = tempfile::Builder::new()
+            .suffix(".jsonl")
+            .tempfile()
+            .unwrap();
         f.write_all(lines.as_bytes()).unwrap();
         f
     }
@@ -195,7 +235,15 @@ mod tests {
     fn json_input_is_partitioned_sorted_and_deduplicated() {
         let (k, v) = codecs();
         let f = write("{\"key\":\"b\",\"value\":{\"n\":2}}\n\n{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"a\",\"value\":{\"n\":1}}\n");
-        let d = read_dataset(f.path(), InputFormat::Json, &InputShape::default(), &k, &v, 1).unwrap();
+        let d = read_dataset(
+            f.path(),
+            InputFormat::Json,
+            &InputShape::default(),
+            &k,
+            &v,
+            1,
+        )
+        .unwrap();
         assert_eq!(d.records, 2);
         assert_eq!(d.identical_duplicates, 1);
         let keys: Vec<_> = d.partitions[0].iter().map(|(k, _)| k.clone()).collect();
@@ -206,17 +254,41 @@ mod tests {
     fn conflicting_duplicates_fail_with_both_record_numbers() {
         let (k, v) = codecs();
         let f = write("{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"a\",\"value\":{\"n\":2}}\n");
-        let err = read_dataset(f.path(), InputFormat::Json, &InputShape::default(), &k, &v, 4).unwrap_err();
+        let err = read_dataset(
+            f.path(),
+            InputFormat::Json,
+            &InputShape::default(),
+            &k,
+            &v,
+            4,
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("\"a\"") && msg.contains("record 1") && msg.contains("record 2"), "{msg}");
+        assert!(
+            msg.contains("\"a\"") && msg.contains("record 1") && msg.contains("record 2"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn schema_mismatch_names_the_line() {
         let (k, v) = codecs();
-        let f = write("{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"b\",\"value\":{\"n\":\"two\"}}\n");
-        let err = read_dataset(f.path(), InputFormat::Json, &InputShape::default(), &k, &v, 4).unwrap_err();
-        assert!(matches!(err, PushError::BadRecord { record: 2, .. }), "{err}");
+        let f = write(
+            "{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"b\",\"value\":{\"n\":\"two\"}}\n",
+        );
+        let err = read_dataset(
+            f.path(),
+            InputFormat::Json,
+            &InputShape::default(),
+            &k,
+            &v,
+            4,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, PushError::BadRecord { record: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -230,14 +302,25 @@ mod tests {
         for i in 0..10i64 {
             let row = Value::Record(vec![
                 ("key".into(), Value::String(format!("k{i}"))),
-                ("value".into(), Value::Record(vec![("n".into(), Value::Long(i))])),
+                (
+                    "value".into(),
+                    Value::Record(vec![("n".into(), Value::Long(i))]),
+                ),
             ]);
             w.append(row).unwrap();
         }
         let bytes = w.into_inner().unwrap();
         let mut f = tempfile::Builder::new().suffix(".avro").tempfile().unwrap();
         f.write_all(&bytes).unwrap();
-        let d = read_dataset(f.path(), InputFormat::Avro, &InputShape::default(), &k, &v, 3).unwrap();
+        let d = read_dataset(
+            f.path(),
+            InputFormat::Avro,
+            &InputShape::default(),
+            &k,
+            &v,
+            3,
+        )
+        .unwrap();
         assert_eq!(d.records, 10);
         assert_eq!(d.partitions.iter().map(Vec::len).sum::<usize>(), 10);
     }

@@ -42,9 +42,18 @@ pub enum PushError {
     #[error("cannot read {path}: {detail}")]
     Io { path: PathBuf, detail: String },
     #[error("{path}: record {record}: {detail}")]
-    BadRecord { path: PathBuf, record: u64, detail: String },
+    BadRecord {
+        path: PathBuf,
+        record: u64,
+        detail: String,
+    },
     #[error("{path}: key {key} appears in record {first} and record {second} with different values; a push must have one value per key")]
-    DuplicateKey { path: PathBuf, key: String, first: u64, second: u64 },
+    DuplicateKey {
+        path: PathBuf,
+        key: String,
+        first: u64,
+        second: u64,
+    },
     #[error("cannot tell the input format of {0}; pass --format avro|json")]
     UnknownFormat(PathBuf),
     #[error("store schema is unusable: {0}")]
@@ -54,9 +63,19 @@ pub enum PushError {
     #[error("producing version {version} failed: {source}")]
     Produce { version: u32, source: PubSubError },
     #[error("version {version} of `{store}` failed and will not serve: {reason}")]
-    VersionFailed { store: String, version: u32, reason: String },
-    #[error("version {version} of `{store}` did not go live within {waited:?}; it was marked failed")]
-    Timeout { store: String, version: u32, waited: Duration },
+    VersionFailed {
+        store: String,
+        version: u32,
+        reason: String,
+    },
+    #[error(
+        "version {version} of `{store}` did not go live within {waited:?}; it was marked failed"
+    )]
+    Timeout {
+        store: String,
+        version: u32,
+        waited: Duration,
+    },
 }
 
 /// What to push, and where.
@@ -113,26 +132,51 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
     let store = admin.describe_store(&config.store).await?.store;
     let value_schema = store
         .latest_value_schema()
-        .ok_or_else(|| PushError::NoValueSchema { store: store.name.clone() })?
+        .ok_or_else(|| PushError::NoValueSchema {
+            store: store.name.clone(),
+        })?
         .clone();
     let key_codec = AvroCodec::parse(&store.key_schema)?;
     let value_codec = AvroCodec::parse(&value_schema.schema)?;
     let format = match config.format {
         Some(f) => f,
-        None => InputFormat::from_path(&config.input).ok_or_else(|| PushError::UnknownFormat(config.input.clone()))?,
+        None => InputFormat::from_path(&config.input)
+            .ok_or_else(|| PushError::UnknownFormat(config.input.clone()))?,
     };
     tracing::info!(store = %store.name, input = %config.input.display(), "reading and validating input");
     let (input, shape) = (config.input.clone(), config.shape.clone());
     let partition_count = store.partition_count;
     let dataset = tokio::task::spawn_blocking(move || {
-        input::read_dataset(&input, format, &shape, &key_codec, &value_codec, partition_count)
+        input::read_dataset(
+            &input,
+            format,
+            &shape,
+            &key_codec,
+            &value_codec,
+            partition_count,
+        )
     })
     .await
-    .map_err(|e| PushError::Io { path: config.input.clone(), detail: format!("reader task failed: {e}") })??;
+    .map_err(|e| PushError::Io {
+        path: config.input.clone(),
+        detail: format!("reader task failed: {e}"),
+    })??;
     let read_elapsed = started.elapsed();
-    tracing::info!(records = dataset.records, bytes = dataset.bytes, ?read_elapsed, "input valid");
+    tracing::info!(
+        records = dataset.records,
+        bytes = dataset.bytes,
+        ?read_elapsed,
+        "input valid"
+    );
 
-    let start = admin.start_push(&store.name, &StartPushRequest { push_id: config.push_id.clone() }).await?;
+    let start = admin
+        .start_push(
+            &store.name,
+            &StartPushRequest {
+                push_id: config.push_id.clone(),
+            },
+        )
+        .await?;
     let version = start.version;
     tracing::info!(store = %store.name, version, topic = %start.topic, "version allocated");
 
@@ -207,7 +251,11 @@ async fn produce(
         let mut w = PartitionWriter::new(producer_guid);
         let mut envelopes = vec![
             w.start_segment(),
-            w.control(ControlMessage::StartOfPush { sorted: true, codec: CompressionCodec::None, dictionary: Vec::new() }),
+            w.control(ControlMessage::StartOfPush {
+                sorted: true,
+                codec: CompressionCodec::None,
+                dictionary: Vec::new(),
+            }),
         ];
         for e in envelopes.drain(..) {
             in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
@@ -227,7 +275,10 @@ async fn produce(
             if last_progress.elapsed() >= PROGRESS_INTERVAL {
                 last_progress = Instant::now();
                 let rate = sent as f64 / started.elapsed().as_secs_f64().max(0.001);
-                tracing::info!("produced {sent}/{records_total} records ({:.0}%), {rate:.0} records/s", 100.0 * sent as f64 / records_total.max(1) as f64);
+                tracing::info!(
+                    "produced {sent}/{records_total} records ({:.0}%), {rate:.0} records/s",
+                    100.0 * sent as f64 / records_total.max(1) as f64
+                );
             }
         }
         for e in [w.control(ControlMessage::EndOfPush), w.end_segment()] {
@@ -243,7 +294,12 @@ async fn produce(
 }
 
 /// Polls the controller until the version is live, failed, or the timeout passes.
-async fn wait_until_live(admin: &AdminClient, store: &str, version: u32, timeout: Duration) -> Result<(), PushError> {
+async fn wait_until_live(
+    admin: &AdminClient,
+    store: &str,
+    version: u32,
+    timeout: Duration,
+) -> Result<(), PushError> {
     let started = Instant::now();
     let mut last_progress = Instant::now();
     loop {
@@ -254,16 +310,28 @@ async fn wait_until_live(admin: &AdminClient, store: &str, version: u32, timeout
                 return Ok(());
             }
             VersionStatus::Failed { reason } => {
-                return Err(PushError::VersionFailed { store: store.to_string(), version, reason: reason.clone() })
+                return Err(PushError::VersionFailed {
+                    store: store.to_string(),
+                    version,
+                    reason: reason.clone(),
+                })
             }
             VersionStatus::Pushing | VersionStatus::PushWritten => {}
         }
         if started.elapsed() > timeout {
-            return Err(PushError::Timeout { store: store.to_string(), version, waited: timeout });
+            return Err(PushError::Timeout {
+                store: store.to_string(),
+                version,
+                waited: timeout,
+            });
         }
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
-            let online = v.replicas.iter().filter(|r| r.state == ReplicaState::Online).count();
+            let online = v
+                .replicas
+                .iter()
+                .filter(|r| r.state == ReplicaState::Online)
+                .count();
             let records: u64 = v.replicas.iter().map(|r| r.records).sum();
             tracing::info!("waiting for version {version}: {online}/{} replicas ONLINE, {records} records ingested", v.replicas.len());
         }

@@ -11,7 +11,11 @@ use rialto_push::{push, InputFormat, InputShape, PushConfig};
 #[command(name = "rialto-push", version)]
 struct Args {
     /// Controller admin URL.
-    #[arg(long, env = "RIALTO_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        env = "RIALTO_CONTROLLER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     controller: String,
     /// Store to push to.
     #[arg(long)]
@@ -39,13 +43,18 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let mut config = PushConfig::new(&args.controller, &args.store, &args.input);
     config.format = args.format;
-    config.shape = InputShape { key_field: args.key_field, value_field: args.value_field };
+    config.shape = InputShape {
+        key_field: args.key_field,
+        value_field: args.value_field,
+    };
     config.wait_timeout = Duration::from_secs(args.wait_timeout_s);
     config.kafka_bootstrap = args.kafka;
     match push(&config).await {

@@ -1,7 +1,9 @@
 //! Producer metadata for one partition of one push: segment, sequence numbers and the running
 //! segment checksum, so that every envelope the push job writes can be validated by the servers.
 
-use rialto_protocol::envelope::{ControlMessage, Envelope, Message, ProducerMetadata, SegmentChecksum};
+use rialto_protocol::envelope::{
+    ControlMessage, Envelope, Message, ProducerMetadata, SegmentChecksum,
+};
 use rialto_protocol::meta::now_ms;
 
 /// Builds the envelopes of one producer on one partition, in order.
@@ -18,7 +20,12 @@ pub struct PartitionWriter {
 
 impl PartitionWriter {
     pub fn new(producer_guid: [u8; 16]) -> PartitionWriter {
-        PartitionWriter { producer_guid, segment: 0, next_sequence: 0, checksum: SegmentChecksum::default() }
+        PartitionWriter {
+            producer_guid,
+            segment: 0,
+            next_sequence: 0,
+            checksum: SegmentChecksum::default(),
+        }
     }
 
     fn envelope(&mut self, message: Message) -> Envelope {
@@ -43,7 +50,10 @@ impl PartitionWriter {
     /// Closes the current segment; the next `start_segment` opens the following one.
     pub fn end_segment(&mut self) -> Envelope {
         let SegmentChecksum { crc, record_count } = self.checksum;
-        let e = self.envelope(Message::Control(ControlMessage::EndOfSegment { checksum: crc, record_count }));
+        let e = self.envelope(Message::Control(ControlMessage::EndOfSegment {
+            checksum: crc,
+            record_count,
+        }));
         self.segment += 1;
         e
     }
@@ -53,7 +63,11 @@ impl PartitionWriter {
     }
 
     pub fn put(&mut self, key: Vec<u8>, schema_id: u32, value: Vec<u8>) -> Envelope {
-        self.envelope(Message::Put { key, schema_id, value })
+        self.envelope(Message::Put {
+            key,
+            schema_id,
+            value,
+        })
     }
 }
 
@@ -67,12 +81,22 @@ mod tests {
         let sos = w.start_segment();
         let put = w.put(b"k".to_vec(), 1, b"v".to_vec());
         let eos = w.end_segment();
-        assert_eq!((sos.producer.sequence, put.producer.sequence, eos.producer.sequence), (0, 1, 2));
+        assert_eq!(
+            (
+                sos.producer.sequence,
+                put.producer.sequence,
+                eos.producer.sequence
+            ),
+            (0, 1, 2)
+        );
         let mut expected = SegmentChecksum::default();
         put.message.update_checksum(&mut expected);
         assert_eq!(
             eos.message,
-            Message::Control(ControlMessage::EndOfSegment { checksum: expected.crc, record_count: 1 })
+            Message::Control(ControlMessage::EndOfSegment {
+                checksum: expected.crc,
+                record_count: 1
+            })
         );
         assert_eq!(w.start_segment().producer.segment, 1);
     }

@@ -61,13 +61,20 @@ pub struct Services {
 
 impl Services {
     pub fn start() -> Result<Services> {
-        let dir = tempfile::Builder::new().prefix("rialto-services-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("rialto-services-")
+            .tempdir()?;
         let (etcd, peer, kafka) = (free_port(), free_port(), free_port());
         let out = Command::new("bash")
             .arg(scripts_dir().join("services.sh"))
             .args(["start", "--dir"])
             .arg(dir.path())
-            .args(["--etcd-port", &etcd.to_string(), "--etcd-peer-port", &peer.to_string()])
+            .args([
+                "--etcd-port",
+                &etcd.to_string(),
+                "--etcd-peer-port",
+                &peer.to_string(),
+            ])
             .args(["--kafka-port", &kafka.to_string()])
             .output()
             .context("run scripts/services.sh")?;
@@ -120,12 +127,19 @@ pub struct Cluster {
 /// Writes a self-signed certificate for `localhost` and `127.0.0.1` under `dir`; returns the
 /// server's TLS files and the PEM a client trusts.
 fn write_self_signed_cert(dir: &Path) -> Result<(rialto_server::TlsFiles, Vec<u8>)> {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
     let cert_pem = certified.cert.pem();
     let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
     std::fs::write(&cert_path, &cert_pem)?;
     std::fs::write(&key_path, certified.key_pair.serialize_pem())?;
-    Ok((rialto_server::TlsFiles { cert_pem: cert_path, key_pem: key_path }, cert_pem.into_bytes()))
+    Ok((
+        rialto_server::TlsFiles {
+            cert_pem: cert_path,
+            key_pem: key_path,
+        },
+        cert_pem.into_bytes(),
+    ))
 }
 
 /// Zones used by [`Cluster::start`]: server `i` is in zone `ZONES[i % 3]`.
@@ -143,10 +157,12 @@ impl Cluster {
         init_logging();
         let services = Services::start()?;
         let meta: Arc<dyn MetaStore> = Arc::new(
-            EtcdMetaStore::connect(&[services.etcd_endpoint.clone()], Duration::from_secs(10)).await?,
+            EtcdMetaStore::connect(&[services.etcd_endpoint.clone()], Duration::from_secs(10))
+                .await?,
         );
-        let pubsub: Arc<dyn PubSub> =
-            Arc::new(KafkaPubSub::new(KafkaConfig { bootstrap_servers: services.kafka_bootstrap.clone() })?);
+        let pubsub: Arc<dyn PubSub> = Arc::new(KafkaPubSub::new(KafkaConfig {
+            bootstrap_servers: services.kafka_bootstrap.clone(),
+        })?);
         let data = tempfile::Builder::new().prefix("rialto-data-").tempdir()?;
         let controller = rialto_controller::start(
             ControllerConfig {
@@ -160,7 +176,11 @@ impl Cluster {
             pubsub.clone(),
         )
         .await?;
-        let tls_files = if tls { Some(write_self_signed_cert(data.path())?) } else { None };
+        let tls_files = if tls {
+            Some(write_self_signed_cert(data.path())?)
+        } else {
+            None
+        };
         let mut cluster = Cluster {
             services,
             meta,
@@ -182,7 +202,10 @@ impl Cluster {
                 tls: tls_files.as_ref().map(|(files, _)| files.clone()),
                 batch_get_keys_max: rialto_protocol::wire::BATCH_GET_KEYS_MAX,
             };
-            cluster.servers.push(ServerSlot { config, running: None });
+            cluster.servers.push(ServerSlot {
+                config,
+                running: None,
+            });
             cluster.restart_server(i).await?;
         }
         cluster.wait_for_nodes(server_count).await?;
@@ -191,7 +214,11 @@ impl Cluster {
 
     /// The controller's admin URL.
     pub fn controller_url(&self) -> String {
-        let addr = self.controller.as_ref().map(|c| c.address()).expect("controller stopped");
+        let addr = self
+            .controller
+            .as_ref()
+            .map(|c| c.address())
+            .expect("controller stopped");
         format!("http://{addr}")
     }
 
@@ -227,8 +254,12 @@ impl Cluster {
     /// Starts (or restarts) server `i` with its node id and data directory.
     pub async fn restart_server(&mut self, i: usize) -> Result<()> {
         self.stop_server(i).await?;
-        let server =
-            rialto_server::start(self.servers[i].config.clone(), self.meta.clone(), self.pubsub.clone()).await?;
+        let server = rialto_server::start(
+            self.servers[i].config.clone(),
+            self.meta.clone(),
+            self.pubsub.clone(),
+        )
+        .await?;
         self.servers[i].running = Some(server);
         Ok(())
     }
@@ -236,11 +267,15 @@ impl Cluster {
     async fn wait_for_nodes(&self, count: usize) -> Result<()> {
         let prefix = rialto_protocol::meta::Layout::new(DEFAULT_ROOT).nodes_prefix();
         let meta = self.meta.clone();
-        wait_until(Duration::from_secs(20), &format!("{count} nodes registered"), || {
-            let meta = meta.clone();
-            let prefix = prefix.clone();
-            async move { Ok(meta.list(&prefix).await?.0.len() >= count) }
-        })
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{count} nodes registered"),
+            || {
+                let meta = meta.clone();
+                let prefix = prefix.clone();
+                async move { Ok(meta.list(&prefix).await?.0.len() >= count) }
+            },
+        )
         .await
     }
 
@@ -268,7 +303,11 @@ impl Cluster {
     }
 
     /// Pushes a file through the real push job (in-process).
-    pub async fn push(&self, store: &str, input: &Path) -> Result<PushReport, rialto_push::PushError> {
+    pub async fn push(
+        &self,
+        store: &str,
+        input: &Path,
+    ) -> Result<PushReport, rialto_push::PushError> {
         let mut config = PushConfig::new(&self.controller_url(), store, input);
         config.wait_timeout = Duration::from_secs(180);
         rialto_push::push(&config).await
@@ -286,7 +325,10 @@ impl Cluster {
         config.tls = self
             .tls_ca_pem
             .as_ref()
-            .map(|pem| rialto_fast_client::ClientTls { ca_cert_pem: pem.clone(), server_name: None });
+            .map(|pem| rialto_fast_client::ClientTls {
+                ca_cert_pem: pem.clone(),
+                server_name: None,
+            });
         Ok(Client::connect(config, self.meta.clone()).await?)
     }
 

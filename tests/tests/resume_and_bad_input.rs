@@ -18,24 +18,47 @@ use rialto_push::PushError;
 use rialto_tests::{key_of, wait_until, write_json_dataset, Cluster};
 
 const KEY_SCHEMA: &str = r#""string""#;
-const VALUE_SCHEMA: &str = r#"{"type":"record","name":"Item","fields":[{"name":"n","type":"long"}]}"#;
+const VALUE_SCHEMA: &str =
+    r#"{"type":"record","name":"Item","fields":[{"name":"n","type":"long"}]}"#;
 
 /// Encodes generated records `range` for a store with `partitions` partitions, by partition.
-fn encoded(range: std::ops::Range<usize>, partitions: u32, offset: i64) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
-    let (k, v) = (AvroCodec::parse(KEY_SCHEMA).unwrap(), AvroCodec::parse(VALUE_SCHEMA).unwrap());
+fn encoded(
+    range: std::ops::Range<usize>,
+    partitions: u32,
+    offset: i64,
+) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+    let (k, v) = (
+        AvroCodec::parse(KEY_SCHEMA).unwrap(),
+        AvroCodec::parse(VALUE_SCHEMA).unwrap(),
+    );
     let mut out = vec![Vec::new(); partitions as usize];
     for i in range {
         let key = k.encode(&Value::String(key_of(i)), "key").unwrap();
-        let value = v.encode(&Value::Record(vec![("n".into(), Value::Long(i as i64 + offset))]), "value").unwrap();
+        let value = v
+            .encode(
+                &Value::Record(vec![("n".into(), Value::Long(i as i64 + offset))]),
+                "value",
+            )
+            .unwrap();
         out[partition_for_key(&key, partitions) as usize].push((key, value));
     }
     out
 }
 
-async fn send_all(cluster: &Cluster, topic: &str, partition: u32, envelopes: Vec<Envelope>) -> Result<()> {
+async fn send_all(
+    cluster: &Cluster,
+    topic: &str,
+    partition: u32,
+    envelopes: Vec<Envelope>,
+) -> Result<()> {
     let mut deliveries = Vec::new();
     for e in envelopes {
-        deliveries.push(cluster.pubsub.send(topic, partition, &[], &e.encode()).await?);
+        deliveries.push(
+            cluster
+                .pubsub
+                .send(topic, partition, &[], &e.encode())
+                .await?,
+        );
     }
     for d in deliveries {
         d.await?;
@@ -43,7 +66,12 @@ async fn send_all(cluster: &Cluster, topic: &str, partition: u32, envelopes: Vec
     Ok(())
 }
 
-async fn replica_records(cluster: &Cluster, store: &str, version: u32, node: &str) -> Result<Vec<ReplicaRecord>> {
+async fn replica_records(
+    cluster: &Cluster,
+    store: &str,
+    version: u32,
+    node: &str,
+) -> Result<Vec<ReplicaRecord>> {
     let prefix = Layout::new(DEFAULT_ROOT).version_replicas_prefix(store, version);
     let (kvs, _) = cluster.meta.list(&prefix).await?;
     Ok(kvs
@@ -58,45 +86,75 @@ async fn restart_mid_bootstrap_resumes_from_checkpoint() -> Result<()> {
     const PARTITIONS: u32 = 4;
     let mut cluster = Cluster::start(3).await?;
     // RF 3 on 3 servers: server-1 hosts every partition.
-    cluster.create_store("resume", KEY_SCHEMA, VALUE_SCHEMA, PARTITIONS, 3).await?;
-    let start = cluster.admin().start_push("resume", &StartPushRequest::default()).await?;
+    cluster
+        .create_store("resume", KEY_SCHEMA, VALUE_SCHEMA, PARTITIONS, 3)
+        .await?;
+    let start = cluster
+        .admin()
+        .start_push("resume", &StartPushRequest::default())
+        .await?;
     let guid = *b"resume-test-guid";
-    let mut writers: Vec<PartitionWriter> = (0..PARTITIONS).map(|_| PartitionWriter::new(guid)).collect();
+    let mut writers: Vec<PartitionWriter> = (0..PARTITIONS)
+        .map(|_| PartitionWriter::new(guid))
+        .collect();
     let first_half = encoded(0..2_000, PARTITIONS, 0);
     for (p, w) in writers.iter_mut().enumerate() {
         let mut envelopes = vec![
             w.start_segment(),
-            w.control(ControlMessage::StartOfPush { sorted: true, codec: CompressionCodec::None, dictionary: vec![] }),
+            w.control(ControlMessage::StartOfPush {
+                sorted: true,
+                codec: CompressionCodec::None,
+                dictionary: vec![],
+            }),
         ];
-        envelopes.extend(first_half[p].iter().map(|(k, v)| w.put(k.clone(), 1, v.clone())));
+        envelopes.extend(
+            first_half[p]
+                .iter()
+                .map(|(k, v)| w.put(k.clone(), 1, v.clone())),
+        );
         send_all(&cluster, &start.topic, p as u32, envelopes).await?;
     }
     // Wait until server-1 has checkpointed everything written so far, then stop it.
-    let expected: Vec<i64> = first_half.iter().map(|recs| recs.len() as i64 + 2).collect();
-    wait_until(Duration::from_secs(30), "server-1 ingests the first half", || {
-        let cluster = &cluster;
-        let expected = expected.clone();
-        async move {
-            let records = replica_records(cluster, "resume", start.version, "server-1").await?;
-            let total: i64 = records.iter().map(|r| r.offset).sum();
-            Ok(records.len() == PARTITIONS as usize && total == expected.iter().sum::<i64>())
-        }
-    })
+    let expected: Vec<i64> = first_half
+        .iter()
+        .map(|recs| recs.len() as i64 + 2)
+        .collect();
+    wait_until(
+        Duration::from_secs(30),
+        "server-1 ingests the first half",
+        || {
+            let cluster = &cluster;
+            let expected = expected.clone();
+            async move {
+                let records = replica_records(cluster, "resume", start.version, "server-1").await?;
+                let total: i64 = records.iter().map(|r| r.offset).sum();
+                Ok(records.len() == PARTITIONS as usize && total == expected.iter().sum::<i64>())
+            }
+        },
+    )
     .await?;
     cluster.stop_server(1).await?;
 
     let second_half = encoded(2_000..4_000, PARTITIONS, 0);
     for (p, w) in writers.iter_mut().enumerate() {
-        let mut envelopes: Vec<Envelope> = second_half[p].iter().map(|(k, v)| w.put(k.clone(), 1, v.clone())).collect();
+        let mut envelopes: Vec<Envelope> = second_half[p]
+            .iter()
+            .map(|(k, v)| w.put(k.clone(), 1, v.clone()))
+            .collect();
         envelopes.push(w.control(ControlMessage::EndOfPush));
         envelopes.push(w.end_segment());
         send_all(&cluster, &start.topic, p as u32, envelopes).await?;
     }
-    cluster.admin().push_written("resume", start.version).await?;
+    cluster
+        .admin()
+        .push_written("resume", start.version)
+        .await?;
     cluster.restart_server(1).await?;
     wait_until(Duration::from_secs(60), "version 1 live", || {
         let admin = cluster.admin();
-        async move { Ok(admin.describe_version("resume", 1).await?.record.status == VersionStatus::Online) }
+        async move {
+            Ok(admin.describe_version("resume", 1).await?.record.status == VersionStatus::Online)
+        }
     })
     .await?;
     let records = replica_records(&cluster, "resume", 1, "server-1").await?;
@@ -105,7 +163,10 @@ async fn restart_mid_bootstrap_resumes_from_checkpoint() -> Result<()> {
     resumed.sort_unstable();
     let mut want = expected.clone();
     want.sort_unstable();
-    assert_eq!(resumed, want, "server-1 must resume exactly at its checkpoints, not at offset 0");
+    assert_eq!(
+        resumed, want,
+        "server-1 must resume exactly at its checkpoints, not at offset 0"
+    );
 
     // Only server-1 up for reads of partition data it resumed: stop the others and read all.
     cluster.stop_server(0).await?;
@@ -114,18 +175,28 @@ async fn restart_mid_bootstrap_resumes_from_checkpoint() -> Result<()> {
     let keys: Vec<Value> = (0..4_000).map(|i| Value::String(key_of(i))).collect();
     let values = client.batch_get(&keys).await?;
     for (i, v) in values.iter().enumerate() {
-        let v = v.as_ref().with_context(|| format!("{} missing after resume", key_of(i)))?;
+        let v = v
+            .as_ref()
+            .with_context(|| format!("{} missing after resume", key_of(i)))?;
         assert_eq!(to_json(v)["n"], i as i64);
     }
     cluster.shutdown().await
 }
 
 /// Sends one raw HTTP/2 request and returns (status, error code header, body).
-async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, Option<u16>, Vec<u8>)> {
+async fn raw_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Option<u16>, Vec<u8>)> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let (mut send, conn) = h2::client::handshake(tcp).await?;
     tokio::spawn(conn);
-    let request = http::Request::builder().method(method).uri(format!("http://{addr}{path}")).body(())?;
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .body(())?;
     let (response, mut stream) = send.send_request(request, body.is_empty())?;
     if !body.is_empty() {
         stream.send_data(Bytes::from(body), true)?;
@@ -151,7 +222,9 @@ async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, body:
 async fn bad_input_gets_clear_errors_and_never_changes_served_data() -> Result<()> {
     const PARTITIONS: u32 = 4;
     let cluster = Cluster::start(3).await?;
-    cluster.create_store("guarded", KEY_SCHEMA, VALUE_SCHEMA, PARTITIONS, 3).await?;
+    cluster
+        .create_store("guarded", KEY_SCHEMA, VALUE_SCHEMA, PARTITIONS, 3)
+        .await?;
     let dir = tempfile::tempdir()?;
     let good = dir.path().join("good.jsonl");
     write_json_dataset(&good, 1_000, |i| serde_json::json!({"n": i}))?;
@@ -161,7 +234,9 @@ async fn bad_input_gets_clear_errors_and_never_changes_served_data() -> Result<(
     let check_v1 = || async {
         let values = client.batch_get(&keys).await?;
         for (i, v) in values.iter().enumerate() {
-            let v = v.as_ref().with_context(|| format!("{} missing", key_of(i)))?;
+            let v = v
+                .as_ref()
+                .with_context(|| format!("{} missing", key_of(i)))?;
             anyhow::ensure!(to_json(v)["n"] == i as i64, "{} changed", key_of(i));
         }
         Ok::<_, anyhow::Error>(())
@@ -175,13 +250,48 @@ async fn bad_input_gets_clear_errors_and_never_changes_served_data() -> Result<(
     let mut too_many = vec![wire::BATCH_GET_FORMAT];
     too_many.extend_from_slice(&1_000_000u32.to_be_bytes());
     let cases: Vec<(&str, String, Vec<u8>, ErrorCode)> = vec![
-        ("POST", wire::batch_get_path("guarded", 1), b"\xff garbage".to_vec(), ErrorCode::UnsupportedProtocol),
-        ("POST", wire::batch_get_path("guarded", 1), vec![wire::BATCH_GET_FORMAT, 0, 0], ErrorCode::BadRequest),
-        ("POST", wire::batch_get_path("guarded", 1), too_many, ErrorCode::TooManyKeys),
-        ("POST", wire::get_path("nostore", 1, 0), key.clone(), ErrorCode::UnknownStore),
-        ("POST", wire::get_path("guarded", 99, partition), key.clone(), ErrorCode::UnknownVersion),
-        ("POST", wire::get_path("guarded", 1, 77), key.clone(), ErrorCode::PartitionNotServed),
-        ("POST", wire::get_path("guarded", 1, partition), b"absent".to_vec(), ErrorCode::KeyNotFound),
+        (
+            "POST",
+            wire::batch_get_path("guarded", 1),
+            b"\xff garbage".to_vec(),
+            ErrorCode::UnsupportedProtocol,
+        ),
+        (
+            "POST",
+            wire::batch_get_path("guarded", 1),
+            vec![wire::BATCH_GET_FORMAT, 0, 0],
+            ErrorCode::BadRequest,
+        ),
+        (
+            "POST",
+            wire::batch_get_path("guarded", 1),
+            too_many,
+            ErrorCode::TooManyKeys,
+        ),
+        (
+            "POST",
+            wire::get_path("nostore", 1, 0),
+            key.clone(),
+            ErrorCode::UnknownStore,
+        ),
+        (
+            "POST",
+            wire::get_path("guarded", 99, partition),
+            key.clone(),
+            ErrorCode::UnknownVersion,
+        ),
+        (
+            "POST",
+            wire::get_path("guarded", 1, 77),
+            key.clone(),
+            ErrorCode::PartitionNotServed,
+        ),
+        (
+            "POST",
+            wire::get_path("guarded", 1, partition),
+            b"absent".to_vec(),
+            ErrorCode::KeyNotFound,
+        ),
         ("GET", "/v1/nonsense".into(), vec![], ErrorCode::NotFound),
     ];
     for (method, path, body, want) in cases {
@@ -192,33 +302,61 @@ async fn bad_input_gets_clear_errors_and_never_changes_served_data() -> Result<(
         assert_eq!(err.code, want, "{method} {path}: {}", err.message);
         assert!(!err.message.is_empty());
     }
-    let (status, _, body) = raw_request(addr, "POST", &wire::get_path("guarded", 1, partition), key).await?;
-    assert_eq!(status, 200, "server-0 still serves after malformed requests");
+    let (status, _, body) =
+        raw_request(addr, "POST", &wire::get_path("guarded", 1, partition), key).await?;
+    assert_eq!(
+        status, 200,
+        "server-0 still serves after malformed requests"
+    );
     assert_eq!(wire::StoredValue::decode(&body)?.0, 1);
 
     // A record that does not match the schema fails the push before a version is allocated.
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"b\",\"value\":{\"n\":\"two\"}}\n")?;
+    std::fs::write(
+        &bad,
+        "{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"b\",\"value\":{\"n\":\"two\"}}\n",
+    )?;
     let err = cluster.push("guarded", &bad).await.unwrap_err();
-    assert!(matches!(err, PushError::BadRecord { record: 2, .. }), "{err}");
+    assert!(
+        matches!(err, PushError::BadRecord { record: 2, .. }),
+        "{err}"
+    );
     // Two values for one key fail the push too.
     let dup = dir.path().join("dup.jsonl");
-    std::fs::write(&dup, "{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"a\",\"value\":{\"n\":2}}\n")?;
+    std::fs::write(
+        &dup,
+        "{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"a\",\"value\":{\"n\":2}}\n",
+    )?;
     let err = cluster.push("guarded", &dup).await.unwrap_err();
     assert!(matches!(err, PushError::DuplicateKey { .. }), "{err}");
     let store = cluster.admin().describe_store("guarded").await?.store;
-    assert_eq!((store.current_version, store.largest_version), (Some(1), 1), "bad datasets allocate no version");
+    assert_eq!(
+        (store.current_version, store.largest_version),
+        (Some(1), 1),
+        "bad datasets allocate no version"
+    );
 
     // A corrupt envelope on the topic: the replicas go to ERROR, the version fails, v1 serves on.
-    let start = cluster.admin().start_push("guarded", &StartPushRequest::default()).await?;
+    let start = cluster
+        .admin()
+        .start_push("guarded", &StartPushRequest::default())
+        .await?;
     let records = encoded(0..400, PARTITIONS, 1_000_000);
     for p in 0..PARTITIONS {
         let mut w = PartitionWriter::new(*b"corrupt-test-gid");
         let mut envelopes = vec![
             w.start_segment(),
-            w.control(ControlMessage::StartOfPush { sorted: true, codec: CompressionCodec::None, dictionary: vec![] }),
+            w.control(ControlMessage::StartOfPush {
+                sorted: true,
+                codec: CompressionCodec::None,
+                dictionary: vec![],
+            }),
         ];
-        envelopes.extend(records[p as usize].iter().map(|(k, v)| w.put(k.clone(), 1, v.clone())));
+        envelopes.extend(
+            records[p as usize]
+                .iter()
+                .map(|(k, v)| w.put(k.clone(), 1, v.clone())),
+        );
         envelopes.push(w.control(ControlMessage::EndOfPush));
         envelopes.push(w.end_segment());
         let mut encoded: Vec<Vec<u8>> = envelopes.iter().map(Envelope::encode).collect();
@@ -235,25 +373,48 @@ async fn bad_input_gets_clear_errors_and_never_changes_served_data() -> Result<(
             d.await?;
         }
     }
-    cluster.admin().push_written("guarded", start.version).await?;
+    cluster
+        .admin()
+        .push_written("guarded", start.version)
+        .await?;
     wait_until(Duration::from_secs(60), "version 2 failed", || {
         let admin = cluster.admin();
         async move {
-            Ok(matches!(admin.describe_version("guarded", 2).await?.record.status, VersionStatus::Failed { .. }))
+            Ok(matches!(
+                admin.describe_version("guarded", 2).await?.record.status,
+                VersionStatus::Failed { .. }
+            ))
         }
     })
     .await?;
-    let VersionStatus::Failed { reason } = cluster.admin().describe_version("guarded", 2).await?.record.status else {
+    let VersionStatus::Failed { reason } = cluster
+        .admin()
+        .describe_version("guarded", 2)
+        .await?
+        .record
+        .status
+    else {
         anyhow::bail!("version 2 left the failed state");
     };
-    assert!(reason.contains("corrupt") || reason.contains("checksum"), "failure reason should name the corruption: {reason}");
+    assert!(
+        reason.contains("corrupt") || reason.contains("checksum"),
+        "failure reason should name the corruption: {reason}"
+    );
     let store = cluster.admin().describe_store("guarded").await?.store;
-    assert_eq!(store.current_version, Some(1), "a failed version never goes live");
+    assert_eq!(
+        store.current_version,
+        Some(1),
+        "a failed version never goes live"
+    );
     check_v1().await?;
     for i in 0..cluster.server_count() {
         let addr = cluster.server_address(i).expect("running");
         let (status, _, body) = raw_request(addr, "GET", "/health", vec![]).await?;
-        assert_eq!((status, body.as_slice()), (200, &b"ok"[..]), "server-{i} healthy after the corrupt topic");
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"ok"[..]),
+            "server-{i} healthy after the corrupt topic"
+        );
     }
     cluster.shutdown().await
 }
