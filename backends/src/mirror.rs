@@ -77,26 +77,29 @@ async fn follow(
     loop {
         match meta.watch(&prefix, revision + 1).await {
             Ok(mut stream) => loop {
-                match stream.next().await {
-                    Ok(Some(events)) => {
-                        let mut m = map.write().await;
-                        for e in events {
-                            match e {
-                                WatchEvent::Put(kv) => {
-                                    revision = revision.max(kv.mod_revision);
-                                    m.insert(kv.key, kv.value);
-                                }
-                                WatchEvent::Delete { key, mod_revision } => {
-                                    revision = revision.max(mod_revision);
-                                    m.remove(&key);
-                                }
-                            }
-                        }
-                        drop(m);
-                        bump(&generation);
+                let events = match stream.next().await {
+                    Ok(Some(events)) => events,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(%prefix, error = %e, "watch ended; re-listing");
+                        break;
                     }
-                    Ok(None) | Err(_) => break,
+                };
+                let mut m = map.write().await;
+                for e in events {
+                    match e {
+                        WatchEvent::Put(kv) => {
+                            revision = revision.max(kv.mod_revision);
+                            m.insert(kv.key, kv.value);
+                        }
+                        WatchEvent::Delete { key, mod_revision } => {
+                            revision = revision.max(mod_revision);
+                            m.remove(&key);
+                        }
+                    }
                 }
+                drop(m);
+                bump(&generation);
             },
             Err(e) => tracing::warn!(%prefix, error = %e, "watch failed; re-listing"),
         }

@@ -157,8 +157,11 @@ impl Cluster {
         init_logging();
         let services = Services::start()?;
         let meta: Arc<dyn MetaStore> = Arc::new(
-            EtcdMetaStore::connect(&[services.etcd_endpoint.clone()], Duration::from_secs(10))
-                .await?,
+            EtcdMetaStore::connect(
+                std::slice::from_ref(&services.etcd_endpoint),
+                Duration::from_secs(10),
+            )
+            .await?,
         );
         let pubsub: Arc<dyn PubSub> = Arc::new(KafkaPubSub::new(KafkaConfig {
             bootstrap_servers: services.kafka_bootstrap.clone(),
@@ -223,7 +226,7 @@ impl Cluster {
     }
 
     pub fn admin(&self) -> AdminClient {
-        AdminClient::new(&self.controller_url())
+        AdminClient::new(self.controller_url())
     }
 
     /// Address of server `i` while it runs.
