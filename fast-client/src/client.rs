@@ -1,46 +1,51 @@
-//! The read paths: single get and batch-get, with replica rotation, failover and deadlines.
+//! The read paths: single get (with least-loaded replica choice and long-tail retry) and the
+//! batch-get entry points, which run on the streaming engine in [`crate::stream`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rialto_backends::MetaStore;
 use rialto_protocol::avro::{AvroError, Value};
 use rialto_protocol::meta::Layout;
 use rialto_protocol::partitioner::partition_for_key;
-use rialto_protocol::wire::{self, BatchGetRequest, ErrorBody, StoredValue};
+use rialto_protocol::wire::{self, ErrorBody, StoredValue};
 use rialto_protocol::ErrorCode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::ClientError;
+use crate::hedge::{Hedger, RequestKind};
+use crate::instances::{count_block, Instances};
 use crate::metadata::{self, Codecs, Mirrors};
 use crate::pool::ConnectionPool;
-use crate::response::{BatchResponseDecoder, KeyAnswer, RawValue};
+use crate::response::RawValue;
 use crate::routing::{Replica, RoutingTable};
 use crate::stats::{ClientStats, Counters};
+use crate::stream::{self, BatchEvent, Completeness, RawBatchStream};
 use crate::{ClientConfig, BATCH_GET_KEYS_MAX};
 
 /// Largest single-get response body the client accepts: a value, its schema id, and slack.
 const GET_RESPONSE_BYTES_MAX: usize = rialto_protocol::envelope::VALUE_BYTES_MAX + 64 * 1024;
 /// Largest error-response body the client reads.
-const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
-/// Largest batch-get request body the client sends (the servers' default limit).
-const BATCH_REQUEST_BYTES_MAX: usize = wire::REQUEST_BYTES_MAX;
-/// Attempts per key of a batch-get: the first replica, then one other.
-const BATCH_ATTEMPTS: usize = 2;
+pub(crate) const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
+/// How long the client waits for connections to new servers before routing to them.
+const WARM_WAIT: Duration = Duration::from_secs(1);
 
-/// State shared by the client handles and the metadata follower.
+/// State shared by the client handles, the metadata follower and the health prober.
 pub(crate) struct Shared {
     pub(crate) store: String,
     pub(crate) layout: Layout,
     pub(crate) request_timeout: Duration,
+    pub(crate) group_routing: bool,
     pub(crate) routing: watch::Sender<Arc<RoutingTable>>,
     pub(crate) codecs: RwLock<Arc<Codecs>>,
     pub(crate) pool: Arc<ConnectionPool>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) instances: Instances,
+    pub(crate) hedger: Hedger,
     rotation: AtomicUsize,
 }
 
@@ -57,22 +62,30 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
 
-/// Aborts the metadata follower when the last client handle is dropped.
-struct FollowerTask(tokio::task::JoinHandle<()>);
-
-impl Drop for FollowerTask {
-    fn drop(&mut self) {
-        self.0.abort();
+    /// A rotating number that spreads ties between equally loaded replicas and groups.
+    pub(crate) fn next_rotation(&self) -> usize {
+        self.rotation.fetch_add(1, Ordering::Relaxed)
     }
 }
 
-/// A connected reader of one store. Cheap to clone; clones share connections and routing.
+/// Aborts the background tasks (metadata follower, health prober) when the last handle drops.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// A connected reader of one store. Cheap to clone; clones share connections, routing, load and
+/// health tracking and the retry budget.
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
-    _follower: Arc<FollowerTask>,
+    _background: Arc<Background>,
 }
 
 /// Where one key goes.
@@ -82,15 +95,6 @@ struct Route<'t> {
     replicas: &'t [Replica],
 }
 
-/// Progress of one key of a batch-get.
-enum KeyState {
-    Pending,
-    Done(Option<RawValue>),
-    /// Failed on one replica in a way another replica may not: retry there.
-    Retry(Arc<String>),
-    Failed,
-}
-
 impl Client {
     /// Connects to the metadata of `config.store` and starts following it.
     ///
@@ -98,7 +102,8 @@ impl Client {
     /// [`ClientError::Schema`] when its key schema does not parse, with
     /// [`ClientError::Metadata`] when etcd cannot be read. A store without a current version is
     /// not an error here (reads report [`ClientError::NoCurrentVersion`]); `config.routing_wait`
-    /// bounds how long this call waits for one.
+    /// bounds how long this call waits for one. Connections to every serving server are opened
+    /// before this returns (waiting at most one second for them).
     pub async fn connect(
         config: ClientConfig,
         meta: Arc<dyn MetaStore>,
@@ -124,17 +129,21 @@ impl Client {
             store: config.store.clone(),
             layout,
             request_timeout: config.request_timeout,
+            group_routing: config.group_routing,
             routing,
             codecs: RwLock::new(Arc::new(codecs)),
             pool,
             counters,
+            instances: Instances::new(config.health.clone()),
+            hedger: Hedger::new(config.long_tail.clone()),
             rotation: AtomicUsize::new(0),
         });
-        metadata::warm(&shared, addresses);
+        metadata::warm(&shared, addresses, WARM_WAIT).await;
         let follower = tokio::spawn(metadata::follow(shared.clone(), mirrors));
+        let prober = tokio::spawn(probe_blocked(Arc::downgrade(&shared)));
         let client = Client {
             shared,
-            _follower: Arc::new(FollowerTask(follower)),
+            _background: Arc::new(Background(vec![follower, prober])),
         };
         if !config.routing_wait.is_zero() {
             let mut routing = client.shared.routing.subscribe();
@@ -170,8 +179,8 @@ impl Client {
     }
 
     /// Reads many keys; the result has one entry per key, in the order of `keys` (duplicates
-    /// allowed). Keys that fail on one replica are retried once on another; keys that still fail
-    /// make the call return [`ClientError::Incomplete`].
+    /// allowed). Keys that fail on one replica are retried on another; keys that still fail make
+    /// the call return [`ClientError::Incomplete`]. Built on [`Client::batch_get_stream_raw`].
     pub async fn batch_get(&self, keys: &[Value]) -> Result<Vec<Option<Value>>, ClientError> {
         check_batch_size(keys.len())?;
         let codecs = self.shared.codecs();
@@ -190,14 +199,43 @@ impl Client {
         &self,
         keys: &[Vec<u8>],
     ) -> Result<Vec<Option<RawValue>>, ClientError> {
-        check_batch_size(keys.len())?;
-        Counters::add(&self.shared.counters.keys_requested, keys.len() as u64);
-        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        let result = self.batch_get_inner(&keys).await;
+        let mut stream = self.batch_get_stream_raw(keys)?;
+        let mut values: Vec<Option<RawValue>> = vec![None; keys.len()];
+        while let Some(event) = stream.next().await {
+            match event {
+                BatchEvent::Record { index, value, .. } => {
+                    if let Some(slot) = values.get_mut(index) {
+                        *slot = value;
+                    }
+                }
+                BatchEvent::Done(done) => return complete(values, done),
+            }
+        }
+        Err(ClientError::Protocol(
+            "batch-get stream ended without its completion status".into(),
+        ))
+    }
+
+    /// Streaming batch-get of serialized Avro keys: a [`Stream`](futures::Stream) of
+    /// [`BatchEvent::Record`]s in the order servers answer, ending with [`BatchEvent::Done`],
+    /// whose [`Completeness`] lists the keys that failed or timed out. Records arrive while the
+    /// rest of the response is still on the wire; at `request_timeout` the stream ends with what
+    /// it has. Fails up front for an unknown store, a store without a current version, or too
+    /// many keys.
+    pub fn batch_get_stream_raw(&self, keys: &[Vec<u8>]) -> Result<RawBatchStream, ClientError> {
+        let result = self.start_stream(keys);
         if let Err(e) = &result {
             self.count_error(e);
         }
         result
+    }
+
+    fn start_stream(&self, keys: &[Vec<u8>]) -> Result<RawBatchStream, ClientError> {
+        check_batch_size(keys.len())?;
+        Counters::add(&self.shared.counters.keys_requested, keys.len() as u64);
+        let table = self.shared.table();
+        let version = self.version_of(&table)?;
+        Ok(stream::start(self.shared.clone(), table, version, keys))
     }
 
     /// The version reads go to now, from the live routing table.
@@ -212,7 +250,19 @@ impl Client {
 
     /// Counters since the client connected.
     pub fn stats(&self) -> ClientStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        stats.instances_blocked_now = self.shared.instances.blocked_count() as u64;
+        stats
+    }
+
+    /// The current long-tail retry threshold of single gets and of batch-get requests of `keys`
+    /// keys (they adapt to measured latency).
+    pub fn long_tail_thresholds(&self, keys: usize) -> (Duration, Duration) {
+        let hedger = &self.shared.hedger;
+        (
+            hedger.threshold(RequestKind::Get),
+            hedger.threshold(hedger.batch_kind(keys)),
+        )
     }
 
     fn count_error(&self, e: &ClientError) {
@@ -271,40 +321,102 @@ impl Client {
         })
     }
 
+    /// One get: the least-loaded replica first; a retryable error moves to the next untried
+    /// replica at once; a request still pending after the long-tail threshold is hedged to
+    /// another replica (within the retry budget, unless the timer fired late); first answer wins.
     async fn get_raw_inner(&self, key: &[u8]) -> Result<Option<RawValue>, ClientError> {
-        let table = self.shared.table();
+        let shared = &self.shared;
+        let table = shared.table();
         let route = self.route(&table, key)?;
-        let deadline = Instant::now() + self.shared.request_timeout;
-        let path = wire::get_path(&self.shared.store, route.version, route.partition);
+        let deadline = Instant::now() + shared.request_timeout;
+        let path = wire::get_path(&shared.store, route.version, route.partition);
         let body = Bytes::copy_from_slice(key);
-        let start = self.shared.rotation.fetch_add(1, Ordering::Relaxed);
-        let mut last_error = None;
-        for attempt in 0..route.replicas.len() {
-            let replica = &route.replicas[(start + attempt) % route.replicas.len()];
-            if attempt > 0 {
-                Counters::add(&self.shared.counters.retries, 1);
+        let rotation = shared.next_rotation();
+        let mut tried: u64 = 0;
+        let mut attempts = FuturesUnordered::new();
+        let mut last_address = String::new();
+        let launch = |index: usize, hedge: bool| {
+            let replica = &route.replicas[index];
+            let instance = shared.instances.of(replica);
+            let path = path.as_str();
+            let body = body.clone();
+            async move {
+                let _pending = instance.start();
+                let started = Instant::now();
+                let result = self.get_once(replica, path, body).await;
+                (instance.clone(), hedge, started.elapsed(), result)
             }
-            match tokio::time::timeout_at(deadline, self.get_once(replica, &path, body.clone()))
-                .await
-            {
-                Err(_) => {
+        };
+        let first = shared
+            .instances
+            .least_loaded(route.replicas, tried, rotation)
+            .unwrap_or(0);
+        tried |= 1 << first.min(63);
+        last_address.clone_from(&route.replicas[first].address);
+        shared.hedger.on_request();
+        attempts.push(launch(first, false));
+        let mut hedge_due = shared.hedger.due(RequestKind::Get, Instant::now());
+        loop {
+            tokio::select! {
+                Some((instance, hedge, elapsed, result)) = attempts.next() => match result {
+                    Ok(value) => {
+                        instance.succeeded();
+                        shared.hedger.record(RequestKind::Get, elapsed);
+                        if hedge {
+                            Counters::add(&shared.counters.long_tail_retries_won, 1);
+                        }
+                        return Ok(value);
+                    }
+                    Err(e) => {
+                        if let Some(failure) = stream::health_failure(&e) {
+                            let newly = instance.failed(failure, &shared.instances.config);
+                            count_block(&shared.counters, newly);
+                        }
+                        if !e.is_retryable() {
+                            return Err(e);
+                        }
+                        tracing::debug!(address = instance.address, error = %e, "get failed; trying another replica");
+                        if attempts.is_empty() {
+                            match shared.instances.least_loaded(route.replicas, tried, rotation) {
+                                Some(next) => {
+                                    tried |= 1 << next.min(63);
+                                    last_address.clone_from(&route.replicas[next].address);
+                                    Counters::add(&shared.counters.retries, 1);
+                                    attempts.push(launch(next, false));
+                                }
+                                None => return Err(e),
+                            }
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(hedge_due.unwrap_or(deadline)), if hedge_due.is_some() => {
+                    let due = hedge_due.take().unwrap_or(deadline);
+                    let now = Instant::now();
+                    let Some(next) = shared.instances.least_loaded(route.replicas, tried, rotation) else {
+                        continue;
+                    };
+                    if shared.hedger.is_late(due, now) {
+                        Counters::add(&shared.counters.long_tail_retries_late, 1);
+                    } else if !shared.hedger.try_take() {
+                        Counters::add(&shared.counters.long_tail_retries_over_budget, 1);
+                    } else {
+                        tried |= 1 << next.min(63);
+                        Counters::add(&shared.counters.long_tail_retries, 1);
+                        attempts.push(launch(next, true));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    for replica in route.replicas.iter().enumerate().filter(|(i, _)| tried & (1 << (*i).min(63)) != 0).map(|(_, r)| r) {
+                        let newly = shared.instances.of(replica).failed(crate::instances::Failure::Connection, &shared.instances.config);
+                        count_block(&shared.counters, newly);
+                    }
                     return Err(ClientError::Timeout {
-                        address: replica.address.clone(),
-                        after: self.shared.request_timeout,
-                    })
+                        address: last_address,
+                        after: shared.request_timeout,
+                    });
                 }
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(e)) if e.is_retryable() => {
-                    tracing::debug!(address = replica.address, error = %e, "get failed; trying another replica");
-                    last_error = Some(e);
-                }
-                Ok(Err(e)) => return Err(e),
             }
         }
-        Err(last_error.unwrap_or(ClientError::NoReplica {
-            partition: route.partition,
-            version: route.version,
-        }))
     }
 
     async fn get_once(
@@ -313,12 +425,16 @@ impl Client {
         path: &str,
         key: Bytes,
     ) -> Result<Option<RawValue>, ClientError> {
-        let (parts, mut body) = self.send(replica, path, key).await?;
+        let pool = &self.shared.pool;
+        let address = replica.address.as_str();
+        let (parts, mut body) = pool
+            .send(address, replica.tls, http::Method::POST, path, Some(key))
+            .await?;
         if parts.status != http::StatusCode::OK {
-            let bytes = self
-                .read_body(replica, &mut body, ERROR_BODY_BYTES_MAX)
+            let bytes = pool
+                .read_body(address, &mut body, ERROR_BODY_BYTES_MAX)
                 .await?;
-            return match error_response(&replica.address, &parts, &bytes) {
+            return match error_response(address, &parts, &bytes) {
                 ClientError::Server {
                     code: ErrorCode::KeyNotFound,
                     ..
@@ -326,319 +442,65 @@ impl Client {
                 e => Err(e),
             };
         }
-        let bytes = self
-            .read_body(replica, &mut body, GET_RESPONSE_BYTES_MAX)
+        let bytes = pool
+            .read_body(address, &mut body, GET_RESPONSE_BYTES_MAX)
             .await?;
-        let (schema_id, _) = StoredValue::decode(&bytes).map_err(|e| {
-            ClientError::Protocol(format!("get response from {}: {e}", replica.address))
-        })?;
+        let (schema_id, _) = StoredValue::decode(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("get response from {address}: {e}")))?;
         Ok(Some(RawValue {
             schema_id,
             bytes: bytes.slice(4..),
         }))
     }
+}
 
-    /// Sends one POST with `body` and waits for the response head.
-    async fn send(
-        &self,
-        replica: &Replica,
-        path: &str,
-        body: Bytes,
-    ) -> Result<(http::response::Parts, h2::RecvStream), ClientError> {
-        Counters::add(&self.shared.counters.requests, 1);
-        let sender = self
-            .shared
-            .pool
-            .sender(&replica.address, replica.tls)
-            .await?;
-        let mut sender = sender
-            .ready()
-            .await
-            .map_err(|e| self.h2_failure(replica, e))?;
-        let scheme = if replica.tls { "https" } else { "http" };
-        let request = http::Request::builder()
-            .method(http::Method::POST)
-            .uri(format!("{scheme}://{}{path}", replica.address))
-            .body(())
-            .map_err(|e| {
-                ClientError::Protocol(format!(
-                    "could not build a request to {}: {e}",
-                    replica.address
-                ))
-            })?;
-        let (response, mut stream) = sender
-            .send_request(request, false)
-            .map_err(|e| self.h2_failure(replica, e))?;
-        stream
-            .send_data(body, true)
-            .map_err(|e| self.h2_failure(replica, e))?;
-        let response = response.await.map_err(|e| self.h2_failure(replica, e))?;
-        Ok(response.into_parts())
+/// The result of a batch-get from its values and completion status.
+fn complete(
+    values: Vec<Option<RawValue>>,
+    done: Completeness,
+) -> Result<Vec<Option<RawValue>>, ClientError> {
+    if done.is_complete() {
+        return Ok(values);
     }
+    Err(ClientError::Incomplete {
+        failed_keys: done.failed.len().max(done.keys_total - done.keys_answered),
+        first_error: done
+            .failed
+            .first()
+            .map(|f| f.error.clone())
+            .unwrap_or_default(),
+    })
+}
 
-    fn h2_failure(&self, replica: &Replica, e: h2::Error) -> ClientError {
-        if e.is_io() || e.is_go_away() {
-            self.shared.pool.invalidate(&replica.address);
-        }
-        ClientError::Unreachable {
-            address: replica.address.clone(),
-            detail: format!("HTTP/2 request failed: {e}"),
-        }
-    }
-
-    /// Reads a whole response body of at most `bytes_max` bytes.
-    async fn read_body(
-        &self,
-        replica: &Replica,
-        body: &mut h2::RecvStream,
-        bytes_max: usize,
-    ) -> Result<Bytes, ClientError> {
-        let mut first: Option<Bytes> = None;
-        let mut joined = BytesMut::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.map_err(|e| self.h2_failure(replica, e))?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            let len = first.as_ref().map_or(0, Bytes::len) + joined.len() + chunk.len();
-            if len > bytes_max {
-                return Err(ClientError::Protocol(format!(
-                    "response from {} is larger than {bytes_max} bytes",
-                    replica.address
-                )));
-            }
-            match first.take() {
-                None if joined.is_empty() => first = Some(chunk),
-                None => joined.extend_from_slice(&chunk),
-                Some(f) => {
-                    joined.extend_from_slice(&f);
-                    joined.extend_from_slice(&chunk);
+/// Probes blocked servers whose backoff ended (`GET /health`) until the client is dropped.
+async fn probe_blocked(shared: std::sync::Weak<Shared>) {
+    loop {
+        let interval = match shared.upgrade() {
+            Some(shared) => {
+                for instance in shared.instances.due_for_probe() {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let timeout = shared.instances.config.probe_timeout;
+                        let probe = shared.pool.send(
+                            &instance.address,
+                            instance.tls,
+                            http::Method::GET,
+                            wire::HEALTH_PATH,
+                            None,
+                        );
+                        let healthy = matches!(
+                            tokio::time::timeout(timeout, probe).await,
+                            Ok(Ok((parts, _))) if parts.status == http::StatusCode::OK
+                        );
+                        tracing::debug!(address = instance.address, healthy, "health probe");
+                        shared.instances.probed(&instance, healthy);
+                    });
                 }
+                shared.instances.config.probe_interval
             }
-        }
-        Ok(first.unwrap_or_else(|| joined.freeze()))
-    }
-
-    async fn batch_get_inner(&self, keys: &[&[u8]]) -> Result<Vec<Option<RawValue>>, ClientError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let table = self.shared.table();
-        let version = self.version_of(&table)?;
-        let deadline = Instant::now() + self.shared.request_timeout;
-        let path = wire::batch_get_path(&self.shared.store, version);
-        let partition_count = table.partitions.len() as u32;
-        let partitions_of_keys: Vec<u32> = keys
-            .iter()
-            .map(|k| {
-                if partition_count == 0 {
-                    0
-                } else {
-                    partition_for_key(k, partition_count)
-                }
-            })
-            .collect();
-        let partitions = partitions_of_keys.as_slice();
-        let rotation = self.shared.rotation.fetch_add(1, Ordering::Relaxed);
-        let mut states: Vec<KeyState> = (0..keys.len()).map(|_| KeyState::Pending).collect();
-        let mut failed_keys = 0usize;
-        let mut first_error: Option<String> = None;
-        let mut fail = |state: &mut KeyState, error: &dyn Fn() -> String| {
-            *state = KeyState::Failed;
-            failed_keys += 1;
-            if first_error.is_none() {
-                first_error = Some(error());
-            }
+            None => return,
         };
-
-        for attempt in 0..BATCH_ATTEMPTS {
-            // Plan: one replica per partition (rotating per call), one request per server.
-            let mut by_server: HashMap<&str, (&Replica, Vec<usize>)> = HashMap::new();
-            for (index, state) in states.iter_mut().enumerate() {
-                let previous_error = match state {
-                    KeyState::Pending => None,
-                    KeyState::Retry(e) => Some(e.clone()),
-                    _ => continue,
-                };
-                let partition = partitions[index];
-                let replicas = table
-                    .partitions
-                    .get(partition as usize)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]);
-                if replicas.is_empty() {
-                    fail(state, &|| {
-                        ClientError::NoReplica { partition, version }.to_string()
-                    });
-                    continue;
-                }
-                if attempt > 0 && replicas.len() < 2 {
-                    let e = previous_error.clone();
-                    fail(state, &|| {
-                        format!(
-                            "{} (no other replica of partition {partition} to retry on)",
-                            e.as_deref().map_or("", |s| s.as_str())
-                        )
-                    });
-                    continue;
-                }
-                *state = KeyState::Pending;
-                let replica = &replicas[(rotation + partition as usize + attempt) % replicas.len()];
-                by_server
-                    .entry(replica.address.as_str())
-                    .or_insert_with(|| (replica, Vec::new()))
-                    .1
-                    .push(index);
-            }
-            if by_server.is_empty() {
-                break;
-            }
-            let requests: Vec<(&Replica, Vec<usize>)> = by_server
-                .into_values()
-                .flat_map(|(replica, indices)| {
-                    split_by_request_size(keys, indices)
-                        .into_iter()
-                        .map(move |i| (replica, i))
-                })
-                .collect();
-            if attempt > 0 {
-                Counters::add(&self.shared.counters.retries, requests.len() as u64);
-            }
-            let outcomes = futures::future::join_all(requests.iter().map(|(replica, indices)| {
-                let path = path.as_str();
-                async move {
-                    let mut answers = Vec::with_capacity(indices.len());
-                    let sent = tokio::time::timeout_at(
-                        deadline,
-                        self.batch_once(replica, path, keys, partitions, indices, &mut |i, a| {
-                            answers.push((i, a))
-                        }),
-                    )
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ClientError::Timeout {
-                            address: replica.address.clone(),
-                            after: self.shared.request_timeout,
-                        })
-                    });
-                    (answers, sent)
-                }
-            }))
-            .await;
-
-            for ((replica, indices), (answers, sent)) in requests.iter().zip(outcomes) {
-                let mut server_error: Option<Arc<String>> = None;
-                for (index, answer) in answers {
-                    match answer {
-                        KeyAnswer::Found(value) => states[index] = KeyState::Done(Some(value)),
-                        KeyAnswer::Missing => states[index] = KeyState::Done(None),
-                        KeyAnswer::Failed(code) => {
-                            let message = server_error
-                                .get_or_insert_with(|| {
-                                    Arc::new(
-                                        ClientError::Server {
-                                            address: replica.address.clone(),
-                                            code,
-                                            message: "the server could not answer this key".into(),
-                                        }
-                                        .to_string(),
-                                    )
-                                })
-                                .clone();
-                            if code.retryable() && attempt + 1 < BATCH_ATTEMPTS {
-                                states[index] = KeyState::Retry(message);
-                            } else {
-                                fail(&mut states[index], &|| message.to_string());
-                            }
-                        }
-                    }
-                }
-                let (retryable, message) = match &sent {
-                    Ok(()) => (
-                        true,
-                        Arc::new(format!(
-                            "{} did not answer every key of its batch-get",
-                            replica.address
-                        )),
-                    ),
-                    Err(e) => (e.is_retryable(), Arc::new(e.to_string())),
-                };
-                if let Err(e) = &sent {
-                    tracing::debug!(address = replica.address, error = %e, "batch-get request failed");
-                }
-                for &index in indices {
-                    if matches!(states[index], KeyState::Pending) {
-                        if retryable && attempt + 1 < BATCH_ATTEMPTS {
-                            states[index] = KeyState::Retry(message.clone());
-                        } else {
-                            fail(&mut states[index], &|| message.to_string());
-                        }
-                    }
-                }
-            }
-        }
-        // Keys still marked for retry after the last attempt failed too.
-        for state in states.iter_mut() {
-            if let KeyState::Retry(e) = state {
-                let e = e.clone();
-                fail(state, &|| e.to_string());
-            }
-        }
-        if failed_keys > 0 {
-            return Err(ClientError::Incomplete {
-                failed_keys,
-                first_error: first_error.unwrap_or_default(),
-            });
-        }
-        Ok(states
-            .into_iter()
-            .map(|s| match s {
-                KeyState::Done(v) => v,
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// Sends one batch-get request for `indices` to `replica`, passing each answer to `sink` as
-    /// soon as its frame arrives. Answers received before a failure stay valid.
-    async fn batch_once(
-        &self,
-        replica: &Replica,
-        path: &str,
-        keys: &[&[u8]],
-        partitions: &[u32],
-        indices: &[usize],
-        sink: &mut (dyn FnMut(usize, KeyAnswer) + Send),
-    ) -> Result<(), ClientError> {
-        let mut body =
-            Vec::with_capacity(5 + indices.iter().map(|&i| 8 + keys[i].len()).sum::<usize>());
-        BatchGetRequest::encode_keys(indices.iter().map(|&i| (partitions[i], keys[i])), &mut body);
-        let (parts, mut stream) = self.send(replica, path, Bytes::from(body)).await?;
-        if parts.status != http::StatusCode::OK {
-            let bytes = self
-                .read_body(replica, &mut stream, ERROR_BODY_BYTES_MAX)
-                .await?;
-            return Err(error_response(&replica.address, &parts, &bytes));
-        }
-        let mut decoder = BatchResponseDecoder::new(indices.len() as u32);
-        while let Some(chunk) = stream.data().await {
-            let chunk = chunk.map_err(|e| self.h2_failure(replica, e))?;
-            decoder
-                .push(&chunk, |i, answer| sink(indices[i as usize], answer))
-                .map_err(|detail| {
-                    ClientError::Protocol(format!(
-                        "batch-get response from {}: {detail}",
-                        replica.address
-                    ))
-                })?;
-            // The bytes are consumed (decoded or buffered): let the server send more.
-            let _ = stream.flow_control().release_capacity(chunk.len());
-        }
-        if decoder.trailer().is_none() {
-            return Err(ClientError::Unreachable {
-                address: replica.address.clone(),
-                detail: "the batch-get response ended before its trailer (server restart or broken connection)".into(),
-            });
-        }
-        Ok(())
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -652,32 +514,12 @@ fn check_batch_size(count: usize) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Splits one server's keys into requests whose bodies stay under the request size limit.
-fn split_by_request_size(keys: &[&[u8]], indices: Vec<usize>) -> Vec<Vec<usize>> {
-    let total: usize = 5 + indices.iter().map(|&i| 8 + keys[i].len()).sum::<usize>();
-    if total <= BATCH_REQUEST_BYTES_MAX {
-        return vec![indices];
-    }
-    let mut out = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 5;
-    for index in indices {
-        let key_size = 8 + keys[index].len();
-        if !current.is_empty() && size + key_size > BATCH_REQUEST_BYTES_MAX {
-            out.push(std::mem::take(&mut current));
-            size = 5;
-        }
-        size += key_size;
-        current.push(index);
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
-}
-
 /// The error a non-200 response stands for.
-fn error_response(address: &str, parts: &http::response::Parts, body: &[u8]) -> ClientError {
+pub(crate) fn error_response(
+    address: &str,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> ClientError {
     if let Ok(error) = ErrorBody::decode(body) {
         return ClientError::Server {
             address: address.to_string(),
@@ -707,16 +549,6 @@ fn error_response(address: &str, parts: &http::response::Parts, body: &[u8]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn large_batches_split_under_the_request_limit() {
-        let big = vec![0u8; 10 * 1024 * 1024];
-        let keys: Vec<&[u8]> = vec![&big, &big, &big, &big, b"k"];
-        let parts = split_by_request_size(&keys, vec![0, 1, 2, 3, 4]);
-        assert_eq!(parts, vec![vec![0, 1, 2], vec![3, 4]]);
-        let small: Vec<&[u8]> = vec![b"a", b"b"];
-        assert_eq!(split_by_request_size(&small, vec![1, 0]), vec![vec![1, 0]]);
-    }
 
     #[test]
     fn error_responses_map_to_codes() {

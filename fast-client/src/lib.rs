@@ -5,7 +5,11 @@
 //! [routing table](routing::RoutingTable) of the ONLINE replicas of the current version. Reads go
 //! straight to the storage servers over HTTP/2 (TLS or, for local use, plaintext h2c): a key is
 //! encoded with the store's Avro key schema, partitioned with the shared partitioner, and sent to
-//! one replica of its partition; a retryable failure is retried on another replica.
+//! the least-loaded replica of its partition (a batch-get: the servers of one group); a retryable
+//! failure is retried on another replica at once, and a request slower than its long-tail
+//! threshold is hedged to another replica ([`hedge`]). Unhealthy servers are blocked and probed
+//! ([`instances`]). [`Client::batch_get_stream_raw`] streams records as servers send them
+//! ([`stream`]).
 //!
 //! ```no_run
 //! # async fn example(meta: std::sync::Arc<dyn rialto_backends::MetaStore>) -> Result<(), rialto_fast_client::ClientError> {
@@ -17,25 +21,32 @@
 //! ```
 //!
 //! Modules: [`routing`] (the pure routing-table builder), `metadata` (following etcd),
-//! `pool` (HTTP/2 connections), `response` (incremental batch-get decoding), `client` (the read
-//! paths), [`error`] and `stats`.
+//! `pool` (HTTP/2 connections), `response` (incremental batch-get decoding), `client` (single get
+//! and the entry points), [`stream`] (the batch-get engine), [`hedge`] (long-tail retry),
+//! [`instances`] (load and health), [`error`] and `stats`.
 
 mod client;
 pub mod error;
+pub mod hedge;
+pub mod instances;
 mod metadata;
 mod pool;
 mod response;
 pub mod routing;
 mod stats;
+pub mod stream;
 
 use std::time::Duration;
 
 pub use client::Client;
 pub use error::ClientError;
+pub use hedge::LongTailRetry;
+pub use instances::HealthConfig;
 pub use pool::{CONNECTION_WINDOW_BYTES, CONNECT_TIMEOUT, FRAME_BYTES_MAX, STREAM_WINDOW_BYTES};
 pub use response::RawValue;
 pub use routing::{Replica, RoutingTable};
 pub use stats::ClientStats;
+pub use stream::{BatchEvent, Completeness, KeyFailure, RawBatchStream};
 
 /// Most keys one `batch_get` call accepts (the servers' default limit per request).
 pub const BATCH_GET_KEYS_MAX: usize = rialto_protocol::wire::BATCH_GET_KEYS_MAX;
@@ -52,7 +63,7 @@ pub struct ClientTls {
 }
 
 /// How to reach a store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
     /// The store to read.
     pub store: String,
@@ -64,6 +75,13 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// How long `connect` waits for the store to have a current version (default 0: don't wait).
     pub routing_wait: Duration,
+    /// Group-based routing (default true): each batch-get is served from the servers of one
+    /// group (logical zone), so its fanout does not grow with the replication factor.
+    pub group_routing: bool,
+    /// Smart long-tail retry settings.
+    pub long_tail: LongTailRetry,
+    /// How servers are judged unhealthy, blocked and probed.
+    pub health: HealthConfig,
 }
 
 impl ClientConfig {
@@ -75,6 +93,9 @@ impl ClientConfig {
             tls: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             routing_wait: Duration::ZERO,
+            group_routing: true,
+            long_tail: LongTailRetry::default(),
+            health: HealthConfig::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rialto_backends::{MetaError, MetaStore, PrefixMirror};
 use rialto_protocol::avro::{AvroCodec, AvroError};
@@ -165,10 +166,23 @@ async fn refresh(shared: &Shared, mirrors: &Mirrors) {
     let table = mirrors
         .build(&shared.layout, &shared.store, record.as_ref(), routed)
         .await;
+    if *shared.table() == table {
+        return;
+    }
+    // Connect to servers new in this table before routing to them.
+    let new_addresses: HashSet<(String, bool)> = table
+        .addresses()
+        .difference(&shared.table().addresses())
+        .cloned()
+        .collect();
+    warm(shared, new_addresses, WARM_WAIT).await;
     install(shared, table);
 }
 
-/// Swaps in `table` if it differs from the current one; warms connections to new servers.
+/// How long a metadata change waits for connections to new servers before it is routed.
+const WARM_WAIT: Duration = Duration::from_millis(500);
+
+/// Swaps in `table` if it differs from the current one.
 pub(crate) fn install(shared: &Shared, table: RoutingTable) {
     let old = shared.table();
     if *old == table {
@@ -181,26 +195,29 @@ pub(crate) fn install(shared: &Shared, table: RoutingTable) {
         }
     }
     Counters::add(&shared.counters.routing_updates, 1);
-    let old_addresses = old.addresses();
-    let new_addresses = table.addresses();
-    shared
-        .pool
-        .retain(&new_addresses.iter().map(|(a, _)| a.clone()).collect());
+    let keep: HashSet<String> = table.addresses().into_iter().map(|(a, _)| a).collect();
+    shared.pool.retain(&keep);
+    shared.instances.retain(&keep);
     shared.routing.send_replace(Arc::new(table));
-    warm(
-        shared,
-        new_addresses.difference(&old_addresses).cloned().collect(),
-    );
 }
 
-/// Opens connections to `addresses` in the background; failures are logged, not returned.
-pub(crate) fn warm(shared: &Shared, addresses: HashSet<(String, bool)>) {
-    for (address, tls) in addresses {
-        let pool = shared.pool.clone();
-        tokio::spawn(async move {
-            if let Err(e) = pool.sender(&address, tls).await {
-                tracing::warn!(%address, error = %e, "could not warm connection to storage server");
-            }
-        });
+/// Opens connections to `addresses` and waits for them up to `wait`; connections still opening
+/// then finish in the background. Failures are logged, not returned (the servers get blocked
+/// and probed once requests fail).
+pub(crate) async fn warm(shared: &Shared, addresses: HashSet<(String, bool)>, wait: Duration) {
+    if addresses.is_empty() {
+        return;
     }
+    let handles: Vec<_> = addresses
+        .into_iter()
+        .map(|(address, tls)| {
+            let pool = shared.pool.clone();
+            tokio::spawn(async move {
+                if let Err(e) = pool.sender(&address, tls).await {
+                    tracing::warn!(%address, error = %e, "could not warm connection to storage server");
+                }
+            })
+        })
+        .collect();
+    let _ = tokio::time::timeout(wait, futures::future::join_all(handles)).await;
 }

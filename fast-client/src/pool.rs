@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -145,6 +145,82 @@ impl ConnectionPool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|address, _| keep.contains(address));
+    }
+
+    /// Sends one request (`body` = `None` for a bodiless GET) and waits for the response head.
+    pub(crate) async fn send(
+        &self,
+        address: &str,
+        tls: bool,
+        method: http::Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<(http::response::Parts, h2::RecvStream), ClientError> {
+        Counters::add(&self.counters.requests, 1);
+        let sender = self.sender(address, tls).await?;
+        let mut sender = sender
+            .ready()
+            .await
+            .map_err(|e| self.h2_failure(address, e))?;
+        let scheme = if tls { "https" } else { "http" };
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("{scheme}://{address}{path}"))
+            .body(())
+            .map_err(|e| {
+                ClientError::Protocol(format!("could not build a request to {address}: {e}"))
+            })?;
+        let (response, mut stream) = sender
+            .send_request(request, body.is_none())
+            .map_err(|e| self.h2_failure(address, e))?;
+        if let Some(body) = body {
+            stream
+                .send_data(body, true)
+                .map_err(|e| self.h2_failure(address, e))?;
+        }
+        let response = response.await.map_err(|e| self.h2_failure(address, e))?;
+        Ok(response.into_parts())
+    }
+
+    /// The error for an HTTP/2 failure on `address`; forgets a broken connection.
+    pub(crate) fn h2_failure(&self, address: &str, e: h2::Error) -> ClientError {
+        if e.is_io() || e.is_go_away() {
+            self.invalidate(address);
+        }
+        ClientError::Unreachable {
+            address: address.to_string(),
+            detail: format!("HTTP/2 request failed: {e}"),
+        }
+    }
+
+    /// Reads a whole response body of at most `bytes_max` bytes.
+    pub(crate) async fn read_body(
+        &self,
+        address: &str,
+        body: &mut h2::RecvStream,
+        bytes_max: usize,
+    ) -> Result<Bytes, ClientError> {
+        let mut first: Option<Bytes> = None;
+        let mut joined = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| self.h2_failure(address, e))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            let len = first.as_ref().map_or(0, Bytes::len) + joined.len() + chunk.len();
+            if len > bytes_max {
+                return Err(ClientError::Protocol(format!(
+                    "response from {address} is larger than {bytes_max} bytes"
+                )));
+            }
+            match first.take() {
+                None if joined.is_empty() => first = Some(chunk),
+                None => joined.extend_from_slice(&chunk),
+                Some(f) => {
+                    joined.extend_from_slice(&f);
+                    joined.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(first.unwrap_or_else(|| joined.freeze()))
     }
 
     async fn dial(

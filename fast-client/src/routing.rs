@@ -34,6 +34,11 @@ pub struct Replica {
     pub tls: bool,
     /// The server's zone.
     pub zone: String,
+    /// The replica's logical zone (group): its position in the version's assignment of this
+    /// partition. Group-based placement puts one full copy of the version in each group, so a
+    /// batch-get can be served by the servers of one group. `None` when the node is not in the
+    /// version record's assignment (an old or unreadable record).
+    pub group: Option<u32>,
 }
 
 /// Where reads go: one version, its partition count, and the routable replicas of each partition.
@@ -50,6 +55,9 @@ pub struct RoutingTable {
     /// The store's current version when the table still routes to an older version because the
     /// current one does not have a routable replica for every partition yet.
     pub pending_version: Option<u32>,
+    /// `groups[g]` lists the distinct servers of group (logical zone) `g` in this table, one
+    /// [`Replica`] per server. Empty when the version record does not give groups.
+    pub groups: Vec<Vec<Replica>>,
 }
 
 impl RoutingTable {
@@ -112,6 +120,7 @@ pub fn build_routing_table(
         store_exists: true,
         version: Some(version),
         partition_count: routes.partition_count,
+        groups: groups_of(&routes.partitions),
         partitions: routes.partitions,
         pending_version,
     };
@@ -155,6 +164,23 @@ pub fn build_routing_table(
     }
 }
 
+/// The distinct servers of each group, by group number (sorted by address).
+fn groups_of(partitions: &[Vec<Replica>]) -> Vec<Vec<Replica>> {
+    let mut groups: Vec<BTreeMap<&str, &Replica>> = Vec::new();
+    for replica in partitions.iter().flatten() {
+        let Some(g) = replica.group else { continue };
+        let g = g as usize;
+        if g >= groups.len() {
+            groups.resize_with(g + 1, BTreeMap::new);
+        }
+        groups[g].entry(replica.address.as_str()).or_insert(replica);
+    }
+    groups
+        .into_iter()
+        .map(|g| g.into_values().cloned().collect())
+        .collect()
+}
+
 fn parse_nodes<'a>(layout: &Layout, nodes: &'a RecordMap) -> HashMap<&'a str, NodeRecord> {
     let prefix = layout.nodes_prefix();
     let mut out = HashMap::with_capacity(nodes.len());
@@ -183,16 +209,16 @@ fn version_routes(
     nodes: &HashMap<&str, NodeRecord>,
 ) -> Option<VersionRoutes> {
     let version_key = layout.version(store, version);
-    let partition_count = match versions
+    let (partition_count, assignment) = match versions
         .get(&version_key)
         .map(|v| serde_json::from_slice::<VersionRecord>(v))
     {
-        Some(Ok(v)) => v.partition_count,
+        Some(Ok(v)) => (v.partition_count, v.assignment),
         Some(Err(e)) => {
             tracing::warn!(key = version_key, error = %e, "unparsable version record; using the store's partition count");
-            record.partition_count
+            (record.partition_count, Vec::new())
         }
-        None => record.partition_count,
+        None => (record.partition_count, Vec::new()),
     };
     if partition_count == 0 || partition_count > PARTITION_COUNT_MAX {
         tracing::warn!(
@@ -237,12 +263,20 @@ fn version_routes(
         let Some(node) = nodes.get(node_id) else {
             continue;
         };
+        let group = assignment
+            .get(partition as usize)
+            .and_then(|nodes| nodes.iter().position(|n| n == node_id))
+            .map(|g| g as u32);
         slot.push(Replica {
             node_id: node_id.to_string(),
             address: node.address.clone(),
             tls: node.tls,
             zone: node.zone.clone(),
+            group,
         });
+    }
+    for slot in &mut partitions {
+        slot.sort_by_key(|r| r.group.unwrap_or(u32::MAX));
     }
     Some(VersionRoutes {
         partition_count,

@@ -14,6 +14,14 @@ pub(crate) struct Counters {
     pub(crate) routing_updates: AtomicU64,
     pub(crate) connections_opened: AtomicU64,
     pub(crate) connection_failures: AtomicU64,
+    pub(crate) batch_gets: AtomicU64,
+    pub(crate) fanout_total: AtomicU64,
+    pub(crate) fanout_max: AtomicU64,
+    pub(crate) long_tail_retries: AtomicU64,
+    pub(crate) long_tail_retries_won: AtomicU64,
+    pub(crate) long_tail_retries_late: AtomicU64,
+    pub(crate) long_tail_retries_over_budget: AtomicU64,
+    pub(crate) instances_blocked: AtomicU64,
 }
 
 /// A snapshot of the client's counters since it connected.
@@ -23,7 +31,7 @@ pub struct ClientStats {
     pub requests: u64,
     /// Keys asked for by the application (`get` counts one, `batch_get` counts its keys).
     pub keys_requested: u64,
-    /// Requests re-sent to another replica after a retryable failure.
+    /// Requests re-sent to another replica after a retryable failure (not long-tail retries).
     pub retries: u64,
     /// Calls that returned an error to the application.
     pub errors: u64,
@@ -37,6 +45,24 @@ pub struct ClientStats {
     pub connections_opened: u64,
     /// Failed connection attempts.
     pub connection_failures: u64,
+    /// Batch-get calls (plain and streaming) that sent at least one request.
+    pub batch_gets: u64,
+    /// Sum over batch-get calls of their fanout (distinct servers of the initial plan).
+    pub fanout_total: u64,
+    /// Largest fanout of one batch-get call.
+    pub fanout_max: u64,
+    /// Long-tail retries sent (requests hedged to another replica after their threshold).
+    pub long_tail_retries: u64,
+    /// Long-tail retries that delivered the first answer for at least one key.
+    pub long_tail_retries_won: u64,
+    /// Long-tail retries dropped because the client's own timer fired late (client overloaded).
+    pub long_tail_retries_late: u64,
+    /// Long-tail retries not sent because the retry budget was spent.
+    pub long_tail_retries_over_budget: u64,
+    /// Times a storage server was blocked as unhealthy.
+    pub instances_blocked: u64,
+    /// Storage servers blocked at the time of the snapshot.
+    pub instances_blocked_now: u64,
 }
 
 impl Counters {
@@ -52,10 +78,26 @@ impl Counters {
             routing_updates: load(&self.routing_updates),
             connections_opened: load(&self.connections_opened),
             connection_failures: load(&self.connection_failures),
+            batch_gets: load(&self.batch_gets),
+            fanout_total: load(&self.fanout_total),
+            fanout_max: load(&self.fanout_max),
+            long_tail_retries: load(&self.long_tail_retries),
+            long_tail_retries_won: load(&self.long_tail_retries_won),
+            long_tail_retries_late: load(&self.long_tail_retries_late),
+            long_tail_retries_over_budget: load(&self.long_tail_retries_over_budget),
+            instances_blocked: load(&self.instances_blocked),
+            instances_blocked_now: 0,
         }
     }
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one batch-get call that fanned out to `fanout` servers.
+    pub(crate) fn batch_fanout(&self, fanout: u64) {
+        Counters::add(&self.batch_gets, 1);
+        Counters::add(&self.fanout_total, fanout);
+        self.fanout_max.fetch_max(fanout, Ordering::Relaxed);
     }
 }

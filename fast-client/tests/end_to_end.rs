@@ -3,7 +3,7 @@
 //! PartitionNotServed, and a version swap picked up by a running client.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rialto_backends::meta::{WatchEvent, WatchStream};
 use rialto_backends::{KeyValue, LeaseHandle, MetaError, MetaStore};
-use rialto_fast_client::{Client, ClientConfig, ClientError};
+use rialto_fast_client::{Client, ClientConfig, ClientError, LongTailRetry};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::meta::{
     Layout, NodeRecord, ReplicaRecord, ReplicaState, StorageProfile, StoreRecord, ValueSchema,
@@ -211,11 +211,16 @@ impl Drop for FakeServer {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Behavior {
     version: u32,
     values: Arc<HashMap<Vec<u8>, Vec<u8>>>,
+    /// Answer PartitionNotServed for every key.
     bad: bool,
+    /// Added delay before reads are answered, in ms (changeable while running).
+    delay_ms: Arc<AtomicU64>,
+    /// Answer reads and health checks with 503 Overloaded (changeable while running).
+    failing: Arc<AtomicBool>,
 }
 
 async fn start_server(behavior: Behavior) -> FakeServer {
@@ -298,7 +303,23 @@ async fn serve(
         let _ = body.flow_control().release_capacity(chunk.len());
         bytes.extend_from_slice(&chunk);
     }
-    match wire::parse_route(&path) {
+    let route = wire::parse_route(&path);
+    if matches!(route, Some(Route::Get { .. } | Route::BatchGet { .. })) {
+        let delay = b.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+    }
+    if b.failing.load(Ordering::SeqCst) {
+        return error_response(&mut respond, ErrorCode::Overloaded);
+    }
+    match route {
+        Some(Route::Health) => {
+            let mut s = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            s.send_data(Bytes::from_static(b"ok"), true).unwrap();
+        }
         Some(Route::Get { store, version, .. }) => {
             if b.bad {
                 return error_response(&mut respond, ErrorCode::PartitionNotServed);
@@ -477,18 +498,21 @@ async fn reads_fail_over_and_follow_a_version_swap() {
         version: 1,
         values: values(1, 50),
         bad: true,
+        ..Behavior::default()
     })
     .await;
     let good = start_server(Behavior {
         version: 1,
         values: values(1, 50),
         bad: false,
+        ..Behavior::default()
     })
     .await;
     let next = start_server(Behavior {
         version: 2,
         values: values(2, 50),
         bad: false,
+        ..Behavior::default()
     })
     .await;
     put_node(&meta, &layout, "a", &bad.address);
@@ -602,6 +626,7 @@ async fn batch_get_reports_keys_that_no_replica_could_answer() {
         version: 1,
         values: values(1, 10),
         bad: true,
+        ..Behavior::default()
     })
     .await;
     put_node(&meta, &layout, "a", &bad.address);
@@ -640,6 +665,7 @@ async fn unreachable_replica_is_skipped() {
         version: 1,
         values: values(1, 10),
         bad: false,
+        ..Behavior::default()
     })
     .await;
     // A port nothing listens on: bind, note the address, close.
@@ -724,6 +750,7 @@ async fn reads_over_tls_verify_the_server_certificate() {
             version: 1,
             values: values(1, 10),
             bad: false,
+            ..Behavior::default()
         },
         Some(Arc::new(server_config)),
     )
@@ -846,4 +873,351 @@ fn read_futures_are_send(client: &Client, key: &Value, keys: &[Value], raw: &[Ve
     is_send(Client::connect(ClientConfig::new(STORE), FakeMeta::new()));
     fn is_sync<T: Send + Sync + Clone>() {}
     is_sync::<Client>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large-fanout read paths: long-tail retry, budget, late-retry dropping, streaming, group routing,
+// least-loaded selection, health blocking and probing.
+
+/// Fake servers `s0..s{n}` serving version 1 with `keys` keys, placed by `assignment` (node
+/// indexes per partition, position = group), and a store record pointing at them.
+async fn fleet(
+    meta: &Arc<FakeMeta>,
+    servers: usize,
+    assignment: &[Vec<usize>],
+    keys: usize,
+) -> Vec<(FakeServer, Behavior)> {
+    let layout = Layout::new("/rialto");
+    let data = values(1, keys);
+    let mut fleet = Vec::new();
+    for i in 0..servers {
+        let behavior = Behavior {
+            version: 1,
+            values: data.clone(),
+            ..Behavior::default()
+        };
+        let server = start_server(behavior.clone()).await;
+        put_node(meta, &layout, &format!("s{i}"), &server.address);
+        fleet.push((server, behavior));
+    }
+    let names: Vec<Vec<String>> = assignment
+        .iter()
+        .map(|nodes| nodes.iter().map(|n| format!("s{n}")).collect())
+        .collect();
+    put_version(meta, &layout, 1, names.clone());
+    for (p, nodes) in names.iter().enumerate() {
+        for node in nodes {
+            put_replica(meta, &layout, 1, p as u32, node, ReplicaState::Online);
+        }
+    }
+    let mut record = store_record(STORE, Some(1), None);
+    record.partition_count = assignment.len() as u32;
+    meta.put_json(&layout.store(STORE), &record);
+    fleet
+}
+
+/// Long-tail settings with a fixed threshold, so tests do not depend on measured latency.
+fn fixed_threshold(threshold: Duration) -> LongTailRetry {
+    LongTailRetry {
+        get_threshold: threshold,
+        batch_thresholds: vec![(usize::MAX, threshold)],
+        adaptive: false,
+        ..LongTailRetry::default()
+    }
+}
+
+fn key_set(count: usize) -> Vec<Value> {
+    (0..count).map(|i| string(&format!("key-{i}"))).collect()
+}
+
+fn requests(server: &FakeServer) -> usize {
+    server.requests.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replica_is_hedged_and_the_first_answer_wins() {
+    let meta = FakeMeta::new();
+    let fleet = fleet(&meta, 2, &[vec![0, 1], vec![0, 1]], 50).await;
+    fleet[0].1.delay_ms.store(400, Ordering::SeqCst);
+    let mut config = ClientConfig::new(STORE);
+    config.long_tail = fixed_threshold(Duration::from_millis(20));
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    let keys = key_set(40);
+    for _ in 0..6 {
+        let started = std::time::Instant::now();
+        let values = client.batch_get(&keys).await.unwrap();
+        assert!(values.iter().take(40).all(Option::is_some));
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        let started = std::time::Instant::now();
+        assert!(client.get(&keys[0]).await.unwrap().is_some());
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let stats = client.stats();
+    assert!(stats.long_tail_retries >= 2, "{stats:?}");
+    assert!(stats.long_tail_retries_won >= 2, "{stats:?}");
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    // A hedge is not a failure: the slow server was never blocked.
+    assert_eq!(stats.instances_blocked, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_hedges() {
+    let meta = FakeMeta::new();
+    let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;
+    for (_, b) in &fleet {
+        b.delay_ms.store(60, Ordering::SeqCst);
+    }
+    let mut config = ClientConfig::new(STORE);
+    config.long_tail = LongTailRetry {
+        budget_burst: 1.0,
+        budget_ratio: 0.0,
+        budget_floor_per_sec: 0.0,
+        ..fixed_threshold(Duration::from_millis(10))
+    };
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    for _ in 0..5 {
+        client.batch_get(&key_set(10)).await.unwrap();
+    }
+    let stats = client.stats();
+    assert_eq!(stats.long_tail_retries, 1, "{stats:?}");
+    assert!(stats.long_tail_retries_over_budget >= 4, "{stats:?}");
+}
+
+/// On a single-threaded runtime, blocking the thread makes the hedge timer fire late: the client
+/// is its own bottleneck, so the retry is dropped instead of adding load.
+#[tokio::test(flavor = "current_thread")]
+async fn a_late_retry_timer_drops_the_retry() {
+    let meta = FakeMeta::new();
+    let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;
+    for (_, b) in &fleet {
+        b.delay_ms.store(150, Ordering::SeqCst);
+    }
+    let mut config = ClientConfig::new(STORE);
+    config.long_tail = LongTailRetry {
+        late_margin: Duration::from_millis(5),
+        ..fixed_threshold(Duration::from_millis(20))
+    };
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    let hog = tokio::spawn(async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    client.batch_get(&key_set(10)).await.unwrap();
+    hog.await.unwrap();
+    let stats = client.stats();
+    assert_eq!(stats.long_tail_retries, 0, "{stats:?}");
+    assert_eq!(stats.long_tail_retries_late, 1, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_yields_records_before_the_slowest_server_and_reports_timeouts() {
+    use futures::StreamExt;
+    use rialto_fast_client::BatchEvent;
+    let meta = FakeMeta::new();
+    // Two partitions, one replica each: nothing to hedge to.
+    let fleet = fleet(&meta, 2, &[vec![0], vec![1]], 100).await;
+    fleet[1].1.delay_ms.store(400, Ordering::SeqCst);
+    let codec = key_codec();
+    let keys: Vec<Vec<u8>> = key_set(100)
+        .iter()
+        .map(|k| codec.encode(k, "key").unwrap())
+        .collect();
+    let slow_partition = |k: &[u8]| rialto_protocol::partitioner::partition_for_key(k, 2) == 1;
+    let slow_keys = keys.iter().filter(|k| slow_partition(k)).count();
+    assert!(slow_keys > 10 && slow_keys < 90);
+
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut stream = client.batch_get_stream_raw(&keys).unwrap();
+    let mut first_record = None;
+    let mut seen = vec![false; keys.len()];
+    let mut done = None;
+    while let Some(event) = stream.next().await {
+        match event {
+            BatchEvent::Record { index, key, value } => {
+                first_record.get_or_insert(started.elapsed());
+                assert_eq!(key, keys[index]);
+                assert!(value.is_some());
+                assert!(!std::mem::replace(&mut seen[index], true), "answered twice");
+            }
+            BatchEvent::Done(c) => done = Some((c, started.elapsed())),
+        }
+    }
+    let (done, total) = done.expect("stream ends with Done");
+    assert!(done.is_complete(), "{done:?}");
+    assert!(seen.iter().all(|s| *s));
+    let first_record = first_record.unwrap();
+    assert!(
+        first_record < Duration::from_millis(200),
+        "{first_record:?}"
+    );
+    assert!(total >= Duration::from_millis(400), "{total:?}");
+    assert_eq!(done.fanout, 2);
+
+    // With a deadline shorter than the slow server: the fast partition's records, then a Done
+    // listing exactly the slow partition's keys as timed out.
+    let mut config = ClientConfig::new(STORE);
+    config.request_timeout = Duration::from_millis(150);
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    let mut stream = client.batch_get_stream_raw(&keys).unwrap();
+    let mut records = 0;
+    let mut done = None;
+    while let Some(event) = stream.next().await {
+        match event {
+            BatchEvent::Record { index, .. } => {
+                assert!(!slow_partition(&keys[index]));
+                records += 1;
+            }
+            BatchEvent::Done(c) => done = Some(c),
+        }
+    }
+    let done = done.unwrap();
+    assert!(done.timed_out);
+    assert_eq!(records, keys.len() - slow_keys);
+    assert_eq!(done.failed.len(), slow_keys);
+    assert!(done.failed.iter().all(|f| slow_partition(&keys[f.index])));
+    assert!(
+        done.failed[0].error.contains("did not finish within"),
+        "{}",
+        done.failed[0].error
+    );
+    assert!(!done.is_complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_routing_serves_each_batch_from_one_group_and_falls_back_per_partition() {
+    use futures::StreamExt;
+    use rialto_fast_client::BatchEvent;
+    let meta = FakeMeta::new();
+    // Group 0 = {s0, s1}, group 1 = {s2, s3}; each group holds every partition.
+    let assignment = [vec![0, 2], vec![1, 3], vec![0, 2], vec![1, 3]];
+    let fleet = fleet(&meta, 4, &assignment, 200).await;
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    let codec = key_codec();
+    let keys: Vec<Vec<u8>> = key_set(200)
+        .iter()
+        .map(|k| codec.encode(k, "key").unwrap())
+        .collect();
+    let run = |client: Client, keys: Vec<Vec<u8>>| async move {
+        let mut stream = client.batch_get_stream_raw(&keys).unwrap();
+        let mut done = None;
+        while let Some(event) = stream.next().await {
+            if let BatchEvent::Done(c) = event {
+                done = Some(c);
+            }
+        }
+        done.unwrap()
+    };
+    for _ in 0..10 {
+        let before: Vec<usize> = fleet.iter().map(|(s, _)| requests(s)).collect();
+        let done = run(client.clone(), keys.clone()).await;
+        assert!(done.is_complete(), "{done:?}");
+        assert_eq!(done.fanout, 2);
+        let touched: Vec<usize> = fleet
+            .iter()
+            .enumerate()
+            .filter(|(i, (s, _))| requests(s) > before[*i])
+            .map(|(i, _)| i)
+            .collect();
+        assert!(touched == [0, 1] || touched == [2, 3], "{touched:?}");
+    }
+    // Both groups took load.
+    assert!(requests(&fleet[0].0) > 0 && requests(&fleet[2].0) > 0);
+    assert_eq!(client.stats().fanout_max, 2);
+
+    // s0 starts failing: its keys are retried at once elsewhere (no failed call); after a few
+    // errors it is blocked and group 0's calls read its partitions from s2 instead.
+    fleet[0].1.failing.store(true, Ordering::SeqCst);
+    for _ in 0..10 {
+        let done = run(client.clone(), keys.clone()).await;
+        assert!(done.is_complete(), "{done:?}");
+    }
+    let stats = client.stats();
+    assert_eq!(stats.instances_blocked, 1, "{stats:?}");
+    let retries_before = stats.retries;
+    let before = requests(&fleet[0].0);
+    for _ in 0..6 {
+        let done = run(client.clone(), keys.clone()).await;
+        assert!(done.is_complete(), "{done:?}");
+        assert!(done.fanout <= 3);
+    }
+    assert_eq!(
+        client.stats().retries,
+        retries_before,
+        "blocked server still tried"
+    );
+    // Health probes (GET /health) are the only traffic s0 sees while blocked.
+    let probes = requests(&fleet[0].0) - before;
+    assert!(probes <= 12, "{probes}");
+
+    // s0 recovers: a probe unblocks it and it serves again.
+    fleet[0].1.failing.store(false, Ordering::SeqCst);
+    wait_until("s0 unblocked", || client.stats().instances_blocked_now == 0).await;
+    let before = requests(&fleet[0].0);
+    for _ in 0..10 {
+        assert!(run(client.clone(), keys.clone()).await.is_complete());
+    }
+    assert!(requests(&fleet[0].0) > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_group_routing_fanout_grows_with_replicas() {
+    let meta = FakeMeta::new();
+    // Per-partition least-loaded choice spreads partitions over all replicas.
+    let assignment = [vec![0, 2], vec![1, 3], vec![2, 0], vec![3, 1]];
+    let _fleet = fleet(&meta, 4, &assignment, 200).await;
+    let mut config = ClientConfig::new(STORE);
+    config.group_routing = false;
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    for _ in 0..10 {
+        client.batch_get(&key_set(200)).await.unwrap();
+    }
+    assert!(client.stats().fanout_max > 2, "{:?}", client.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_loaded_selection_starves_a_slow_replica_until_it_recovers() {
+    let meta = FakeMeta::new();
+    let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;
+    fleet[0].1.delay_ms.store(200, Ordering::SeqCst);
+    let mut config = ClientConfig::new(STORE);
+    config.long_tail = LongTailRetry::disabled();
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+    let key = string("key-1");
+    let round = |client: Client, key: Value| async move {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let client = client.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    for _ in 0..25 {
+                        client.get(&key).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    round(client.clone(), key.clone()).await;
+    let (slow, fast) = (requests(&fleet[0].0), requests(&fleet[1].0));
+    assert!(slow * 5 < fast, "slow {slow}, fast {fast}");
+    // Recovered: it gets its share back at once.
+    fleet[0].1.delay_ms.store(0, Ordering::SeqCst);
+    round(client.clone(), key.clone()).await;
+    let (slow2, fast2) = (requests(&fleet[0].0) - slow, requests(&fleet[1].0) - fast);
+    assert!(slow2 * 3 > fast2, "slow {slow2}, fast {fast2}");
 }

@@ -18,6 +18,8 @@ use crate::envelope::{EnvelopeError, Reader, KEY_BYTES_MAX};
 use crate::ErrorCode;
 
 /// Format byte at the start of a batch-get request body.
+/// Path of the health endpoint (`GET`): `200 ok` while the server serves.
+pub const HEALTH_PATH: &str = "/health";
 pub const BATCH_GET_FORMAT: u8 = 1;
 /// Default ceiling of keys in one batch-get sent to one server.
 pub const BATCH_GET_KEYS_MAX: usize = 10_000;
