@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rialto_backends::MetaStore;
-use rialto_protocol::avro::{AvroError, Value};
+use rialto_protocol::avro::Value;
 use rialto_protocol::meta::Layout;
 use rialto_protocol::partitioner::partition_for_key;
 use rialto_protocol::wire::{self, ErrorBody, StoredValue};
@@ -24,7 +24,7 @@ use crate::pool::ConnectionPool;
 use crate::response::RawValue;
 use crate::routing::{Replica, RoutingTable};
 use crate::stats::{ClientStats, Counters};
-use crate::stream::{self, BatchEvent, Completeness, RawBatchStream};
+use crate::stream::{self, BatchEvent, BatchStream, Completeness, RawBatchStream};
 use crate::{ClientConfig, BATCH_GET_KEYS_MAX};
 
 /// Largest single-get response body the client accepts: a value, its schema id, and slack.
@@ -230,6 +230,24 @@ impl Client {
         result
     }
 
+    /// Streaming batch-get of Avro keys: like [`Client::batch_get_stream_raw`], with keys and
+    /// values as Avro values. A value that does not decode is reported as a failed key in the
+    /// final [`Completeness`].
+    pub fn batch_get_stream(&self, keys: &[Value]) -> Result<BatchStream, ClientError> {
+        let codecs = self.shared.codecs();
+        let encoded = keys
+            .iter()
+            .map(|k| codecs.key.encode(k, "key"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let raw = self.batch_get_stream_raw(&encoded)?;
+        Ok(BatchStream::new(
+            raw,
+            keys.to_vec(),
+            codecs,
+            self.shared.store.clone(),
+        ))
+    }
+
     fn start_stream(&self, keys: &[Vec<u8>]) -> Result<RawBatchStream, ClientError> {
         check_batch_size(keys.len())?;
         Counters::add(&self.shared.counters.keys_requested, keys.len() as u64);
@@ -273,16 +291,7 @@ impl Client {
     }
 
     fn decode_value(&self, raw: &RawValue) -> Result<Value, ClientError> {
-        let codecs = self.shared.codecs();
-        let codec = codecs.values.get(&raw.schema_id).ok_or_else(|| AvroError::Decode {
-            what: "value",
-            detail: format!(
-                "value schema id {} is not registered for store `{}` in this client; if the schema was just \
-                 added, retry in a moment, otherwise check the store's schemas with `rialto-admin`",
-                raw.schema_id, self.shared.store
-            ),
-        })?;
-        Ok(codec.decode(&raw.bytes, "value")?)
+        self.shared.codecs().decode_value(&self.shared.store, raw)
     }
 
     fn route<'t>(&self, table: &'t RoutingTable, key: &[u8]) -> Result<Route<'t>, ClientError> {

@@ -123,14 +123,21 @@ impl Kind {
         }
     }
 
-    fn threshold(&self, config: &LongTailRetry) -> Duration {
-        let median = self.median_us.load(Ordering::Relaxed);
-        if !config.adaptive || median == 0 {
-            return self.ceiling;
+    fn median(&self) -> Option<Duration> {
+        match self.median_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(u64::from(us))),
         }
-        let adaptive =
-            Duration::from_micros(median as u64).mul_f64(config.adaptive_factor.max(0.0));
-        adaptive.clamp(config.threshold_floor.min(self.ceiling), self.ceiling)
+    }
+
+    /// The threshold given the median to adapt to (this kind's or a neighbour's).
+    fn threshold(&self, config: &LongTailRetry, median: Option<Duration>) -> Duration {
+        match median {
+            Some(median) if config.adaptive => median
+                .mul_f64(config.adaptive_factor.max(0.0))
+                .clamp(config.threshold_floor.min(self.ceiling), self.ceiling),
+            _ => self.ceiling,
+        }
     }
 }
 
@@ -193,14 +200,27 @@ impl Hedger {
 
     /// When a request of `kind` started at `started` should be hedged; `None` when disabled.
     pub(crate) fn due(&self, kind: RequestKind, started: Instant) -> Option<Instant> {
-        self.config
-            .enabled
-            .then(|| started + self.kind(kind).threshold(&self.config))
+        self.config.enabled.then(|| started + self.threshold(kind))
     }
 
-    /// The current threshold of `kind`.
+    /// The current threshold of `kind`. A batch kind without enough samples of its own adapts to
+    /// the nearest batch kind that has them (sub-request sizes straddle the table's boundaries:
+    /// 500 and 501 keys cost the same), still under its own ceiling.
     pub(crate) fn threshold(&self, kind: RequestKind) -> Duration {
-        self.kind(kind).threshold(&self.config)
+        let own = self.kind(kind);
+        let median = match kind {
+            RequestKind::Get => own.median(),
+            RequestKind::Batch(i) => own.median().or_else(|| {
+                (1..self.batch.len()).find_map(|d| {
+                    let below = i.checked_sub(d).and_then(|j| self.batch.get(j));
+                    let above = self.batch.get(i + d);
+                    below
+                        .and_then(|(_, k)| k.median())
+                        .or_else(|| above.and_then(|(_, k)| k.median()))
+                })
+            }),
+        };
+        own.threshold(&self.config, median)
     }
 
     /// Records the latency of a successful request.
@@ -284,6 +304,28 @@ mod tests {
             fixed.record(RequestKind::Get, Duration::from_micros(50));
         }
         assert_eq!(fixed.threshold(RequestKind::Get), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_batch_kind_without_samples_adapts_to_its_nearest_neighbour() {
+        let h = Hedger::new(LongTailRetry::default());
+        let k500 = h.batch_kind(500);
+        let k501 = h.batch_kind(501);
+        assert_ne!(k500, k501);
+        for _ in 0..64 {
+            h.record(k500, Duration::from_millis(8));
+        }
+        assert_eq!(h.threshold(k500), Duration::from_millis(24));
+        assert_eq!(h.threshold(k501), Duration::from_millis(24));
+        // Its own samples win once it has them.
+        for _ in 0..64 {
+            h.record(k501, Duration::from_millis(20));
+        }
+        assert_eq!(h.threshold(k501), Duration::from_millis(60));
+        // A neighbour's median never lifts a kind above its own ceiling (8 ms for <= 12 keys).
+        assert_eq!(h.threshold(h.batch_kind(3)), Duration::from_millis(8));
+        // Single gets do not borrow from batches.
+        assert_eq!(h.threshold(RequestKind::Get), Duration::from_millis(10));
     }
 
     #[test]

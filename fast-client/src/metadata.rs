@@ -47,6 +47,27 @@ impl Codecs {
         })
     }
 
+    /// Decodes a stored value with the schema it was written with.
+    pub(crate) fn decode_value(
+        &self,
+        store: &str,
+        raw: &crate::RawValue,
+    ) -> Result<rialto_protocol::avro::Value, crate::ClientError> {
+        let codec = self
+            .values
+            .get(&raw.schema_id)
+            .ok_or_else(|| AvroError::Decode {
+                what: "value",
+                detail: format!(
+                "value schema id {} is not registered for store `{store}` in this client; if the \
+                 schema was just added, retry in a moment, otherwise check the store's schemas \
+                 with `rialto-admin`",
+                raw.schema_id
+            ),
+            })?;
+        Ok(codec.decode(&raw.bytes, "value")?)
+    }
+
     fn matches(&self, record: &StoreRecord) -> bool {
         self.key_schema == record.key_schema && self.value_schemas == record.value_schemas
     }

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
+use rialto_protocol::avro::Value;
 use rialto_protocol::partitioner::partition_for_key;
 use rialto_protocol::wire::{self, BatchGetRequest};
 use tokio::sync::mpsc;
@@ -38,6 +39,7 @@ use crate::client::{error_response, Shared, ERROR_BODY_BYTES_MAX};
 use crate::error::ClientError;
 use crate::hedge::RequestKind;
 use crate::instances::{count_block, Failure, Instance};
+use crate::metadata::Codecs;
 use crate::response::{BatchResponseDecoder, KeyAnswer, RawValue};
 use crate::routing::RoutingTable;
 use crate::stats::Counters;
@@ -83,6 +85,8 @@ pub struct Completeness {
     pub timed_out: bool,
     /// Distinct servers of the initial plan (the call's fanout).
     pub fanout: usize,
+    /// Addresses of those servers.
+    pub servers: Vec<String>,
     /// Distinct servers sent any request, retries included.
     pub servers_contacted: usize,
     /// Long-tail retries (hedges) sent.
@@ -130,6 +134,83 @@ impl Stream for RawBatchStream {
                 Poll::Ready(Some(events)) => self.buffered = events.into_iter(),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// One item of a streaming batch-get of Avro keys ([`Client::batch_get_stream`](crate::Client::batch_get_stream)).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueEvent {
+    /// The value of the key at `index` of the request (`None`: the store has no value for it).
+    Record {
+        index: usize,
+        key: Value,
+        value: Option<Value>,
+    },
+    /// The call ended; always the last item. Values that failed to decode are listed as failed.
+    Done(Completeness),
+}
+
+/// The stream returned by [`Client::batch_get_stream`](crate::Client::batch_get_stream).
+pub struct BatchStream {
+    raw: RawBatchStream,
+    keys: Vec<Value>,
+    codecs: Arc<Codecs>,
+    store: String,
+    undecodable: Vec<KeyFailure>,
+}
+
+impl BatchStream {
+    pub(crate) fn new(
+        raw: RawBatchStream,
+        keys: Vec<Value>,
+        codecs: Arc<Codecs>,
+        store: String,
+    ) -> BatchStream {
+        BatchStream {
+            raw,
+            keys,
+            codecs,
+            store,
+            undecodable: Vec::new(),
+        }
+    }
+}
+
+impl Stream for BatchStream {
+    type Item = ValueEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ValueEvent>> {
+        loop {
+            let event = match Pin::new(&mut self.raw).poll_next(cx) {
+                Poll::Ready(Some(event)) => event,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            match event {
+                BatchEvent::Record { index, value, .. } => {
+                    let decoded = value
+                        .map(|raw| self.codecs.decode_value(&self.store, &raw))
+                        .transpose();
+                    match decoded {
+                        Ok(value) => {
+                            let key = self.keys.get(index).cloned().unwrap_or(Value::Null);
+                            return Poll::Ready(Some(ValueEvent::Record { index, key, value }));
+                        }
+                        Err(e) => self.undecodable.push(KeyFailure {
+                            index,
+                            error: e.to_string(),
+                        }),
+                    }
+                }
+                BatchEvent::Done(mut done) => {
+                    let undecodable = std::mem::take(&mut self.undecodable);
+                    done.keys_answered -= undecodable.len().min(done.keys_answered);
+                    done.failed.extend(undecodable);
+                    done.failed.sort_by_key(|f| f.index);
+                    return Poll::Ready(Some(ValueEvent::Done(done)));
+                }
             }
         }
     }
@@ -196,6 +277,8 @@ struct Sub {
     group: Option<u32>,
     hedge: bool,
     won: bool,
+    /// Keys it answered with a per-key error.
+    key_errors: u32,
     finished: bool,
     abort: Option<AbortHandle>,
 }
@@ -348,6 +431,10 @@ impl Call {
             }
         }
         self.done.fanout = batches.len();
+        self.done.servers = batches
+            .iter()
+            .map(|(p, r, _)| self.table.partitions[*p][*r].address.clone())
+            .collect();
         if !batches.is_empty() {
             self.shared.counters.batch_fanout(batches.len() as u64);
         }
@@ -462,6 +549,7 @@ impl Call {
                 group,
                 hedge,
                 won: false,
+                key_errors: 0,
                 finished: false,
                 abort: Some(abort),
             });
@@ -490,6 +578,7 @@ impl Call {
                 }
                 KeyAnswer::Missing => records.push(self.settle(index, sub, None)),
                 KeyAnswer::Failed(code) => {
+                    self.subs[sub].key_errors += 1;
                     let message: Arc<str> = ClientError::Server {
                         address: self.subs[sub].instance.address.clone(),
                         code,
@@ -510,6 +599,14 @@ impl Call {
         }
         if !records.is_empty() {
             let _ = self.out.send(records);
+        }
+        let s = &mut self.subs[sub];
+        if s.owed == 0 && !s.finished && s.key_errors == 0 && s.answered.iter().all(|a| *a) {
+            // Every key of the sub-request has its answer: it succeeded, whether or not its
+            // trailer is processed before the call ends.
+            s.finished = true;
+            s.instance.succeeded();
+            self.shared.hedger.record(s.kind, s.started.elapsed());
         }
         if !retry.is_empty() {
             self.retry_errors(retry);

@@ -1221,3 +1221,35 @@ async fn least_loaded_selection_starves_a_slow_replica_until_it_recovers() {
     let (slow2, fast2) = (requests(&fleet[0].0) - slow, requests(&fleet[1].0) - fast);
     assert!(slow2 * 3 > fast2, "slow {slow2}, fast {fast2}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_stream_yields_decoded_keys_and_values_like_batch_get() {
+    use futures::StreamExt;
+    use rialto_fast_client::ValueEvent;
+    let meta = FakeMeta::new();
+    let _fleet = fleet(&meta, 2, &[vec![0, 1], vec![1, 0]], 30).await;
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    // 30 stored keys and 5 absent ones.
+    let keys = key_set(35);
+    let expected = client.batch_get(&keys).await.unwrap();
+    assert_eq!(expected.iter().filter(|v| v.is_some()).count(), 30);
+    let mut got = vec![None; keys.len()];
+    let mut done = None;
+    let mut stream = client.batch_get_stream(&keys).unwrap();
+    while let Some(event) = stream.next().await {
+        match event {
+            ValueEvent::Record { index, key, value } => {
+                assert_eq!(key, keys[index]);
+                got[index] = Some(value);
+            }
+            ValueEvent::Done(c) => done = Some(c),
+        }
+    }
+    let done = done.unwrap();
+    assert!(done.is_complete(), "{done:?}");
+    assert_eq!(done.keys_answered, 35);
+    let got: Vec<Option<Value>> = got.into_iter().map(|v| v.unwrap()).collect();
+    assert_eq!(got, expected);
+}
