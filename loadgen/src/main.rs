@@ -1,8 +1,19 @@
-//! `rialto-loadgen`: reads a Rialto store through `fast-client`.
+//! `rialto-loadgen`: creates and reads Rialto stores through `fast-client`.
 //!
-//! Today: `get` (one key, printed as JSON) and `verify` (read back every record of a
-//! newline-delimited JSON dataset with batch-gets and compare, reporting keys/s and latency
-//! percentiles). The open-loop load generator of the large-fanout issue builds on this.
+//! * `prepare`: creates a store (if missing) and fills it with N keys of V-byte values through a
+//!   real push ([`prepare`]); keys are `key-{i:09}`, so `run` derives them from their index.
+//! * `run`: an open-loop workload at a fixed rate for a fixed time — single gets, batch-gets or
+//!   streaming batch-gets — with coordinated-omission-corrected latency percentiles, throughput,
+//!   fanout and retry counters, printed and optionally written as JSON ([`run`], [`report`]).
+//! * `get` (one key, printed as JSON) and `verify` (read back every record of a newline-delimited
+//!   JSON dataset with batch-gets and compare).
+
+mod dataset;
+mod prepare;
+mod report;
+mod run;
+mod schedule;
+mod workload;
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -18,7 +29,10 @@ use rialto_fast_client::{Client, ClientConfig};
 use rialto_protocol::avro::{to_json, AvroCodec};
 use rialto_protocol::meta::{Layout, StoreRecord, DEFAULT_ROOT};
 
-/// Read a Rialto store through the fast client.
+use crate::run::parse_duration;
+use crate::workload::Mode;
+
+/// Create, fill and read Rialto stores through the fast client.
 #[derive(Parser)]
 #[command(name = "rialto-loadgen", version)]
 struct Args {
@@ -56,23 +70,155 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+    /// Creates the store if missing and pushes N records of V-byte values (keys `key-{i:09}`),
+    /// unless its current version already holds N records.
+    Prepare {
+        /// Controller admin URL.
+        #[arg(
+            long,
+            env = "RIALTO_CONTROLLER",
+            default_value = "http://127.0.0.1:7070"
+        )]
+        controller: String,
+        #[arg(long)]
+        store: String,
+        /// Records to push (keys `key-000000000` … ).
+        #[arg(long)]
+        keys: u64,
+        /// Serialized size of each value (Avro datum), at least 12.
+        #[arg(long, default_value_t = 1024)]
+        value_bytes: usize,
+        /// Partitions of a newly created store [default: 12].
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Replication factor of a newly created store [default: 3].
+        #[arg(long)]
+        replication: Option<u32>,
+        /// Create the store with the in-memory storage profile.
+        #[arg(long)]
+        in_memory: bool,
+        /// Seed of the value payloads.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Push even when the current version already holds N records.
+        #[arg(long)]
+        force_push: bool,
+        /// Write the dataset (newline-delimited JSON) here and keep it; default: a temporary
+        /// file, removed after the push.
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        /// Kafka bootstrap servers, overriding what the controller hands out.
+        #[arg(long)]
+        kafka: Option<String>,
+        /// How long to wait for the pushed version to go live.
+        #[arg(long, value_parser = parse_duration, default_value = "30m")]
+        push_timeout: Duration,
+    },
+    /// Drives an open-loop workload at a fixed rate and reports throughput and latency.
+    Run {
+        #[arg(long)]
+        store: String,
+        /// What each request is.
+        #[arg(long, value_enum, default_value_t = Mode::Batch)]
+        mode: Mode,
+        /// Requests per second (across all tasks), sent on schedule whatever the completions.
+        #[arg(long)]
+        rate: f64,
+        /// How long to send measured requests (30, 30s, 500ms, 2m).
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Unmeasured requests at the same rate before the measured ones.
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        warmup: Duration,
+        /// Most measured requests (the run ends at whichever of duration and count comes first).
+        #[arg(long)]
+        max_requests: Option<u64>,
+        /// Key space: keys are drawn uniformly from key-0 … key-(N-1) (the `prepare --keys`).
+        #[arg(long)]
+        keys: u64,
+        /// Keys per batch-get (batch and stream modes).
+        #[arg(long, default_value_t = 5000)]
+        batch_keys: usize,
+        /// Client tasks sharing the schedule.
+        #[arg(long, default_value_t = 4)]
+        tasks: usize,
+        /// Separate Client instances (task t uses client t mod C).
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// Most requests in flight; beyond, sends wait (and the wait counts as latency).
+        #[arg(long, default_value_t = 10_000)]
+        max_in_flight: usize,
+        /// Seed of the key choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Deadline of one request (the client's `request_timeout`); in-flight requests at the
+        /// end are awaited this long.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        request_timeout: Duration,
+        /// Disable smart long-tail retry.
+        #[arg(long)]
+        no_long_tail_retry: bool,
+        /// Disable group-based routing.
+        #[arg(long)]
+        no_group_routing: bool,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let args = Args::parse();
+    let default_filter = match args.command {
+        Command::Prepare { .. } => "warn,rialto_push=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    if let Command::Prepare {
+        controller,
+        store,
+        keys,
+        value_bytes,
+        partitions,
+        replication,
+        in_memory,
+        seed,
+        force_push,
+        dataset,
+        kafka,
+        push_timeout,
+    } = args.command
+    {
+        return prepare::prepare(&prepare::PrepareArgs {
+            controller,
+            store,
+            keys,
+            value_bytes,
+            partitions,
+            replication,
+            in_memory,
+            seed,
+            force_push,
+            dataset,
+            kafka,
+            push_timeout,
+        })
+        .await;
+    }
     let meta: Arc<dyn MetaStore> = Arc::new(
         EtcdMetaStore::connect(&args.etcd, Duration::from_secs(10))
             .await
             .with_context(|| format!("connect to etcd at {}", args.etcd.join(",")))?,
     );
     match args.command {
+        Command::Prepare { .. } => unreachable!("handled above"),
         Command::Get { store, key } => {
             let client = connect(&args.root, &store, meta.clone()).await?;
             let key_codec = store_codecs(meta.as_ref(), &args.root, &store).await?.0;
@@ -93,6 +239,54 @@ async fn main() -> Result<()> {
             let client = connect(&args.root, &store, meta.clone()).await?;
             let (key_codec, value_codec) = store_codecs(meta.as_ref(), &args.root, &store).await?;
             verify(&client, &key_codec, &value_codec, &input, batch.max(1)).await?;
+        }
+        Command::Run {
+            store,
+            mode,
+            rate,
+            duration,
+            warmup,
+            max_requests,
+            keys,
+            batch_keys,
+            tasks,
+            clients,
+            max_in_flight,
+            seed,
+            request_timeout,
+            no_long_tail_retry,
+            no_group_routing,
+            json,
+        } => {
+            let report = run::run(
+                run::RunArgs {
+                    root: args.root.clone(),
+                    store,
+                    mode,
+                    rate,
+                    duration,
+                    warmup,
+                    max_requests,
+                    key_space: keys,
+                    batch_keys,
+                    tasks,
+                    clients,
+                    max_in_flight,
+                    seed,
+                    request_timeout,
+                    long_tail_retry: !no_long_tail_retry,
+                    group_routing: !no_group_routing,
+                    json,
+                },
+                meta.clone(),
+            )
+            .await?;
+            if report.keys.wrong_values > 0 {
+                bail!(
+                    "{} values did not belong to their key",
+                    report.keys.wrong_values
+                );
+            }
         }
     }
     Ok(())
