@@ -88,7 +88,7 @@ impl LongTailRetry {
 /// Latency samples kept per request kind.
 const WINDOW: usize = 64;
 /// Samples needed before the threshold adapts.
-const MIN_SAMPLES: u64 = 32;
+const MIN_SAMPLES: u64 = 10;
 
 /// Recent latencies of one request kind and the median derived from them.
 struct Kind {
@@ -113,8 +113,9 @@ impl Kind {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.samples.fetch_add(1, Ordering::Relaxed) + 1;
         ring[(n as usize - 1) % WINDOW] = us;
-        // Re-derive the median every 8 samples once the window has enough of them.
-        if n >= MIN_SAMPLES && n.is_multiple_of(8) {
+        // Re-derive the median once there are enough samples: at every sample while the window
+        // fills (a new client adapts within its first requests), then every 8.
+        if n >= MIN_SAMPLES && (n <= WINDOW as u64 || n.is_multiple_of(8)) {
             let len = (n as usize).min(WINDOW);
             let mut sorted = ring[..len].to_vec();
             let mid = len / 2;

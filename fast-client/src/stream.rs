@@ -636,7 +636,8 @@ impl Call {
             if s.finished {
                 continue;
             }
-            let Some(pos) = s.indices.iter().position(|&i| i as usize == index) else {
+            // A sub-request's indices are ascending (keys are planned in request order).
+            let Ok(pos) = s.indices.binary_search(&(index as u32)) else {
                 continue;
             };
             if s.answered[pos] {
@@ -742,7 +743,9 @@ impl Call {
     }
 
     /// Sends `indices` to replicas not tried yet (preferring `group`); keys without one fail.
-    fn resend(&mut self, indices: Vec<usize>, group: Option<u32>, hedge: bool) {
+    fn resend(&mut self, mut indices: Vec<usize>, group: Option<u32>, hedge: bool) {
+        // Sub-requests keep their indices ascending (see `settle`).
+        indices.sort_unstable();
         let mut batches: Vec<(usize, usize, Vec<u32>)> = Vec::new();
         for index in indices {
             let slot = &self.slots[index];
