@@ -1,17 +1,30 @@
 //! Replica placement: which live nodes host each partition of a new version.
 //!
-//! A pure function of its input, so the same nodes always give the same assignment. The rules,
-//! in priority order:
+//! **Group-based placement.** The live nodes are split into as many disjoint *groups* (logical
+//! zones) as the replication factor, and every group holds one full copy of the version:
+//! `assignment[p][g]` is partition `p`'s replica in group `g`, for every `p`. The fast client
+//! relies on this position convention to read a whole batch-get from one group, so a batch-get's
+//! fanout is one group's node count however large the cluster grows.
 //!
-//! 1. the replicas of one partition are on distinct nodes;
-//! 2. they are in distinct zones whenever the nodes span at least RF zones (otherwise zones are
-//!    shared as evenly as possible);
-//! 3. every node hosts about the same number of replicas (within one of each other when the zones
-//!    allow it);
-//! 4. the first replica of a partition (its primary) rotates, so different partitions get
-//!    different primaries.
+//! A pure function of its input: the same set of nodes always gives the same assignment,
+//! whatever order the nodes are listed in. The rules:
 //!
-//! Group-based placement (one full copy per logical zone) is a later step.
+//! 1. **Groups keep physical zones whole when they can.** When the nodes span at least RF
+//!    physical zones, every zone goes entirely into one group, so the replicas of a partition
+//!    are in distinct zones. Zones are dealt largest first (ties by name) to the group with the
+//!    fewest nodes so far (ties by lowest group index), which balances node counts as well as
+//!    whole zones allow (zones of 2, 2 and 2 nodes with RF 2 give groups of 4 and 2 nodes).
+//! 2. **Otherwise groups mix zones evenly.** With fewer physical zones than RF some zone must
+//!    appear in several groups anyway; the nodes, listed zone by zone (largest zone first, ties
+//!    by name; nodes by id), are dealt round-robin to the groups. Group sizes differ by at most
+//!    one, and each zone's nodes are spread over the groups within one of each other.
+//! 3. **Within a group, partitions are spread evenly**: the group's nodes (interleaved across
+//!    the physical zones they come from) take consecutive partitions in turn, so the replica
+//!    counts of one group's nodes differ by at most one. Each group starts the rotation at a
+//!    different node so that small stores do not always land on each group's first node.
+//!
+//! Consequences: groups are disjoint, so a partition's replicas are on distinct nodes; a group
+//! of few nodes (because of whole zones) hosts more replicas per node than a large one.
 
 use std::collections::BTreeMap;
 
@@ -34,7 +47,8 @@ pub enum PlacementError {
 
 /// Places `replication_factor` replicas of each of `partition_count` partitions on `nodes`.
 ///
-/// Returns `assignment[p]` = node ids of partition `p`, primary first.
+/// Returns `assignment[p]` = node ids of partition `p`, one per group: position `g` is the
+/// replica in group `g` (see the module documentation).
 pub fn place(
     nodes: &[NodeRecord],
     partition_count: u32,
@@ -50,64 +64,92 @@ pub fn place(
             "replication factor {replication_factor} is out of range 1..={REPLICATION_FACTOR_MAX}"
         )));
     }
-    // Distinct node ids, sorted, so the result does not depend on the input order.
-    let by_id: BTreeMap<&str, &str> = nodes
-        .iter()
-        .map(|n| (n.node_id.as_str(), n.zone.as_str()))
+    let groups = split_into_groups(nodes, replication_factor as usize)?;
+    let assignment = (0..partition_count as usize)
+        .map(|p| {
+            groups
+                .iter()
+                .enumerate()
+                .map(|(g, members)| members[(p + g) % members.len()].to_string())
+                .collect()
+        })
         .collect();
-    let ids: Vec<&str> = by_id.keys().copied().collect();
-    let zones: Vec<&str> = by_id.values().copied().collect();
-    let n = ids.len();
-    if (n as u64) < u64::from(replication_factor) {
+    Ok(assignment)
+}
+
+/// Splits the distinct nodes into `group_count` disjoint, non-empty groups (rules 1 and 2 of the
+/// module documentation); each group's nodes are interleaved across their physical zones.
+fn split_into_groups(
+    nodes: &[NodeRecord],
+    group_count: usize,
+) -> Result<Vec<Vec<&str>>, PlacementError> {
+    // Distinct node ids; a node listed twice keeps its smallest zone name, so the result never
+    // depends on the input order.
+    let mut zone_of: BTreeMap<&str, &str> = BTreeMap::new();
+    for n in nodes {
+        let zone = zone_of.entry(n.node_id.as_str()).or_insert(n.zone.as_str());
+        if n.zone.as_str() < *zone {
+            *zone = n.zone.as_str();
+        }
+    }
+    if zone_of.len() < group_count {
         return Err(PlacementError::TooFewNodes {
-            needed: replication_factor,
-            available: n as u32,
+            needed: group_count as u32,
+            available: zone_of.len() as u32,
         });
     }
-    // Per-zone load divided by the zone's size breaks ties toward zones that lag behind.
-    let mut zone_size: BTreeMap<&str, usize> = BTreeMap::new();
-    for z in &zones {
-        *zone_size.entry(z).or_default() += 1;
+    // Physical zones, each with its node ids sorted; largest zone first, ties by name.
+    let mut by_zone: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (&id, &zone) in &zone_of {
+        by_zone.entry(zone).or_default().push(id);
     }
-    let mut zone_load: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut load = vec![0usize; n];
-    let mut primary_load = vec![0usize; n];
-    let mut assignment = Vec::with_capacity(partition_count as usize);
+    let mut zones: Vec<(&str, Vec<&str>)> = by_zone.into_iter().collect();
+    zones.sort_by(|(a_name, a), (b_name, b)| b.len().cmp(&a.len()).then(a_name.cmp(b_name)));
 
-    for p in 0..partition_count as usize {
-        let mut chosen: Vec<usize> = Vec::with_capacity(replication_factor as usize);
-        for r in 0..replication_factor as usize {
-            let best = (0..n).filter(|i| !chosen.contains(i)).min_by_key(|&i| {
-                let same_zone = chosen.iter().filter(|&&c| zones[c] == zones[i]).count();
-                // Zone load per node, scaled to compare without floats.
-                let zone_fill = zone_load.get(zones[i]).copied().unwrap_or(0) * 1_000_000
-                    / zone_size.get(zones[i]).copied().unwrap_or(1).max(1);
-                let rotation = (i + n - p % n) % n;
-                let primary = if r == 0 { primary_load[i] } else { 0 };
-                (same_zone, load[i], primary, zone_fill, rotation)
-            });
-            // `n >= replication_factor`, so a candidate always remains.
-            let Some(best) = best else {
-                return Err(PlacementError::TooFewNodes {
-                    needed: replication_factor,
-                    available: n as u32,
-                });
-            };
-            chosen.push(best);
-            load[best] += 1;
-            *zone_load.entry(zones[best]).or_default() += 1;
-            if r == 0 {
-                primary_load[best] += 1;
+    // Per group, its members zone by zone (zones in the order above).
+    let mut groups: Vec<Vec<Vec<&str>>> = vec![Vec::new(); group_count];
+    if zones.len() >= group_count {
+        // Whole zones: each to the group with the fewest nodes so far (lowest index on ties).
+        // The first `group_count` zones fill the empty groups, so none stays empty.
+        let mut sizes = vec![0usize; group_count];
+        for (_, members) in zones {
+            let g = (0..group_count)
+                .min_by_key(|&g| (sizes[g], g))
+                .unwrap_or_default();
+            sizes[g] += members.len();
+            groups[g].push(members);
+        }
+    } else {
+        // Too few zones: deal the nodes round-robin, zone after zone. `zone_of.len() >=
+        // group_count`, so every group gets a node.
+        let mut next = 0usize;
+        for (_, members) in zones {
+            let mut per_group: Vec<Vec<&str>> = vec![Vec::new(); group_count];
+            for id in members {
+                per_group[next % group_count].push(id);
+                next += 1;
+            }
+            for (g, part) in per_group.into_iter().enumerate() {
+                if !part.is_empty() {
+                    groups[g].push(part);
+                }
             }
         }
-        assignment.push(chosen.into_iter().map(|i| ids[i].to_string()).collect());
     }
-    Ok(assignment)
+    Ok(groups.into_iter().map(interleave).collect())
+}
+
+/// One node of each zone in turn: `[[a1, a2, a3], [b1]]` → `[a1, b1, a2, a3]`.
+fn interleave(zones: Vec<Vec<&str>>) -> Vec<&str> {
+    let longest = zones.iter().map(Vec::len).max().unwrap_or(0);
+    (0..longest)
+        .flat_map(|i| zones.iter().filter_map(move |z| z.get(i).copied()))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeSet, HashMap};
+    use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
 
@@ -125,15 +167,30 @@ mod tests {
         spec.iter().map(|(i, z)| node(i, z)).collect()
     }
 
-    fn zone_of(ns: &[NodeRecord], id: &str) -> String {
+    /// `n` nodes `n0..`, node `i` in zone `z<i % zones>`.
+    fn cluster(n: usize, zones: usize) -> Vec<NodeRecord> {
+        (0..n)
+            .map(|i| node(&format!("n{i}"), &format!("z{}", i % zones)))
+            .collect()
+    }
+
+    fn zone_of<'a>(ns: &'a [NodeRecord], id: &str) -> &'a str {
         ns.iter()
             .find(|n| n.node_id == id)
-            .map(|n| n.zone.clone())
+            .map(|n| n.zone.as_str())
             .unwrap_or_default()
     }
 
-    fn loads(a: &[Vec<String>]) -> HashMap<String, usize> {
-        let mut m = HashMap::new();
+    /// The nodes seen at position `g` of any partition: group `g`.
+    fn groups(a: &[Vec<String>]) -> Vec<BTreeSet<String>> {
+        let rf = a.first().map(Vec::len).unwrap_or(0);
+        (0..rf)
+            .map(|g| a.iter().map(|p| p[g].clone()).collect())
+            .collect()
+    }
+
+    fn loads(a: &[Vec<String>]) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
         for p in a {
             for n in p {
                 *m.entry(n.clone()).or_default() += 1;
@@ -142,76 +199,71 @@ mod tests {
         m
     }
 
-    #[test]
-    fn replicas_are_on_distinct_nodes() {
-        let ns = nodes(&[("a", ""), ("b", ""), ("c", "")]);
-        let a = place(&ns, 16, 3).unwrap();
-        assert_eq!(a.len(), 16);
+    /// Checks every property the module documentation promises; returns the groups.
+    fn check(ns: &[NodeRecord], pc: u32, rf: u32) -> Vec<BTreeSet<String>> {
+        let ctx = format!("{} nodes, pc {pc}, rf {rf}", ns.len());
+        let a = place(ns, pc, rf).unwrap();
+        assert_eq!(a.len(), pc as usize, "{ctx}");
         for p in &a {
-            assert_eq!(p.len(), 3);
-            assert_eq!(p.iter().collect::<BTreeSet<_>>().len(), 3, "{p:?}");
+            assert_eq!(p.len(), rf as usize, "{ctx}: {p:?}");
+            let distinct: BTreeSet<_> = p.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                rf as usize,
+                "{ctx}: two replicas on a node: {p:?}"
+            );
         }
-    }
-
-    #[test]
-    fn replicas_are_in_distinct_zones_when_enough_zones_exist() {
-        // Zones of uneven size, listed out of order.
-        let ns = nodes(&[
-            ("z1", "c"),
-            ("a1", "a"),
-            ("b1", "b"),
-            ("a2", "a"),
-            ("a3", "a"),
-            ("b2", "b"),
-        ]);
-        for rf in 1..=3 {
-            for pc in [1, 2, 5, 12] {
-                let a = place(&ns, pc, rf).unwrap();
-                for p in &a {
-                    let zs: BTreeSet<_> = p.iter().map(|n| zone_of(&ns, n)).collect();
-                    assert_eq!(zs.len(), rf as usize, "rf {rf}: {p:?}");
-                }
+        let gs = groups(&a);
+        // Groups (positions) are disjoint, so each one holds a full copy on its own nodes.
+        for (i, g) in gs.iter().enumerate() {
+            for h in &gs[i + 1..] {
+                assert!(g.is_disjoint(h), "{ctx}: groups overlap: {gs:?}");
             }
         }
-    }
-
-    #[test]
-    fn zones_are_shared_evenly_when_too_few() {
-        let ns = nodes(&[("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")]);
-        let a = place(&ns, 8, 3).unwrap();
-        for p in &a {
-            let zs: BTreeSet<_> = p.iter().map(|n| zone_of(&ns, n)).collect();
-            assert_eq!(zs.len(), 2, "{p:?}");
+        let all_zones: BTreeSet<&str> = ns.iter().map(|n| n.zone.as_str()).collect();
+        if all_zones.len() >= rf as usize {
+            for p in &a {
+                let zs: BTreeSet<_> = p.iter().map(|n| zone_of(ns, n)).collect();
+                assert_eq!(
+                    zs.len(),
+                    rf as usize,
+                    "{ctx}: two replicas in a zone: {p:?}"
+                );
+            }
+            // Whole zones per group.
+            for z in &all_zones {
+                let holding = gs
+                    .iter()
+                    .filter(|g| g.iter().any(|n| zone_of(ns, n) == *z))
+                    .count();
+                assert!(holding <= 1, "{ctx}: zone {z} split over groups: {gs:?}");
+            }
         }
+        // Within a group, replica counts differ by at most one.
+        let l = loads(&a);
+        for g in &gs {
+            let counts: Vec<usize> = g.iter().map(|n| l[n]).collect();
+            let (min, max) = (counts.iter().min(), counts.iter().max());
+            assert!(
+                max.zip(min).is_some_and(|(max, min)| max - min <= 1),
+                "{ctx}: group {g:?} loads {counts:?}"
+            );
+        }
+        // With enough partitions every node hosts something.
+        if pc as usize >= ns.len() {
+            assert_eq!(l.len(), ns.len(), "{ctx}: idle nodes: {l:?}");
+        }
+        gs
     }
 
     #[test]
-    fn load_is_balanced_within_one() {
-        for n in 1..=7usize {
-            for zones_count in [1usize, 2, 3] {
-                let ns: Vec<NodeRecord> = (0..n)
-                    .map(|i| node(&format!("n{i}"), &format!("z{}", i % zones_count)))
-                    .collect();
-                for rf in 1..=(n.min(4) as u32) {
-                    for pc in [1u32, 3, 4, 7, 16, 33] {
-                        let a = place(&ns, pc, rf).unwrap();
-                        let l = loads(&a);
-                        let max = l.values().max().copied().unwrap_or(0);
-                        let min = if l.len() < n {
-                            0
-                        } else {
-                            l.values().min().copied().unwrap_or(0)
-                        };
-                        // Zones of unequal size (n not a multiple of zones) can force imbalance
-                        // only when rf equals the zone count; everything else must be within 1.
-                        let zones_uneven =
-                            n % zones_count != 0 && rf as usize >= zones_count.min(n);
-                        if !zones_uneven {
-                            assert!(
-                                max - min <= 1,
-                                "n {n} zones {zones_count} rf {rf} pc {pc}: {l:?}"
-                            );
-                        }
+    fn every_shape_keeps_the_group_properties() {
+        for n in 1..=9usize {
+            for zones in 1..=4usize {
+                let ns = cluster(n, zones);
+                for rf in 1..=(n.min(5) as u32) {
+                    for pc in [1u32, 2, 3, 7, 16, 33] {
+                        check(&ns, pc, rf);
                     }
                 }
             }
@@ -219,25 +271,130 @@ mod tests {
     }
 
     #[test]
-    fn primaries_rotate() {
-        let ns = nodes(&[("a", "x"), ("b", "y"), ("c", "z")]);
-        let a = place(&ns, 6, 3).unwrap();
-        let mut primaries: HashMap<&str, usize> = HashMap::new();
-        for p in &a {
-            *primaries.entry(p[0].as_str()).or_default() += 1;
+    fn six_nodes_in_three_zones_rf3_one_zone_per_group() {
+        let ns = cluster(6, 3);
+        let gs = check(&ns, 12, 3);
+        for g in &gs {
+            assert_eq!(g.len(), 2, "{gs:?}");
+            let zs: BTreeSet<_> = g.iter().map(|n| zone_of(&ns, n)).collect();
+            assert_eq!(zs.len(), 1, "{gs:?}");
         }
-        assert_eq!(primaries.len(), 3, "{a:?}");
-        assert!(primaries.values().all(|&c| c == 2), "{primaries:?}");
-        assert_ne!(a[0][0], a[1][0]);
+        let l = loads(&place(&ns, 12, 3).unwrap());
+        assert!(l.values().all(|&c| c == 6), "{l:?}");
+    }
+
+    #[test]
+    fn twelve_nodes_in_three_zones_rf6_mix_zones_evenly() {
+        let ns = cluster(12, 3);
+        let gs = check(&ns, 24, 6);
+        for g in &gs {
+            assert_eq!(g.len(), 2, "{gs:?}");
+            let zs: BTreeSet<_> = g.iter().map(|n| zone_of(&ns, n)).collect();
+            assert_eq!(
+                zs.len(),
+                2,
+                "a group of two nodes should mix two zones: {gs:?}"
+            );
+        }
+        // Each zone's four nodes are spread over four groups.
+        for z in ["z0", "z1", "z2"] {
+            let holding = gs
+                .iter()
+                .filter(|g| g.iter().any(|n| zone_of(&ns, n) == z))
+                .count();
+            assert_eq!(holding, 4, "{z}: {gs:?}");
+        }
+        let l = loads(&place(&ns, 24, 6).unwrap());
+        assert!(l.values().all(|&c| c == 12), "{l:?}");
+    }
+
+    #[test]
+    fn five_nodes_rf2_give_uneven_groups_balanced_inside() {
+        // Three zones of 2, 2 and 1 nodes: whole zones give groups of 3 and 2 nodes.
+        let ns = cluster(5, 3);
+        let gs = check(&ns, 12, 2);
+        let mut sizes: Vec<usize> = gs.iter().map(BTreeSet::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![2, 3], "{gs:?}");
+        let l = loads(&place(&ns, 12, 2).unwrap());
+        for g in &gs {
+            let per_node = 12 / g.len();
+            assert!(g.iter().all(|n| l[n] == per_node), "{g:?}: {l:?}");
+        }
+        // One zone: group sizes 3 and 2 as well, zones are irrelevant.
+        let one = cluster(5, 1);
+        let mut sizes: Vec<usize> = check(&one, 7, 2).iter().map(BTreeSet::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![2, 3]);
+    }
+
+    #[test]
+    fn whole_zones_are_dealt_to_the_smallest_group() {
+        // Zones of 3, 1, 1 and 1 nodes with RF 2: {a} and {b, c, d}, three nodes each.
+        let ns = nodes(&[
+            ("a1", "a"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b1", "b"),
+            ("c1", "c"),
+            ("d1", "d"),
+        ]);
+        let gs = check(&ns, 6, 2);
+        let a: BTreeSet<String> = ["a1", "a2", "a3"].map(String::from).into();
+        let rest: BTreeSet<String> = ["b1", "c1", "d1"].map(String::from).into();
+        assert_eq!(gs, vec![a, rest]);
+    }
+
+    #[test]
+    fn too_few_zones_spread_each_zone_over_the_groups() {
+        // Two zones, RF 3: every zone appears in the groups as evenly as possible.
+        let ns = nodes(&[
+            ("a1", "a"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b1", "b"),
+            ("b2", "b"),
+            ("b3", "b"),
+        ]);
+        let gs = check(&ns, 9, 3);
+        for g in &gs {
+            let zs: BTreeSet<_> = g.iter().map(|n| zone_of(&ns, n)).collect();
+            assert_eq!((g.len(), zs.len()), (2, 2), "{gs:?}");
+        }
+    }
+
+    #[test]
+    fn small_stores_do_not_pile_on_each_groups_first_node() {
+        let ns = cluster(6, 3);
+        let a = place(&ns, 1, 3).unwrap();
+        let gs = groups(&place(&ns, 12, 3).unwrap());
+        // Partition 0's replica is not the same rank in every group.
+        let ranks: BTreeSet<usize> = a[0]
+            .iter()
+            .zip(&gs)
+            .map(|(n, g)| g.iter().position(|m| m == n).unwrap_or(usize::MAX))
+            .collect();
+        assert!(ranks.len() > 1, "{a:?} in {gs:?}");
     }
 
     #[test]
     fn placement_is_deterministic_regardless_of_input_order() {
-        let ns = nodes(&[("a", "x"), ("b", "y"), ("c", "z"), ("d", "x")]);
+        let ns = cluster(7, 3);
         let mut rev = ns.clone();
         rev.reverse();
-        assert_eq!(place(&ns, 10, 2).unwrap(), place(&rev, 10, 2).unwrap());
-        assert_eq!(place(&ns, 10, 2).unwrap(), place(&ns, 10, 2).unwrap());
+        let mut rotated = ns.clone();
+        rotated.rotate_left(3);
+        for rf in 1..=4 {
+            let a = place(&ns, 10, rf).unwrap();
+            assert_eq!(a, place(&rev, 10, rf).unwrap());
+            assert_eq!(a, place(&rotated, 10, rf).unwrap());
+            assert_eq!(a, place(&ns, 10, rf).unwrap());
+        }
+        // A node listed twice with two zones resolves the same way in any order.
+        let dup = nodes(&[("a", "x"), ("b", "y"), ("a", "z")]);
+        let mut dup_rev = dup.clone();
+        dup_rev.reverse();
+        assert_eq!(place(&dup, 4, 2).unwrap(), place(&dup_rev, 4, 2).unwrap());
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub(crate) async fn reconcile(
     ctx: Arc<NodeContext>,
     mirror: PrefixMirror,
     first: DesiredReplicas,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<crate::Stop>,
 ) {
     let mut hosted: BTreeMap<ReplicaId, HostedReplica> = BTreeMap::new();
     let mut changes = mirror.subscribe();
@@ -188,7 +188,7 @@ pub(crate) async fn reconcile(
             hosted.insert(id.clone(), HostedReplica { slot, stop, task });
         }
         tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => break,
             changed = changes.changed() => if changed.is_err() { break },
         }
         desired = mirror

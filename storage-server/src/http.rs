@@ -2,12 +2,19 @@
 //!
 //! Routes (see `rialto_protocol::wire`): single get, streamed batch-get, health, metrics. Every
 //! failure is a typed error response (`ErrorCode` status, `x-rialto-error` header, `ErrorBody`);
-//! a malformed request only ever affects its own stream.
+//! a malformed request only ever affects its own stream. Reads (get, batch-get) first go through
+//! the server's fault injection ([`crate::faults`]), which does nothing unless configured.
+//!
+//! Each connection task owns the tasks of its streams, so stopping a connection (a killed
+//! server) aborts its in-flight requests with it; a graceful stop drains them instead.
 //!
 //! Batch-get writes frames into a pooled buffer and sends a DATA chunk whenever the buffer passes
 //! [`CHUNK_BYTES`], waiting for flow-control capacity between chunks so a slow reader bounds the
 //! memory held for it. RocksDB reads are done inline on the runtime thread, in sub-batches of
-//! [`MULTI_GET_KEYS_MAX`] keys (a later issue may move them to a blocking pool).
+//! [`MULTI_GET_KEYS_MAX`] keys. Measured on 2 cores with the data in memory (1,000-key
+//! batch-gets of 1 KB values, 1 to 8 concurrent calls), moving each sub-batch to
+//! `spawn_blocking` lost 10–33 % of throughput and raised p99 latency, so reads stay inline;
+//! revisit for data that does not fit in memory, where a read can wait on the disk.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,10 +38,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::faults::Faults;
 use crate::metrics::{RouteKind, ServerMetrics};
 use crate::node::NodeContext;
 use crate::replica::ReplicaRegistry;
 use crate::store::ReplicaStore;
+use crate::Stop;
 
 /// Initial per-stream flow-control window advertised to clients.
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
@@ -65,19 +74,23 @@ pub(crate) struct ReadService {
     pub metrics: Arc<ServerMetrics>,
     pub batch_get_keys_max: usize,
     pub buffers: Arc<BufferPool>,
+    pub faults: Arc<Faults>,
 }
 
-/// Accepts connections until `shutdown`, then drains them (bounded) and returns.
+/// Accepts connections until `shutdown` leaves [`Stop::Running`]. On [`Stop::Drain`] (or a
+/// dropped sender) open connections drain (bounded); on [`Stop::Kill`] they are dropped at once.
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: Arc<ReadService>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<Stop>,
 ) {
     let mut connections = JoinSet::new();
-    loop {
+    let stop = loop {
         let accepted = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break,
+            stop = shutdown.wait_for(|s| *s != Stop::Running) => {
+                break stop.map(|s| *s).unwrap_or(Stop::Drain);
+            }
             accepted = listener.accept() => accepted,
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
@@ -106,8 +119,13 @@ pub(crate) async fn serve(
                 }
             }
         });
-    }
+    };
     drop(listener);
+    if stop == Stop::Kill {
+        // A crash: every connection (and with it every in-flight request) ends now.
+        connections.shutdown().await;
+        return;
+    }
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while connections.join_next().await.is_some() {}
     })
@@ -135,7 +153,7 @@ async fn serve_connection<T>(
     io: T,
     peer: SocketAddr,
     service: Arc<ReadService>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<Stop>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -152,12 +170,14 @@ async fn serve_connection<T>(
                 return;
             }
         };
+    // Dropping the set (when the connection task ends or is aborted) aborts its requests.
+    let mut streams = JoinSet::new();
     let mut draining = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    tokio::spawn(handle(service.clone(), request, respond));
+                    streams.spawn(handle(service.clone(), request, respond));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "connection error");
@@ -165,12 +185,18 @@ async fn serve_connection<T>(
                 }
                 None => break,
             },
-            _ = shutdown.wait_for(|s| *s), if !draining => {
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            stop = shutdown.wait_for(|s| *s != Stop::Running), if !draining => {
+                if matches!(stop.as_deref(), Ok(Stop::Kill)) {
+                    return;
+                }
                 conn.graceful_shutdown();
                 draining = true;
             }
         }
     }
+    // The connection is closed; let requests still finishing (metrics, a last send) end.
+    while streams.join_next().await.is_some() {}
 }
 
 /// A request-level failure: answered with an error response.
@@ -263,6 +289,30 @@ async fn handle(
     }
 }
 
+/// Applies the configured faults to one read request: the delay (a timer, never blocking the
+/// thread), then the injected error with probability `error_rate`.
+async fn inject_faults(service: &ReadService) -> Result<(), Failure> {
+    let delay = service.faults.delay();
+    if !delay.is_zero() {
+        service
+            .metrics
+            .faults_delayed
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(delay).await;
+    }
+    if service.faults.should_fail() {
+        service
+            .metrics
+            .faults_failed
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(Failure::new(
+            ErrorCode::Overloaded,
+            "injected fault: this server is configured to fail a share of reads (tests only)",
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a request body of at most `limit` bytes, releasing flow-control capacity as it goes.
 async fn read_body(
     mut body: RecvStream,
@@ -317,6 +367,7 @@ async fn get(
     version: u32,
     partition: u32,
 ) -> Result<(), Failure> {
+    inject_faults(service).await?;
     let key = read_body(body, declared_len, KEY_BYTES_MAX).await?;
     let replica = online(&service.node.registry, store, version, partition)?;
     service
@@ -365,6 +416,7 @@ async fn batch_get(
     store: &str,
     version: u32,
 ) -> Result<(), Failure> {
+    inject_faults(service).await?;
     let body = read_body(body, declared_len, REQUEST_BYTES_MAX).await?;
     let keys = BatchGetRequest::decode(&body, service.batch_get_keys_max)
         .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
@@ -600,7 +652,7 @@ mod tests {
     use crate::testing::{
         reported_state, version_record, wait_until, MemoryMetaStore, MemoryPubSub, PushRecords,
     };
-    use crate::{start, RunningServer, ServerConfig};
+    use crate::{start, FaultConfig, RunningServer, ServerConfig};
     use http::HeaderMap;
     use rialto_backends::{MetaStore, PubSub};
     use rialto_protocol::meta::{Layout, ReplicaState};
@@ -611,6 +663,9 @@ mod tests {
 
     struct Fixture {
         server: RunningServer,
+        meta: MemoryMetaStore,
+        pubsub: MemoryPubSub,
+        config: ServerConfig,
         _dir: tempfile::TempDir,
     }
 
@@ -620,6 +675,11 @@ mod tests {
 
     /// A server hosting `s` v1 partition 0 (ONLINE, keys k0..k299) but not partition 1.
     async fn fixture() -> Fixture {
+        fixture_with(FaultConfig::default()).await
+    }
+
+    /// [`fixture`] with faults injected from the start.
+    async fn fixture_with(faults: FaultConfig) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemoryMetaStore::new();
         let pubsub = MemoryPubSub::new();
@@ -640,9 +700,14 @@ mod tests {
         let mut config = ServerConfig::new("n1", "z1", dir.path());
         config.meta_root = ROOT.into();
         config.batch_get_keys_max = KEYS_MAX;
-        let server = start(config, Arc::new(meta.clone()), Arc::new(pubsub))
-            .await
-            .unwrap();
+        config.faults = faults;
+        let server = start(
+            config.clone(),
+            Arc::new(meta.clone()),
+            Arc::new(pubsub.clone()),
+        )
+        .await
+        .unwrap();
         let m = &meta;
         let online = wait_until(Duration::from_secs(20), move || async move {
             reported_state(m, ROOT, "s", 1, 0, "n1")
@@ -652,7 +717,13 @@ mod tests {
         })
         .await;
         assert!(online, "replica did not become ONLINE");
-        Fixture { server, _dir: dir }
+        Fixture {
+            server,
+            meta,
+            pubsub,
+            config,
+            _dir: dir,
+        }
     }
 
     async fn connect(addr: SocketAddr, window: u32) -> h2::client::SendRequest<Bytes> {
@@ -976,6 +1047,184 @@ mod tests {
             t.await.unwrap();
         }
         f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn injected_faults_delay_and_fail_reads_but_not_health() {
+        let delay = Duration::from_millis(150);
+        let f = fixture_with(FaultConfig {
+            delay,
+            error_rate: 0.0,
+        })
+        .await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let c = &client;
+        let m = f.server.metrics();
+
+        // The configured delay applies to get and batch-get, not to health or metrics.
+        let started = std::time::Instant::now();
+        let (status, _, _) = call(c, Method::POST, "/v1/get/s/1/0", &[], b"k1".to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+        let started = std::time::Instant::now();
+        let (status, _, body) = call(
+            c,
+            Method::POST,
+            "/v1/batch-get/s/1",
+            &[],
+            batch(&[(0, "k1"), (0, "k2")]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(frames(&body).last().unwrap(), "trailer 2 2 0 0");
+        assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+        let (status, _, _) = call(c, Method::GET, "/health", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(m.faults_delayed.load(Ordering::Relaxed), 2);
+
+        // Delays overlap: they are timers, not blocked threads.
+        let started = std::time::Instant::now();
+        let mut calls = Vec::new();
+        for i in 0..20 {
+            let client = client.clone();
+            calls.push(tokio::spawn(async move {
+                let key = format!("k{i}").into_bytes();
+                call(&client, Method::POST, "/v1/get/s/1/0", &[], key)
+                    .await
+                    .0
+            }));
+        }
+        for t in calls {
+            assert_eq!(t.await.unwrap(), StatusCode::OK);
+        }
+        assert!(started.elapsed() < delay * 10, "{:?}", started.elapsed());
+
+        // Changed at runtime: no delay, every read fails with a retryable error.
+        let faults = f.server.faults();
+        faults.set(FaultConfig {
+            delay: Duration::ZERO,
+            error_rate: 1.0,
+        });
+        let started = std::time::Instant::now();
+        assert_error(
+            &call(c, Method::POST, "/v1/get/s/1/0", &[], b"k1".to_vec()).await,
+            ErrorCode::Overloaded,
+        );
+        assert!(started.elapsed() < delay, "{:?}", started.elapsed());
+        assert_error(
+            &call(
+                c,
+                Method::POST,
+                "/v1/batch-get/s/1",
+                &[],
+                batch(&[(0, "k1")]),
+            )
+            .await,
+            ErrorCode::Overloaded,
+        );
+        assert!(ErrorCode::Overloaded.retryable());
+        let (status, _, body) = call(c, Method::GET, "/metrics", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.contains("rialto_server_faults_injected_total{kind=\"error\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_faults_injected_total{kind=\"delay\"} 22"),
+            "{text}"
+        );
+        assert_eq!(m.errors(ErrorCode::Overloaded), 2);
+
+        // Error rate 0: every read succeeds again.
+        faults.set_error_rate(0.0);
+        for i in 0..20 {
+            let key = format!("k{i}").into_bytes();
+            let (status, _, _) = call(c, Method::POST, "/v1/get/s/1/0", &[], key).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        assert_eq!(m.faults_failed.load(Ordering::Relaxed), 2);
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn kill_drops_connections_keeps_the_lease_and_the_data_reopens() {
+        let f = fixture().await;
+        let layout = Layout::new(ROOT);
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let (status, _, _) =
+            call(&client, Method::POST, "/v1/get/s/1/0", &[], b"k1".to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+
+        // A request in flight (held by a long injected delay) when the server is killed.
+        f.server.faults().set_delay(Duration::from_secs(30));
+        let mut sender = client.clone().ready().await.unwrap();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("http://127.0.0.1/v1/get/s/1/0")
+            .body(())
+            .unwrap();
+        let (response, mut upload) = sender.send_request(request, false).unwrap();
+        upload.send_data(Bytes::from_static(b"k2"), true).unwrap();
+        let metrics = f.server.metrics();
+        let m = &metrics;
+        assert!(
+            wait_until(Duration::from_secs(5), move || async move {
+                m.faults_delayed.load(Ordering::Relaxed) == 1
+            })
+            .await
+        );
+
+        let address = f.server.address();
+        let started = std::time::Instant::now();
+        f.server.kill().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // The in-flight request ends with a connection error, not an answer.
+        let answer = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("the in-flight request was not cut");
+        assert!(answer.is_err(), "{answer:?}");
+        // The connection is gone and nothing listens any more.
+        assert!(client.clone().ready().await.is_err());
+        assert!(tokio::net::TcpStream::connect(address).await.is_err());
+        // The lease was not revoked: node and replica records stay until it expires.
+        assert!(f.meta.value(&layout.node("n1")).is_some());
+        assert!(reported_state(&f.meta, ROOT, "s", 1, 0, "n1")
+            .await
+            .is_some());
+        let lease = f.meta.lease_of(&layout.node("n1")).unwrap();
+        assert!(f.meta.leases().contains(&lease));
+
+        // The databases were closed: a new server reopens the same directory, without the topic.
+        f.pubsub.delete_topic("s_v1").await.unwrap();
+        let server = start(
+            f.config.clone(),
+            Arc::new(f.meta.clone()),
+            Arc::new(f.pubsub.clone()),
+        )
+        .await
+        .unwrap();
+        let m = &f.meta;
+        let online = wait_until(Duration::from_secs(20), move || async move {
+            reported_state(m, ROOT, "s", 1, 0, "n1")
+                .await
+                .map(|r| r.state)
+                == Some(ReplicaState::Online)
+                && m.lease_of(&Layout::new(ROOT).replica("s", 1, 0, "n1"))
+                    .is_some_and(|l| l != lease)
+        })
+        .await;
+        assert!(online, "the restarted server did not serve the kept data");
+        let client = connect(server.address(), STREAM_WINDOW_BYTES).await;
+        let (status, _, body) =
+            call(&client, Method::POST, "/v1/get/s/1/0", &[], b"k7".to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, StoredValue::encode(1, &big_value(7)));
+        server.shutdown().await.unwrap();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The Rialto storage server as a library: [`start`] a server in-process, read its
-//! [`ServerMetrics`], [`RunningServer::shutdown`] it. `main.rs` is a thin CLI over this.
+//! [`ServerMetrics`], slow it down with [`RunningServer::faults`], [`RunningServer::shutdown`]
+//! it or [`RunningServer::kill`] it as a crash would. `main.rs` is a thin CLI over this.
 //!
 //! * `node`: registration under an etcd lease, replica reports, re-registration.
 //! * `assignments`: follows the versions prefix, starts and drops replicas.
@@ -7,6 +8,7 @@
 //! * [`validator`]: producer-metadata rules and the checkpoint that carries their state.
 //! * [`store`]: one RocksDB instance per replica ([`ReplicaStore`]).
 //! * `http`: the HTTP/2 read endpoint (get, streamed batch-get, health, metrics).
+//! * [`faults`]: delays and errors injected into reads, for tests and benchmarks (off by default).
 //! * [`testing`]: in-memory `MetaStore` / `PubSub` fakes and a push-record builder for tests.
 //!
 //! **Invariant:** a replica never serves before it consumed END_OF_PUSH.
@@ -15,6 +17,7 @@
 
 mod assignments;
 mod error;
+pub mod faults;
 mod http;
 pub mod ingest;
 pub mod metrics;
@@ -36,6 +39,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use error::ServerError;
+pub use faults::{FaultConfig, Faults};
 pub use metrics::{RouteKind, ServerMetrics};
 pub use store::ReplicaStore;
 
@@ -74,6 +78,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Most keys accepted in one batch-get.
     pub batch_get_keys_max: usize,
+    /// Faults injected into reads at start (tests and benchmarks; default none). They can be
+    /// changed while the server runs through [`RunningServer::faults`].
+    pub faults: FaultConfig,
 }
 
 impl ServerConfig {
@@ -94,17 +101,31 @@ impl ServerConfig {
             lease_ttl_s: DEFAULT_LEASE_TTL_S,
             tls: None,
             batch_get_keys_max: BATCH_GET_KEYS_MAX,
+            faults: FaultConfig::default(),
         }
     }
 }
 
-/// A server started by [`start`]. Dropping it stops every task (without revoking the lease);
-/// prefer [`RunningServer::shutdown`].
+/// What the server's tasks are asked to do, through one watch channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Keep going.
+    Running,
+    /// Stop gracefully: drain connections, stop ingestion, close databases.
+    Drain,
+    /// Stop as a crash would: drop connections at once; ingestion stops and databases close
+    /// (so the data directory can be reopened), nothing more is written to the metadata store.
+    Kill,
+}
+
+/// A server started by [`start`]. Dropping it stops every task gracefully in the background
+/// (without revoking the lease); prefer [`RunningServer::shutdown`] or [`RunningServer::kill`].
 pub struct RunningServer {
     address: SocketAddr,
     metrics: Arc<ServerMetrics>,
+    faults: Arc<Faults>,
     ctx: Arc<node::NodeContext>,
-    shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<Stop>,
     serve_task: JoinHandle<()>,
     reconcile_task: JoinHandle<()>,
     lease_task: JoinHandle<rialto_backends::LeaseHandle>,
@@ -135,9 +156,49 @@ impl RunningServer {
         &self.ctx.node_id
     }
 
+    /// The live fault-injection settings of the read path (tests and benchmarks): changes take
+    /// effect on the next read request.
+    pub fn faults(&self) -> Arc<Faults> {
+        self.faults.clone()
+    }
+
     /// Stops serving (draining connections), stops ingestion, closes every database and revokes
     /// the lease (which removes the node and replica records).
     pub async fn shutdown(self) -> Result<(), ServerError> {
+        let (ctx, lease, first_error) = self.stop(Stop::Drain).await;
+        let lease_id = *ctx.lease_id.lock().await;
+        let revoked = ctx.meta.revoke_lease(lease_id).await;
+        drop(lease);
+        tracing::info!(node = %ctx.node_id, "server stopped");
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        revoked.map_err(ServerError::from)
+    }
+
+    /// Stops the server as a crash (SIGKILL) would, for tests: the listener closes, every open
+    /// HTTP/2 connection is dropped with its in-flight requests, ingestion stops, and the lease is
+    /// *not* revoked, only no longer kept alive, so the node and replica records stay until its
+    /// TTL expires. Unlike a real crash, every database is closed cleanly before this returns, so
+    /// the same data directory can be reopened by a new [`start`] in this process.
+    pub async fn kill(self) -> Result<(), ServerError> {
+        let (ctx, lease, first_error) = self.stop(Stop::Kill).await;
+        // Dropping the handle stops the keep-alive; the lease expires on its own.
+        drop(lease);
+        tracing::info!(node = %ctx.node_id, "server killed (lease left to expire)");
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Signals `how` to every task and waits for them; returns the context, the current lease
+    /// (if the lease task ended normally) and the first task failure.
+    async fn stop(
+        self,
+        how: Stop,
+    ) -> (
+        Arc<node::NodeContext>,
+        Option<rialto_backends::LeaseHandle>,
+        Option<ServerError>,
+    ) {
         let RunningServer {
             ctx,
             shutdown,
@@ -146,7 +207,7 @@ impl RunningServer {
             lease_task,
             ..
         } = self;
-        let _ = shutdown.send(true);
+        let _ = shutdown.send(how);
         let mut first_error = None;
         let mut note = |name: &'static str, r: Result<(), tokio::task::JoinError>| {
             if let Err(e) = r {
@@ -162,14 +223,7 @@ impl RunningServer {
                 None
             }
         };
-        let lease_id = *ctx.lease_id.lock().await;
-        let revoked = ctx.meta.revoke_lease(lease_id).await;
-        drop(lease);
-        tracing::info!(node = %ctx.node_id, "server stopped");
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        revoked.map_err(ServerError::from)
+        (ctx, lease, first_error)
     }
 }
 
@@ -231,12 +285,17 @@ pub async fn start(
     }
     let lease = ctx.register().await?;
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = watch::channel(Stop::Running);
+    let faults = Arc::new(Faults::new(config.faults));
+    if config.faults.is_active() {
+        tracing::warn!(node = %config.node_id, delay = ?config.faults.delay, error_rate = config.faults.error_rate, "fault injection is on: reads are delayed or failed on purpose");
+    }
     let service = Arc::new(http::ReadService {
         node: ctx.clone(),
         metrics: metrics.clone(),
         batch_get_keys_max: config.batch_get_keys_max,
         buffers: Arc::new(http::BufferPool::default()),
+        faults: faults.clone(),
     });
     let serve_task = tokio::spawn(http::serve(listener, tls, service, shutdown_rx.clone()));
     let reconcile_task = tokio::spawn(assignments::reconcile(
@@ -250,6 +309,7 @@ pub async fn start(
     Ok(RunningServer {
         address,
         metrics,
+        faults,
         ctx,
         shutdown,
         serve_task,

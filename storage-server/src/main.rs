@@ -12,7 +12,9 @@ use rialto_backends::etcd::EtcdMetaStore;
 use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_protocol::meta::DEFAULT_ROOT;
 use rialto_protocol::wire::BATCH_GET_KEYS_MAX;
-use rialto_server::{ServerConfig, TlsFiles, DEFAULT_ADVERTISE_HOST, DEFAULT_LEASE_TTL_S};
+use rialto_server::{
+    FaultConfig, ServerConfig, TlsFiles, DEFAULT_ADVERTISE_HOST, DEFAULT_LEASE_TTL_S,
+};
 
 /// How long to wait for etcd at start-up.
 const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +59,22 @@ struct Cli {
     /// Kafka bootstrap servers.
     #[arg(long, default_value = "127.0.0.1:9092")]
     kafka: String,
+    /// For tests and benchmarks only: delay every read request (get, batch-get) by this many
+    /// milliseconds before answering it.
+    #[arg(long, default_value_t = 0)]
+    fault_delay_ms: u64,
+    /// For tests and benchmarks only: fail this fraction (0.0 to 1.0) of read requests with a
+    /// retryable `overloaded` error.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    fault_error_rate: f64,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        Ok(rate) => Err(format!("{rate} is not between 0.0 and 1.0")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[tokio::main]
@@ -82,6 +100,10 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl_s: cli.lease_ttl_s,
         tls,
         batch_get_keys_max: cli.batch_get_keys_max,
+        faults: FaultConfig {
+            delay: Duration::from_millis(cli.fault_delay_ms),
+            error_rate: cli.fault_error_rate,
+        },
     };
     let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
         .await

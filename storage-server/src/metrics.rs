@@ -68,6 +68,10 @@ pub struct ServerMetrics {
     pub records_ingested: AtomicU64,
     /// Redelivered records skipped by validation.
     pub duplicates_skipped: AtomicU64,
+    /// Read requests delayed by fault injection (tests and benchmarks only).
+    pub faults_delayed: AtomicU64,
+    /// Read requests failed by fault injection (tests and benchmarks only).
+    pub faults_failed: AtomicU64,
     replicas: [AtomicI64; 5],
 }
 
@@ -137,6 +141,17 @@ impl ServerMetrics {
                 c.load(Ordering::Relaxed)
             );
         }
+        out.push_str("# TYPE rialto_server_faults_injected_total counter\n");
+        for (kind, c) in [
+            ("delay", &self.faults_delayed),
+            ("error", &self.faults_failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "rialto_server_faults_injected_total{{kind=\"{kind}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
         out.push_str("# TYPE rialto_server_errors_total counter\n");
         for code in ErrorCode::ALL {
             let _ = writeln!(
@@ -167,6 +182,7 @@ mod tests {
         let m = ServerMetrics::default();
         m.count_request(RouteKind::Get);
         m.count_error(ErrorCode::TooManyKeys);
+        m.faults_failed.fetch_add(2, Ordering::Relaxed);
         m.replica_transition(None, Some(ReplicaState::Offline));
         m.replica_transition(Some(ReplicaState::Offline), Some(ReplicaState::Online));
         let text = m.render_prometheus();
@@ -180,6 +196,14 @@ mod tests {
         );
         assert!(
             text.contains("rialto_server_replicas{state=\"ONLINE\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_faults_injected_total{kind=\"error\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rialto_server_faults_injected_total{kind=\"delay\"} 0"),
             "{text}"
         );
         assert!(

@@ -113,12 +113,12 @@ impl NodeContext {
 pub(crate) async fn keep_registered(
     ctx: Arc<NodeContext>,
     mut lease: LeaseHandle,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<crate::Stop>,
 ) -> LeaseHandle {
     loop {
         let mut lost = lease.lost.clone();
         tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return lease,
+            _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => return lease,
             _ = lost.wait_for(|l| *l) => {}
         }
         tracing::warn!(node = %ctx.node_id, lease = lease.id, "lease lost; registering again");
@@ -131,7 +131,7 @@ pub(crate) async fn keep_registered(
                 Err(e) => {
                     tracing::warn!(node = %ctx.node_id, error = %e, "cannot re-register; retrying");
                     tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => return lease,
+                        _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => return lease,
                         _ = tokio::time::sleep(LEASE_RETRY_BACKOFF) => {}
                     }
                 }

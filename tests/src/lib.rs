@@ -4,13 +4,21 @@
 //! ```text
 //! let cluster = Cluster::start(3).await?;          // etcd + tansu + controller + 3 servers
 //! cluster.create_store("s", KEY, VALUE, 8, 2).await?;
-//! let report = cluster.push_json("s", &path).await?;
+//! let report = cluster.push("s", &path).await?;
 //! let client = cluster.client("s").await?;
 //! cluster.stop_server(1).await?; cluster.restart_server(1).await?;
+//!
+//! let cluster = Cluster::start_opts(ClusterOptions { servers: 6, ..Default::default() }).await?;
+//! cluster.create_string_store("s", 12, 3, 10_000, 100).await?; // store + 10,000 records
+//! cluster.faults(0).set_delay(Duration::from_millis(200));   // slow server 0 down
+//! cluster.kill_server(2).await?;                             // crash server 2
+//! let client = cluster.client_with("s", |c| c.group_routing = false).await?;
 //! ```
 //!
 //! External services are started with `scripts/services.sh` on free 127.0.0.1 ports inside a
-//! temporary folder, and stopped by PID when the harness is dropped.
+//! temporary folder, and stopped by PID when the harness is dropped. Dropping a cluster (a test
+//! that failed early) first stops its servers and controller, so no RocksDB or Kafka client
+//! thread outlives the services or the runtime.
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -28,7 +36,7 @@ use rialto_fast_client::{Client, ClientConfig};
 use rialto_protocol::admin::CreateStoreRequest;
 use rialto_protocol::meta::{StorageProfile, DEFAULT_ROOT};
 use rialto_push::{PushConfig, PushReport};
-use rialto_server::{RunningServer, ServerConfig};
+use rialto_server::{FaultConfig, Faults, RunningServer, ServerConfig};
 
 /// Installs a test log subscriber once (`RUST_LOG` controls it; default warnings only).
 pub fn init_logging() {
@@ -111,17 +119,76 @@ impl Drop for Services {
 struct ServerSlot {
     config: ServerConfig,
     running: Option<RunningServer>,
+    /// Fault handle of the latest instance (kept after it stops, so reaching it never fails).
+    faults: Arc<Faults>,
 }
 
-/// A whole cluster for a test.
+/// A whole cluster for a test. Fields drop in order: servers and controller are stopped by
+/// `Drop` first, the services (etcd, tansu) go last.
 pub struct Cluster {
-    pub services: Services,
-    pub meta: Arc<dyn MetaStore>,
-    pub pubsub: Arc<dyn PubSub>,
     pub controller: Option<RunningController>,
     servers: Vec<ServerSlot>,
+    pub meta: Arc<dyn MetaStore>,
+    pub pubsub: Arc<dyn PubSub>,
     tls_ca_pem: Option<Vec<u8>>,
     data: tempfile::TempDir,
+    pub services: Services,
+}
+
+/// The shape of a cluster started by [`Cluster::start_opts`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Storage servers (default 3).
+    pub servers: usize,
+    /// Distinct zone labels; server `i` is in zone `i % zones` (default 3: [`ZONES`]).
+    pub zones: usize,
+    /// Serve reads over TLS with a self-signed certificate (default false).
+    pub tls: bool,
+    /// Faults of server `i` at start: `faults[i]`, or `default_faults` past the end of the list.
+    pub faults: Vec<FaultConfig>,
+    /// Faults of servers without an entry in `faults` (default none).
+    pub default_faults: FaultConfig,
+    /// Registration lease TTL of the servers, in seconds (default 10): how long a killed
+    /// server's records stay in etcd.
+    pub lease_ttl_s: i64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        ClusterOptions {
+            servers: 3,
+            zones: ZONES.len(),
+            tls: false,
+            faults: Vec::new(),
+            default_faults: FaultConfig::default(),
+            lease_ttl_s: 10,
+        }
+    }
+}
+
+/// The zone label of server `i` among `zones` zones: `zone-a`, `zone-b`, … (then `zone-<n>`).
+pub fn zone_name(i: usize, zones: usize) -> String {
+    let z = i % zones.max(1);
+    match ZONES.get(z) {
+        Some(name) => name.to_string(),
+        None if z < 26 => format!("zone-{}", char::from(b'a' + z as u8)),
+        None => format!("zone-{z}"),
+    }
+}
+
+/// Key schema of [`Cluster::create_string_store`] stores.
+pub const STRING_SCHEMA: &str = r#""string""#;
+
+/// The value of record `i` in [`Cluster::create_string_store`] stores: `value_bytes` ASCII
+/// characters, the record number zero-padded to 7 digits and `-`, then `v`s (so values of at
+/// least 8 bytes differ for every `i` below 10 million).
+pub fn string_value(i: usize, value_bytes: usize) -> String {
+    let mut value = format!("{i:07}-");
+    value.truncate(value_bytes);
+    while value.len() < value_bytes {
+        value.push('v');
+    }
+    value
 }
 
 /// Writes a self-signed certificate for `localhost` and `127.0.0.1` under `dir`; returns the
@@ -154,7 +221,23 @@ impl Cluster {
     /// Like [`start`](Self::start), with every server's read endpoint behind TLS (a
     /// self-signed certificate for `localhost`/`127.0.0.1`; see [`Cluster::tls_ca_pem`]).
     pub async fn start_with(server_count: usize, tls: bool) -> Result<Cluster> {
+        Self::start_opts(ClusterOptions {
+            servers: server_count,
+            tls,
+            ..ClusterOptions::default()
+        })
+        .await
+    }
+
+    /// Starts etcd, tansu, a controller and the servers `opts` describes, and waits until every
+    /// server is registered.
+    pub async fn start_opts(opts: ClusterOptions) -> Result<Cluster> {
         init_logging();
+        if opts.zones == 0 {
+            bail!("a cluster needs at least one zone");
+        }
+        let tls = opts.tls;
+        let server_count = opts.servers;
         let services = Services::start()?;
         let meta: Arc<dyn MetaStore> = Arc::new(
             EtcdMetaStore::connect(
@@ -194,20 +277,23 @@ impl Cluster {
             data,
         };
         for i in 0..server_count {
+            let faults = opts.faults.get(i).copied().unwrap_or(opts.default_faults);
             let config = ServerConfig {
                 node_id: format!("server-{i}"),
-                zone: ZONES[i % ZONES.len()].to_string(),
+                zone: zone_name(i, opts.zones),
                 listen: "127.0.0.1:0".parse()?,
                 advertise_host: "127.0.0.1".into(),
                 data_dir: cluster.data.path().join(format!("server-{i}")),
                 meta_root: DEFAULT_ROOT.into(),
-                lease_ttl_s: 10,
+                lease_ttl_s: opts.lease_ttl_s,
                 tls: tls_files.as_ref().map(|(files, _)| files.clone()),
                 batch_get_keys_max: rialto_protocol::wire::BATCH_GET_KEYS_MAX,
+                faults,
             };
             cluster.servers.push(ServerSlot {
                 config,
                 running: None,
+                faults: Arc::new(Faults::new(faults)),
             });
             cluster.restart_server(i).await?;
         }
@@ -246,12 +332,44 @@ impl Cluster {
         self.servers.len()
     }
 
+    /// The node id of server `i`.
+    pub fn server_node_id(&self, i: usize) -> &str {
+        &self.servers[i].config.node_id
+    }
+
+    /// The zone of server `i`.
+    pub fn server_zone(&self, i: usize) -> &str {
+        &self.servers[i].config.zone
+    }
+
+    /// The live fault settings of server `i` (its latest instance): slow it down or make it fail
+    /// reads while a test runs. A restart starts again from the faults it was configured with.
+    pub fn faults(&self, i: usize) -> Arc<Faults> {
+        self.servers[i].faults.clone()
+    }
+
     /// Stops server `i` cleanly (its lease is revoked, its replicas vanish from etcd).
     pub async fn stop_server(&mut self, i: usize) -> Result<()> {
         if let Some(s) = self.servers[i].running.take() {
             s.shutdown().await?;
         }
         Ok(())
+    }
+
+    /// Stops server `i` as a crash would ([`RunningServer::kill`]): connections drop at once, its
+    /// lease is left to expire, so its node and replica records stay in etcd for the lease TTL
+    /// ([`ClusterOptions::lease_ttl_s`]). [`restart_server`](Self::restart_server) brings it
+    /// back on the same data.
+    pub async fn kill_server(&mut self, i: usize) -> Result<()> {
+        if let Some(s) = self.servers[i].running.take() {
+            s.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether server `i` is running.
+    pub fn server_running(&self, i: usize) -> bool {
+        self.servers[i].running.is_some()
     }
 
     /// Starts (or restarts) server `i` with its node id and data directory.
@@ -263,6 +381,7 @@ impl Cluster {
             self.pubsub.clone(),
         )
         .await?;
+        self.servers[i].faults = server.faults();
         self.servers[i].running = Some(server);
         Ok(())
     }
@@ -323,6 +442,16 @@ impl Cluster {
 
     /// A fast client of `store` (trusting the cluster's certificate when servers run TLS).
     pub async fn client(&self, store: &str) -> Result<Client> {
+        self.client_with(store, |_| {}).await
+    }
+
+    /// Like [`client`](Self::client), letting `adjust` change the configuration (long-tail
+    /// retry, group routing, timeouts…) before the client connects.
+    pub async fn client_with(
+        &self,
+        store: &str,
+        adjust: impl FnOnce(&mut ClientConfig),
+    ) -> Result<Client> {
         let mut config = ClientConfig::new(store);
         config.routing_wait = Duration::from_secs(10);
         config.tls = self
@@ -332,7 +461,44 @@ impl Cluster {
                 ca_cert_pem: pem.clone(),
                 server_name: None,
             });
+        adjust(&mut config);
         Ok(Client::connect(config, self.meta.clone()).await?)
+    }
+
+    /// Creates store `name` (string keys [`key_of`]`(i)`, string values
+    /// [`string_value`]`(i, value_bytes)`, both [`STRING_SCHEMA`]) with `partitions` partitions
+    /// and replication factor `rf`, and pushes `records` records through the real push job.
+    /// Returns when the version is live.
+    pub async fn create_string_store(
+        &self,
+        name: &str,
+        partitions: u32,
+        rf: u32,
+        records: usize,
+        value_bytes: usize,
+    ) -> Result<PushReport> {
+        self.create_store(name, STRING_SCHEMA, STRING_SCHEMA, partitions, rf)
+            .await?;
+        self.push_string_records(name, records, value_bytes).await
+    }
+
+    /// Pushes a new version of a [`create_string_store`](Self::create_string_store) store.
+    pub async fn push_string_records(
+        &self,
+        name: &str,
+        records: usize,
+        value_bytes: usize,
+    ) -> Result<PushReport> {
+        let path = self.data.path().join(format!(
+            "{name}-{records}x{value_bytes}-{}.jsonl",
+            std::process::id()
+        ));
+        write_json_dataset(&path, records, |i| {
+            serde_json::Value::String(string_value(i, value_bytes))
+        })?;
+        let report = self.push(name, &path).await;
+        let _ = std::fs::remove_file(&path);
+        Ok(report?)
     }
 
     /// Stops everything; services are stopped when `self` drops.
@@ -344,6 +510,61 @@ impl Cluster {
             c.shutdown().await?;
         }
         Ok(())
+    }
+
+    /// Kills every running server and stops the controller, waiting at most `limit` in all.
+    async fn stop_all_quickly(&mut self, limit: Duration) {
+        let servers: Vec<RunningServer> = self
+            .servers
+            .iter_mut()
+            .filter_map(|s| s.running.take())
+            .collect();
+        let controller = self.controller.take();
+        let stop = async move {
+            for r in futures::future::join_all(servers.into_iter().map(RunningServer::kill)).await {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "a server failed while being killed");
+                }
+            }
+            if let Some(c) = controller {
+                if let Err(e) = c.shutdown().await {
+                    tracing::warn!(error = %e, "the controller failed while stopping");
+                }
+            }
+        };
+        if tokio::time::timeout(limit, stop).await.is_err() {
+            tracing::warn!("servers and controller did not stop within {limit:?}");
+        }
+    }
+}
+
+/// How long dropping a cluster waits for its servers and controller to stop.
+const DROP_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Drop for Cluster {
+    /// A test that fails early drops its cluster with servers still running. Stop them before
+    /// the services go (fields drop after this), so RocksDB and Kafka client threads do not
+    /// outlive etcd, tansu or the runtime (which crashed the process at exit). Waiting needs a
+    /// multi-threaded runtime (`#[tokio::test(flavor = "multi_thread")]`); on any other runtime
+    /// the servers are only dropped, which stops them in the background.
+    fn drop(&mut self) {
+        let running = self.servers.iter().any(|s| s.running.is_some()) || self.controller.is_some();
+        if !running {
+            return;
+        }
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(self.stop_all_quickly(DROP_STOP_TIMEOUT));
+            });
+        } else {
+            for slot in &mut self.servers {
+                drop(slot.running.take());
+            }
+            drop(self.controller.take());
+        }
     }
 }
 
@@ -388,4 +609,123 @@ pub fn write_json_dataset(
 /// The key of record `i` in generated datasets.
 pub fn key_of(i: usize) -> String {
     format!("key-{i:07}")
+}
+
+#[cfg(test)]
+mod tests {
+    use rialto_protocol::avro::Value;
+    use rialto_protocol::meta::Layout;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_server_keeps_its_records_until_its_lease_expires() -> Result<()> {
+        let mut cluster = Cluster::start_opts(ClusterOptions {
+            servers: 2,
+            zones: 2,
+            lease_ttl_s: 2,
+            ..ClusterOptions::default()
+        })
+        .await?;
+        assert_eq!(
+            (cluster.server_zone(0), cluster.server_zone(1)),
+            ("zone-a", "zone-b")
+        );
+        let report = cluster.create_string_store("s", 2, 2, 300, 40).await?;
+        assert_eq!(report.records, 300);
+        let client = cluster
+            .client_with("s", |c| c.request_timeout = Duration::from_secs(3))
+            .await?;
+        let read_all = || async {
+            let keys: Vec<Value> = (0..300).map(|i| Value::String(key_of(i))).collect();
+            let values = client.batch_get(&keys).await?;
+            for (i, v) in values.iter().enumerate() {
+                anyhow::ensure!(
+                    v.as_ref() == Some(&Value::String(string_value(i, 40))),
+                    "value of {}: {v:?}",
+                    key_of(i)
+                );
+            }
+            anyhow::Ok(())
+        };
+        read_all().await?;
+
+        // Killed: the node record outlives the server until the lease TTL passes.
+        let node_key = Layout::new(DEFAULT_ROOT).node(cluster.server_node_id(1));
+        cluster.kill_server(1).await?;
+        assert!(!cluster.server_running(1));
+        assert!(cluster.meta.get(&node_key).await?.is_some());
+        read_all().await?;
+        let meta = cluster.meta.clone();
+        let key = node_key.clone();
+        wait_until(Duration::from_secs(15), "the lease to expire", || {
+            let (meta, key) = (meta.clone(), key.clone());
+            async move { Ok(meta.get(&key).await?.is_none()) }
+        })
+        .await?;
+
+        // Restarted on the same data: registered again, its replicas ONLINE again.
+        cluster.restart_server(1).await?;
+        assert!(cluster.meta.get(&node_key).await?.is_some());
+        let layout = Layout::new(DEFAULT_ROOT);
+        let replica_keys: Vec<String> = (0..2)
+            .map(|p| layout.replica("s", report.version, p, "server-1"))
+            .collect();
+        wait_until(Duration::from_secs(20), "server-1 ONLINE again", || {
+            let (meta, keys) = (meta.clone(), replica_keys.clone());
+            async move {
+                for key in keys {
+                    let Some(kv) = meta.get(&key).await? else {
+                        return Ok(false);
+                    };
+                    let record: rialto_protocol::meta::ReplicaRecord =
+                        serde_json::from_slice(&kv.value)?;
+                    if record.state != rialto_protocol::meta::ReplicaState::Online {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        })
+        .await?;
+        // Server 0 now fails every read: the restarted server answers them all.
+        cluster.faults(0).set_error_rate(1.0);
+        let mut last = None;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            match read_all().await {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if let Some(e) = last {
+            return Err(e.context("reads with server 0 failing and server 1 restarted"));
+        }
+        let failed = cluster.server(0).map(|s| {
+            s.metrics()
+                .faults_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        });
+        cluster.faults(0).clear();
+        eprintln!("server 0 failed {failed:?} reads on purpose");
+        cluster.shutdown().await
+    }
+
+    /// A test that fails with servers running must not crash the process at exit: dropping the
+    /// cluster stops the servers before the services.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[should_panic(expected = "deliberate early failure")]
+    async fn a_test_failing_with_servers_running_exits_cleanly() {
+        let cluster = Cluster::start(2).await.expect("cluster");
+        cluster
+            .create_string_store("s", 2, 1, 100, 10)
+            .await
+            .expect("store");
+        let _client = cluster.client("s").await.expect("client");
+        panic!("deliberate early failure");
+    }
 }
