@@ -121,6 +121,7 @@ async fn batch_gets_touch_one_group_and_fanout_stays_constant_as_replication_dou
         let stats = client.stats();
         ensure!(stats.errors == 0, "{stats:?}");
         fanouts.push(stats.fanout_max);
+        drop(client);
         cluster.shutdown().await?;
     }
     // 6 servers at RF 3 and 12 servers at RF 6: a batch-get reaches two servers either way.
@@ -216,6 +217,7 @@ async fn long_tail_retry_hides_a_slow_server_within_its_budget() -> Result<()> {
         plain.last()
     );
     cluster.faults(0).set_delay(Duration::ZERO);
+    drop((client, unhedged));
     cluster.shutdown().await
 }
 
@@ -274,5 +276,6 @@ async fn a_server_killed_under_load_fails_no_request() -> Result<()> {
         stats.instances_blocked >= 1,
         "the killed server was never blocked"
     );
+    drop(client);
     cluster.shutdown().await
 }
