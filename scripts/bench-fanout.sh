@@ -67,7 +67,7 @@ done
 
 echo "bench: preparing $KEYS keys of $VALUE_BYTES bytes"
 start=$(date +%s)
-"$bin/rialto-loadgen" --etcd "$etcd" prepare --controller "$controller" --store fanout \
+RUST_LOG=info "$bin/rialto-loadgen" --etcd "$etcd" prepare --controller "$controller" --store fanout \
   --keys "$KEYS" --value-bytes "$VALUE_BYTES" --partitions 12 --replication 3 --kafka "$kafka"
 echo "bench: prepared in $(( $(date +%s) - start )) s"
 
