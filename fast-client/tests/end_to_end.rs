@@ -1253,3 +1253,30 @@ async fn avro_stream_yields_decoded_keys_and_values_like_batch_get() {
     let got: Vec<Option<Value>> = got.into_iter().map(|v| v.unwrap()).collect();
     assert_eq!(got, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_warmed_before_a_server_takes_traffic() {
+    let meta = FakeMeta::new();
+    let layout = Layout::new("/rialto");
+    let fleet = fleet(&meta, 2, &[vec![0], vec![1]], 20).await;
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    // Connected to both servers before the first read.
+    assert_eq!(client.stats().connections_opened, 2);
+    assert_eq!(client.stats().requests, 0);
+
+    // A third server starts hosting partition 0: by the time the routing table names it, its
+    // connection is open.
+    let third = start_server(fleet[0].1.clone()).await;
+    put_node(&meta, &layout, "s2", &third.address);
+    put_replica(&meta, &layout, 1, 0, "s2", ReplicaState::Online);
+    wait_until("the new server is routed", || {
+        client.routing_table().partitions[0]
+            .iter()
+            .any(|r| r.address == third.address)
+    })
+    .await;
+    assert_eq!(client.stats().connections_opened, 3);
+    assert_eq!(requests(&third), 0, "no request before it was routed");
+}
