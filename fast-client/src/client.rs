@@ -373,6 +373,8 @@ impl Client {
                         shared.hedger.record(RequestKind::Get, elapsed);
                         if hedge {
                             Counters::add(&shared.counters.long_tail_retries_won, 1);
+                            // The replica it was hedged from is slow: avoid it for a while.
+                            shared.instances.of(&route.replicas[first]).outpaced(&shared.instances.config);
                         }
                         return Ok(value);
                     }

@@ -6,7 +6,7 @@
 //!
 //! - **Adaptive threshold.** Each kind of request (single get; batch-get sub-requests by key count)
 //!   keeps its recent latencies. Once it has enough samples the threshold is
-//!   `adaptive_factor × median`, clamped between `threshold_floor` and the static ceiling of that
+//!   `adaptive_factor × median` (2 by default), clamped between `threshold_floor` and the static ceiling of that
 //!   kind (`get_threshold` or the `batch_thresholds` table, Venice's defaults). A fast cluster thus
 //!   hedges after a few milliseconds instead of Venice's fixed 500 ms for large batches, and a
 //!   slow cluster does not hedge everything. The median ignores a minority of slow replicas.
@@ -37,7 +37,7 @@ pub struct LongTailRetry {
     pub batch_thresholds: Vec<(usize, Duration)>,
     /// Whether thresholds adapt to measured latency (default true).
     pub adaptive: bool,
-    /// Threshold = this × the median latency of the request kind (default 3).
+    /// Threshold = this × the median latency of the request kind (default 2).
     pub adaptive_factor: f64,
     /// Smallest threshold the adaptation may choose (default 1 ms).
     pub threshold_floor: Duration,
@@ -65,7 +65,7 @@ impl Default for LongTailRetry {
                 (usize::MAX, ms(500)),
             ],
             adaptive: true,
-            adaptive_factor: 3.0,
+            adaptive_factor: 2.0,
             threshold_floor: ms(1),
             late_margin: ms(10),
             budget_ratio: 0.1,
@@ -279,12 +279,12 @@ mod tests {
     fn thresholds_adapt_to_the_median_within_floor_and_ceiling() {
         let h = Hedger::new(LongTailRetry::default());
         let kind = h.batch_kind(2500);
-        // Mostly 10 ms with a slow minority: the median stays 10 ms, threshold 30 ms.
+        // Mostly 10 ms with a slow minority: the median stays 10 ms, threshold 20 ms.
         for i in 0..64 {
             let ms = if i % 4 == 0 { 200 } else { 10 };
             h.record(kind, Duration::from_millis(ms));
         }
-        assert_eq!(h.threshold(kind), Duration::from_millis(30));
+        assert_eq!(h.threshold(kind), Duration::from_millis(20));
         // Very fast requests: the floor.
         for _ in 0..64 {
             h.record(RequestKind::Get, Duration::from_micros(50));
@@ -316,13 +316,13 @@ mod tests {
         for _ in 0..64 {
             h.record(k500, Duration::from_millis(8));
         }
-        assert_eq!(h.threshold(k500), Duration::from_millis(24));
-        assert_eq!(h.threshold(k501), Duration::from_millis(24));
+        assert_eq!(h.threshold(k500), Duration::from_millis(16));
+        assert_eq!(h.threshold(k501), Duration::from_millis(16));
         // Its own samples win once it has them.
         for _ in 0..64 {
             h.record(k501, Duration::from_millis(20));
         }
-        assert_eq!(h.threshold(k501), Duration::from_millis(60));
+        assert_eq!(h.threshold(k501), Duration::from_millis(40));
         // A neighbour's median never lifts a kind above its own ceiling (8 ms for <= 12 keys).
         assert_eq!(h.threshold(h.batch_kind(3)), Duration::from_millis(8));
         // Single gets do not borrow from batches.

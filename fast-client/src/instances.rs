@@ -9,11 +9,17 @@
 //! blocks it again for a longer backoff. A successful read resets the failure count.
 //!
 //! An instance with `HealthConfig::max_pending` or more pending requests counts as overloaded:
-//! it is chosen only when every other replica is blocked or overloaded too.
+//! it is chosen only when every other replica is blocked or overloaded too. So does an instance
+//! that was recently **outpaced**: a long-tail retry sent elsewhere answered before it. Pending
+//! counts alone do not steer traffic away from a slow server at low concurrency (everyone has
+//! zero pending between requests); losing the race does. The penalty lasts
+//! `HealthConfig::slow_penalty`, doubling while it keeps losing (up to `slow_penalty_max`), and
+//! ends as soon as it expires: a recovered server gets its traffic back and, no longer outpaced,
+//! keeps it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -37,6 +43,11 @@ pub struct HealthConfig {
     pub probe_timeout: Duration,
     /// Pending requests at which an instance counts as overloaded (default 64).
     pub max_pending: u32,
+    /// How long an instance outpaced by a long-tail retry is avoided (default 500 ms); doubles
+    /// with each consecutive loss.
+    pub slow_penalty: Duration,
+    /// Longest such penalty (default 5 s).
+    pub slow_penalty_max: Duration,
 }
 
 impl Default for HealthConfig {
@@ -48,6 +59,8 @@ impl Default for HealthConfig {
             probe_interval: Duration::from_millis(50),
             probe_timeout: Duration::from_secs(1),
             max_pending: 64,
+            slow_penalty: Duration::from_millis(500),
+            slow_penalty_max: Duration::from_secs(5),
         }
     }
 }
@@ -80,7 +93,21 @@ pub(crate) struct Instance {
     pub(crate) tls: bool,
     pending: AtomicU32,
     blocked: AtomicBool,
+    /// Until when (ms since [`epoch`]) the instance is avoided as slow.
+    slow_until_ms: AtomicU64,
+    /// Consecutive times it was outpaced by a long-tail retry.
+    outpaced: AtomicU32,
     health: Mutex<Health>,
+}
+
+/// The time origin of `slow_until_ms`.
+fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 /// Decrements an instance's pending count when the request ends (or is cancelled).
@@ -99,6 +126,8 @@ impl Instance {
             tls,
             pending: AtomicU32::new(0),
             blocked: AtomicBool::new(false),
+            slow_until_ms: AtomicU64::new(0),
+            outpaced: AtomicU32::new(0),
             health: Mutex::new(Health {
                 failures: 0,
                 error_responses: 0,
@@ -123,20 +152,44 @@ impl Instance {
         PendingGuard(self.clone())
     }
 
-    /// A load score: smaller is better; blocked and overloaded instances sort last.
+    /// A load score: smaller is better; blocked instances sort last, overloaded and slow ones
+    /// after every healthy one.
     pub(crate) fn score(&self, max_pending: u32) -> u64 {
         let pending = u64::from(self.pending());
         if self.is_blocked() {
             (2 << 32) + pending
-        } else if pending >= u64::from(max_pending) {
+        } else if pending >= u64::from(max_pending) || self.is_slow() {
             (1 << 32) + pending
         } else {
             pending
         }
     }
 
-    /// A request succeeded: the failure streak ends.
+    /// Whether the instance is being avoided because long-tail retries outpaced it.
+    pub(crate) fn is_slow(&self) -> bool {
+        let until = self.slow_until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// A long-tail retry sent elsewhere answered before this instance did.
+    pub(crate) fn outpaced(&self, config: &HealthConfig) {
+        let streak = self.outpaced.fetch_add(1, Ordering::Relaxed).min(20);
+        let penalty = config
+            .slow_penalty
+            .saturating_mul(1 << streak)
+            .min(config.slow_penalty_max);
+        self.slow_until_ms
+            .store(now_ms() + penalty.as_millis() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            address = self.address,
+            ?penalty,
+            "outpaced by a long-tail retry; avoiding it"
+        );
+    }
+
+    /// A request succeeded: the failure and outpaced streaks end.
     pub(crate) fn succeeded(&self) {
+        self.outpaced.store(0, Ordering::Relaxed);
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         h.failures = 0;
         h.error_responses = 0;
@@ -383,6 +436,38 @@ mod tests {
         instances.probed(&due[0], true);
         assert!(!a.is_blocked());
         assert_eq!(instances.blocked_count(), 0);
+    }
+
+    #[test]
+    fn an_outpaced_instance_is_avoided_for_a_doubling_penalty() {
+        let config = HealthConfig {
+            slow_penalty: Duration::from_millis(30),
+            slow_penalty_max: Duration::from_millis(60),
+            ..HealthConfig::default()
+        };
+        let instances = Instances::new(config);
+        let replicas = vec![replica("a:1", 0), replica("b:1", 1)];
+        let a = instances.of(&replicas[0]);
+        let b = instances.of(&replicas[1]);
+        let _busy = b.start();
+        // b has a request pending, a has none: a wins...
+        assert_eq!(instances.least_loaded(&replicas, 0, 0), Some(0));
+        // ...until it loses a race to a long-tail retry.
+        a.outpaced(&instances.config);
+        assert!(a.is_slow());
+        assert_eq!(instances.least_loaded(&replicas, 0, 0), Some(1));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!a.is_slow(), "the penalty expires");
+        assert_eq!(instances.least_loaded(&replicas, 0, 0), Some(0));
+        // Losing again doubles the penalty (capped); a success resets the streak.
+        a.outpaced(&instances.config);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(a.is_slow(), "second penalty is 60 ms");
+        a.succeeded();
+        std::thread::sleep(Duration::from_millis(30));
+        a.outpaced(&instances.config);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!a.is_slow(), "streak reset: back to 30 ms");
     }
 
     #[test]

@@ -623,6 +623,7 @@ impl Call {
             self.done.long_tail_retries_won += 1;
             Counters::add(&self.shared.counters.long_tail_retries_won, 1);
         }
+        let answered_by_hedge = self.subs[sub].hedge;
         let slot = &self.slots[index];
         let n = (slot.attempts as usize).min(ATTEMPTS_PER_KEY);
         let others: Vec<u32> = slot.subs[..n]
@@ -646,10 +647,14 @@ impl Call {
             s.answered[pos] = true;
             s.owed = s.owed.saturating_sub(1);
             if s.owed == 0 {
-                // Everything it owed came from elsewhere: stop it.
+                // Everything it owed came from elsewhere: stop it. If a hedge beat it, its server
+                // is slow: avoid it for a while.
                 s.finished = true;
                 if let Some(abort) = s.abort.take() {
                     abort.abort();
+                }
+                if answered_by_hedge && !s.hedge {
+                    s.instance.outpaced(&self.shared.instances.config);
                 }
             }
         }

@@ -242,6 +242,8 @@ async fn start_server_with(
             let Ok((socket, _)) = listener.accept().await else {
                 return;
             };
+            // Like the real server: no Nagle delay on small response frames.
+            let _ = socket.set_nodelay(true);
             let behavior = behavior.clone();
             let counter = counter.clone();
             let acceptor = acceptor.clone();
@@ -365,15 +367,18 @@ async fn serve(
             }
             BatchGetFrameWriter::trailer(&mut out, &t);
             // Send in uneven chunks that cut frames in the middle.
-            let mut s = respond
-                .send_response(http::Response::new(()), false)
-                .unwrap();
+            // The client may cancel the stream (a hedge answered first): stop quietly then.
+            let Ok(mut s) = respond.send_response(http::Response::new(()), false) else {
+                return;
+            };
             let out = Bytes::from(out);
             let mut at = 0;
             let mut step = 3;
             while at < out.len() {
                 let end = (at + step).min(out.len());
-                s.send_data(out.slice(at..end), end == out.len()).unwrap();
+                if s.send_data(out.slice(at..end), end == out.len()).is_err() {
+                    return;
+                }
                 at = end;
                 step = step * 3 + 1;
             }
@@ -961,11 +966,13 @@ async fn a_slow_replica_is_hedged_and_the_first_answer_wins() {
         );
     }
     let stats = client.stats();
-    assert!(stats.long_tail_retries >= 2, "{stats:?}");
-    assert!(stats.long_tail_retries_won >= 2, "{stats:?}");
+    assert!(stats.long_tail_retries >= 1, "{stats:?}");
+    assert!(stats.long_tail_retries_won >= 1, "{stats:?}");
     assert_eq!(stats.errors, 0, "{stats:?}");
-    // A hedge is not a failure: the slow server was never blocked.
+    // A hedge is not a failure: the slow server was never blocked...
     assert_eq!(stats.instances_blocked, 0, "{stats:?}");
+    // ...but once outpaced it is avoided: of 12 reads it saw at most the first two.
+    assert!(requests(&fleet[0].0) <= 2, "{}", requests(&fleet[0].0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -980,6 +987,8 @@ async fn the_retry_budget_caps_hedges() {
         budget_burst: 1.0,
         budget_ratio: 0.0,
         budget_floor_per_sec: 0.0,
+        // Not about late timers: parallel tests must not make this one drop its retries.
+        late_margin: Duration::from_secs(1),
         ..fixed_threshold(Duration::from_millis(10))
     };
     let client = Client::connect(config, meta.clone()).await.unwrap();
