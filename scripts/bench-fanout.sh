@@ -75,9 +75,11 @@ run() { # name [extra args]
   local name=$1; shift
   echo "bench: run $name"
   "$bin/rialto-loadgen" --etcd "$etcd" run --store fanout --keys "$KEYS" --batch-keys "$BATCH" \
-    --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --tasks "$TASKS" \
+    --rate "$RATE" --duration "${RUN_DURATION:-$DURATION}" --warmup "$WARMUP" --tasks "$TASKS" \
     --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log"
 }
+# Right after the push the servers are still compacting: one unreported run lets that settle.
+RUN_DURATION=15s run settle --mode batch
 run batch --mode batch
 run stream --mode stream
 run batch-no-group-routing --mode batch --no-group-routing
@@ -85,11 +87,12 @@ run batch-no-group-routing --mode batch --no-group-routing
 echo "bench: restarting server-0 with a 200 ms read delay"
 kill "${server_pids[0]}"; wait "${server_pids[0]}" 2>/dev/null || true
 start_server 0 --fault-delay-ms 200
-for _ in $(seq 1 300); do
+restarted=$(date +%s)
+for _ in $(seq 1 1500); do
   [ "$(online_replicas)" = 36 ] && break
   sleep 0.2
 done
-echo "bench: $(online_replicas) of 36 replicas ONLINE"
+echo "bench: $(online_replicas) of 36 replicas ONLINE $(( $(date +%s) - restarted )) s after the restart"
 run slow-server-long-tail-retry --mode batch
 run slow-server-no-retry --mode batch --no-long-tail-retry
 
