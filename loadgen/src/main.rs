@@ -72,48 +72,7 @@ enum Command {
     },
     /// Creates the store if missing and pushes N records of V-byte values (keys `key-{i:09}`),
     /// unless its current version already holds N records.
-    Prepare {
-        /// Controller admin URL.
-        #[arg(
-            long,
-            env = "RIALTO_CONTROLLER",
-            default_value = "http://127.0.0.1:7070"
-        )]
-        controller: String,
-        #[arg(long)]
-        store: String,
-        /// Records to push (keys `key-000000000` … ).
-        #[arg(long)]
-        keys: u64,
-        /// Serialized size of each value (Avro datum), at least 12.
-        #[arg(long, default_value_t = 1024)]
-        value_bytes: usize,
-        /// Partitions of a newly created store [default: 12].
-        #[arg(long)]
-        partitions: Option<u32>,
-        /// Replication factor of a newly created store [default: 3].
-        #[arg(long)]
-        replication: Option<u32>,
-        /// Create the store with the in-memory storage profile.
-        #[arg(long)]
-        in_memory: bool,
-        /// Seed of the value payloads.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Push even when the current version already holds N records.
-        #[arg(long)]
-        force_push: bool,
-        /// Write the dataset (newline-delimited JSON) here and keep it; default: a temporary
-        /// file, removed after the push.
-        #[arg(long)]
-        dataset: Option<PathBuf>,
-        /// Kafka bootstrap servers, overriding what the controller hands out.
-        #[arg(long)]
-        kafka: Option<String>,
-        /// How long to wait for the pushed version to go live.
-        #[arg(long, value_parser = parse_duration, default_value = "30m")]
-        push_timeout: Duration,
-    },
+    Prepare(prepare::PrepareArgs),
     /// Drives an open-loop workload at a fixed rate and reports throughput and latency.
     Run {
         #[arg(long)]
@@ -171,7 +130,7 @@ enum Command {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let default_filter = match args.command {
-        Command::Prepare { .. } => "warn,rialto_push=info",
+        Command::Prepare(_) => "warn,rialto_push=info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -181,36 +140,8 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Command::Prepare {
-        controller,
-        store,
-        keys,
-        value_bytes,
-        partitions,
-        replication,
-        in_memory,
-        seed,
-        force_push,
-        dataset,
-        kafka,
-        push_timeout,
-    } = args.command
-    {
-        return prepare::prepare(&prepare::PrepareArgs {
-            controller,
-            store,
-            keys,
-            value_bytes,
-            partitions,
-            replication,
-            in_memory,
-            seed,
-            force_push,
-            dataset,
-            kafka,
-            push_timeout,
-        })
-        .await;
+    if let Command::Prepare(prepare) = args.command {
+        return prepare::prepare(&prepare).await;
     }
     let meta: Arc<dyn MetaStore> = Arc::new(
         EtcdMetaStore::connect(&args.etcd, Duration::from_secs(10))

@@ -17,25 +17,48 @@ use rialto_push::{InputFormat, PushConfig};
 
 use crate::dataset::{self, KEY_SCHEMA, OWNER_MARKER, VALUE_BYTES_MIN, VALUE_SCHEMA};
 
-/// What `prepare` was asked to do.
-#[derive(Debug, Clone)]
+/// What `prepare` was asked to do (the `prepare` subcommand's arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct PrepareArgs {
+    /// Controller admin URL.
+    #[arg(
+        long,
+        env = "RIALTO_CONTROLLER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub controller: String,
+    #[arg(long)]
     pub store: String,
+    /// Records to push (keys `key-000000000` … ).
+    #[arg(long)]
     pub keys: u64,
+    /// Serialized size of each value (Avro datum), at least 12.
+    #[arg(long, default_value_t = 1024)]
     pub value_bytes: usize,
-    /// Partitions of a new store (default [`DEFAULT_PARTITIONS`]); an existing store keeps its own.
+    /// Partitions of a newly created store [default: 12].
+    #[arg(long)]
     pub partitions: Option<u32>,
-    /// Replication factor of a new store (default [`DEFAULT_REPLICATION`]).
+    /// Replication factor of a newly created store [default: 3].
+    #[arg(long)]
     pub replication: Option<u32>,
+    /// Create the store with the in-memory storage profile.
+    #[arg(long)]
     pub in_memory: bool,
+    /// Seed of the value payloads.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Push even when the current version already has `keys` records.
+    /// Push even when the current version already holds N records.
+    #[arg(long)]
     pub force_push: bool,
-    /// Where to write the dataset (kept); a temporary file (removed) when `None`.
+    /// Write the dataset (newline-delimited JSON) here and keep it; default: a temporary
+    /// file, removed after the push.
+    #[arg(long)]
     pub dataset: Option<PathBuf>,
-    /// Overrides the Kafka bootstrap servers the controller hands out.
+    /// Kafka bootstrap servers, overriding what the controller hands out.
+    #[arg(long)]
     pub kafka: Option<String>,
+    /// How long to wait for the pushed version to go live.
+    #[arg(long, value_parser = crate::run::parse_duration, default_value = "30m")]
     pub push_timeout: Duration,
 }
 
