@@ -405,7 +405,7 @@ impl Call {
         };
         let partition_count = self.table.partitions.len();
         let mut choice: Vec<Option<Option<usize>>> = vec![None; partition_count];
-        let mut batches: Vec<(usize, usize, Vec<u32>)> = Vec::new(); // (partition, replica, keys)
+        let mut batches = Batches::new();
         for index in 0..self.keys.len() {
             let p = self.partitions[index] as usize;
             let chosen = match choice.get_mut(p) {
@@ -421,14 +421,7 @@ impl Call {
                 self.settle_failed(index, e.to_string().into());
                 continue;
             };
-            let address = &self.table.partitions[p][r].address;
-            match batches
-                .iter_mut()
-                .find(|(bp, br, _)| self.table.partitions[*bp][*br].address == *address)
-            {
-                Some((_, _, keys)) => keys.push(index as u32),
-                None => batches.push((p, r, vec![index as u32])),
-            }
+            add_to_batch(&self.table, &mut batches, p, r, index);
         }
         self.done.fanout = batches.len();
         self.done.servers = batches
@@ -751,7 +744,7 @@ impl Call {
     fn resend(&mut self, mut indices: Vec<usize>, group: Option<u32>, hedge: bool) {
         // Sub-requests keep their indices ascending (see `settle`).
         indices.sort_unstable();
-        let mut batches: Vec<(usize, usize, Vec<u32>)> = Vec::new();
+        let mut batches = Batches::new();
         for index in indices {
             let slot = &self.slots[index];
             if slot.settled {
@@ -774,14 +767,7 @@ impl Call {
                 }
                 continue;
             };
-            let address = &self.table.partitions[p][r].address;
-            match batches
-                .iter_mut()
-                .find(|(bp, br, _)| self.table.partitions[*bp][*br].address == *address)
-            {
-                Some((_, _, keys)) => keys.push(index as u32),
-                None => batches.push((p, r, vec![index as u32])),
-            }
+            add_to_batch(&self.table, &mut batches, p, r, index);
         }
         for (p, r, indices) in batches {
             self.send(p, r, indices, hedge);
@@ -958,6 +944,21 @@ async fn run_sub(
     }
     .await;
     let _ = inbox.send(SubMsg::Finished { sub, result });
+}
+
+/// Keys grouped by server: `(partition, replica, key indices)`, one entry per server address.
+type Batches = Vec<(usize, usize, Vec<u32>)>;
+
+/// Adds key `index`, to be read from replica `r` of partition `p`, to that server's batch.
+fn add_to_batch(table: &RoutingTable, batches: &mut Batches, p: usize, r: usize, index: usize) {
+    let address = &table.partitions[p][r].address;
+    match batches
+        .iter_mut()
+        .find(|(bp, br, _)| table.partitions[*bp][*br].address == *address)
+    {
+        Some((_, _, keys)) => keys.push(index as u32),
+        None => batches.push((p, r, vec![index as u32])),
+    }
 }
 
 /// Splits one server's keys into requests whose bodies stay under the request size limit.
