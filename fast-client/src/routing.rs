@@ -360,6 +360,8 @@ pub(crate) mod tests {
                 consumed_from: 0,
                 updated_ms: 0,
                 error: None,
+                disk_bytes: 0,
+                memory_bytes: 0,
             };
             self.replicas.insert(
                 self.layout.replica("ads", v, p, node),

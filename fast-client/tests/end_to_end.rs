@@ -474,6 +474,8 @@ fn put_replica(
         consumed_from: 0,
         updated_ms: 0,
         error: None,
+        disk_bytes: 0,
+        memory_bytes: 0,
     };
     meta.put_json(&layout.replica(STORE, version, partition, node), &r);
 }

@@ -483,6 +483,8 @@ mod tests {
             consumed_from: 0,
             updated_ms: 0,
             error: error.map(str::to_string),
+            disk_bytes: 0,
+            memory_bytes: 0,
         }
     }
 

@@ -107,6 +107,8 @@ async fn set_replicas(f: &Fixture, store: &str, version: u32, state: ReplicaStat
             consumed_from: 0,
             updated_ms: 0,
             error: None,
+            disk_bytes: 0,
+            memory_bytes: 0,
         };
         f.meta
             .put(
@@ -369,6 +371,8 @@ async fn replica_error_fails_the_version_and_keeps_current() {
         consumed_from: 0,
         updated_ms: 0,
         error: Some("segment checksum mismatch".into()),
+        disk_bytes: 0,
+        memory_bytes: 0,
     };
     f.meta
         .put(
@@ -390,6 +394,8 @@ async fn replica_error_fails_the_version_and_keeps_current() {
             consumed_from: 0,
             updated_ms: 0,
             error: None,
+            disk_bytes: 0,
+            memory_bytes: 0,
         };
         f.meta
             .put(
@@ -454,6 +460,8 @@ async fn unlucky_swap_race_is_resolved_by_error_first() {
         consumed_from: 0,
         updated_ms: 0,
         error: None,
+        disk_bytes: 0,
+        memory_bytes: 0,
     };
     f.meta
         .put(

@@ -288,6 +288,12 @@ pub struct ReplicaRecord {
     pub updated_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of the replica's database on disk (set when it goes ONLINE).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Bytes of the replica resident in memory (set when it goes ONLINE).
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// Milliseconds since the Unix epoch; metadata timestamps only.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::PrefixMirror;
-use rialto_protocol::meta::{ReplicaState, VersionRecord, VersionStatus};
+use rialto_protocol::meta::{ReplicaState, StorageProfile, VersionRecord, VersionStatus};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -33,10 +33,19 @@ const STORE_RELEASE_POLL: Duration = Duration::from_millis(5);
 /// What this node should host, from one snapshot of the versions prefix.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct DesiredReplicas {
-    /// Replica → its version topic.
-    pub replicas: BTreeMap<ReplicaId, String>,
+    /// Replica → what hosting it takes.
+    pub replicas: BTreeMap<ReplicaId, ReplicaPlan>,
     /// (store, version) of records that could not be parsed: their data is left alone.
     pub unparsed: BTreeSet<(String, u32)>,
+}
+
+/// What a hosted replica is built from, out of its version record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReplicaPlan {
+    /// The version topic.
+    pub topic: String,
+    /// The version's storage profile.
+    pub storage: StorageProfile,
 }
 
 /// Computes the replicas assigned to `node_id` in a snapshot of the versions prefix.
@@ -66,7 +75,13 @@ pub(crate) fn desired_replicas(
                 version: record.version,
                 partition,
             };
-            desired.replicas.insert(id, record.topic.clone());
+            desired.replicas.insert(
+                id,
+                ReplicaPlan {
+                    topic: record.topic.clone(),
+                    storage: record.storage,
+                },
+            );
         }
     }
     desired
@@ -171,7 +186,7 @@ pub(crate) async fn reconcile(
                 drop_replica(&ctx, replica).await;
             }
         }
-        for (id, topic) in &desired.replicas {
+        for (id, plan) in &desired.replicas {
             if hosted.contains_key(id) {
                 continue;
             }
@@ -181,10 +196,11 @@ pub(crate) async fn reconcile(
             let task = tokio::spawn(ingest::run(
                 ctx.clone(),
                 slot.clone(),
-                topic.clone(),
+                plan.topic.clone(),
+                plan.storage,
                 stop_rx,
             ));
-            tracing::info!(replica = %id, %topic, "replica assigned");
+            tracing::info!(replica = %id, topic = %plan.topic, storage = ?plan.storage, "replica assigned");
             hosted.insert(id.clone(), HostedReplica { slot, stop, task });
         }
         tokio::select! {
@@ -270,7 +286,7 @@ async fn wait_until_unique<T>(store: &Arc<T>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rialto_protocol::meta::{Layout, StorageProfile};
+    use rialto_protocol::meta::Layout;
 
     fn version(store: &str, n: u32, assignment: Vec<Vec<&str>>, status: VersionStatus) -> Vec<u8> {
         let r = VersionRecord {
@@ -321,8 +337,8 @@ mod tests {
                     version: 1,
                     partition: 0
                 })
-                .map(String::as_str),
-            Some("a_v1")
+                .map(|plan| (plan.topic.as_str(), plan.storage)),
+            Some(("a_v1", StorageProfile::OnDisk))
         );
         assert!(d.unparsed.contains(&("b".to_string(), 7)));
     }
@@ -340,7 +356,10 @@ mod tests {
                 version: 1,
                 partition: 0,
             },
-            "a_v1".into(),
+            ReplicaPlan {
+                topic: "a_v1".into(),
+                storage: StorageProfile::InMemory,
+            },
         );
         desired.unparsed.insert(("b".into(), 7));
         remove_orphan_dirs(dir.path(), &desired).unwrap();

@@ -7,18 +7,28 @@
 //! (next offset and validation state). On a bad record the records before it are applied with
 //! a checkpoint pointing *at* it, nothing from it onward is, and the replica goes to ERROR.
 //!
+//! Two write paths, chosen by START_OF_PUSH: an unsorted push goes through write batches (data
+//! and checkpoint in one batch, see above); a sorted push to an on-disk store collects validated
+//! records into chunks of up to [`SORTED_CHUNK_BYTES`] that are written as SST files and
+//! ingested, the checkpoint following each ingested chunk (in-memory stores cannot ingest
+//! PlainTable files and use write batches, see `store`). A sorted push whose keys are not
+//! strictly ascending (checked record by record against the last key, kept in the checkpoint)
+//! sends the replica to ERROR, whichever the path.
+//!
 //! After END_OF_PUSH the task waits a little for the producers' END_OF_SEGMENT (which the push
 //! job writes right after END_OF_PUSH) so that the last segment's checksum is verified before
-//! the replica serves, then reports ONLINE and stops consuming (batch-only versions). The
-//! database stays open in the replica's slot for reads.
+//! the replica serves, then seals the database (flush, compaction for unsorted pushes, reopen
+//! read-only), warms its files into memory, and reports ONLINE with its disk and memory bytes.
+//! It stops consuming there (batch-only versions). The database stays in the replica's slot
+//! for reads.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rialto_backends::{ConsumedRecord, PartitionConsumer};
-use rialto_protocol::envelope::{Envelope, Message};
-use rialto_protocol::meta::ReplicaState;
+use rialto_protocol::envelope::{ControlMessage, Envelope, Message};
+use rialto_protocol::meta::{ReplicaState, StorageProfile};
 use rialto_protocol::wire::StoredValue;
 use tokio::sync::watch;
 
@@ -37,6 +47,11 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub const END_OF_SEGMENT_WAIT: Duration = Duration::from_secs(2);
 /// Consecutive non-retryable consumer failures tolerated before the replica goes to ERROR.
 pub const CONSUMER_FAILURES_MAX: u32 = 20;
+/// A sorted push is ingested in SST files of about this many bytes of keys and values.
+pub const SORTED_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+/// A partly filled chunk of a sorted push is ingested when no record arrived for a poll and it
+/// is older than this (a slow push still makes durable progress).
+pub const SORTED_CHUNK_AGE: Duration = Duration::from_secs(5);
 /// Pause after a failed poll or consumer creation.
 const CONSUMER_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -53,10 +68,11 @@ pub(crate) async fn run(
     ctx: Arc<NodeContext>,
     slot: Arc<ReplicaSlot>,
     topic: String,
+    profile: StorageProfile,
     stop: watch::Receiver<bool>,
 ) {
     ctx.report(&slot).await; // OFFLINE
-    match ingest(&ctx, &slot, &topic, stop).await {
+    match ingest(&ctx, &slot, &topic, profile, stop).await {
         Ok(()) => {}
         Err(Ended::Stopped) => tracing::info!(replica = %slot.id, "ingestion stopped"),
         Err(Ended::Failed(message)) => {
@@ -74,13 +90,14 @@ async fn ingest(
     ctx: &NodeContext,
     slot: &ReplicaSlot,
     topic: &str,
+    profile: StorageProfile,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Ended> {
     let id = &slot.id;
     let path = id.data_path(&ctx.data_dir);
-    let store = tokio::task::spawn_blocking(move || ReplicaStore::open(&path))
+    let engine = ctx.engine.clone();
+    let store = blocking(move || ReplicaStore::open_existing(&path, profile, &engine))
         .await
-        .map_err(|e| Ended::Failed(format!("opening the replica database panicked: {e}")))?
         .map_err(|e| Ended::Failed(format!("cannot open the replica database: {e}")))?;
     let store = Arc::new(store);
     slot.set_store(store.clone());
@@ -91,9 +108,8 @@ async fn ingest(
     let consumed_from = checkpoint.next_offset;
 
     if checkpoint.validation.end_of_push {
-        tracing::info!(replica = %id, offset = checkpoint.next_offset, "END_OF_PUSH already ingested; ONLINE");
-        go_online(ctx, slot, &checkpoint, consumed_from).await;
-        return Ok(());
+        tracing::info!(replica = %id, offset = checkpoint.next_offset, read_only = store.is_read_only(), "END_OF_PUSH already ingested");
+        return go_online(ctx, slot, store, &checkpoint, consumed_from).await;
     }
 
     let mut consumer = open_consumer(ctx, slot, topic, consumed_from, &mut stop).await?;
@@ -104,12 +120,17 @@ async fn ingest(
         r.consumed_from = consumed_from;
     });
     ctx.report(slot).await;
-    tracing::info!(replica = %id, %topic, offset = consumed_from, "bootstrapping");
+    tracing::info!(replica = %id, %topic, offset = consumed_from, ?profile, "bootstrapping");
 
     let mut last_progress = Instant::now();
     let mut end_of_push_at: Option<Instant> = None;
     let mut poll_failures = 0u32;
     let mut reported_offset = consumed_from;
+    // Records of a sorted push not yet ingested, and the checkpoint that covers them.
+    let mut chunk = SortedChunk::default();
+    // The checkpoint in the database (`checkpoint` runs ahead of it by the chunk). Progress is
+    // reported from it: a reported offset is always one a restart would resume from.
+    let mut durable = checkpoint.clone();
     loop {
         if let Some(at) = end_of_push_at {
             if checkpoint.validation.all_segments_closed() {
@@ -121,8 +142,13 @@ async fn ingest(
             }
         }
         let polled = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return Err(Ended::Stopped),
-            polled = consumer.poll(POLL_RECORDS_MAX, POLL_TIMEOUT) => polled,
+            _ = stop.wait_for(|s| *s) => None,
+            polled = consumer.poll(POLL_RECORDS_MAX, POLL_TIMEOUT) => Some(polled),
+        };
+        let Some(polled) = polled else {
+            // A graceful stop keeps what was consumed.
+            chunk.ingest(ctx, &store).await?;
+            return Err(Ended::Stopped);
         };
         let records = match polled {
             Ok(records) => {
@@ -148,39 +174,62 @@ async fn ingest(
             }
         };
         if records.is_empty() {
+            if !chunk.is_empty() && chunk.started.elapsed() >= SORTED_CHUNK_AGE {
+                if let Some(cp) = chunk.ingest(ctx, &store).await? {
+                    durable = cp;
+                }
+            }
             // Idle: still publish progress the last busy poll did not get to report.
-            if reported_offset != checkpoint.next_offset
+            if reported_offset != durable.next_offset
                 && last_progress.elapsed() >= PROGRESS_INTERVAL
             {
                 last_progress = Instant::now();
-                reported_offset = checkpoint.next_offset;
-                report_progress(ctx, slot, &checkpoint).await;
+                reported_offset = durable.next_offset;
+                report_progress(ctx, slot, &durable).await;
             }
             continue;
         }
 
-        let (next, ops, duplicates, failure) =
-            validate_batch(&checkpoint, records, topic, id.partition);
-        if next != checkpoint {
-            let applied = next.records - checkpoint.records;
+        let batch = validate_batch(&checkpoint, records, topic, id.partition);
+        if let Some(dictionary) = batch.dictionary {
             let s = store.clone();
-            let cp = next.clone();
-            tokio::task::spawn_blocking(move || s.apply(&ops, &cp))
+            blocking(move || s.set_dictionary(&dictionary))
                 .await
-                .map_err(|e| Ended::Failed(format!("writing a batch panicked: {e}")))?
-                .map_err(|e| Ended::Failed(format!("cannot write to the replica database: {e}")))?;
-            ctx.metrics
-                .records_ingested
-                .fetch_add(applied, Ordering::Relaxed);
-            checkpoint = next;
+                .map_err(|e| {
+                    Ended::Failed(format!("cannot store the compression dictionary: {e}"))
+                })?;
+        }
+        if batch.next != checkpoint {
+            if ingests_sst_files(&store, &batch.next) {
+                chunk.add(batch.ops, batch.next.clone());
+                if chunk.bytes >= SORTED_CHUNK_BYTES
+                    || batch.next.validation.end_of_push
+                    || batch.failure.is_some()
+                {
+                    if let Some(cp) = chunk.ingest(ctx, &store).await? {
+                        durable = cp;
+                    }
+                }
+            } else {
+                let applied = batch.next.records - checkpoint.records;
+                let (s, ops, cp) = (store.clone(), batch.ops, batch.next.clone());
+                blocking(move || s.apply(&ops, &cp)).await.map_err(|e| {
+                    Ended::Failed(format!("cannot write to the replica database: {e}"))
+                })?;
+                ctx.metrics
+                    .records_ingested
+                    .fetch_add(applied, Ordering::Relaxed);
+                durable = batch.next.clone();
+            }
+            checkpoint = batch.next;
         }
         ctx.metrics
             .duplicates_skipped
-            .fetch_add(duplicates, Ordering::Relaxed);
-        if let Some(message) = failure {
+            .fetch_add(batch.duplicates, Ordering::Relaxed);
+        if let Some(message) = batch.failure {
             slot.update(&ctx.metrics, |r| {
-                r.offset = checkpoint.next_offset;
-                r.records = checkpoint.records;
+                r.offset = durable.next_offset;
+                r.records = durable.records;
             });
             return Err(Ended::Failed(message));
         }
@@ -190,85 +239,248 @@ async fn ingest(
         }
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
-            reported_offset = checkpoint.next_offset;
-            report_progress(ctx, slot, &checkpoint).await;
+            reported_offset = durable.next_offset;
+            report_progress(ctx, slot, &durable).await;
         }
     }
-    go_online(ctx, slot, &checkpoint, consumed_from).await;
-    Ok(())
+    // Records consumed after END_OF_PUSH (END_OF_SEGMENT) only move the checkpoint.
+    if !chunk.is_empty() {
+        chunk.ingest(ctx, &store).await?;
+    }
+    if store
+        .checkpoint()
+        .map_err(|e| Ended::Failed(e.to_string()))?
+        .as_ref()
+        != Some(&checkpoint)
+    {
+        let (s, cp) = (store.clone(), checkpoint.clone());
+        blocking(move || s.apply(&[], &cp))
+            .await
+            .map_err(|e| Ended::Failed(format!("cannot write to the replica database: {e}")))?;
+    }
+    go_online(ctx, slot, store, &checkpoint, consumed_from).await
 }
 
-/// Validates one poll's records against `checkpoint`.
-///
-/// Returns the checkpoint after the last valid record, the writes of the valid data records, the
-/// number of duplicates skipped, and the failure message if a record was bad (processing stops
-/// there, and the returned checkpoint's offset points at the bad record).
+/// Whether this replica's push goes through SST ingestion.
+fn ingests_sst_files(store: &ReplicaStore, checkpoint: &Checkpoint) -> bool {
+    store.ingests_sst_files()
+        && checkpoint
+            .validation
+            .start_of_push
+            .is_some_and(|sop| sop.sorted)
+}
+
+/// Validated records of a sorted push waiting to be written as one SST file.
+struct SortedChunk {
+    ops: Vec<WriteOp>,
+    bytes: usize,
+    /// The checkpoint after the last record in `ops`.
+    checkpoint: Option<Checkpoint>,
+    started: Instant,
+}
+
+impl Default for SortedChunk {
+    fn default() -> Self {
+        SortedChunk {
+            ops: Vec::new(),
+            bytes: 0,
+            checkpoint: None,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl SortedChunk {
+    fn is_empty(&self) -> bool {
+        self.checkpoint.is_none()
+    }
+
+    fn add(&mut self, ops: Vec<WriteOp>, checkpoint: Checkpoint) {
+        if self.is_empty() {
+            self.started = Instant::now();
+        }
+        self.bytes += ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Put { key, value } => key.len() + value.len(),
+                WriteOp::Delete { key } => key.len(),
+            })
+            .sum::<usize>();
+        self.ops.extend(ops);
+        self.checkpoint = Some(checkpoint);
+    }
+
+    /// Writes and ingests the chunk, then its checkpoint; empties it. Returns the checkpoint
+    /// written, `None` if the chunk was empty.
+    async fn ingest(
+        &mut self,
+        ctx: &NodeContext,
+        store: &Arc<ReplicaStore>,
+    ) -> Result<Option<Checkpoint>, Ended> {
+        let Some(checkpoint) = self.checkpoint.take() else {
+            return Ok(None);
+        };
+        let written = checkpoint.clone();
+        let ops = std::mem::take(&mut self.ops);
+        self.bytes = 0;
+        let applied = ops.len() as u64;
+        let s = store.clone();
+        blocking(move || s.ingest_sorted(&ops, &checkpoint))
+            .await
+            .map_err(|e| Ended::Failed(format!("cannot ingest a sorted chunk: {e}")))?;
+        ctx.metrics
+            .records_ingested
+            .fetch_add(applied, Ordering::Relaxed);
+        if applied > 0 {
+            ctx.metrics
+                .sst_files_ingested
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(written))
+    }
+}
+
+/// Runs a blocking database call off the runtime threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::ServerError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("panicked: {e}")),
+    }
+}
+
+/// Flushes, compacts (unsorted pushes) and reopens the database read-only.
+async fn seal(
+    ctx: &NodeContext,
+    slot: &ReplicaSlot,
+    store: Arc<ReplicaStore>,
+    checkpoint: &Checkpoint,
+) -> Result<Arc<ReplicaStore>, Ended> {
+    // Ingested SST files do not overlap; memtable flushes may.
+    let compact = !ingests_sst_files(&store, checkpoint);
+    drop(slot.take_store());
+    let store = Arc::try_unwrap(store).map_err(|_| {
+        Ended::Failed("cannot seal: the replica database is still in use".to_string())
+    })?;
+    let engine = ctx.engine.clone();
+    let started = Instant::now();
+    let sealed = blocking(move || store.seal(compact, &engine))
+        .await
+        .map_err(|e| Ended::Failed(format!("cannot seal the replica database: {e}")))?;
+    tracing::info!(replica = %slot.id, compact, elapsed_ms = started.elapsed().as_millis() as u64, "sealed read-only");
+    let sealed = Arc::new(sealed);
+    slot.set_store(sealed.clone());
+    Ok(sealed)
+}
+
+/// One poll's records after validation.
+pub(crate) struct Validated {
+    /// The checkpoint after the last valid record (its offset points at the bad record, if any).
+    pub next: Checkpoint,
+    /// The writes of the valid data records.
+    pub ops: Vec<WriteOp>,
+    /// Redelivered records skipped.
+    pub duplicates: u64,
+    /// Why processing stopped at a bad record.
+    pub failure: Option<String>,
+    /// The compression dictionary of a START_OF_PUSH in this poll.
+    pub dictionary: Option<Vec<u8>>,
+}
+
+/// Validates one poll's records against `checkpoint`: producer metadata, envelope integrity,
+/// and, for a push announced as sorted, strictly ascending keys.
 pub(crate) fn validate_batch(
     checkpoint: &Checkpoint,
     records: Vec<ConsumedRecord>,
     topic: &str,
     partition: u32,
-) -> (Checkpoint, Vec<WriteOp>, u64, Option<String>) {
-    let mut next = checkpoint.clone();
-    let mut ops = Vec::with_capacity(records.len());
-    let mut duplicates = 0u64;
+) -> Validated {
+    let mut out = Validated {
+        next: checkpoint.clone(),
+        ops: Vec::with_capacity(records.len()),
+        duplicates: 0,
+        failure: None,
+        dictionary: None,
+    };
     for record in records {
         let offset = record.offset;
-        let Some(value) = record.value else {
-            return (
-                next,
-                ops,
-                duplicates,
-                Some(format!(
-                    "record without a value at offset {offset} of {topic}/{partition}"
-                )),
-            );
-        };
-        let envelope = match Envelope::decode(&value) {
-            Ok(e) => e,
-            Err(e) => {
-                return (
-                    next,
-                    ops,
-                    duplicates,
-                    Some(format!(
-                        "corrupt record at offset {offset} of {topic}/{partition}: {e}"
-                    )),
-                )
-            }
-        };
-        match next.validation.check(&envelope) {
-            Ok(Verdict::Apply) => {
-                next.records += 1;
-                match envelope.message {
-                    Message::Put {
-                        key,
-                        schema_id,
-                        value,
-                    } => ops.push(WriteOp::Put {
-                        key,
-                        value: StoredValue::encode(schema_id, &value),
-                    }),
-                    Message::Delete { key } => ops.push(WriteOp::Delete { key }),
-                    Message::Control(_) => {}
+        if let Err(message) = validate_record(&mut out, record, topic, partition) {
+            out.failure = Some(message);
+            return out;
+        }
+        out.next.next_offset = offset + 1;
+    }
+    out
+}
+
+fn validate_record(
+    out: &mut Validated,
+    record: ConsumedRecord,
+    topic: &str,
+    partition: u32,
+) -> Result<(), String> {
+    let offset = record.offset;
+    let Some(value) = record.value else {
+        return Err(format!(
+            "record without a value at offset {offset} of {topic}/{partition}"
+        ));
+    };
+    let envelope = Envelope::decode(&value)
+        .map_err(|e| format!("corrupt record at offset {offset} of {topic}/{partition}: {e}"))?;
+    let verdict =
+        out.next.validation.check(&envelope).map_err(|e| {
+            format!("invalid record at offset {offset} of {topic}/{partition}: {e}")
+        })?;
+    match verdict {
+        Verdict::Apply => {}
+        Verdict::Duplicate => {
+            out.duplicates += 1;
+            return Ok(());
+        }
+        Verdict::Control => {
+            if let Message::Control(ControlMessage::StartOfPush { dictionary, .. }) =
+                envelope.message
+            {
+                if !dictionary.is_empty() {
+                    out.dictionary = Some(dictionary);
                 }
             }
-            Ok(Verdict::Duplicate) => duplicates += 1,
-            Ok(Verdict::Control) => {}
-            Err(e) => {
-                return (
-                    next,
-                    ops,
-                    duplicates,
-                    Some(format!(
-                        "invalid record at offset {offset} of {topic}/{partition}: {e}"
-                    )),
-                )
+            return Ok(());
+        }
+    }
+    let op = match envelope.message {
+        Message::Put {
+            key,
+            schema_id,
+            value,
+        } => WriteOp::Put {
+            key,
+            value: StoredValue::encode(schema_id, &value),
+        },
+        Message::Delete { key } => WriteOp::Delete { key },
+        Message::Control(_) => return Ok(()),
+    };
+    let sorted = out
+        .next
+        .validation
+        .start_of_push
+        .is_some_and(|sop| sop.sorted);
+    if sorted {
+        if let Some(last) = &out.next.last_key {
+            if op.key() <= last.as_slice() {
+                return Err(format!(
+                    "START_OF_PUSH announced sorted keys, but the key at offset {offset} of \
+                     {topic}/{partition} does not sort after the previous key; push unsorted \
+                     data without the sorted flag"
+                ));
             }
         }
-        next.next_offset = offset + 1;
+        out.next.last_key = Some(op.key().to_vec());
     }
-    (next, ops, duplicates, None)
+    out.next.records += 1;
+    out.ops.push(op);
+    Ok(())
 }
 
 /// Publishes the replica's consumed offset and record count while it bootstraps.
@@ -280,21 +492,52 @@ async fn report_progress(ctx: &NodeContext, slot: &ReplicaSlot, checkpoint: &Che
     ctx.report(slot).await;
 }
 
+/// Seals the database if it is not yet (flush, compaction for unsorted pushes, read-only
+/// reopen), warms it, and reports the replica ONLINE with its disk and memory bytes.
 async fn go_online(
     ctx: &NodeContext,
     slot: &ReplicaSlot,
+    store: Arc<ReplicaStore>,
     checkpoint: &Checkpoint,
     consumed_from: i64,
-) {
+) -> Result<(), Ended> {
+    let store = if store.is_read_only() {
+        store
+    } else {
+        seal(ctx, slot, store, checkpoint).await?
+    };
+    let budget = match store.profile() {
+        StorageProfile::InMemory => u64::MAX,
+        StorageProfile::OnDisk => ctx.engine.block_cache_bytes() as u64,
+    };
+    let s = store.clone();
+    let warmed = blocking(move || s.warm(budget))
+        .await
+        .map_err(|e| Ended::Failed(format!("cannot warm the replica database: {e}")))?;
+    let s = store.clone();
+    let usage = blocking(move || s.usage())
+        .await
+        .map_err(|e| Ended::Failed(format!("cannot measure the replica database: {e}")))?;
     slot.update(&ctx.metrics, |r| {
         r.state = ReplicaState::Online;
         r.offset = checkpoint.next_offset;
         r.records = checkpoint.records;
         r.consumed_from = consumed_from;
         r.error = None;
+        r.disk_bytes = usage.disk_bytes;
+        r.memory_bytes = usage.memory_bytes;
     });
-    tracing::info!(replica = %slot.id, records = checkpoint.records, "ONLINE");
+    tracing::info!(
+        replica = %slot.id,
+        records = checkpoint.records,
+        disk_bytes = usage.disk_bytes,
+        memory_bytes = usage.memory_bytes,
+        warmed_bytes = warmed.bytes,
+        warm_ms = warmed.elapsed.as_millis() as u64,
+        "ONLINE"
+    );
     ctx.report(slot).await;
+    Ok(())
 }
 
 async fn open_consumer(
@@ -335,6 +578,7 @@ mod tests {
     use crate::replica::{ReplicaId, ReplicaRegistry};
     use crate::testing::{MemoryMetaStore, MemoryPubSub, PushRecords};
     use rialto_backends::{MetaStore, PubSub};
+    use rialto_protocol::envelope::ControlMessage;
     use rialto_protocol::meta::{Layout, NodeRecord, ReplicaRecord};
 
     const TOPIC: &str = "s_v1";
@@ -359,6 +603,7 @@ mod tests {
             meta: Arc::new(meta.clone()),
             pubsub: Arc::new(pubsub.clone()),
             metrics: Arc::new(ServerMetrics::default()),
+            engine: crate::store::Engine::new(1 << 20),
             registry: ReplicaRegistry::default(),
             node_record: NodeRecord {
                 node_id: "n1".into(),
@@ -395,7 +640,13 @@ mod tests {
         let (_stop, stop_rx) = watch::channel(false);
         tokio::time::timeout(
             Duration::from_secs(20),
-            run(h.ctx.clone(), slot.clone(), TOPIC.into(), stop_rx),
+            run(
+                h.ctx.clone(),
+                slot.clone(),
+                TOPIC.into(),
+                StorageProfile::OnDisk,
+                stop_rx,
+            ),
         )
         .await
         .expect("ingestion should finish");
@@ -510,7 +761,13 @@ mod tests {
         h.pubsub.append_all(TOPIC, 0, first.to_vec());
         let slot1 = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(h.ctx.clone(), slot1.clone(), TOPIC.into(), stop_rx));
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot1.clone(),
+            TOPIC.into(),
+            StorageProfile::OnDisk,
+            stop_rx,
+        ));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let cp = slot1.take_store().map(|s| {
@@ -561,15 +818,96 @@ mod tests {
             .collect();
         let mut bad = records.clone();
         bad[4].value = Some(b"garbage".to_vec());
-        let (cp, ops, dups, failure) = validate_batch(&Checkpoint::default(), bad, "t", 0);
-        assert_eq!(cp.next_offset, 104);
-        assert_eq!(ops.len(), 2);
-        assert_eq!(cp.records, 2);
-        assert_eq!(dups, 0);
-        assert!(failure.unwrap().contains("offset 104"));
-        let (cp, ops, _, failure) = validate_batch(&Checkpoint::default(), records, "t", 0);
-        assert!(failure.is_none());
-        assert!(cp.validation.end_of_push && cp.validation.all_segments_closed());
-        assert_eq!(ops.len(), 4);
+        let v = validate_batch(&Checkpoint::default(), bad, "t", 0);
+        assert_eq!(v.next.next_offset, 104);
+        assert_eq!(v.ops.len(), 2);
+        assert_eq!(v.next.records, 2);
+        assert_eq!(v.duplicates, 0);
+        assert!(v.failure.unwrap().contains("offset 104"));
+        let v = validate_batch(&Checkpoint::default(), records, "t", 0);
+        assert!(v.failure.is_none());
+        assert!(v.next.validation.end_of_push && v.next.validation.all_segments_closed());
+        assert_eq!(v.ops.len(), 4);
+    }
+
+    fn sorted_push(keys: &[String], dictionary: &[u8]) -> Vec<Vec<u8>> {
+        let mut p = PushRecords::start_with(
+            [2; 16],
+            ControlMessage::StartOfPush {
+                sorted: true,
+                codec: rialto_protocol::envelope::CompressionCodec::None,
+                dictionary: dictionary.to_vec(),
+            },
+        );
+        for k in keys {
+            p.put(k.as_bytes(), 1, format!("value of {k}").as_bytes());
+        }
+        p.finish()
+    }
+
+    fn sorted_keys(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("key-{i:06}")).collect()
+    }
+
+    #[tokio::test]
+    async fn sorted_push_is_ingested_as_sst_files_and_sealed_read_only() {
+        let h = harness().await;
+        let keys = sorted_keys(2500);
+        let end = h
+            .pubsub
+            .append_all(TOPIC, 0, sorted_push(&keys, b"a dictionary"));
+        let slot = slot(&h);
+        run_to_end(&h, &slot).await;
+        let r = reported(&h).await;
+        assert_eq!(r.state, ReplicaState::Online, "{r:?}");
+        assert_eq!((r.offset, r.records), (end, 2500));
+        assert!(r.disk_bytes > 2500 && r.memory_bytes > 0, "{r:?}");
+        assert!(h.ctx.metrics.sst_files_ingested.load(Ordering::Relaxed) >= 1);
+        let store = h.ctx.registry.online("s", 1, 0).unwrap();
+        assert!(store.is_read_only());
+        assert_eq!(
+            store.dictionary().unwrap().as_deref(),
+            Some(&b"a dictionary"[..])
+        );
+        for k in ["key-000000", "key-001234", "key-002499"] {
+            assert_eq!(
+                store.get(k.as_bytes()).unwrap().as_deref(),
+                Some(&StoredValue::encode(1, format!("value of {k}").as_bytes())[..])
+            );
+        }
+        assert!(store.get(b"key-002500").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn unsorted_keys_in_a_push_marked_sorted_put_the_replica_in_error() {
+        let h = harness().await;
+        let mut keys = sorted_keys(50);
+        keys.swap(20, 30);
+        h.pubsub.append_all(TOPIC, 0, sorted_push(&keys, b""));
+        let slot = slot(&h);
+        run_to_end(&h, &slot).await;
+        let r = reported(&h).await;
+        assert_eq!(r.state, ReplicaState::Error);
+        let msg = r.error.unwrap();
+        // Records: SOS(0) SOP(1) PUT key-0(2) ...: key index 21 (key-000021 after key-000030)
+        // is at offset 23.
+        assert!(
+            msg.contains("does not sort after the previous key") && msg.contains("offset 23"),
+            "{msg}"
+        );
+        assert!(h.ctx.registry.online("s", 1, 0).is_err());
+    }
+
+    #[tokio::test]
+    async fn unsorted_push_goes_through_write_batches_and_is_sealed_too() {
+        let h = harness().await;
+        h.pubsub.append_all(TOPIC, 0, clean_push(500));
+        let slot = slot(&h);
+        run_to_end(&h, &slot).await;
+        assert_eq!(reported(&h).await.state, ReplicaState::Online);
+        assert_eq!(h.ctx.metrics.sst_files_ingested.load(Ordering::Relaxed), 0);
+        let store = h.ctx.registry.online("s", 1, 0).unwrap();
+        assert!(store.is_read_only());
+        assert!(store.get(b"k499").unwrap().is_some());
     }
 }

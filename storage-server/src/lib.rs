@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 pub use error::ServerError;
 pub use faults::{FaultConfig, Faults};
 pub use metrics::{RouteKind, ServerMetrics};
-pub use store::ReplicaStore;
+pub use store::{Engine, ReplicaStore, DEFAULT_BLOCK_CACHE_BYTES};
 
 /// Default lease TTL of a server's registration.
 pub const DEFAULT_LEASE_TTL_S: i64 = 10;
@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Most keys accepted in one batch-get.
     pub batch_get_keys_max: usize,
+    /// Size of the block cache shared by the on-disk stores' replicas.
+    pub block_cache_bytes: usize,
     /// Faults injected into reads at start (tests and benchmarks; default none). They can be
     /// changed while the server runs through [`RunningServer::faults`].
     pub faults: FaultConfig,
@@ -101,6 +103,7 @@ impl ServerConfig {
             lease_ttl_s: DEFAULT_LEASE_TTL_S,
             tls: None,
             batch_get_keys_max: BATCH_GET_KEYS_MAX,
+            block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
             faults: FaultConfig::default(),
         }
     }
@@ -259,6 +262,7 @@ pub async fn start(
         meta: meta.clone(),
         pubsub,
         metrics: metrics.clone(),
+        engine: store::Engine::new(config.block_cache_bytes),
         registry: replica::ReplicaRegistry::default(),
         node_record: NodeRecord {
             node_id: config.node_id.clone(),

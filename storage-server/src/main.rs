@@ -13,7 +13,8 @@ use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_protocol::meta::DEFAULT_ROOT;
 use rialto_protocol::wire::BATCH_GET_KEYS_MAX;
 use rialto_server::{
-    FaultConfig, ServerConfig, TlsFiles, DEFAULT_ADVERTISE_HOST, DEFAULT_LEASE_TTL_S,
+    FaultConfig, ServerConfig, TlsFiles, DEFAULT_ADVERTISE_HOST, DEFAULT_BLOCK_CACHE_BYTES,
+    DEFAULT_LEASE_TTL_S,
 };
 
 /// How long to wait for etcd at start-up.
@@ -53,6 +54,9 @@ struct Cli {
     /// Most keys accepted in one batch-get.
     #[arg(long, default_value_t = BATCH_GET_KEYS_MAX)]
     batch_get_keys_max: usize,
+    /// Size of the block cache shared by the on-disk stores' replicas, in MiB.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_CACHE_BYTES / (1024 * 1024))]
+    block_cache_mib: usize,
     /// etcd endpoints, comma separated.
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     etcd: Vec<String>,
@@ -100,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl_s: cli.lease_ttl_s,
         tls,
         batch_get_keys_max: cli.batch_get_keys_max,
+        block_cache_bytes: cli.block_cache_mib * 1024 * 1024,
         faults: FaultConfig {
             delay: Duration::from_millis(cli.fault_delay_ms),
             error_rate: cli.fault_error_rate,

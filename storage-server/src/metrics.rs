@@ -68,6 +68,8 @@ pub struct ServerMetrics {
     pub records_ingested: AtomicU64,
     /// Redelivered records skipped by validation.
     pub duplicates_skipped: AtomicU64,
+    /// SST files written and ingested by sorted pushes.
+    pub sst_files_ingested: AtomicU64,
     /// Read requests delayed by fault injection (tests and benchmarks only).
     pub faults_delayed: AtomicU64,
     /// Read requests failed by fault injection (tests and benchmarks only).
@@ -129,6 +131,10 @@ impl ServerMetrics {
             (
                 "rialto_server_records_ingested_total",
                 &self.records_ingested,
+            ),
+            (
+                "rialto_server_sst_files_ingested_total",
+                &self.sst_files_ingested,
             ),
             (
                 "rialto_server_duplicates_skipped_total",

@@ -30,6 +30,8 @@ pub(crate) struct NodeContext {
     pub meta: Arc<dyn MetaStore>,
     pub pubsub: Arc<dyn PubSub>,
     pub metrics: Arc<ServerMetrics>,
+    /// RocksDB resources shared by the replicas (block cache).
+    pub engine: crate::store::Engine,
     pub registry: ReplicaRegistry,
     pub node_record: NodeRecord,
     pub lease_ttl_s: i64,

@@ -60,6 +60,8 @@ impl ReplicaSlot {
                 consumed_from: 0,
                 updated_ms: now_ms(),
                 error: None,
+                disk_bytes: 0,
+                memory_bytes: 0,
             }),
             store: Mutex::new(None),
         }

@@ -1,18 +1,48 @@
 //! One RocksDB instance per replica, behind [`ReplicaStore`].
 //!
 //! Column families: `default` holds the data (serialized key → stored value, i.e.
-//! `wire::StoredValue::encode(schema_id, value)`); `meta` holds the [`Checkpoint`] as JSON.
+//! `wire::StoredValue::encode(schema_id, value)`); `meta` holds the [`Checkpoint`] as JSON, the
+//! version's compression dictionary and the `sealed` marker.
 //!
-//! **Invariant:** [`ReplicaStore::apply`] writes data and checkpoint in ONE `WriteBatch`, so the
-//! checkpointed offset never runs ahead of (or behind) the data it covers.
+//! Storage profiles ([`StorageProfile`], chosen per store, fixed per version):
+//! * **in-memory**: PlainTable with a hash index on the whole key (no-op prefix extractor),
+//!   index stored in the file, mmap reads. Memory ≈ data size; no block cache.
+//! * **on-disk**: block-based tables with a whole-key bloom filter and the server's one bounded
+//!   LRU block cache (index and filter blocks in it too), LZ4.
 //!
-//! All engine options live in [`engine_options`]; the storage profiles (in-memory PlainTable,
-//! on-disk block-based) will plug in there.
+//! Two write paths:
+//! * [`ReplicaStore::apply`]: a write batch through the memtable.
+//! * [`ReplicaStore::ingest_sorted`] (on-disk stores): the records of a sorted push are written
+//!   to an SST file with `SstFileWriter` and ingested; no memtable, no compaction (the files do
+//!   not overlap, so they go straight to the bottom level). In-memory stores cannot take this
+//!   path: RocksDB's PlainTable builder writes no comparator name into its files, and
+//!   ingestion refuses such files ("does not match existing comparator"). Their sorted pushes go
+//!   through the memtable; the order is still verified.
+//!
+//! Ingestion writes without a WAL: data and checkpoint live in memtables until a flush, and
+//! `atomic_flush` persists all column families together, so after a crash the data on disk and
+//! the checkpoint always match (the lost tail is consumed again). Closing the database flushes.
+//!
+//! After END_OF_PUSH a batch version is [sealed](ReplicaStore::seal): memtable flushed, (for
+//! unsorted pushes) compacted, a `sealed` marker written, and the database reopened read-only.
+//! A restart of a sealed replica opens it read-only directly.
+//!
+//! **Invariants:** [`ReplicaStore::apply`] writes data and checkpoint in ONE `WriteBatch`, so
+//! the checkpointed offset never runs ahead of (or behind) the data it covers.
+//! [`ReplicaStore::ingest_sorted`] ingests the file *before* writing the checkpoint that covers
+//! it: after a crash in between, the records are consumed and ingested again (same keys, same
+//! values), never skipped.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use rialto_protocol::meta::StorageProfile;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBPinnableSlice, Options, WriteBatch, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBPinnableSlice, IngestExternalFileOptions,
+    KeyEncodingType, Options, PlainTableFactoryOptions, SliceTransform, SstFileWriter, WriteBatch,
+    DB,
 };
 
 use crate::error::ServerError;
@@ -22,10 +52,19 @@ use crate::validator::Checkpoint;
 pub const META_CF: &str = "meta";
 /// Key of the checkpoint inside [`META_CF`].
 pub const CHECKPOINT_KEY: &[u8] = b"checkpoint";
-/// Bits per key of the data column family's bloom filter.
+/// Key of the version's compression dictionary inside [`META_CF`] (written when START_OF_PUSH
+/// carrying one is consumed).
+pub const DICTIONARY_KEY: &[u8] = b"dictionary";
+/// Key of the marker written by [`ReplicaStore::seal`] inside [`META_CF`].
+pub const SEALED_KEY: &[u8] = b"sealed";
+/// Sub-directory of a replica directory where SST files are built before ingestion.
+const INGEST_DIR: &str = "ingest";
+/// Bits per key of the bloom filters (block-based filter, PlainTable prefix bloom).
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
-/// Block cache shared by nothing yet: one per replica (bounded, see storage profiles later).
-const BLOCK_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Default size of a server's block cache (on-disk stores), shared by all its replicas.
+pub const DEFAULT_BLOCK_CACHE_BYTES: usize = 256 * 1024 * 1024;
+/// Read size when warming files into the page cache.
+const WARM_READ_BYTES: usize = 1024 * 1024;
 
 /// One change to a replica's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,52 +75,198 @@ pub enum WriteOp {
     Delete { key: Vec<u8> },
 }
 
-/// The RocksDB options of a replica database, kept in one place.
-pub fn engine_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
+impl WriteOp {
+    /// The key written or removed.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            WriteOp::Put { key, .. } | WriteOp::Delete { key } => key,
+        }
+    }
+}
+
+/// Engine resources shared by every replica of a server.
+#[derive(Clone)]
+pub struct Engine {
+    block_cache: Cache,
+    block_cache_bytes: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("block_cache_bytes", &self.block_cache_bytes)
+            .finish()
+    }
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new(DEFAULT_BLOCK_CACHE_BYTES)
+    }
+}
+
+impl Engine {
+    /// Resources with a block cache of `block_cache_bytes` (on-disk stores).
+    pub fn new(block_cache_bytes: usize) -> Engine {
+        Engine {
+            block_cache: Cache::new_lru_cache(block_cache_bytes),
+            block_cache_bytes,
+        }
+    }
+    /// Capacity of the block cache.
+    pub fn block_cache_bytes(&self) -> usize {
+        self.block_cache_bytes
+    }
+    /// Bytes held by the block cache now.
+    pub fn block_cache_usage(&self) -> usize {
+        self.block_cache.get_usage()
+    }
+}
+
+/// The RocksDB options of a replica database: (database, data column family, all families).
+pub fn engine_options(
+    profile: StorageProfile,
+    engine: &Engine,
+) -> (Options, Options, Vec<ColumnFamilyDescriptor>) {
     let mut db_opts = Options::default();
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
-
-    let mut data_opts = Options::default();
-    let mut table = BlockBasedOptions::default();
-    table.set_bloom_filter(BLOOM_BITS_PER_KEY, false);
-    table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
-    table.set_cache_index_and_filter_blocks(true);
-    data_opts.set_block_based_table_factory(&table);
-    data_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-
+    // No WAL (see the module docs): flush data and checkpoint together.
+    db_opts.set_atomic_flush(true);
+    let data_opts = data_options(profile, engine);
+    if profile == StorageProfile::InMemory {
+        // PlainTable reads through mmap only.
+        db_opts.set_allow_mmap_reads(true);
+    }
     let cfs = vec![
-        ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, data_opts),
+        ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, data_opts.clone()),
         ColumnFamilyDescriptor::new(META_CF, Options::default()),
     ];
-    (db_opts, cfs)
+    (db_opts, data_opts, cfs)
+}
+
+fn data_options(profile: StorageProfile, engine: &Engine) -> Options {
+    let mut opts = Options::default();
+    match profile {
+        StorageProfile::InMemory => {
+            opts.set_plain_table_factory(&PlainTableFactoryOptions {
+                user_key_length: 0, // variable-length keys
+                bloom_bits_per_key: BLOOM_BITS_PER_KEY as i32,
+                hash_table_ratio: 0.75,
+                index_sparseness: 16,
+                huge_page_tlb_size: 0,
+                encoding_type: KeyEncodingType::Plain,
+                full_scan_mode: false,
+                store_index_in_file: true,
+            });
+            // The hash index is on the "prefix"; the no-op transform makes it the whole key.
+            opts.set_prefix_extractor(SliceTransform::create_noop());
+            opts.set_compression_type(rocksdb::DBCompressionType::None);
+        }
+        StorageProfile::OnDisk => {
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(BLOOM_BITS_PER_KEY, false);
+            table.set_block_cache(&engine.block_cache);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            opts.set_block_based_table_factory(&table);
+            opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        }
+    }
+    opts
+}
+
+/// Bytes a replica takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Live SST files, all column families.
+    pub disk_bytes: u64,
+    /// Resident: memtables and table readers (indexes, filters), plus, for in-memory stores, the
+    /// mmapped data files (warmed before serving). Block-cache bytes of on-disk stores are
+    /// shared by the server's replicas and reported per server, not here.
+    pub memory_bytes: u64,
+}
+
+/// What warming read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Warmed {
+    pub bytes: u64,
+    pub files: usize,
+    pub elapsed: Duration,
 }
 
 /// A replica's database: data and checkpoint.
 pub struct ReplicaStore {
     db: DB,
     path: PathBuf,
+    profile: StorageProfile,
+    /// Options of the data column family (SST files for ingestion are built with them).
+    data_opts: Options,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for ReplicaStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaStore")
             .field("path", &self.path)
+            .field("profile", &self.profile)
+            .field("read_only", &self.read_only)
             .finish()
     }
 }
 
 impl ReplicaStore {
-    /// Opens (creating if needed) the replica database at `path`.
-    pub fn open(path: &Path) -> Result<ReplicaStore, ServerError> {
+    /// Opens (creating if needed) the replica database at `path` for writing.
+    pub fn open(
+        path: &Path,
+        profile: StorageProfile,
+        engine: &Engine,
+    ) -> Result<ReplicaStore, ServerError> {
         std::fs::create_dir_all(path)
             .map_err(|e| ServerError::io("create replica directory", path, e))?;
-        let (opts, cfs) = engine_options();
+        let (opts, data_opts, cfs) = engine_options(profile, engine);
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| storage(path, e))?;
         Ok(ReplicaStore {
             db,
             path: path.to_path_buf(),
+            profile,
+            data_opts,
+            read_only: false,
         })
+    }
+
+    /// Opens an existing replica database read-only (a sealed batch version).
+    pub fn open_read_only(
+        path: &Path,
+        profile: StorageProfile,
+        engine: &Engine,
+    ) -> Result<ReplicaStore, ServerError> {
+        let (opts, data_opts, cfs) = engine_options(profile, engine);
+        let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false)
+            .map_err(|e| storage(path, e))?;
+        Ok(ReplicaStore {
+            db,
+            path: path.to_path_buf(),
+            profile,
+            data_opts,
+            read_only: true,
+        })
+    }
+
+    /// Opens the replica at `path` the way its state requires: read-only if it was sealed,
+    /// for writing otherwise (creating it if needed).
+    pub fn open_existing(
+        path: &Path,
+        profile: StorageProfile,
+        engine: &Engine,
+    ) -> Result<ReplicaStore, ServerError> {
+        if path.join("CURRENT").exists() {
+            let store = ReplicaStore::open_read_only(path, profile, engine)?;
+            if store.is_sealed()? {
+                return Ok(store);
+            }
+        }
+        ReplicaStore::open(path, profile, engine)
     }
 
     /// Where the database lives.
@@ -89,13 +274,35 @@ impl ReplicaStore {
         &self.path
     }
 
+    /// The storage profile the database was opened with.
+    pub fn profile(&self) -> StorageProfile {
+        self.profile
+    }
+
+    /// Whether [`ReplicaStore::ingest_sorted`] is available (on-disk stores; see module docs).
+    pub fn ingests_sst_files(&self) -> bool {
+        self.profile == StorageProfile::OnDisk
+    }
+
+    /// Whether the database is open read-only (sealed).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether [`ReplicaStore::seal`] completed on this database.
+    pub fn is_sealed(&self) -> Result<bool, ServerError> {
+        let meta = self.meta_cf()?;
+        Ok(self
+            .db
+            .get_pinned_cf(meta, SEALED_KEY)
+            .map_err(|e| storage(&self.path, e))?
+            .is_some())
+    }
+
     /// Applies `ops` and writes `checkpoint`, atomically (one write batch).
     pub fn apply(&self, ops: &[WriteOp], checkpoint: &Checkpoint) -> Result<(), ServerError> {
         let meta = self.meta_cf()?;
-        let encoded = serde_json::to_vec(checkpoint).map_err(|e| ServerError::Checkpoint {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })?;
+        let encoded = self.encode_checkpoint(checkpoint)?;
         let mut batch = WriteBatch::default();
         for op in ops {
             match op {
@@ -104,7 +311,169 @@ impl ReplicaStore {
             }
         }
         batch.put_cf(meta, CHECKPOINT_KEY, encoded);
-        self.db.write(batch).map_err(|e| storage(&self.path, e))
+        self.db
+            .write_opt(batch, &no_wal())
+            .map_err(|e| storage(&self.path, e))
+    }
+
+    /// Writes `ops`, whose keys must be strictly ascending, to an SST file, ingests it, and then
+    /// writes `checkpoint`. With no ops only the checkpoint is written.
+    pub fn ingest_sorted(
+        &self,
+        ops: &[WriteOp],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), ServerError> {
+        if !ops.is_empty() {
+            if !self.ingests_sst_files() {
+                return Err(ServerError::Storage {
+                    path: self.path.clone(),
+                    detail: format!("{:?} stores cannot ingest SST files", self.profile),
+                });
+            }
+            let dir = self.path.join(INGEST_DIR);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ServerError::io("create ingestion directory", &dir, e))?;
+            let file = dir.join(format!("chunk-{}.sst", checkpoint.next_offset));
+            let result = self.write_and_ingest(ops, &file);
+            // Ingestion moves (links) the file; remove what is left either way.
+            let _ = std::fs::remove_file(&file);
+            result?;
+        }
+        let meta = self.meta_cf()?;
+        let encoded = self.encode_checkpoint(checkpoint)?;
+        self.db
+            .put_cf_opt(meta, CHECKPOINT_KEY, encoded, &no_wal())
+            .map_err(|e| storage(&self.path, e))
+    }
+
+    fn write_and_ingest(&self, ops: &[WriteOp], file: &Path) -> Result<(), ServerError> {
+        let mut writer = SstFileWriter::create(&self.data_opts);
+        writer.open(file).map_err(|e| storage(file, e))?;
+        for op in ops {
+            match op {
+                WriteOp::Put { key, value } => writer.put(key, value),
+                WriteOp::Delete { key } => writer.delete(key),
+            }
+            .map_err(|e| storage(file, e))?;
+        }
+        writer.finish().map_err(|e| storage(file, e))?;
+        let mut ingest = IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        self.db
+            .ingest_external_file_opts(&ingest, vec![file])
+            .map_err(|e| storage(&self.path, e))
+    }
+
+    /// Stores the version's compression dictionary (from START_OF_PUSH).
+    pub fn set_dictionary(&self, dictionary: &[u8]) -> Result<(), ServerError> {
+        let meta = self.meta_cf()?;
+        self.db
+            .put_cf_opt(meta, DICTIONARY_KEY, dictionary, &no_wal())
+            .map_err(|e| storage(&self.path, e))
+    }
+
+    /// Finishes a batch version after END_OF_PUSH: flushes the memtables, compacts the data
+    /// if `compact` (unsorted pushes leave overlapping files), marks the database sealed, and
+    /// reopens it read-only. Consumes the writable handle (it must be the only one).
+    pub fn seal(self, compact: bool, engine: &Engine) -> Result<ReplicaStore, ServerError> {
+        if self.read_only {
+            return Ok(self);
+        }
+        let (data, meta) = (self.data_cf()?, self.meta_cf()?);
+        let flush = || {
+            self.db
+                .flush_cfs_opt(&[data, meta], &rocksdb::FlushOptions::default())
+                .map_err(|e| storage(&self.path, e))
+        };
+        flush()?;
+        if compact {
+            self.db.compact_range_cf(data, None::<&[u8]>, None::<&[u8]>);
+        }
+        self.db
+            .put_cf_opt(meta, SEALED_KEY, b"1", &no_wal())
+            .map_err(|e| storage(&self.path, e))?;
+        flush()?;
+        let (path, profile) = (self.path.clone(), self.profile);
+        drop(self.db);
+        let _ = std::fs::remove_dir_all(path.join(INGEST_DIR));
+        ReplicaStore::open_read_only(&path, profile, engine)
+    }
+
+    /// Reads the data files once so that they are in the page cache (and, for in-memory stores,
+    /// in the mmapped pages PlainTable reads) before the replica takes traffic. Reads at most
+    /// `budget_bytes`.
+    pub fn warm(&self, budget_bytes: u64) -> Result<Warmed, ServerError> {
+        let started = Instant::now();
+        let mut warmed = Warmed::default();
+        let mut buf = vec![0u8; WARM_READ_BYTES];
+        for file in self.live_data_files()? {
+            if warmed.bytes >= budget_bytes {
+                break;
+            }
+            let path = self.path.join(file.name.trim_start_matches('/'));
+            let mut f = File::open(&path).map_err(|e| ServerError::io("open", &path, e))?;
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .map_err(|e| ServerError::io("read", &path, e))?;
+                if n == 0 {
+                    break;
+                }
+                warmed.bytes += n as u64;
+            }
+            warmed.files += 1;
+        }
+        warmed.elapsed = started.elapsed();
+        Ok(warmed)
+    }
+
+    /// Bytes on disk and resident (see [`StoreUsage`]).
+    pub fn usage(&self) -> Result<StoreUsage, ServerError> {
+        let files = self.db.live_files().map_err(|e| storage(&self.path, e))?;
+        let disk_bytes: u64 = files.iter().map(|f| f.size as u64).sum();
+        let data_bytes: u64 = files
+            .iter()
+            .filter(|f| f.column_family_name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .map(|f| f.size as u64)
+            .sum();
+        let property = |name: &str| -> Result<u64, ServerError> {
+            let mut total = 0;
+            for cf in [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, META_CF] {
+                let handle = self.db.cf_handle(cf).ok_or_else(|| self.missing_cf(cf))?;
+                total += self
+                    .db
+                    .property_int_value_cf(handle, name)
+                    .map_err(|e| storage(&self.path, e))?
+                    .unwrap_or(0);
+            }
+            Ok(total)
+        };
+        let mut memory_bytes = property("rocksdb.cur-size-all-mem-tables")?
+            + property("rocksdb.estimate-table-readers-mem")?;
+        if self.profile == StorageProfile::InMemory {
+            memory_bytes += data_bytes;
+        }
+        Ok(StoreUsage {
+            disk_bytes,
+            memory_bytes,
+        })
+    }
+
+    fn live_data_files(&self) -> Result<Vec<rocksdb::LiveFile>, ServerError> {
+        Ok(self
+            .db
+            .live_files()
+            .map_err(|e| storage(&self.path, e))?
+            .into_iter()
+            .filter(|f| f.column_family_name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .collect())
+    }
+
+    fn encode_checkpoint(&self, checkpoint: &Checkpoint) -> Result<Vec<u8>, ServerError> {
+        serde_json::to_vec(checkpoint).map_err(|e| ServerError::Checkpoint {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
     }
 
     /// The stored value of `key`, pinned (no copy out of the block cache).
@@ -148,11 +517,25 @@ impl ReplicaStore {
             })
     }
 
+    /// The compression dictionary of the version, if its START_OF_PUSH carried one.
+    pub fn dictionary(&self) -> Result<Option<Vec<u8>>, ServerError> {
+        let meta = self.meta_cf()?;
+        self.db
+            .get_cf(meta, DICTIONARY_KEY)
+            .map_err(|e| storage(&self.path, e))
+    }
+
     /// Closes the database and deletes its directory.
     pub fn destroy(self) -> Result<(), ServerError> {
         let path = self.path.clone();
         drop(self.db);
         remove_replica_dir(&path)
+    }
+
+    fn data_cf(&self) -> Result<&rocksdb::ColumnFamily, ServerError> {
+        self.db
+            .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .ok_or_else(|| self.missing_cf(rocksdb::DEFAULT_COLUMN_FAMILY_NAME))
     }
 
     fn meta_cf(&self) -> Result<&rocksdb::ColumnFamily, ServerError> {
@@ -178,6 +561,12 @@ pub fn remove_replica_dir(path: &Path) -> Result<(), ServerError> {
     }
 }
 
+fn no_wal() -> rocksdb::WriteOptions {
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.disable_wal(true);
+    opts
+}
+
 fn storage(path: &Path, e: rocksdb::Error) -> ServerError {
     ServerError::Storage {
         path: path.to_path_buf(),
@@ -189,6 +578,12 @@ fn storage(path: &Path, e: rocksdb::Error) -> ServerError {
 mod tests {
     use super::*;
 
+    const PROFILES: [StorageProfile; 2] = [StorageProfile::InMemory, StorageProfile::OnDisk];
+
+    fn open(path: &Path) -> ReplicaStore {
+        ReplicaStore::open(path, StorageProfile::OnDisk, &Engine::new(1 << 20)).unwrap()
+    }
+
     fn put(k: &str, v: &str) -> WriteOp {
         WriteOp::Put {
             key: k.as_bytes().to_vec(),
@@ -199,7 +594,7 @@ mod tests {
     #[test]
     fn apply_writes_data_and_checkpoint_together() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ReplicaStore::open(&dir.path().join("s/v1/p0")).unwrap();
+        let store = open(&dir.path().join("s/v1/p0"));
         assert_eq!(store.checkpoint().unwrap(), None);
         let cp = Checkpoint {
             next_offset: 3,
@@ -228,7 +623,7 @@ mod tests {
         // Atomicity itself comes from RocksDB (one WriteBatch spans both column families); this
         // checks that every batch moves data and checkpoint together.
         let dir = tempfile::tempdir().unwrap();
-        let store = ReplicaStore::open(&dir.path().join("p")).unwrap();
+        let store = open(&dir.path().join("p"));
         for i in 0..100u64 {
             let cp = Checkpoint {
                 next_offset: 1 + i as i64,
@@ -260,10 +655,10 @@ mod tests {
         };
         cp.validation.end_of_push = true;
         {
-            let store = ReplicaStore::open(&path).unwrap();
+            let store = open(&path);
             store.apply(&[put("x", "y")], &cp).unwrap();
         }
-        let store = ReplicaStore::open(&path).unwrap();
+        let store = open(&path);
         assert_eq!(store.checkpoint().unwrap(), Some(cp));
         assert_eq!(store.get(b"x").unwrap().as_deref(), Some(&b"y"[..]));
         store.destroy().unwrap();
@@ -273,12 +668,189 @@ mod tests {
     #[test]
     fn unreadable_checkpoint_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ReplicaStore::open(dir.path()).unwrap();
+        let store = open(dir.path());
         let meta = store.db.cf_handle(META_CF).unwrap();
         store.db.put_cf(meta, CHECKPOINT_KEY, b"{not json").unwrap();
         assert!(matches!(
             store.checkpoint(),
             Err(ServerError::Checkpoint { .. })
         ));
+    }
+
+    /// Incompressible bytes, a function of `seed`.
+    fn value(seed: usize, len: usize) -> Vec<u8> {
+        let mut x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn sorted_ops(n: usize, value_len: usize) -> Vec<WriteOp> {
+        (0..n)
+            .map(|i| WriteOp::Put {
+                key: format!("key-{i:08}").into_bytes(),
+                value: value(i, value_len),
+            })
+            .collect()
+    }
+
+    fn checkpoint(next_offset: i64, records: u64) -> Checkpoint {
+        Checkpoint {
+            next_offset,
+            records,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn in_memory_stores_refuse_sst_ingestion() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(dir.path(), StorageProfile::InMemory, &Engine::new(1 << 20))
+            .unwrap();
+        assert!(!store.ingests_sst_files());
+        let err = store
+            .ingest_sorted(&sorted_ops(3, 8), &checkpoint(5, 3))
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot ingest SST files"), "{err}");
+        // A checkpoint alone is fine.
+        store.ingest_sorted(&[], &checkpoint(5, 0)).unwrap();
+        assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(5, 0)));
+    }
+
+    #[test]
+    fn sorted_ingestion_and_write_batches_read_the_same() {
+        let ops = sorted_ops(3000, 100);
+        for profile in [StorageProfile::OnDisk] {
+            let engine = Engine::new(1 << 20);
+            let dir = tempfile::tempdir().unwrap();
+            let batched = ReplicaStore::open(&dir.path().join("a"), profile, &engine).unwrap();
+            let ingested = ReplicaStore::open(&dir.path().join("b"), profile, &engine).unwrap();
+            batched.apply(&ops, &checkpoint(10, 3000)).unwrap();
+            // Two chunks: files of consecutive key ranges.
+            ingested
+                .ingest_sorted(&ops[..1000], &checkpoint(5, 1000))
+                .unwrap();
+            assert_eq!(ingested.checkpoint().unwrap(), Some(checkpoint(5, 1000)));
+            ingested
+                .ingest_sorted(&ops[1000..], &checkpoint(10, 3000))
+                .unwrap();
+            assert_eq!(ingested.checkpoint().unwrap(), Some(checkpoint(10, 3000)));
+            let keys: Vec<Vec<u8>> = (0..3100)
+                .map(|i| format!("key-{i:08}").into_bytes())
+                .collect();
+            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+            let a: Vec<Option<Vec<u8>>> = batched
+                .multi_get(&refs)
+                .into_iter()
+                .map(|r| r.unwrap().map(|v| v.to_vec()))
+                .collect();
+            let b: Vec<Option<Vec<u8>>> = ingested
+                .multi_get(&refs)
+                .into_iter()
+                .map(|r| r.unwrap().map(|v| v.to_vec()))
+                .collect();
+            assert_eq!(a, b, "{profile:?}");
+            assert_eq!(a.iter().filter(|v| v.is_some()).count(), 3000);
+            assert_eq!(b[2999].as_deref(), Some(&value(2999, 100)[..]));
+            assert!(!dir
+                .path()
+                .join("b")
+                .join(INGEST_DIR)
+                .join("chunk-5.sst")
+                .exists());
+        }
+    }
+
+    #[test]
+    fn out_of_order_keys_are_refused_by_sorted_ingestion() {
+        for profile in [StorageProfile::OnDisk] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ReplicaStore::open(dir.path(), profile, &Engine::new(1 << 20)).unwrap();
+            let mut ops = sorted_ops(10, 8);
+            ops.swap(3, 4);
+            let err = store.ingest_sorted(&ops, &checkpoint(20, 10)).unwrap_err();
+            assert!(matches!(err, ServerError::Storage { .. }), "{err}");
+            assert_eq!(store.checkpoint().unwrap(), None, "checkpoint not moved");
+            assert!(
+                store.get(b"key-00000000").unwrap().is_none(),
+                "nothing ingested"
+            );
+        }
+    }
+
+    #[test]
+    fn sealed_store_reopens_read_only_and_serves() {
+        for profile in PROFILES {
+            for sorted in [true, false] {
+                let engine = Engine::new(1 << 20);
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("r");
+                let ops = sorted_ops(2000, 64);
+                let store = ReplicaStore::open(&path, profile, &engine).unwrap();
+                if sorted && store.ingests_sst_files() {
+                    store.ingest_sorted(&ops, &checkpoint(7, 2000)).unwrap();
+                } else {
+                    store.apply(&ops, &checkpoint(7, 2000)).unwrap();
+                }
+                store.set_dictionary(b"dict").unwrap();
+                assert!(!store.is_sealed().unwrap());
+                let store = store.seal(!sorted, &engine).unwrap();
+                assert!(store.is_read_only() && store.is_sealed().unwrap());
+                assert!(store.apply(&[put("x", "y")], &checkpoint(8, 2001)).is_err());
+                let warmed = store.warm(u64::MAX).unwrap();
+                let usage = store.usage().unwrap();
+                assert!(warmed.bytes > 2000 * 64, "{warmed:?}");
+                assert!(usage.disk_bytes >= warmed.bytes, "{usage:?} {warmed:?}");
+                if profile == StorageProfile::InMemory {
+                    assert!(usage.memory_bytes >= warmed.bytes, "{usage:?}");
+                }
+                drop(store);
+                let store = ReplicaStore::open_existing(&path, profile, &engine).unwrap();
+                assert!(store.is_read_only(), "{profile:?} sorted={sorted}");
+                assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(7, 2000)));
+                assert_eq!(store.dictionary().unwrap().as_deref(), Some(&b"dict"[..]));
+                assert_eq!(
+                    store.get(b"key-00001999").unwrap().as_deref(),
+                    Some(&value(1999, 64)[..])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn data_and_checkpoint_survive_a_close_without_seal() {
+        // Without a WAL, closing must flush memtables (RocksDB does unless told not to).
+        for profile in PROFILES {
+            let engine = Engine::new(1 << 20);
+            let dir = tempfile::tempdir().unwrap();
+            let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
+            store
+                .apply(&sorted_ops(100, 10), &checkpoint(3, 100))
+                .unwrap();
+            drop(store);
+            let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
+            assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(3, 100)));
+            assert!(store.get(b"key-00000099").unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn unsealed_store_reopens_writable() {
+        let engine = Engine::new(1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r");
+        ReplicaStore::open(&path, StorageProfile::InMemory, &engine)
+            .unwrap()
+            .apply(&[put("a", "1")], &checkpoint(1, 1))
+            .unwrap();
+        let store = ReplicaStore::open_existing(&path, StorageProfile::InMemory, &engine).unwrap();
+        assert!(!store.is_read_only());
+        store.apply(&[put("b", "2")], &checkpoint(2, 2)).unwrap();
+        assert_eq!(store.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
     }
 }

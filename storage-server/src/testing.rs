@@ -465,8 +465,20 @@ pub struct PushRecords {
 }
 
 impl PushRecords {
-    /// Starts a push: START_OF_SEGMENT (segment 0) then START_OF_PUSH.
+    /// Starts an unsorted, uncompressed push: START_OF_SEGMENT (segment 0) then START_OF_PUSH.
     pub fn start(guid: [u8; 16]) -> PushRecords {
+        PushRecords::start_with(
+            guid,
+            ControlMessage::StartOfPush {
+                sorted: false,
+                codec: CompressionCodec::None,
+                dictionary: Vec::new(),
+            },
+        )
+    }
+
+    /// Starts a push with the given START_OF_PUSH.
+    pub fn start_with(guid: [u8; 16], start_of_push: ControlMessage) -> PushRecords {
         let mut p = PushRecords {
             guid,
             segment: 0,
@@ -475,11 +487,7 @@ impl PushRecords {
             records: Vec::new(),
         };
         p.push(Message::Control(ControlMessage::StartOfSegment));
-        p.push(Message::Control(ControlMessage::StartOfPush {
-            sorted: false,
-            codec: CompressionCodec::None,
-            dictionary: Vec::new(),
-        }));
+        p.push(Message::Control(start_of_push));
         p
     }
 

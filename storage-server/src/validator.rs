@@ -67,6 +67,9 @@ pub struct Checkpoint {
     pub next_offset: i64,
     /// Data records (PUT/DELETE) applied so far.
     pub records: u64,
+    /// Last key of a push announced as sorted: the next must sort after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_key: Option<Vec<u8>>,
     /// Producer validation state and push markers.
     #[serde(flatten)]
     pub validation: PushValidation,

@@ -288,6 +288,7 @@ impl Cluster {
                 lease_ttl_s: opts.lease_ttl_s,
                 tls: tls_files.as_ref().map(|(files, _)| files.clone()),
                 batch_get_keys_max: rialto_protocol::wire::BATCH_GET_KEYS_MAX,
+                block_cache_bytes: 32 * 1024 * 1024,
                 faults,
             };
             cluster.servers.push(ServerSlot {
