@@ -430,10 +430,14 @@ async fn batch_get(
         .keys_requested
         .fetch_add(keys.len() as u64, Ordering::Relaxed);
 
-    // Group request indexes by partition so each partition is one multi-get.
+    // Group request indexes by partition so each partition is one multi-get, in key order
+    // (RocksDB's batched multi-get is faster on sorted keys; frames carry their index).
     let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for (index, (partition, _)) in keys.iter().enumerate() {
         groups.entry(*partition).or_default().push(index as u32);
+    }
+    for indexes in groups.values_mut() {
+        indexes.sort_unstable_by_key(|&i| keys[i as usize].1);
     }
 
     let response = Response::builder()
@@ -516,7 +520,7 @@ fn write_frames(
     trailer: &mut BatchGetTrailer,
     metrics: &ServerMetrics,
 ) {
-    for (result, &index) in replica.multi_get(keys).into_iter().zip(indexes) {
+    for (result, &index) in replica.multi_get_sorted(keys).into_iter().zip(indexes) {
         match result {
             Ok(Some(value)) => {
                 BatchGetFrameWriter::record(buf, index, &value);

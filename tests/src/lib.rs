@@ -402,7 +402,7 @@ impl Cluster {
         .await
     }
 
-    /// Creates a store through the admin API.
+    /// Creates an on-disk store through the admin API.
     pub async fn create_store(
         &self,
         name: &str,
@@ -410,6 +410,27 @@ impl Cluster {
         value_schema: &str,
         partition_count: u32,
         replication_factor: u32,
+    ) -> Result<()> {
+        self.create_store_with(
+            name,
+            key_schema,
+            value_schema,
+            partition_count,
+            replication_factor,
+            StorageProfile::OnDisk,
+        )
+        .await
+    }
+
+    /// Creates a store with the given storage profile through the admin API.
+    pub async fn create_store_with(
+        &self,
+        name: &str,
+        key_schema: &str,
+        value_schema: &str,
+        partition_count: u32,
+        replication_factor: u32,
+        storage: StorageProfile,
     ) -> Result<()> {
         self.admin()
             .create_store(&CreateStoreRequest {
@@ -419,10 +440,58 @@ impl Cluster {
                 value_schema: value_schema.into(),
                 partition_count,
                 replication_factor,
-                storage: StorageProfile::OnDisk,
+                storage,
             })
             .await?;
         Ok(())
+    }
+
+    /// Pushes a version by writing envelopes straight to the topic, bypassing the push job's
+    /// checks and sorting: `records[p]` go to partition `p` in the order given, under a
+    /// START_OF_PUSH saying `sorted`. Returns the version number once the push is reported
+    /// written (it may still go live or fail).
+    pub async fn push_envelopes(
+        &self,
+        store: &str,
+        records: &[Vec<(Vec<u8>, Vec<u8>)>],
+        sorted: bool,
+    ) -> Result<u32> {
+        use rialto_protocol::envelope::{CompressionCodec, ControlMessage};
+        let start = self
+            .admin()
+            .start_push(store, &rialto_protocol::admin::StartPushRequest::default())
+            .await?;
+        for (p, partition) in records.iter().enumerate() {
+            let mut w = rialto_push::writer::PartitionWriter::new(rand::random::<[u8; 16]>());
+            let mut envelopes = vec![
+                w.start_segment(),
+                w.control(ControlMessage::StartOfPush {
+                    sorted,
+                    codec: CompressionCodec::None,
+                    dictionary: vec![],
+                }),
+            ];
+            envelopes.extend(
+                partition
+                    .iter()
+                    .map(|(k, v)| w.put(k.clone(), 1, v.clone())),
+            );
+            envelopes.push(w.control(ControlMessage::EndOfPush));
+            envelopes.push(w.end_segment());
+            let mut deliveries = Vec::with_capacity(envelopes.len());
+            for e in envelopes {
+                deliveries.push(
+                    self.pubsub
+                        .send(&start.topic, p as u32, &[], &e.encode())
+                        .await?,
+                );
+            }
+            for d in deliveries {
+                d.await?;
+            }
+        }
+        self.admin().push_written(store, start.version).await?;
+        Ok(start.version)
     }
 
     /// Pushes a file through the real push job (in-process).

@@ -1,0 +1,228 @@
+//! The storage engine of a replica, as the server uses it (`rialto_server::ReplicaStore`):
+//!
+//! * `read/<profile>/<value bytes>`: point get and 500-key multi-get (keys sorted first, as the
+//!   server's batch-get does) on a sealed, warmed replica of `RIALTO_BENCH_KEYS` keys (default
+//!   1,000,000), for the in-memory profile (PlainTable, hash index, mmap) and the on-disk profile
+//!   (block-based, bloom filter, block cache of `RIALTO_BENCH_CACHE_MIB`, default 256).
+//! * `ingest/<path>/<value bytes>`: a whole sorted partition of `RIALTO_BENCH_INGEST_KEYS` keys
+//!   (default 100,000) written and sealed: SST ingestion (on-disk), or write batches through
+//!   the memtable (on-disk and in-memory), including the flush and compaction sealing needs.
+//!
+//! Run (dev profile, like everything else here; `--workspace` keeps RocksDB's build cached):
+//! `cargo bench --workspace --profile dev --bench storage -- --warm-up-time 1 --measurement-time 5`
+
+use std::path::Path;
+use std::time::Instant;
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rialto_protocol::meta::StorageProfile;
+use rialto_protocol::wire::StoredValue;
+use rialto_server::store::{Engine, ReplicaStore, WriteOp};
+use rialto_server::validator::Checkpoint;
+
+const VALUE_SIZES: [usize; 2] = [100, 1_000];
+const MULTI_GET_KEYS: usize = 500;
+const CHUNK_BYTES: usize = 64 * 1024 * 1024;
+const WRITE_BATCH: usize = 1_000;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The serialized key of record `i`: an Avro string ("member:" and 10 digits), sortable.
+fn key(i: usize) -> Vec<u8> {
+    let text = format!("member:{i:010}");
+    let mut out = Vec::with_capacity(text.len() + 1);
+    out.push((text.len() as u8) << 1); // Avro zig-zag length (fits one byte)
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// A stored value of `len` bytes for record `i`: schema id and pseudo-random bytes (worst case
+/// for the block-based format's LZ4; PlainTable does not compress).
+fn stored_value(i: usize, len: usize) -> Vec<u8> {
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    StoredValue::encode(1, &bytes)
+}
+
+fn checkpoint(records: u64) -> Checkpoint {
+    Checkpoint {
+        next_offset: records as i64,
+        records,
+        ..Default::default()
+    }
+}
+
+/// The puts of keys `0..count`, in key order.
+fn sorted_ops(count: usize, value_len: usize) -> Vec<WriteOp> {
+    (0..count)
+        .map(|i| WriteOp::Put {
+            key: key(i),
+            value: stored_value(i, value_len),
+        })
+        .collect()
+}
+
+/// Writes `ops` (in key order) through the path a sorted push takes (SST ingestion when `sst`,
+/// write batches otherwise) and seals the replica.
+fn build(
+    path: &Path,
+    profile: StorageProfile,
+    engine: &Engine,
+    ops: &[WriteOp],
+    sst: bool,
+) -> ReplicaStore {
+    let store = ReplicaStore::open(path, profile, engine).expect("open");
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, op) in ops.iter().enumerate() {
+        if let WriteOp::Put { key, value } = op {
+            bytes += key.len() + value.len();
+        }
+        let full = if sst {
+            bytes >= CHUNK_BYTES
+        } else {
+            i + 1 - start >= WRITE_BATCH
+        };
+        if full || i + 1 == ops.len() {
+            let chunk = &ops[start..=i];
+            let cp = checkpoint(i as u64 + 1);
+            if sst {
+                store.ingest_sorted(chunk, &cp).expect("ingest");
+            } else {
+                store.apply(chunk, &cp).expect("apply");
+            }
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    store.seal(!sst, engine).expect("seal")
+}
+
+/// Random record numbers below `count` (xorshift; the same sequence every run).
+fn random_indexes(count: usize, n: usize) -> Vec<usize> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % count as u64) as usize
+        })
+        .collect()
+}
+
+fn reads(c: &mut Criterion) {
+    let count = env_usize("RIALTO_BENCH_KEYS", 1_000_000);
+    let engine = Engine::new(env_usize("RIALTO_BENCH_CACHE_MIB", 256) * 1024 * 1024);
+    for value_len in VALUE_SIZES {
+        for profile in [StorageProfile::InMemory, StorageProfile::OnDisk] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let started = Instant::now();
+            let sst = profile == StorageProfile::OnDisk;
+            let store = build(
+                dir.path(),
+                profile,
+                &engine,
+                &sorted_ops(count, value_len),
+                sst,
+            );
+            let warmed = store.warm(u64::MAX).expect("warm");
+            let usage = store.usage().expect("usage");
+            eprintln!(
+                "{profile:?} {count} x {value_len} B: built in {:.1} s; disk {} MB, memory {} MB, \
+                 warmed {} MB in {} ms",
+                started.elapsed().as_secs_f64(),
+                usage.disk_bytes / 1_000_000,
+                usage.memory_bytes / 1_000_000,
+                warmed.bytes / 1_000_000,
+                warmed.elapsed.as_millis()
+            );
+            let name = match profile {
+                StorageProfile::InMemory => "in_memory_plain_table",
+                StorageProfile::OnDisk => "on_disk_block_based",
+            };
+            let keys: Vec<Vec<u8>> = random_indexes(count, 100_000)
+                .into_iter()
+                .map(key)
+                .collect();
+            // Warm the block cache with the same key population the measurement reads.
+            for k in &keys {
+                black_box(store.get(k).expect("get").map(|v| v.len()));
+            }
+            let mut g = c.benchmark_group(format!("read/{name}/{value_len}B"));
+            g.throughput(Throughput::Elements(1));
+            let mut next = 0usize;
+            g.bench_function(BenchmarkId::new("get", count), |b| {
+                b.iter(|| {
+                    next = (next + 1) % keys.len();
+                    let v = store.get(&keys[next]).expect("get");
+                    assert!(v.is_some(), "every key is present");
+                    black_box(v.map(|v| v.len()))
+                })
+            });
+            g.throughput(Throughput::Elements(MULTI_GET_KEYS as u64));
+            let mut start = 0usize;
+            let mut batch: Vec<&[u8]> = Vec::with_capacity(MULTI_GET_KEYS);
+            g.bench_function(BenchmarkId::new("multi_get_500_sorted", count), |b| {
+                b.iter(|| {
+                    start = (start + MULTI_GET_KEYS) % (keys.len() - MULTI_GET_KEYS);
+                    batch.clear();
+                    batch.extend(
+                        keys[start..start + MULTI_GET_KEYS]
+                            .iter()
+                            .map(|k| k.as_slice()),
+                    );
+                    batch.sort_unstable();
+                    let found = store
+                        .multi_get_sorted(&batch)
+                        .into_iter()
+                        .filter(|r| matches!(r, Ok(Some(_))))
+                        .count();
+                    assert_eq!(found, MULTI_GET_KEYS);
+                    black_box(found)
+                })
+            });
+            g.finish();
+        }
+    }
+}
+
+fn ingestion(c: &mut Criterion) {
+    let count = env_usize("RIALTO_BENCH_INGEST_KEYS", 100_000);
+    let engine = Engine::new(64 * 1024 * 1024);
+    for value_len in VALUE_SIZES {
+        let ops = sorted_ops(count, value_len);
+        let mut g = c.benchmark_group(format!("ingest/{value_len}B"));
+        g.sample_size(10);
+        g.throughput(Throughput::Elements(count as u64));
+        for (name, profile, sst) in [
+            ("on_disk_sst_ingestion", StorageProfile::OnDisk, true),
+            ("on_disk_memtable", StorageProfile::OnDisk, false),
+            ("in_memory_memtable", StorageProfile::InMemory, false),
+        ] {
+            g.bench_function(BenchmarkId::new(name, count), |b| {
+                b.iter_with_large_drop(|| {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let store = build(dir.path(), profile, &engine, &ops, sst);
+                    (store, dir)
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, ingestion, reads);
+criterion_main!(benches);
