@@ -27,6 +27,7 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rialto_protocol::envelope::KEY_BYTES_MAX;
+use rialto_protocol::meta::ReplicaState;
 use rialto_protocol::wire::{
     parse_route, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route,
     ERROR_CODE_HEADER, REQUEST_BYTES_MAX,
@@ -39,7 +40,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::faults::Faults;
-use crate::metrics::{RouteKind, ServerMetrics};
+use crate::metrics::{render_storage, RouteKind, ServerMetrics, VersionBytes};
 use crate::node::NodeContext;
 use crate::replica::ReplicaRegistry;
 use crate::store::ReplicaStore;
@@ -243,7 +244,8 @@ async fn handle(
             send_body(&mut respond, "text/plain", Bytes::from_static(b"ok")).await
         }
         Some(Route::Metrics) => {
-            let text = service.metrics.render_prometheus();
+            let mut text = service.metrics.render_prometheus();
+            text.push_str(&storage_metrics(&service.node));
             send_body(&mut respond, "text/plain; version=0.0.4", Bytes::from(text)).await
         }
         Some(Route::Get {
@@ -509,6 +511,28 @@ async fn batch_get(
         tracing::debug!(error = %e, "batch-get stream closed by the client");
     }
     Ok(())
+}
+
+/// The storage gauges: bytes per store version hosted here (from the replica records, set when
+/// each replica went ONLINE) and the block cache.
+fn storage_metrics(node: &NodeContext) -> String {
+    let mut versions: BTreeMap<(String, u32), VersionBytes> = BTreeMap::new();
+    for slot in node.registry.all() {
+        let record = slot.record();
+        if record.state != ReplicaState::Online {
+            continue;
+        }
+        let bytes = versions
+            .entry((slot.id.store.clone(), slot.id.version))
+            .or_default();
+        bytes.disk += record.disk_bytes;
+        bytes.memory += record.memory_bytes;
+    }
+    render_storage(
+        &versions,
+        node.engine.block_cache_usage(),
+        node.engine.block_cache_bytes(),
+    )
 }
 
 /// Reads one sub-batch and appends its frames. Synchronous so pinned slices never cross an await.
@@ -858,6 +882,12 @@ mod tests {
             text.contains("rialto_server_records_ingested_total 300"),
             "{text}"
         );
+        let disk = text
+            .lines()
+            .find(|l| l.starts_with("rialto_server_store_disk_bytes{store=\"s\",version=\"1\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(disk.is_some_and(|d| d > 0), "{text}");
         f.server.shutdown().await.unwrap();
     }
 

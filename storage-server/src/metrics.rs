@@ -1,5 +1,6 @@
 //! Counters of one storage server, readable by tests and rendered as Prometheus text.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -179,9 +180,71 @@ impl ServerMetrics {
     }
 }
 
+/// Bytes of one store version on this server (sum over its ONLINE replicas here).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VersionBytes {
+    pub disk: u64,
+    pub memory: u64,
+}
+
+/// Prometheus text of the storage gauges: bytes per store version, and the shared block cache.
+pub fn render_storage(
+    versions: &BTreeMap<(String, u32), VersionBytes>,
+    block_cache_used: usize,
+    block_cache_capacity: usize,
+) -> String {
+    let mut out = String::with_capacity(256 + versions.len() * 160);
+    for (name, pick) in [
+        (
+            "rialto_server_store_disk_bytes",
+            (|b: &VersionBytes| b.disk) as fn(&VersionBytes) -> u64,
+        ),
+        ("rialto_server_store_memory_bytes", |b: &VersionBytes| {
+            b.memory
+        }),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for ((store, version), bytes) in versions {
+            let _ = writeln!(
+                out,
+                "{name}{{store=\"{store}\",version=\"{version}\"}} {}",
+                pick(bytes)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE rialto_server_block_cache_bytes gauge\n\
+         rialto_server_block_cache_bytes{{kind=\"used\"}} {block_cache_used}\n\
+         rialto_server_block_cache_bytes{{kind=\"capacity\"}} {block_cache_capacity}"
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_storage_gauges() {
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            ("ads".to_string(), 3),
+            VersionBytes {
+                disk: 10,
+                memory: 7,
+            },
+        );
+        let text = render_storage(&versions, 5, 100);
+        for line in [
+            "rialto_server_store_disk_bytes{store=\"ads\",version=\"3\"} 10",
+            "rialto_server_store_memory_bytes{store=\"ads\",version=\"3\"} 7",
+            "rialto_server_block_cache_bytes{kind=\"used\"} 5",
+            "rialto_server_block_cache_bytes{kind=\"capacity\"} 100",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
 
     #[test]
     fn renders_every_family() {
