@@ -7,16 +7,16 @@
 //! * Newline-delimited JSON (`.json`, `.jsonl`, `.ndjson`): one object per line,
 //!   `{"key": <key as JSON>, "value": <value as JSON>}`; blank lines are skipped.
 //!
-//! Everything is held in memory, partitioned; external sorting of datasets larger than memory is
-//! a later issue (see ARCHITECTURE.md).
+//! Records go through an [`ExternalSorter`]: partitioned, sorted by key and de-duplicated
+//! within a memory budget, spilling sorted runs to disk when the dataset is larger.
 
-use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::partitioner::partition_for_key;
 
+use crate::sort::{ExternalSorter, SortedPartition};
 use crate::PushError;
 
 /// How the input file is encoded.
@@ -58,55 +58,76 @@ impl Default for InputShape {
 /// A validated dataset: for each partition, `(key, value)` datums sorted by key, keys unique.
 #[derive(Debug, Default)]
 pub struct PartitionedDataset {
-    pub partitions: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub partitions: Vec<SortedPartition>,
     pub records: u64,
     pub bytes: u64,
     /// Records dropped because an identical (key, value) record was already read.
     pub identical_duplicates: u64,
+    /// How many times the sort spilled to disk.
+    pub spills: usize,
+    /// Keeps the sort's files alive while the partitions are read.
+    pub(crate) _sorted: Option<crate::sort::SortedDataset>,
+}
+
+/// Memory budget and spill location of the sort.
+#[derive(Debug, Clone)]
+pub struct SortConfig {
+    pub memory_bytes: usize,
+    /// Parent of the spill directory; the system's temporary directory if `None`.
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for SortConfig {
+    fn default() -> Self {
+        SortConfig {
+            memory_bytes: crate::sort::DEFAULT_SORT_MEMORY_BYTES,
+            spill_dir: None,
+        }
+    }
 }
 
 struct Builder<'a> {
     key_codec: &'a AvroCodec,
     partition_count: u32,
-    dataset: PartitionedDataset,
-    /// key → (record number where first seen, hash of its value): detects conflicting duplicates.
-    seen: HashMap<Vec<u8>, (u64, u64)>,
+    sorter: ExternalSorter,
+    bytes: u64,
     path: PathBuf,
 }
 
 impl<'a> Builder<'a> {
     fn add(&mut self, record_no: u64, key: Vec<u8>, value: Vec<u8>) -> Result<(), PushError> {
-        let value_hash = xxhash_rust::xxh3::xxh3_64(&value);
-        if let Some((first, first_hash)) = self.seen.get(&key) {
-            if *first_hash == value_hash {
-                self.dataset.identical_duplicates += 1;
-                return Ok(());
-            }
-            let shown = self
-                .key_codec
-                .decode(&key, "key")
-                .map(|v| rialto_protocol::avro::to_json(&v).to_string())
-                .unwrap_or_else(|_| format!("{key:?}"));
-            return Err(PushError::DuplicateKey {
-                path: self.path.clone(),
-                key: shown,
-                first: *first,
-                second: record_no,
-            });
-        }
-        self.seen.insert(key.clone(), (record_no, value_hash));
-        let p = partition_for_key(&key, self.partition_count) as usize;
-        self.dataset.bytes += (key.len() + value.len()) as u64;
-        self.dataset.records += 1;
-        self.dataset.partitions[p].push((key, value));
-        Ok(())
+        let p = partition_for_key(&key, self.partition_count);
+        self.bytes += (key.len() + value.len()) as u64;
+        self.sorter.add(p, record_no, key, value)
     }
 
-    fn finish(mut self) -> PartitionedDataset {
-        for p in &mut self.dataset.partitions {
-            p.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        }
-        self.dataset
+    fn finish(self) -> Result<PartitionedDataset, PushError> {
+        let spills = self.sorter.spills();
+        let mut sorted = match self.sorter.finish()? {
+            Ok(sorted) => sorted,
+            Err(conflict) => {
+                let shown = self
+                    .key_codec
+                    .decode(&conflict.key, "key")
+                    .map(|v| rialto_protocol::avro::to_json(&v).to_string())
+                    .unwrap_or_else(|_| format!("{:?}", conflict.key));
+                return Err(PushError::DuplicateKey {
+                    path: self.path.clone(),
+                    key: shown,
+                    first: conflict.first,
+                    second: conflict.second,
+                });
+            }
+        };
+        let partitions = std::mem::take(&mut sorted.partitions);
+        Ok(PartitionedDataset {
+            records: partitions.iter().map(|p| p.records).sum(),
+            bytes: self.bytes,
+            identical_duplicates: sorted.identical_duplicates,
+            spills,
+            partitions,
+            _sorted: Some(sorted),
+        })
     }
 }
 
@@ -118,15 +139,13 @@ pub fn read_dataset(
     key_codec: &AvroCodec,
     value_codec: &AvroCodec,
     partition_count: u32,
+    sort: &SortConfig,
 ) -> Result<PartitionedDataset, PushError> {
     let mut b = Builder {
         key_codec,
         partition_count,
-        dataset: PartitionedDataset {
-            partitions: vec![Vec::new(); partition_count as usize],
-            ..Default::default()
-        },
-        seen: HashMap::new(),
+        sorter: ExternalSorter::new(partition_count, sort.memory_bytes, sort.spill_dir.clone()),
+        bytes: 0,
         path: path.to_path_buf(),
     };
     let file = std::fs::File::open(path).map_err(|e| PushError::Io {
@@ -205,7 +224,7 @@ pub fn read_dataset(
             }
         }
     }
-    Ok(b.finish())
+    b.finish()
 }
 
 #[cfg(test)]
@@ -242,11 +261,20 @@ mod tests {
             &k,
             &v,
             1,
+            &SortConfig::default(),
         )
         .unwrap();
         assert_eq!(d.records, 2);
         assert_eq!(d.identical_duplicates, 1);
-        let keys: Vec<_> = d.partitions[0].iter().map(|(k, _)| k.clone()).collect();
+        let keys: Vec<_> = d
+            .partitions
+            .into_iter()
+            .next()
+            .unwrap()
+            .into_records()
+            .unwrap()
+            .map(|r| r.unwrap().0)
+            .collect();
         assert_eq!(keys, vec![vec![2, b'a'], vec![2, b'b']]);
     }
 
@@ -261,6 +289,7 @@ mod tests {
             &k,
             &v,
             4,
+            &SortConfig::default(),
         )
         .unwrap_err();
         let msg = err.to_string();
@@ -283,6 +312,7 @@ mod tests {
             &k,
             &v,
             4,
+            &SortConfig::default(),
         )
         .unwrap_err();
         assert!(
@@ -319,9 +349,10 @@ mod tests {
             &k,
             &v,
             3,
+            &SortConfig::default(),
         )
         .unwrap();
         assert_eq!(d.records, 10);
-        assert_eq!(d.partitions.iter().map(Vec::len).sum::<usize>(), 10);
+        assert_eq!(d.partitions.iter().map(|p| p.records).sum::<u64>(), 10);
     }
 }

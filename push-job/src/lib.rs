@@ -11,6 +11,7 @@
 //! never goes live and the current version keeps serving.
 
 pub mod input;
+pub mod sort;
 pub mod writer;
 
 use std::path::PathBuf;
@@ -26,7 +27,8 @@ use rialto_protocol::avro::{AvroCodec, AvroError};
 use rialto_protocol::envelope::{CompressionCodec, ControlMessage};
 use rialto_protocol::meta::{ReplicaState, VersionStatus};
 
-pub use input::{InputFormat, InputShape};
+pub use input::{InputFormat, InputShape, SortConfig};
+use sort::SortedPartition;
 use writer::PartitionWriter;
 
 /// Records in flight to the broker at most (bounds memory while producing).
@@ -93,6 +95,8 @@ pub struct PushConfig {
     pub wait_timeout: Duration,
     /// Overrides the Kafka bootstrap servers the controller hands out.
     pub kafka_bootstrap: Option<String>,
+    /// Memory budget and spill directory of the external sort.
+    pub sort: SortConfig,
 }
 
 impl PushConfig {
@@ -107,6 +111,7 @@ impl PushConfig {
             shape: InputShape::default(),
             wait_timeout: Duration::from_secs(600),
             kafka_bootstrap: None,
+            sort: SortConfig::default(),
         }
     }
 }
@@ -120,6 +125,8 @@ pub struct PushReport {
     pub bytes: u64,
     pub partitions: u32,
     pub identical_duplicates: u64,
+    /// How many times the input's sort spilled to disk (0: it fit in memory).
+    pub sort_spills: usize,
     pub read_elapsed: Duration,
     pub produce_elapsed: Duration,
     pub live_elapsed: Duration,
@@ -144,7 +151,11 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             .ok_or_else(|| PushError::UnknownFormat(config.input.clone()))?,
     };
     tracing::info!(store = %store.name, input = %config.input.display(), "reading and validating input");
-    let (input, shape) = (config.input.clone(), config.shape.clone());
+    let (input, shape, sort) = (
+        config.input.clone(),
+        config.shape.clone(),
+        config.sort.clone(),
+    );
     let partition_count = store.partition_count;
     let dataset = tokio::task::spawn_blocking(move || {
         input::read_dataset(
@@ -154,6 +165,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             &key_codec,
             &value_codec,
             partition_count,
+            &sort,
         )
     })
     .await
@@ -162,11 +174,13 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         detail: format!("reader task failed: {e}"),
     })??;
     let read_elapsed = started.elapsed();
+    let mut dataset = dataset;
     tracing::info!(
         records = dataset.records,
         bytes = dataset.bytes,
+        spills = dataset.spills,
         ?read_elapsed,
-        "input valid"
+        "input valid and sorted"
     );
 
     let start = admin
@@ -197,9 +211,13 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
                 .map_err(|source| PushError::Produce { version, source })?,
         );
         let produce_started = Instant::now();
-        produce(pubsub.as_ref(), &start.topic, start.value_schema_id, dataset.partitions, dataset.records)
+        let partitions = std::mem::take(&mut dataset.partitions);
+        produce(pubsub.as_ref(), &start.topic, start.value_schema_id, partitions, dataset.records)
             .await
-            .map_err(|source| PushError::Produce { version, source })?;
+            .map_err(|e| match e {
+                ProduceError::PubSub(source) => PushError::Produce { version, source },
+                ProduceError::Read(e) => e,
+            })?;
         let produce_elapsed = produce_started.elapsed();
         admin.push_written(&store.name, version).await?;
         let live_started = Instant::now();
@@ -216,6 +234,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             bytes: dataset.bytes,
             partitions: partition_count,
             identical_duplicates: dataset.identical_duplicates,
+            sort_spills: dataset.spills,
             read_elapsed,
             produce_elapsed,
             live_elapsed,
@@ -232,14 +251,27 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
     }
 }
 
+/// Why producing stopped.
+enum ProduceError {
+    PubSub(PubSubError),
+    /// Reading the sorted records back (from the sort's files) failed.
+    Read(PushError),
+}
+
+impl From<PubSubError> for ProduceError {
+    fn from(e: PubSubError) -> Self {
+        ProduceError::PubSub(e)
+    }
+}
+
 /// Produces every partition's stream and waits until the broker has acknowledged all of it.
 async fn produce(
     pubsub: &dyn PubSub,
     topic: &str,
     schema_id: u32,
-    partitions: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
+    partitions: Vec<SortedPartition>,
     records_total: u64,
-) -> Result<(), PubSubError> {
+) -> Result<(), ProduceError> {
     let producer_guid = *uuid::Uuid::new_v4().as_bytes();
     let mut in_flight = FuturesUnordered::new();
     let mut acked: u64 = 0;
@@ -260,7 +292,8 @@ async fn produce(
         for e in envelopes.drain(..) {
             in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
         }
-        for (key, value) in records {
+        for record in records.into_records().map_err(ProduceError::Read)? {
+            let (key, value) = record.map_err(ProduceError::Read)?;
             // The key travels inside the envelope; the Kafka record key stays empty (partitions
             // are chosen explicitly, and compaction is never used on version topics).
             let e = w.put(key, schema_id, value);

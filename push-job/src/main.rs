@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use rialto_push::{push, InputFormat, InputShape, PushConfig};
+use rialto_push::{push, InputFormat, InputShape, PushConfig, SortConfig};
 
 /// Push a dataset (Avro container file or newline-delimited JSON) as a new store version.
 #[derive(Parser)]
@@ -38,6 +38,12 @@ struct Args {
     /// Kafka bootstrap servers, overriding what the controller says.
     #[arg(long)]
     kafka: Option<String>,
+    /// Memory for sorting the input, in MiB; larger inputs spill sorted runs to disk.
+    #[arg(long, default_value_t = rialto_push::sort::DEFAULT_SORT_MEMORY_BYTES / (1024 * 1024))]
+    sort_memory_mib: usize,
+    /// Where the sort spills (default: the system's temporary directory).
+    #[arg(long)]
+    spill_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -57,11 +63,15 @@ async fn main() -> anyhow::Result<()> {
     };
     config.wait_timeout = Duration::from_secs(args.wait_timeout_s);
     config.kafka_bootstrap = args.kafka;
+    config.sort = SortConfig {
+        memory_bytes: args.sort_memory_mib * 1024 * 1024,
+        spill_dir: args.spill_dir,
+    };
     match push(&config).await {
         Ok(r) => {
             println!(
-                "pushed {} records ({} bytes, {} partitions) to {} version {}: read {:.1?}, produced {:.1?}, live after {:.1?}",
-                r.records, r.bytes, r.partitions, r.store, r.version, r.read_elapsed, r.produce_elapsed, r.live_elapsed
+                "pushed {} records ({} bytes, {} partitions) to {} version {}: read and sorted {:.1?} ({} spills), produced {:.1?}, live after {:.1?}",
+                r.records, r.bytes, r.partitions, r.store, r.version, r.read_elapsed, r.sort_spills, r.produce_elapsed, r.live_elapsed
             );
             Ok(())
         }

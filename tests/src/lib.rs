@@ -500,8 +500,19 @@ impl Cluster {
         store: &str,
         input: &Path,
     ) -> Result<PushReport, rialto_push::PushError> {
+        self.push_with(store, input, |_| {}).await
+    }
+
+    /// Like [`push`](Self::push), letting `adjust` change the push configuration first.
+    pub async fn push_with(
+        &self,
+        store: &str,
+        input: &Path,
+        adjust: impl FnOnce(&mut PushConfig),
+    ) -> Result<PushReport, rialto_push::PushError> {
         let mut config = PushConfig::new(&self.controller_url(), store, input);
         config.wait_timeout = Duration::from_secs(180);
+        adjust(&mut config);
         rialto_push::push(&config).await
     }
 

@@ -278,3 +278,46 @@ async fn a_restarted_server_serves_sealed_versions_without_consuming() -> Result
     assert_eq!(read_all(&cluster, "sealed").await?, before);
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_larger_than_its_sort_memory_spills_and_serves_the_same() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    cluster
+        .create_store("spill", STRING_SCHEMA, STRING_SCHEMA, PARTITIONS, 1)
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("spill.jsonl");
+    // Every record twice (identical repeats are dropped), in a scrambled order.
+    let mut lines = String::new();
+    for j in 0..RECORDS * 2 {
+        let i = (j * 7919) % RECORDS;
+        let line = serde_json::json!({"key": key_of(i), "value": string_value(i, VALUE_BYTES)});
+        lines.push_str(&format!("{line}\n"));
+    }
+    std::fs::write(&input, lines)?;
+    let spill = dir.path().join("sort");
+    std::fs::create_dir(&spill)?;
+    let report = cluster
+        .push_with("spill", &input, |c| {
+            c.sort.memory_bytes = 64 * 1024;
+            c.sort.spill_dir = Some(spill.clone());
+        })
+        .await?;
+    assert_eq!(report.records, RECORDS as u64);
+    assert_eq!(report.identical_duplicates, RECORDS as u64);
+    assert!(report.sort_spills > 5, "spilled {} times", report.sort_spills);
+    assert_eq!(
+        std::fs::read_dir(&spill)?.count(),
+        0,
+        "the sort's files are gone after the push"
+    );
+    let reads = read_all(&cluster, "spill").await?;
+    assert_eq!(reads.values().filter(|v| v.is_some()).count(), RECORDS);
+    for (i, v) in &reads {
+        if *i < RECORDS {
+            let want = format!("{:?}", Value::String(string_value(*i, VALUE_BYTES)));
+            assert_eq!(v.as_deref(), Some(want.as_bytes()), "key {i}");
+        }
+    }
+    cluster.shutdown().await
+}
