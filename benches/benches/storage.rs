@@ -6,7 +6,8 @@
 //!   (block-based, bloom filter, block cache of `RIALTO_BENCH_CACHE_MIB`, default 256).
 //! * `ingest/<path>/<value bytes>`: a whole sorted partition of `RIALTO_BENCH_INGEST_KEYS` keys
 //!   (default 100,000) written and sealed: SST ingestion (on-disk), or write batches through
-//!   the memtable (on-disk and in-memory), including the flush and compaction sealing needs.
+//!   the memtable (on-disk and in-memory; without a WAL as the server does, and with one as the
+//!   walking skeleton did), including the flush and compaction sealing needs.
 //!
 //! Run (dev profile, like everything else here; `--workspace` keeps RocksDB's build cached):
 //! `cargo bench --workspace --profile dev --bench storage -- --warm-up-time 1 --measurement-time 5`
@@ -202,20 +203,22 @@ fn reads(c: &mut Criterion) {
 fn ingestion(c: &mut Criterion) {
     let count = env_usize("RIALTO_BENCH_INGEST_KEYS", 100_000);
     let engine = Engine::new(64 * 1024 * 1024);
+    let engine_wal = Engine::new(64 * 1024 * 1024).with_ingest_wal(true);
     for value_len in VALUE_SIZES {
         let ops = sorted_ops(count, value_len);
         let mut g = c.benchmark_group(format!("ingest/{value_len}B"));
         g.sample_size(10);
         g.throughput(Throughput::Elements(count as u64));
-        for (name, profile, sst) in [
-            ("on_disk_sst_ingestion", StorageProfile::OnDisk, true),
-            ("on_disk_memtable", StorageProfile::OnDisk, false),
-            ("in_memory_memtable", StorageProfile::InMemory, false),
+        for (name, profile, sst, engine) in [
+            ("on_disk_sst_ingestion", StorageProfile::OnDisk, true, &engine),
+            ("on_disk_memtable", StorageProfile::OnDisk, false, &engine),
+            ("on_disk_memtable_wal", StorageProfile::OnDisk, false, &engine_wal),
+            ("in_memory_memtable", StorageProfile::InMemory, false, &engine),
         ] {
             g.bench_function(BenchmarkId::new(name, count), |b| {
                 b.iter_with_large_drop(|| {
                     let dir = tempfile::tempdir().expect("tempdir");
-                    let store = build(dir.path(), profile, &engine, &ops, sst);
+                    let store = build(dir.path(), profile, engine, &ops, sst);
                     (store, dir)
                 })
             });

@@ -89,6 +89,7 @@ impl WriteOp {
 pub struct Engine {
     block_cache: Cache,
     block_cache_bytes: usize,
+    ingest_wal: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -111,7 +112,14 @@ impl Engine {
         Engine {
             block_cache: Cache::new_lru_cache(block_cache_bytes),
             block_cache_bytes,
+            ingest_wal: false,
         }
+    }
+    /// Whether ingestion writes go through the WAL (off by default, see the module docs; on
+    /// only to measure what skipping it saves).
+    pub fn with_ingest_wal(mut self, wal: bool) -> Engine {
+        self.ingest_wal = wal;
+        self
     }
     /// Capacity of the block cache.
     pub fn block_cache_bytes(&self) -> usize {
@@ -203,6 +211,8 @@ pub struct ReplicaStore {
     /// Options of the data column family (SST files for ingestion are built with them).
     data_opts: Options,
     read_only: bool,
+    /// Write through the WAL ([`Engine::with_ingest_wal`]).
+    wal: bool,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -232,6 +242,7 @@ impl ReplicaStore {
             profile,
             data_opts,
             read_only: false,
+            wal: engine.ingest_wal,
         })
     }
 
@@ -250,6 +261,7 @@ impl ReplicaStore {
             profile,
             data_opts,
             read_only: true,
+            wal: engine.ingest_wal,
         })
     }
 
@@ -312,7 +324,7 @@ impl ReplicaStore {
         }
         batch.put_cf(meta, CHECKPOINT_KEY, encoded);
         self.db
-            .write_opt(batch, &no_wal())
+            .write_opt(batch, &self.write_options())
             .map_err(|e| storage(&self.path, e))
     }
 
@@ -342,7 +354,7 @@ impl ReplicaStore {
         let meta = self.meta_cf()?;
         let encoded = self.encode_checkpoint(checkpoint)?;
         self.db
-            .put_cf_opt(meta, CHECKPOINT_KEY, encoded, &no_wal())
+            .put_cf_opt(meta, CHECKPOINT_KEY, encoded, &self.write_options())
             .map_err(|e| storage(&self.path, e))
     }
 
@@ -368,7 +380,7 @@ impl ReplicaStore {
     pub fn set_dictionary(&self, dictionary: &[u8]) -> Result<(), ServerError> {
         let meta = self.meta_cf()?;
         self.db
-            .put_cf_opt(meta, DICTIONARY_KEY, dictionary, &no_wal())
+            .put_cf_opt(meta, DICTIONARY_KEY, dictionary, &self.write_options())
             .map_err(|e| storage(&self.path, e))
     }
 
@@ -390,7 +402,7 @@ impl ReplicaStore {
             self.db.compact_range_cf(data, None::<&[u8]>, None::<&[u8]>);
         }
         self.db
-            .put_cf_opt(meta, SEALED_KEY, b"1", &no_wal())
+            .put_cf_opt(meta, SEALED_KEY, b"1", &self.write_options())
             .map_err(|e| storage(&self.path, e))?;
         flush()?;
         let (path, profile) = (self.path.clone(), self.profile);
@@ -467,6 +479,12 @@ impl ReplicaStore {
             .into_iter()
             .filter(|f| f.column_family_name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
             .collect())
+    }
+
+    fn write_options(&self) -> rocksdb::WriteOptions {
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.disable_wal(!self.wal);
+        opts
     }
 
     fn encode_checkpoint(&self, checkpoint: &Checkpoint) -> Result<Vec<u8>, ServerError> {
@@ -587,11 +605,6 @@ pub fn remove_replica_dir(path: &Path) -> Result<(), ServerError> {
     }
 }
 
-fn no_wal() -> rocksdb::WriteOptions {
-    let mut opts = rocksdb::WriteOptions::default();
-    opts.disable_wal(true);
-    opts
-}
 
 fn storage(path: &Path, e: rocksdb::Error) -> ServerError {
     ServerError::Storage {

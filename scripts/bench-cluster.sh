@@ -1,0 +1,42 @@
+# Sourced by the benchmark scripts: starts etcd, tansu, a controller and three storage servers on
+# free 127.0.0.1 ports, stopping everything by PID at exit. Expects `bin`, `work` and `OUT` set.
+# Defines: etcd, kafka, controller, start_server INDEX [ARGS], server_pids, admin ARGS,
+# online_replicas STORE.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+etcd_port=$(free_port); peer_port=$(free_port); kafka_port=$(free_port); controller_port=$(free_port)
+etcd="http://127.0.0.1:$etcd_port"; kafka="127.0.0.1:$kafka_port"; controller="http://127.0.0.1:$controller_port"
+
+pids=()
+server_pids=(0 0 0)
+cleanup() {
+  for pid in "${pids[@]}" "${server_pids[@]}"; do [ "$pid" != 0 ] && kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}" "${server_pids[@]}"; do [ "$pid" != 0 ] && wait "$pid" 2>/dev/null || true; done
+  bash scripts/services.sh stop --dir "$work/services" || true
+  echo "bench: stopped; logs in $work, results in $OUT"
+}
+trap cleanup EXIT
+
+bash scripts/services.sh start --dir "$work/services" --etcd-port "$etcd_port" --etcd-peer-port "$peer_port" --kafka-port "$kafka_port"
+export RUST_LOG="${RUST_LOG:-warn}"
+"$bin/rialto-controller" --listen "127.0.0.1:$controller_port" --etcd "$etcd" --kafka "$kafka" >"$work/controller.log" 2>&1 &
+pids+=($!)
+start_server() { # index [extra args]
+  local i=$1; shift
+  local zone=(zone-a zone-b zone-c)
+  "$bin/rialto-server" --node-id "server-$i" --zone "${zone[$i]}" --listen "127.0.0.1:0" \
+    --data-dir "$work/server-$i" --etcd "$etcd" --kafka "$kafka" "$@" >>"$work/server-$i.log" 2>&1 &
+  server_pids[$i]=$!
+}
+for i in 0 1 2; do start_server "$i"; done
+admin() { "$bin/rialto-admin" --controller "$controller" "$@"; }
+online_replicas() { # store: ONLINE replicas of its current version
+  admin --json stores describe "$1" 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print(sum(1 for v in d["versions"] if v["current"] for r in v["replicas"] if r["state"] == "ONLINE"))' 2>/dev/null || echo 0
+}
+for _ in $(seq 1 100); do
+  [ "$(admin --json nodes list 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo 0)" = 3 ] && break
+  sleep 0.2
+done
+
