@@ -42,7 +42,7 @@ run() { # name store [extra args]
   local name=$1 store=$2; shift 2
   echo "bench: run $name"
   "$bin/rialto-loadgen" --etcd "$etcd" run --store "$store" --keys "$KEYS" --batch-keys "$BATCH" \
-    --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --tasks "$TASKS" --mode batch \
+    --rate "$RATE" --duration "${RUN_DURATION:-$DURATION}" --warmup "$WARMUP" --tasks "$TASKS" --mode batch \
     --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log"
 }
 
@@ -52,10 +52,10 @@ admin stores describe mem | tee "$OUT/describe-mem.txt"
 admin stores describe disk | tee "$OUT/describe-disk.txt"
 run in-memory mem
 run on-disk disk
-run in-memory-steady mem --duration "$SWAP_RUN"
+RUN_DURATION="$SWAP_RUN" run in-memory-steady mem
 
 # The swap run: readers at the same rate while version 2 is pushed and goes live.
-run in-memory-during-push mem --duration "$SWAP_RUN" &
+RUN_DURATION="$SWAP_RUN" run in-memory-during-push mem &
 reader=$!
 sleep 5
 prepare mem --in-memory --force-push
