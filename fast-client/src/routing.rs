@@ -302,6 +302,7 @@ pub(crate) mod tests {
             partition_count,
             replication_factor: 2,
             storage: StorageProfile::OnDisk,
+            compression: rialto_protocol::meta::Compression::None,
             created_ms: 0,
             current_version: current,
             backup_version: backup,
@@ -346,6 +347,7 @@ pub(crate) mod tests {
                 status: VersionStatus::Online,
                 created_ms: 0,
                 storage: StorageProfile::OnDisk,
+                compression: rialto_protocol::meta::Compression::None,
             };
             self.versions.insert(
                 self.layout.version("ads", v),

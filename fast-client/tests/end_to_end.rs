@@ -427,6 +427,7 @@ fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreR
         partition_count: 2,
         replication_factor: 2,
         storage: StorageProfile::OnDisk,
+        compression: rialto_protocol::meta::Compression::None,
         created_ms: 0,
         current_version: current,
         backup_version: backup,
@@ -455,6 +456,7 @@ fn put_version(meta: &FakeMeta, layout: &Layout, version: u32, assignment: Vec<V
         status: VersionStatus::Online,
         created_ms: 0,
         storage: StorageProfile::OnDisk,
+        compression: rialto_protocol::meta::Compression::None,
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }

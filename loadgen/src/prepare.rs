@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rialto_controller::{AdminClient, ControllerError};
 use rialto_protocol::admin::{CreateStoreRequest, StoreDescription};
-use rialto_protocol::meta::StorageProfile;
+use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_push::{InputFormat, PushConfig};
 
 use crate::dataset::{self, KEY_SCHEMA, OWNER_MARKER, VALUE_BYTES_MIN, VALUE_SCHEMA};
@@ -44,6 +44,9 @@ pub struct PrepareArgs {
     /// Create the store with the in-memory storage profile.
     #[arg(long)]
     pub in_memory: bool,
+    /// Value compression of a newly created store.
+    #[arg(long, value_parser = parse_compression, default_value = "none")]
+    pub compression: Compression,
     /// Seed of the value payloads.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -190,6 +193,7 @@ pub async fn prepare(args: &PrepareArgs) -> Result<()> {
                     } else {
                         StorageProfile::OnDisk
                     },
+                    compression: args.compression,
                 })
                 .await
                 .with_context(|| format!("create store `{}`", args.store))?;
@@ -284,4 +288,15 @@ mod tests {
         assert_eq!(marker_value_bytes("tests"), None);
         assert_eq!(marker_value_bytes("rialto-loadgen"), None);
     }
+}
+
+fn parse_compression(text: &str) -> Result<Compression, String> {
+    [
+        Compression::None,
+        Compression::Zstd,
+        Compression::ZstdDictionary,
+    ]
+    .into_iter()
+    .find(|c| c.name() == text)
+    .ok_or_else(|| format!("`{text}`: expected none, zstd or zstd-dictionary"))
 }

@@ -144,6 +144,7 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
         partition_count: req.partition_count,
         replication_factor: req.replication_factor,
         storage: req.storage,
+        compression: req.compression,
         created_ms: now_ms(),
         current_version: None,
         backup_version: None,
@@ -220,6 +221,8 @@ fn describe(
                     offset: r.offset,
                     records: r.records,
                     error: r.error.clone(),
+                    disk_bytes: r.disk_bytes,
+                    memory_bytes: r.memory_bytes,
                 },
                 None => ReplicaView {
                     partition: p,
@@ -228,6 +231,8 @@ fn describe(
                     offset: 0,
                     records: 0,
                     error: None,
+                    disk_bytes: 0,
+                    memory_bytes: 0,
                 },
             },
         )
@@ -352,6 +357,7 @@ async fn start_push(
         status: VersionStatus::Pushing,
         created_ms: now_ms(),
         storage: updated.storage,
+        compression: updated.compression,
     };
     let key = st.layout.version(&store, version);
     // The topic exists before the record: servers start consuming as soon as they see it.

@@ -455,6 +455,7 @@ mod tests {
             partition_count: 2,
             replication_factor: 2,
             storage: StorageProfile::OnDisk,
+            compression: rialto_protocol::meta::Compression::None,
             created_ms: 0,
             current_version: current,
             backup_version: backup,
@@ -472,6 +473,7 @@ mod tests {
             status,
             created_ms: 0,
             storage: StorageProfile::OnDisk,
+            compression: rialto_protocol::meta::Compression::None,
         }
     }
 

@@ -69,6 +69,22 @@ fn storage(s: StorageProfile) -> &'static str {
     }
 }
 
+/// Bytes for people: 1.5 GB, 320 MB, 12 kB, 7 B.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1_000_000_000_000, "TB"),
+        (1_000_000_000, "GB"),
+        (1_000_000, "MB"),
+        (1_000, "kB"),
+    ];
+    for (unit, name) in UNITS {
+        if n >= unit {
+            return format!("{:.1} {name}", n as f64 / unit as f64);
+        }
+    }
+    format!("{n} B")
+}
+
 /// A version status in one word, plus the failure reason if any.
 pub fn status(s: &VersionStatus) -> (String, Option<&str>) {
     match s {
@@ -87,6 +103,7 @@ pub fn stores(stores: &[StoreRecord]) -> String {
         "PARTITIONS",
         "RF",
         "STORAGE",
+        "COMPRESSION",
         "CURRENT",
         "BACKUP",
         "LARGEST",
@@ -98,6 +115,7 @@ pub fn stores(stores: &[StoreRecord]) -> String {
             s.partition_count.to_string(),
             s.replication_factor.to_string(),
             storage(s.storage).to_string(),
+            s.compression.name().to_string(),
             opt(s.current_version),
             opt(s.backup_version),
             s.largest_version.to_string(),
@@ -108,7 +126,16 @@ pub fn stores(stores: &[StoreRecord]) -> String {
 
 /// The replica table of one version.
 pub fn replicas(v: &VersionDescription) -> String {
-    let mut t = Table::new(["PARTITION", "NODE", "STATE", "OFFSET", "RECORDS", "ERROR"]);
+    let mut t = Table::new([
+        "PARTITION",
+        "NODE",
+        "STATE",
+        "OFFSET",
+        "RECORDS",
+        "DISK",
+        "MEMORY",
+        "ERROR",
+    ]);
     for r in &v.replicas {
         t.row([
             r.partition.to_string(),
@@ -116,6 +143,8 @@ pub fn replicas(v: &VersionDescription) -> String {
             r.state.to_string(),
             r.offset.to_string(),
             r.records.to_string(),
+            bytes(r.disk_bytes),
+            bytes(r.memory_bytes),
             r.error.clone().unwrap_or_default(),
         ]);
     }
@@ -134,6 +163,7 @@ pub fn store_description(d: &StoreDescription) -> String {
         s.replication_factor.to_string(),
     ]);
     t.row(["storage".to_string(), storage(s.storage).to_string()]);
+    t.row(["compression".to_string(), s.compression.name().to_string()]);
     t.row(["current version".to_string(), opt(s.current_version)]);
     t.row(["backup version".to_string(), opt(s.backup_version)]);
     t.row(["largest version".to_string(), s.largest_version.to_string()]);
@@ -151,7 +181,18 @@ pub fn store_description(d: &StoreDescription) -> String {
         return out;
     }
     out.push('\n');
-    let mut versions = Table::new(["VERSION", "STATUS", "ROLE", "TOPIC", "PARTITIONS", "REASON"]);
+    let mut versions = Table::new([
+        "VERSION",
+        "STATUS",
+        "ROLE",
+        "TOPIC",
+        "PARTITIONS",
+        "STORAGE",
+        "COMPRESSION",
+        "DISK",
+        "MEMORY",
+        "REASON",
+    ]);
     for v in &d.versions {
         let (st, reason) = status(&v.record.status);
         let role = if v.current {
@@ -167,6 +208,10 @@ pub fn store_description(d: &StoreDescription) -> String {
             role.to_string(),
             v.record.topic.clone(),
             v.record.partition_count.to_string(),
+            storage(v.record.storage).to_string(),
+            v.record.compression.name().to_string(),
+            bytes(v.replicas.iter().map(|r| r.disk_bytes).sum()),
+            bytes(v.replicas.iter().map(|r| r.memory_bytes).sum()),
             reason.unwrap_or("").to_string(),
         ]);
     }

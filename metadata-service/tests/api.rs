@@ -80,6 +80,7 @@ fn create_req(name: &str) -> CreateStoreRequest {
         partition_count: 2,
         replication_factor: 2,
         storage: StorageProfile::InMemory,
+        compression: rialto_protocol::meta::Compression::ZstdDictionary,
     }
 }
 
@@ -263,6 +264,10 @@ async fn start_push_allocates_a_version_with_placement_and_topic() {
     let v = f.client.describe_version("ads", 1).await.unwrap();
     assert_eq!(v.record.status, VersionStatus::Pushing);
     assert_eq!(v.record.storage, StorageProfile::InMemory);
+    assert_eq!(
+        v.record.compression,
+        rialto_protocol::meta::Compression::ZstdDictionary
+    );
     assert_eq!(v.record.assignment.len(), 2);
     for nodes in &v.record.assignment {
         assert_eq!(nodes.len(), 2);

@@ -17,7 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{NodeRecord, ReplicaState, StorageProfile, StoreRecord, VersionRecord};
+use crate::meta::{
+    Compression, NodeRecord, ReplicaState, StorageProfile, StoreRecord, VersionRecord,
+};
 
 /// Body of `POST /v1/stores`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +35,8 @@ pub struct CreateStoreRequest {
     pub replication_factor: u32,
     #[serde(default)]
     pub storage: StorageProfile,
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 /// Body of `POST /v1/stores/{store}/versions`.
@@ -73,6 +77,12 @@ pub struct ReplicaView {
     pub records: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of the replica on disk (reported when it went ONLINE).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Bytes of the replica resident in memory (reported when it went ONLINE).
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// A version with its replicas.

@@ -6,12 +6,14 @@
 //! * [`meta`]: the etcd key layout and the JSON metadata records stored under it.
 //! * [`error`]: stable error codes that cross the wire, and whether a client may retry.
 //! * [`avro`]: Avro key/value encoding shared by the push job and the client.
+//! * [`codec`]: value compression (zstd, with a trained dictionary) shared by the same two.
 //! * [`admin`]: the controller's HTTP/JSON admin API types.
 //!
 //! **Architecture Invariant:** this crate does no I/O. It is pure data and functions over bytes.
 
 pub mod admin;
 pub mod avro;
+pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod meta;

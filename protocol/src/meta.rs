@@ -134,6 +134,39 @@ pub enum StorageProfile {
     OnDisk,
 }
 
+/// How a store's values are compressed (by the push job; the client decompresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Values as written.
+    #[default]
+    None,
+    /// One zstd frame per value.
+    Zstd,
+    /// One zstd frame per value, with a dictionary trained per version by the push job.
+    ZstdDictionary,
+}
+
+impl Compression {
+    /// The codec announced in START_OF_PUSH.
+    pub fn codec(self) -> crate::envelope::CompressionCodec {
+        use crate::envelope::CompressionCodec;
+        match self {
+            Compression::None => CompressionCodec::None,
+            Compression::Zstd => CompressionCodec::Zstd,
+            Compression::ZstdDictionary => CompressionCodec::ZstdWithDictionary,
+        }
+    }
+    /// The name used by the CLI and the admin tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::ZstdDictionary => "zstd-dictionary",
+        }
+    }
+}
+
 /// One registered value schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ValueSchema {
@@ -152,6 +185,9 @@ pub struct StoreRecord {
     pub replication_factor: u32,
     #[serde(default)]
     pub storage: StorageProfile,
+    /// Value compression of new versions.
+    #[serde(default)]
+    pub compression: Compression,
     pub created_ms: i64,
     /// The version reads go to; `None` until the first push goes live.
     pub current_version: Option<u32>,
@@ -199,6 +235,9 @@ pub struct VersionRecord {
     /// The storage profile in force when the version was created.
     #[serde(default)]
     pub storage: StorageProfile,
+    /// The value compression of the version (the store's when the version was created).
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 impl VersionRecord {
@@ -348,6 +387,7 @@ mod tests {
             },
             created_ms: 1,
             storage: StorageProfile::OnDisk,
+            compression: Compression::None,
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);

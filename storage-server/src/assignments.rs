@@ -301,6 +301,7 @@ mod tests {
             status,
             created_ms: 0,
             storage: StorageProfile::OnDisk,
+            compression: rialto_protocol::meta::Compression::None,
         };
         serde_json::to_vec(&r).unwrap()
     }

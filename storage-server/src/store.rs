@@ -605,7 +605,6 @@ pub fn remove_replica_dir(path: &Path) -> Result<(), ServerError> {
     }
 }
 
-
 fn storage(path: &Path, e: rocksdb::Error) -> ServerError {
     ServerError::Storage {
         path: path.to_path_buf(),
@@ -864,8 +863,12 @@ mod tests {
     #[test]
     fn data_and_checkpoint_survive_a_close_without_seal() {
         // Without a WAL, closing must flush memtables (RocksDB does unless told not to).
-        for profile in PROFILES {
-            let engine = Engine::new(1 << 20);
+        for (profile, wal) in [
+            (StorageProfile::InMemory, false),
+            (StorageProfile::OnDisk, false),
+            (StorageProfile::OnDisk, true),
+        ] {
+            let engine = Engine::new(1 << 20).with_ingest_wal(wal);
             let dir = tempfile::tempdir().unwrap();
             let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
             store

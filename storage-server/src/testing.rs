@@ -553,6 +553,7 @@ pub fn version_record(
         status: rialto_protocol::meta::VersionStatus::Pushing,
         created_ms: rialto_protocol::meta::now_ms(),
         storage: rialto_protocol::meta::StorageProfile::OnDisk,
+        compression: rialto_protocol::meta::Compression::None,
     }
 }
 

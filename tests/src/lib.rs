@@ -34,7 +34,7 @@ use rialto_backends::{MetaStore, PubSub};
 use rialto_controller::{AdminClient, ControllerConfig, RunningController};
 use rialto_fast_client::{Client, ClientConfig};
 use rialto_protocol::admin::CreateStoreRequest;
-use rialto_protocol::meta::{StorageProfile, DEFAULT_ROOT};
+use rialto_protocol::meta::{Compression, StorageProfile, DEFAULT_ROOT};
 use rialto_push::{PushConfig, PushReport};
 use rialto_server::{FaultConfig, Faults, RunningServer, ServerConfig};
 
@@ -418,11 +418,13 @@ impl Cluster {
             partition_count,
             replication_factor,
             StorageProfile::OnDisk,
+            Compression::None,
         )
         .await
     }
 
-    /// Creates a store with the given storage profile through the admin API.
+    /// Creates a store with the given storage profile and compression through the admin API.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_store_with(
         &self,
         name: &str,
@@ -431,6 +433,7 @@ impl Cluster {
         partition_count: u32,
         replication_factor: u32,
         storage: StorageProfile,
+        compression: Compression,
     ) -> Result<()> {
         self.admin()
             .create_store(&CreateStoreRequest {
@@ -441,6 +444,7 @@ impl Cluster {
                 partition_count,
                 replication_factor,
                 storage,
+                compression,
             })
             .await?;
         Ok(())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::meta::{
-    Layout, ReplicaRecord, ReplicaState, StorageProfile, VersionStatus, DEFAULT_ROOT,
+    Compression, Layout, ReplicaRecord, ReplicaState, StorageProfile, VersionStatus, DEFAULT_ROOT,
 };
 use rialto_protocol::partitioner::partition_for_key;
 use rialto_tests::{key_of, string_value, wait_until, Cluster, STRING_SCHEMA};
@@ -99,7 +99,15 @@ async fn sorted_and_unsorted_pushes_serve_the_same_data_in_both_profiles() -> Re
         ("disk", StorageProfile::OnDisk),
     ] {
         cluster
-            .create_store_with(store, STRING_SCHEMA, STRING_SCHEMA, PARTITIONS, 2, profile)
+            .create_store_with(
+                store,
+                STRING_SCHEMA,
+                STRING_SCHEMA,
+                PARTITIONS,
+                2,
+                profile,
+                Compression::None,
+            )
             .await?;
         let ingested_before: u64 = (0..3)
             .map(|i| {
@@ -230,6 +238,7 @@ async fn a_restarted_server_serves_sealed_versions_without_consuming() -> Result
             PARTITIONS,
             3,
             StorageProfile::InMemory,
+            Compression::None,
         )
         .await?;
     cluster
@@ -305,7 +314,11 @@ async fn a_push_larger_than_its_sort_memory_spills_and_serves_the_same() -> Resu
         .await?;
     assert_eq!(report.records, RECORDS as u64);
     assert_eq!(report.identical_duplicates, RECORDS as u64);
-    assert!(report.sort_spills > 5, "spilled {} times", report.sort_spills);
+    assert!(
+        report.sort_spills > 5,
+        "spilled {} times",
+        report.sort_spills
+    );
     assert_eq!(
         std::fs::read_dir(&spill)?.count(),
         0,

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rialto_controller::{render, AdminClient};
 use rialto_protocol::admin::CreateStoreRequest;
-use rialto_protocol::meta::StorageProfile;
+use rialto_protocol::meta::{Compression, StorageProfile};
 use serde::Serialize;
 
 /// Operator CLI of a Rialto cluster.
@@ -61,6 +61,10 @@ enum StoresCommand {
         owner: String,
         #[arg(long, value_enum, default_value_t = Storage::OnDisk)]
         storage: Storage,
+        /// Value compression: values are compressed by the push job and decompressed by the
+        /// client; `zstd-dictionary` trains a dictionary per version.
+        #[arg(long, value_enum, default_value_t = CompressionArg::None)]
+        compression: CompressionArg,
     },
 }
 
@@ -74,6 +78,13 @@ enum NodesCommand {
 enum Storage {
     InMemory,
     OnDisk,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    None,
+    Zstd,
+    ZstdDictionary,
 }
 
 /// A schema argument: inline JSON, or `@file`.
@@ -118,6 +129,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             replication_factor,
             owner,
             storage,
+            compression,
         }) => {
             let req = CreateStoreRequest {
                 name,
@@ -129,6 +141,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 storage: match storage {
                     Storage::InMemory => StorageProfile::InMemory,
                     Storage::OnDisk => StorageProfile::OnDisk,
+                },
+                compression: match compression {
+                    CompressionArg::None => Compression::None,
+                    CompressionArg::Zstd => Compression::Zstd,
+                    CompressionArg::ZstdDictionary => Compression::ZstdDictionary,
                 },
             };
             let s = client.create_store(&req).await?;

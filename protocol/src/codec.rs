@@ -1,0 +1,249 @@
+//! Value compression: what the push job writes and the fast client reads.
+//!
+//! A store's [`Compression`](crate::meta::Compression) is fixed per version. Values are
+//! compressed by the push job (so the topic, the servers' disks and the network all carry
+//! compressed bytes) and decompressed by the client; servers never look inside. Each value is one
+//! zstd frame with its content size in the header; with a dictionary, the dictionary is trained by
+//! the push job on a sample of the version's values and shipped in START_OF_PUSH (servers keep it
+//! and hand it to clients).
+//!
+//! Decompression never trusts sizes from the network: a frame that announces more than
+//! [`VALUE_BYTES_MAX`] (or no size at all) is refused.
+
+use thiserror::Error;
+use zstd_safe::{CCtx, CDict, DCtx, DDict};
+
+use crate::envelope::{DICTIONARY_BYTES_MAX, VALUE_BYTES_MAX};
+
+/// zstd level used by the push job: a good ratio at a few hundred MB/s.
+pub const DEFAULT_LEVEL: i32 = 3;
+/// Default size of a trained dictionary.
+pub const DEFAULT_DICTIONARY_BYTES: usize = 64 * 1024;
+/// Values sampled for training at most.
+pub const TRAINING_SAMPLES_MAX: usize = 20_000;
+/// Bytes sampled for training at most.
+pub const TRAINING_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Errors of value compression.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("zstd could not compress a value: {0}")]
+    Compress(&'static str),
+    #[error("value is not a valid zstd frame: {0}")]
+    Corrupt(&'static str),
+    #[error("compressed value does not state its size")]
+    UnknownSize,
+    #[error("compressed value would expand to {size} bytes, over the limit of {max}")]
+    TooLarge { size: u64, max: usize },
+    #[error("cannot train a dictionary: {0}")]
+    Training(String),
+    #[error("dictionary of {len} bytes is over the limit of {max}")]
+    DictionaryTooLarge { len: usize, max: usize },
+    #[error("zstd refused the dictionary")]
+    BadDictionary,
+}
+
+/// Compresses values, with or without a dictionary. One per thread (it holds a zstd context).
+pub struct ValueCompressor {
+    cctx: CCtx<'static>,
+    dictionary: Option<CDict<'static>>,
+    level: i32,
+}
+
+impl ValueCompressor {
+    /// A compressor at `level`, using `dictionary` if given.
+    pub fn new(level: i32, dictionary: Option<&[u8]>) -> Result<ValueCompressor, CodecError> {
+        let dictionary = match dictionary {
+            Some(d) => {
+                check_dictionary(d)?;
+                Some(CDict::try_create(d, level).ok_or(CodecError::BadDictionary)?)
+            }
+            None => None,
+        };
+        Ok(ValueCompressor {
+            cctx: CCtx::try_create().ok_or(CodecError::Compress("no memory for a context"))?,
+            dictionary,
+            level,
+        })
+    }
+
+    /// Compresses `value` into one zstd frame (content size in its header).
+    pub fn compress(&mut self, value: &[u8]) -> Result<Vec<u8>, CodecError> {
+        let mut out = vec![0u8; zstd_safe::compress_bound(value.len())];
+        let n = match &self.dictionary {
+            Some(d) => self.cctx.compress_using_cdict(&mut out[..], value, d),
+            None => self.cctx.compress(&mut out[..], value, self.level),
+        }
+        .map_err(|code| CodecError::Compress(zstd_safe::get_error_name(code)))?;
+        out.truncate(n);
+        Ok(out)
+    }
+}
+
+/// Decompresses values, with or without a dictionary. One per thread (it holds a zstd context).
+pub struct ValueDecompressor {
+    dctx: DCtx<'static>,
+    dictionary: Option<DDict<'static>>,
+}
+
+impl ValueDecompressor {
+    /// A decompressor using `dictionary` if given.
+    pub fn new(dictionary: Option<&[u8]>) -> Result<ValueDecompressor, CodecError> {
+        let dictionary = match dictionary {
+            Some(d) => {
+                check_dictionary(d)?;
+                Some(DDict::try_create(d).ok_or(CodecError::BadDictionary)?)
+            }
+            None => None,
+        };
+        Ok(ValueDecompressor {
+            dctx: DCtx::try_create().ok_or(CodecError::Corrupt("no memory for a context"))?,
+            dictionary,
+        })
+    }
+
+    /// Decompresses one frame written by [`ValueCompressor::compress`].
+    pub fn decompress(&mut self, frame: &[u8]) -> Result<Vec<u8>, CodecError> {
+        let size = zstd_safe::get_frame_content_size(frame)
+            .map_err(|_| CodecError::Corrupt("bad frame header"))?
+            .ok_or(CodecError::UnknownSize)?;
+        if size > VALUE_BYTES_MAX as u64 {
+            return Err(CodecError::TooLarge {
+                size,
+                max: VALUE_BYTES_MAX,
+            });
+        }
+        let mut out = vec![0u8; size as usize];
+        let n = match &self.dictionary {
+            Some(d) => self.dctx.decompress_using_ddict(&mut out[..], frame, d),
+            None => self.dctx.decompress(&mut out[..], frame),
+        }
+        .map_err(|code| CodecError::Corrupt(zstd_safe::get_error_name(code)))?;
+        if n as u64 != size {
+            return Err(CodecError::Corrupt("frame shorter than its stated size"));
+        }
+        Ok(out)
+    }
+}
+
+fn check_dictionary(d: &[u8]) -> Result<(), CodecError> {
+    if d.len() > DICTIONARY_BYTES_MAX {
+        return Err(CodecError::DictionaryTooLarge {
+            len: d.len(),
+            max: DICTIONARY_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Trains a zstd dictionary of at most `max_bytes` on `samples` (zstd's ZDICT). zstd needs a
+/// reasonable number of samples (hundreds or more); too few or too uniform ones are an error.
+pub fn train_dictionary(samples: &[Vec<u8>], max_bytes: usize) -> Result<Vec<u8>, CodecError> {
+    let max_bytes = max_bytes.min(DICTIONARY_BYTES_MAX);
+    let sizes: Vec<usize> = samples.iter().map(Vec::len).collect();
+    let joined: Vec<u8> = samples.concat();
+    let mut dict = vec![0u8; max_bytes];
+    let n = zstd_safe::train_from_buffer(&mut dict[..], &joined, &sizes).map_err(|code| {
+        CodecError::Training(format!(
+            "{} ({} samples, {} bytes)",
+            zstd_safe::get_error_name(code),
+            samples.len(),
+            joined.len()
+        ))
+    })?;
+    dict.truncate(n);
+    Ok(dict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feature-like values: shared field names and vocabulary, varying numbers.
+    fn samples(n: usize) -> Vec<Vec<u8>> {
+        let words = [
+            "sports", "news", "jobs", "feed", "video", "article", "member", "company",
+        ];
+        (0..n)
+            .map(|i| {
+                format!(
+                    "{{\"member\":{i},\"topics\":[\"{}\",\"{}\"],\"score\":0.{:04},\"title\":\"{} of the {}\"}}",
+                    words[i % 8],
+                    words[(i / 8) % 8],
+                    (i * 7919) % 10_000,
+                    words[(i / 3) % 8],
+                    words[(i / 5) % 8]
+                )
+                .into_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn values_roundtrip_with_and_without_a_dictionary() {
+        let values = samples(2_000);
+        let dict = train_dictionary(&values, 8 * 1024).unwrap();
+        assert!(!dict.is_empty() && dict.len() <= 8 * 1024);
+        for dictionary in [None, Some(dict.as_slice())] {
+            let mut c = ValueCompressor::new(DEFAULT_LEVEL, dictionary).unwrap();
+            let mut d = ValueDecompressor::new(dictionary).unwrap();
+            for v in values.iter().take(200).chain([&Vec::new()]) {
+                let frame = c.compress(v).unwrap();
+                assert_eq!(&d.decompress(&frame).unwrap(), v);
+            }
+        }
+    }
+
+    #[test]
+    fn a_dictionary_makes_small_values_smaller() {
+        let values = samples(5_000);
+        let dict = train_dictionary(&values, 16 * 1024).unwrap();
+        let total = |dictionary: Option<&[u8]>| -> usize {
+            let mut c = ValueCompressor::new(DEFAULT_LEVEL, dictionary).unwrap();
+            values.iter().map(|v| c.compress(v).unwrap().len()).sum()
+        };
+        let (plain, with_dict) = (total(None), total(Some(&dict)));
+        let raw: usize = values.iter().map(Vec::len).sum();
+        assert!(
+            with_dict * 2 < plain,
+            "dictionary {with_dict} vs plain {plain} (raw {raw})"
+        );
+    }
+
+    #[test]
+    fn corrupt_frames_and_wrong_dictionaries_are_errors_not_panics() {
+        let values = samples(1_000);
+        let dict = train_dictionary(&values, 8 * 1024).unwrap();
+        let mut c = ValueCompressor::new(DEFAULT_LEVEL, Some(&dict)).unwrap();
+        let frame = c.compress(&values[0]).unwrap();
+        let mut plain = ValueDecompressor::new(None).unwrap();
+        assert!(plain.decompress(&frame).is_err(), "dictionary missing");
+        let mut d = ValueDecompressor::new(Some(&dict)).unwrap();
+        assert!(d.decompress(b"").is_err());
+        assert!(d.decompress(b"not zstd at all").is_err());
+        for cut in [4, frame.len() / 2, frame.len() - 1] {
+            assert!(d.decompress(&frame[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut flipped = frame.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x55;
+        let _ = d.decompress(&flipped); // any result but a panic
+    }
+
+    #[test]
+    fn a_frame_announcing_a_huge_value_is_refused() {
+        let mut c = ValueCompressor::new(1, None).unwrap();
+        let frame = c.compress(&vec![0u8; VALUE_BYTES_MAX + 1]).unwrap();
+        let mut d = ValueDecompressor::new(None).unwrap();
+        assert!(matches!(
+            d.decompress(&frame),
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn too_few_samples_fail_training_with_a_message() {
+        let err = train_dictionary(&samples(3), 4096).unwrap_err();
+        assert!(err.to_string().contains("3 samples"), "{err}");
+    }
+}
