@@ -17,9 +17,9 @@
 use crate::envelope::{EnvelopeError, Reader, KEY_BYTES_MAX};
 use crate::ErrorCode;
 
-/// Format byte at the start of a batch-get request body.
 /// Path of the health endpoint (`GET`): `200 ok` while the server serves.
 pub const HEALTH_PATH: &str = "/health";
+/// Format byte at the start of a batch-get request body.
 pub const BATCH_GET_FORMAT: u8 = 1;
 /// Default ceiling of keys in one batch-get sent to one server.
 pub const BATCH_GET_KEYS_MAX: usize = 10_000;
@@ -38,6 +38,12 @@ pub fn batch_get_path(store: &str, version: u32) -> String {
     format!("/v1/batch-get/{store}/{version}")
 }
 
+/// Path of a version's compression dictionary (`GET`): the raw dictionary bytes that the
+/// version's START_OF_PUSH carried, from any server hosting an ONLINE replica of it.
+pub fn dictionary_path(store: &str, version: u32) -> String {
+    format!("/v1/dictionary/{store}/{version}")
+}
+
 /// A parsed request path.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
@@ -47,6 +53,10 @@ pub enum Route<'a> {
         partition: u32,
     },
     BatchGet {
+        store: &'a str,
+        version: u32,
+    },
+    Dictionary {
         store: &'a str,
         version: u32,
     },
@@ -77,6 +87,14 @@ pub fn parse_route(path: &str) -> Option<Route<'_>> {
                 .next()
                 .is_none()
                 .then_some(Route::BatchGet { store, version })
+        }
+        ("v1", Some("dictionary")) => {
+            let store = parts.next().filter(|s| !s.is_empty())?;
+            let version = parts.next()?.parse().ok()?;
+            parts
+                .next()
+                .is_none()
+                .then_some(Route::Dictionary { store, version })
         }
         _ => None,
     }
@@ -380,7 +398,16 @@ mod tests {
             })
         );
         assert_eq!(parse_route("/health"), Some(Route::Health));
+        assert_eq!(
+            parse_route(&dictionary_path("ads", 4)),
+            Some(Route::Dictionary {
+                store: "ads",
+                version: 4
+            })
+        );
         for junk in [
+            "/v1/dictionary/ads",
+            "/v1/dictionary/ads/4/5",
             "/",
             "",
             "/v1/get/ads",

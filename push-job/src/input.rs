@@ -65,6 +65,9 @@ pub struct PartitionedDataset {
     pub identical_duplicates: u64,
     /// How many times the sort spilled to disk.
     pub spills: usize,
+    /// A uniform sample of the values (reservoir sampling, bounded by
+    /// `codec::TRAINING_SAMPLES_MAX`), to train a compression dictionary on.
+    pub samples: Vec<Vec<u8>>,
     /// Keeps the sort's files alive while the partitions are read.
     pub(crate) _sorted: Option<crate::sort::SortedDataset>,
 }
@@ -92,12 +95,59 @@ struct Builder<'a> {
     sorter: ExternalSorter,
     bytes: u64,
     path: PathBuf,
+    samples: Reservoir,
+}
+
+/// Reservoir sampling of values (Algorithm R) with a fixed-seed xorshift, so a push of the same
+/// input trains the same dictionary.
+struct Reservoir {
+    samples: Vec<Vec<u8>>,
+    bytes: usize,
+    seen: u64,
+    rng: u64,
+}
+
+impl Reservoir {
+    fn new() -> Reservoir {
+        Reservoir {
+            samples: Vec::new(),
+            bytes: 0,
+            seen: 0,
+            rng: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    fn offer(&mut self, value: &[u8]) {
+        use rialto_protocol::codec::{TRAINING_BYTES_MAX, TRAINING_SAMPLES_MAX};
+        self.seen += 1;
+        if self.samples.len() < TRAINING_SAMPLES_MAX
+            && self.bytes + value.len() <= TRAINING_BYTES_MAX
+        {
+            self.bytes += value.len();
+            self.samples.push(value.to_vec());
+            return;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let slot = (self.rng % self.seen) as usize;
+        if slot < self.samples.len() {
+            let old = std::mem::replace(&mut self.samples[slot], value.to_vec());
+            self.bytes = self.bytes + value.len() - old.len();
+            if self.bytes > TRAINING_BYTES_MAX {
+                // Keep the byte bound: undo (rare, only with values of very different sizes).
+                self.bytes = self.bytes - value.len() + old.len();
+                self.samples[slot] = old;
+            }
+        }
+    }
 }
 
 impl<'a> Builder<'a> {
     fn add(&mut self, record_no: u64, key: Vec<u8>, value: Vec<u8>) -> Result<(), PushError> {
         let p = partition_for_key(&key, self.partition_count);
         self.bytes += (key.len() + value.len()) as u64;
+        self.samples.offer(&value);
         self.sorter.add(p, record_no, key, value)
     }
 
@@ -126,6 +176,7 @@ impl<'a> Builder<'a> {
             identical_duplicates: sorted.identical_duplicates,
             spills,
             partitions,
+            samples: self.samples.samples,
             _sorted: Some(sorted),
         })
     }
@@ -147,6 +198,7 @@ pub fn read_dataset(
         sorter: ExternalSorter::new(partition_count, sort.memory_bytes, sort.spill_dir.clone()),
         bytes: 0,
         path: path.to_path_buf(),
+        samples: Reservoir::new(),
     };
     let file = std::fs::File::open(path).map_err(|e| PushError::Io {
         path: path.to_path_buf(),

@@ -24,8 +24,9 @@ use rialto_backends::{PubSub, PubSubError};
 use rialto_controller::{AdminClient, ControllerError};
 use rialto_protocol::admin::StartPushRequest;
 use rialto_protocol::avro::{AvroCodec, AvroError};
-use rialto_protocol::envelope::{CompressionCodec, ControlMessage};
-use rialto_protocol::meta::{ReplicaState, VersionStatus};
+use rialto_protocol::codec::{self, ValueCompressor};
+use rialto_protocol::envelope::ControlMessage;
+use rialto_protocol::meta::{Compression, ReplicaState, VersionStatus};
 
 pub use input::{InputFormat, InputShape, SortConfig};
 use sort::SortedPartition;
@@ -60,6 +61,8 @@ pub enum PushError {
     UnknownFormat(PathBuf),
     #[error("store schema is unusable: {0}")]
     Schema(#[from] AvroError),
+    #[error("value compression: {0}")]
+    Codec(#[from] rialto_protocol::codec::CodecError),
     #[error("store `{store}` has no value schema; recreate it with one")]
     NoValueSchema { store: String },
     #[error("producing version {version} failed: {source}")]
@@ -129,6 +132,15 @@ pub struct PushReport {
     pub sort_spills: usize,
     pub read_elapsed: Duration,
     pub produce_elapsed: Duration,
+    /// The version's value compression.
+    pub compression: Compression,
+    /// Bytes of the values as produced (compressed), against `bytes` of keys and raw values.
+    pub compressed_value_bytes: u64,
+    /// Bytes of the values before compression.
+    pub raw_value_bytes: u64,
+    /// Size of the trained dictionary (0 without one) and how long training took.
+    pub dictionary_bytes: usize,
+    pub training_elapsed: Duration,
     pub live_elapsed: Duration,
 }
 
@@ -183,6 +195,35 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         "input valid and sorted"
     );
 
+    // Train the dictionary before a version exists: a failure here allocates nothing.
+    let compression = store.compression;
+    let training_started = Instant::now();
+    let dictionary = match compression {
+        Compression::ZstdDictionary => {
+            let samples = std::mem::take(&mut dataset.samples);
+            let dictionary = tokio::task::spawn_blocking(move || {
+                codec::train_dictionary(&samples, codec::DEFAULT_DICTIONARY_BYTES)
+            })
+            .await
+            .map_err(|e| PushError::Io {
+                path: config.input.clone(),
+                detail: format!("dictionary training task failed: {e}"),
+            })??;
+            tracing::info!(bytes = dictionary.len(), elapsed = ?training_started.elapsed(), "compression dictionary trained");
+            dictionary
+        }
+        Compression::None | Compression::Zstd => Vec::new(),
+    };
+    let training_elapsed = training_started.elapsed();
+    let mut compressor = match compression {
+        Compression::None => None,
+        Compression::Zstd => Some(ValueCompressor::new(codec::DEFAULT_LEVEL, None)?),
+        Compression::ZstdDictionary => Some(ValueCompressor::new(
+            codec::DEFAULT_LEVEL,
+            Some(&dictionary),
+        )?),
+    };
+
     let start = admin
         .start_push(
             &store.name,
@@ -194,6 +235,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
     let version = start.version;
     tracing::info!(store = %store.name, version, topic = %start.topic, "version allocated");
 
+    let mut value_sizes = ValueSizes::default();
     let result = async {
         if start.partition_count != partition_count {
             return Err(PushError::VersionFailed {
@@ -212,12 +254,19 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         );
         let produce_started = Instant::now();
         let partitions = std::mem::take(&mut dataset.partitions);
-        produce(pubsub.as_ref(), &start.topic, start.value_schema_id, partitions, dataset.records)
+        let values = ValueStream {
+            schema_id: start.value_schema_id,
+            compression,
+            dictionary: &dictionary,
+            compressor: compressor.as_mut(),
+        };
+        produce(pubsub.as_ref(), &start.topic, values, partitions, dataset.records)
             .await
             .map_err(|e| match e {
                 ProduceError::PubSub(source) => PushError::Produce { version, source },
                 ProduceError::Read(e) => e,
-            })?;
+            })
+            .map(|sizes| value_sizes = sizes)?;
         let produce_elapsed = produce_started.elapsed();
         admin.push_written(&store.name, version).await?;
         let live_started = Instant::now();
@@ -238,6 +287,11 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             read_elapsed,
             produce_elapsed,
             live_elapsed,
+            compression,
+            compressed_value_bytes: value_sizes.written,
+            raw_value_bytes: value_sizes.raw,
+            dictionary_bytes: dictionary.len(),
+            training_elapsed,
         }),
         Err(e) => {
             // Whatever went wrong, the version must never go live: say so to the controller.
@@ -264,14 +318,31 @@ impl From<PubSubError> for ProduceError {
     }
 }
 
+/// How values are written: schema, compression.
+struct ValueStream<'a> {
+    schema_id: u32,
+    compression: Compression,
+    dictionary: &'a [u8],
+    compressor: Option<&'a mut ValueCompressor>,
+}
+
+/// Value bytes before and after compression.
+#[derive(Debug, Default, Clone, Copy)]
+struct ValueSizes {
+    raw: u64,
+    written: u64,
+}
+
 /// Produces every partition's stream and waits until the broker has acknowledged all of it.
 async fn produce(
     pubsub: &dyn PubSub,
     topic: &str,
-    schema_id: u32,
+    mut values: ValueStream<'_>,
     partitions: Vec<SortedPartition>,
     records_total: u64,
-) -> Result<(), ProduceError> {
+) -> Result<ValueSizes, ProduceError> {
+    let schema_id = values.schema_id;
+    let mut sizes = ValueSizes::default();
     let producer_guid = *uuid::Uuid::new_v4().as_bytes();
     let mut in_flight = FuturesUnordered::new();
     let mut acked: u64 = 0;
@@ -285,8 +356,8 @@ async fn produce(
             w.start_segment(),
             w.control(ControlMessage::StartOfPush {
                 sorted: true,
-                codec: CompressionCodec::None,
-                dictionary: Vec::new(),
+                codec: values.compression.codec(),
+                dictionary: values.dictionary.to_vec(),
             }),
         ];
         for e in envelopes.drain(..) {
@@ -296,6 +367,14 @@ async fn produce(
             let (key, value) = record.map_err(ProduceError::Read)?;
             // The key travels inside the envelope; the Kafka record key stays empty (partitions
             // are chosen explicitly, and compaction is never used on version topics).
+            sizes.raw += value.len() as u64;
+            let value = match values.compressor.as_deref_mut() {
+                Some(c) => c
+                    .compress(&value)
+                    .map_err(|e| ProduceError::Read(PushError::Codec(e)))?,
+                None => value,
+            };
+            sizes.written += value.len() as u64;
             let e = w.put(key, schema_id, value);
             in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
             sent += 1;
@@ -323,7 +402,15 @@ async fn produce(
         acked += 1;
     }
     tracing::info!(records = sent, envelopes = acked, elapsed = ?started.elapsed(), "all records acknowledged by the broker");
-    Ok(())
+    if values.compression != Compression::None {
+        tracing::info!(
+            raw_value_bytes = sizes.raw,
+            written_value_bytes = sizes.written,
+            ratio = format!("{:.2}", sizes.raw as f64 / sizes.written.max(1) as f64),
+            "values compressed"
+        );
+    }
+    Ok(sizes)
 }
 
 /// Polls the controller until the version is live, failed, or the timeout passes.

@@ -73,6 +73,17 @@ async fn main() -> anyhow::Result<()> {
                 "pushed {} records ({} bytes, {} partitions) to {} version {}: read and sorted {:.1?} ({} spills), produced {:.1?}, live after {:.1?}",
                 r.records, r.bytes, r.partitions, r.store, r.version, r.read_elapsed, r.sort_spills, r.produce_elapsed, r.live_elapsed
             );
+            if r.compression != rialto_protocol::meta::Compression::None {
+                println!(
+                    "values compressed with {}: {} bytes → {} bytes ({:.2}×), dictionary {} bytes trained in {:.1?}",
+                    r.compression.name(),
+                    r.raw_value_bytes,
+                    r.compressed_value_bytes,
+                    r.raw_value_bytes as f64 / r.compressed_value_bytes.max(1) as f64,
+                    r.dictionary_bytes,
+                    r.training_elapsed
+                );
+            }
             Ok(())
         }
         Err(e) => {

@@ -227,6 +227,7 @@ async fn handle(
         Some(Route::BatchGet { .. }) => RouteKind::BatchGet,
         Some(Route::Health) => RouteKind::Health,
         Some(Route::Metrics) => RouteKind::Metrics,
+        Some(Route::Dictionary { .. }) => RouteKind::Dictionary,
         None => RouteKind::Unknown,
     };
     service.metrics.count_request(kind);
@@ -247,6 +248,9 @@ async fn handle(
             let mut text = service.metrics.render_prometheus();
             text.push_str(&storage_metrics(&service.node));
             send_body(&mut respond, "text/plain; version=0.0.4", Bytes::from(text)).await
+        }
+        Some(Route::Dictionary { store, version }) => {
+            dictionary(&service, &mut respond, store, version).await
         }
         Some(Route::Get {
             store,
@@ -513,6 +517,37 @@ async fn batch_get(
     Ok(())
 }
 
+/// A version's compression dictionary, from any ONLINE replica of it here.
+async fn dictionary(
+    service: &ReadService,
+    respond: &mut SendResponse<Bytes>,
+    store: &str,
+    version: u32,
+) -> Result<(), Failure> {
+    let partitions = service
+        .node
+        .registry
+        .version(store, version)
+        .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))?;
+    let replica = partitions
+        .values()
+        .find_map(|slot| slot.online_store())
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::PartitionNotServed,
+                format!("no ONLINE replica of {store} v{version} here"),
+            )
+        })?;
+    match replica.dictionary() {
+        Ok(Some(d)) => send_body(respond, "application/octet-stream", Bytes::from(d)).await,
+        Ok(None) => Err(Failure::new(
+            ErrorCode::NotFound,
+            format!("{store} v{version} has no compression dictionary"),
+        )),
+        Err(e) => Err(Failure::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
 /// The storage gauges: bytes per store version hosted here (from the replica records, set when
 /// each replica went ONLINE) and the block cache.
 fn storage_metrics(node: &NodeContext) -> String {
@@ -702,6 +737,33 @@ mod tests {
     }
 
     /// A server hosting `s` v1 partition 0 (ONLINE, keys k0..k299) but not partition 1.
+    const FIXTURE_DICTIONARY: &[u8] = b"the fixture's dictionary";
+
+    #[tokio::test]
+    async fn dictionary_is_served_from_an_online_replica() {
+        let f = fixture().await;
+        let c = &connect(f.server.address(), 1 << 20).await;
+        let (status, _, body) = call(
+            c,
+            Method::GET,
+            &rialto_protocol::wire::dictionary_path("s", 1),
+            &[],
+            vec![],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, FIXTURE_DICTIONARY);
+        assert_error(
+            &call(c, Method::GET, "/v1/dictionary/s/9", &[], vec![]).await,
+            ErrorCode::UnknownVersion,
+        );
+        assert_error(
+            &call(c, Method::GET, "/v1/dictionary/zz/1", &[], vec![]).await,
+            ErrorCode::UnknownStore,
+        );
+        f.server.shutdown().await.unwrap();
+    }
+
     async fn fixture() -> Fixture {
         fixture_with(FaultConfig::default()).await
     }
@@ -712,7 +774,14 @@ mod tests {
         let meta = MemoryMetaStore::new();
         let pubsub = MemoryPubSub::new();
         pubsub.create_topic("s_v1", 2).await.unwrap();
-        let mut push = PushRecords::start([3; 16]);
+        let mut push = PushRecords::start_with(
+            [3; 16],
+            rialto_protocol::envelope::ControlMessage::StartOfPush {
+                sorted: false,
+                codec: rialto_protocol::envelope::CompressionCodec::ZstdWithDictionary,
+                dictionary: FIXTURE_DICTIONARY.to_vec(),
+            },
+        );
         for i in 0..300 {
             push.put(format!("k{i}").as_bytes(), 1, &big_value(i));
         }

@@ -16,15 +16,17 @@ pub enum RouteKind {
     Metrics = 3,
     /// Any path that is not a known endpoint.
     Unknown = 4,
+    Dictionary = 5,
 }
 
 impl RouteKind {
-    const ALL: [RouteKind; 5] = [
+    const ALL: [RouteKind; 6] = [
         RouteKind::Get,
         RouteKind::BatchGet,
         RouteKind::Health,
         RouteKind::Metrics,
         RouteKind::Unknown,
+        RouteKind::Dictionary,
     ];
 
     fn name(self) -> &'static str {
@@ -34,6 +36,7 @@ impl RouteKind {
             RouteKind::Health => "health",
             RouteKind::Metrics => "metrics",
             RouteKind::Unknown => "unknown",
+            RouteKind::Dictionary => "dictionary",
         }
     }
 }
@@ -57,7 +60,7 @@ fn code_index(code: ErrorCode) -> usize {
 /// Server counters. All methods are lock-free.
 #[derive(Debug, Default)]
 pub struct ServerMetrics {
-    requests: [AtomicU64; 5],
+    requests: [AtomicU64; 6],
     /// Keys asked for by get and batch-get.
     pub keys_requested: AtomicU64,
     /// Keys answered with a value.
