@@ -25,6 +25,7 @@ use crate::response::RawValue;
 use crate::routing::{Replica, RoutingTable};
 use crate::stats::{ClientStats, Counters};
 use crate::stream::{self, BatchEvent, BatchStream, Completeness, RawBatchStream};
+use crate::values::ValueCodecs;
 use crate::{ClientConfig, BATCH_GET_KEYS_MAX};
 
 /// Largest single-get response body the client accepts: a value, its schema id, and slack.
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
     pub(crate) instances: Instances,
     pub(crate) hedger: Hedger,
+    /// Decompression of the values of the versions routed to.
+    pub(crate) values: ValueCodecs,
     rotation: AtomicUsize,
 }
 
@@ -136,9 +139,13 @@ impl Client {
             counters,
             instances: Instances::new(config.health.clone()),
             hedger: Hedger::new(config.long_tail.clone()),
+            values: ValueCodecs::default(),
             rotation: AtomicUsize::new(0),
         });
         metadata::warm(&shared, addresses, WARM_WAIT).await;
+        if let Err(e) = shared.values.for_table(&shared, &shared.table()).await {
+            tracing::warn!(store = shared.store, error = %e, "reads of the current version fail until its dictionary can be fetched");
+        }
         let follower = tokio::spawn(metadata::follow(shared.clone(), mirrors));
         let prober = tokio::spawn(probe_blocked(Arc::downgrade(&shared)));
         let client = Client {
@@ -337,6 +344,7 @@ impl Client {
         let shared = &self.shared;
         let table = shared.table();
         let route = self.route(&table, key)?;
+        let values = shared.values.for_table(shared, &table).await?;
         let deadline = Instant::now() + shared.request_timeout;
         let path = wire::get_path(&shared.store, route.version, route.partition);
         let body = Bytes::copy_from_slice(key);
@@ -376,7 +384,7 @@ impl Client {
                             // The replica it was hedged from is slow: avoid it for a while.
                             shared.instances.of(&route.replicas[first]).outpaced(&shared.instances.config);
                         }
-                        return Ok(value);
+                        return value.map(|v| values.decode(v)).transpose();
                     }
                     Err(e) => {
                         if let Some(failure) = stream::health_failure(&e) {

@@ -79,6 +79,20 @@ pub enum ClientError {
     )]
     TooManyKeys { count: usize, max: usize },
 
+    /// A compressed value could not be decompressed.
+    #[error(
+        "value from version {version} could not be decompressed: {detail}; the push that wrote \
+         it and this client disagree on its compression, report this with the store and version"
+    )]
+    Decompression { version: u32, detail: String },
+
+    /// The compression dictionary of a version could not be fetched from any of its servers.
+    #[error(
+        "the compression dictionary of version {version} could not be fetched from any of its \
+         servers: {detail}; reads of this version fail until one answers"
+    )]
+    Dictionary { version: u32, detail: String },
+
     /// The client configuration cannot be used (for example, an unreadable CA certificate).
     #[error("invalid client configuration: {0}")]
     Config(String),
@@ -98,7 +112,9 @@ impl ClientError {
     /// Whether the same read may succeed on another replica (or later).
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } | ClientError::NoReplica { .. } => true,
+            ClientError::Unreachable { .. }
+            | ClientError::NoReplica { .. }
+            | ClientError::Dictionary { .. } => true,
             ClientError::Server { code, .. } => code.retryable(),
             _ => false,
         }

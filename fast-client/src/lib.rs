@@ -35,6 +35,7 @@ mod response;
 pub mod routing;
 mod stats;
 pub mod stream;
+mod values;
 
 use std::time::Duration;
 

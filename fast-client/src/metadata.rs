@@ -197,6 +197,15 @@ async fn refresh(shared: &Shared, mirrors: &Mirrors) {
         .cloned()
         .collect();
     warm(shared, new_addresses, WARM_WAIT).await;
+    // Fetch a new version's compression dictionary before routing to it; if no server gives it,
+    // keep routing to the version we have (if any) and try again on the next change.
+    if let Err(e) = shared.values.for_table(shared, &table).await {
+        if shared.table().version.is_some() && shared.table().version != table.version {
+            tracing::warn!(store = shared.store, error = %e, "not routing to the new version yet");
+            return;
+        }
+        tracing::warn!(store = shared.store, error = %e, "reads of this version fail until its dictionary can be fetched");
+    }
     install(shared, table);
 }
 
@@ -219,6 +228,11 @@ pub(crate) fn install(shared: &Shared, table: RoutingTable) {
     let keep: HashSet<String> = table.addresses().into_iter().map(|(a, _)| a).collect();
     shared.pool.retain(&keep);
     shared.instances.retain(&keep);
+    let versions: Vec<u32> = [table.version, table.pending_version]
+        .into_iter()
+        .flatten()
+        .collect();
+    shared.values.retain(&versions);
     shared.routing.send_replace(Arc::new(table));
 }
 

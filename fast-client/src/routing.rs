@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rialto_protocol::meta::{
-    Layout, NodeRecord, ReplicaRecord, ReplicaState, StoreRecord, VersionRecord,
+    Compression, Layout, NodeRecord, ReplicaRecord, ReplicaState, StoreRecord, VersionRecord,
     PARTITION_COUNT_MAX,
 };
 
@@ -58,6 +58,8 @@ pub struct RoutingTable {
     /// `groups[g]` lists the distinct servers of group (logical zone) `g` in this table, one
     /// [`Replica`] per server. Empty when the version record does not give groups.
     pub groups: Vec<Vec<Replica>>,
+    /// How `version`'s values are compressed.
+    pub compression: Compression,
 }
 
 impl RoutingTable {
@@ -82,6 +84,7 @@ impl RoutingTable {
 struct VersionRoutes {
     partition_count: u32,
     partitions: Vec<Vec<Replica>>,
+    compression: Compression,
 }
 
 impl VersionRoutes {
@@ -123,6 +126,7 @@ pub fn build_routing_table(
         groups: groups_of(&routes.partitions),
         partitions: routes.partitions,
         pending_version,
+        compression: routes.compression,
     };
 
     let current_routes = routes_of(current);
@@ -209,16 +213,16 @@ fn version_routes(
     nodes: &HashMap<&str, NodeRecord>,
 ) -> Option<VersionRoutes> {
     let version_key = layout.version(store, version);
-    let (partition_count, assignment) = match versions
+    let (partition_count, assignment, compression) = match versions
         .get(&version_key)
         .map(|v| serde_json::from_slice::<VersionRecord>(v))
     {
-        Some(Ok(v)) => (v.partition_count, v.assignment),
+        Some(Ok(v)) => (v.partition_count, v.assignment, v.compression),
         Some(Err(e)) => {
             tracing::warn!(key = version_key, error = %e, "unparsable version record; using the store's partition count");
-            (record.partition_count, Vec::new())
+            (record.partition_count, Vec::new(), record.compression)
         }
-        None => (record.partition_count, Vec::new()),
+        None => (record.partition_count, Vec::new(), record.compression),
     };
     if partition_count == 0 || partition_count > PARTITION_COUNT_MAX {
         tracing::warn!(
@@ -281,6 +285,7 @@ fn version_routes(
     Some(VersionRoutes {
         partition_count,
         partitions,
+        compression,
     })
 }
 

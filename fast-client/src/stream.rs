@@ -43,6 +43,7 @@ use crate::metadata::Codecs;
 use crate::response::{BatchResponseDecoder, KeyAnswer, RawValue};
 use crate::routing::RoutingTable;
 use crate::stats::Counters;
+use crate::values::VersionValues;
 
 /// Largest batch-get request body the client sends (the servers' default limit).
 const BATCH_REQUEST_BYTES_MAX: usize = wire::REQUEST_BYTES_MAX;
@@ -301,6 +302,8 @@ struct Call {
     deadline: Instant,
     done: Completeness,
     contacted: Vec<Arc<Instance>>,
+    /// Decompression of the version's values (resolved when the call runs).
+    values: Arc<VersionValues>,
 }
 
 impl Call {
@@ -360,10 +363,28 @@ impl Call {
             contacted: Vec::new(),
             shared,
             table,
+            values: VersionValues::plain(),
         }
     }
 
     async fn run(mut self) {
+        match self
+            .shared
+            .values
+            .for_table(&self.shared, &self.table)
+            .await
+        {
+            Ok(values) => self.values = values,
+            Err(e) => {
+                let message: Arc<str> = e.to_string().into();
+                for slot in &mut self.slots {
+                    slot.last_error = Some(message.clone());
+                }
+                self.fail_unsettled();
+                self.finish();
+                return;
+            }
+        }
         self.plan();
         while self.unsettled > 0 {
             if self.subs.iter().all(|s| s.finished) {
@@ -566,9 +587,10 @@ impl Call {
             self.subs[sub].owed = self.subs[sub].owed.saturating_sub(1);
             self.slots[index].owed = self.slots[index].owed.saturating_sub(1);
             match answer {
-                KeyAnswer::Found(value) => {
-                    records.push(self.settle(index, sub, Some(value)));
-                }
+                KeyAnswer::Found(value) => match self.values.decode(value) {
+                    Ok(value) => records.push(self.settle(index, sub, Some(value))),
+                    Err(e) => self.settle_failed(index, e.to_string().into()),
+                },
                 KeyAnswer::Missing => records.push(self.settle(index, sub, None)),
                 KeyAnswer::Failed(code) => {
                     self.subs[sub].key_errors += 1;

@@ -10,6 +10,8 @@
 //! Decompression never trusts sizes from the network: a frame that announces more than
 //! [`VALUE_BYTES_MAX`] (or no size at all) is refused.
 
+use std::sync::Arc;
+
 use thiserror::Error;
 use zstd_safe::{CCtx, CDict, DCtx, DDict};
 
@@ -80,22 +82,48 @@ impl ValueCompressor {
     }
 }
 
+/// A dictionary digested for decompression; shared by many [`ValueDecompressor`]s (threads).
+pub struct DecompressionDictionary {
+    ddict: DDict<'static>,
+    len: usize,
+}
+
+impl std::fmt::Debug for DecompressionDictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecompressionDictionary({} bytes)", self.len)
+    }
+}
+
+impl DecompressionDictionary {
+    /// Digests `dictionary` (as trained by [`train_dictionary`]).
+    pub fn new(dictionary: &[u8]) -> Result<DecompressionDictionary, CodecError> {
+        check_dictionary(dictionary)?;
+        Ok(DecompressionDictionary {
+            ddict: DDict::try_create(dictionary).ok_or(CodecError::BadDictionary)?,
+            len: dictionary.len(),
+        })
+    }
+    /// Size of the dictionary as trained.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the dictionary is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Decompresses values, with or without a dictionary. One per thread (it holds a zstd context).
 pub struct ValueDecompressor {
     dctx: DCtx<'static>,
-    dictionary: Option<DDict<'static>>,
+    dictionary: Option<Arc<DecompressionDictionary>>,
 }
 
 impl ValueDecompressor {
     /// A decompressor using `dictionary` if given.
-    pub fn new(dictionary: Option<&[u8]>) -> Result<ValueDecompressor, CodecError> {
-        let dictionary = match dictionary {
-            Some(d) => {
-                check_dictionary(d)?;
-                Some(DDict::try_create(d).ok_or(CodecError::BadDictionary)?)
-            }
-            None => None,
-        };
+    pub fn new(
+        dictionary: Option<Arc<DecompressionDictionary>>,
+    ) -> Result<ValueDecompressor, CodecError> {
         Ok(ValueDecompressor {
             dctx: DCtx::try_create().ok_or(CodecError::Corrupt("no memory for a context"))?,
             dictionary,
@@ -115,7 +143,9 @@ impl ValueDecompressor {
         }
         let mut out = vec![0u8; size as usize];
         let n = match &self.dictionary {
-            Some(d) => self.dctx.decompress_using_ddict(&mut out[..], frame, d),
+            Some(d) => self
+                .dctx
+                .decompress_using_ddict(&mut out[..], frame, &d.ddict),
             None => self.dctx.decompress(&mut out[..], frame),
         }
         .map_err(|code| CodecError::Corrupt(zstd_safe::get_error_name(code)))?;
@@ -186,7 +216,8 @@ mod tests {
         assert!(!dict.is_empty() && dict.len() <= 8 * 1024);
         for dictionary in [None, Some(dict.as_slice())] {
             let mut c = ValueCompressor::new(DEFAULT_LEVEL, dictionary).unwrap();
-            let mut d = ValueDecompressor::new(dictionary).unwrap();
+            let digested = dictionary.map(|d| Arc::new(DecompressionDictionary::new(d).unwrap()));
+            let mut d = ValueDecompressor::new(digested).unwrap();
             for v in values.iter().take(200).chain([&Vec::new()]) {
                 let frame = c.compress(v).unwrap();
                 assert_eq!(&d.decompress(&frame).unwrap(), v);
@@ -218,7 +249,9 @@ mod tests {
         let frame = c.compress(&values[0]).unwrap();
         let mut plain = ValueDecompressor::new(None).unwrap();
         assert!(plain.decompress(&frame).is_err(), "dictionary missing");
-        let mut d = ValueDecompressor::new(Some(&dict)).unwrap();
+        let mut d =
+            ValueDecompressor::new(Some(Arc::new(DecompressionDictionary::new(&dict).unwrap())))
+                .unwrap();
         assert!(d.decompress(b"").is_err());
         assert!(d.decompress(b"not zstd at all").is_err());
         for cut in [4, frame.len() / 2, frame.len() - 1] {
