@@ -14,8 +14,8 @@ use rialto_backends::{KeyValue, LeaseHandle, MetaError, MetaStore};
 use rialto_fast_client::{Client, ClientConfig, ClientError, LongTailRetry};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::meta::{
-    Layout, NodeRecord, ReplicaRecord, ReplicaState, StorageProfile, StoreRecord, ValueSchema,
-    VersionRecord, VersionStatus,
+    Compression, Layout, NodeRecord, ReplicaRecord, ReplicaState, StorageProfile, StoreRecord,
+    ValueSchema, VersionRecord, VersionStatus,
 };
 use rialto_protocol::wire::{
     self, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route, StoredValue,
@@ -221,6 +221,8 @@ struct Behavior {
     delay_ms: Arc<AtomicU64>,
     /// Answer reads and health checks with 503 Overloaded (changeable while running).
     failing: Arc<AtomicBool>,
+    /// The compression dictionary served at `wire::dictionary_path` (changeable while running).
+    dictionary: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 async fn start_server(behavior: Behavior) -> FakeServer {
@@ -321,6 +323,18 @@ async fn serve(
                 .send_response(http::Response::new(()), false)
                 .unwrap();
             s.send_data(Bytes::from_static(b"ok"), true).unwrap();
+        }
+        Some(Route::Dictionary { store, version }) => {
+            let dictionary = b.dictionary.lock().unwrap().clone();
+            match dictionary {
+                Some(d) if store == STORE && version == b.version => {
+                    let mut s = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    s.send_data(Bytes::from(d), true).unwrap();
+                }
+                _ => error_response(&mut respond, ErrorCode::NotFound),
+            }
         }
         Some(Route::Get { store, version, .. }) => {
             if b.bad {
@@ -447,6 +461,16 @@ fn put_node(meta: &FakeMeta, layout: &Layout, id: &str, address: &str) {
 }
 
 fn put_version(meta: &FakeMeta, layout: &Layout, version: u32, assignment: Vec<Vec<String>>) {
+    put_version_compressed(meta, layout, version, assignment, Compression::None);
+}
+
+fn put_version_compressed(
+    meta: &FakeMeta,
+    layout: &Layout,
+    version: u32,
+    assignment: Vec<Vec<String>>,
+    compression: Compression,
+) {
     let r = VersionRecord {
         store: STORE.into(),
         version,
@@ -456,7 +480,7 @@ fn put_version(meta: &FakeMeta, layout: &Layout, version: u32, assignment: Vec<V
         status: VersionStatus::Online,
         created_ms: 0,
         storage: StorageProfile::OnDisk,
-        compression: rialto_protocol::meta::Compression::None,
+        compression,
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }
@@ -1292,4 +1316,110 @@ async fn connections_are_warmed_before_a_server_takes_traffic() {
     .await;
     assert_eq!(client.stats().connections_opened, 3);
     assert_eq!(requests(&third), 0, "no request before it was routed");
+}
+
+#[tokio::test]
+async fn compressed_versions_are_decompressed_and_wait_for_their_dictionary() {
+    use rialto_protocol::codec::{train_dictionary, ValueCompressor};
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    // Version 2's values, compressed with a dictionary trained on them.
+    let plain = values(2, 300);
+    let samples: Vec<Vec<u8>> = plain.values().map(|v| v[4..].to_vec()).collect();
+    let dictionary = train_dictionary(&samples, 4096).unwrap();
+    let mut compressor = ValueCompressor::new(3, Some(&dictionary)).unwrap();
+    let mut compressed: HashMap<Vec<u8>, Vec<u8>> = plain
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                StoredValue::encode(1, &compressor.compress(&v[4..]).unwrap()),
+            )
+        })
+        .collect();
+    // One value the dictionary cannot decode: a per-key error, not a panic.
+    compressed.insert(
+        key_bytes("garbage"),
+        StoredValue::encode(1, b"not a zstd frame"),
+    );
+    let old = start_server(Behavior {
+        version: 1,
+        values: values(1, 300),
+        ..Behavior::default()
+    })
+    .await;
+    let served_dictionary = Arc::new(Mutex::new(None));
+    let new = start_server(Behavior {
+        version: 2,
+        values: Arc::new(compressed),
+        dictionary: served_dictionary.clone(),
+        ..Behavior::default()
+    })
+    .await;
+    put_node(&meta, &layout, "a", &old.address);
+    put_node(&meta, &layout, "b", &new.address);
+    put_version(&meta, &layout, 1, vec![vec!["a".into()], vec!["a".into()]]);
+    for p in 0..2 {
+        put_replica(&meta, &layout, 1, p, "a", ReplicaState::Online);
+    }
+    meta.put_json(&layout.store(STORE), &store_record(STORE, Some(1), None));
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+    assert_eq!(client.current_version(), Some(1));
+
+    // Version 2 goes live, but its server does not serve the dictionary yet: stay on version 1.
+    put_version_compressed(
+        &meta,
+        &layout,
+        2,
+        vec![vec!["b".into()], vec!["b".into()]],
+        Compression::ZstdDictionary,
+    );
+    for p in 0..2 {
+        put_replica(&meta, &layout, 2, p, "b", ReplicaState::Online);
+    }
+    meta.put_json(&layout.store(STORE), &store_record(STORE, Some(2), Some(1)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        client.current_version(),
+        Some(1),
+        "no dictionary, no switch"
+    );
+    assert_eq!(
+        client.get(&string("key-5")).await.unwrap(),
+        Some(string("v1-value-5"))
+    );
+
+    // The dictionary becomes available; the next metadata change switches the client.
+    *served_dictionary.lock().unwrap() = Some(dictionary.clone());
+    put_replica(&meta, &layout, 2, 0, "b", ReplicaState::Online);
+    wait_until("the client to route to version 2", || {
+        client.current_version() == Some(2)
+    })
+    .await;
+    for i in [0, 7, 299] {
+        assert_eq!(
+            client.get(&string(&format!("key-{i}"))).await.unwrap(),
+            Some(string(&format!("v2-value-{i}")))
+        );
+    }
+    let keys: Vec<Value> = (0..300).map(|i| string(&format!("key-{i}"))).collect();
+    let got = client.batch_get(&keys).await.unwrap();
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(v, &Some(string(&format!("v2-value-{i}"))));
+    }
+    let bad = client.get(&string("garbage")).await.unwrap_err();
+    assert!(
+        matches!(bad, ClientError::Decompression { version: 2, .. }),
+        "{bad}"
+    );
+    let err = client
+        .batch_get(&[string("key-1"), string("garbage")])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("could not be decompressed"),
+        "{err}"
+    );
 }
