@@ -43,7 +43,7 @@ run() { # name store [extra args]
   echo "bench: run $name"
   "$bin/rialto-loadgen" --etcd "$etcd" run --store "$store" --keys "$KEYS" --batch-keys "$BATCH" \
     --rate "$RATE" --duration "${RUN_DURATION:-$DURATION}" --warmup "$WARMUP" --tasks "$TASKS" --mode batch \
-    --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log"
+    --json "$OUT/$name.json" "$@" 2>"$OUT/$name.log"
 }
 
 prepare mem --in-memory
@@ -57,9 +57,14 @@ RUN_DURATION="$SWAP_RUN" run in-memory-steady mem
 # The swap run: readers at the same rate while version 2 is pushed and goes live.
 RUN_DURATION="$SWAP_RUN" run in-memory-during-push mem &
 reader=$!
+run_started=$(date +%s.%N)
 sleep 5
 prepare mem --in-memory --force-push
+live_at=$(python3 -c "print(f'{$(date +%s.%N) - $run_started:.1f}')")
+echo "bench: version 2 live ${live_at} s into the during-push run (its per-second max latencies: $OUT/in-memory-during-push.log)"
 wait "$reader"
+grep -E '^\[' "$OUT/in-memory-during-push.log" | sed -E 's/.*\[ *([0-9.]+)s (\w+)\].*max latency ([0-9.]+) ms/\1 \2 \3/' \
+  | awk '{printf "%s%s", (NR>1?" ":""), $1"s:"$3"ms"} END {print ""}' | fold -w 120
 
 python3 - "$OUT" <<'PY'
 import json, os, sys

@@ -133,6 +133,9 @@ pub struct Live {
     pub sent: AtomicU64,
     pub ok: AtomicU64,
     pub failed: AtomicU64,
+    /// Longest latency (from the intended start, µs) of requests finished since the last
+    /// progress line: shows when in a run a spike happened.
+    pub max_latency_us: AtomicU64,
 }
 
 /// What the measured requests of one or all tasks produced.
@@ -365,6 +368,10 @@ async fn run_task(
                     Ok(done) => {
                         let counter = if done.sample.error.is_none() { &live.ok } else { &live.failed };
                         counter.fetch_add(1, Ordering::Relaxed);
+                        live.max_latency_us.fetch_max(
+                            micros(done.finished.saturating_duration_since(done.intended)),
+                            Ordering::Relaxed,
+                        );
                         if done.measured {
                             measured_in_flight -= 1;
                             tally.record(&done);
@@ -417,8 +424,9 @@ pub async fn report_progress(
                 } else {
                     "drain"
                 };
+                let max_ms = live.max_latency_us.swap(0, Ordering::Relaxed) as f64 / 1000.0;
                 eprintln!(
-                    "[{:>6.1}s {phase}] sent {sent}/{}, done {done} ({rate:.0} req/s), ok {ok}, failed {failed}, in flight {}",
+                    "[{:>6.1}s {phase}] sent {sent}/{}, done {done} ({rate:.0} req/s), ok {ok}, failed {failed}, in flight {}, max latency {max_ms:.1} ms",
                     at.as_secs_f64(),
                     schedule.total(),
                     sent.saturating_sub(done)
