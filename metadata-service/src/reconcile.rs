@@ -199,6 +199,8 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
                     swap = Some(n);
                 }
             }
+            // ONLINE but newer than the current version: a swap stopped between its two writes.
+            VersionStatus::Online if current.is_none_or(|c| n > c) => swap = Some(n),
             VersionStatus::Online if current != Some(n) && backup != Some(n) => {
                 actions.push(Action::Retire {
                     store: name.clone(),
@@ -399,15 +401,31 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Makes `version` current in one compare-and-put of the store record, then marks it online.
+    /// Makes `version` current: first marks the version record ONLINE (a compare-and-put that
+    /// a concurrent fail call cannot interleave with: both change the same record, and fail only
+    /// moves an in-progress version), then moves the store's current version to it (a
+    /// compare-and-put of the store record). A crash between the two leaves an ONLINE version
+    /// newer than the current one, which the next plan swaps in again.
     async fn swap(&mut self, store: &str, version: u32) -> Result<(), ControllerError> {
-        // Re-read the version: the mirror may be stale, and a failed push must never go live.
-        let key = self.layout.version(store, version);
-        let Some(kv) = self.meta.get(&key).await? else {
-            return Ok(());
-        };
-        let record: VersionRecord = crate::error::parse_record(&key, &kv.value)?;
-        if !in_progress(&record.status) {
+        let mut online = false;
+        update_version(&*self.meta, &self.layout, store, version, |v| {
+            match &v.status {
+                s if in_progress(s) => {
+                    v.status = VersionStatus::Online;
+                    online = true;
+                    Ok(true)
+                }
+                VersionStatus::Online => {
+                    online = true;
+                    Ok(false)
+                }
+                // Failed (the push job or a replica said so first): never goes live.
+                _ => Ok(false),
+            }
+        })
+        .await?;
+        if !online {
+            tracing::info!(%store, version, "not swapping: the version failed first");
             return Ok(());
         }
         let mut previous = None;
@@ -425,14 +443,6 @@ impl Reconciler {
         if swapped.is_some() {
             tracing::info!(%store, version, backup = ?previous, "swapped current version");
         }
-        update_version(&*self.meta, &self.layout, store, version, |v| {
-            if !in_progress(&v.status) {
-                return Ok(false);
-            }
-            v.status = VersionStatus::Online;
-            Ok(true)
-        })
-        .await?;
         Ok(())
     }
 }
@@ -626,6 +636,26 @@ mod tests {
         set_all(&mut v, 4, ReplicaState::Online);
         set_all(&mut v, 5, ReplicaState::Online);
         assert_eq!(plan(&v), vec![]);
+    }
+
+    #[test]
+    fn an_online_version_newer_than_current_is_swapped_in_not_retired() {
+        // The swap marked version 3 ONLINE and stopped before it moved the store record.
+        let v = view(
+            store(Some(2), Some(1), 3),
+            vec![
+                version(1, VersionStatus::Online),
+                version(2, VersionStatus::Online),
+                version(3, VersionStatus::Online),
+            ],
+        );
+        assert_eq!(
+            plan(&v),
+            vec![Action::Swap {
+                store: "s".into(),
+                version: 3
+            }]
+        );
     }
 
     #[test]
