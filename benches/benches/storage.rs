@@ -210,10 +210,25 @@ fn ingestion(c: &mut Criterion) {
         g.sample_size(10);
         g.throughput(Throughput::Elements(count as u64));
         for (name, profile, sst, engine) in [
-            ("on_disk_sst_ingestion", StorageProfile::OnDisk, true, &engine),
+            (
+                "on_disk_sst_ingestion",
+                StorageProfile::OnDisk,
+                true,
+                &engine,
+            ),
             ("on_disk_memtable", StorageProfile::OnDisk, false, &engine),
-            ("on_disk_memtable_wal", StorageProfile::OnDisk, false, &engine_wal),
-            ("in_memory_memtable", StorageProfile::InMemory, false, &engine),
+            (
+                "on_disk_memtable_wal",
+                StorageProfile::OnDisk,
+                false,
+                &engine_wal,
+            ),
+            (
+                "in_memory_memtable",
+                StorageProfile::InMemory,
+                false,
+                &engine,
+            ),
         ] {
             g.bench_function(BenchmarkId::new(name, count), |b| {
                 b.iter_with_large_drop(|| {

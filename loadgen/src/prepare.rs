@@ -278,6 +278,17 @@ async fn push(args: &PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_compression(text: &str) -> Result<Compression, String> {
+    [
+        Compression::None,
+        Compression::Zstd,
+        Compression::ZstdDictionary,
+    ]
+    .into_iter()
+    .find(|c| c.name() == text)
+    .ok_or_else(|| format!("`{text}`: expected none, zstd or zstd-dictionary"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,15 +299,4 @@ mod tests {
         assert_eq!(marker_value_bytes("tests"), None);
         assert_eq!(marker_value_bytes("rialto-loadgen"), None);
     }
-}
-
-fn parse_compression(text: &str) -> Result<Compression, String> {
-    [
-        Compression::None,
-        Compression::Zstd,
-        Compression::ZstdDictionary,
-    ]
-    .into_iter()
-    .find(|c| c.name() == text)
-    .ok_or_else(|| format!("`{text}`: expected none, zstd or zstd-dictionary"))
 }

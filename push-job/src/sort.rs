@@ -256,6 +256,9 @@ impl std::fmt::Debug for SortedDataset {
     }
 }
 
+/// Records read back in key order.
+pub type RecordIter = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), PushError>> + Send>;
+
 /// One partition's records in key order, in memory or in a file.
 #[derive(Debug)]
 pub struct SortedPartition {
@@ -272,10 +275,7 @@ enum Source {
 
 impl SortedPartition {
     /// The records, `(key, value)`, in key order.
-    pub fn into_records(
-        self,
-    ) -> Result<Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), PushError>> + Send>, PushError>
-    {
+    pub fn into_records(self) -> Result<RecordIter, PushError> {
         Ok(match self.source {
             Source::Memory(records) => Box::new(records.into_iter().map(Ok)),
             Source::File(path) => {

@@ -763,7 +763,8 @@ mod tests {
     #[test]
     fn sorted_ingestion_and_write_batches_read_the_same() {
         let ops = sorted_ops(3000, 100);
-        for profile in [StorageProfile::OnDisk] {
+        {
+            let profile = StorageProfile::OnDisk;
             let engine = Engine::new(1 << 20);
             let dir = tempfile::tempdir().unwrap();
             let batched = ReplicaStore::open(&dir.path().join("a"), profile, &engine).unwrap();
@@ -806,7 +807,8 @@ mod tests {
 
     #[test]
     fn out_of_order_keys_are_refused_by_sorted_ingestion() {
-        for profile in [StorageProfile::OnDisk] {
+        {
+            let profile = StorageProfile::OnDisk;
             let dir = tempfile::tempdir().unwrap();
             let store = ReplicaStore::open(dir.path(), profile, &Engine::new(1 << 20)).unwrap();
             let mut ops = sorted_ops(10, 8);
