@@ -66,6 +66,14 @@ async fn replica_records(
         .collect())
 }
 
+/// SST files ingested by all servers of the cluster so far.
+fn sst_files_ingested(cluster: &Cluster) -> u64 {
+    (0..cluster.server_count())
+        .filter_map(|i| cluster.server(i))
+        .map(|s| s.metrics().sst_files_ingested.load(Ordering::Relaxed))
+        .sum()
+}
+
 async fn wait_for_status(
     cluster: &Cluster,
     store: &str,
@@ -109,31 +117,12 @@ async fn sorted_and_unsorted_pushes_serve_the_same_data_in_both_profiles() -> Re
                 Compression::None,
             )
             .await?;
-        let ingested_before: u64 = (0..3)
-            .map(|i| {
-                cluster
-                    .server(i)
-                    .unwrap()
-                    .metrics()
-                    .sst_files_ingested
-                    .load(Ordering::Relaxed)
-            })
-            .sum();
+        let ingested_before = sst_files_ingested(&cluster);
         // Version 1: the push job (sorted).
         cluster
             .push_string_records(store, RECORDS, VALUE_BYTES)
             .await?;
-        let ingested: u64 = (0..3)
-            .map(|i| {
-                cluster
-                    .server(i)
-                    .unwrap()
-                    .metrics()
-                    .sst_files_ingested
-                    .load(Ordering::Relaxed)
-            })
-            .sum::<u64>()
-            - ingested_before;
+        let ingested = sst_files_ingested(&cluster) - ingested_before;
         match profile {
             // One chunk per replica: 4 partitions × RF 2.
             StorageProfile::OnDisk => assert_eq!(ingested, 8, "{store}: SST files ingested"),
