@@ -5,9 +5,10 @@
 //!   1,000,000), for the in-memory profile (PlainTable, hash index, mmap) and the on-disk profile
 //!   (block-based, bloom filter, block cache of `RIALTO_BENCH_CACHE_MIB`, default 256).
 //! * `ingest/<path>/<value bytes>`: a whole sorted partition of `RIALTO_BENCH_INGEST_KEYS` keys
-//!   (default 100,000) written and sealed: SST ingestion (on-disk), or write batches through
-//!   the memtable (on-disk and in-memory; without a WAL as the server does, and with one as the
-//!   walking skeleton did), including the flush and compaction sealing needs.
+//!   (default 100,000) written and sealed: SST ingestion (both profiles; on-disk also for a
+//!   store whose codec already compressed the values, so RocksDB does not), or write batches
+//!   through the memtable (without a WAL as the server does for unsorted pushes, and with one as
+//!   the walking skeleton did), including the flush and compaction sealing needs.
 //!
 //! Run (dev profile, like everything else here; `--workspace` keeps RocksDB's build cached):
 //! `cargo bench --workspace --profile dev --bench storage -- --warm-up-time 1 --measurement-time 5`
@@ -16,9 +17,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rialto_protocol::meta::StorageProfile;
+use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_protocol::wire::StoredValue;
-use rialto_server::store::{Engine, ReplicaStore, WriteOp};
+use rialto_server::store::{Engine, Layout, ReplicaStore, WriteOp};
 use rialto_server::validator::Checkpoint;
 
 const VALUE_SIZES: [usize; 2] = [100, 1_000];
@@ -79,12 +80,12 @@ fn sorted_ops(count: usize, value_len: usize) -> Vec<WriteOp> {
 /// write batches otherwise) and seals the replica.
 fn build(
     path: &Path,
-    profile: StorageProfile,
+    layout: impl Into<Layout>,
     engine: &Engine,
     ops: &[WriteOp],
     sst: bool,
 ) -> ReplicaStore {
-    let store = ReplicaStore::open(path, profile, engine).expect("open");
+    let store = ReplicaStore::open(path, layout, engine).expect("open");
     let mut start = 0;
     let mut bytes = 0;
     for (i, op) in ops.iter().enumerate() {
@@ -131,13 +132,12 @@ fn reads(c: &mut Criterion) {
         for profile in [StorageProfile::InMemory, StorageProfile::OnDisk] {
             let dir = tempfile::tempdir().expect("tempdir");
             let started = Instant::now();
-            let sst = profile == StorageProfile::OnDisk;
             let store = build(
                 dir.path(),
                 profile,
                 &engine,
                 &sorted_ops(count, value_len),
-                sst,
+                true,
             );
             let warmed = store.warm(u64::MAX).expect("warm");
             let usage = store.usage().expect("usage");
@@ -209,23 +209,42 @@ fn ingestion(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("ingest/{value_len}B"));
         g.sample_size(10);
         g.throughput(Throughput::Elements(count as u64));
-        for (name, profile, sst, engine) in [
+        let zstd_on_disk = Layout::new(StorageProfile::OnDisk, Compression::Zstd);
+        for (name, layout, sst, engine) in [
             (
                 "on_disk_sst_ingestion",
-                StorageProfile::OnDisk,
+                StorageProfile::OnDisk.into(),
                 true,
                 &engine,
             ),
-            ("on_disk_memtable", StorageProfile::OnDisk, false, &engine),
+            // Values compressed by the store's codec: RocksDB does not compress them again.
+            (
+                "on_disk_sst_ingestion_zstd_store",
+                zstd_on_disk,
+                true,
+                &engine,
+            ),
+            (
+                "on_disk_memtable",
+                StorageProfile::OnDisk.into(),
+                false,
+                &engine,
+            ),
             (
                 "on_disk_memtable_wal",
-                StorageProfile::OnDisk,
+                StorageProfile::OnDisk.into(),
                 false,
                 &engine_wal,
             ),
             (
+                "in_memory_sst_ingestion",
+                StorageProfile::InMemory.into(),
+                true,
+                &engine,
+            ),
+            (
                 "in_memory_memtable",
-                StorageProfile::InMemory,
+                StorageProfile::InMemory.into(),
                 false,
                 &engine,
             ),
@@ -233,7 +252,7 @@ fn ingestion(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(name, count), |b| {
                 b.iter_with_large_drop(|| {
                     let dir = tempfile::tempdir().expect("tempdir");
-                    let store = build(dir.path(), profile, engine, &ops, sst);
+                    let store = build(dir.path(), layout, engine, &ops, sst);
                     (store, dir)
                 })
             });

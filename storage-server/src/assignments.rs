@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::PrefixMirror;
-use rialto_protocol::meta::{ReplicaState, StorageProfile, VersionRecord, VersionStatus};
+use rialto_protocol::meta::{
+    Compression, ReplicaState, StorageProfile, VersionRecord, VersionStatus,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -46,6 +48,8 @@ pub(crate) struct ReplicaPlan {
     pub topic: String,
     /// The version's storage profile.
     pub storage: StorageProfile,
+    /// The version's value compression (START_OF_PUSH must announce the same codec).
+    pub compression: Compression,
 }
 
 /// Computes the replicas assigned to `node_id` in a snapshot of the versions prefix.
@@ -80,6 +84,7 @@ pub(crate) fn desired_replicas(
                 ReplicaPlan {
                     topic: record.topic.clone(),
                     storage: record.storage,
+                    compression: record.compression,
                 },
             );
         }
@@ -193,14 +198,13 @@ pub(crate) async fn reconcile(
             let slot = Arc::new(ReplicaSlot::new(id.clone(), &ctx.metrics));
             ctx.registry.insert(slot.clone());
             let (stop, stop_rx) = watch::channel(false);
+            tracing::info!(replica = %id, topic = %plan.topic, storage = ?plan.storage, compression = ?plan.compression, "replica assigned");
             let task = tokio::spawn(ingest::run(
                 ctx.clone(),
                 slot.clone(),
-                plan.topic.clone(),
-                plan.storage,
+                plan.clone(),
                 stop_rx,
             ));
-            tracing::info!(replica = %id, topic = %plan.topic, storage = ?plan.storage, "replica assigned");
             hosted.insert(id.clone(), HostedReplica { slot, stop, task });
         }
         tokio::select! {
@@ -301,7 +305,7 @@ mod tests {
             status,
             created_ms: 0,
             storage: StorageProfile::OnDisk,
-            compression: rialto_protocol::meta::Compression::None,
+            compression: Compression::None,
         };
         serde_json::to_vec(&r).unwrap()
     }
@@ -360,6 +364,7 @@ mod tests {
             ReplicaPlan {
                 topic: "a_v1".into(),
                 storage: StorageProfile::InMemory,
+                compression: Compression::None,
             },
         );
         desired.unparsed.insert(("b".into(), 7));

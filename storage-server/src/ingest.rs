@@ -8,12 +8,11 @@
 //! a checkpoint pointing *at* it, nothing from it onward is, and the replica goes to ERROR.
 //!
 //! Two write paths, chosen by START_OF_PUSH: an unsorted push goes through write batches (data
-//! and checkpoint in one batch, see above); a sorted push to an on-disk store collects validated
-//! records into chunks of up to [`SORTED_CHUNK_BYTES`] that are written as SST files and
-//! ingested, the checkpoint following each ingested chunk (in-memory stores cannot ingest
-//! PlainTable files and use write batches, see `store`). A sorted push whose keys are not
+//! and checkpoint in one batch, see above); a sorted push collects validated records into chunks
+//! of up to [`SORTED_CHUNK_BYTES`] that are written as SST files (PlainTable or block-based) and
+//! ingested, the checkpoint following each ingested chunk. A sorted push whose keys are not
 //! strictly ascending (checked record by record against the last key, kept in the checkpoint)
-//! sends the replica to ERROR, whichever the path.
+//! sends the replica to ERROR.
 //!
 //! After END_OF_PUSH the task waits a little for the producers' END_OF_SEGMENT (which the push
 //! job writes right after END_OF_PUSH) so that the last segment's checksum is verified before
@@ -27,14 +26,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rialto_backends::{ConsumedRecord, PartitionConsumer};
-use rialto_protocol::envelope::{ControlMessage, Envelope, Message};
+use rialto_protocol::envelope::{CompressionCodec, ControlMessage, Envelope, Message};
 use rialto_protocol::meta::{ReplicaState, StorageProfile};
 use rialto_protocol::wire::StoredValue;
 use tokio::sync::watch;
 
+use crate::assignments::ReplicaPlan;
 use crate::node::NodeContext;
 use crate::replica::ReplicaSlot;
-use crate::store::{ReplicaStore, WriteOp};
+use crate::store::{Layout, ReplicaStore, WriteOp};
 use crate::validator::{Checkpoint, Verdict};
 
 /// Most records taken from the consumer per poll (and so per write batch).
@@ -67,12 +67,11 @@ enum Ended {
 pub(crate) async fn run(
     ctx: Arc<NodeContext>,
     slot: Arc<ReplicaSlot>,
-    topic: String,
-    profile: StorageProfile,
+    plan: ReplicaPlan,
     stop: watch::Receiver<bool>,
 ) {
     ctx.report(&slot).await; // OFFLINE
-    match ingest(&ctx, &slot, &topic, profile, stop).await {
+    match ingest(&ctx, &slot, &plan, stop).await {
         Ok(()) => {}
         Err(Ended::Stopped) => tracing::info!(replica = %slot.id, "ingestion stopped"),
         Err(Ended::Failed(message)) => {
@@ -89,14 +88,15 @@ pub(crate) async fn run(
 async fn ingest(
     ctx: &NodeContext,
     slot: &ReplicaSlot,
-    topic: &str,
-    profile: StorageProfile,
+    plan: &ReplicaPlan,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Ended> {
     let id = &slot.id;
+    let topic = plan.topic.as_str();
     let path = id.data_path(&ctx.data_dir);
     let engine = ctx.engine.clone();
-    let store = blocking(move || ReplicaStore::open_existing(&path, profile, &engine))
+    let layout = Layout::new(plan.storage, plan.compression);
+    let store = blocking(move || ReplicaStore::open_existing(&path, layout, &engine))
         .await
         .map_err(|e| Ended::Failed(format!("cannot open the replica database: {e}")))?;
     let store = Arc::new(store);
@@ -120,7 +120,7 @@ async fn ingest(
         r.consumed_from = consumed_from;
     });
     ctx.report(slot).await;
-    tracing::info!(replica = %id, %topic, offset = consumed_from, ?profile, "bootstrapping");
+    tracing::info!(replica = %id, %topic, offset = consumed_from, ?layout, "bootstrapping");
 
     let mut last_progress = Instant::now();
     let mut end_of_push_at: Option<Instant> = None;
@@ -190,7 +190,13 @@ async fn ingest(
             continue;
         }
 
-        let batch = validate_batch(&checkpoint, records, topic, id.partition);
+        let batch = validate_batch(
+            &checkpoint,
+            records,
+            topic,
+            id.partition,
+            plan.compression.codec(),
+        );
         if let Some(dictionary) = batch.dictionary {
             let s = store.clone();
             blocking(move || s.set_dictionary(&dictionary))
@@ -200,7 +206,7 @@ async fn ingest(
                 })?;
         }
         if batch.next != checkpoint {
-            if ingests_sst_files(&store, &batch.next) {
+            if ingests_sst_files(&batch.next) {
                 chunk.add(batch.ops, batch.next.clone());
                 if chunk.bytes >= SORTED_CHUNK_BYTES
                     || batch.next.validation.end_of_push
@@ -261,13 +267,12 @@ async fn ingest(
     go_online(ctx, slot, store, &checkpoint, consumed_from).await
 }
 
-/// Whether this replica's push goes through SST ingestion.
-fn ingests_sst_files(store: &ReplicaStore, checkpoint: &Checkpoint) -> bool {
-    store.ingests_sst_files()
-        && checkpoint
-            .validation
-            .start_of_push
-            .is_some_and(|sop| sop.sorted)
+/// Whether this replica's push goes through SST ingestion (START_OF_PUSH says sorted).
+fn ingests_sst_files(checkpoint: &Checkpoint) -> bool {
+    checkpoint
+        .validation
+        .start_of_push
+        .is_some_and(|sop| sop.sorted)
 }
 
 /// Validated records of a sorted push waiting to be written as one SST file.
@@ -358,7 +363,7 @@ async fn seal(
     checkpoint: &Checkpoint,
 ) -> Result<Arc<ReplicaStore>, Ended> {
     // Ingested SST files do not overlap; memtable flushes may.
-    let compact = !ingests_sst_files(&store, checkpoint);
+    let compact = !ingests_sst_files(checkpoint);
     drop(slot.take_store());
     let store = Arc::try_unwrap(store).map_err(|_| {
         Ended::Failed("cannot seal: the replica database is still in use".to_string())
@@ -389,12 +394,14 @@ pub(crate) struct Validated {
 }
 
 /// Validates one poll's records against `checkpoint`: producer metadata, envelope integrity,
-/// and, for a push announced as sorted, strictly ascending keys.
+/// the START_OF_PUSH codec against the version's (`codec`), and, for a push announced as
+/// sorted, strictly ascending keys.
 pub(crate) fn validate_batch(
     checkpoint: &Checkpoint,
     records: Vec<ConsumedRecord>,
     topic: &str,
     partition: u32,
+    codec: CompressionCodec,
 ) -> Validated {
     let mut out = Validated {
         next: checkpoint.clone(),
@@ -405,7 +412,7 @@ pub(crate) fn validate_batch(
     };
     for record in records {
         let offset = record.offset;
-        if let Err(message) = validate_record(&mut out, record, topic, partition) {
+        if let Err(message) = validate_record(&mut out, record, topic, partition, codec) {
             out.failure = Some(message);
             return out;
         }
@@ -419,6 +426,7 @@ fn validate_record(
     record: ConsumedRecord,
     topic: &str,
     partition: u32,
+    codec: CompressionCodec,
 ) -> Result<(), String> {
     let offset = record.offset;
     let Some(value) = record.value else {
@@ -428,6 +436,26 @@ fn validate_record(
     };
     let envelope = Envelope::decode(&value)
         .map_err(|e| format!("corrupt record at offset {offset} of {topic}/{partition}: {e}"))?;
+    // Before the validator takes it in: a push whose values the client would decode wrongly.
+    if let Message::Control(ControlMessage::StartOfPush {
+        codec: announced,
+        dictionary,
+        ..
+    }) = &envelope.message
+    {
+        if *announced != codec {
+            return Err(format!(
+                "START_OF_PUSH at offset {offset} of {topic}/{partition} announces values \
+                 compressed with {announced:?}, but the version's compression is {codec:?}"
+            ));
+        }
+        if codec == CompressionCodec::ZstdWithDictionary && dictionary.is_empty() {
+            return Err(format!(
+                "START_OF_PUSH at offset {offset} of {topic}/{partition} announces \
+                 {codec:?} but carries no dictionary"
+            ));
+        }
+    }
     let verdict =
         out.next.validation.check(&envelope).map_err(|e| {
             format!("invalid record at offset {offset} of {topic}/{partition}: {e}")
@@ -636,17 +664,19 @@ mod tests {
         slot
     }
 
+    fn plan() -> ReplicaPlan {
+        ReplicaPlan {
+            topic: TOPIC.into(),
+            storage: StorageProfile::OnDisk,
+            compression: rialto_protocol::meta::Compression::None,
+        }
+    }
+
     async fn run_to_end(h: &Harness, slot: &Arc<ReplicaSlot>) {
         let (_stop, stop_rx) = watch::channel(false);
         tokio::time::timeout(
             Duration::from_secs(20),
-            run(
-                h.ctx.clone(),
-                slot.clone(),
-                TOPIC.into(),
-                StorageProfile::OnDisk,
-                stop_rx,
-            ),
+            run(h.ctx.clone(), slot.clone(), plan(), stop_rx),
         )
         .await
         .expect("ingestion should finish");
@@ -761,13 +791,7 @@ mod tests {
         h.pubsub.append_all(TOPIC, 0, first.to_vec());
         let slot1 = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(
-            h.ctx.clone(),
-            slot1.clone(),
-            TOPIC.into(),
-            StorageProfile::OnDisk,
-            stop_rx,
-        ));
+        let task = tokio::spawn(run(h.ctx.clone(), slot1.clone(), plan(), stop_rx));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let cp = slot1.take_store().map(|s| {
@@ -818,16 +842,79 @@ mod tests {
             .collect();
         let mut bad = records.clone();
         bad[4].value = Some(b"garbage".to_vec());
-        let v = validate_batch(&Checkpoint::default(), bad, "t", 0);
+        let v = validate_batch(&Checkpoint::default(), bad, "t", 0, CompressionCodec::None);
         assert_eq!(v.next.next_offset, 104);
         assert_eq!(v.ops.len(), 2);
         assert_eq!(v.next.records, 2);
         assert_eq!(v.duplicates, 0);
         assert!(v.failure.unwrap().contains("offset 104"));
-        let v = validate_batch(&Checkpoint::default(), records, "t", 0);
+        let v = validate_batch(
+            &Checkpoint::default(),
+            records,
+            "t",
+            0,
+            CompressionCodec::None,
+        );
         assert!(v.failure.is_none());
         assert!(v.next.validation.end_of_push && v.next.validation.all_segments_closed());
         assert_eq!(v.ops.len(), 4);
+    }
+
+    #[test]
+    fn a_start_of_push_codec_other_than_the_versions_fails_before_any_record() {
+        let consumed = |push: Vec<Vec<u8>>| -> Vec<ConsumedRecord> {
+            push.into_iter()
+                .enumerate()
+                .map(|(i, v)| ConsumedRecord {
+                    offset: i as i64,
+                    key: None,
+                    value: Some(v),
+                })
+                .collect()
+        };
+        let keys = sorted_keys(3);
+        // Announced uncompressed, the version says zstd: the client would try to decompress.
+        let v = validate_batch(
+            &Checkpoint::default(),
+            consumed(sorted_push(&keys, b"")),
+            "t",
+            0,
+            CompressionCodec::Zstd,
+        );
+        let failure = v.failure.expect("codec mismatch");
+        assert!(
+            failure.contains("version's compression is Zstd"),
+            "{failure}"
+        );
+        assert!(v.ops.is_empty(), "nothing taken in");
+        assert_eq!(v.next.validation.start_of_push, None);
+        // A dictionary codec without a dictionary.
+        let mut p = PushRecords::start_with(
+            [3; 16],
+            ControlMessage::StartOfPush {
+                sorted: true,
+                codec: CompressionCodec::ZstdWithDictionary,
+                dictionary: Vec::new(),
+            },
+        );
+        p.put(b"k", 1, b"v");
+        let v = validate_batch(
+            &Checkpoint::default(),
+            consumed(p.finish()),
+            "t",
+            0,
+            CompressionCodec::ZstdWithDictionary,
+        );
+        assert!(v.failure.expect("no dictionary").contains("no dictionary"));
+        // The same codec passes.
+        let v = validate_batch(
+            &Checkpoint::default(),
+            consumed(sorted_push(&keys, b"")),
+            "t",
+            0,
+            CompressionCodec::None,
+        );
+        assert!(v.failure.is_none() && v.ops.len() == 3);
     }
 
     fn sorted_push(keys: &[String], dictionary: &[u8]) -> Vec<Vec<u8>> {

@@ -8,16 +8,17 @@
 //! * **in-memory**: PlainTable with a hash index on the whole key (no-op prefix extractor),
 //!   index stored in the file, mmap reads. Memory ≈ data size; no block cache.
 //! * **on-disk**: block-based tables with a whole-key bloom filter and the server's one bounded
-//!   LRU block cache (index and filter blocks in it too), LZ4.
+//!   LRU block cache (index and filter blocks in it too), LZ4 unless the store's values are
+//!   already compressed by its codec (zstd): compressing them again costs ingestion time and
+//!   saves nothing ([`Layout`]).
 //!
 //! Two write paths:
 //! * [`ReplicaStore::apply`]: a write batch through the memtable.
-//! * [`ReplicaStore::ingest_sorted`] (on-disk stores): the records of a sorted push are written
-//!   to an SST file with `SstFileWriter` and ingested; no memtable, no compaction (the files do
-//!   not overlap, so they go straight to the bottom level). In-memory stores cannot take this
-//!   path: RocksDB's PlainTable builder writes no comparator name into its files, and
-//!   ingestion refuses such files ("does not match existing comparator"). Their sorted pushes go
-//!   through the memtable; the order is still verified.
+//! * [`ReplicaStore::ingest_sorted`]: the records of a sorted push are written to an SST file
+//!   (PlainTable or block-based, per profile) with `SstFileWriter` and ingested; no memtable, no
+//!   compaction (the files do not overlap, so they go straight to the bottom level). For
+//!   PlainTable this needs a comparator whose *name* matches what PlainTable files record (see
+//!   [`data_options`]).
 //!
 //! Ingestion writes without a WAL: data and checkpoint live in memtables until a flush, and
 //! `atomic_flush` persists all column families together, so after a crash the data on disk and
@@ -38,7 +39,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rialto_protocol::meta::StorageProfile;
+use rialto_protocol::meta::{Compression, StorageProfile};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBPinnableSlice, IngestExternalFileOptions,
     KeyEncodingType, Options, PlainTableFactoryOptions, SliceTransform, SstFileWriter, WriteBatch,
@@ -59,6 +60,9 @@ pub const DICTIONARY_KEY: &[u8] = b"dictionary";
 pub const SEALED_KEY: &[u8] = b"sealed";
 /// Sub-directory of a replica directory where SST files are built before ingestion.
 const INGEST_DIR: &str = "ingest";
+
+/// Name of the in-memory profile's (bytewise) comparator; see [`data_options`].
+const PLAIN_TABLE_COMPARATOR: &str = "";
 /// Bits per key of the bloom filters (block-based filter, PlainTable prefix bloom).
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
 /// Default size of a server's block cache (on-disk stores), shared by all its replicas.
@@ -133,7 +137,7 @@ impl Engine {
 
 /// The RocksDB options of a replica database: (database, data column family, all families).
 pub fn engine_options(
-    profile: StorageProfile,
+    layout: Layout,
     engine: &Engine,
 ) -> (Options, Options, Vec<ColumnFamilyDescriptor>) {
     let mut db_opts = Options::default();
@@ -141,8 +145,8 @@ pub fn engine_options(
     db_opts.create_missing_column_families(true);
     // No WAL (see the module docs): flush data and checkpoint together.
     db_opts.set_atomic_flush(true);
-    let data_opts = data_options(profile, engine);
-    if profile == StorageProfile::InMemory {
+    let data_opts = data_options(layout, engine);
+    if layout.profile == StorageProfile::InMemory {
         // PlainTable reads through mmap only.
         db_opts.set_allow_mmap_reads(true);
     }
@@ -153,9 +157,9 @@ pub fn engine_options(
     (db_opts, data_opts, cfs)
 }
 
-fn data_options(profile: StorageProfile, engine: &Engine) -> Options {
+fn data_options(layout: Layout, engine: &Engine) -> Options {
     let mut opts = Options::default();
-    match profile {
+    match layout.profile {
         StorageProfile::InMemory => {
             opts.set_plain_table_factory(&PlainTableFactoryOptions {
                 user_key_length: 0, // variable-length keys
@@ -170,6 +174,13 @@ fn data_options(profile: StorageProfile, engine: &Engine) -> Options {
             // The hash index is on the "prefix"; the no-op transform makes it the whole key.
             opts.set_prefix_extractor(SliceTransform::create_noop());
             opts.set_compression_type(rocksdb::DBCompressionType::None);
+            // PlainTable files carry no comparator name, and SST ingestion insists that the
+            // file's name equal the column family's (util/udt_util.cc, CompareComparator).
+            // A bytewise comparator *named* "" makes the two agree.
+            opts.set_comparator(
+                PLAIN_TABLE_COMPARATOR,
+                Box::new(|a: &[u8], b: &[u8]| a.cmp(b)),
+            );
         }
         StorageProfile::OnDisk => {
             let mut table = BlockBasedOptions::default();
@@ -178,10 +189,40 @@ fn data_options(profile: StorageProfile, engine: &Engine) -> Options {
             table.set_cache_index_and_filter_blocks(true);
             table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             opts.set_block_based_table_factory(&table);
-            opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            opts.set_compression_type(if layout.compressed_values {
+                rocksdb::DBCompressionType::None
+            } else {
+                rocksdb::DBCompressionType::Lz4
+            });
         }
     }
     opts
+}
+
+/// How a replica's database is laid out: the store's storage profile, and whether its values
+/// arrive compressed by the store's codec (then RocksDB does not compress them again; files
+/// compressed either way read back alike, so the choice may change between opens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub profile: StorageProfile,
+    pub compressed_values: bool,
+}
+
+impl Layout {
+    /// The layout of a version with `profile` and value `compression`.
+    pub fn new(profile: StorageProfile, compression: Compression) -> Layout {
+        Layout {
+            profile,
+            compressed_values: compression != Compression::None,
+        }
+    }
+}
+
+impl From<StorageProfile> for Layout {
+    /// Values stored as written (RocksDB compresses on-disk files).
+    fn from(profile: StorageProfile) -> Layout {
+        Layout::new(profile, Compression::None)
+    }
 }
 
 /// Bytes a replica takes.
@@ -207,7 +248,7 @@ pub struct Warmed {
 pub struct ReplicaStore {
     db: DB,
     path: PathBuf,
-    profile: StorageProfile,
+    layout: Layout,
     /// Options of the data column family (SST files for ingestion are built with them).
     data_opts: Options,
     read_only: bool,
@@ -219,7 +260,7 @@ impl std::fmt::Debug for ReplicaStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaStore")
             .field("path", &self.path)
-            .field("profile", &self.profile)
+            .field("layout", &self.layout)
             .field("read_only", &self.read_only)
             .finish()
     }
@@ -229,17 +270,18 @@ impl ReplicaStore {
     /// Opens (creating if needed) the replica database at `path` for writing.
     pub fn open(
         path: &Path,
-        profile: StorageProfile,
+        layout: impl Into<Layout>,
         engine: &Engine,
     ) -> Result<ReplicaStore, ServerError> {
+        let layout = layout.into();
         std::fs::create_dir_all(path)
             .map_err(|e| ServerError::io("create replica directory", path, e))?;
-        let (opts, data_opts, cfs) = engine_options(profile, engine);
+        let (opts, data_opts, cfs) = engine_options(layout, engine);
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| storage(path, e))?;
         Ok(ReplicaStore {
             db,
             path: path.to_path_buf(),
-            profile,
+            layout,
             data_opts,
             read_only: false,
             wal: engine.ingest_wal,
@@ -249,16 +291,17 @@ impl ReplicaStore {
     /// Opens an existing replica database read-only (a sealed batch version).
     pub fn open_read_only(
         path: &Path,
-        profile: StorageProfile,
+        layout: impl Into<Layout>,
         engine: &Engine,
     ) -> Result<ReplicaStore, ServerError> {
-        let (opts, data_opts, cfs) = engine_options(profile, engine);
+        let layout = layout.into();
+        let (opts, data_opts, cfs) = engine_options(layout, engine);
         let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false)
             .map_err(|e| storage(path, e))?;
         Ok(ReplicaStore {
             db,
             path: path.to_path_buf(),
-            profile,
+            layout,
             data_opts,
             read_only: true,
             wal: engine.ingest_wal,
@@ -269,16 +312,17 @@ impl ReplicaStore {
     /// for writing otherwise (creating it if needed).
     pub fn open_existing(
         path: &Path,
-        profile: StorageProfile,
+        layout: impl Into<Layout>,
         engine: &Engine,
     ) -> Result<ReplicaStore, ServerError> {
+        let layout = layout.into();
         if path.join("CURRENT").exists() {
-            let store = ReplicaStore::open_read_only(path, profile, engine)?;
+            let store = ReplicaStore::open_read_only(path, layout, engine)?;
             if store.is_sealed()? {
                 return Ok(store);
             }
         }
-        ReplicaStore::open(path, profile, engine)
+        ReplicaStore::open(path, layout, engine)
     }
 
     /// Where the database lives.
@@ -288,12 +332,7 @@ impl ReplicaStore {
 
     /// The storage profile the database was opened with.
     pub fn profile(&self) -> StorageProfile {
-        self.profile
-    }
-
-    /// Whether [`ReplicaStore::ingest_sorted`] is available (on-disk stores; see module docs).
-    pub fn ingests_sst_files(&self) -> bool {
-        self.profile == StorageProfile::OnDisk
+        self.layout.profile
     }
 
     /// Whether the database is open read-only (sealed).
@@ -336,12 +375,6 @@ impl ReplicaStore {
         checkpoint: &Checkpoint,
     ) -> Result<(), ServerError> {
         if !ops.is_empty() {
-            if !self.ingests_sst_files() {
-                return Err(ServerError::Storage {
-                    path: self.path.clone(),
-                    detail: format!("{:?} stores cannot ingest SST files", self.profile),
-                });
-            }
             let dir = self.path.join(INGEST_DIR);
             std::fs::create_dir_all(&dir)
                 .map_err(|e| ServerError::io("create ingestion directory", &dir, e))?;
@@ -405,10 +438,10 @@ impl ReplicaStore {
             .put_cf_opt(meta, SEALED_KEY, b"1", &self.write_options())
             .map_err(|e| storage(&self.path, e))?;
         flush()?;
-        let (path, profile) = (self.path.clone(), self.profile);
+        let (path, layout) = (self.path.clone(), self.layout);
         drop(self.db);
         let _ = std::fs::remove_dir_all(path.join(INGEST_DIR));
-        ReplicaStore::open_read_only(&path, profile, engine)
+        ReplicaStore::open_read_only(&path, layout, engine)
     }
 
     /// Reads the data files once so that they are in the page cache (and, for in-memory stores,
@@ -462,7 +495,7 @@ impl ReplicaStore {
         };
         let mut memory_bytes = property("rocksdb.cur-size-all-mem-tables")?
             + property("rocksdb.estimate-table-readers-mem")?;
-        if self.profile == StorageProfile::InMemory {
+        if self.layout.profile == StorageProfile::InMemory {
             memory_bytes += data_bytes;
         }
         Ok(StoreUsage {
@@ -746,25 +779,9 @@ mod tests {
     }
 
     #[test]
-    fn in_memory_stores_refuse_sst_ingestion() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ReplicaStore::open(dir.path(), StorageProfile::InMemory, &Engine::new(1 << 20))
-            .unwrap();
-        assert!(!store.ingests_sst_files());
-        let err = store
-            .ingest_sorted(&sorted_ops(3, 8), &checkpoint(5, 3))
-            .unwrap_err();
-        assert!(err.to_string().contains("cannot ingest SST files"), "{err}");
-        // A checkpoint alone is fine.
-        store.ingest_sorted(&[], &checkpoint(5, 0)).unwrap();
-        assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(5, 0)));
-    }
-
-    #[test]
     fn sorted_ingestion_and_write_batches_read_the_same() {
         let ops = sorted_ops(3000, 100);
-        {
-            let profile = StorageProfile::OnDisk;
+        for profile in [StorageProfile::InMemory, StorageProfile::OnDisk] {
             let engine = Engine::new(1 << 20);
             let dir = tempfile::tempdir().unwrap();
             let batched = ReplicaStore::open(&dir.path().join("a"), profile, &engine).unwrap();
@@ -802,13 +819,21 @@ mod tests {
                 .join(INGEST_DIR)
                 .join("chunk-5.sst")
                 .exists());
+            // Sealed and reopened read-only, the ingested files still serve every key.
+            let sealed = ingested.seal(false, &engine).unwrap();
+            assert!(sealed.is_read_only());
+            let c: Vec<Option<Vec<u8>>> = sealed
+                .multi_get(&refs)
+                .into_iter()
+                .map(|r| r.unwrap().map(|v| v.to_vec()))
+                .collect();
+            assert_eq!(a, c, "{profile:?} sealed");
         }
     }
 
     #[test]
     fn out_of_order_keys_are_refused_by_sorted_ingestion() {
-        {
-            let profile = StorageProfile::OnDisk;
+        for profile in [StorageProfile::InMemory, StorageProfile::OnDisk] {
             let dir = tempfile::tempdir().unwrap();
             let store = ReplicaStore::open(dir.path(), profile, &Engine::new(1 << 20)).unwrap();
             let mut ops = sorted_ops(10, 8);
@@ -832,7 +857,7 @@ mod tests {
                 let path = dir.path().join("r");
                 let ops = sorted_ops(2000, 64);
                 let store = ReplicaStore::open(&path, profile, &engine).unwrap();
-                if sorted && store.ingests_sst_files() {
+                if sorted {
                     store.ingest_sorted(&ops, &checkpoint(7, 2000)).unwrap();
                 } else {
                     store.apply(&ops, &checkpoint(7, 2000)).unwrap();

@@ -34,7 +34,7 @@ use rialto_backends::{MetaStore, PubSub};
 use rialto_controller::{AdminClient, ControllerConfig, RunningController};
 use rialto_fast_client::{Client, ClientConfig};
 use rialto_protocol::admin::CreateStoreRequest;
-use rialto_protocol::meta::{Compression, StorageProfile, DEFAULT_ROOT};
+use rialto_protocol::meta::{Compression, StorageProfile, VersionStatus, DEFAULT_ROOT};
 use rialto_push::{PushConfig, PushReport};
 use rialto_server::{FaultConfig, Faults, RunningServer, ServerConfig};
 
@@ -460,7 +460,20 @@ impl Cluster {
         records: &[Vec<(Vec<u8>, Vec<u8>)>],
         sorted: bool,
     ) -> Result<u32> {
-        use rialto_protocol::envelope::{CompressionCodec, ControlMessage};
+        let codec = rialto_protocol::envelope::CompressionCodec::None;
+        self.push_envelopes_as(store, records, sorted, codec).await
+    }
+
+    /// Like [`push_envelopes`](Self::push_envelopes), with START_OF_PUSH announcing `codec`
+    /// (values are written as given, whatever it says).
+    pub async fn push_envelopes_as(
+        &self,
+        store: &str,
+        records: &[Vec<(Vec<u8>, Vec<u8>)>],
+        sorted: bool,
+        codec: rialto_protocol::envelope::CompressionCodec,
+    ) -> Result<u32> {
+        use rialto_protocol::envelope::ControlMessage;
         let start = self
             .admin()
             .start_push(store, &rialto_protocol::admin::StartPushRequest::default())
@@ -471,7 +484,7 @@ impl Cluster {
                 w.start_segment(),
                 w.control(ControlMessage::StartOfPush {
                     sorted,
-                    codec: CompressionCodec::None,
+                    codec,
                     dictionary: vec![],
                 }),
             ];
@@ -496,6 +509,32 @@ impl Cluster {
         }
         self.admin().push_written(store, start.version).await?;
         Ok(start.version)
+    }
+
+    /// Waits up to 60 s for `version` of `store` to reach a status `done` accepts; returns it.
+    pub async fn wait_for_version_status(
+        &self,
+        store: &str,
+        version: u32,
+        done: impl Fn(&VersionStatus) -> bool,
+    ) -> Result<VersionStatus> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self
+                .admin()
+                .describe_version(store, version)
+                .await?
+                .record
+                .status;
+            if done(&status) {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{store} v{version} still {status:?} after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Pushes a file through the real push job (in-process).

@@ -9,7 +9,8 @@ use anyhow::Result;
 use futures::StreamExt;
 use rialto_fast_client::{BatchEvent, Client};
 use rialto_protocol::avro::{AvroCodec, Value};
-use rialto_protocol::meta::{Compression, StorageProfile};
+use rialto_protocol::envelope::CompressionCodec;
+use rialto_protocol::meta::{Compression, StorageProfile, VersionStatus};
 use rialto_tests::{key_of, Cluster, STRING_SCHEMA};
 
 const RECORDS: usize = 2_000;
@@ -117,5 +118,48 @@ async fn compressed_stores_read_back_byte_identical() -> Result<()> {
         disk[1] * 2 < disk[0] && disk[2] < disk[0],
         "servers hold compressed values: disk bytes plain/zstd/dictionary {disk:?}"
     );
+    cluster.shutdown().await
+}
+
+/// A push whose START_OF_PUSH announces another codec than the version's would have the client
+/// decode its values wrongly: the servers fail it before taking any record in, and the previous
+/// version keeps serving, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_announcing_another_codec_fails_and_the_store_keeps_serving() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    cluster
+        .create_store_with(
+            "zstd",
+            STRING_SCHEMA,
+            STRING_SCHEMA,
+            2,
+            1,
+            StorageProfile::OnDisk,
+            Compression::Zstd,
+        )
+        .await?;
+    cluster
+        .push_string_records("zstd", 200, VALUE_BYTES)
+        .await?;
+    let client = cluster.client("zstd").await?;
+    let before = read_three_ways(&client).await?;
+    assert_eq!(before.values().filter(|v| v.is_some()).count(), 200);
+
+    let records = vec![vec![(b"k".to_vec(), b"v".to_vec())]; 2];
+    let v2 = cluster
+        .push_envelopes_as("zstd", &records, true, CompressionCodec::None)
+        .await?;
+    let status = cluster
+        .wait_for_version_status("zstd", v2, |s| {
+            matches!(s, VersionStatus::Failed { .. } | VersionStatus::Online)
+        })
+        .await?;
+    let VersionStatus::Failed { reason } = status else {
+        panic!("version {v2} must fail, got {status:?}");
+    };
+    assert!(reason.contains("version's compression is Zstd"), "{reason}");
+    let described = cluster.admin().describe_store("zstd").await?;
+    assert_eq!(described.store.current_version, Some(1));
+    assert_eq!(read_three_ways(&client).await?, before);
     cluster.shutdown().await
 }
