@@ -1,7 +1,8 @@
 # Sourced by the benchmark scripts: starts etcd, tansu, a controller and three storage servers on
 # free 127.0.0.1 ports, stopping everything by PID at exit. Expects `bin`, `work` and `OUT` set.
 # Defines: etcd, kafka, controller, start_server INDEX [ARGS], server_pids, admin ARGS,
-# online_replicas STORE.
+# online_replicas STORE. Server i follows the fault file $work/server-i.faults (absent: no faults;
+# `echo '{"delay_ms": 200}' > $work/server-0.faults` slows server-0 down while it runs).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 etcd_port=$(free_port); peer_port=$(free_port); kafka_port=$(free_port); controller_port=$(free_port)
 etcd="http://127.0.0.1:$etcd_port"; kafka="127.0.0.1:$kafka_port"; controller="http://127.0.0.1:$controller_port"
@@ -24,7 +25,8 @@ start_server() { # index [extra args]
   local i=$1; shift
   local zone=(zone-a zone-b zone-c)
   "$bin/rialto-server" --node-id "server-$i" --zone "${zone[$i]}" --listen "127.0.0.1:0" \
-    --data-dir "$work/server-$i" --etcd "$etcd" --kafka "$kafka" "$@" >>"$work/server-$i.log" 2>&1 &
+    --data-dir "$work/server-$i" --etcd "$etcd" --kafka "$kafka" \
+    --fault-file "$work/server-$i.faults" "$@" >>"$work/server-$i.log" 2>&1 &
   server_pids[$i]=$!
 }
 for i in 0 1 2; do start_server "$i"; done

@@ -5,10 +5,11 @@
 #   1. batch-get with group routing (fanout 1: each server holds a full copy)
 #   2. streaming batch-get (time to first record vs full response)
 #   3. batch-get without group routing (fanout 3)
-#   4. batch-get with server-0 delayed by 200 ms, long-tail retry on
+#   4. batch-get with server-0 delayed by 200 ms (through its fault file), long-tail retry on
 #   5. the same with long-tail retry off
-# Results go to $OUT (JSON per run) and a summary table on stdout. Everything started is stopped
-# by PID at exit. Bounded: each run lasts DURATION at RATE.
+# REPEAT rounds (default 3) of the five runs; results go to $OUT (JSON per run) and a table of
+# medians on stdout. Everything started is stopped by PID at exit. Bounded: each run lasts
+# DURATION at RATE. STORAGE=on-disk|in-memory picks the store's profile (default on-disk).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
@@ -24,6 +25,7 @@ RATE="${RATE:-10}"
 DURATION="${DURATION:-20s}"
 WARMUP="${WARMUP:-3s}"
 TASKS="${TASKS:-4}"
+REPEAT="${REPEAT:-3}"
 work="${WORK:-$(mktemp -d /tmp/rialto-bench.XXXXXX)}"
 OUT="${OUT:-$work/results}"
 mkdir -p "$OUT"
@@ -32,7 +34,8 @@ mkdir -p "$OUT"
 echo "bench: preparing $KEYS keys of $VALUE_BYTES bytes"
 start=$(date +%s)
 RUST_LOG=info "$bin/rialto-loadgen" --etcd "$etcd" prepare --controller "$controller" --store fanout \
-  --keys "$KEYS" --value-bytes "$VALUE_BYTES" --partitions 12 --replication 3 --kafka "$kafka"
+  --keys "$KEYS" --value-bytes "$VALUE_BYTES" --partitions 12 --replication 3 --kafka "$kafka" \
+  $([ "${STORAGE:-on-disk}" = in-memory ] && echo --in-memory)
 echo "bench: prepared in $(( $(date +%s) - start )) s"
 
 run() { # name [extra args]
@@ -42,39 +45,44 @@ run() { # name [extra args]
     --rate "$RATE" --duration "${RUN_DURATION:-$DURATION}" --warmup "$WARMUP" --tasks "$TASKS" \
     --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log"
 }
-# Right after the push the servers are still compacting: one unreported run lets that settle.
+# Right after the push the servers may still be settling: one unreported run first.
 RUN_DURATION=15s run settle --mode batch
-run batch --mode batch
-run stream --mode stream
-run batch-no-group-routing --mode batch --no-group-routing
-
-echo "bench: restarting server-0 with a 200 ms read delay"
-kill "${server_pids[0]}"; wait "${server_pids[0]}" 2>/dev/null || true
-start_server 0 --fault-delay-ms 200
-restarted=$(date +%s)
-for _ in $(seq 1 1500); do
-  [ "$(online_replicas fanout)" = 36 ] && break
-  sleep 0.2
+# REPEAT rounds of every run, interleaved so that drift on the shared machine hits all alike; the
+# slow server is made slow (and healed) through its fault file, without a restart.
+for round in $(seq 1 "$REPEAT"); do
+  run "batch-$round" --mode batch
+  run "stream-$round" --mode stream
+  run "batch-no-group-routing-$round" --mode batch --no-group-routing
+  echo '{"delay_ms": 200}' > "$work/server-0.faults"
+  sleep 1 # the server polls its fault file every 200 ms
+  run "slow-server-long-tail-retry-$round" --mode batch
+  run "slow-server-no-retry-$round" --mode batch --no-long-tail-retry
+  rm -f "$work/server-0.faults"
+  sleep 1
 done
-echo "bench: $(online_replicas fanout) of 36 replicas ONLINE $(( $(date +%s) - restarted )) s after the restart"
-run slow-server-long-tail-retry --mode batch
-run slow-server-no-retry --mode batch --no-long-tail-retry
 
-python3 - "$OUT" <<'PY'
-import json, os, sys
-out = sys.argv[1]
-print(f"\n{'run':34} {'req/s':>7} {'keys/s':>9} {'MB/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ttfr p50':>9} {'fanout':>6} {'hedges':>7} {'won':>5} {'failed':>6}")
+python3 - "$OUT" "$REPEAT" <<'PY'
+import json, os, statistics, sys
+out, repeat = sys.argv[1], int(sys.argv[2])
+print(f"\nmedians of {repeat} run(s) each (min-max of p99 in brackets)")
+print(f"{'run':30} {'req/s':>6} {'keys/s':>8} {'MB/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'p99 range':>15} {'ttfr p50':>8} {'fanout':>6} {'hedges':>6} {'won':>4} {'failed':>6}")
 for name in ["batch", "stream", "batch-no-group-routing", "slow-server-long-tail-retry", "slow-server-no-retry"]:
-    path = os.path.join(out, name + ".json")
-    if not os.path.exists(path):
+    runs = []
+    for k in range(1, repeat + 1):
+        path = os.path.join(out, f"{name}-{k}.json")
+        if os.path.exists(path):
+            runs.append(json.load(open(path)))
+    if not runs:
         continue
-    r = json.load(open(path))
-    t, l = r["throughput"], r["latency"]
-    ttfr = r.get("time_to_first_record") or {}
-    f = r.get("fanout") or {}
-    c = r["retries"]
-    print(f"{name:34} {t['requests_per_s']:7.1f} {t['keys_per_s']:9.0f} {t['value_mb_per_s']:7.1f} "
-          f"{l['p50_us']/1000:8.1f} {l['p99_us']/1000:8.1f} {(ttfr.get('p50_us') or 0)/1000:9.1f} "
-          f"{f.get('mean', 0):6.2f} {c['long_tail_sent']:7} {c['long_tail_won']:5} "
-          f"{r['requests']['failed']:6}")
+    med = lambda f: statistics.median(f(r) for r in runs)
+    p99s = [r["latency"]["p99_us"] / 1000 for r in runs]
+    print(f"{name:30} {med(lambda r: r['throughput']['requests_per_s']):6.1f} "
+          f"{med(lambda r: r['throughput']['keys_per_s']):8.0f} "
+          f"{med(lambda r: r['throughput']['value_mb_per_s']):6.1f} "
+          f"{med(lambda r: r['latency']['p50_us']) / 1000:7.1f} {statistics.median(p99s):7.1f} "
+          f"{'[%.1f-%.1f]' % (min(p99s), max(p99s)):>15} "
+          f"{med(lambda r: (r.get('time_to_first_record') or {}).get('p50_us') or 0) / 1000:8.1f} "
+          f"{med(lambda r: (r.get('fanout') or {}).get('mean', 0)):6.2f} "
+          f"{med(lambda r: r['retries']['long_tail_sent']):6.0f} {med(lambda r: r['retries']['long_tail_won']):4.0f} "
+          f"{sum(r['requests']['failed'] for r in runs):6}")
 PY

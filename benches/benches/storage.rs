@@ -19,12 +19,12 @@ use std::time::Instant;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_protocol::wire::StoredValue;
+use rialto_server::ingest::SORTED_CHUNK_BYTES;
 use rialto_server::store::{Engine, Layout, ReplicaStore, WriteOp};
 use rialto_server::validator::Checkpoint;
 
 const VALUE_SIZES: [usize; 2] = [100, 1_000];
 const MULTI_GET_KEYS: usize = 500;
-const CHUNK_BYTES: usize = 64 * 1024 * 1024;
 const WRITE_BATCH: usize = 1_000;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -93,7 +93,7 @@ fn build(
             bytes += key.len() + value.len();
         }
         let full = if sst {
-            bytes >= CHUNK_BYTES
+            bytes >= SORTED_CHUNK_BYTES
         } else {
             i + 1 - start >= WRITE_BATCH
         };

@@ -7,9 +7,20 @@
 //! atomics behind [`Faults`], so a test can slow a server down or heal it while load runs
 //! ([`RunningServer::faults`](crate::RunningServer::faults)). The delay is a timer
 //! (`tokio::time::sleep`): it never blocks a runtime thread.
+//!
+//! A server process started with `--fault-file PATH` follows that file ([`follow_file`]):
+//! benchmark scripts slow a running server down and heal it by writing
+//! `{"delay_ms": 200, "error_rate": 0.0}` there, without a restart (which would confound the
+//! measurement with re-opening replicas). Only whoever can write the server's files can do this;
+//! there is no network control.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often [`follow_file`] looks at its file.
+pub const FAULT_FILE_POLL: Duration = Duration::from_millis(200);
 
 /// Faults injected into read requests. `Default` injects none.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -24,6 +35,66 @@ impl FaultConfig {
     /// Whether this configuration injects anything.
     pub fn is_active(&self) -> bool {
         !self.delay.is_zero() || self.error_rate > 0.0
+    }
+
+    /// Parses a fault file: a JSON object with optional `delay_ms` and `error_rate` (0.0 to 1.0);
+    /// an absent field means none of that fault.
+    pub fn parse(text: &str) -> Result<FaultConfig, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            delay_ms: u64,
+            #[serde(default)]
+            error_rate: f64,
+        }
+        let file: File = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if !(0.0..=1.0).contains(&file.error_rate) {
+            return Err(format!(
+                "error_rate {} is not between 0.0 and 1.0",
+                file.error_rate
+            ));
+        }
+        Ok(FaultConfig {
+            delay: Duration::from_millis(file.delay_ms),
+            error_rate: file.error_rate,
+        })
+    }
+}
+
+/// Applies the fault settings in `path` to `faults` whenever the file changes, every
+/// [`FAULT_FILE_POLL`], until the task is dropped. A missing file means no faults; a file that
+/// does not parse is reported and leaves the settings as they were.
+pub async fn follow_file(path: PathBuf, faults: Arc<Faults>) {
+    let mut last: Option<Option<String>> = None;
+    loop {
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the fault file");
+                last.clone().flatten()
+            }
+        };
+        if last.as_ref() != Some(&text) {
+            let parsed = match &text {
+                Some(t) => FaultConfig::parse(t),
+                None => Ok(FaultConfig::default()),
+            };
+            match parsed {
+                Ok(config) => {
+                    if config != faults.config() {
+                        tracing::warn!(path = %path.display(), delay = ?config.delay, error_rate = config.error_rate, "fault injection changed by the fault file");
+                        faults.set(config);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring a fault file that does not parse")
+                }
+            }
+            last = Some(text);
+        }
+        tokio::time::sleep(FAULT_FILE_POLL).await;
     }
 }
 
@@ -127,6 +198,58 @@ impl Faults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fault_files_parse_strictly() {
+        assert_eq!(
+            FaultConfig::parse(r#"{"delay_ms": 200}"#).unwrap(),
+            FaultConfig {
+                delay: Duration::from_millis(200),
+                error_rate: 0.0
+            }
+        );
+        assert_eq!(FaultConfig::parse("{}").unwrap(), FaultConfig::default());
+        assert!(FaultConfig::parse(r#"{"error_rate": 1.5}"#).is_err());
+        assert!(
+            FaultConfig::parse(r#"{"delay": 200}"#).is_err(),
+            "unknown field"
+        );
+        assert!(FaultConfig::parse("delay_ms=200").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_followed_file_sets_and_clears_faults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("faults.json");
+        let faults = Arc::new(Faults::default());
+        let task = tokio::spawn(follow_file(path.clone(), faults.clone()));
+        let wait_for = |want: FaultConfig| {
+            let faults = faults.clone();
+            async move {
+                for _ in 0..100 {
+                    if faults.config() == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("faults never became {want:?}: {:?}", faults.config());
+            }
+        };
+        std::fs::write(&path, r#"{"delay_ms": 150, "error_rate": 0.5}"#).unwrap();
+        let slow = FaultConfig {
+            delay: Duration::from_millis(150),
+            error_rate: 0.5,
+        };
+        wait_for(slow).await;
+        // A broken file keeps the settings.
+        std::fs::write(&path, "{not json").unwrap();
+        tokio::time::sleep(FAULT_FILE_POLL * 3).await;
+        assert_eq!(faults.config(), slow);
+        // Removing the file heals the server.
+        std::fs::remove_file(&path).unwrap();
+        wait_for(FaultConfig::default()).await;
+        task.abort();
+    }
 
     #[test]
     fn settings_round_trip_and_clamp() {

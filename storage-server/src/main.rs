@@ -71,6 +71,10 @@ struct Cli {
     /// retryable `overloaded` error.
     #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
     fault_error_rate: f64,
+    /// For tests and benchmarks only: follow this file's fault settings while running
+    /// (`{"delay_ms": 200, "error_rate": 0.0}`; a missing file means no faults).
+    #[arg(long)]
+    fault_file: Option<PathBuf>,
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -120,6 +124,10 @@ async fn main() -> anyhow::Result<()> {
     let server = rialto_server::start(config, Arc::new(meta), Arc::new(pubsub))
         .await
         .context("starting the storage server")?;
+    if let Some(path) = cli.fault_file {
+        tracing::warn!(path = %path.display(), "fault injection follows a file: reads may be delayed or failed on purpose");
+        tokio::spawn(rialto_server::faults::follow_file(path, server.faults()));
+    }
     tracing::info!(address = %server.address(), "serving; press ctrl-c to stop");
     tokio::signal::ctrl_c()
         .await
