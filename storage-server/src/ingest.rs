@@ -831,15 +831,7 @@ mod tests {
 
     #[test]
     fn validate_batch_stops_at_the_first_bad_record() {
-        let records: Vec<ConsumedRecord> = clean_push(3)
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| ConsumedRecord {
-                offset: 100 + i as i64,
-                key: None,
-                value: Some(v),
-            })
-            .collect();
+        let records = consumed(clean_push(3), 100);
         let mut bad = records.clone();
         bad[4].value = Some(b"garbage".to_vec());
         let v = validate_batch(&Checkpoint::default(), bad, "t", 0, CompressionCodec::None);
@@ -860,23 +852,25 @@ mod tests {
         assert_eq!(v.ops.len(), 4);
     }
 
+    /// `push` as a consumer returns it, from offset `first`.
+    fn consumed(push: Vec<Vec<u8>>, first: i64) -> Vec<ConsumedRecord> {
+        push.into_iter()
+            .enumerate()
+            .map(|(i, v)| ConsumedRecord {
+                offset: first + i as i64,
+                key: None,
+                value: Some(v),
+            })
+            .collect()
+    }
+
     #[test]
     fn a_start_of_push_codec_other_than_the_versions_fails_before_any_record() {
-        let consumed = |push: Vec<Vec<u8>>| -> Vec<ConsumedRecord> {
-            push.into_iter()
-                .enumerate()
-                .map(|(i, v)| ConsumedRecord {
-                    offset: i as i64,
-                    key: None,
-                    value: Some(v),
-                })
-                .collect()
-        };
         let keys = sorted_keys(3);
         // Announced uncompressed, the version says zstd: the client would try to decompress.
         let v = validate_batch(
             &Checkpoint::default(),
-            consumed(sorted_push(&keys, b"")),
+            consumed(sorted_push(&keys, b""), 0),
             "t",
             0,
             CompressionCodec::Zstd,
@@ -900,7 +894,7 @@ mod tests {
         p.put(b"k", 1, b"v");
         let v = validate_batch(
             &Checkpoint::default(),
-            consumed(p.finish()),
+            consumed(p.finish(), 0),
             "t",
             0,
             CompressionCodec::ZstdWithDictionary,
@@ -909,7 +903,7 @@ mod tests {
         // The same codec passes.
         let v = validate_batch(
             &Checkpoint::default(),
-            consumed(sorted_push(&keys, b"")),
+            consumed(sorted_push(&keys, b""), 0),
             "t",
             0,
             CompressionCodec::None,

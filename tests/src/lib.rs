@@ -537,6 +537,19 @@ impl Cluster {
         }
     }
 
+    /// Waits for `version` of `store` to fail (an error if it goes ONLINE); returns the reason.
+    pub async fn wait_for_version_failure(&self, store: &str, version: u32) -> Result<String> {
+        let status = self
+            .wait_for_version_status(store, version, |s| {
+                matches!(s, VersionStatus::Failed { .. } | VersionStatus::Online)
+            })
+            .await?;
+        match status {
+            VersionStatus::Failed { reason } => Ok(reason),
+            other => bail!("{store} v{version} must fail, got {other:?}"),
+        }
+    }
+
     /// Pushes a file through the real push job (in-process).
     pub async fn push(
         &self,
