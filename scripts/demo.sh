@@ -8,6 +8,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
 . scripts/env.sh
 bash scripts/provision.sh
+bash scripts/prune-cache.sh
 echo "demo: building binaries (target dir $CARGO_TARGET_DIR)"
 # The same package and target selection as scripts/test.sh: a different selection unifies
 # features differently and would rebuild RocksDB and librdkafka from scratch.

@@ -6,6 +6,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
 . scripts/env.sh
 bash scripts/provision.sh
+bash scripts/prune-cache.sh
 echo "test: building (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads=2

@@ -56,8 +56,14 @@ pub fn free_port() -> u16 {
         .expect("no free port on 127.0.0.1")
 }
 
+/// The checkout's `scripts/`. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test too; that
+/// value wins over the compile-time one, because a shared target dir may hold test binaries
+/// built from another clone of the repository.
 fn scripts_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../scripts")
 }
 
 /// etcd and tansu, started by `scripts/services.sh` in a temporary folder.
@@ -717,7 +723,10 @@ where
         match check().await {
             Ok(true) => return Ok(()),
             Ok(false) => {}
-            Err(e) => last_err = Some(e),
+            Err(e) => {
+                eprintln!("waiting for {what}: {e:#}");
+                last_err = Some(e);
+            }
         }
         if Instant::now() > deadline {
             bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
