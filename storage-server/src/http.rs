@@ -504,6 +504,10 @@ async fn batch_get(
                     tracing::debug!(error = %e, "batch-get stream closed by the client");
                     return Ok(());
                 }
+                // Let the connection task write the chunk now. It was woken from this worker,
+                // so it waits in the worker's LIFO slot (which other workers do not steal) until
+                // this task yields: without this, the first chunk leaves with the last.
+                tokio::task::yield_now().await;
             }
         }
     }
