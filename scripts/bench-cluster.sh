@@ -1,8 +1,9 @@
 # Sourced by the benchmark scripts: starts etcd, tansu, a controller and three storage servers on
 # free 127.0.0.1 ports, stopping everything by PID at exit. Expects `bin`, `work` and `OUT` set.
 # Defines: etcd, kafka, controller, start_server INDEX [ARGS], server_pids, admin ARGS,
-# online_replicas STORE. Server i follows the fault file $work/server-i.faults (absent: no faults;
-# `echo '{"delay_ms": 200}' > $work/server-0.faults` slows server-0 down while it runs).
+# online_replicas STORE, server_phases. Server i follows the fault file $work/server-i.faults
+# (absent: no faults; `echo '{"delay_ms": 200}' > $work/server-0.faults` slows server-0 down while
+# it runs).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 etcd_port=$(free_port); peer_port=$(free_port); kafka_port=$(free_port); controller_port=$(free_port)
 etcd="http://127.0.0.1:$etcd_port"; kafka="127.0.0.1:$kafka_port"; controller="http://127.0.0.1:$controller_port"
@@ -42,3 +43,19 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 
+server_phases() { # the servers' batch-get latency histograms, summed: JSON {phase: [sum_s, count]}
+  admin --json nodes list 2>/dev/null | python3 -c '
+import json, sys
+for n in json.load(sys.stdin): print(n["address"])' | while read -r address; do
+    curl -s --max-time 5 --http2-prior-knowledge "http://$address/metrics" || true
+  done | python3 -c '
+import json, re, sys
+phases = {}
+for line in sys.stdin:
+    m = re.match(r"rialto_server_batch_get_seconds_(sum|count)\{phase=\"(\w+)\"\} (\S+)", line)
+    if m:
+        kind, phase, value = m.groups()
+        entry = phases.setdefault(phase, [0.0, 0])
+        entry[0 if kind == "sum" else 1] += float(value)
+print(json.dumps(phases))'
+}

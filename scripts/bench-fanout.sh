@@ -41,9 +41,11 @@ echo "bench: prepared in $(( $(date +%s) - start )) s"
 run() { # name [extra args]
   local name=$1; shift
   echo "bench: run $name"
+  server_phases > "$OUT/$name.server-before.json"
   "$bin/rialto-loadgen" --etcd "$etcd" run --store fanout --keys "$KEYS" --batch-keys "$BATCH" \
     --rate "$RATE" --duration "${RUN_DURATION:-$DURATION}" --warmup "$WARMUP" --tasks "$TASKS" \
     --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log"
+  server_phases > "$OUT/$name.server-after.json"
 }
 # Right after the push the servers may still be settling: one unreported run first.
 RUN_DURATION=15s run settle --mode batch
@@ -85,4 +87,26 @@ for name in ["batch", "stream", "batch-no-group-routing", "slow-server-long-tail
           f"{med(lambda r: (r.get('fanout') or {}).get('mean', 0)):6.2f} "
           f"{med(lambda r: r['retries']['long_tail_sent']):6.0f} {med(lambda r: r['retries']['long_tail_won']):4.0f} "
           f"{sum(r['requests']['failed'] for r in runs):6}")
+
+# Server side of the same runs (warm-up included): mean time from a batch-get's arrival to its
+# keys decoded, to its first chunk and to its last chunk handed to HTTP/2, over every server.
+print("\nserver-side batch-get means in ms, median over runs")
+print(f"{'run':30} {'request':>8} {'first chunk':>12} {'total':>8}")
+for name in ["batch", "stream", "batch-no-group-routing", "slow-server-long-tail-retry", "slow-server-no-retry"]:
+    means = {"request": [], "first_chunk": [], "total": []}
+    for k in range(1, repeat + 1):
+        try:
+            before = json.load(open(os.path.join(out, f"{name}-{k}.server-before.json")))
+            after = json.load(open(os.path.join(out, f"{name}-{k}.server-after.json")))
+        except (OSError, ValueError):
+            continue
+        for phase in means:
+            s1, c1 = after.get(phase, [0, 0])
+            s0, c0 = before.get(phase, [0, 0])
+            if c1 > c0:
+                means[phase].append((s1 - s0) / (c1 - c0) * 1000)
+    if means["total"]:
+        cells = " ".join(f"{statistics.median(means[p]):{w}.2f}" if means[p] else " " * w
+                         for p, w in [("request", 8), ("first_chunk", 12), ("total", 8)])
+        print(f"{name:30} {cells}")
 PY

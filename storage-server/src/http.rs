@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
@@ -426,10 +426,13 @@ async fn batch_get(
     store: &str,
     version: u32,
 ) -> Result<(), Failure> {
+    let arrived = Instant::now();
     inject_faults(service).await?;
     let body = read_body(body, declared_len, REQUEST_BYTES_MAX).await?;
     let keys = BatchGetRequest::decode(&body, service.batch_get_keys_max)
         .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
+    let metrics = &service.metrics;
+    metrics.batch_get_request.observe(arrived.elapsed());
     let partitions = service
         .node
         .registry
@@ -496,6 +499,9 @@ async fn batch_get(
                 }
             }
             if buf.len() >= chunk_bytes {
+                if chunk_bytes == FIRST_CHUNK_BYTES {
+                    metrics.batch_get_first_chunk.observe(arrived.elapsed());
+                }
                 chunk_bytes = CHUNK_BYTES;
                 let chunk = service
                     .buffers
@@ -521,9 +527,13 @@ async fn batch_get(
         .fetch_add(trailer.missing as u64, Ordering::Relaxed);
     BatchGetFrameWriter::trailer(&mut buf, &trailer);
     let chunk = service.buffers.freeze(buf);
+    if chunk_bytes == FIRST_CHUNK_BYTES {
+        metrics.batch_get_first_chunk.observe(arrived.elapsed());
+    }
     if let Err(e) = send_chunk(&mut stream, chunk, true).await {
         tracing::debug!(error = %e, "batch-get stream closed by the client");
     }
+    metrics.batch_get_total.observe(arrived.elapsed());
     Ok(())
 }
 
@@ -1140,6 +1150,14 @@ mod tests {
         assert_eq!(got.len(), 301);
         let m = f.server.metrics();
         assert_eq!(m.keys_found.load(Ordering::Relaxed), 300);
+        // One observation per phase, in order: request <= first chunk <= total.
+        let phases = [
+            &m.batch_get_request,
+            &m.batch_get_first_chunk,
+            &m.batch_get_total,
+        ];
+        assert!(phases.iter().all(|h| h.count() == 1));
+        assert!(phases[0].mean() <= phases[1].mean() && phases[1].mean() <= phases[2].mean());
         f.server.shutdown().await.unwrap();
     }
 
