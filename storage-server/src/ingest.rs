@@ -9,8 +9,11 @@
 //!
 //! Two write paths, chosen by START_OF_PUSH: an unsorted push goes through write batches (data
 //! and checkpoint in one batch, see above); a sorted push collects validated records into chunks
-//! of up to [`SORTED_CHUNK_BYTES`] that are written as SST files (PlainTable or block-based) and
-//! ingested, the checkpoint following each ingested chunk. A sorted push whose keys are not
+//! of up to [`SORTED_CHUNK_BYTES`] or [`SORTED_CHUNK_AGE`], whichever comes first, that are
+//! written as SST files (PlainTable or block-based) and ingested, the checkpoint following each
+//! ingested chunk. One chunk is written on a blocking thread while the task consumes the next, so
+//! the file building overlaps the broker and is spread over the push instead of piling up at
+//! END_OF_PUSH; a replica holds at most two chunks in memory. A sorted push whose keys are not
 //! strictly ascending (checked record by record against the last key, kept in the checkpoint)
 //! sends the replica to ERROR.
 //!
@@ -47,11 +50,27 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub const END_OF_SEGMENT_WAIT: Duration = Duration::from_secs(2);
 /// Consecutive non-retryable consumer failures tolerated before the replica goes to ERROR.
 pub const CONSUMER_FAILURES_MAX: u32 = 20;
-/// A sorted push is ingested in SST files of about this many bytes of keys and values.
-pub const SORTED_CHUNK_BYTES: usize = 64 * 1024 * 1024;
-/// A partly filled chunk of a sorted push is ingested when no record arrived for a poll and it
-/// is older than this (a slow push still makes durable progress).
+/// A sorted push is ingested in SST files of at most about this many bytes of keys and values.
+pub const SORTED_CHUNK_BYTES: usize = 32 * 1024 * 1024;
+/// A chunk of a sorted push is ingested once it is this old, full or not: a slow push still makes
+/// durable progress, and the last chunk (built after END_OF_PUSH) holds a few seconds of records.
 pub const SORTED_CHUNK_AGE: Duration = Duration::from_secs(5);
+
+/// When a chunk of a sorted push is written: at `bytes` of keys and values or at `age`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkLimits {
+    pub bytes: usize,
+    pub age: Duration,
+}
+
+impl Default for ChunkLimits {
+    fn default() -> Self {
+        ChunkLimits {
+            bytes: SORTED_CHUNK_BYTES,
+            age: SORTED_CHUNK_AGE,
+        }
+    }
+}
 /// Pause after a failed poll or consumer creation.
 const CONSUMER_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -150,6 +169,9 @@ async fn ingest(
             chunk.ingest(ctx, &store).await?;
             return Err(Ended::Stopped);
         };
+        if let Some(cp) = chunk.written(ctx).await? {
+            durable = cp;
+        }
         let records = match polled {
             Ok(records) => {
                 poll_failures = 0;
@@ -159,6 +181,7 @@ async fn ingest(
                 if !e.retryable() {
                     poll_failures += 1;
                     if poll_failures >= CONSUMER_FAILURES_MAX {
+                        chunk.abandon().await;
                         return Err(Ended::Failed(format!(
                             "cannot consume {topic}/{}: {e}",
                             id.partition
@@ -166,16 +189,21 @@ async fn ingest(
                     }
                 }
                 tracing::warn!(replica = %id, error = %e, "poll failed; retrying");
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return Err(Ended::Stopped),
-                    _ = tokio::time::sleep(CONSUMER_RETRY_BACKOFF) => {}
+                let stopped = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => true,
+                    _ = tokio::time::sleep(CONSUMER_RETRY_BACKOFF) => false,
+                };
+                if stopped {
+                    // A graceful stop keeps what was consumed.
+                    chunk.ingest(ctx, &store).await?;
+                    return Err(Ended::Stopped);
                 }
                 continue;
             }
         };
         if records.is_empty() {
-            if !chunk.is_empty() && chunk.started.elapsed() >= SORTED_CHUNK_AGE {
-                if let Some(cp) = chunk.ingest(ctx, &store).await? {
+            if chunk.is_due(&ctx.sorted_chunk) {
+                if let Some(cp) = chunk.start(ctx, &store).await? {
                     durable = cp;
                 }
             }
@@ -208,13 +236,15 @@ async fn ingest(
         if batch.next != checkpoint {
             if ingests_sst_files(&batch.next) {
                 chunk.add(batch.ops, batch.next.clone());
-                if chunk.bytes >= SORTED_CHUNK_BYTES
-                    || batch.next.validation.end_of_push
-                    || batch.failure.is_some()
-                {
-                    if let Some(cp) = chunk.ingest(ctx, &store).await? {
-                        durable = cp;
-                    }
+                let written = if batch.next.validation.end_of_push || batch.failure.is_some() {
+                    chunk.ingest(ctx, &store).await?
+                } else if chunk.is_due(&ctx.sorted_chunk) {
+                    chunk.start(ctx, &store).await?
+                } else {
+                    None
+                };
+                if let Some(cp) = written {
+                    durable = cp;
                 }
             } else {
                 let applied = batch.next.records - checkpoint.records;
@@ -233,6 +263,9 @@ async fn ingest(
             .duplicates_skipped
             .fetch_add(batch.duplicates, Ordering::Relaxed);
         if let Some(message) = batch.failure {
+            if let Some(cp) = chunk.ingest(ctx, &store).await? {
+                durable = cp;
+            }
             slot.update(&ctx.metrics, |r| {
                 r.offset = durable.next_offset;
                 r.records = durable.records;
@@ -250,9 +283,7 @@ async fn ingest(
         }
     }
     // Records consumed after END_OF_PUSH (END_OF_SEGMENT) only move the checkpoint.
-    if !chunk.is_empty() {
-        chunk.ingest(ctx, &store).await?;
-    }
+    chunk.ingest(ctx, &store).await?;
     if store
         .checkpoint()
         .map_err(|e| Ended::Failed(e.to_string()))?
@@ -275,13 +306,23 @@ fn ingests_sst_files(checkpoint: &Checkpoint) -> bool {
         .is_some_and(|sop| sop.sorted)
 }
 
-/// Validated records of a sorted push waiting to be written as one SST file.
+/// Validated records of a sorted push waiting to be written as one SST file, and the chunk before
+/// them being written (at most one: writes stay in order).
 struct SortedChunk {
     ops: Vec<WriteOp>,
     bytes: usize,
     /// The checkpoint after the last record in `ops`.
     checkpoint: Option<Checkpoint>,
     started: Instant,
+    writing: Option<ChunkWrite>,
+}
+
+/// A chunk being written and ingested on a blocking thread.
+struct ChunkWrite {
+    task: tokio::task::JoinHandle<Result<(), crate::ServerError>>,
+    /// The checkpoint written with it.
+    checkpoint: Checkpoint,
+    records: u64,
 }
 
 impl Default for SortedChunk {
@@ -291,6 +332,7 @@ impl Default for SortedChunk {
             bytes: 0,
             checkpoint: None,
             started: Instant::now(),
+            writing: None,
         }
     }
 }
@@ -298,6 +340,11 @@ impl Default for SortedChunk {
 impl SortedChunk {
     fn is_empty(&self) -> bool {
         self.checkpoint.is_none()
+    }
+
+    /// Whether the chunk is full or old enough to be written.
+    fn is_due(&self, limits: &ChunkLimits) -> bool {
+        !self.is_empty() && (self.bytes >= limits.bytes || self.started.elapsed() >= limits.age)
     }
 
     fn add(&mut self, ops: Vec<WriteOp>, checkpoint: Checkpoint) {
@@ -315,33 +362,82 @@ impl SortedChunk {
         self.checkpoint = Some(checkpoint);
     }
 
-    /// Writes and ingests the chunk, then its checkpoint; empties it. Returns the checkpoint
-    /// written, `None` if the chunk was empty.
+    /// Waits for the chunk being written, if any; returns the checkpoint it made durable.
+    async fn wait(&mut self, ctx: &NodeContext) -> Result<Option<Checkpoint>, Ended> {
+        let Some(write) = self.writing.take() else {
+            return Ok(None);
+        };
+        match write.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Ended::Failed(format!("cannot ingest a sorted chunk: {e}")));
+            }
+            Err(e) => {
+                return Err(Ended::Failed(format!(
+                    "ingesting a sorted chunk panicked: {e}"
+                )));
+            }
+        }
+        ctx.metrics
+            .records_ingested
+            .fetch_add(write.records, Ordering::Relaxed);
+        if write.records > 0 {
+            ctx.metrics
+                .sst_files_ingested
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(write.checkpoint))
+    }
+
+    /// The checkpoint of the chunk being written if it is done, without waiting.
+    async fn written(&mut self, ctx: &NodeContext) -> Result<Option<Checkpoint>, Ended> {
+        match &self.writing {
+            Some(write) if write.task.is_finished() => self.wait(ctx).await,
+            _ => Ok(None),
+        }
+    }
+
+    /// Starts writing the chunk in the background after waiting for the one before it, and
+    /// empties it. Returns the checkpoint the previous write made durable, if any.
+    async fn start(
+        &mut self,
+        ctx: &NodeContext,
+        store: &Arc<ReplicaStore>,
+    ) -> Result<Option<Checkpoint>, Ended> {
+        let previous = self.wait(ctx).await?;
+        let Some(checkpoint) = self.checkpoint.take() else {
+            return Ok(previous);
+        };
+        let ops = std::mem::take(&mut self.ops);
+        self.bytes = 0;
+        let records = ops.len() as u64;
+        let (s, cp) = (store.clone(), checkpoint.clone());
+        let task = tokio::task::spawn_blocking(move || s.ingest_sorted(&ops, &cp));
+        self.writing = Some(ChunkWrite {
+            task,
+            checkpoint,
+            records,
+        });
+        Ok(previous)
+    }
+
+    /// Writes and ingests the chunk (after the one being written), then its checkpoint; empties
+    /// it. Returns the last checkpoint written, `None` if nothing was.
     async fn ingest(
         &mut self,
         ctx: &NodeContext,
         store: &Arc<ReplicaStore>,
     ) -> Result<Option<Checkpoint>, Ended> {
-        let Some(checkpoint) = self.checkpoint.take() else {
-            return Ok(None);
-        };
-        let written = checkpoint.clone();
-        let ops = std::mem::take(&mut self.ops);
-        self.bytes = 0;
-        let applied = ops.len() as u64;
-        let s = store.clone();
-        blocking(move || s.ingest_sorted(&ops, &checkpoint))
-            .await
-            .map_err(|e| Ended::Failed(format!("cannot ingest a sorted chunk: {e}")))?;
-        ctx.metrics
-            .records_ingested
-            .fetch_add(applied, Ordering::Relaxed);
-        if applied > 0 {
-            ctx.metrics
-                .sst_files_ingested
-                .fetch_add(1, Ordering::Relaxed);
+        let previous = self.start(ctx, store).await?;
+        Ok(self.wait(ctx).await?.or(previous))
+    }
+
+    /// Waits for the chunk being written, whatever its outcome: nothing writes to the replica
+    /// after its task ends.
+    async fn abandon(&mut self) {
+        if let Some(write) = self.writing.take() {
+            let _ = write.task.await;
         }
-        Ok(Some(written))
     }
 }
 
@@ -620,6 +716,10 @@ mod tests {
     }
 
     async fn harness() -> Harness {
+        harness_with(ChunkLimits::default()).await
+    }
+
+    async fn harness_with(sorted_chunk: ChunkLimits) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemoryMetaStore::new();
         let pubsub = MemoryPubSub::new();
@@ -642,6 +742,7 @@ mod tests {
             },
             lease_ttl_s: 10,
             lease_id: tokio::sync::Mutex::new(0),
+            sorted_chunk,
         });
         let lease = ctx.register().await.unwrap();
         Harness {
@@ -957,6 +1058,86 @@ mod tests {
             );
         }
         assert!(store.get(b"key-002500").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_sorted_push_larger_than_a_chunk_is_ingested_chunk_after_chunk() {
+        // Chunks of 4 KB: every poll (up to POLL_RECORDS_MAX records of about 30 bytes) fills
+        // one, so 2,500 records make three SST files, each written while the next is consumed.
+        let h = harness_with(ChunkLimits {
+            bytes: 4096,
+            age: Duration::from_secs(60),
+        })
+        .await;
+        let keys = sorted_keys(2500);
+        let end = h.pubsub.append_all(TOPIC, 0, sorted_push(&keys, b""));
+        let slot = slot(&h);
+        run_to_end(&h, &slot).await;
+        let r = reported(&h).await;
+        assert_eq!(r.state, ReplicaState::Online, "{r:?}");
+        assert_eq!((r.offset, r.records), (end, 2500));
+        let files = h.ctx.metrics.sst_files_ingested.load(Ordering::Relaxed);
+        assert!((3..=6).contains(&files), "{files} SST files");
+        assert_eq!(h.ctx.metrics.records_ingested.load(Ordering::Relaxed), 2500);
+        let store = h.ctx.registry.online("s", 1, 0).unwrap();
+        for k in &keys {
+            assert_eq!(
+                store.get(k.as_bytes()).unwrap().as_deref(),
+                Some(&StoredValue::encode(1, format!("value of {k}").as_bytes())[..]),
+                "{k}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_old_chunk_is_ingested_while_the_push_is_still_running() {
+        // Half a push, then silence: the chunk is written once it is older than its age limit,
+        // and the reported offset (what a restart resumes from) moves past it.
+        let h = harness_with(ChunkLimits {
+            bytes: usize::MAX,
+            age: Duration::from_millis(300),
+        })
+        .await;
+        let keys = sorted_keys(200);
+        let records = sorted_push(&keys, b"");
+        // SOS, SOP and 100 PUTs.
+        h.pubsub.append_all(TOPIC, 0, records[..102].to_vec());
+        let slot = slot(&h);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), plan(), stop_rx));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let key = h.ctx.layout.replica("s", 1, 0, "n1");
+        loop {
+            let r: Option<ReplicaRecord> = h
+                .meta
+                .get(&key)
+                .await
+                .unwrap()
+                .map(|kv| serde_json::from_slice(&kv.value).unwrap());
+            if let Some(r) = r.as_ref().filter(|r| r.records == 100) {
+                assert_eq!((r.state, r.offset), (ReplicaState::Bootstrap, 102));
+                break;
+            }
+            assert!(Instant::now() < deadline, "chunk never ingested: {r:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(h.ctx.metrics.sst_files_ingested.load(Ordering::Relaxed), 1);
+        h.pubsub.append_all(TOPIC, 0, records[102..].to_vec());
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("ingestion should finish")
+            .unwrap();
+        drop(stop);
+        let r = reported(&h).await;
+        assert_eq!((r.state, r.records), (ReplicaState::Online, 200), "{r:?}");
+        assert!(h
+            .ctx
+            .registry
+            .online("s", 1, 0)
+            .unwrap()
+            .get(b"key-000199")
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test]

@@ -273,6 +273,7 @@ pub async fn start(
         },
         lease_ttl_s: config.lease_ttl_s,
         lease_id: tokio::sync::Mutex::new(0),
+        sorted_chunk: ingest::ChunkLimits::default(),
     });
 
     let mirror = PrefixMirror::start(meta.clone(), layout.versions_prefix()).await?;

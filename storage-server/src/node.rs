@@ -37,6 +37,8 @@ pub(crate) struct NodeContext {
     pub lease_ttl_s: i64,
     /// The current lease id; held while writing anything under it.
     pub lease_id: Mutex<i64>,
+    /// When a sorted push's chunk is written as an SST file.
+    pub sorted_chunk: crate::ingest::ChunkLimits,
 }
 
 impl NodeContext {
