@@ -1,6 +1,6 @@
 //! [`PubSub`] over Kafka (any Kafka-protocol broker) through `rdkafka`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,12 +26,25 @@ pub struct KafkaConfig {
     pub bootstrap_servers: String,
 }
 
-/// Kafka-backed [`PubSub`]. One producer, shared; one consumer per partition consumer.
+/// Kafka-backed [`PubSub`]. One producer, shared, created by the first send (storage servers
+/// never produce, and an idle librdkafka producer's polling thread still costs CPU); one
+/// consumer per partition consumer.
 pub struct KafkaPubSub {
     config: KafkaConfig,
     admin: AdminClient<DefaultClientContext>,
-    producer: FutureProducer,
+    producer: Mutex<Option<FutureProducer>>,
     metadata: Arc<BaseConsumer>,
+}
+
+/// A client configuration for `bootstrap_servers` with the settings every client shares.
+fn client_config(config: &KafkaConfig, extra: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers);
+    c.set("socket.timeout.ms", "10000");
+    for (k, v) in extra {
+        c.set(*k, *v);
+    }
+    c
 }
 
 fn unavailable(context: &str, e: impl std::fmt::Display) -> PubSubError {
@@ -67,40 +80,47 @@ fn classify(context: &str, e: KafkaError) -> PubSubError {
 impl KafkaPubSub {
     /// Connects lazily: creating the client does not contact the broker.
     pub fn new(config: KafkaConfig) -> Result<KafkaPubSub, PubSubError> {
-        let base = |extra: &[(&str, &str)]| {
-            let mut c = ClientConfig::new();
-            c.set("bootstrap.servers", &config.bootstrap_servers);
-            c.set("socket.timeout.ms", "10000");
-            for (k, v) in extra {
-                c.set(*k, *v);
-            }
-            c
-        };
-        let admin = base(&[])
+        let admin = client_config(&config, &[])
             .create()
             .map_err(|e| failed("create admin client", e))?;
-        let producer = base(&[
-            ("enable.idempotence", "true"),
-            ("linger.ms", "5"),
-            ("batch.num.messages", "10000"),
-            ("queue.buffering.max.messages", "200000"),
-            ("compression.type", "lz4"),
-            ("message.timeout.ms", "120000"),
-        ])
-        .create()
-        .map_err(|e| failed("create producer", e))?;
-        let metadata = base(&[
-            ("group.id", "rialto-metadata"),
-            ("enable.auto.commit", "false"),
-        ])
+        let metadata = client_config(
+            &config,
+            &[
+                ("group.id", "rialto-metadata"),
+                ("enable.auto.commit", "false"),
+            ],
+        )
         .create()
         .map_err(|e| failed("create metadata consumer", e))?;
         Ok(KafkaPubSub {
             config,
             admin,
-            producer,
+            producer: Mutex::new(None),
             metadata: Arc::new(metadata),
         })
+    }
+
+    /// The shared producer, created on first use.
+    fn producer(&self) -> Result<FutureProducer, PubSubError> {
+        let mut producer = self.producer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = producer.as_ref() {
+            return Ok(p.clone());
+        }
+        let created: FutureProducer = client_config(
+            &self.config,
+            &[
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("batch.num.messages", "10000"),
+                ("queue.buffering.max.messages", "200000"),
+                ("compression.type", "lz4"),
+                ("message.timeout.ms", "120000"),
+            ],
+        )
+        .create()
+        .map_err(|e| failed("create producer", e))?;
+        *producer = Some(created.clone());
+        Ok(created)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -194,12 +214,13 @@ impl PubSub for KafkaPubSub {
         key: &[u8],
         value: &[u8],
     ) -> Result<Delivery, PubSubError> {
+        let producer = self.producer()?;
         loop {
             let record = FutureRecord::to(topic)
                 .partition(partition as i32)
                 .key(key)
                 .payload(value);
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     let topic = topic.to_string();
                     return Ok(async move {
@@ -226,7 +247,14 @@ impl PubSub for KafkaPubSub {
     }
 
     async fn flush(&self, timeout: Duration) -> Result<(), PubSubError> {
-        let producer = self.producer.clone();
+        let producer = self
+            .producer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(producer) = producer else {
+            return Ok(()); // nothing was ever sent
+        };
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|e| failed("flush task", e))?
