@@ -27,7 +27,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rialto_backends::etcd::EtcdMetaStore;
 use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_backends::{MetaStore, PubSub};
@@ -554,6 +554,44 @@ impl Cluster {
             VersionStatus::Failed { reason } => Ok(reason),
             other => bail!("{store} v{version} must fail, got {other:?}"),
         }
+    }
+
+    /// Pushes envelopes (see [`push_envelopes_as`](Self::push_envelopes_as)) that the servers
+    /// must reject, and returns the reason the version failed. The servers may fail it while the
+    /// push is still producing (the controller then deletes its topic) or before the push is
+    /// reported written (refused: already failed), so the push itself may fail too; the new
+    /// version is then the store's largest.
+    pub async fn push_rejected_envelopes(
+        &self,
+        store: &str,
+        records: &[Vec<(Vec<u8>, Vec<u8>)>],
+        sorted: bool,
+        codec: rialto_protocol::envelope::CompressionCodec,
+    ) -> Result<String> {
+        let before = self
+            .admin()
+            .describe_store(store)
+            .await?
+            .store
+            .largest_version;
+        let version = match self.push_envelopes_as(store, records, sorted, codec).await {
+            Ok(version) => version,
+            Err(e) => {
+                eprintln!("the push of a rejected version failed too, as it may: {e:#}");
+                let largest = self
+                    .admin()
+                    .describe_store(store)
+                    .await?
+                    .store
+                    .largest_version;
+                ensure!(
+                    largest == before + 1,
+                    "no new version of {store} after {e:#}"
+                );
+                largest
+            }
+        };
+        self.wait_for_version_failure(store, version).await
     }
 
     /// Pushes a file through the real push job (in-process).
