@@ -11,7 +11,8 @@
 //! and checkpoint in one batch, see above); a sorted push collects validated records into chunks
 //! of up to [`SORTED_CHUNK_BYTES`] or [`SORTED_CHUNK_AGE`], whichever comes first, that are
 //! written as SST files (PlainTable or block-based) and ingested, the checkpoint following each
-//! ingested chunk. One chunk is written on a blocking thread while the task consumes the next, so
+//! ingested chunk (synced; a replay after a crash in between skips the keys already ingested,
+//! see `ReplicaStore::ingest_sorted`). One chunk is written on a blocking thread while the task consumes the next, so
 //! the file building overlaps the broker and is spread over the push instead of piling up at
 //! END_OF_PUSH; a replica holds at most two chunks in memory. A sorted push whose keys are not
 //! strictly ascending (checked record by record against the last key, kept in the checkpoint)
