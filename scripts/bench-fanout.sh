@@ -7,7 +7,9 @@
 #   3. batch-get without group routing (fanout 3)
 #   4. batch-get with server-0 delayed by 200 ms (through its fault file), long-tail retry on
 #   5. the same with long-tail retry off
-# REPEAT rounds (default 3) of the five runs; results go to $OUT (JSON per run) and a table of
+# SUB_KEYS="5000 2500 1250" instead runs batch and streaming gets with each of these
+# sub-request sizes (the client's sub_request_keys_max; default 2500), to compare them.
+# REPEAT rounds (default 3) of the runs; results go to $OUT (JSON per run) and a table of
 # medians on stdout. Everything started is stopped by PID at exit. Bounded: each run lasts
 # DURATION at RATE. STORAGE=on-disk|in-memory picks the store's profile (default on-disk).
 set -euo pipefail
@@ -38,20 +40,40 @@ RUST_LOG=info "$bin/rialto-loadgen" --etcd "$etcd" prepare --controller "$contro
   $([ "${STORAGE:-on-disk}" = in-memory ] && echo --in-memory)
 echo "bench: prepared in $(( $(date +%s) - start )) s"
 
+server_cpu_ticks() { # CPU time (user + system, clock ticks) the three servers have used so far
+  local total=0 f
+  for pid in "${server_pids[@]}"; do
+    read -r -a f < "/proc/$pid/stat" && total=$((total + f[13] + f[14]))
+  done
+  echo "$total"
+}
 run() { # name [extra args]
   local name=$1; shift
   echo "bench: run $name"
   server_phases > "$OUT/$name.server-before.json"
-  "$bin/rialto-loadgen" --etcd "$etcd" run --store fanout --keys "$KEYS" --batch-keys "$BATCH" \
+  local ticks=$(server_cpu_ticks)
+  # `times` in the subshell: its children's CPU time (the load generator and client) on line 2.
+  ( "$bin/rialto-loadgen" --etcd "$etcd" run --store fanout --keys "$KEYS" --batch-keys "$BATCH" \
     --rate "$RATE" --duration "${RUN_DURATION:-$DURATION}" --warmup "$WARMUP" --tasks "$TASKS" \
-    --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log"
+    --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log"; times > "$OUT/$name.times" )
+  echo "$(( $(server_cpu_ticks) - ticks )) $(getconf CLK_TCK)" > "$OUT/$name.server-cpu"
   server_phases > "$OUT/$name.server-after.json"
 }
 # Right after the push the servers may still be settling: one unreported run first.
 RUN_DURATION=15s run settle --mode batch
 # REPEAT rounds of every run, interleaved so that drift on the shared machine hits all alike; the
 # slow server is made slow (and healed) through its fault file, without a restart.
+names=()
 for round in $(seq 1 "$REPEAT"); do
+  if [ -n "${SUB_KEYS:-}" ]; then
+    for n in $SUB_KEYS; do
+      run "batch-sub-$n-$round" --mode batch --sub-request-keys "$n"
+      run "stream-sub-$n-$round" --mode stream --sub-request-keys "$n"
+      [ "$round" = 1 ] && names+=("batch-sub-$n" "stream-sub-$n")
+    done
+    continue
+  fi
+  names=(batch stream batch-no-group-routing slow-server-long-tail-retry slow-server-no-retry)
   run "batch-$round" --mode batch
   run "stream-$round" --mode stream
   run "batch-no-group-routing-$round" --mode batch --no-group-routing
@@ -63,12 +85,12 @@ for round in $(seq 1 "$REPEAT"); do
   sleep 1
 done
 
-python3 - "$OUT" "$REPEAT" <<'PY'
+python3 - "$OUT" "$REPEAT" "${names[@]}" <<'PY'
 import json, os, statistics, sys
-out, repeat = sys.argv[1], int(sys.argv[2])
+out, repeat, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 print(f"\nmedians of {repeat} run(s) each (min-max of p99 in brackets)")
 print(f"{'run':30} {'req/s':>6} {'keys/s':>8} {'MB/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'p99 range':>15} {'ttfr p50':>8} {'fanout':>6} {'hedges':>6} {'won':>4} {'failed':>6}")
-for name in ["batch", "stream", "batch-no-group-routing", "slow-server-long-tail-retry", "slow-server-no-retry"]:
+for name in names:
     runs = []
     for k in range(1, repeat + 1):
         path = os.path.join(out, f"{name}-{k}.json")
@@ -92,7 +114,7 @@ for name in ["batch", "stream", "batch-no-group-routing", "slow-server-long-tail
 # keys decoded, to its first chunk and to its last chunk handed to HTTP/2, over every server.
 print("\nserver-side batch-get means in ms, median over runs")
 print(f"{'run':30} {'request':>8} {'first chunk':>12} {'total':>8}")
-for name in ["batch", "stream", "batch-no-group-routing", "slow-server-long-tail-retry", "slow-server-no-retry"]:
+for name in names:
     means = {"request": [], "first_chunk": [], "total": []}
     for k in range(1, repeat + 1):
         try:
@@ -109,4 +131,27 @@ for name in ["batch", "stream", "batch-no-group-routing", "slow-server-long-tail
         cells = " ".join(f"{statistics.median(means[p]):{w}.2f}" if means[p] else " " * w
                          for p, w in [("request", 8), ("first_chunk", 12), ("total", 8)])
         print(f"{name:30} {cells}")
+
+# CPU per key over each whole run (warm-up and connection set-up included): the three servers
+# (from /proc) and the load generator with its client (bash `times`).
+def seconds(t):  # bash `times` format: 1m2.345s
+    m, s = t.rstrip("s").split("m")
+    return int(m) * 60 + float(s)
+print("\nCPU µs per key read, median over runs")
+print(f"{'run':30} {'servers':>8} {'client':>8}")
+for name in names:
+    servers, client = [], []
+    for k in range(1, repeat + 1):
+        try:
+            r = json.load(open(os.path.join(out, f"{name}-{k}.json")))
+            ticks, hz = map(int, open(os.path.join(out, f"{name}-{k}.server-cpu")).read().split())
+            user, system = open(os.path.join(out, f"{name}-{k}.times")).read().splitlines()[1].split()
+        except (OSError, ValueError, IndexError):
+            continue
+        c = r["config"]
+        keys = c["rate_per_s"] * (c["duration_s"] + c["warmup_s"]) * c["batch_keys"]
+        servers.append(ticks / hz / keys * 1e6)
+        client.append((seconds(user) + seconds(system)) / keys * 1e6)
+    if servers:
+        print(f"{name:30} {statistics.median(servers):8.2f} {statistics.median(client):8.2f}")
 PY

@@ -54,6 +54,9 @@ pub const BATCH_GET_KEYS_MAX: usize = rialto_protocol::wire::BATCH_GET_KEYS_MAX;
 /// Default [`ClientConfig::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default of [`ClientConfig::sub_request_keys_max`].
+pub const SUB_REQUEST_KEYS_MAX: usize = 2_500;
+
 /// TLS settings for talking to storage servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTls {
@@ -79,6 +82,11 @@ pub struct ClientConfig {
     /// Group-based routing (default true): each batch-get is served from the servers of one
     /// group (logical zone), so its fanout does not grow with the replication factor.
     pub group_routing: bool,
+    /// Most keys in one batch-get sub-request (default [`SUB_REQUEST_KEYS_MAX`]). A server's share
+    /// of a batch-get goes out as this many concurrent sub-requests of equal size, which the
+    /// server reads on its worker threads in parallel (it reads one request's keys in order) and
+    /// the client hedges one by one. `usize::MAX` sends one request per server.
+    pub sub_request_keys_max: usize,
     /// Smart long-tail retry settings.
     pub long_tail: LongTailRetry,
     /// How servers are judged unhealthy, blocked and probed.
@@ -95,6 +103,7 @@ impl ClientConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             routing_wait: Duration::ZERO,
             group_routing: true,
+            sub_request_keys_max: SUB_REQUEST_KEYS_MAX,
             long_tail: LongTailRetry::default(),
             health: HealthConfig::default(),
         }

@@ -499,7 +499,8 @@ impl Call {
     }
 
     /// Sends `indices` (keys of partitions that replica `r` of partition `p` serves) to that
-    /// replica's server, split under the request size limit.
+    /// replica's server, split into sub-requests of at most `sub_request_keys_max` keys and under
+    /// the request size limit.
     fn send(&mut self, p: usize, r: usize, indices: Vec<u32>, hedge: bool) {
         let replica = &self.table.partitions[p][r];
         let instance = self.shared.instances.of(replica);
@@ -507,7 +508,8 @@ impl Call {
         if !self.contacted.iter().any(|i| Arc::ptr_eq(i, &instance)) {
             self.contacted.push(instance.clone());
         }
-        for indices in split_by_request_size(&self.keys, indices) {
+        let keys_max = self.shared.sub_request_keys_max;
+        for indices in split_sub_requests(&self.keys, indices, keys_max) {
             let id = self.subs.len();
             let mut body = Vec::with_capacity(
                 5 + indices
@@ -983,6 +985,24 @@ fn add_to_batch(table: &RoutingTable, batches: &mut Batches, p: usize, r: usize,
     }
 }
 
+/// Splits one server's keys into sub-requests: as few as keep each under `keys_max` keys, of
+/// equal size, then each further split where its body would pass the request size limit.
+fn split_sub_requests(keys: &[Bytes], indices: Vec<u32>, keys_max: usize) -> Vec<Vec<u32>> {
+    let parts = indices.len().div_ceil(keys_max.max(1)).max(1);
+    if parts == 1 {
+        return split_by_request_size(keys, indices);
+    }
+    let (base, extra) = (indices.len() / parts, indices.len() % parts);
+    let mut rest = &indices[..];
+    let mut out = Vec::with_capacity(parts);
+    for part in 0..parts {
+        let (this, tail) = rest.split_at(base + usize::from(part < extra));
+        rest = tail;
+        out.extend(split_by_request_size(keys, this.to_vec()));
+    }
+    out
+}
+
 /// Splits one server's keys into requests whose bodies stay under the request size limit.
 fn split_by_request_size(keys: &[Bytes], indices: Vec<u32>) -> Vec<Vec<u32>> {
     let size_of = |i: u32| 8 + keys[i as usize].len();
@@ -1032,5 +1052,34 @@ mod tests {
             split_by_request_size(&small, vec![0, 1, 2]),
             vec![vec![0, 1, 2]]
         );
+    }
+
+    #[test]
+    fn a_servers_keys_split_into_equal_sub_requests_under_the_key_limit() {
+        let keys: Vec<Bytes> = (0..5000u32)
+            .map(|i| Bytes::from(i.to_be_bytes().to_vec()))
+            .collect();
+        let all: Vec<u32> = (0..5000).collect();
+        let sizes = |parts: &[Vec<u32>]| parts.iter().map(Vec::len).collect::<Vec<_>>();
+        let parts = split_sub_requests(&keys, all.clone(), 2500);
+        assert_eq!(sizes(&parts), vec![2500, 2500]);
+        assert_eq!(parts.concat(), all);
+        // 5000 keys at most 2000 each: three of 1667/1667/1666, not 2000/2000/1000.
+        let parts = split_sub_requests(&keys, all.clone(), 2000);
+        assert_eq!(sizes(&parts), vec![1667, 1667, 1666]);
+        assert_eq!(parts.concat(), all);
+        assert_eq!(split_sub_requests(&keys, all.clone(), usize::MAX).len(), 1);
+        assert_eq!(split_sub_requests(&keys, vec![7], 0), vec![vec![7]]);
+        assert_eq!(
+            split_sub_requests(&keys, Vec::new(), 10),
+            vec![Vec::<u32>::new()]
+        );
+        // The size limit still applies within a sub-request.
+        let big: Vec<Bytes> = (0..10)
+            .map(|_| Bytes::from(vec![7u8; BATCH_REQUEST_BYTES_MAX / 4]))
+            .collect();
+        let parts = split_sub_requests(&big, (0..10).collect(), 5);
+        assert!(parts.len() >= 4, "{}", parts.len());
+        assert_eq!(parts.concat(), (0..10).collect::<Vec<u32>>());
     }
 }

@@ -120,6 +120,9 @@ enum Command {
         /// Disable group-based routing.
         #[arg(long)]
         no_group_routing: bool,
+        /// Most keys per batch-get sub-request (the client's `sub_request_keys_max`).
+        #[arg(long, default_value_t = rialto_fast_client::SUB_REQUEST_KEYS_MAX)]
+        sub_request_keys: usize,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -187,6 +190,7 @@ async fn main() -> Result<()> {
             request_timeout,
             no_long_tail_retry,
             no_group_routing,
+            sub_request_keys,
             json,
         } => {
             let report = run::run(
@@ -207,6 +211,7 @@ async fn main() -> Result<()> {
                     request_timeout,
                     long_tail_retry: !no_long_tail_retry,
                     group_routing: !no_group_routing,
+                    sub_request_keys,
                     json,
                 },
                 meta.clone(),

@@ -60,6 +60,7 @@ pub struct RunConfig {
     pub request_timeout_ms: u64,
     pub long_tail_retry: bool,
     pub group_routing: bool,
+    pub sub_request_keys: usize,
 }
 
 /// Request counts of the measured phase.
@@ -244,7 +245,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "rialto-loadgen run: store {} mode {} at {} req/s for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}",
+            "rialto-loadgen run: store {} mode {} at {} req/s for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys",
             c.store,
             c.mode,
             c.rate_per_s,
@@ -256,6 +257,7 @@ impl Report {
             c.clients,
             if c.long_tail_retry { "on" } else { "off" },
             if c.group_routing { "on" } else { "off" },
+            c.sub_request_keys,
         );
         let r = &self.requests;
         let _ = writeln!(

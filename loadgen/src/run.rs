@@ -36,6 +36,7 @@ pub struct RunArgs {
     pub request_timeout: Duration,
     pub long_tail_retry: bool,
     pub group_routing: bool,
+    pub sub_request_keys: usize,
     pub json: Option<PathBuf>,
 }
 
@@ -79,6 +80,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
     config.routing_wait = Duration::from_secs(10);
     config.request_timeout = args.request_timeout;
     config.group_routing = args.group_routing;
+    config.sub_request_keys_max = args.sub_request_keys;
     if !args.long_tail_retry {
         config.long_tail = LongTailRetry::disabled();
     }
@@ -122,6 +124,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         request_timeout_ms: args.request_timeout.as_millis() as u64,
         long_tail_retry: args.long_tail_retry,
         group_routing: args.group_routing,
+        sub_request_keys: args.sub_request_keys,
     };
     eprintln!(
         "run: {} {} requests ({} warmup) at {} req/s over {} task(s)",
