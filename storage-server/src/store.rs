@@ -382,8 +382,10 @@ impl ReplicaStore {
         checkpoint: &Checkpoint,
     ) -> Result<(), ServerError> {
         let ops = match self.largest_data_key()? {
-            Some(largest) => &ops[ops.partition_point(|op| op.key() <= &largest[..])..],
-            None => ops,
+            Some(largest) if !ops.is_empty() => {
+                &ops[ops.partition_point(|op| op.key() <= &largest[..])..]
+            }
+            _ => ops,
         };
         if !ops.is_empty() {
             let dir = self.path.join(INGEST_DIR);
@@ -397,10 +399,8 @@ impl ReplicaStore {
         }
         let meta = self.meta_cf()?;
         let encoded = self.encode_checkpoint(checkpoint)?;
-        let mut durable = rocksdb::WriteOptions::default();
-        durable.set_sync(true);
         self.db
-            .put_cf_opt(meta, CHECKPOINT_KEY, encoded, &durable)
+            .put_cf_opt(meta, CHECKPOINT_KEY, encoded, &synced_wal())
             .map_err(|e| storage(&self.path, e))
     }
 
@@ -431,11 +431,13 @@ impl ReplicaStore {
             .map_err(|e| storage(&self.path, e))
     }
 
-    /// Stores the version's compression dictionary (from START_OF_PUSH).
+    /// Stores the version's compression dictionary (from START_OF_PUSH), through the WAL, synced:
+    /// a checkpoint past START_OF_PUSH may be durable before the next flush (sorted pushes), and
+    /// a replica resuming from it must still have the dictionary.
     pub fn set_dictionary(&self, dictionary: &[u8]) -> Result<(), ServerError> {
         let meta = self.meta_cf()?;
         self.db
-            .put_cf_opt(meta, DICTIONARY_KEY, dictionary, &self.write_options())
+            .put_cf_opt(meta, DICTIONARY_KEY, dictionary, &synced_wal())
             .map_err(|e| storage(&self.path, e))
     }
 
@@ -660,6 +662,13 @@ pub fn remove_replica_dir(path: &Path) -> Result<(), ServerError> {
     }
 }
 
+/// Write options for the few writes that must be durable at once (the rest wait for a flush).
+fn synced_wal() -> rocksdb::WriteOptions {
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    opts
+}
+
 fn storage(path: &Path, e: rocksdb::Error) -> ServerError {
     ServerError::Storage {
         path: path.to_path_buf(),
@@ -853,8 +862,8 @@ mod tests {
         }
     }
 
-    /// Copies a database directory as a crash would leave it: the files written so far, nothing
-    /// of the memtables (the checkpoint after an ingested file is written without a WAL).
+    /// Copies a database directory as a crash would leave it: the files and WAL written so far,
+    /// nothing of the memtables that was written without the WAL.
     fn crash_image(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for entry in std::fs::read_dir(from).unwrap() {
@@ -880,6 +889,7 @@ mod tests {
             let (path, crashed) = (dir.path().join("live"), dir.path().join("crashed"));
             let ops = sorted_ops(3000, 100);
             let store = ReplicaStore::open(&path, profile, &engine).unwrap();
+            store.set_dictionary(b"dict").unwrap();
             store
                 .ingest_sorted(&ops[..1000], &checkpoint(5, 1000))
                 .unwrap();
@@ -894,6 +904,11 @@ mod tests {
                 store.checkpoint().unwrap(),
                 Some(checkpoint(8, 2000)),
                 "{profile:?}: the checkpoint is as durable as the file before it"
+            );
+            assert_eq!(
+                store.dictionary().unwrap().as_deref(),
+                Some(&b"dict"[..]),
+                "{profile:?}: a checkpoint past START_OF_PUSH comes with its dictionary"
             );
             let files = store.live_data_files().unwrap().len();
             // The replay (as if the checkpoint had been lost): chunks of other boundaries.
