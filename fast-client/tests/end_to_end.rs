@@ -1225,6 +1225,26 @@ async fn without_group_routing_fanout_grows_with_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_share_goes_out_as_sub_requests_of_at_most_the_key_limit() {
+    let meta = FakeMeta::new();
+    // One server holds both partitions: every key of a batch-get goes to it.
+    let fleet = fleet(&meta, 1, &[vec![0], vec![0]], 100).await;
+    let keys = key_set(100);
+    for (keys_max, expected) in [(30, 4), (usize::MAX, 1), (100, 1), (99, 2)] {
+        let mut config = ClientConfig::new(STORE);
+        config.sub_request_keys_max = keys_max;
+        config.long_tail = LongTailRetry::disabled();
+        let client = Client::connect(config, meta.clone()).await.unwrap();
+        let before = requests(&fleet[0].0);
+        let values = client.batch_get(&keys).await.unwrap();
+        assert_eq!(requests(&fleet[0].0) - before, expected, "limit {keys_max}");
+        assert!(values.iter().all(Option::is_some), "limit {keys_max}");
+        let stats = client.stats();
+        assert_eq!((stats.batch_gets, stats.fanout_max), (1, 1), "{stats:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_loaded_selection_starves_a_slow_replica_until_it_recovers() {
     let meta = FakeMeta::new();
     let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;
