@@ -381,11 +381,15 @@ impl ReplicaStore {
         ops: &[WriteOp],
         checkpoint: &Checkpoint,
     ) -> Result<(), ServerError> {
-        let ops = match self.largest_data_key()? {
-            Some(largest) if !ops.is_empty() => {
-                &ops[ops.partition_point(|op| op.key() <= &largest[..])..]
-            }
-            _ => ops,
+        // Checkpoint-only calls skip the lookup.
+        let largest = if ops.is_empty() {
+            None
+        } else {
+            self.largest_data_key()?
+        };
+        let ops = match largest {
+            Some(largest) => &ops[ops.partition_point(|op| op.key() <= &largest[..])..],
+            None => ops,
         };
         if !ops.is_empty() {
             let dir = self.path.join(INGEST_DIR);
