@@ -21,7 +21,7 @@ use crate::hedge::{Hedger, RequestKind};
 use crate::instances::{count_block, Instances};
 use crate::metadata::{self, Codecs, Mirrors};
 use crate::pool::ConnectionPool;
-use crate::response::RawValue;
+use crate::response::{RawValue, ReceivePool};
 use crate::routing::{Replica, RoutingTable};
 use crate::stats::{ClientStats, Counters};
 use crate::stream::{self, BatchEvent, BatchStream, Completeness, RawBatchStream};
@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) request_timeout: Duration,
     pub(crate) group_routing: bool,
     pub(crate) sub_request_keys_max: usize,
+    /// Memory batch-get responses are received into.
+    pub(crate) receive_pool: Arc<ReceivePool>,
     pub(crate) routing: watch::Sender<Arc<RoutingTable>>,
     pub(crate) codecs: RwLock<Arc<Codecs>>,
     pub(crate) pool: Arc<ConnectionPool>,
@@ -135,6 +137,7 @@ impl Client {
             request_timeout: config.request_timeout,
             group_routing: config.group_routing,
             sub_request_keys_max: config.sub_request_keys_max.max(1),
+            receive_pool: ReceivePool::new(config.receive_pool_bytes),
             routing,
             codecs: RwLock::new(Arc::new(codecs)),
             pool,

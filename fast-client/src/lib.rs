@@ -57,6 +57,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of [`ClientConfig::sub_request_keys_max`].
 pub const SUB_REQUEST_KEYS_MAX: usize = 2_500;
 
+/// Default of [`ClientConfig::receive_pool_bytes`].
+pub const RECEIVE_POOL_BYTES: usize = 64 * 1024 * 1024;
+
 /// TLS settings for talking to storage servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTls {
@@ -87,6 +90,13 @@ pub struct ClientConfig {
     /// server reads on its worker threads in parallel (it reads one request's keys in order) and
     /// the client hedges one by one. `usize::MAX` sends one request per server.
     pub sub_request_keys_max: usize,
+    /// Most bytes of receive memory kept for reuse when no value references it any more (default
+    /// [`RECEIVE_POOL_BYTES`]; 0 keeps none). Batch-get values are slices of the blocks a
+    /// response arrived in, so that memory is reused only once the values are dropped; reusing
+    /// it spares the page faults of fresh memory (a quarter of the client's CPU on 5,000-key
+    /// batch-gets with glibc's allocator). A value kept for long keeps its whole block (up to
+    /// 1 MiB) alive: copy values you keep.
+    pub receive_pool_bytes: usize,
     /// Smart long-tail retry settings.
     pub long_tail: LongTailRetry,
     /// How servers are judged unhealthy, blocked and probed.
@@ -104,6 +114,7 @@ impl ClientConfig {
             routing_wait: Duration::ZERO,
             group_routing: true,
             sub_request_keys_max: SUB_REQUEST_KEYS_MAX,
+            receive_pool_bytes: RECEIVE_POOL_BYTES,
             long_tail: LongTailRetry::default(),
             health: HealthConfig::default(),
         }

@@ -943,7 +943,7 @@ async fn run_sub(
                 .await?;
             return Err(error_response(address, &parts, &bytes));
         }
-        let mut decoder = BatchResponseDecoder::new(keys);
+        let mut decoder = BatchResponseDecoder::new(keys, Arc::clone(&shared.receive_pool));
         while let Some(chunk) = stream.data().await {
             let chunk = chunk.map_err(|e| pool.h2_failure(address, e))?;
             let mut answers = Vec::new();

@@ -123,6 +123,9 @@ enum Command {
         /// Most keys per batch-get sub-request (the client's `sub_request_keys_max`).
         #[arg(long, default_value_t = rialto_fast_client::SUB_REQUEST_KEYS_MAX)]
         sub_request_keys: usize,
+        /// Bytes of receive memory the client keeps for reuse (its `receive_pool_bytes`; 0: none).
+        #[arg(long, default_value_t = rialto_fast_client::RECEIVE_POOL_BYTES)]
+        receive_pool_bytes: usize,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -191,6 +194,7 @@ async fn main() -> Result<()> {
             no_long_tail_retry,
             no_group_routing,
             sub_request_keys,
+            receive_pool_bytes,
             json,
         } => {
             let report = run::run(
@@ -212,6 +216,7 @@ async fn main() -> Result<()> {
                     long_tail_retry: !no_long_tail_retry,
                     group_routing: !no_group_routing,
                     sub_request_keys,
+                    receive_pool_bytes,
                     json,
                 },
                 meta.clone(),

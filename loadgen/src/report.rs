@@ -61,6 +61,7 @@ pub struct RunConfig {
     pub long_tail_retry: bool,
     pub group_routing: bool,
     pub sub_request_keys: usize,
+    pub receive_pool_bytes: usize,
 }
 
 /// Request counts of the measured phase.
@@ -245,7 +246,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "rialto-loadgen run: store {} mode {} at {} req/s for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys",
+            "rialto-loadgen run: store {} mode {} at {} req/s for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys, receive pool {} bytes",
             c.store,
             c.mode,
             c.rate_per_s,
@@ -258,6 +259,7 @@ impl Report {
             if c.long_tail_retry { "on" } else { "off" },
             if c.group_routing { "on" } else { "off" },
             c.sub_request_keys,
+            c.receive_pool_bytes,
         );
         let r = &self.requests;
         let _ = writeln!(

@@ -37,6 +37,7 @@ pub struct RunArgs {
     pub long_tail_retry: bool,
     pub group_routing: bool,
     pub sub_request_keys: usize,
+    pub receive_pool_bytes: usize,
     pub json: Option<PathBuf>,
 }
 
@@ -81,6 +82,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
     config.request_timeout = args.request_timeout;
     config.group_routing = args.group_routing;
     config.sub_request_keys_max = args.sub_request_keys;
+    config.receive_pool_bytes = args.receive_pool_bytes;
     if !args.long_tail_retry {
         config.long_tail = LongTailRetry::disabled();
     }
@@ -125,6 +127,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         long_tail_retry: args.long_tail_retry,
         group_routing: args.group_routing,
         sub_request_keys: args.sub_request_keys,
+        receive_pool_bytes: args.receive_pool_bytes,
     };
     eprintln!(
         "run: {} {} requests ({} warmup) at {} req/s over {} task(s)",

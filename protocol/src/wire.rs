@@ -272,22 +272,19 @@ impl BatchGetFrameWriter {
     }
 }
 
-/// Decodes the next complete frame from the front of `buf`.
-///
-/// Returns `Ok(None)` when `buf` holds only part of a frame (read more bytes), or the frame and
-/// the number of bytes it used.
-pub fn decode_frame(buf: &[u8]) -> Result<Option<(BatchGetFrame<'_>, usize)>, WireError> {
+/// The length of the frame at the front of `buf`, once enough of it is there to tell (its tag,
+/// and for a record its value length): `Ok(None)` before that. Fails on an unknown tag or a
+/// value over the limit, so a reader never waits for bytes that can't be a valid frame.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
     let Some(&tag) = buf.first() else {
         return Ok(None);
     };
-    let need = |n: usize| buf.len() >= n;
-    let u32_at = |at: usize| u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
     match tag {
         TAG_RECORD => {
-            if !need(9) {
+            let Some(len) = buf.get(5..9) else {
                 return Ok(None);
-            }
-            let len = u32_at(5) as usize;
+            };
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
             if len > crate::envelope::VALUE_BYTES_MAX + 4 {
                 return Err(WireError::Malformed(EnvelopeError::TooLarge {
                     what: "value",
@@ -295,56 +292,49 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(BatchGetFrame<'_>, usize)>, Wi
                     max: crate::envelope::VALUE_BYTES_MAX + 4,
                 }));
             }
-            if !need(9 + len) {
-                return Ok(None);
-            }
-            Ok(Some((
-                BatchGetFrame::Record {
-                    key_index: u32_at(1),
-                    stored: &buf[9..9 + len],
-                },
-                9 + len,
-            )))
+            Ok(Some(9 + len))
         }
-        TAG_MISSING => {
-            if !need(5) {
-                return Ok(None);
-            }
-            Ok(Some((
-                BatchGetFrame::Missing {
-                    key_index: u32_at(1),
-                },
-                5,
-            )))
-        }
-        TAG_KEY_ERROR => {
-            if !need(7) {
-                return Ok(None);
-            }
-            let raw = u16::from_be_bytes([buf[5], buf[6]]);
-            let code = ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal);
-            Ok(Some((
-                BatchGetFrame::KeyError {
-                    key_index: u32_at(1),
-                    code,
-                },
-                7,
-            )))
-        }
-        TAG_TRAILER => {
-            if !need(17) {
-                return Ok(None);
-            }
-            let t = BatchGetTrailer {
-                keys_total: u32_at(1),
-                found: u32_at(5),
-                missing: u32_at(9),
-                errors: u32_at(13),
-            };
-            Ok(Some((BatchGetFrame::Trailer(t), 17)))
-        }
+        TAG_MISSING => Ok(Some(5)),
+        TAG_KEY_ERROR => Ok(Some(7)),
+        TAG_TRAILER => Ok(Some(17)),
         other => Err(WireError::UnknownFrame(other)),
     }
+}
+
+/// Decodes the next complete frame from the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` holds only part of a frame (read more bytes), or the frame and
+/// the number of bytes it used.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(BatchGetFrame<'_>, usize)>, WireError> {
+    let Some(used) = frame_len(buf)? else {
+        return Ok(None);
+    };
+    if buf.len() < used {
+        return Ok(None);
+    }
+    let u32_at = |at: usize| u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+    let frame = match buf[0] {
+        TAG_RECORD => BatchGetFrame::Record {
+            key_index: u32_at(1),
+            stored: &buf[9..used],
+        },
+        TAG_MISSING => BatchGetFrame::Missing {
+            key_index: u32_at(1),
+        },
+        TAG_KEY_ERROR => BatchGetFrame::KeyError {
+            key_index: u32_at(1),
+            code: ErrorCode::from_u16(u16::from_be_bytes([buf[5], buf[6]]))
+                .unwrap_or(ErrorCode::Internal),
+        },
+        TAG_TRAILER => BatchGetFrame::Trailer(BatchGetTrailer {
+            keys_total: u32_at(1),
+            found: u32_at(5),
+            missing: u32_at(9),
+            errors: u32_at(13),
+        }),
+        other => return Err(WireError::UnknownFrame(other)),
+    };
+    Ok(Some((frame, used)))
 }
 
 /// Body of every non-200 response: `code u16, retryable u8, message (UTF-8, rest of body)`.
@@ -477,6 +467,30 @@ mod tests {
         assert_eq!(frames.len(), 4);
         assert!(frames[3].contains("Trailer"));
         assert!(decode_frame(&[9]).is_err());
+    }
+
+    #[test]
+    fn a_frames_length_is_known_from_its_header() {
+        let mut out = Vec::new();
+        BatchGetFrameWriter::record(&mut out, 0, &StoredValue::encode(1, b"value-0"));
+        let record = out.len();
+        BatchGetFrameWriter::missing(&mut out, 1);
+        BatchGetFrameWriter::key_error(&mut out, 2, ErrorCode::PartitionNotServed);
+        BatchGetFrameWriter::trailer(&mut out, &BatchGetTrailer::default());
+        assert_eq!(record, 9 + 4 + 7);
+        assert_eq!(frame_len(&[]).unwrap(), None);
+        for header in 1..9 {
+            assert_eq!(frame_len(&out[..header]).unwrap(), None, "{header} bytes");
+        }
+        assert_eq!(frame_len(&out[..9]).unwrap(), Some(record));
+        assert_eq!(frame_len(&out[record..record + 1]).unwrap(), Some(5));
+        assert_eq!(frame_len(&out[record + 5..record + 6]).unwrap(), Some(7));
+        assert_eq!(frame_len(&out[record + 12..]).unwrap(), Some(17));
+        assert_eq!(record + 12 + 17, out.len());
+        assert!(frame_len(&[9]).is_err());
+        let mut huge = vec![TAG_RECORD, 0, 0, 0, 0];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(frame_len(&huge).is_err());
     }
 
     #[test]
