@@ -8,7 +8,9 @@
 //!   (default 100,000) written and sealed: SST ingestion (both profiles; on-disk also for a
 //!   store whose codec already compressed the values, so RocksDB does not), or write batches
 //!   through the memtable (without a WAL as the server does for unsorted pushes, and with one as
-//!   the walking skeleton did), including the flush and compaction sealing needs.
+//!   the walking skeleton did), including the flush and compaction sealing needs. The
+//!   `*_memtable_unsorted` cases write the same records in a shuffled order: what an unsorted
+//!   push of the same data costs the server (overlapping flushes, a compaction that rewrites).
 //!
 //! Run (dev profile, like everything else here; `--workspace` keeps RocksDB's build cached):
 //! `cargo bench --workspace --profile dev --bench storage -- --warm-up-time 1 --measurement-time 5`
@@ -111,6 +113,19 @@ fn build(
         }
     }
     store.seal(!sst, engine).expect("seal")
+}
+
+/// `ops` in a pseudo-random order (Fisher-Yates over xorshift; the same order every run).
+fn shuffled(ops: &[WriteOp]) -> Vec<WriteOp> {
+    let mut out = ops.to_vec();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..out.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    out
 }
 
 /// Random record numbers below `count` (xorshift; the same sequence every run).
@@ -228,16 +243,18 @@ fn ingestion(c: &mut Criterion) {
     let engine_wal = Engine::new(64 * 1024 * 1024).with_ingest_wal(true);
     for value_len in VALUE_SIZES {
         let ops = sorted_ops(count, value_len);
+        let unsorted = shuffled(&ops);
         let mut g = c.benchmark_group(format!("ingest/{value_len}B"));
         g.sample_size(10);
         g.throughput(Throughput::Elements(count as u64));
         let zstd_on_disk = Layout::new(StorageProfile::OnDisk, Compression::Zstd);
-        for (name, layout, sst, engine) in [
+        for (name, layout, sst, engine, ops) in [
             (
                 "on_disk_sst_ingestion",
                 StorageProfile::OnDisk.into(),
                 true,
                 &engine,
+                &ops,
             ),
             // Values compressed by the store's codec: RocksDB does not compress them again.
             (
@@ -245,36 +262,55 @@ fn ingestion(c: &mut Criterion) {
                 zstd_on_disk,
                 true,
                 &engine,
+                &ops,
             ),
             (
                 "on_disk_memtable",
                 StorageProfile::OnDisk.into(),
                 false,
                 &engine,
+                &ops,
             ),
             (
                 "on_disk_memtable_wal",
                 StorageProfile::OnDisk.into(),
                 false,
                 &engine_wal,
+                &ops,
+            ),
+            (
+                "on_disk_memtable_unsorted",
+                StorageProfile::OnDisk.into(),
+                false,
+                &engine,
+                &unsorted,
             ),
             (
                 "in_memory_sst_ingestion",
                 StorageProfile::InMemory.into(),
                 true,
                 &engine,
+                &ops,
             ),
             (
                 "in_memory_memtable",
                 StorageProfile::InMemory.into(),
                 false,
                 &engine,
+                &ops,
+            ),
+            (
+                "in_memory_memtable_unsorted",
+                StorageProfile::InMemory.into(),
+                false,
+                &engine,
+                &unsorted,
             ),
         ] {
             g.bench_function(BenchmarkId::new(name, count), |b| {
                 b.iter_with_large_drop(|| {
                     let dir = tempfile::tempdir().expect("tempdir");
-                    let store = build(dir.path(), layout, engine, &ops, sst);
+                    let store = build(dir.path(), layout, engine, ops, sst);
                     (store, dir)
                 })
             });
