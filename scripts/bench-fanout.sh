@@ -8,7 +8,8 @@
 #   4. batch-get with server-0 delayed by 200 ms (through its fault file), long-tail retry on
 #   5. the same with long-tail retry off
 # SUB_KEYS="5000 2500 1250" instead runs batch and streaming gets with each of these
-# sub-request sizes (the client's sub_request_keys_max; default 2500), to compare them.
+# sub-request sizes (the client's sub_request_keys_max; default 2500), to compare them;
+# RECEIVE_POOL="0 67108864" likewise compares the client's receive_pool_bytes.
 # REPEAT rounds (default 3) of the runs; results go to $OUT (JSON per run) and a table of
 # medians on stdout. Everything started is stopped by PID at exit. Bounded: each run lasts
 # DURATION at RATE. STORAGE=on-disk|in-memory picks the store's profile (default on-disk).
@@ -64,12 +65,18 @@ RUN_DURATION=15s run settle --mode batch
 # REPEAT rounds of every run, interleaved so that drift on the shared machine hits all alike; the
 # slow server is made slow (and healed) through its fault file, without a restart.
 names=()
+ab_flag=""
+if [ -n "${SUB_KEYS:-}" ]; then
+  ab_name=sub; ab_flag=--sub-request-keys; ab_values=$SUB_KEYS
+elif [ -n "${RECEIVE_POOL:-}" ]; then
+  ab_name=pool; ab_flag=--receive-pool-bytes; ab_values=$RECEIVE_POOL
+fi
 for round in $(seq 1 "$REPEAT"); do
-  if [ -n "${SUB_KEYS:-}" ]; then
-    for n in $SUB_KEYS; do
-      run "batch-sub-$n-$round" --mode batch --sub-request-keys "$n"
-      run "stream-sub-$n-$round" --mode stream --sub-request-keys "$n"
-      [ "$round" = 1 ] && names+=("batch-sub-$n" "stream-sub-$n")
+  if [ -n "$ab_flag" ]; then
+    for n in $ab_values; do
+      run "batch-$ab_name-$n-$round" --mode batch "$ab_flag" "$n"
+      run "stream-$ab_name-$n-$round" --mode stream "$ab_flag" "$n"
+      [ "$round" = 1 ] && names+=("batch-$ab_name-$n" "stream-$ab_name-$n")
     done
     continue
   fi
