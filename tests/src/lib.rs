@@ -722,6 +722,92 @@ impl Cluster {
 /// How long dropping a cluster waits for its servers and controller to stop.
 const DROP_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
+impl Cluster {
+    /// Starts a storage server as a separate `rialto-server` process, node `server-{i}` in zone
+    /// `zone`, on this cluster's etcd and broker, with the data directory an in-process server
+    /// `i` would have (so it restarts on the same data). Its output goes to `server-{i}.log` in
+    /// the cluster's data directory. Unlike [`kill_server`](Self::kill_server), which stops an
+    /// in-process server whose databases still close, [`ServerProcess::kill`] is a real crash.
+    pub fn start_server_process(&self, i: usize, zone: &str) -> Result<ServerProcess> {
+        let binary = sibling_binary("rialto-server")?;
+        let log_path = self.data.path().join(format!("server-{i}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let child = Command::new(&binary)
+            .args(["--node-id", &format!("server-{i}"), "--zone", zone])
+            .args(["--listen", "127.0.0.1:0", "--lease-ttl-s", "5"])
+            .arg("--data-dir")
+            .arg(self.data.path().join(format!("server-{i}")))
+            .args(["--etcd", &self.services.etcd_endpoint])
+            .args(["--kafka", &self.services.kafka_bootstrap])
+            .args(["--block-cache-mib", "32"])
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        Ok(ServerProcess {
+            child: Some(child),
+            log: log_path,
+        })
+    }
+
+    /// Waits until `count` storage servers are registered.
+    pub async fn wait_for_server_count(&self, count: usize) -> Result<()> {
+        self.wait_for_nodes(count).await
+    }
+}
+
+/// A storage server running as a child process; killed (SIGKILL) when dropped.
+pub struct ServerProcess {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Kills the process with SIGKILL, as a crash would: no flush, no clean close; its
+    /// registration lease expires on its own.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("kill the server process")?;
+            child.wait().context("wait for the killed server process")?;
+        }
+        Ok(())
+    }
+
+    /// Where its output goes.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// A binary of this workspace, next to the test binary's directory (`target/debug/`). The
+/// README's test command builds every target first.
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/debug/deps/<test binary> → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test binary is not in a target directory")?;
+    let binary = dir.join(name);
+    ensure!(
+        binary.exists(),
+        "{} is not built: run `cargo build --workspace --all-targets` first (scripts/test.sh does)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
 impl Drop for Cluster {
     /// A test that fails early drops its cluster with servers still running. Stop them before
     /// the services go (fields drop after this), so RocksDB and Kafka client threads do not
