@@ -106,15 +106,17 @@ impl ReceivePool {
     }
 
     fn give_back(&self, mut block: Vec<u8>) {
+        // Only blocks of a size class this pool allocates (a Vec<u8> keeps its exact capacity).
         let capacity = block.capacity();
-        if capacity % BLOCK_ROUNDING != 0 || capacity > BLOCK_POOLED_MAX {
+        let class = capacity / BLOCK_ROUNDING;
+        if class == 0 || class > SIZE_CLASSES || class * BLOCK_ROUNDING != capacity {
             return;
         }
         block.clear();
         let mut free = self.lock();
         if free.bytes + capacity <= self.bytes_max {
             free.bytes += capacity;
-            free.by_class[capacity / BLOCK_ROUNDING - 1].push(block);
+            free.by_class[class - 1].push(block);
         }
     }
 }
