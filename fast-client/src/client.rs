@@ -282,6 +282,10 @@ impl Client {
     pub fn stats(&self) -> ClientStats {
         let mut stats = self.shared.counters.snapshot();
         stats.instances_blocked_now = self.shared.instances.blocked_count() as u64;
+        let pool = self.shared.receive_pool.stats();
+        stats.receive_blocks_reused = pool.reused;
+        stats.receive_blocks_allocated = pool.allocated;
+        stats.receive_pool_free_bytes = pool.free_bytes;
         stats
     }
 

@@ -11,6 +11,7 @@
 //! allocator hands back to the kernel once the values are dropped: page faults and `madvise`
 //! were a quarter of the client's CPU in a 5,000-key batch-get benchmark.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -48,6 +49,19 @@ const SIZE_CLASSES: usize = BLOCK_POOLED_MAX / BLOCK_ROUNDING;
 pub(crate) struct ReceivePool {
     bytes_max: usize,
     free: Mutex<FreeBlocks>,
+    reused: AtomicU64,
+    allocated: AtomicU64,
+}
+
+/// A [`ReceivePool`]'s counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReceivePoolStats {
+    /// Blocks taken from the pool.
+    pub(crate) reused: u64,
+    /// Blocks allocated.
+    pub(crate) allocated: u64,
+    /// Bytes of free blocks kept.
+    pub(crate) free_bytes: u64,
 }
 
 struct FreeBlocks {
@@ -65,13 +79,17 @@ impl ReceivePool {
                 by_class: vec![Vec::new(); SIZE_CLASSES],
                 bytes: 0,
             }),
+            reused: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
         })
     }
 
-    /// Bytes of free blocks kept now.
-    #[cfg(test)]
-    fn free_bytes(&self) -> usize {
-        self.lock().bytes
+    pub(crate) fn stats(&self) -> ReceivePoolStats {
+        ReceivePoolStats {
+            reused: self.reused.load(Ordering::Relaxed),
+            allocated: self.allocated.load(Ordering::Relaxed),
+            free_bytes: self.lock().bytes as u64,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FreeBlocks> {
@@ -86,6 +104,7 @@ impl ReceivePool {
             .next_multiple_of(BLOCK_ROUNDING)
             .max(BLOCK_ROUNDING);
         if self.bytes_max == 0 || capacity > BLOCK_POOLED_MAX {
+            self.allocated.fetch_add(1, Ordering::Relaxed);
             return Bytes::copy_from_slice(data);
         }
         let class = capacity / BLOCK_ROUNDING - 1;
@@ -97,6 +116,12 @@ impl ReceivePool {
             }
             block
         };
+        let counter = if reused.is_some() {
+            &self.reused
+        } else {
+            &self.allocated
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let mut block = reused.unwrap_or_else(|| Vec::with_capacity(capacity));
         block.extend_from_slice(data);
         Bytes::from_owner(PooledBlock {
@@ -433,36 +458,44 @@ mod tests {
         let pool = ReceivePool::new(BLOCK_ROUNDING);
         let first = decode(&pool);
         let second = decode(&pool);
-        assert_eq!(pool.free_bytes(), 0, "values still reference both blocks");
+        assert_eq!(
+            pool.stats().free_bytes as usize,
+            0,
+            "values still reference both blocks"
+        );
         let KeyAnswer::Found(value) = &first[0] else {
             panic!("{first:?}")
         };
         let first_value_at = value.bytes.as_ptr();
         drop(first);
-        assert_eq!(pool.free_bytes(), BLOCK_ROUNDING);
+        assert_eq!(pool.stats().free_bytes as usize, BLOCK_ROUNDING);
         drop(second);
         assert_eq!(
-            pool.free_bytes(),
+            pool.stats().free_bytes as usize,
             BLOCK_ROUNDING,
             "the pool keeps at most its limit"
         );
         let third = decode(&pool);
-        assert_eq!(pool.free_bytes(), 0);
+        assert_eq!(pool.stats().free_bytes as usize, 0);
         let KeyAnswer::Found(value) = &third[0] else {
             panic!("{third:?}")
         };
         assert_eq!(value.bytes.as_ptr(), first_value_at, "the block is reused");
+        let stats = pool.stats();
+        assert_eq!((stats.allocated, stats.reused), (2, 1));
         assert_eq!(&value.bytes[..], &[7; 1000][..]);
         // A value outliving its decoder and its response keeps the block.
         let value = value.bytes.clone();
         drop(third);
-        assert_eq!(pool.free_bytes(), 0);
+        assert_eq!(pool.stats().free_bytes as usize, 0);
         drop(value);
-        assert_eq!(pool.free_bytes(), BLOCK_ROUNDING);
+        assert_eq!(pool.stats().free_bytes as usize, BLOCK_ROUNDING);
         // A pool of 0 bytes keeps nothing.
         let none = ReceivePool::new(0);
         drop(decode(&none));
-        assert_eq!(none.free_bytes(), 0);
+        drop(decode(&none));
+        assert_eq!(none.stats().free_bytes as usize, 0);
+        assert_eq!((none.stats().allocated, none.stats().reused), (2, 0));
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub struct ClientStats {
     pub instances_blocked: u64,
     /// Storage servers blocked at the time of the snapshot.
     pub instances_blocked_now: u64,
+    /// Receive blocks (memory batch-get responses are copied into) taken from the receive pool.
+    pub receive_blocks_reused: u64,
+    /// Receive blocks newly allocated (none free in the pool of their size, or the pool is off).
+    pub receive_blocks_allocated: u64,
+    /// Bytes of free receive blocks the pool keeps now (at most `receive_pool_bytes`).
+    pub receive_pool_free_bytes: u64,
 }
 
 impl Counters {
@@ -86,7 +92,11 @@ impl Counters {
             long_tail_retries_late: load(&self.long_tail_retries_late),
             long_tail_retries_over_budget: load(&self.long_tail_retries_over_budget),
             instances_blocked: load(&self.instances_blocked),
+            // Filled in by `Client::stats` from the instances and the receive pool.
             instances_blocked_now: 0,
+            receive_blocks_reused: 0,
+            receive_blocks_allocated: 0,
+            receive_pool_free_bytes: 0,
         }
     }
 

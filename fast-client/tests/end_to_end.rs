@@ -1245,6 +1245,36 @@ async fn a_servers_share_goes_out_as_sub_requests_of_at_most_the_key_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_gets_receive_into_recycled_blocks() {
+    let meta = FakeMeta::new();
+    let _fleet = fleet(&meta, 1, &[vec![0], vec![0]], 100).await;
+    let keys = key_set(100);
+    for (pool_bytes, reuses) in [(rialto_fast_client::RECEIVE_POOL_BYTES, true), (0, false)] {
+        let mut config = ClientConfig::new(STORE);
+        config.receive_pool_bytes = pool_bytes;
+        let client = Client::connect(config, meta.clone()).await.unwrap();
+        for _ in 0..5 {
+            let values = client.batch_get(&keys).await.unwrap();
+            assert!(values.iter().all(Option::is_some));
+        }
+        // `batch_get` decodes the values and drops the raw bytes: every block is free again.
+        let stats = client.stats();
+        let blocks = stats.receive_blocks_reused + stats.receive_blocks_allocated;
+        assert!(blocks >= 5, "{stats:?}");
+        if reuses {
+            assert!(stats.receive_blocks_reused >= 4, "{stats:?}");
+            assert!(stats.receive_pool_free_bytes > 0, "{stats:?}");
+        } else {
+            assert_eq!(
+                (stats.receive_blocks_reused, stats.receive_pool_free_bytes),
+                (0, 0),
+                "{stats:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_loaded_selection_starves_a_slow_replica_until_it_recovers() {
     let meta = FakeMeta::new();
     let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;

@@ -133,6 +133,28 @@ pub struct RetryCounts {
     pub connection_failures: u64,
 }
 
+/// The client's receive memory over the measured phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReceiveCounts {
+    /// Receive blocks taken from the client's receive pool.
+    pub blocks_reused: u64,
+    /// Receive blocks newly allocated.
+    pub blocks_allocated: u64,
+    /// Bytes of free blocks the pool(s) kept at the end.
+    pub pool_free_bytes: u64,
+}
+
+impl ReceiveCounts {
+    /// The receive counters of a stats delta.
+    pub fn from_stats(d: &ClientStats) -> ReceiveCounts {
+        ReceiveCounts {
+            blocks_reused: d.receive_blocks_reused,
+            blocks_allocated: d.receive_blocks_allocated,
+            pool_free_bytes: d.receive_pool_free_bytes,
+        }
+    }
+}
+
 /// Everything a run reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Report {
@@ -151,6 +173,7 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fanout: Option<Fanout>,
     pub retries: RetryCounts,
+    pub receive: ReceiveCounts,
 }
 
 /// `after − before`, summed over clients; `fanout_max` is the largest since the clients started.
@@ -179,6 +202,9 @@ pub fn stats_delta(before: &[ClientStats], after: &[ClientStats]) -> ClientStats
         );
         d.instances_blocked += sub(a.instances_blocked, b.instances_blocked);
         d.instances_blocked_now += a.instances_blocked_now;
+        d.receive_blocks_reused += sub(a.receive_blocks_reused, b.receive_blocks_reused);
+        d.receive_blocks_allocated += sub(a.receive_blocks_allocated, b.receive_blocks_allocated);
+        d.receive_pool_free_bytes += a.receive_pool_free_bytes;
     }
     d
 }
@@ -312,6 +338,12 @@ impl Report {
             x.instances_blocked,
             x.http_requests
         );
+        let r = &self.receive;
+        let _ = writeln!(
+            out,
+            "  receive blocks: {} reused, {} allocated; {} bytes kept free",
+            r.blocks_reused, r.blocks_allocated, r.pool_free_bytes
+        );
         out
     }
 }
@@ -368,10 +400,14 @@ mod tests {
                 batch_gets: 4,
                 fanout_total: 16,
                 fanout_max: 4,
+                receive_blocks_reused: 7,
+                receive_pool_free_bytes: 65_536,
                 ..Default::default()
             },
         ];
         let d = stats_delta(&before, &after);
+        assert_eq!(d.receive_blocks_reused, 7);
+        assert_eq!(d.receive_pool_free_bytes, 65_536);
         assert_eq!(d.long_tail_retries, 4);
         assert_eq!(d.batch_gets, 14);
         assert_eq!(d.fanout_total, 46);
@@ -397,6 +433,7 @@ mod tests {
             "time_to_first_record",
             "send_lag",
             "retries",
+            "receive",
         ] {
             assert!(json.get(key).is_some(), "missing {key} in {json}");
         }
@@ -405,5 +442,6 @@ mod tests {
         let text = report.human();
         assert!(text.contains("time to first record"), "{text}");
         assert!(text.contains("\"timeout\": 2"), "{text}");
+        assert!(text.contains("receive blocks: 0 reused"), "{text}");
     }
 }

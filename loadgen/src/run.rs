@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use crate::dataset::{key_bytes, key_string};
 use crate::report::{
-    stats_delta, Fanout, KeyCounts, LatencySummary, Report, RequestCounts, RetryCounts, RunConfig,
-    Throughput,
+    stats_delta, Fanout, KeyCounts, LatencySummary, ReceiveCounts, Report, RequestCounts,
+    RetryCounts, RunConfig, Throughput,
 };
 use crate::schedule::{drive, report_progress, DriveConfig, Live, Schedule};
 use crate::workload::{ClientWorkload, Mode};
@@ -232,6 +232,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         send_lag: LatencySummary::of(&tally.send_lag),
         fanout,
         retries: RetryCounts::from_stats(&delta),
+        receive: ReceiveCounts::from_stats(&delta),
     };
     print!("{}", report.human());
     if let Some(path) = &args.json {
