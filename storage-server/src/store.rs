@@ -24,6 +24,11 @@
 //! `atomic_flush` persists all column families together, so after a crash the data on disk and
 //! the checkpoint always match (the lost tail is consumed again). Closing the database flushes.
 //!
+//! No automatic compactions while a replica is written (and no write stalls for its level-0
+//! files): nothing reads it before it is sealed, and sealing compacts it once. An unsorted
+//! push's memtable flushes therefore pile up in level 0 and are merged in one pass, instead of
+//! being rewritten level by level while the push runs.
+//!
 //! After END_OF_PUSH a batch version is [sealed](ReplicaStore::seal): memtable flushed, (for
 //! unsorted pushes) compacted, a `sealed` marker written, and the database reopened read-only.
 //! A restart of a sealed replica opens it read-only directly.
@@ -159,6 +164,13 @@ pub fn engine_options(
 
 fn data_options(layout: Layout, engine: &Engine) -> Options {
     let mut opts = Options::default();
+    // A batch version is not read before it is sealed, and sealing compacts it once: no
+    // compactions while it is written, and no write stalls for the level-0 files meanwhile.
+    opts.set_disable_auto_compactions(true);
+    opts.set_level_zero_slowdown_writes_trigger(-1);
+    opts.set_level_zero_stop_writes_trigger(1 << 30);
+    opts.set_soft_pending_compaction_bytes_limit(0);
+    opts.set_hard_pending_compaction_bytes_limit(0);
     match layout.profile {
         StorageProfile::InMemory => {
             opts.set_plain_table_factory(&PlainTableFactoryOptions {
@@ -1032,6 +1044,36 @@ mod tests {
             let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
             assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(3, 100)));
             assert!(store.get(b"key-00000099").unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn an_unsorted_push_piles_up_in_level_0_and_sealing_merges_it_once() {
+        // Interleaved key ranges, flushed after each batch: files that overlap, as an unsorted
+        // push's memtable flushes do.
+        for profile in PROFILES {
+            let engine = Engine::new(1 << 20);
+            let dir = tempfile::tempdir().unwrap();
+            let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
+            let ops = sorted_ops(2_000, 10);
+            for batch in 0..8 {
+                let part: Vec<WriteOp> = ops.iter().skip(batch).step_by(8).cloned().collect();
+                store
+                    .apply(&part, &checkpoint(batch as i64 + 1, 0))
+                    .unwrap();
+                store.db.flush_cf(store.data_cf().unwrap()).unwrap();
+            }
+            let files = store.live_data_files().unwrap();
+            assert_eq!(files.len(), 8, "{profile:?}: no compaction while written");
+            assert!(files.iter().all(|f| f.level == 0), "{profile:?}");
+            let store = store.seal(true, &engine).unwrap();
+            let files = store.live_data_files().unwrap();
+            assert_eq!(files.len(), 1, "{profile:?}: sealing merges the files");
+            assert!(files[0].level > 0, "{profile:?}");
+            assert_eq!(files[0].num_entries, 2_000, "{profile:?}");
+            for op in &ops {
+                assert!(store.get(op.key()).unwrap().is_some(), "{profile:?}");
+            }
         }
     }
 
