@@ -200,29 +200,23 @@ impl BatchResponseDecoder {
             return Err(format!("{} bytes after the batch-get trailer", chunk.len()));
         }
         let mut rest = chunk;
-        // First complete the frame the last chunk started, taking no more bytes than it needs.
+        // First complete the frame the last chunk started, taking only the bytes it lacks (one
+        // by one while a record's header is incomplete).
         if !self.carry.is_empty() {
             loop {
-                match frame_len(&self.carry).map_err(undecodable)? {
-                    Some(len) if self.carry.len() >= len => break,
-                    Some(len) => {
-                        let n = (len - self.carry.len()).min(rest.len());
-                        self.carry.extend_from_slice(&rest[..n]);
-                        rest = &rest[n..];
-                    }
-                    // A record's header is not all in yet: take its bytes one by one.
-                    None if !rest.is_empty() => {
-                        self.carry.push(rest[0]);
-                        rest = &rest[1..];
-                    }
-                    None => {}
-                }
-                if rest.is_empty() {
+                let lacking = match frame_len(&self.carry).map_err(undecodable)? {
+                    Some(len) => len.saturating_sub(self.carry.len()),
+                    None => 1,
+                };
+                if lacking == 0 {
                     break;
                 }
-            }
-            if frame_len(&self.carry).map_err(undecodable)? != Some(self.carry.len()) {
-                return Ok(()); // still unfinished: `rest` is empty
+                if rest.is_empty() {
+                    return Ok(()); // still unfinished
+                }
+                let n = lacking.min(rest.len());
+                self.carry.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
             }
             let frame = Bytes::from(std::mem::take(&mut self.carry));
             self.decode_frames(&frame, &mut on_answer)?;

@@ -197,6 +197,24 @@ async fn restart_mid_bootstrap_resumes_from_checkpoint() -> Result<()> {
     cluster.shutdown().await
 }
 
+/// Waits until server-2's replica records of a version satisfy `ok`.
+async fn wait_for_replicas(
+    cluster: &Cluster,
+    store: &str,
+    version: u32,
+    timeout: Duration,
+    what: &str,
+    ok: impl Fn(&[ReplicaRecord]) -> bool,
+) -> Result<()> {
+    let ok = &ok;
+    wait_until(timeout, what, || async move {
+        Ok(ok(
+            &replica_records(cluster, store, version, "server-2").await?
+        ))
+    })
+    .await
+}
+
 /// A storage server *process* killed with SIGKILL in the middle of two pushes (no flush, no clean
 /// close: its memtables are lost) restarts on the same data and finishes both without losing a
 /// record. The sorted push resumes exactly at the checkpoint the server last reported (each
@@ -246,17 +264,15 @@ async fn a_server_process_killed_mid_push_resumes_and_loses_nothing() -> Result<
         .sum();
     let mut reported = Vec::new();
     for (store, start, _) in &pushes {
-        wait_until(
+        let what = format!("server-2 checkpoints the first half of {store}");
+        wait_for_replicas(
+            &cluster,
+            store,
+            start.version,
             Duration::from_secs(30),
-            &format!("server-2 checkpoints the first half of {store}"),
-            || {
-                let cluster = &cluster;
-                async move {
-                    let records =
-                        replica_records(cluster, store, start.version, "server-2").await?;
-                    let total: i64 = records.iter().map(|r| r.offset).sum();
-                    Ok(records.len() == PARTITIONS as usize && total == written)
-                }
+            &what,
+            |r| {
+                r.len() == PARTITIONS as usize && r.iter().map(|r| r.offset).sum::<i64>() == written
             },
         )
         .await
@@ -286,18 +302,14 @@ async fn a_server_process_killed_mid_push_resumes_and_loses_nothing() -> Result<
     }
     let mut restarted = cluster.start_server_process(2, "zone-c")?;
     for ((store, start, _), (_, sorted)) in pushes.iter().zip(stores) {
-        wait_until(
+        let what = format!("server-2 serves {store} again");
+        wait_for_replicas(
+            &cluster,
+            store,
+            start.version,
             Duration::from_secs(60),
-            &format!("server-2 serves {store} again"),
-            || {
-                let cluster = &cluster;
-                async move {
-                    let records =
-                        replica_records(cluster, store, start.version, "server-2").await?;
-                    Ok(records.len() == PARTITIONS as usize
-                        && records.iter().all(|r| r.state == ReplicaState::Online))
-                }
-            },
+            &what,
+            |r| r.len() == PARTITIONS as usize && r.iter().all(|r| r.state == ReplicaState::Online),
         )
         .await
         .with_context(|| format!("server-2's log: {}", restarted.log().display()))?;
