@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use rialto_protocol::recycle::{self, Recycle};
 use rialto_protocol::wire::{decode_frame, frame_len, BatchGetFrame, BatchGetTrailer, StoredValue};
 use rialto_protocol::ErrorCode;
 
@@ -124,13 +125,12 @@ impl ReceivePool {
         counter.fetch_add(1, Ordering::Relaxed);
         let mut block = reused.unwrap_or_else(|| Vec::with_capacity(capacity));
         block.extend_from_slice(data);
-        Bytes::from_owner(PooledBlock {
-            data: block,
-            pool: Arc::clone(self),
-        })
+        recycle::lend(self, block)
     }
+}
 
-    fn give_back(&self, mut block: Vec<u8>) {
+impl Recycle for ReceivePool {
+    fn recycle(&self, mut block: Vec<u8>) {
         // Only blocks of a size class this pool allocates (a Vec<u8> keeps its exact capacity).
         let capacity = block.capacity();
         let class = capacity / BLOCK_ROUNDING;
@@ -143,24 +143,6 @@ impl ReceivePool {
             free.bytes += capacity;
             free.by_class[class - 1].push(block);
         }
-    }
-}
-
-/// A block referenced by received values; back to its pool when the last of them is dropped.
-struct PooledBlock {
-    data: Vec<u8>,
-    pool: Arc<ReceivePool>,
-}
-
-impl AsRef<[u8]> for PooledBlock {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-impl Drop for PooledBlock {
-    fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.data));
     }
 }
 

@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod error;
 pub mod meta;
 pub mod partitioner;
+pub mod recycle;
 pub mod wire;
 
 pub use error::ErrorCode;

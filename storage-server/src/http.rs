@@ -697,32 +697,17 @@ impl BufferPool {
     }
 
     fn freeze(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
-        Bytes::from_owner(PooledBuffer {
-            buf,
-            pool: self.clone(),
-        })
+        rialto_protocol::recycle::lend(self, buf)
     }
 }
 
-struct PooledBuffer {
-    buf: Vec<u8>,
-    pool: Arc<BufferPool>,
-}
-
-impl AsRef<[u8]> for PooledBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for PooledBuffer {
-    fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
+impl rialto_protocol::recycle::Recycle for BufferPool {
+    fn recycle(&self, mut buf: Vec<u8>) {
         if buf.capacity() > POOLED_BUFFER_BYTES_MAX {
             return;
         }
         buf.clear();
-        let mut free = self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         if free.len() < POOLED_BUFFERS_MAX {
             free.push(buf);
         }

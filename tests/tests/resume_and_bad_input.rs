@@ -215,6 +215,20 @@ async fn wait_for_replicas(
     .await
 }
 
+/// One offset of each of server-2's replica records of a version, by record key.
+async fn server_2_offsets(
+    cluster: &Cluster,
+    store: &str,
+    version: u32,
+    offset: impl Fn(&ReplicaRecord) -> i64,
+) -> Result<BTreeMap<String, i64>> {
+    Ok(replicas_by_key(cluster, store, version, "server-2")
+        .await?
+        .into_iter()
+        .map(|(key, r)| (key, offset(&r)))
+        .collect())
+}
+
 /// A storage server *process* killed with SIGKILL in the middle of two pushes (no flush, no clean
 /// close: its memtables are lost) restarts on the same data and finishes both without losing a
 /// record. The sorted push resumes exactly at the checkpoint the server last reported (each
@@ -277,13 +291,7 @@ async fn a_server_process_killed_mid_push_resumes_and_loses_nothing() -> Result<
         )
         .await
         .with_context(|| format!("server-2's log: {}", process.log().display()))?;
-        let offsets: BTreeMap<String, i64> =
-            replicas_by_key(&cluster, store, start.version, "server-2")
-                .await?
-                .into_iter()
-                .map(|(key, r)| (key, r.offset))
-                .collect();
-        reported.push(offsets);
+        reported.push(server_2_offsets(&cluster, store, start.version, |r| r.offset).await?);
     }
     process.kill()?;
 
@@ -313,12 +321,7 @@ async fn a_server_process_killed_mid_push_resumes_and_loses_nothing() -> Result<
         )
         .await
         .with_context(|| format!("server-2's log: {}", restarted.log().display()))?;
-        let resumed: BTreeMap<String, i64> =
-            replicas_by_key(&cluster, store, start.version, "server-2")
-                .await?
-                .into_iter()
-                .map(|(key, r)| (key, r.consumed_from))
-                .collect();
+        let resumed = server_2_offsets(&cluster, store, start.version, |r| r.consumed_from).await?;
         let reported = &reported[if sorted { 0 } else { 1 }];
         if sorted {
             assert_eq!(
