@@ -15,7 +15,7 @@ use std::time::Duration;
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::{MetaStore, PrefixMirror, PubSub};
 use rialto_protocol::meta::{
-    Layout, ReplicaRecord, ReplicaState, StoreRecord, VersionRecord, VersionStatus,
+    now_ms, Layout, ReplicaRecord, ReplicaState, StoreRecord, VersionRecord, VersionStatus,
 };
 use tokio::sync::watch;
 
@@ -26,6 +26,12 @@ use crate::store_ops::{update_store, update_version};
 /// retries failed actions).
 pub const RECONCILE_TICK: Duration = Duration::from_secs(2);
 
+/// How long a version's topic outlives a replica of it that still reports OFFLINE or BOOTSTRAP
+/// (a server that may be consuming it) after that replica's last report. Servers stop consuming a
+/// failed or retired version within a poll, then delete or update their records; the bound only
+/// keeps a server that never does from keeping the topic forever.
+pub const TOPIC_RELEASE_WAIT: Duration = Duration::from_secs(30);
+
 /// Parsed metadata: every store, version and replica record the controller knows.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
@@ -35,6 +41,8 @@ pub struct ClusterView {
     pub versions: BTreeMap<(String, u32), VersionRecord>,
     /// (store, version, partition, node) → record.
     pub replicas: BTreeMap<(String, u32, u32, String), ReplicaRecord>,
+    /// When the view was taken (milliseconds since the Unix epoch), to age replica reports.
+    pub now_ms: i64,
 }
 
 impl ClusterView {
@@ -45,7 +53,10 @@ impl ClusterView {
         versions: &PrefixMap,
         replicas: &PrefixMap,
     ) -> ClusterView {
-        let mut view = ClusterView::default();
+        let mut view = ClusterView {
+            now_ms: now_ms(),
+            ..ClusterView::default()
+        };
         for (key, value) in stores {
             match serde_json::from_slice::<StoreRecord>(value) {
                 Ok(s) => {
@@ -102,6 +113,25 @@ impl ClusterView {
             .map(|r| r.state)
             .unwrap_or(ReplicaState::Offline)
     }
+
+    /// Whether a server may still be consuming the topic of `store`'s `version`: one of its
+    /// replicas reports OFFLINE (about to consume) or BOOTSTRAP, and did so within
+    /// [`TOPIC_RELEASE_WAIT`].
+    ///
+    /// A topic is deleted only once this is false. Fetching a deleted topic is at best wasted
+    /// work, and with librdkafka 2.12 against tansu it crashes the server: tansu answers with a
+    /// "current leader" for an unknown topic, and librdkafka's leader update then looks up a
+    /// topic with no name (`rd_kafka_metadata_update_op`, a NULL `strcmp`).
+    pub fn consuming(&self, store: &str, version: u32) -> bool {
+        let wait_ms = TOPIC_RELEASE_WAIT.as_millis() as i64;
+        self.replicas
+            .range((store.to_string(), version, 0, String::new())..)
+            .take_while(|((s, n, _, _), _)| s == store && *n == version)
+            .any(|(_, r)| {
+                matches!(r.state, ReplicaState::Offline | ReplicaState::Bootstrap)
+                    && self.now_ms.saturating_sub(r.updated_ms) < wait_ms
+            })
+    }
 }
 
 /// One thing the reconciler must do.
@@ -117,13 +147,14 @@ pub enum Action {
     Swap { store: String, version: u32 },
     /// The version is already current (a swap whose second step was interrupted): mark it online.
     MarkOnline { store: String, version: u32 },
-    /// Delete the topic of a failed version at once (its record stays for operators).
+    /// Delete the topic of a failed version once no server consumes it (its record stays for
+    /// operators).
     DeleteTopic {
         store: String,
         version: u32,
         topic: String,
     },
-    /// Delete topic, replica records and version record.
+    /// Delete topic, replica records and version record (once no server consumes the topic).
     Retire {
         store: String,
         version: u32,
@@ -202,6 +233,9 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
             // ONLINE but newer than the current version: a swap stopped between its two writes.
             VersionStatus::Online if current.is_none_or(|c| n > c) => swap = Some(n),
             VersionStatus::Online if current != Some(n) && backup != Some(n) => {
+                if view.consuming(name, n) {
+                    continue; // retired once no server consumes its topic
+                }
                 actions.push(Action::Retire {
                     store: name.clone(),
                     version: n,
@@ -213,6 +247,8 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
                     // A push reported failed after it went live (a narrow race with the swap):
                     // the version serves, so keep its topic and record; operators decide.
                     tracing::warn!(store = %name, version = n, "current or backup version is marked failed");
+                } else if view.consuming(name, n) {
+                    // Servers drop a failed version's replicas; its topic goes once they have.
                 } else if current.is_some_and(|c| n < c) && backup != Some(n) {
                     actions.push(Action::Retire {
                         store: name.clone(),
@@ -679,7 +715,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_versions_lose_their_topic_at_once_and_their_record_once_older_than_current() {
+    fn failed_versions_lose_their_topic_and_their_record_once_older_than_current() {
         let failed = || VersionStatus::Failed {
             reason: "boom".into(),
         };
@@ -716,6 +752,67 @@ mod tests {
                 topic: "s_v1".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_topic_is_deleted_only_once_no_server_consumes_it() {
+        let failed = || VersionStatus::Failed {
+            reason: "boom".into(),
+        };
+        let delete_v3 = Action::DeleteTopic {
+            store: "s".into(),
+            version: 3,
+            topic: "s_v3".into(),
+        };
+        let retire_v1 = Action::Retire {
+            store: "s".into(),
+            version: 1,
+            topic: "s_v1".into(),
+        };
+        let mut v = view(
+            store(Some(2), None, 3),
+            vec![
+                version(1, VersionStatus::Online),
+                version(2, VersionStatus::Online),
+                version(3, failed()),
+            ],
+        );
+        v.now_ms = 100_000;
+        // Version 1 (retiring) has a replica re-bootstrapping; version 3 (failed) has replicas
+        // still waiting for records that will never come, and one in ERROR.
+        let reported = |state, at| ReplicaRecord {
+            updated_ms: at,
+            ..replica(state, None)
+        };
+        v.replicas
+            .insert(("s".into(), 1, 0, "a".into()), reported(ReplicaState::Online, 0));
+        v.replicas.insert(
+            ("s".into(), 1, 1, "b".into()),
+            reported(ReplicaState::Bootstrap, 99_000),
+        );
+        v.replicas
+            .insert(("s".into(), 3, 0, "a".into()), reported(ReplicaState::Error, 99_000));
+        v.replicas.insert(
+            ("s".into(), 3, 1, "a".into()),
+            reported(ReplicaState::Offline, 99_500),
+        );
+        v.replicas.insert(
+            ("s".into(), 3, 1, "b".into()),
+            reported(ReplicaState::Bootstrap, 99_900),
+        );
+        assert!(v.consuming("s", 1) && v.consuming("s", 3) && !v.consuming("s", 2));
+        assert_eq!(plan(&v), vec![], "both topics are still consumed");
+
+        // The servers drop version 3's consuming replicas: its topic goes, version 1 still waits.
+        v.replicas.remove(&("s".into(), 3, 1, "a".into()));
+        v.replicas.remove(&("s".into(), 3, 1, "b".into()));
+        assert_eq!(plan(&v), vec![delete_v3.clone()]);
+
+        // A replica that stopped reporting holds the topic for TOPIC_RELEASE_WAIT at most.
+        v.now_ms = 99_000 + TOPIC_RELEASE_WAIT.as_millis() as i64 - 1;
+        assert_eq!(plan(&v), vec![delete_v3.clone()]);
+        v.now_ms += 1;
+        assert_eq!(plan(&v), vec![retire_v1, delete_v3]);
     }
 
     #[test]

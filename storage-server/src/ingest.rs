@@ -283,6 +283,9 @@ async fn ingest(
             report_progress(ctx, slot, &durable).await;
         }
     }
+    // Done with the topic: close the consumer before ONLINE is reported (the controller deletes
+    // a topic once no replica of it reports OFFLINE or BOOTSTRAP).
+    close_consumer(consumer).await;
     // Records consumed after END_OF_PUSH (END_OF_SEGMENT) only move the checkpoint.
     chunk.ingest(ctx, &store).await?;
     if store
@@ -663,6 +666,13 @@ async fn go_online(
     );
     ctx.report(slot).await;
     Ok(())
+}
+
+/// Closes `consumer` off the async threads: librdkafka's close joins its threads.
+async fn close_consumer(consumer: Box<dyn PartitionConsumer>) {
+    if let Err(e) = tokio::task::spawn_blocking(move || drop(consumer)).await {
+        tracing::warn!(error = %e, "closing a consumer panicked");
+    }
 }
 
 async fn open_consumer(
