@@ -3,28 +3,35 @@
 # broker tansu (sqlite storage, started from its data folder), on 127.0.0.1 only.
 #
 #   scripts/services.sh start  --dir DIR [--etcd-port 2379] [--etcd-peer-port 2380] [--kafka-port 9092]
+#                              [--owner PID]
 #   scripts/services.sh stop   --dir DIR
 #   scripts/services.sh status --dir DIR
 #
 # Each service's PID is kept in DIR/<service>.pid and its log in DIR/<service>.log; `stop` kills
 # exactly those PIDs. `start` waits until both services answer, and fails with the log tail if not.
+# With `--owner PID`, a watcher stops both services once process PID is gone: a test binary that
+# crashes or is killed does not leave its etcd and tansu running.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/env.sh"
 
 cmd="${1:-}"; shift || true
-dir=""; etcd_port=2379; etcd_peer_port=2380; kafka_port=9092
+dir=""; etcd_port=2379; etcd_peer_port=2380; kafka_port=9092; owner=
 while (($#)); do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
     --etcd-port) etcd_port="$2"; shift 2 ;;
     --etcd-peer-port) etcd_peer_port="$2"; shift 2 ;;
     --kafka-port) kafka_port="$2"; shift 2 ;;
+    --owner) owner="$2"; shift 2 ;;
     *) echo "services.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$dir" ] || { echo "services.sh: --dir is required" >&2; exit 2; }
-mkdir -p "$dir"
+if [ "$cmd" = start ]; then mkdir -p "$dir"; elif [ ! -d "$dir" ]; then
+  [ "$cmd" = status ] && echo "etcd stopped" && echo "tansu stopped"
+  exit 0 # nothing was started there (or it is already cleaned up)
+fi
 dir="$(cd "$dir" && pwd)"
 
 alive() { [ -f "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
@@ -80,6 +87,11 @@ case "$cmd" in
     etcd_ok() { ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$etcd_port" endpoint health >/dev/null 2>&1; }
     wait_for etcd etcd_ok
     wait_for tansu port_open "$kafka_port"
+    if [ -n "$owner" ]; then
+      # Detached, and off this script's stdout/stderr (callers read them to the end).
+      setsid bash -c 'while kill -0 "$1" 2>/dev/null; do [ -d "$3" ] || exit 0; sleep 1; done; exec bash "$2" stop --dir "$3"' \
+        watch-owner "$owner" "$here/services.sh" "$dir" </dev/null >/dev/null 2>&1 &
+    fi
     echo "etcd  http://127.0.0.1:$etcd_port (pid $(cat "$dir/etcd.pid"))"
     echo "kafka 127.0.0.1:$kafka_port (tansu, pid $(cat "$dir/tansu.pid"))"
     ;;
@@ -92,5 +104,5 @@ case "$cmd" in
       if alive "$s"; then echo "$s running (pid $(cat "$dir/$s.pid"))"; else echo "$s stopped"; fi
     done
     ;;
-  *) echo "usage: services.sh start|stop|status --dir DIR [--etcd-port N] [--etcd-peer-port N] [--kafka-port N]" >&2; exit 2 ;;
+  *) echo "usage: services.sh start|stop|status --dir DIR [--etcd-port N] [--etcd-peer-port N] [--kafka-port N] [--owner PID]" >&2; exit 2 ;;
 esac

@@ -23,7 +23,7 @@
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,7 @@ impl Services {
                 &peer.to_string(),
             ])
             .args(["--kafka-port", &kafka.to_string()])
+            .args(["--owner", &std::process::id().to_string()])
             .output()
             .context("run scripts/services.sh")?;
         if !out.status.success() {
@@ -749,6 +750,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("start {}", binary.display()))?;
+        kill_when_this_process_dies(child.id())?;
         Ok(ServerProcess {
             child: Some(child),
             log: log_path,
@@ -759,6 +761,25 @@ impl Cluster {
     pub async fn wait_for_server_count(&self, count: usize) -> Result<()> {
         self.wait_for_nodes(count).await
     }
+}
+
+/// Starts a detached watcher that kills `pid` (SIGKILL) once this test process is gone, so a
+/// test binary that crashes or is killed leaves no server behind (`Drop` does not run then). The
+/// watcher ends by itself when `pid` ends first.
+fn kill_when_this_process_dies(pid: u32) -> Result<()> {
+    Command::new("setsid")
+        .args(["bash", "-c"])
+        .arg(
+            "while kill -0 \"$1\" 2>/dev/null; do kill -0 \"$2\" 2>/dev/null || exit 0; sleep 1; done; \
+             kill -9 \"$2\" 2>/dev/null",
+        )
+        .args(["watch-test-process", &std::process::id().to_string(), &pid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start the watcher of a server process")?;
+    Ok(())
 }
 
 /// A storage server running as a child process; killed (SIGKILL) when dropped.
