@@ -784,14 +784,18 @@ mod tests {
             updated_ms: at,
             ..replica(state, None)
         };
-        v.replicas
-            .insert(("s".into(), 1, 0, "a".into()), reported(ReplicaState::Online, 0));
+        v.replicas.insert(
+            ("s".into(), 1, 0, "a".into()),
+            reported(ReplicaState::Online, 0),
+        );
         v.replicas.insert(
             ("s".into(), 1, 1, "b".into()),
             reported(ReplicaState::Bootstrap, 99_000),
         );
-        v.replicas
-            .insert(("s".into(), 3, 0, "a".into()), reported(ReplicaState::Error, 99_000));
+        v.replicas.insert(
+            ("s".into(), 3, 0, "a".into()),
+            reported(ReplicaState::Error, 99_000),
+        );
         v.replicas.insert(
             ("s".into(), 3, 1, "a".into()),
             reported(ReplicaState::Offline, 99_500),

@@ -1072,6 +1072,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replica_closes_its_consumer_before_it_reports_online() {
+        let h = harness().await;
+        h.pubsub
+            .append_all(TOPIC, 0, sorted_push(&sorted_keys(100), b""));
+        // (state, consumers open) at every replica record written.
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (pubsub, log) = (h.pubsub.clone(), seen.clone());
+        h.meta.on_put(Arc::new(move |_, value| {
+            if let Ok(r) = serde_json::from_slice::<ReplicaRecord>(value) {
+                log.lock().unwrap().push((r.state, pubsub.open_consumers()));
+            }
+        }));
+        let slot = slot(&h);
+        run_to_end(&h, &slot).await;
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.contains(&(ReplicaState::Bootstrap, 1)), "{seen:?}");
+        let online: Vec<usize> = seen
+            .iter()
+            .filter(|(state, _)| *state == ReplicaState::Online)
+            .map(|&(_, open)| open)
+            .collect();
+        assert!(
+            !online.is_empty() && online.iter().all(|&open| open == 0),
+            "ONLINE is reported only after the consumer is closed: {seen:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_sorted_push_larger_than_a_chunk_is_ingested_chunk_after_chunk() {
         // Chunks of 4 KB: every poll (up to POLL_RECORDS_MAX records of about 30 bytes) fills
         // one, so 2,500 records make three SST files, each written while the next is consumed.

@@ -9,6 +9,7 @@
 //! * [`PushRecords`]: builds the records of a well-formed push (SOS, SOP, data, EOP, EOS).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,8 +29,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Called with the key and value of every put, synchronously, before watchers see it: a test
+/// checks what else was true when a record was written.
+pub type PutHook = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
+
 #[derive(Default)]
 struct MetaState {
+    put_hook: Option<PutHook>,
     revision: i64,
     /// key → (value, mod revision, lease)
     data: BTreeMap<String, (Vec<u8>, i64, Option<i64>)>,
@@ -52,6 +58,9 @@ impl MetaState {
     }
 
     fn put(&mut self, key: &str, value: Vec<u8>, lease: Option<i64>) {
+        if let Some(hook) = &self.put_hook {
+            hook(key, &value);
+        }
         self.revision += 1;
         let rev = self.revision;
         self.data
@@ -120,6 +129,11 @@ impl MemoryMetaStore {
     /// The value of a key, without going through the async trait.
     pub fn value(&self, key: &str) -> Option<Vec<u8>> {
         lock(&self.state).data.get(key).map(|(v, _, _)| v.clone())
+    }
+
+    /// Calls `hook` on every later put (see [`PutHook`]).
+    pub fn on_put(&self, hook: PutHook) {
+        lock(&self.state).put_hook = Some(hook);
     }
 }
 
@@ -274,12 +288,18 @@ struct PubSubState {
 pub struct MemoryPubSub {
     state: Arc<Mutex<PubSubState>>,
     appended: Arc<Notify>,
+    open_consumers: Arc<AtomicUsize>,
 }
 
 impl MemoryPubSub {
     /// An empty broker.
     pub fn new() -> MemoryPubSub {
         MemoryPubSub::default()
+    }
+
+    /// Consumers created and not dropped yet.
+    pub fn open_consumers(&self) -> usize {
+        self.open_consumers.load(Ordering::SeqCst)
     }
 
     /// Appends a record (creating the topic with enough partitions if needed); returns its offset.
@@ -388,6 +408,7 @@ impl PubSub for MemoryPubSub {
         if !lock(&self.state).topics.contains_key(topic) {
             return Err(PubSubError::UnknownTopic(topic.to_string()));
         }
+        self.open_consumers.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(MemoryConsumer {
             pubsub: self.clone(),
             topic: topic.to_string(),
@@ -402,6 +423,12 @@ struct MemoryConsumer {
     topic: String,
     partition: u32,
     next: i64,
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        self.pubsub.open_consumers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl MemoryConsumer {
