@@ -27,7 +27,11 @@
 //! No automatic compactions while a replica is written (and no write stalls for its level-0
 //! files): nothing reads it before it is sealed, and sealing compacts it once. An unsorted
 //! push's memtable flushes therefore pile up in level 0 and are merged in one pass, instead of
-//! being rewritten level by level while the push runs.
+//! being rewritten level by level while the push runs. Two things bound what that pile costs:
+//! a writable replica does not pin its level-0 index and filter blocks in the block cache
+//! (nothing reads them; pinned, they would grow past the cache with the push), and once level 0
+//! holds [`L0_MERGE_FILES`] files [`ReplicaStore::apply`] merges them (each file is an open
+//! descriptor and a table reader until the merge).
 //!
 //! After END_OF_PUSH a batch version is [sealed](ReplicaStore::seal): memtable flushed, (for
 //! unsorted pushes) compacted, a `sealed` marker written, and the database reopened read-only.
@@ -99,6 +103,7 @@ pub struct Engine {
     block_cache: Cache,
     block_cache_bytes: usize,
     ingest_wal: bool,
+    l0_merge_files: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -122,7 +127,14 @@ impl Engine {
             block_cache: Cache::new_lru_cache(block_cache_bytes),
             block_cache_bytes,
             ingest_wal: false,
+            l0_merge_files: L0_MERGE_FILES,
         }
+    }
+    /// Merge a writable replica's level 0 at `files` files instead of [`L0_MERGE_FILES`]
+    /// (tests); 0: never before sealing.
+    pub fn with_l0_merge_files(mut self, files: usize) -> Engine {
+        self.l0_merge_files = files;
+        self
     }
     /// Whether ingestion writes go through the WAL (off by default, see the module docs; on
     /// only to measure what skipping it saves).
@@ -138,19 +150,37 @@ impl Engine {
     pub fn block_cache_usage(&self) -> usize {
         self.block_cache.get_usage()
     }
+    /// Bytes of the block cache pinned (in use, not evictable) now.
+    pub fn block_cache_pinned_usage(&self) -> usize {
+        self.block_cache.get_pinned_usage()
+    }
+}
+
+/// Level-0 files at which a writable replica merges them ([`ReplicaStore::apply`]): 16 GB of
+/// 64 MB memtable flushes. Partitions smaller than that are merged once, when sealed.
+pub const L0_MERGE_FILES: usize = 256;
+
+/// What a replica database is opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Ingestion (nothing reads it).
+    Write,
+    /// Serving a sealed version.
+    Read,
 }
 
 /// The RocksDB options of a replica database: (database, data column family, all families).
 pub fn engine_options(
     layout: Layout,
     engine: &Engine,
+    access: Access,
 ) -> (Options, Options, Vec<ColumnFamilyDescriptor>) {
     let mut db_opts = Options::default();
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
     // No WAL (see the module docs): flush data and checkpoint together.
     db_opts.set_atomic_flush(true);
-    let data_opts = data_options(layout, engine);
+    let data_opts = data_options(layout, engine, access);
     if layout.profile == StorageProfile::InMemory {
         // PlainTable reads through mmap only.
         db_opts.set_allow_mmap_reads(true);
@@ -162,7 +192,7 @@ pub fn engine_options(
     (db_opts, data_opts, cfs)
 }
 
-fn data_options(layout: Layout, engine: &Engine) -> Options {
+fn data_options(layout: Layout, engine: &Engine, access: Access) -> Options {
     let mut opts = Options::default();
     // A batch version is not read before it is sealed, and sealing compacts it once: no
     // compactions while it is written, and no write stalls for the level-0 files meanwhile.
@@ -199,7 +229,9 @@ fn data_options(layout: Layout, engine: &Engine) -> Options {
             table.set_bloom_filter(BLOOM_BITS_PER_KEY, false);
             table.set_block_cache(&engine.block_cache);
             table.set_cache_index_and_filter_blocks(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            // Pinned level-0 blocks serve reads; while written, nothing reads, and an unsorted
+            // push's level 0 grows until the merge.
+            table.set_pin_l0_filter_and_index_blocks_in_cache(access == Access::Read);
             opts.set_block_based_table_factory(&table);
             opts.set_compression_type(if layout.compressed_values {
                 rocksdb::DBCompressionType::None
@@ -266,6 +298,8 @@ pub struct ReplicaStore {
     read_only: bool,
     /// Write through the WAL ([`Engine::with_ingest_wal`]).
     wal: bool,
+    /// Merge level 0 at this many files ([`L0_MERGE_FILES`]).
+    l0_merge_files: usize,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -288,7 +322,7 @@ impl ReplicaStore {
         let layout = layout.into();
         std::fs::create_dir_all(path)
             .map_err(|e| ServerError::io("create replica directory", path, e))?;
-        let (opts, data_opts, cfs) = engine_options(layout, engine);
+        let (opts, data_opts, cfs) = engine_options(layout, engine, Access::Write);
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| storage(path, e))?;
         Ok(ReplicaStore {
             db,
@@ -297,6 +331,7 @@ impl ReplicaStore {
             data_opts,
             read_only: false,
             wal: engine.ingest_wal,
+            l0_merge_files: engine.l0_merge_files,
         })
     }
 
@@ -307,7 +342,7 @@ impl ReplicaStore {
         engine: &Engine,
     ) -> Result<ReplicaStore, ServerError> {
         let layout = layout.into();
-        let (opts, data_opts, cfs) = engine_options(layout, engine);
+        let (opts, data_opts, cfs) = engine_options(layout, engine, Access::Read);
         let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false)
             .map_err(|e| storage(path, e))?;
         Ok(ReplicaStore {
@@ -317,6 +352,7 @@ impl ReplicaStore {
             data_opts,
             read_only: true,
             wal: engine.ingest_wal,
+            l0_merge_files: engine.l0_merge_files,
         })
     }
 
@@ -376,7 +412,27 @@ impl ReplicaStore {
         batch.put_cf(meta, CHECKPOINT_KEY, encoded);
         self.db
             .write_opt(batch, &self.write_options())
-            .map_err(|e| storage(&self.path, e))
+            .map_err(|e| storage(&self.path, e))?;
+        self.merge_level_0_if_full()
+    }
+
+    /// Merges the data's level-0 files into one sorted run below them once there are
+    /// `l0_merge_files` of them (an unsorted push larger than [`L0_MERGE_FILES`] flushes; see
+    /// the module docs). Ingestion of this replica waits for the merge.
+    fn merge_level_0_if_full(&self) -> Result<(), ServerError> {
+        let data = self.data_cf()?;
+        let files = self
+            .db
+            .property_int_value_cf(data, "rocksdb.num-files-at-level0")
+            .map_err(|e| storage(&self.path, e))?
+            .unwrap_or(0);
+        if self.l0_merge_files == 0 || files < self.l0_merge_files as u64 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.db.compact_range_cf(data, None::<&[u8]>, None::<&[u8]>);
+        tracing::info!(path = %self.path.display(), files, elapsed_ms = started.elapsed().as_millis() as u64, "merged level 0 of a replica being written");
+        Ok(())
     }
 
     /// Writes `ops`, whose keys must be strictly ascending, to an SST file, ingests it, and then
@@ -1075,6 +1131,66 @@ mod tests {
                 assert!(store.get(op.key()).unwrap().is_some(), "{profile:?}");
             }
         }
+    }
+
+    /// Level-0 files of the data.
+    fn level_0_files(store: &ReplicaStore) -> usize {
+        let files = store.live_data_files().unwrap();
+        files.iter().filter(|f| f.level == 0).count()
+    }
+
+    #[test]
+    fn a_writable_replica_merges_level_0_at_its_limit() {
+        for profile in PROFILES {
+            let engine = Engine::new(1 << 20).with_l0_merge_files(4);
+            let dir = tempfile::tempdir().unwrap();
+            let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
+            let ops = sorted_ops(2_000, 10);
+            let mut most = 0;
+            for batch in 0..10 {
+                let part: Vec<WriteOp> = ops.iter().skip(batch).step_by(10).cloned().collect();
+                store
+                    .apply(&part, &checkpoint(batch as i64 + 1, 0))
+                    .unwrap();
+                most = most.max(level_0_files(&store));
+                store.db.flush_cf(store.data_cf().unwrap()).unwrap();
+            }
+            // Merged (with the memtable) at the writes that found 4 files: batches 4 and 9.
+            assert_eq!(most, 3, "{profile:?}: merged when the 4th file was there");
+            let files = store.live_data_files().unwrap();
+            let below: Vec<_> = files.iter().filter(|f| f.level > 0).collect();
+            assert_eq!(below.len(), 1, "{profile:?}: one merged run: {files:?}");
+            assert!(level_0_files(&store) < 4, "{profile:?}: {files:?}");
+            let store = store.seal(true, &engine).unwrap();
+            let files = store.live_data_files().unwrap();
+            assert_eq!(files.len(), 1, "{profile:?}");
+            assert_eq!(files[0].num_entries, 2_000, "{profile:?}");
+            for op in &ops {
+                assert!(store.get(op.key()).unwrap().is_some(), "{profile:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_writable_replica_pins_no_more_of_the_block_cache_as_level_0_grows() {
+        let engine = Engine::new(1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(dir.path(), StorageProfile::OnDisk, &engine).unwrap();
+        let ops = sorted_ops(20_000, 10);
+        let mut pinned = Vec::new();
+        for batch in 0..8 {
+            let part: Vec<WriteOp> = ops.iter().skip(batch).step_by(8).cloned().collect();
+            store
+                .apply(&part, &checkpoint(batch as i64 + 1, 0))
+                .unwrap();
+            store.db.flush_cf(store.data_cf().unwrap()).unwrap();
+            pinned.push(engine.block_cache_pinned_usage());
+        }
+        assert_eq!(level_0_files(&store), 8);
+        assert!(
+            pinned[7] <= pinned[0],
+            "pinned bytes grow with level 0: {pinned:?}"
+        );
     }
 
     #[test]
