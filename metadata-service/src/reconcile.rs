@@ -784,26 +784,18 @@ mod tests {
             updated_ms: at,
             ..replica(state, None)
         };
-        v.replicas.insert(
-            ("s".into(), 1, 0, "a".into()),
-            reported(ReplicaState::Online, 0),
-        );
-        v.replicas.insert(
-            ("s".into(), 1, 1, "b".into()),
-            reported(ReplicaState::Bootstrap, 99_000),
-        );
-        v.replicas.insert(
-            ("s".into(), 3, 0, "a".into()),
-            reported(ReplicaState::Error, 99_000),
-        );
-        v.replicas.insert(
-            ("s".into(), 3, 1, "a".into()),
-            reported(ReplicaState::Offline, 99_500),
-        );
-        v.replicas.insert(
-            ("s".into(), 3, 1, "b".into()),
-            reported(ReplicaState::Bootstrap, 99_900),
-        );
+        for ((version, partition, node), state, at) in [
+            ((1, 0, "a"), ReplicaState::Online, 0),
+            ((1, 1, "b"), ReplicaState::Bootstrap, 99_000),
+            ((3, 0, "a"), ReplicaState::Error, 99_000),
+            ((3, 1, "a"), ReplicaState::Offline, 99_500),
+            ((3, 1, "b"), ReplicaState::Bootstrap, 99_900),
+        ] {
+            v.replicas.insert(
+                ("s".into(), version, partition, node.into()),
+                reported(state, at),
+            );
+        }
         assert!(v.consuming("s", 1) && v.consuming("s", 3) && !v.consuming("s", 2));
         assert_eq!(plan(&v), vec![], "both topics are still consumed");
 

@@ -1103,22 +1103,33 @@ mod tests {
         }
     }
 
+    /// Writes `ops` as `batches` interleaved write batches (each spans the whole key range),
+    /// flushed one by one: overlapping files, as an unsorted push's memtable flushes are.
+    /// `after_write` runs between each write and its flush.
+    fn write_overlapping_flushes(
+        store: &ReplicaStore,
+        ops: &[WriteOp],
+        batches: usize,
+        mut after_write: impl FnMut(&ReplicaStore),
+    ) {
+        for batch in 0..batches {
+            let part: Vec<WriteOp> = ops.iter().skip(batch).step_by(batches).cloned().collect();
+            store
+                .apply(&part, &checkpoint(batch as i64 + 1, 0))
+                .unwrap();
+            after_write(store);
+            store.db.flush_cf(store.data_cf().unwrap()).unwrap();
+        }
+    }
+
     #[test]
     fn an_unsorted_push_piles_up_in_level_0_and_sealing_merges_it_once() {
-        // Interleaved key ranges, flushed after each batch: files that overlap, as an unsorted
-        // push's memtable flushes do.
         for profile in PROFILES {
             let engine = Engine::new(1 << 20);
             let dir = tempfile::tempdir().unwrap();
             let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
             let ops = sorted_ops(2_000, 10);
-            for batch in 0..8 {
-                let part: Vec<WriteOp> = ops.iter().skip(batch).step_by(8).cloned().collect();
-                store
-                    .apply(&part, &checkpoint(batch as i64 + 1, 0))
-                    .unwrap();
-                store.db.flush_cf(store.data_cf().unwrap()).unwrap();
-            }
+            write_overlapping_flushes(&store, &ops, 8, |_| {});
             let files = store.live_data_files().unwrap();
             assert_eq!(files.len(), 8, "{profile:?}: no compaction while written");
             assert!(files.iter().all(|f| f.level == 0), "{profile:?}");
@@ -1147,14 +1158,9 @@ mod tests {
             let store = ReplicaStore::open(dir.path(), profile, &engine).unwrap();
             let ops = sorted_ops(2_000, 10);
             let mut most = 0;
-            for batch in 0..10 {
-                let part: Vec<WriteOp> = ops.iter().skip(batch).step_by(10).cloned().collect();
-                store
-                    .apply(&part, &checkpoint(batch as i64 + 1, 0))
-                    .unwrap();
-                most = most.max(level_0_files(&store));
-                store.db.flush_cf(store.data_cf().unwrap()).unwrap();
-            }
+            write_overlapping_flushes(&store, &ops, 10, |store| {
+                most = most.max(level_0_files(store));
+            });
             // Merged (with the memtable) at the writes that found 4 files: batches 4 and 9.
             assert_eq!(most, 3, "{profile:?}: merged when the 4th file was there");
             let files = store.live_data_files().unwrap();
@@ -1177,18 +1183,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path(), StorageProfile::OnDisk, &engine).unwrap();
         let ops = sorted_ops(20_000, 10);
+        // Pinned bytes with 0, 1, ..., 7 level-0 files.
         let mut pinned = Vec::new();
-        for batch in 0..8 {
-            let part: Vec<WriteOp> = ops.iter().skip(batch).step_by(8).cloned().collect();
-            store
-                .apply(&part, &checkpoint(batch as i64 + 1, 0))
-                .unwrap();
-            store.db.flush_cf(store.data_cf().unwrap()).unwrap();
+        write_overlapping_flushes(&store, &ops, 8, |_| {
             pinned.push(engine.block_cache_pinned_usage());
-        }
+        });
         assert_eq!(level_0_files(&store), 8);
+        pinned.push(engine.block_cache_pinned_usage());
         assert!(
-            pinned[7] <= pinned[0],
+            pinned[8] <= pinned[1],
             "pinned bytes grow with level 0: {pinned:?}"
         );
     }
