@@ -655,6 +655,14 @@ async fn go_online(
         r.disk_bytes = usage.disk_bytes;
         r.memory_bytes = usage.memory_bytes;
     });
+    if store.profile() == StorageProfile::InMemory && !usage.data_resident() {
+        tracing::warn!(
+            replica = %slot.id,
+            data_bytes = usage.data_bytes,
+            resident_data_bytes = usage.resident_data_bytes,
+            "an in-memory replica goes ONLINE with part of its data out of memory (the kernel did not keep what warming read): reads of it go to disk; give the server more memory or fewer replicas"
+        );
+    }
     tracing::info!(
         replica = %slot.id,
         records = checkpoint.records,
@@ -1069,6 +1077,53 @@ mod tests {
             );
         }
         assert!(store.get(b"key-002500").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_evicted_in_memory_replica_reports_less_memory_at_the_next_refresh() {
+        let h = harness().await;
+        let keys = sorted_keys(5000);
+        h.pubsub.append_all(TOPIC, 0, sorted_push(&keys, b""));
+        let slot = slot(&h);
+        let (_stop, stop_rx) = watch::channel(false);
+        let in_memory = ReplicaPlan {
+            storage: StorageProfile::InMemory,
+            ..plan()
+        };
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            run(h.ctx.clone(), slot.clone(), in_memory, stop_rx),
+        )
+        .await
+        .expect("ingestion should finish");
+        let online = reported(&h).await;
+        assert_eq!(online.state, ReplicaState::Online, "{online:?}");
+        let store = h.ctx.registry.online("s", 1, 0).unwrap();
+        let data_bytes = store.usage().unwrap().data_bytes;
+        assert!(online.memory_bytes >= data_bytes, "{online:?}");
+        let mut resident = std::collections::HashMap::new();
+
+        // Nothing moved: nothing is re-reported.
+        crate::usage::refresh(&h.ctx, &mut resident).await;
+        assert_eq!(reported(&h).await.updated_ms, online.updated_ms);
+
+        for file in store.data_file_paths().unwrap() {
+            crate::residency::drop_from_page_cache(&file).unwrap();
+        }
+        crate::usage::refresh(&h.ctx, &mut resident).await;
+        let evicted = reported(&h).await;
+        // The files' index and bloom pages, mapped by the table readers, stay.
+        assert!(
+            evicted.memory_bytes < online.memory_bytes - data_bytes / 2,
+            "{evicted:?} of {data_bytes}"
+        );
+        assert_eq!(evicted.state, ReplicaState::Online);
+        assert_eq!(resident.get(&slot.id), Some(&false));
+
+        store.warm(u64::MAX).unwrap();
+        crate::usage::refresh(&h.ctx, &mut resident).await;
+        assert!(reported(&h).await.memory_bytes >= data_bytes);
+        assert_eq!(resident.get(&slot.id), Some(&true));
     }
 
     #[tokio::test]

@@ -7,6 +7,8 @@
 //! * [`ingest`]: one task per replica, version topic → validated write batches.
 //! * [`validator`]: producer-metadata rules and the checkpoint that carries their state.
 //! * [`store`]: one RocksDB instance per replica ([`ReplicaStore`]).
+//! * [`residency`]: how much of a file is in the page cache (`mincore`).
+//! * [`usage`]: re-measures the ONLINE replicas' bytes while they serve.
 //! * `http`: the HTTP/2 read endpoint (get, streamed batch-get, health, metrics).
 //! * [`faults`]: delays and errors injected into reads, for tests and benchmarks (off by default).
 //! * [`testing`]: in-memory `MetaStore` / `PubSub` fakes and a push-record builder for tests.
@@ -23,8 +25,10 @@ pub mod ingest;
 pub mod metrics;
 mod node;
 pub mod replica;
+pub mod residency;
 pub mod store;
 pub mod testing;
+pub mod usage;
 pub mod validator;
 
 use std::net::SocketAddr;
@@ -83,6 +87,9 @@ pub struct ServerConfig {
     /// Faults injected into reads at start (tests and benchmarks; default none). They can be
     /// changed while the server runs through [`RunningServer::faults`].
     pub faults: FaultConfig,
+    /// How often the ONLINE replicas' bytes on disk and in memory are measured again (an
+    /// in-memory store's pages may be evicted after warming); see [`usage`].
+    pub usage_refresh: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -105,6 +112,7 @@ impl ServerConfig {
             batch_get_keys_max: BATCH_GET_KEYS_MAX,
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
             faults: FaultConfig::default(),
+            usage_refresh: usage::DEFAULT_USAGE_REFRESH,
         }
     }
 }
@@ -132,6 +140,7 @@ pub struct RunningServer {
     serve_task: JoinHandle<()>,
     reconcile_task: JoinHandle<()>,
     lease_task: JoinHandle<rialto_backends::LeaseHandle>,
+    usage_task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for RunningServer {
@@ -208,6 +217,7 @@ impl RunningServer {
             serve_task,
             reconcile_task,
             lease_task,
+            usage_task,
             ..
         } = self;
         let _ = shutdown.send(how);
@@ -219,6 +229,7 @@ impl RunningServer {
         };
         note("serve", serve_task.await);
         note("assignments", reconcile_task.await);
+        note("usage", usage_task.await);
         let lease = match lease_task.await {
             Ok(lease) => Some(lease),
             Err(e) => {
@@ -309,6 +320,11 @@ pub async fn start(
         first,
         shutdown_rx.clone(),
     ));
+    let usage_task = tokio::spawn(usage::keep_fresh(
+        ctx.clone(),
+        config.usage_refresh,
+        shutdown_rx.clone(),
+    ));
     let lease_task = tokio::spawn(node::keep_registered(ctx.clone(), lease, shutdown_rx));
     tracing::info!(node = %config.node_id, %address, tls = config.tls.is_some(), "storage server started");
     Ok(RunningServer {
@@ -320,6 +336,7 @@ pub async fn start(
         serve_task,
         reconcile_task,
         lease_task,
+        usage_task,
     })
 }
 

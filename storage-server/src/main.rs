@@ -57,6 +57,10 @@ struct Cli {
     /// Size of the block cache shared by the on-disk stores' replicas, in MiB.
     #[arg(long, default_value_t = DEFAULT_BLOCK_CACHE_BYTES / (1024 * 1024))]
     block_cache_mib: usize,
+    /// Seconds between two measurements of the ONLINE replicas' bytes on disk and in memory
+    /// (`mincore` on in-memory stores' files: what the kernel still holds after warming).
+    #[arg(long, default_value_t = rialto_server::usage::DEFAULT_USAGE_REFRESH.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    usage_refresh_secs: u64,
     /// etcd endpoints, comma separated.
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     etcd: Vec<String>,
@@ -113,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             delay: Duration::from_millis(cli.fault_delay_ms),
             error_rate: cli.fault_error_rate,
         },
+        usage_refresh: Duration::from_secs(cli.usage_refresh_secs),
     };
     let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
         .await

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rialto_backends::{LeaseHandle, MetaError, MetaStore, PubSub};
-use rialto_protocol::meta::{Layout, NodeRecord, ReplicaRecord};
+use rialto_protocol::meta::{Layout, NodeRecord, ReplicaRecord, ReplicaState};
 use tokio::sync::{watch, Mutex};
 
 use crate::metrics::ServerMetrics;
@@ -48,6 +48,18 @@ impl NodeContext {
         let lease = self.lease_id.lock().await;
         if let Err(e) = self.put_replica(slot, *lease).await {
             tracing::warn!(replica = %slot.id, error = %e, "cannot report replica state; will retry on the next report");
+        }
+    }
+
+    /// Like [`NodeContext::report`], but only while the replica is ONLINE: a replica dropped
+    /// meanwhile (its record deleted under the same lock) is not written back.
+    pub async fn report_online(&self, slot: &ReplicaSlot) {
+        let lease = self.lease_id.lock().await;
+        if slot.state() != ReplicaState::Online {
+            return;
+        }
+        if let Err(e) = self.put_replica(slot, *lease).await {
+            tracing::warn!(replica = %slot.id, error = %e, "cannot report replica bytes; will retry on the next change");
         }
     }
 

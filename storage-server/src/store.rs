@@ -274,10 +274,24 @@ impl From<StorageProfile> for Layout {
 pub struct StoreUsage {
     /// Live SST files, all column families.
     pub disk_bytes: u64,
-    /// Resident: memtables and table readers (indexes, filters), plus, for in-memory stores, the
-    /// mmapped data files (warmed before serving). Block-cache bytes of on-disk stores are
-    /// shared by the server's replicas and reported per server, not here.
+    /// Resident: memtables and table readers (indexes, filters), plus, for in-memory stores,
+    /// the part of the mmapped data files that is in the page cache now (measured with
+    /// `mincore`; warming reads all of it before serving, the kernel may evict it later).
+    /// Block-cache bytes of on-disk stores are shared by the server's replicas and reported per
+    /// server, not here.
     pub memory_bytes: u64,
+    /// Size of the data files (the data column family's live SST files).
+    pub data_bytes: u64,
+    /// Of `data_bytes`, what is in the page cache now.
+    pub resident_data_bytes: u64,
+}
+
+impl StoreUsage {
+    /// Whether an in-memory store's data is (almost) all resident: at least 99 % of it, the
+    /// rest being pages the kernel read ahead or dropped at the files' edges.
+    pub fn data_resident(&self) -> bool {
+        self.resident_data_bytes >= self.data_bytes - self.data_bytes / 100
+    }
 }
 
 /// What warming read.
@@ -551,7 +565,7 @@ impl ReplicaStore {
             if warmed.bytes >= budget_bytes {
                 break;
             }
-            let path = self.path.join(file.name.trim_start_matches('/'));
+            let path = self.data_file_path(&file);
             let mut f = File::open(&path).map_err(|e| ServerError::io("open", &path, e))?;
             loop {
                 let n = f
@@ -572,11 +586,17 @@ impl ReplicaStore {
     pub fn usage(&self) -> Result<StoreUsage, ServerError> {
         let files = self.db.live_files().map_err(|e| storage(&self.path, e))?;
         let disk_bytes: u64 = files.iter().map(|f| f.size as u64).sum();
-        let data_bytes: u64 = files
+        let mut data_bytes = 0;
+        let mut resident_data_bytes = 0;
+        for file in files
             .iter()
             .filter(|f| f.column_family_name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
-            .map(|f| f.size as u64)
-            .sum();
+        {
+            data_bytes += file.size as u64;
+            let path = self.data_file_path(file);
+            resident_data_bytes += crate::residency::resident_bytes(&path)
+                .map_err(|e| ServerError::io("measure page-cache residency", &path, e))?;
+        }
         let property = |name: &str| -> Result<u64, ServerError> {
             let mut total = 0;
             for cf in [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, META_CF] {
@@ -592,12 +612,28 @@ impl ReplicaStore {
         let mut memory_bytes = property("rocksdb.cur-size-all-mem-tables")?
             + property("rocksdb.estimate-table-readers-mem")?;
         if self.layout.profile == StorageProfile::InMemory {
-            memory_bytes += data_bytes;
+            memory_bytes += resident_data_bytes;
         }
         Ok(StoreUsage {
             disk_bytes,
             memory_bytes,
+            data_bytes,
+            resident_data_bytes,
         })
+    }
+
+    /// The path of one of the database's live files.
+    fn data_file_path(&self, file: &rocksdb::LiveFile) -> PathBuf {
+        self.path.join(file.name.trim_start_matches('/'))
+    }
+
+    /// The paths of the data's live SST files.
+    pub fn data_file_paths(&self) -> Result<Vec<PathBuf>, ServerError> {
+        Ok(self
+            .live_data_files()?
+            .iter()
+            .map(|f| self.data_file_path(f))
+            .collect())
     }
 
     fn live_data_files(&self) -> Result<Vec<rocksdb::LiveFile>, ServerError> {
@@ -1080,6 +1116,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn memory_of_an_in_memory_store_is_what_the_page_cache_holds_of_its_data() {
+        let engine = Engine::new(1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r");
+        let store = ReplicaStore::open(&path, StorageProfile::InMemory, &engine).unwrap();
+        store
+            .ingest_sorted(&sorted_ops(4000, 1000), &checkpoint(7, 4000))
+            .unwrap();
+        let store = store.seal(false, &engine).unwrap();
+        let evict = |store: &ReplicaStore| {
+            for file in store.data_file_paths().unwrap() {
+                crate::residency::drop_from_page_cache(&file).unwrap();
+            }
+        };
+
+        evict(&store);
+        let cold = store.usage().unwrap();
+        assert!(cold.data_bytes > 4000 * 1000, "{cold:?}");
+        assert!(
+            cold.resident_data_bytes < cold.data_bytes / 10 && !cold.data_resident(),
+            "{cold:?}"
+        );
+        assert!(cold.memory_bytes < cold.data_bytes / 5, "{cold:?}");
+
+        store.warm(u64::MAX).unwrap();
+        let warm = store.usage().unwrap();
+        assert!(warm.data_resident(), "{warm:?}");
+        assert!(warm.memory_bytes >= warm.data_bytes, "{warm:?}");
+        assert_eq!(warm.disk_bytes, cold.disk_bytes);
+
+        evict(&store);
+        let evicted = store.usage().unwrap();
+        assert!(!evicted.data_resident(), "{evicted:?}");
+        assert!(evicted.memory_bytes < warm.memory_bytes / 5, "{evicted:?}");
     }
 
     #[test]

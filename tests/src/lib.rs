@@ -297,6 +297,7 @@ impl Cluster {
                 batch_get_keys_max: rialto_protocol::wire::BATCH_GET_KEYS_MAX,
                 block_cache_bytes: 32 * 1024 * 1024,
                 faults,
+                usage_refresh: rialto_server::usage::DEFAULT_USAGE_REFRESH,
             };
             cluster.servers.push(ServerSlot {
                 config,
