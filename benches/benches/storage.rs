@@ -11,6 +11,8 @@
 //!   the walking skeleton did), including the flush and compaction sealing needs. The
 //!   `*_memtable_unsorted` cases write the same records in a shuffled order: what an unsorted
 //!   push of the same data costs the server (overlapping flushes, a compaction that rewrites).
+//!   SST chunks are pipelined as the server does (a chunk's file is written while the chunk
+//!   before is ingested); `in_memory_sst_one_at_a_time` writes and ingests them in turn.
 //!
 //! Run (dev profile, like everything else here; `--workspace` keeps RocksDB's build cached):
 //! `cargo bench --workspace --profile dev --bench storage -- --warm-up-time 1 --measurement-time 5`
@@ -23,7 +25,7 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_protocol::wire::StoredValue;
 use rialto_server::ingest::SORTED_CHUNK_BYTES;
-use rialto_server::store::{Engine, Layout, ReplicaStore, WriteOp};
+use rialto_server::store::{Engine, Layout, ReplicaStore, SortedFile, WriteOp};
 use rialto_server::validator::Checkpoint;
 
 const VALUE_SIZES: [usize; 2] = [100, 1_000];
@@ -79,18 +81,32 @@ fn sorted_ops(count: usize, value_len: usize) -> Vec<WriteOp> {
         .collect()
 }
 
-/// Writes `ops` (in key order) through the path a sorted push takes (SST ingestion when `sst`,
-/// write batches otherwise) and seals the replica.
+/// How `build` writes a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WritePath {
+    /// Write batches through the memtable (unsorted pushes).
+    Memtable,
+    /// SST files, pipelined as the server does: a chunk's file is written while the chunk
+    /// before is ingested.
+    Sst,
+    /// SST files, each written and ingested before the next is started (the server before
+    /// session 10).
+    SstOneAtATime,
+}
+
+/// Writes `ops` (in key order) through `write` and seals the replica.
 fn build(
     path: &Path,
     layout: impl Into<Layout>,
     engine: &Engine,
     ops: &[WriteOp],
-    sst: bool,
+    write: WritePath,
 ) -> ReplicaStore {
+    let sst = write != WritePath::Memtable;
     let store = ReplicaStore::open(path, layout, engine).expect("open");
     let mut start = 0;
     let mut bytes = 0;
+    let mut written: Option<(Option<SortedFile>, Checkpoint)> = None;
     for (i, op) in ops.iter().enumerate() {
         if let WriteOp::Put { key, value } = op {
             bytes += key.len() + value.len();
@@ -103,14 +119,26 @@ fn build(
         if full || i + 1 == ops.len() {
             let chunk = &ops[start..=i];
             let cp = checkpoint(i as u64 + 1);
-            if sst {
+            if write == WritePath::SstOneAtATime {
                 store.ingest_sorted(chunk, &cp).expect("ingest");
+            } else if sst {
+                let file = std::thread::scope(|s| {
+                    let writing = s.spawn(|| store.write_sorted(chunk, cp.next_offset));
+                    if let Some((file, cp)) = written.take() {
+                        store.ingest_written(file, &cp).expect("ingest");
+                    }
+                    writing.join().expect("write thread").expect("write")
+                });
+                written = Some((file, cp));
             } else {
                 store.apply(chunk, &cp).expect("apply");
             }
             start = i + 1;
             bytes = 0;
         }
+    }
+    if let Some((file, cp)) = written {
+        store.ingest_written(file, &cp).expect("ingest");
     }
     store.seal(!sst, engine).expect("seal")
 }
@@ -157,7 +185,7 @@ fn read_replica(
         profile,
         engine,
         &sorted_ops(count, value_len),
-        true,
+        WritePath::Sst,
     );
     let warmed = store.warm(u64::MAX).expect("warm");
     let usage = store.usage().expect("usage");
@@ -248,11 +276,11 @@ fn ingestion(c: &mut Criterion) {
         g.sample_size(10);
         g.throughput(Throughput::Elements(count as u64));
         let zstd_on_disk = Layout::new(StorageProfile::OnDisk, Compression::Zstd);
-        for (name, layout, sst, engine, ops) in [
+        for (name, layout, write, engine, ops) in [
             (
                 "on_disk_sst_ingestion",
                 StorageProfile::OnDisk.into(),
-                true,
+                WritePath::Sst,
                 &engine,
                 &ops,
             ),
@@ -260,49 +288,56 @@ fn ingestion(c: &mut Criterion) {
             (
                 "on_disk_sst_ingestion_zstd_store",
                 zstd_on_disk,
-                true,
+                WritePath::Sst,
                 &engine,
                 &ops,
             ),
             (
                 "on_disk_memtable",
                 StorageProfile::OnDisk.into(),
-                false,
+                WritePath::Memtable,
                 &engine,
                 &ops,
             ),
             (
                 "on_disk_memtable_wal",
                 StorageProfile::OnDisk.into(),
-                false,
+                WritePath::Memtable,
                 &engine_wal,
                 &ops,
             ),
             (
                 "on_disk_memtable_unsorted",
                 StorageProfile::OnDisk.into(),
-                false,
+                WritePath::Memtable,
                 &engine,
                 &unsorted,
             ),
             (
                 "in_memory_sst_ingestion",
                 StorageProfile::InMemory.into(),
-                true,
+                WritePath::Sst,
+                &engine,
+                &ops,
+            ),
+            (
+                "in_memory_sst_one_at_a_time",
+                StorageProfile::InMemory.into(),
+                WritePath::SstOneAtATime,
                 &engine,
                 &ops,
             ),
             (
                 "in_memory_memtable",
                 StorageProfile::InMemory.into(),
-                false,
+                WritePath::Memtable,
                 &engine,
                 &ops,
             ),
             (
                 "in_memory_memtable_unsorted",
                 StorageProfile::InMemory.into(),
-                false,
+                WritePath::Memtable,
                 &engine,
                 &unsorted,
             ),
@@ -310,7 +345,7 @@ fn ingestion(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(name, count), |b| {
                 b.iter_with_large_drop(|| {
                     let dir = tempfile::tempdir().expect("tempdir");
-                    let store = build(dir.path(), layout, engine, ops, sst);
+                    let store = build(dir.path(), layout, engine, ops, write);
                     (store, dir)
                 })
             });

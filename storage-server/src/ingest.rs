@@ -12,9 +12,11 @@
 //! of up to [`SORTED_CHUNK_BYTES`] or [`SORTED_CHUNK_AGE`], whichever comes first, that are
 //! written as SST files (PlainTable or block-based) and ingested, the checkpoint following each
 //! ingested chunk (synced; a replay after a crash in between skips the keys already ingested,
-//! see `ReplicaStore::ingest_sorted`). One chunk is written on a blocking thread while the task consumes the next, so
-//! the file building overlaps the broker and is spread over the push instead of piling up at
-//! END_OF_PUSH; a replica holds at most two chunks in memory. A sorted push whose keys are not
+//! see `ReplicaStore::write_sorted`). One chunk is written and ingested on blocking threads while
+//! the task consumes the next, so the file building overlaps the broker and is spread over the
+//! push instead of piling up at END_OF_PUSH; and a chunk's file is written while the chunk before
+//! is ingested (RocksDB reads a whole PlainTable file back to ingest it). A replica holds at most
+//! two chunks in memory. A sorted push whose keys are not
 //! strictly ascending (checked record by record against the last key, kept in the checkpoint)
 //! sends the replica to ERROR.
 //!
@@ -401,22 +403,39 @@ impl SortedChunk {
         }
     }
 
-    /// Starts writing the chunk in the background after waiting for the one before it, and
-    /// empties it. Returns the checkpoint the previous write made durable, if any.
+    /// Starts writing the chunk in the background, waits for the chunk before it (whose
+    /// ingestion overlaps this chunk's file being written), then leaves this chunk's ingestion
+    /// running, and empties it. Returns the checkpoint the previous chunk made durable, if any.
     async fn start(
         &mut self,
         ctx: &NodeContext,
         store: &Arc<ReplicaStore>,
     ) -> Result<Option<Checkpoint>, Ended> {
-        let previous = self.wait(ctx).await?;
         let Some(checkpoint) = self.checkpoint.take() else {
-            return Ok(previous);
+            return self.wait(ctx).await;
         };
         let ops = std::mem::take(&mut self.ops);
         self.bytes = 0;
         let records = ops.len() as u64;
+        let (s, chunk) = (store.clone(), checkpoint.next_offset);
+        let written = tokio::task::spawn_blocking(move || s.write_sorted(&ops, chunk));
+        let previous = match self.wait(ctx).await {
+            Ok(previous) => previous,
+            Err(e) => {
+                // Nothing writes to the replica after its task ends.
+                let _ = written.await;
+                return Err(e);
+            }
+        };
         let (s, cp) = (store.clone(), checkpoint.clone());
-        let task = tokio::task::spawn_blocking(move || s.ingest_sorted(&ops, &cp));
+        let task = tokio::spawn(async move {
+            let file = written
+                .await
+                .map_err(|e| crate::ServerError::Task("write a sorted chunk", e.to_string()))??;
+            tokio::task::spawn_blocking(move || s.ingest_written(file, &cp))
+                .await
+                .map_err(|e| crate::ServerError::Task("ingest a sorted chunk", e.to_string()))?
+        });
         self.writing = Some(ChunkWrite {
             task,
             checkpoint,

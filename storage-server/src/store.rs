@@ -294,6 +294,19 @@ impl StoreUsage {
     }
 }
 
+/// An SST file [`ReplicaStore::write_sorted`] wrote, waiting to be ingested. Dropping it
+/// deletes the file (ingestion links it into the database first).
+#[derive(Debug)]
+pub struct SortedFile {
+    path: PathBuf,
+}
+
+impl Drop for SortedFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// What warming read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Warmed {
@@ -451,37 +464,79 @@ impl ReplicaStore {
 
     /// Writes `ops`, whose keys must be strictly ascending, to an SST file, ingests it, and then
     /// writes `checkpoint` through the WAL, synced, so that it is as durable as the file. With no
-    /// ops only the checkpoint is written.
+    /// ops only the checkpoint is written. [`ReplicaStore::write_sorted`] then
+    /// [`ReplicaStore::ingest_written`]; a caller that pipelines chunks calls them itself.
+    pub fn ingest_sorted(
+        &self,
+        ops: &[WriteOp],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), ServerError> {
+        let file = self.write_sorted(ops, checkpoint.next_offset)?;
+        self.ingest_written(file, checkpoint)
+    }
+
+    /// Writes `ops`, whose keys must be strictly ascending, to an SST file of the ingestion
+    /// directory named after `chunk` (unique per chunk), for [`ReplicaStore::ingest_written`].
+    /// `None` when there is nothing to write.
+    ///
+    /// Touches no data of the database, so it may run while the chunk before is being ingested:
+    /// a sorted push's chunks are ascending, so this chunk's keys sort after everything that
+    /// chunk ingests.
     ///
     /// Idempotent for a replay: ops at or below the largest key already in the data are skipped.
     /// A sorted push only ever ingests ascending chunks, so everything up to that key is in; a
     /// crash between an ingestion and its checkpoint makes the replica consume those records
     /// again, and ingesting them into a file overlapping the existing ones would be refused by
     /// PlainTable (RocksDB's overlap check needs a total-order seek, which it does not support).
-    pub fn ingest_sorted(
+    pub fn write_sorted(
         &self,
         ops: &[WriteOp],
-        checkpoint: &Checkpoint,
-    ) -> Result<(), ServerError> {
-        // Checkpoint-only calls skip the lookup.
-        let largest = if ops.is_empty() {
-            None
-        } else {
-            self.largest_data_key()?
-        };
-        let ops = match largest {
+        chunk: i64,
+    ) -> Result<Option<SortedFile>, ServerError> {
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        let ops = match self.largest_data_key()? {
             Some(largest) => &ops[ops.partition_point(|op| op.key() <= &largest[..])..],
             None => ops,
         };
-        if !ops.is_empty() {
-            let dir = self.path.join(INGEST_DIR);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| ServerError::io("create ingestion directory", &dir, e))?;
-            let file = dir.join(format!("chunk-{}.sst", checkpoint.next_offset));
-            let result = self.write_and_ingest(ops, &file);
-            // Ingestion moves (links) the file; remove what is left either way.
-            let _ = std::fs::remove_file(&file);
-            result?;
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        let dir = self.path.join(INGEST_DIR);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ServerError::io("create ingestion directory", &dir, e))?;
+        let file = SortedFile {
+            path: dir.join(format!("chunk-{chunk}.sst")),
+        };
+        let mut writer = SstFileWriter::create(&self.data_opts);
+        writer
+            .open(&file.path)
+            .map_err(|e| storage(&file.path, e))?;
+        for op in ops {
+            match op {
+                WriteOp::Put { key, value } => writer.put(key, value),
+                WriteOp::Delete { key } => writer.delete(key),
+            }
+            .map_err(|e| storage(&file.path, e))?;
+        }
+        writer.finish().map_err(|e| storage(&file.path, e))?;
+        Ok(Some(file))
+    }
+
+    /// Ingests a file [`ReplicaStore::write_sorted`] wrote (if any), then writes `checkpoint`
+    /// through the WAL, synced. Files must be ingested in the order of their chunks.
+    pub fn ingest_written(
+        &self,
+        file: Option<SortedFile>,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), ServerError> {
+        if let Some(file) = file {
+            let mut ingest = IngestExternalFileOptions::default();
+            ingest.set_move_files(true);
+            self.db
+                .ingest_external_file_opts(&ingest, vec![&file.path])
+                .map_err(|e| storage(&self.path, e))?;
         }
         let meta = self.meta_cf()?;
         let encoded = self.encode_checkpoint(checkpoint)?;
@@ -497,24 +552,6 @@ impl ReplicaStore {
             .into_iter()
             .filter_map(|f| f.end_key)
             .max())
-    }
-
-    fn write_and_ingest(&self, ops: &[WriteOp], file: &Path) -> Result<(), ServerError> {
-        let mut writer = SstFileWriter::create(&self.data_opts);
-        writer.open(file).map_err(|e| storage(file, e))?;
-        for op in ops {
-            match op {
-                WriteOp::Put { key, value } => writer.put(key, value),
-                WriteOp::Delete { key } => writer.delete(key),
-            }
-            .map_err(|e| storage(file, e))?;
-        }
-        writer.finish().map_err(|e| storage(file, e))?;
-        let mut ingest = IngestExternalFileOptions::default();
-        ingest.set_move_files(true);
-        self.db
-            .ingest_external_file_opts(&ingest, vec![file])
-            .map_err(|e| storage(&self.path, e))
     }
 
     /// Stores the version's compression dictionary (from START_OF_PUSH), through the WAL, synced:
@@ -1059,6 +1096,42 @@ mod tests {
             assert!(store.is_read_only());
             assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(10, 3000)));
             check(&store, "reopened");
+        }
+    }
+
+    #[test]
+    fn a_chunk_written_while_the_one_before_is_not_yet_ingested_reads_the_same() {
+        for profile in PROFILES {
+            let engine = Engine::new(1 << 20);
+            let dir = tempfile::tempdir().unwrap();
+            let store = ReplicaStore::open(&dir.path().join("r"), profile, &engine).unwrap();
+            let ops = sorted_ops(3000, 32);
+            let first = store.write_sorted(&ops[..1000], 5).unwrap();
+            let second = store.write_sorted(&ops[1000..], 10).unwrap();
+            store.ingest_written(first, &checkpoint(5, 1000)).unwrap();
+            assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(5, 1000)));
+            store.ingest_written(second, &checkpoint(10, 3000)).unwrap();
+            // A file written and never ingested (an abandoned chunk) is deleted.
+            drop(
+                store
+                    .write_sorted(&sorted_ops(3001, 32)[3000..], 11)
+                    .unwrap(),
+            );
+            let ingest_dir = dir.path().join("r").join(INGEST_DIR);
+            assert_eq!(std::fs::read_dir(&ingest_dir).unwrap().count(), 0);
+            let store = store.seal(false, &engine).unwrap();
+            assert_eq!(store.checkpoint().unwrap(), Some(checkpoint(10, 3000)));
+            for op in &ops {
+                let WriteOp::Put { key, value } = op else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    store.get(key).unwrap().as_deref(),
+                    Some(&value[..]),
+                    "{profile:?}"
+                );
+            }
+            assert!(store.get(b"key-00003000").unwrap().is_none());
         }
     }
 
