@@ -8,7 +8,7 @@
 //!   on a safety tick), and applies each action with compare-and-put, re-reading the record first
 //!   so a stale mirror can never make it swap to an older version or revive a failed one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,8 @@ use crate::store_ops::{update_store, update_version};
 pub const RECONCILE_TICK: Duration = Duration::from_secs(2);
 
 /// How long a version's topic outlives a replica of it that still reports OFFLINE or BOOTSTRAP
-/// (a server that may be consuming it) after that replica's last report. Servers stop consuming a
+/// (a server that may be consuming it) after that replica's last report (as this controller saw
+/// it, by its own clock: [`ReportClock`]). Servers stop consuming a
 /// failed or retired version within a poll, then delete or update their records; the bound only
 /// keeps a server that never does from keeping the topic forever.
 pub const TOPIC_RELEASE_WAIT: Duration = Duration::from_secs(30);
@@ -41,17 +42,55 @@ pub struct ClusterView {
     pub versions: BTreeMap<(String, u32), VersionRecord>,
     /// (store, version, partition, node) → record.
     pub replicas: BTreeMap<(String, u32, u32, String), ReplicaRecord>,
-    /// When the view was taken (milliseconds since the Unix epoch), to age replica reports.
+    /// When the view was taken (milliseconds since the Unix epoch, this controller's clock), to
+    /// age replica reports.
     pub now_ms: i64,
+    /// (store, version, partition, node) → when this controller first saw the replica's current
+    /// record ([`ReportClock`]); a replica missing here counts as reported just now.
+    pub reported_ms: BTreeMap<(String, u32, u32, String), i64>,
+}
+
+/// When this controller first saw each replica record's current content, by its own clock. A
+/// report's age is measured from there, so the servers' clocks (`ReplicaRecord::updated_ms`)
+/// and the skew between machines never enter it. A new leader has no history: every record
+/// counts as just reported, which only delays what waits on an old report.
+#[derive(Debug, Default)]
+pub struct ReportClock {
+    /// Replica key → its value and when that value was first seen.
+    seen: HashMap<String, (Vec<u8>, i64)>,
+}
+
+impl ReportClock {
+    /// When `value` under `key` was first seen, `now_ms` if it is new or changed.
+    fn seen_at(&mut self, key: &str, value: &[u8], now_ms: i64) -> i64 {
+        match self.seen.get_mut(key) {
+            Some((seen, at)) if seen.as_slice() == value => *at,
+            Some(entry) => {
+                *entry = (value.to_vec(), now_ms);
+                now_ms
+            }
+            None => {
+                self.seen.insert(key.to_string(), (value.to_vec(), now_ms));
+                now_ms
+            }
+        }
+    }
+
+    /// Forgets records that are gone.
+    fn retain(&mut self, replicas: &PrefixMap) {
+        self.seen.retain(|key, _| replicas.contains_key(key));
+    }
 }
 
 impl ClusterView {
-    /// Parses mirrored prefixes; corrupt records are logged and skipped.
+    /// Parses mirrored prefixes; corrupt records are logged and skipped. `clock` dates the
+    /// replica records.
     pub fn parse(
         layout: &Layout,
         stores: &PrefixMap,
         versions: &PrefixMap,
         replicas: &PrefixMap,
+        clock: &mut ReportClock,
     ) -> ClusterView {
         let mut view = ClusterView {
             now_ms: now_ms(),
@@ -80,12 +119,15 @@ impl ClusterView {
             };
             match serde_json::from_slice::<ReplicaRecord>(value) {
                 Ok(r) => {
-                    view.replicas
-                        .insert((store.to_string(), version, partition, node.to_string()), r);
+                    let id = (store.to_string(), version, partition, node.to_string());
+                    view.reported_ms
+                        .insert(id.clone(), clock.seen_at(key, value, view.now_ms));
+                    view.replicas.insert(id, r);
                 }
                 Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt replica record"),
             }
         }
+        clock.retain(replicas);
         view
     }
 
@@ -116,7 +158,7 @@ impl ClusterView {
 
     /// Whether a server may still be consuming the topic of `store`'s `version`: one of its
     /// replicas reports OFFLINE (about to consume) or BOOTSTRAP, and did so within
-    /// [`TOPIC_RELEASE_WAIT`].
+    /// [`TOPIC_RELEASE_WAIT`] (by this controller's clock, [`ClusterView::reported_ms`]).
     ///
     /// A topic is deleted only once this is false. Fetching a deleted topic is at best wasted
     /// work, and with librdkafka 2.12 against tansu it crashes the server: tansu answers with a
@@ -127,9 +169,10 @@ impl ClusterView {
         self.replicas
             .range((store.to_string(), version, 0, String::new())..)
             .take_while(|((s, n, _, _), _)| s == store && *n == version)
-            .any(|(_, r)| {
+            .any(|(id, r)| {
+                let reported = self.reported_ms.get(id).copied().unwrap_or(self.now_ms);
                 matches!(r.state, ReplicaState::Offline | ReplicaState::Bootstrap)
-                    && self.now_ms.saturating_sub(r.updated_ms) < wait_ms
+                    && self.now_ms.saturating_sub(reported) < wait_ms
             })
     }
 }
@@ -306,6 +349,7 @@ pub struct Reconciler {
     meta: Arc<dyn MetaStore>,
     pubsub: Arc<dyn PubSub>,
     deleted_topics: HashSet<String>,
+    reports: ReportClock,
 }
 
 impl Reconciler {
@@ -316,6 +360,7 @@ impl Reconciler {
             meta,
             pubsub,
             deleted_topics: HashSet::new(),
+            reports: ReportClock::default(),
         }
     }
 
@@ -343,6 +388,7 @@ impl Reconciler {
                 &stores.snapshot().await,
                 &versions.snapshot().await,
                 &replicas.snapshot().await,
+                &mut self.reports,
             );
             for action in plan(&view) {
                 if *stop.borrow() {
@@ -779,11 +825,8 @@ mod tests {
         );
         v.now_ms = 100_000;
         // Version 1 (retiring) has a replica re-bootstrapping; version 3 (failed) has replicas
-        // still waiting for records that will never come, and one in ERROR.
-        let reported = |state, at| ReplicaRecord {
-            updated_ms: at,
-            ..replica(state, None)
-        };
+        // still waiting for records that will never come, and one in ERROR. The servers' own
+        // clocks (`updated_ms`, all zero here) do not matter, only when the controller saw them.
         for ((version, partition, node), state, at) in [
             ((1, 0, "a"), ReplicaState::Online, 0),
             ((1, 1, "b"), ReplicaState::Bootstrap, 99_000),
@@ -791,10 +834,9 @@ mod tests {
             ((3, 1, "a"), ReplicaState::Offline, 99_500),
             ((3, 1, "b"), ReplicaState::Bootstrap, 99_900),
         ] {
-            v.replicas.insert(
-                ("s".into(), version, partition, node.into()),
-                reported(state, at),
-            );
+            let id: (String, u32, u32, String) = ("s".into(), version, partition, node.into());
+            v.replicas.insert(id.clone(), replica(state, None));
+            v.reported_ms.insert(id, at);
         }
         assert!(v.consuming("s", 1) && v.consuming("s", 3) && !v.consuming("s", 2));
         assert_eq!(plan(&v), vec![], "both topics are still consumed");
@@ -809,6 +851,45 @@ mod tests {
         assert_eq!(plan(&v), vec![delete_v3.clone()]);
         v.now_ms += 1;
         assert_eq!(plan(&v), vec![retire_v1, delete_v3]);
+    }
+
+    #[test]
+    fn a_report_is_aged_from_when_the_controller_saw_it_not_by_the_servers_clock() {
+        let layout = Layout::new("/r");
+        let empty = PrefixMap::new();
+        let key = layout.replica("s", 1, 0, "a");
+        let bootstrap = |updated_ms| {
+            let mut replicas = PrefixMap::new();
+            let record = ReplicaRecord {
+                updated_ms,
+                ..replica(ReplicaState::Bootstrap, None)
+            };
+            replicas.insert(key.clone(), serde_json::to_vec(&record).unwrap());
+            replicas
+        };
+        let wait = TOPIC_RELEASE_WAIT.as_millis() as i64;
+        let mut clock = ReportClock::default();
+        // A server whose clock is an hour behind: its report is still fresh when first seen.
+        let skewed = bootstrap(now_ms() - 3_600_000);
+        let id = ("s".to_string(), 1, 0, "a".to_string());
+        let v = ClusterView::parse(&layout, &empty, &empty, &skewed, &mut clock);
+        let first_seen = v.now_ms;
+        assert_eq!(v.reported_ms[&id], first_seen);
+        assert!(v.consuming("s", 1));
+        // The same record seen again keeps its first sighting, and ages from there.
+        std::thread::sleep(Duration::from_millis(5));
+        let mut v = ClusterView::parse(&layout, &empty, &empty, &skewed, &mut clock);
+        assert_eq!(v.reported_ms[&id], first_seen);
+        assert!(v.now_ms > first_seen && v.consuming("s", 1));
+        v.now_ms = first_seen + wait;
+        assert!(!v.consuming("s", 1));
+        // A new report (any change of the record) starts the wait again.
+        let v = ClusterView::parse(&layout, &empty, &empty, &bootstrap(1), &mut clock);
+        assert_eq!(v.reported_ms[&id], v.now_ms);
+        assert!(v.now_ms > first_seen && v.consuming("s", 1));
+        // A record that is gone is forgotten.
+        ClusterView::parse(&layout, &empty, &empty, &empty, &mut clock);
+        assert!(clock.seen.is_empty());
     }
 
     #[test]
@@ -864,7 +945,13 @@ mod tests {
             serde_json::to_vec(&replica(ReplicaState::Online, None)).unwrap(),
         );
         replicas.insert("/r/replicas/garbage".into(), b"{}".to_vec());
-        let v = ClusterView::parse(&layout, &stores, &versions, &replicas);
+        let v = ClusterView::parse(
+            &layout,
+            &stores,
+            &versions,
+            &replicas,
+            &mut ReportClock::default(),
+        );
         assert_eq!(v.stores.len(), 1);
         assert_eq!(v.versions.len(), 1);
         assert_eq!(v.replica_state("s", 1, 0, "a"), ReplicaState::Online);
