@@ -631,8 +631,12 @@ impl ReplicaStore {
         {
             data_bytes += file.size as u64;
             let path = self.data_file_path(file);
-            resident_data_bytes += crate::residency::resident_bytes(&path)
-                .map_err(|e| ServerError::io("measure page-cache residency", &path, e))?;
+            // A measurement that fails (descriptor or mapping limits) must not fail the replica:
+            // the file counts as resident, as it was read when the replica was warmed.
+            resident_data_bytes += crate::residency::resident_bytes(&path).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "cannot measure what of a data file is in memory; counting it all");
+                file.size as u64
+            });
         }
         let property = |name: &str| -> Result<u64, ServerError> {
             let mut total = 0;
