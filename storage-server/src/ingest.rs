@@ -661,6 +661,19 @@ async fn go_online(
     let warmed = blocking(move || s.warm(budget))
         .await
         .map_err(|e| Ended::Failed(format!("cannot warm the replica database: {e}")))?;
+    if ctx.lock_in_memory_stores && store.profile() == StorageProfile::InMemory {
+        let s = store.clone();
+        match blocking(move || s.lock_in_memory()).await {
+            Ok(bytes) => {
+                tracing::info!(replica = %slot.id, locked_bytes = bytes, "data locked in memory")
+            }
+            Err(e) => tracing::warn!(
+                replica = %slot.id,
+                error = %e,
+                "cannot lock the replica's data in memory; it serves unlocked (raise RLIMIT_MEMLOCK, e.g. systemd's LimitMEMLOCK=infinity, or grant CAP_IPC_LOCK)"
+            ),
+        }
+    }
     let s = store.clone();
     let usage = blocking(move || s.usage())
         .await
@@ -758,6 +771,10 @@ mod tests {
     }
 
     async fn harness_with(sorted_chunk: ChunkLimits) -> Harness {
+        harness_of(sorted_chunk, false).await
+    }
+
+    async fn harness_of(sorted_chunk: ChunkLimits, lock_in_memory_stores: bool) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemoryMetaStore::new();
         let pubsub = MemoryPubSub::new();
@@ -781,6 +798,7 @@ mod tests {
             lease_ttl_s: 10,
             lease_id: tokio::sync::Mutex::new(0),
             sorted_chunk,
+            lock_in_memory_stores,
         });
         let lease = ctx.register().await.unwrap();
         Harness {
@@ -1098,12 +1116,14 @@ mod tests {
         assert!(store.get(b"key-002500").unwrap().is_none());
     }
 
-    #[tokio::test]
-    async fn an_evicted_in_memory_replica_reports_less_memory_at_the_next_refresh() {
-        let h = harness().await;
+    /// Pushes 5,000 sorted records to an in-memory replica and runs it until ONLINE; returns its
+    /// slot, its database and its record then.
+    async fn in_memory_replica_online(
+        h: &Harness,
+    ) -> (Arc<ReplicaSlot>, Arc<ReplicaStore>, ReplicaRecord) {
         let keys = sorted_keys(5000);
         h.pubsub.append_all(TOPIC, 0, sorted_push(&keys, b""));
-        let slot = slot(&h);
+        let slot = slot(h);
         let (_stop, stop_rx) = watch::channel(false);
         let in_memory = ReplicaPlan {
             storage: StorageProfile::InMemory,
@@ -1115,9 +1135,17 @@ mod tests {
         )
         .await
         .expect("ingestion should finish");
-        let online = reported(&h).await;
+        let online = reported(h).await;
         assert_eq!(online.state, ReplicaState::Online, "{online:?}");
         let store = h.ctx.registry.online("s", 1, 0).unwrap();
+        (slot, store, online)
+    }
+
+    #[tokio::test]
+    async fn an_evicted_in_memory_replica_reports_less_memory_at_the_next_refresh() {
+        let h = harness().await;
+        let (slot, store, online) = in_memory_replica_online(&h).await;
+        assert_eq!(store.locked_bytes(), 0, "locking is off by default");
         let data_bytes = store.usage().unwrap().data_bytes;
         assert!(online.memory_bytes >= data_bytes, "{online:?}");
         let mut resident = std::collections::HashMap::new();
@@ -1143,6 +1171,21 @@ mod tests {
         crate::usage::refresh(&h.ctx, &mut resident).await;
         assert!(reported(&h).await.memory_bytes >= data_bytes);
         assert_eq!(resident.get(&slot.id), Some(&true));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_locks_in_memory_stores_keeps_their_data_resident() {
+        let h = harness_of(ChunkLimits::default(), true).await;
+        let (slot, store, online) = in_memory_replica_online(&h).await;
+        let data_bytes = store.usage().unwrap().data_bytes;
+        assert_eq!(store.locked_bytes(), data_bytes);
+        for file in store.data_file_paths().unwrap() {
+            crate::residency::drop_from_page_cache(&file).unwrap();
+        }
+        let mut resident = std::collections::HashMap::new();
+        crate::usage::refresh(&h.ctx, &mut resident).await;
+        assert_eq!(resident.get(&slot.id), Some(&true));
+        assert_eq!(reported(&h).await.memory_bytes, online.memory_bytes);
     }
 
     #[tokio::test]

@@ -90,6 +90,12 @@ pub struct ServerConfig {
     /// How often the ONLINE replicas' bytes on disk and in memory are measured again (an
     /// in-memory store's pages may be evicted after warming); see [`usage`].
     pub usage_refresh: std::time::Duration,
+    /// Lock in-memory stores' data files in memory (`mlock`) when their replicas go ONLINE, so
+    /// the kernel cannot evict them under memory pressure. Off by default: the process must be
+    /// allowed to lock that much (`RLIMIT_MEMLOCK`, e.g. systemd's `LimitMEMLOCK=infinity`, or
+    /// `CAP_IPC_LOCK`), and the machine must hold every version it serves and pushes at once.
+    /// A replica whose data cannot be locked is logged and serves unlocked.
+    pub lock_in_memory_stores: bool,
 }
 
 impl ServerConfig {
@@ -113,6 +119,7 @@ impl ServerConfig {
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
             faults: FaultConfig::default(),
             usage_refresh: usage::DEFAULT_USAGE_REFRESH,
+            lock_in_memory_stores: false,
         }
     }
 }
@@ -285,6 +292,7 @@ pub async fn start(
         lease_ttl_s: config.lease_ttl_s,
         lease_id: tokio::sync::Mutex::new(0),
         sorted_chunk: ingest::ChunkLimits::default(),
+        lock_in_memory_stores: config.lock_in_memory_stores,
     });
 
     let mirror = PrefixMirror::start(meta.clone(), layout.versions_prefix()).await?;

@@ -61,6 +61,11 @@ struct Cli {
     /// (`mincore` on in-memory stores' files: what the kernel still holds after warming).
     #[arg(long, default_value_t = rialto_server::usage::DEFAULT_USAGE_REFRESH.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     usage_refresh_secs: u64,
+    /// Lock in-memory stores' data in memory (mlock) when they go ONLINE, so the kernel cannot
+    /// evict it. Needs a large enough RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=infinity) or
+    /// CAP_IPC_LOCK, and memory for every version served and pushed at once.
+    #[arg(long)]
+    lock_in_memory_stores: bool,
     /// etcd endpoints, comma separated.
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     etcd: Vec<String>,
@@ -118,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             error_rate: cli.fault_error_rate,
         },
         usage_refresh: Duration::from_secs(cli.usage_refresh_secs),
+        lock_in_memory_stores: cli.lock_in_memory_stores,
     };
     let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
         .await

@@ -327,6 +327,8 @@ pub struct ReplicaStore {
     wal: bool,
     /// Merge level 0 at this many files ([`L0_MERGE_FILES`]).
     l0_merge_files: usize,
+    /// The data files locked in memory ([`ReplicaStore::lock_in_memory`]).
+    locked: std::sync::Mutex<Vec<crate::residency::LockedFile>>,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -359,6 +361,7 @@ impl ReplicaStore {
             read_only: false,
             wal: engine.ingest_wal,
             l0_merge_files: engine.l0_merge_files,
+            locked: Default::default(),
         })
     }
 
@@ -380,6 +383,7 @@ impl ReplicaStore {
             read_only: true,
             wal: engine.ingest_wal,
             l0_merge_files: engine.l0_merge_files,
+            locked: Default::default(),
         })
     }
 
@@ -619,6 +623,29 @@ impl ReplicaStore {
         Ok(warmed)
     }
 
+    /// Locks the data files in memory (`mlock`, reading in what is not resident) until the
+    /// store is dropped, so that the kernel cannot evict an in-memory store's data under memory
+    /// pressure (`rialto-server --lock-in-memory-stores`). Returns the bytes locked. On failure
+    /// (the process may not lock that much: `RLIMIT_MEMLOCK`, or memory is short) nothing stays
+    /// locked. Meant for sealed replicas, whose files do not change.
+    pub fn lock_in_memory(&self) -> Result<u64, ServerError> {
+        let mut locked = Vec::new();
+        for path in self.data_file_paths()? {
+            let file = crate::residency::LockedFile::lock(&path)
+                .map_err(|e| ServerError::io("lock a data file in memory", &path, e))?;
+            locked.push(file);
+        }
+        let bytes = locked.iter().map(|f| f.bytes()).sum();
+        *self.locked.lock().unwrap_or_else(|e| e.into_inner()) = locked;
+        Ok(bytes)
+    }
+
+    /// Bytes of data files locked in memory by [`ReplicaStore::lock_in_memory`].
+    pub fn locked_bytes(&self) -> u64 {
+        let locked = self.locked.lock().unwrap_or_else(|e| e.into_inner());
+        locked.iter().map(|f| f.bytes()).sum()
+    }
+
     /// Bytes on disk and resident (see [`StoreUsage`]).
     pub fn usage(&self) -> Result<StoreUsage, ServerError> {
         let files = self.db.live_files().map_err(|e| storage(&self.path, e))?;
@@ -778,6 +805,7 @@ impl ReplicaStore {
     /// Closes the database and deletes its directory.
     pub fn destroy(self) -> Result<(), ServerError> {
         let path = self.path.clone();
+        drop(self.locked);
         drop(self.db);
         remove_replica_dir(&path)
     }
@@ -1230,6 +1258,36 @@ mod tests {
         let evicted = store.usage().unwrap();
         assert!(!evicted.data_resident(), "{evicted:?}");
         assert!(evicted.memory_bytes < warm.memory_bytes / 5, "{evicted:?}");
+    }
+
+    #[test]
+    fn an_in_memory_store_locked_in_memory_keeps_its_data_resident() {
+        let engine = Engine::new(1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r");
+        let store = ReplicaStore::open(&path, StorageProfile::InMemory, &engine).unwrap();
+        store
+            .ingest_sorted(&sorted_ops(2000, 1000), &checkpoint(7, 2000))
+            .unwrap();
+        let store = store.seal(false, &engine).unwrap();
+        let files = store.data_file_paths().unwrap();
+        for file in &files {
+            crate::residency::drop_from_page_cache(file).unwrap();
+        }
+        assert!(!store.usage().unwrap().data_resident());
+
+        let locked = store.lock_in_memory().unwrap();
+        let usage = store.usage().unwrap();
+        assert_eq!(locked, usage.data_bytes);
+        assert_eq!(store.locked_bytes(), locked);
+        assert!(
+            usage.data_resident(),
+            "locking reads the data in: {usage:?}"
+        );
+        let read = store.get(b"key-00001999").unwrap().map(|v| v.to_vec());
+        assert_eq!(read, Some(value(1999, 1000)));
+        store.destroy().unwrap();
+        assert!(!path.exists());
     }
 
     #[test]

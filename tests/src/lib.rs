@@ -298,6 +298,7 @@ impl Cluster {
                 block_cache_bytes: 32 * 1024 * 1024,
                 faults,
                 usage_refresh: rialto_server::usage::DEFAULT_USAGE_REFRESH,
+                lock_in_memory_stores: false,
             };
             cluster.servers.push(ServerSlot {
                 config,
