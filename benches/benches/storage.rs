@@ -3,7 +3,9 @@
 //! * `read/<profile>/<value bytes>`: point get and 500-key multi-get (keys sorted first, as the
 //!   server's batch-get does) on a sealed, warmed replica of `RIALTO_BENCH_KEYS` keys (default
 //!   1,000,000), for the in-memory profile (PlainTable, hash index, mmap) and the on-disk profile
-//!   (block-based, bloom filter, block cache of `RIALTO_BENCH_CACHE_MIB`, default 256).
+//!   (block-based, bloom filter, block cache of `RIALTO_BENCH_CACHE_MIB`, default 256). The
+//!   in-memory replica is locked in memory as `--lock-in-memory-stores` does, unless
+//!   `RIALTO_BENCH_NO_LOCK` is set.
 //! * `ingest/<path>/<value bytes>`: a whole sorted partition of `RIALTO_BENCH_INGEST_KEYS` keys
 //!   (default 100,000) written and sealed: SST ingestion (both profiles; on-disk also for a
 //!   store whose codec already compressed the values, so RocksDB does not), or write batches
@@ -204,6 +206,18 @@ fn read_replica(
         warmed.bytes / 1_000_000,
         warmed.elapsed.as_millis()
     );
+    if profile == StorageProfile::InMemory && std::env::var_os("RIALTO_BENCH_NO_LOCK").is_none() {
+        // What `--lock-in-memory-stores` adds when a replica goes ONLINE (after warming).
+        let locking = Instant::now();
+        match store.lock_in_memory() {
+            Ok(bytes) => eprintln!(
+                "  locked {} MB in memory in {:.1} ms",
+                bytes / 1_000_000,
+                locking.elapsed().as_secs_f64() * 1000.0
+            ),
+            Err(e) => eprintln!("  cannot lock the data in memory: {e}"),
+        }
+    }
     for k in keys {
         black_box(store.get(k).expect("get").map(|v| v.len()));
     }
