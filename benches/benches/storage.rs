@@ -3,9 +3,9 @@
 //! * `read/<profile>/<value bytes>`: point get and 500-key multi-get (keys sorted first, as the
 //!   server's batch-get does) on a sealed, warmed replica of `RIALTO_BENCH_KEYS` keys (default
 //!   1,000,000), for the in-memory profile (PlainTable, hash index, mmap) and the on-disk profile
-//!   (block-based, bloom filter, block cache of `RIALTO_BENCH_CACHE_MIB`, default 256). The
-//!   in-memory replica is locked in memory as `--lock-in-memory-stores` does, unless
-//!   `RIALTO_BENCH_NO_LOCK` is set.
+//!   (block-based, bloom filter, block cache of `RIALTO_BENCH_CACHE_MIB`, default 256). With
+//!   `RIALTO_BENCH_LOCK` set, the in-memory replica is locked in memory as the server's
+//!   `--lock-in-memory-stores` does (off by default, like the flag).
 //! * `ingest/<path>/<value bytes>`: a whole sorted partition of `RIALTO_BENCH_INGEST_KEYS` keys
 //!   (default 100,000) written and sealed: SST ingestion (both profiles; on-disk also for a
 //!   store whose codec already compressed the values, so RocksDB does not), or write batches
@@ -206,7 +206,7 @@ fn read_replica(
         warmed.bytes / 1_000_000,
         warmed.elapsed.as_millis()
     );
-    if profile == StorageProfile::InMemory && std::env::var_os("RIALTO_BENCH_NO_LOCK").is_none() {
+    if profile == StorageProfile::InMemory && std::env::var_os("RIALTO_BENCH_LOCK").is_some() {
         // What `--lock-in-memory-stores` adds when a replica goes ONLINE (after warming).
         let locking = Instant::now();
         match store.lock_in_memory() {
