@@ -1154,9 +1154,7 @@ mod tests {
         crate::usage::refresh(&h.ctx, &mut resident).await;
         assert_eq!(reported(&h).await.updated_ms, online.updated_ms);
 
-        for file in store.data_file_paths().unwrap() {
-            crate::residency::drop_from_page_cache(&file).unwrap();
-        }
+        store.drop_data_from_page_cache();
         crate::usage::refresh(&h.ctx, &mut resident).await;
         let evicted = reported(&h).await;
         // The files' index and bloom pages, mapped by the table readers, stay.
@@ -1179,9 +1177,7 @@ mod tests {
         let (slot, store, online) = in_memory_replica_online(&h).await;
         let data_bytes = store.usage().unwrap().data_bytes;
         assert_eq!(store.locked_bytes(), data_bytes);
-        for file in store.data_file_paths().unwrap() {
-            crate::residency::drop_from_page_cache(&file).unwrap();
-        }
+        store.drop_data_from_page_cache();
         let mut resident = std::collections::HashMap::new();
         crate::usage::refresh(&h.ctx, &mut resident).await;
         assert_eq!(resident.get(&slot.id), Some(&true));

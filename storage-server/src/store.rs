@@ -282,7 +282,8 @@ pub struct StoreUsage {
     pub memory_bytes: u64,
     /// Size of the data files (the data column family's live SST files).
     pub data_bytes: u64,
-    /// Of `data_bytes`, what is in the page cache now.
+    /// Of `data_bytes`, what is in the page cache now (in-memory stores; 0 for on-disk ones,
+    /// which are not measured).
     pub resident_data_bytes: u64,
 }
 
@@ -640,6 +641,15 @@ impl ReplicaStore {
         Ok(bytes)
     }
 
+    /// Asks the kernel to drop the data files from the page cache (what is not mapped or
+    /// locked), as memory pressure would. For tests.
+    #[cfg(test)]
+    pub(crate) fn drop_data_from_page_cache(&self) {
+        for file in self.data_file_paths().unwrap() {
+            crate::residency::drop_from_page_cache(&file).unwrap();
+        }
+    }
+
     /// Bytes of data files locked in memory by [`ReplicaStore::lock_in_memory`].
     pub fn locked_bytes(&self) -> u64 {
         let locked = self.locked.lock().unwrap_or_else(|e| e.into_inner());
@@ -657,6 +667,10 @@ impl ReplicaStore {
             .filter(|f| f.column_family_name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
         {
             data_bytes += file.size as u64;
+            // On-disk stores serve from the block cache; their files' residency is not theirs.
+            if self.layout.profile != StorageProfile::InMemory {
+                continue;
+            }
             let path = self.data_file_path(file);
             // A measurement that fails (descriptor or mapping limits) must not fail the replica:
             // the file counts as resident, as it was read when the replica was warmed.
@@ -1223,23 +1237,21 @@ mod tests {
         }
     }
 
+    /// A sealed in-memory replica at `path` of `records` sorted records of 1,000 bytes.
+    fn sealed_in_memory(path: &Path, records: usize) -> ReplicaStore {
+        let engine = Engine::new(1 << 20);
+        let store = ReplicaStore::open(path, StorageProfile::InMemory, &engine).unwrap();
+        store
+            .ingest_sorted(&sorted_ops(records, 1000), &checkpoint(7, records as u64))
+            .unwrap();
+        store.seal(false, &engine).unwrap()
+    }
+
     #[test]
     fn memory_of_an_in_memory_store_is_what_the_page_cache_holds_of_its_data() {
-        let engine = Engine::new(1 << 20);
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r");
-        let store = ReplicaStore::open(&path, StorageProfile::InMemory, &engine).unwrap();
-        store
-            .ingest_sorted(&sorted_ops(4000, 1000), &checkpoint(7, 4000))
-            .unwrap();
-        let store = store.seal(false, &engine).unwrap();
-        let evict = |store: &ReplicaStore| {
-            for file in store.data_file_paths().unwrap() {
-                crate::residency::drop_from_page_cache(&file).unwrap();
-            }
-        };
-
-        evict(&store);
+        let store = sealed_in_memory(&dir.path().join("r"), 4000);
+        store.drop_data_from_page_cache();
         let cold = store.usage().unwrap();
         assert!(cold.data_bytes > 4000 * 1000, "{cold:?}");
         assert!(
@@ -1254,7 +1266,7 @@ mod tests {
         assert!(warm.memory_bytes >= warm.data_bytes, "{warm:?}");
         assert_eq!(warm.disk_bytes, cold.disk_bytes);
 
-        evict(&store);
+        store.drop_data_from_page_cache();
         let evicted = store.usage().unwrap();
         assert!(!evicted.data_resident(), "{evicted:?}");
         assert!(evicted.memory_bytes < warm.memory_bytes / 5, "{evicted:?}");
@@ -1262,18 +1274,10 @@ mod tests {
 
     #[test]
     fn an_in_memory_store_locked_in_memory_keeps_its_data_resident() {
-        let engine = Engine::new(1 << 20);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r");
-        let store = ReplicaStore::open(&path, StorageProfile::InMemory, &engine).unwrap();
-        store
-            .ingest_sorted(&sorted_ops(2000, 1000), &checkpoint(7, 2000))
-            .unwrap();
-        let store = store.seal(false, &engine).unwrap();
-        let files = store.data_file_paths().unwrap();
-        for file in &files {
-            crate::residency::drop_from_page_cache(file).unwrap();
-        }
+        let store = sealed_in_memory(&path, 2000);
+        store.drop_data_from_page_cache();
         assert!(!store.usage().unwrap().data_resident());
 
         let locked = store.lock_in_memory().unwrap();
