@@ -19,13 +19,11 @@ const WINDOW_PAGES: usize = 64 * 1024;
 
 /// Bytes of the file at `path` that are in the page cache (whole pages, capped at its length).
 pub fn resident_bytes(path: &Path) -> io::Result<u64> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len() as usize;
-    if len == 0 {
+    let Some(mapping) = Mapping::of_file(path)? else {
         return Ok(0);
-    }
+    };
+    let len = mapping.len;
     let page = page_size();
-    let mapping = Mapping::new(&file, len)?;
     let pages = len.div_ceil(page);
     let mut status = vec![0u8; pages.min(WINDOW_PAGES)];
     let mut resident_pages = 0usize;
@@ -90,12 +88,9 @@ impl LockedFile {
     /// Fails with the OS error when the process may not lock that much (`RLIMIT_MEMLOCK`, or
     /// `ENOMEM`/`EAGAIN` when memory is short); then nothing stays locked.
     pub fn lock(path: &Path) -> io::Result<LockedFile> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len() as usize;
-        if len == 0 {
+        let Some(mapping) = Mapping::of_file(path)? else {
             return Ok(LockedFile { mapping: None });
-        }
-        let mapping = Mapping::new(&file, len)?;
+        };
         // SAFETY: locks exactly the mapping just made; it stays mapped while `self` lives.
         if unsafe { libc::mlock(mapping.addr, mapping.len) } != 0 {
             return Err(io::Error::last_os_error());
@@ -133,6 +128,16 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
+    /// The whole file at `path`, `None` when it is empty (nothing to map).
+    fn of_file(path: &Path) -> io::Result<Option<Mapping>> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Ok(None);
+        }
+        Mapping::new(&file, len).map(Some)
+    }
+
     fn new(file: &File, len: usize) -> io::Result<Mapping> {
         // SAFETY: a new mapping of `len` > 0 bytes of an open file; nothing reads through it
         // (mincore only asks about its pages), so a file truncated meanwhile cannot fault us.
