@@ -212,13 +212,18 @@ fn compression(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("decompress", "zstd"), |b| {
         b.iter(|| {
             i = (i + 1) % values.len();
-            black_box(d_plain.decompress(&zstd[i]).expect("zstd").len())
+            black_box(
+                d_plain
+                    .decompress(&zstd[i], usize::MAX)
+                    .expect("zstd")
+                    .len(),
+            )
         })
     });
     g.bench_function(BenchmarkId::new("decompress", "zstd_dictionary"), |b| {
         b.iter(|| {
             i = (i + 1) % values.len();
-            black_box(d_dict.decompress(&dict[i]).expect("dict").len())
+            black_box(d_dict.decompress(&dict[i], usize::MAX).expect("dict").len())
         })
     });
     g.finish();

@@ -5,6 +5,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rialto_protocol::partitioner::partition_for_key;
+use rialto_protocol::stored::value_checksum;
 use rialto_protocol::wire::{
     decode_frame, BatchGetFrame, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, StoredValue,
 };
@@ -107,5 +108,18 @@ fn batch_get_framing(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, partitioner, batch_get_framing);
+/// The client's checksum verification: xxh3-64 of each value's datum.
+fn checksums(c: &mut Criterion) {
+    let mut g = c.benchmark_group("value_checksum");
+    for bytes in [100usize, 1_024, 16_384] {
+        let datum = vec![0x5au8; bytes];
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(bytes), &datum, |b, datum| {
+            b.iter(|| value_checksum(black_box(1), black_box(datum)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, partitioner, batch_get_framing, checksums);
 criterion_main!(benches);

@@ -25,11 +25,11 @@ use crate::response::{RawValue, ReceivePool};
 use crate::routing::{Replica, RoutingTable};
 use crate::stats::{ClientStats, Counters};
 use crate::stream::{self, BatchEvent, BatchStream, Completeness, RawBatchStream};
-use crate::values::ValueCodecs;
+use crate::values::{ValueCodecs, ValueFault};
 use crate::{ClientConfig, BATCH_GET_KEYS_MAX};
 
 /// Largest single-get response body the client accepts: a value, its schema id, and slack.
-const GET_RESPONSE_BYTES_MAX: usize = rialto_protocol::envelope::VALUE_BYTES_MAX + 64 * 1024;
+const GET_RESPONSE_BYTES_MAX: usize = rialto_protocol::stored::STORED_VALUE_BYTES_MAX;
 /// Largest error-response body the client reads.
 pub(crate) const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
 /// How long the client waits for connections to new servers before routing to them.
@@ -50,8 +50,9 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
     pub(crate) instances: Instances,
     pub(crate) hedger: Hedger,
-    /// Decompression of the values of the versions routed to.
+    /// Checksums and decompression of the values of the versions routed to.
     pub(crate) values: ValueCodecs,
+    pub(crate) verify_checksums: bool,
     rotation: AtomicUsize,
 }
 
@@ -67,6 +68,31 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A key datum as JSON for messages (hex when it does not decode).
+    pub(crate) fn show_key(&self, key: &[u8]) -> String {
+        let codecs = self.codecs();
+        codecs
+            .key
+            .decode(key, "key")
+            .map(|v| codecs.key.to_json_text(&v))
+            .unwrap_or_else(|_| {
+                format!(
+                    "0x{}",
+                    key.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                )
+            })
+    }
+
+    /// Counts values decoded with (`verified`) and against (`mismatches`) their checksums.
+    pub(crate) fn count_checksums(&self, verified: u64, mismatches: u64) {
+        if verified > 0 {
+            Counters::add(&self.counters.checksums_verified, verified);
+        }
+        if mismatches > 0 {
+            Counters::add(&self.counters.checksum_mismatches, mismatches);
+        }
     }
 
     /// A rotating number that spreads ties between equally loaded replicas and groups.
@@ -145,6 +171,7 @@ impl Client {
             instances: Instances::new(config.health.clone()),
             hedger: Hedger::new(config.long_tail.clone()),
             values: ValueCodecs::default(),
+            verify_checksums: config.verify_checksums,
             rotation: AtomicUsize::new(0),
         });
         metadata::warm(&shared, addresses, WARM_WAIT).await;
@@ -382,9 +409,25 @@ impl Client {
         shared.hedger.on_request();
         attempts.push(launch(first, false));
         let mut hedge_due = shared.hedger.due(RequestKind::Get, Instant::now());
+        let verify = shared.verify_checksums && values.checksummed();
         loop {
             tokio::select! {
-                Some((instance, hedge, elapsed, result)) = attempts.next() => match result {
+                Some((instance, hedge, elapsed, result)) = attempts.next() => match result.and_then(|raw| {
+                    // A value that fails its checksum is an error like any other: retried on
+                    // another replica, never returned.
+                    let Some(raw) = raw else { return Ok(None) };
+                    match values.decode(raw, verify) {
+                        Ok(value) => {
+                            shared.count_checksums(u64::from(verify), 0);
+                            Ok(Some(value))
+                        }
+                        Err(fault) => {
+                            let checksum = matches!(fault, ValueFault::Checksum { .. });
+                            shared.count_checksums(0, u64::from(checksum));
+                            Err(fault.into_error(&shared.store, values.version(), shared.show_key(key), &instance.address))
+                        }
+                    }
+                }) {
                     Ok(value) => {
                         instance.succeeded();
                         shared.hedger.record(RequestKind::Get, elapsed);
@@ -393,7 +436,7 @@ impl Client {
                             // The replica it was hedged from is slow: avoid it for a while.
                             shared.instances.of(&route.replicas[first]).outpaced(&shared.instances.config);
                         }
-                        return value.map(|v| values.decode(v)).transpose();
+                        return Ok(value);
                     }
                     Err(e) => {
                         if let Some(failure) = stream::health_failure(&e) {

@@ -86,6 +86,37 @@ pub enum ClientError {
     )]
     Decompression { version: u32, detail: String },
 
+    /// A value does not match the checksum the push job wrote with it: it was altered between
+    /// the push and this client. Never returned as a value; the client tries another replica.
+    #[error(
+        "value of key {key} from storage server {address} (version {version} of `{store}`) fails \
+         its checksum (written {stored:016x}, read {computed:016x}): it was altered after the \
+         push, and no other replica had it intact; report this with the server, whose copy of \
+         the version is damaged"
+    )]
+    Checksum {
+        store: String,
+        version: u32,
+        key: String,
+        address: String,
+        stored: u64,
+        computed: u64,
+    },
+
+    /// A server returned something that is not a value of the version's layout (shorter than
+    /// its checksum, or a chunk record instead of the reassembled value).
+    #[error(
+        "value of key {key} from storage server {address} (version {version} of `{store}`) is \
+         unreadable: {detail}; no other replica answered it"
+    )]
+    BadValue {
+        store: String,
+        version: u32,
+        key: String,
+        address: String,
+        detail: String,
+    },
+
     /// The compression dictionary of a version could not be fetched from any of its servers.
     #[error(
         "the compression dictionary of version {version} could not be fetched from any of its \
@@ -114,7 +145,10 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. }
             | ClientError::NoReplica { .. }
-            | ClientError::Dictionary { .. } => true,
+            | ClientError::Dictionary { .. }
+            | ClientError::Checksum { .. }
+            | ClientError::BadValue { .. }
+            | ClientError::Decompression { .. } => true,
             ClientError::Server { code, .. } => code.retryable(),
             _ => false,
         }

@@ -187,7 +187,12 @@ impl BatchResponseDecoder {
         if !self.carry.is_empty() {
             loop {
                 let lacking = match frame_len(&self.carry).map_err(undecodable)? {
-                    Some(len) => len.saturating_sub(self.carry.len()),
+                    Some(len) => {
+                        // A large value arrives over many chunks: grow the carry once.
+                        let lacking = len.saturating_sub(self.carry.len());
+                        self.carry.reserve_exact(lacking);
+                        lacking
+                    }
                     None => 1,
                 };
                 if lacking == 0 {

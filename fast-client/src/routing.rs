@@ -16,8 +16,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rialto_protocol::meta::{
-    Compression, Layout, NodeRecord, ReplicaRecord, ReplicaState, StoreRecord, VersionRecord,
-    PARTITION_COUNT_MAX,
+    Compression, Layout, NodeRecord, ReplicaRecord, ReplicaState, StoreRecord, ValueFormat,
+    VersionRecord, DEFAULT_MAX_VALUE_BYTES, PARTITION_COUNT_MAX,
 };
 
 /// A mirrored prefix: key → value (the same shape as `rialto_backends::mirror::PrefixMap`).
@@ -58,8 +58,37 @@ pub struct RoutingTable {
     /// `groups[g]` lists the distinct servers of group (logical zone) `g` in this table, one
     /// [`Replica`] per server. Empty when the version record does not give groups.
     pub groups: Vec<Vec<Replica>>,
-    /// How `version`'s values are compressed.
+    /// How `version`'s values are laid out and compressed.
+    pub values: ValueLayout,
+}
+
+/// How one version's values are stored: what the client undoes to return them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValueLayout {
     pub compression: Compression,
+    pub format: ValueFormat,
+    /// Largest decompressed value the version holds.
+    pub max_value_bytes: u64,
+}
+
+impl Default for ValueLayout {
+    fn default() -> Self {
+        ValueLayout {
+            compression: Compression::None,
+            format: ValueFormat::SchemaIdPrefixed,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+impl ValueLayout {
+    fn of(v: &VersionRecord) -> ValueLayout {
+        ValueLayout {
+            compression: v.compression,
+            format: v.value_format,
+            max_value_bytes: v.max_value_bytes,
+        }
+    }
 }
 
 impl RoutingTable {
@@ -84,7 +113,7 @@ impl RoutingTable {
 struct VersionRoutes {
     partition_count: u32,
     partitions: Vec<Vec<Replica>>,
-    compression: Compression,
+    values: ValueLayout,
 }
 
 impl VersionRoutes {
@@ -117,8 +146,7 @@ pub fn build_routing_table(
         };
     };
     let nodes = parse_nodes(layout, nodes);
-    let routes_of =
-        |version| version_routes(layout, store, record, version, versions, replicas, &nodes);
+    let routes_of = |version| version_routes(layout, store, version, versions, replicas, &nodes);
     let table = |version, routes: VersionRoutes, pending_version| RoutingTable {
         store_exists: true,
         version: Some(version),
@@ -126,7 +154,7 @@ pub fn build_routing_table(
         groups: groups_of(&routes.partitions),
         partitions: routes.partitions,
         pending_version,
-        compression: routes.compression,
+        values: routes.values,
     };
 
     let current_routes = routes_of(current);
@@ -206,23 +234,32 @@ fn parse_nodes<'a>(layout: &Layout, nodes: &'a RecordMap) -> HashMap<&'a str, No
 fn version_routes(
     layout: &Layout,
     store: &str,
-    record: &StoreRecord,
     version: u32,
     versions: &RecordMap,
     replicas: &RecordMap,
     nodes: &HashMap<&str, NodeRecord>,
 ) -> Option<VersionRoutes> {
     let version_key = layout.version(store, version);
-    let (partition_count, assignment, compression) = match versions
+    // Without its record, a version's value layout is unknown: its values cannot be read.
+    let (partition_count, assignment, values) = match versions
         .get(&version_key)
         .map(|v| serde_json::from_slice::<VersionRecord>(v))
     {
-        Some(Ok(v)) => (v.partition_count, v.assignment, v.compression),
-        Some(Err(e)) => {
-            tracing::warn!(key = version_key, error = %e, "unparsable version record; using the store's partition count");
-            (record.partition_count, Vec::new(), record.compression)
+        Some(Ok(v)) => {
+            let values = ValueLayout::of(&v);
+            (v.partition_count, v.assignment, values)
         }
-        None => (record.partition_count, Vec::new(), record.compression),
+        Some(Err(e)) => {
+            tracing::warn!(key = version_key, error = %e, "unparsable version record; not routing to the version");
+            return None;
+        }
+        None => {
+            tracing::debug!(
+                key = version_key,
+                "no version record (yet); not routing to the version"
+            );
+            return None;
+        }
     };
     if partition_count == 0 || partition_count > PARTITION_COUNT_MAX {
         tracing::warn!(
@@ -285,7 +322,7 @@ fn version_routes(
     Some(VersionRoutes {
         partition_count,
         partitions,
-        compression,
+        values,
     })
 }
 
@@ -308,6 +345,7 @@ pub(crate) mod tests {
             replication_factor: 2,
             storage: StorageProfile::OnDisk,
             compression: rialto_protocol::meta::Compression::None,
+            max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
             created_ms: 0,
             current_version: current,
             backup_version: backup,
@@ -353,6 +391,8 @@ pub(crate) mod tests {
                 created_ms: 0,
                 storage: StorageProfile::OnDisk,
                 compression: rialto_protocol::meta::Compression::None,
+                value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
+                max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
             };
             self.versions.insert(
                 self.layout.version("ads", v),

@@ -22,6 +22,8 @@ pub(crate) struct Counters {
     pub(crate) long_tail_retries_late: AtomicU64,
     pub(crate) long_tail_retries_over_budget: AtomicU64,
     pub(crate) instances_blocked: AtomicU64,
+    pub(crate) checksums_verified: AtomicU64,
+    pub(crate) checksum_mismatches: AtomicU64,
 }
 
 /// A snapshot of the client's counters since it connected.
@@ -69,6 +71,10 @@ pub struct ClientStats {
     pub receive_blocks_allocated: u64,
     /// Bytes of free receive blocks the pool keeps now (at most `receive_pool_bytes`).
     pub receive_pool_free_bytes: u64,
+    /// Values whose checksum was verified.
+    pub checksums_verified: u64,
+    /// Values that failed their checksum (each retried on another replica, never returned).
+    pub checksum_mismatches: u64,
 }
 
 impl Counters {
@@ -92,6 +98,8 @@ impl Counters {
             long_tail_retries_late: load(&self.long_tail_retries_late),
             long_tail_retries_over_budget: load(&self.long_tail_retries_over_budget),
             instances_blocked: load(&self.instances_blocked),
+            checksums_verified: load(&self.checksums_verified),
+            checksum_mismatches: load(&self.checksum_mismatches),
             // Filled in by `Client::stats` from the instances and the receive pool.
             instances_blocked_now: 0,
             receive_blocks_reused: 0,

@@ -43,7 +43,7 @@ use crate::metadata::Codecs;
 use crate::response::{BatchResponseDecoder, KeyAnswer, RawValue};
 use crate::routing::RoutingTable;
 use crate::stats::Counters;
-use crate::values::VersionValues;
+use crate::values::{ValueFault, VersionValues};
 
 /// Largest batch-get request body the client sends (the servers' default limit).
 const BATCH_REQUEST_BYTES_MAX: usize = wire::REQUEST_BYTES_MAX;
@@ -575,6 +575,8 @@ impl Call {
     fn on_answers(&mut self, sub: usize, answers: Vec<(u32, KeyAnswer)>) {
         let mut records = Vec::with_capacity(answers.len());
         let mut retry = Vec::new();
+        let verify = self.shared.verify_checksums && self.values.checksummed();
+        let (mut verified, mut mismatches) = (0u64, 0u64);
         for (pos, answer) in answers {
             let Some(&index) = self.subs[sub].indices.get(pos as usize) else {
                 continue;
@@ -589,9 +591,32 @@ impl Call {
             self.subs[sub].owed = self.subs[sub].owed.saturating_sub(1);
             self.slots[index].owed = self.slots[index].owed.saturating_sub(1);
             match answer {
-                KeyAnswer::Found(value) => match self.values.decode(value) {
-                    Ok(value) => records.push(self.settle(index, sub, Some(value))),
-                    Err(e) => self.settle_failed(index, e.to_string().into()),
+                KeyAnswer::Found(value) => match self.values.decode(value, verify) {
+                    Ok(value) => {
+                        verified += u64::from(verify);
+                        records.push(self.settle(index, sub, Some(value)));
+                    }
+                    Err(fault) => {
+                        // A value that fails its checksum is retried on another replica like
+                        // a retryable key error; it is never passed on.
+                        mismatches += u64::from(matches!(fault, ValueFault::Checksum { .. }));
+                        let error = fault.into_error(
+                            &self.shared.store,
+                            self.values.version(),
+                            self.shared.show_key(&self.keys[index]),
+                            &self.subs[sub].instance.address,
+                        );
+                        let message: Arc<str> = error.to_string().into();
+                        if error.is_retryable() {
+                            self.subs[sub].key_errors += 1;
+                            self.slots[index].last_error = Some(message);
+                            if self.slots[index].owed == 0 {
+                                retry.push(index);
+                            }
+                        } else {
+                            self.settle_failed(index, message);
+                        }
+                    }
                 },
                 KeyAnswer::Missing => records.push(self.settle(index, sub, None)),
                 KeyAnswer::Failed(code) => {
@@ -614,6 +639,7 @@ impl Call {
                 }
             }
         }
+        self.shared.count_checksums(verified, mismatches);
         if !records.is_empty() {
             let _ = self.out.send(records);
         }

@@ -1,6 +1,11 @@
-//! Decompression of values, per store version.
+//! Turning stored values back into the datums the push job wrote, per store version: checksum
+//! verification and decompression.
 //!
-//! A version's compression comes from its version record (through the routing table). Values of
+//! A version's value layout comes from its version record (through the routing table). In a
+//! checksummed version every value carries the xxh3 checksum of its schema id and uncompressed
+//! datum (`rialto_protocol::stored`); the client checks it on every read (unless
+//! `ClientConfig::verify_checksums` is off), so a value altered anywhere after the push is an
+//! error naming the key, the server and the version — never a wrong value. Values of
 //! a `zstd-dictionary` version need the dictionary the push job trained, which the servers hosting
 //! the version serve at `wire::dictionary_path`: it is fetched once per version — ahead of
 //! routing to the version when the metadata changes (like connection warming), or on the first
@@ -12,47 +17,140 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rialto_protocol::codec::{CodecError, DecompressionDictionary, ValueDecompressor};
 use rialto_protocol::envelope::DICTIONARY_BYTES_MAX;
-use rialto_protocol::meta::Compression;
+use rialto_protocol::meta::{Compression, ValueFormat};
+use rialto_protocol::stored::{value_checksum, CHECKSUM_BYTES, RESERVED_SCHEMA_IDS};
 use rialto_protocol::wire;
 use tokio::sync::OnceCell;
 
 use crate::client::Shared;
 use crate::response::RawValue;
-use crate::routing::RoutingTable;
+use crate::routing::{RoutingTable, ValueLayout};
 use crate::ClientError;
 
 /// How one version's values are turned back into what the push job read.
 pub(crate) struct VersionValues {
     version: u32,
-    compression: Compression,
+    layout: ValueLayout,
     dictionary: Option<Arc<DecompressionDictionary>>,
     contexts: Mutex<Vec<ValueDecompressor>>,
+}
+
+/// Why a stored value could not be turned back into its datum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ValueFault {
+    /// Not a value of this version's layout (too short, a reserved schema id).
+    Malformed(String),
+    Decompression(String),
+    /// The datum does not match the checksum written with it.
+    Checksum {
+        stored: u64,
+        computed: u64,
+    },
+}
+
+impl ValueFault {
+    /// The error for the application: which key, which server, which version.
+    pub(crate) fn into_error(
+        self,
+        store: &str,
+        version: u32,
+        key: String,
+        address: &str,
+    ) -> ClientError {
+        match self {
+            ValueFault::Checksum { stored, computed } => ClientError::Checksum {
+                store: store.to_string(),
+                version,
+                key,
+                address: address.to_string(),
+                stored,
+                computed,
+            },
+            ValueFault::Malformed(detail) => ClientError::BadValue {
+                store: store.to_string(),
+                version,
+                key,
+                address: address.to_string(),
+                detail,
+            },
+            ValueFault::Decompression(detail) => ClientError::Decompression {
+                version,
+                detail: format!("value of key {key} from {address}: {detail}"),
+            },
+        }
+    }
 }
 
 impl VersionValues {
     fn new(
         version: u32,
-        compression: Compression,
+        layout: ValueLayout,
         dictionary: Option<Arc<DecompressionDictionary>>,
     ) -> VersionValues {
         VersionValues {
             version,
-            compression,
+            layout,
             dictionary,
             contexts: Mutex::new(Vec::new()),
         }
     }
 
-    /// Values stored as written.
+    /// Values stored as written, without checksums.
     pub(crate) fn plain() -> Arc<VersionValues> {
-        Arc::new(VersionValues::new(0, Compression::None, None))
+        Arc::new(VersionValues::new(0, ValueLayout::default(), None))
     }
 
-    /// The value as written by the push job.
-    pub(crate) fn decode(&self, raw: RawValue) -> Result<RawValue, ClientError> {
-        if self.compression == Compression::None {
-            return Ok(raw);
+    /// Whether this version's values carry checksums.
+    pub(crate) fn checksummed(&self) -> bool {
+        self.layout.format == ValueFormat::Checksummed
+    }
+
+    /// The datum as written by the push job: the checksum split off and verified (when
+    /// `verify`), the payload decompressed.
+    pub(crate) fn decode(&self, raw: RawValue, verify: bool) -> Result<RawValue, ValueFault> {
+        if raw.schema_id >= RESERVED_SCHEMA_IDS {
+            return Err(ValueFault::Malformed(format!(
+                "the server returned a record with reserved schema id {} instead of a value",
+                raw.schema_id
+            )));
         }
+        let (stored, payload) = match self.layout.format {
+            ValueFormat::SchemaIdPrefixed => (None, raw.bytes),
+            ValueFormat::Checksummed => {
+                if raw.bytes.len() < CHECKSUM_BYTES {
+                    return Err(ValueFault::Malformed(format!(
+                        "{} bytes, shorter than its checksum",
+                        raw.bytes.len()
+                    )));
+                }
+                let mut checksum = [0u8; CHECKSUM_BYTES];
+                checksum.copy_from_slice(&raw.bytes[..CHECKSUM_BYTES]);
+                (
+                    Some(u64::from_be_bytes(checksum)),
+                    raw.bytes.slice(CHECKSUM_BYTES..),
+                )
+            }
+        };
+        let datum = match self.layout.compression {
+            Compression::None => payload,
+            Compression::Zstd | Compression::ZstdDictionary => Bytes::from(
+                self.decompress(&payload)
+                    .map_err(|e| ValueFault::Decompression(e.to_string()))?,
+            ),
+        };
+        if let (Some(stored), true) = (stored, verify) {
+            let computed = value_checksum(raw.schema_id, &datum);
+            if computed != stored {
+                return Err(ValueFault::Checksum { stored, computed });
+            }
+        }
+        Ok(RawValue {
+            schema_id: raw.schema_id,
+            bytes: datum,
+        })
+    }
+
+    fn decompress(&self, payload: &[u8]) -> Result<Vec<u8>, CodecError> {
         let pooled = self
             .contexts
             .lock()
@@ -60,24 +158,19 @@ impl VersionValues {
             .pop();
         let mut context = match pooled {
             Some(c) => c,
-            None => ValueDecompressor::new(self.dictionary.clone()).map_err(|e| self.error(e))?,
+            None => ValueDecompressor::new(self.dictionary.clone())?,
         };
-        let result = context.decompress(&raw.bytes);
+        let max = usize::try_from(self.layout.max_value_bytes).unwrap_or(usize::MAX);
+        let result = context.decompress(payload, max);
         self.contexts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(context);
-        Ok(RawValue {
-            schema_id: raw.schema_id,
-            bytes: Bytes::from(result.map_err(|e| self.error(e))?),
-        })
+        result
     }
 
-    fn error(&self, e: CodecError) -> ClientError {
-        ClientError::Decompression {
-            version: self.version,
-            detail: e.to_string(),
-        }
+    pub(crate) fn version(&self) -> u32 {
+        self.version
     }
 }
 
@@ -94,12 +187,10 @@ impl ValueCodecs {
         shared: &Shared,
         table: &RoutingTable,
     ) -> Result<Arc<VersionValues>, ClientError> {
-        let (Some(version), compression) = (table.version, table.compression) else {
+        let (Some(version), layout) = (table.version, table.values) else {
             return Ok(VersionValues::plain());
         };
-        if compression == Compression::None {
-            return Ok(VersionValues::plain());
-        }
+        let compression = layout.compression;
         let cell = self
             .versions
             .lock()
@@ -114,11 +205,7 @@ impl ValueCodecs {
                 }
                 Compression::None | Compression::Zstd => None,
             };
-            Ok(Arc::new(VersionValues::new(
-                version,
-                compression,
-                dictionary,
-            )))
+            Ok(Arc::new(VersionValues::new(version, layout, dictionary)))
         })
         .await
         .cloned()

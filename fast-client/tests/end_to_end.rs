@@ -442,6 +442,7 @@ fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreR
         replication_factor: 2,
         storage: StorageProfile::OnDisk,
         compression: rialto_protocol::meta::Compression::None,
+        max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
         created_ms: 0,
         current_version: current,
         backup_version: backup,
@@ -471,6 +472,24 @@ fn put_version_compressed(
     assignment: Vec<Vec<String>>,
     compression: Compression,
 ) {
+    put_version_laid_out(
+        meta,
+        layout,
+        version,
+        assignment,
+        compression,
+        rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
+    );
+}
+
+fn put_version_laid_out(
+    meta: &FakeMeta,
+    layout: &Layout,
+    version: u32,
+    assignment: Vec<Vec<String>>,
+    compression: Compression,
+    value_format: rialto_protocol::meta::ValueFormat,
+) {
     let r = VersionRecord {
         store: STORE.into(),
         version,
@@ -481,6 +500,8 @@ fn put_version_compressed(
         created_ms: 0,
         storage: StorageProfile::OnDisk,
         compression,
+        value_format,
+        max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }
@@ -1139,9 +1160,11 @@ async fn group_routing_serves_each_batch_from_one_group_and_falls_back_per_parti
     // Group 0 = {s0, s1}, group 1 = {s2, s3}; each group holds every partition.
     let assignment = [vec![0, 2], vec![1, 3], vec![0, 2], vec![1, 3]];
     let fleet = fleet(&meta, 4, &assignment, 200).await;
-    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
-        .await
-        .unwrap();
+    // No hedging: a hedged sub-request goes to the other group, and on a loaded machine one
+    // sometimes did, touching all four servers in one call.
+    let mut config = ClientConfig::new(STORE);
+    config.long_tail = LongTailRetry::disabled();
+    let client = Client::connect(config, meta.clone()).await.unwrap();
     let codec = key_codec();
     let keys: Vec<Vec<u8>> = key_set(200)
         .iter()
@@ -1472,4 +1495,129 @@ async fn compressed_versions_are_decompressed_and_wait_for_their_dictionary() {
         err.to_string().contains("could not be decompressed"),
         "{err}"
     );
+}
+
+/// A checksummed stored value: `schema_id ‖ checksum ‖ datum`.
+fn checksummed(datum: &[u8]) -> Vec<u8> {
+    let mut body = rialto_protocol::stored::value_checksum(1, datum)
+        .to_be_bytes()
+        .to_vec();
+    body.extend_from_slice(datum);
+    StoredValue::encode(1, &body)
+}
+
+#[tokio::test]
+async fn a_value_that_fails_its_checksum_is_retried_elsewhere_and_never_returned() {
+    let layout = Layout::new("/rialto");
+    let meta = FakeMeta::new();
+    let codec = AvroCodec::parse(r#""string""#).unwrap();
+    let good: HashMap<Vec<u8>, Vec<u8>> = (0..100)
+        .map(|i| {
+            let datum = codec
+                .encode(&string(&format!("value-{i}")), "value")
+                .unwrap();
+            (key_bytes(&format!("key-{i}")), checksummed(&datum))
+        })
+        .collect();
+    // Server a's copy of key-5 was altered after the push (one bit of its datum flipped), and
+    // its key-6 is a chunk manifest that leaked out unassembled.
+    let mut damaged = good.clone();
+    let altered = damaged.get_mut(&key_bytes("key-5")).unwrap();
+    let last = altered.len() - 1;
+    altered[last] ^= 0x01;
+    damaged.insert(
+        key_bytes("key-6"),
+        StoredValue::encode(rialto_protocol::stored::MANIFEST_SCHEMA_ID, b"manifest"),
+    );
+    let a = start_server(Behavior {
+        version: 1,
+        values: Arc::new(damaged),
+        ..Behavior::default()
+    })
+    .await;
+    let b = start_server(Behavior {
+        version: 1,
+        values: Arc::new(good),
+        ..Behavior::default()
+    })
+    .await;
+    put_node(&meta, &layout, "a", &a.address);
+    put_node(&meta, &layout, "b", &b.address);
+    let both = || vec![vec!["a".to_string(), "b".to_string()]; 2];
+    put_version_laid_out(
+        &meta,
+        &layout,
+        1,
+        both(),
+        Compression::None,
+        rialto_protocol::meta::ValueFormat::Checksummed,
+    );
+    for p in 0..2 {
+        put_replica(&meta, &layout, 1, p, "a", ReplicaState::Online);
+        put_replica(&meta, &layout, 1, p, "b", ReplicaState::Online);
+    }
+    meta.put_json(&layout.store(STORE), &store_record(STORE, Some(1), None));
+    let client = Client::connect(ClientConfig::new(STORE), meta.clone())
+        .await
+        .unwrap();
+
+    // Whichever replica each read goes to first, the damaged value is never returned.
+    let keys: Vec<Value> = (0..100).map(|i| string(&format!("key-{i}"))).collect();
+    for _ in 0..10 {
+        let got = client.batch_get(&keys).await.unwrap();
+        for (i, v) in got.iter().enumerate() {
+            assert_eq!(v, &Some(string(&format!("value-{i}"))));
+        }
+        for k in ["key-5", "key-6"] {
+            assert_eq!(
+                client.get(&string(k)).await.unwrap(),
+                Some(string(&format!("value-{}", &k[4..])))
+            );
+        }
+    }
+    let stats = client.stats();
+    assert!(stats.checksum_mismatches > 0, "{stats:?}");
+    assert!(stats.checksums_verified >= 1000, "{stats:?}");
+
+    // With only the damaged replica left, the read fails naming key, server and version.
+    put_replica(&meta, &layout, 1, 0, "b", ReplicaState::Offline);
+    put_replica(&meta, &layout, 1, 1, "b", ReplicaState::Offline);
+    wait_until("the client to drop server b", || {
+        client
+            .routing_table()
+            .partitions
+            .iter()
+            .all(|p| p.len() == 1)
+    })
+    .await;
+    let err = client.get(&string("key-5")).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, ClientError::Checksum { version: 1, .. }),
+        "{err}"
+    );
+    assert!(
+        message.contains("\"key-5\"")
+            && message.contains(&a.address)
+            && message.contains("fails its checksum"),
+        "{message}"
+    );
+    let err = client.batch_get(&keys).await.unwrap_err();
+    assert!(
+        err.to_string().contains("fails its checksum")
+            || err.to_string().contains("reserved schema id"),
+        "{err}"
+    );
+    let leaked = client.get(&string("key-6")).await.unwrap_err();
+    assert!(
+        leaked.to_string().contains("reserved schema id"),
+        "{leaked}"
+    );
+
+    // Verification can be turned off (the value then comes back as read).
+    let mut config = ClientConfig::new(STORE);
+    config.verify_checksums = false;
+    let unverified = Client::connect(config, meta.clone()).await.unwrap();
+    assert!(unverified.get(&string("key-5")).await.is_ok());
+    assert_eq!(unverified.stats().checksums_verified, 0);
 }

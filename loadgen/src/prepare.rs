@@ -194,6 +194,7 @@ pub async fn prepare(args: &PrepareArgs) -> Result<()> {
                         StorageProfile::OnDisk
                     },
                     compression: args.compression,
+                    max_value_bytes: None,
                 })
                 .await
                 .with_context(|| format!("create store `{}`", args.store))?;

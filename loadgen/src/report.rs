@@ -62,6 +62,7 @@ pub struct RunConfig {
     pub group_routing: bool,
     pub sub_request_keys: usize,
     pub receive_pool_bytes: usize,
+    pub verify_checksums: bool,
 }
 
 /// Request counts of the measured phase.
@@ -272,7 +273,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "rialto-loadgen run: store {} mode {} at {} req/s for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys, receive pool {} bytes",
+            "rialto-loadgen run: store {} mode {} at {} req/s for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys, receive pool {} bytes, checksums {}",
             c.store,
             c.mode,
             c.rate_per_s,
@@ -286,6 +287,7 @@ impl Report {
             if c.group_routing { "on" } else { "off" },
             c.sub_request_keys,
             c.receive_pool_bytes,
+            if c.verify_checksums { "verified" } else { "not verified" },
         );
         let r = &self.requests;
         let _ = writeln!(

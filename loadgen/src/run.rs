@@ -38,6 +38,7 @@ pub struct RunArgs {
     pub group_routing: bool,
     pub sub_request_keys: usize,
     pub receive_pool_bytes: usize,
+    pub verify_checksums: bool,
     pub json: Option<PathBuf>,
 }
 
@@ -83,6 +84,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
     config.group_routing = args.group_routing;
     config.sub_request_keys_max = args.sub_request_keys;
     config.receive_pool_bytes = args.receive_pool_bytes;
+    config.verify_checksums = args.verify_checksums;
     if !args.long_tail_retry {
         config.long_tail = LongTailRetry::disabled();
     }
@@ -128,6 +130,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         group_routing: args.group_routing,
         sub_request_keys: args.sub_request_keys,
         receive_pool_bytes: args.receive_pool_bytes,
+        verify_checksums: args.verify_checksums,
     };
     eprintln!(
         "run: {} {} requests ({} warmup) at {} req/s over {} task(s)",

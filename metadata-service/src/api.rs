@@ -20,9 +20,10 @@ use rialto_protocol::admin::{
 use rialto_protocol::avro::AvroCodec;
 use rialto_protocol::meta::{
     now_ms, validate_store_name, version_topic, Layout, NodeRecord, ReplicaRecord, ReplicaState,
-    StoreRecord, ValueSchema, VersionRecord, VersionStatus, PARTITION_COUNT_MAX,
-    REPLICATION_FACTOR_MAX,
+    StoreRecord, ValueFormat, ValueSchema, VersionRecord, VersionStatus, DEFAULT_MAX_VALUE_BYTES,
+    PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
 };
+use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
 
 use crate::error::{encode_record, parse_record, ControllerError};
@@ -127,6 +128,13 @@ pub fn validate_create(req: &CreateStoreRequest) -> Result<(), ControllerError> 
             req.replication_factor
         )));
     }
+    if let Some(max) = req.max_value_bytes {
+        if max == 0 || max > VALUE_BYTES_LIMIT {
+            return Err(ControllerError::BadRequest(format!(
+                "max value bytes {max} is out of range 1..={VALUE_BYTES_LIMIT}"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -145,6 +153,7 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
         replication_factor: req.replication_factor,
         storage: req.storage,
         compression: req.compression,
+        max_value_bytes: req.max_value_bytes.unwrap_or(DEFAULT_MAX_VALUE_BYTES),
         created_ms: now_ms(),
         current_version: None,
         backup_version: None,
@@ -358,6 +367,8 @@ async fn start_push(
         created_ms: now_ms(),
         storage: updated.storage,
         compression: updated.compression,
+        value_format: ValueFormat::Checksummed,
+        max_value_bytes: updated.max_value_bytes,
     };
     let key = st.layout.version(&store, version);
     // The topic exists before the record: servers start consuming as soon as they see it.
@@ -404,6 +415,8 @@ async fn start_push(
             key_schema: updated.key_schema.clone(),
             value_schema_id: value_schema.id,
             value_schema: value_schema.schema,
+            value_format: version_record.value_format,
+            max_value_bytes: version_record.max_value_bytes,
         }),
     ))
 }

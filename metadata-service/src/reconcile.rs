@@ -548,6 +548,7 @@ mod tests {
             replication_factor: 2,
             storage: StorageProfile::OnDisk,
             compression: rialto_protocol::meta::Compression::None,
+            max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
             created_ms: 0,
             current_version: current,
             backup_version: backup,
@@ -566,6 +567,8 @@ mod tests {
             created_ms: 0,
             storage: StorageProfile::OnDisk,
             compression: rialto_protocol::meta::Compression::None,
+            value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
+            max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
         }
     }
 

@@ -2,7 +2,7 @@
 //! store, version and node listings. `--json` bypasses all of this.
 
 use rialto_protocol::admin::{StoreDescription, VersionDescription};
-use rialto_protocol::meta::{NodeRecord, StorageProfile, StoreRecord, VersionStatus};
+use rialto_protocol::meta::{NodeRecord, StorageProfile, StoreRecord, ValueFormat, VersionStatus};
 
 /// A table of left-aligned columns separated by two spaces.
 #[derive(Debug, Clone, Default)]
@@ -164,6 +164,7 @@ pub fn store_description(d: &StoreDescription) -> String {
     ]);
     t.row(["storage".to_string(), storage(s.storage).to_string()]);
     t.row(["compression".to_string(), s.compression.name().to_string()]);
+    t.row(["max value size".to_string(), bytes(s.max_value_bytes)]);
     t.row(["current version".to_string(), opt(s.current_version)]);
     t.row(["backup version".to_string(), opt(s.backup_version)]);
     t.row(["largest version".to_string(), s.largest_version.to_string()]);
@@ -189,6 +190,7 @@ pub fn store_description(d: &StoreDescription) -> String {
         "PARTITIONS",
         "STORAGE",
         "COMPRESSION",
+        "VALUES",
         "DISK",
         "MEMORY",
         "REASON",
@@ -210,6 +212,11 @@ pub fn store_description(d: &StoreDescription) -> String {
             v.record.partition_count.to_string(),
             storage(v.record.storage).to_string(),
             v.record.compression.name().to_string(),
+            match v.record.value_format {
+                ValueFormat::SchemaIdPrefixed => "plain",
+                ValueFormat::Checksummed => "checksummed",
+            }
+            .to_string(),
             bytes(v.replicas.iter().map(|r| r.disk_bytes).sum()),
             bytes(v.replicas.iter().map(|r| r.memory_bytes).sum()),
             reason.unwrap_or("").to_string(),

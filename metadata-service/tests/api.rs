@@ -81,6 +81,7 @@ fn create_req(name: &str) -> CreateStoreRequest {
         replication_factor: 2,
         storage: StorageProfile::InMemory,
         compression: rialto_protocol::meta::Compression::ZstdDictionary,
+        max_value_bytes: None,
     }
 }
 

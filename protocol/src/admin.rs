@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{
-    Compression, NodeRecord, ReplicaState, StorageProfile, StoreRecord, VersionRecord,
+    Compression, NodeRecord, ReplicaState, StorageProfile, StoreRecord, ValueFormat, VersionRecord,
 };
 
 /// Body of `POST /v1/stores`.
@@ -37,6 +37,11 @@ pub struct CreateStoreRequest {
     pub storage: StorageProfile,
     #[serde(default)]
     pub compression: Compression,
+    /// Largest serialized value a push may write (default
+    /// [`DEFAULT_MAX_VALUE_BYTES`](crate::meta::DEFAULT_MAX_VALUE_BYTES), at most
+    /// [`VALUE_BYTES_LIMIT`](crate::stored::VALUE_BYTES_LIMIT)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_value_bytes: Option<u64>,
 }
 
 /// Body of `POST /v1/stores/{store}/versions`.
@@ -59,6 +64,12 @@ pub struct StartPushResponse {
     pub key_schema: String,
     pub value_schema_id: u32,
     pub value_schema: String,
+    /// How the push job lays out values (an older controller answers without it: no checksums).
+    #[serde(default)]
+    pub value_format: ValueFormat,
+    /// The largest serialized value the version accepts.
+    #[serde(default = "crate::meta::default_max_value_bytes")]
+    pub max_value_bytes: u64,
 }
 
 /// Body of `POST .../fail`.

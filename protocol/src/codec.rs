@@ -7,15 +7,15 @@
 //! the push job on a sample of the version's values and shipped in START_OF_PUSH (servers keep it
 //! and hand it to clients).
 //!
-//! Decompression never trusts sizes from the network: a frame that announces more than
-//! [`VALUE_BYTES_MAX`] (or no size at all) is refused.
+//! Decompression never trusts sizes from the network: a frame that announces more than the
+//! version's largest value (or no size at all) is refused.
 
 use std::sync::Arc;
 
 use thiserror::Error;
 use zstd_safe::{CCtx, CDict, DCtx, DDict};
 
-use crate::envelope::{DICTIONARY_BYTES_MAX, VALUE_BYTES_MAX};
+use crate::envelope::DICTIONARY_BYTES_MAX;
 
 /// zstd level used by the push job: a good ratio at a few hundred MB/s.
 pub const DEFAULT_LEVEL: i32 = 3;
@@ -130,16 +130,14 @@ impl ValueDecompressor {
         })
     }
 
-    /// Decompresses one frame written by [`ValueCompressor::compress`].
-    pub fn decompress(&mut self, frame: &[u8]) -> Result<Vec<u8>, CodecError> {
+    /// Decompresses one frame written by [`ValueCompressor::compress`]; a frame that would
+    /// expand beyond `max` bytes is refused before anything is allocated.
+    pub fn decompress(&mut self, frame: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
         let size = zstd_safe::get_frame_content_size(frame)
             .map_err(|_| CodecError::Corrupt("bad frame header"))?
             .ok_or(CodecError::UnknownSize)?;
-        if size > VALUE_BYTES_MAX as u64 {
-            return Err(CodecError::TooLarge {
-                size,
-                max: VALUE_BYTES_MAX,
-            });
+        if size > max as u64 {
+            return Err(CodecError::TooLarge { size, max });
         }
         let mut out = vec![0u8; size as usize];
         let n = match &self.dictionary {
@@ -189,6 +187,8 @@ pub fn train_dictionary(samples: &[Vec<u8>], max_bytes: usize) -> Result<Vec<u8>
 mod tests {
     use super::*;
 
+    const LIMIT: usize = 1 << 20;
+
     /// Feature-like values: shared field names and vocabulary, varying numbers.
     fn samples(n: usize) -> Vec<Vec<u8>> {
         let words = [
@@ -220,7 +220,7 @@ mod tests {
             let mut d = ValueDecompressor::new(digested).unwrap();
             for v in values.iter().take(200).chain([&Vec::new()]) {
                 let frame = c.compress(v).unwrap();
-                assert_eq!(&d.decompress(&frame).unwrap(), v);
+                assert_eq!(&d.decompress(&frame, LIMIT).unwrap(), v);
             }
         }
     }
@@ -248,30 +248,37 @@ mod tests {
         let mut c = ValueCompressor::new(DEFAULT_LEVEL, Some(&dict)).unwrap();
         let frame = c.compress(&values[0]).unwrap();
         let mut plain = ValueDecompressor::new(None).unwrap();
-        assert!(plain.decompress(&frame).is_err(), "dictionary missing");
+        assert!(
+            plain.decompress(&frame, LIMIT).is_err(),
+            "dictionary missing"
+        );
         let mut d =
             ValueDecompressor::new(Some(Arc::new(DecompressionDictionary::new(&dict).unwrap())))
                 .unwrap();
-        assert!(d.decompress(b"").is_err());
-        assert!(d.decompress(b"not zstd at all").is_err());
+        assert!(d.decompress(b"", LIMIT).is_err());
+        assert!(d.decompress(b"not zstd at all", LIMIT).is_err());
         for cut in [4, frame.len() / 2, frame.len() - 1] {
-            assert!(d.decompress(&frame[..cut]).is_err(), "truncated at {cut}");
+            assert!(
+                d.decompress(&frame[..cut], LIMIT).is_err(),
+                "truncated at {cut}"
+            );
         }
         let mut flipped = frame.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x55;
-        let _ = d.decompress(&flipped); // any result but a panic
+        let _ = d.decompress(&flipped, LIMIT); // any result but a panic
     }
 
     #[test]
     fn a_frame_announcing_a_huge_value_is_refused() {
         let mut c = ValueCompressor::new(1, None).unwrap();
-        let frame = c.compress(&vec![0u8; VALUE_BYTES_MAX + 1]).unwrap();
+        let frame = c.compress(&vec![0u8; LIMIT + 1]).unwrap();
         let mut d = ValueDecompressor::new(None).unwrap();
         assert!(matches!(
-            d.decompress(&frame),
+            d.decompress(&frame, LIMIT),
             Err(CodecError::TooLarge { .. })
         ));
+        assert_eq!(d.decompress(&frame, LIMIT + 1).unwrap().len(), LIMIT + 1);
     }
 
     #[test]

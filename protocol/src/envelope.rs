@@ -28,7 +28,8 @@ pub const ENVELOPE_MAGIC: u8 = 0xA7;
 pub const ENVELOPE_FORMAT: u8 = 1;
 /// Largest key accepted anywhere in Rialto.
 pub const KEY_BYTES_MAX: usize = 64 * 1024;
-/// Largest value accepted on a topic (values are not chunked yet; see ARCHITECTURE.md).
+/// Largest value accepted in one topic record; larger values are chunked (see
+/// [`stored`](crate::stored)).
 pub const VALUE_BYTES_MAX: usize = 900 * 1024;
 /// Largest compression dictionary carried in START_OF_PUSH.
 pub const DICTIONARY_BYTES_MAX: usize = 1024 * 1024;

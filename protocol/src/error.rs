@@ -30,11 +30,14 @@ pub enum ErrorCode {
     UnsupportedProtocol = 10,
     /// No route: the path does not name a known endpoint.
     NotFound = 11,
+    /// The stored value cannot be served as stored (a chunk of a large value is missing or
+    /// does not match its manifest). Retryable elsewhere: another replica may hold it whole.
+    CorruptValue = 12,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownStore,
         ErrorCode::UnknownVersion,
@@ -46,6 +49,7 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::UnsupportedProtocol,
         ErrorCode::NotFound,
+        ErrorCode::CorruptValue,
     ];
 
     /// The numeric code as sent on the wire.
@@ -67,6 +71,7 @@ impl ErrorCode {
                 | ErrorCode::PartitionNotServed
                 | ErrorCode::Internal
                 | ErrorCode::Overloaded
+                | ErrorCode::CorruptValue
         )
     }
 
@@ -80,7 +85,7 @@ impl ErrorCode {
             | ErrorCode::NotFound => 404,
             ErrorCode::TooManyKeys | ErrorCode::TooLarge => 413,
             ErrorCode::PartitionNotServed | ErrorCode::Overloaded => 503,
-            ErrorCode::Internal => 500,
+            ErrorCode::Internal | ErrorCode::CorruptValue => 500,
         }
     }
 
@@ -98,6 +103,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::UnsupportedProtocol => "unsupported_protocol",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::CorruptValue => "corrupt_value",
         }
     }
 }

@@ -6,6 +6,9 @@
 //! * [`meta`]: the etcd key layout and the JSON metadata records stored under it.
 //! * [`error`]: stable error codes that cross the wire, and whether a client may retry.
 //! * [`avro`]: Avro key/value encoding shared by the push job and the client.
+//! * [`json`], [`avro_json`]: JSON that keeps numbers exact, and its exact conversion to and from
+//!   Avro values (push input, CLI output).
+//! * [`stored`]: a value at rest: its checksum, and chunking of large values.
 //! * [`codec`]: value compression (zstd, with a trained dictionary) shared by the same two.
 //! * [`admin`]: the controller's HTTP/JSON admin API types.
 //!
@@ -13,12 +16,15 @@
 
 pub mod admin;
 pub mod avro;
+pub mod avro_json;
 pub mod codec;
 pub mod envelope;
 pub mod error;
+pub mod json;
 pub mod meta;
 pub mod partitioner;
 pub mod recycle;
+pub mod stored;
 pub mod wire;
 
 pub use error::ErrorCode;

@@ -167,6 +167,24 @@ impl Compression {
     }
 }
 
+/// How a version's values are laid out at rest (see [`stored`](crate::stored)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueFormat {
+    /// `schema_id ‖ payload`: versions written before checksums.
+    #[default]
+    SchemaIdPrefixed,
+    /// `schema_id ‖ checksum ‖ payload`: the client verifies every value it reads.
+    Checksummed,
+}
+
+/// Default largest serialized value (Avro datum before compression) a store accepts.
+pub const DEFAULT_MAX_VALUE_BYTES: u64 = 16 * 1024 * 1024;
+
+pub(crate) fn default_max_value_bytes() -> u64 {
+    DEFAULT_MAX_VALUE_BYTES
+}
+
 /// One registered value schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ValueSchema {
@@ -188,6 +206,10 @@ pub struct StoreRecord {
     /// Value compression of new versions.
     #[serde(default)]
     pub compression: Compression,
+    /// Largest serialized value (Avro datum, before compression) a push may write; larger ones
+    /// are refused before a version is allocated. Values over one topic record are chunked.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: u64,
     pub created_ms: i64,
     /// The version reads go to; `None` until the first push goes live.
     pub current_version: Option<u32>,
@@ -238,6 +260,13 @@ pub struct VersionRecord {
     /// The value compression of the version (the store's when the version was created).
     #[serde(default)]
     pub compression: Compression,
+    /// How values are laid out (checksummed for every version created by this code).
+    #[serde(default)]
+    pub value_format: ValueFormat,
+    /// The store's `max_value_bytes` when the version was created: the client's bound on a
+    /// decompressed value.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: u64,
 }
 
 impl VersionRecord {
@@ -388,9 +417,20 @@ mod tests {
             created_ms: 1,
             storage: StorageProfile::OnDisk,
             compression: Compression::None,
+            value_format: ValueFormat::Checksummed,
+            max_value_bytes: 1 << 20,
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);
         assert_eq!(v.partitions_of("b"), vec![0, 1]);
+    }
+
+    #[test]
+    fn records_written_before_checksums_read_as_such() {
+        let json = r#"{"store":"s","version":1,"topic":"s_v1","partition_count":1,
+            "assignment":[["a"]],"status":{"state":"online"},"created_ms":1}"#;
+        let v: VersionRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(v.value_format, ValueFormat::SchemaIdPrefixed);
+        assert_eq!(v.max_value_bytes, DEFAULT_MAX_VALUE_BYTES);
     }
 }

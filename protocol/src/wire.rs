@@ -285,11 +285,11 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
                 return Ok(None);
             };
             let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-            if len > crate::envelope::VALUE_BYTES_MAX + 4 {
+            if len > crate::stored::STORED_VALUE_BYTES_MAX {
                 return Err(WireError::Malformed(EnvelopeError::TooLarge {
                     what: "value",
                     len,
-                    max: crate::envelope::VALUE_BYTES_MAX + 4,
+                    max: crate::stored::STORED_VALUE_BYTES_MAX,
                 }));
             }
             Ok(Some(9 + len))

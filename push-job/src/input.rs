@@ -13,9 +13,13 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use rialto_protocol::avro::{AvroCodec, Value};
+use rialto_protocol::avro::{AvroCodec, Schema};
+use rialto_protocol::envelope::KEY_BYTES_MAX;
+use rialto_protocol::json::Json;
 use rialto_protocol::partitioner::partition_for_key;
+use rialto_protocol::stored::CHUNK_KEY_SUFFIX_BYTES;
 
+use crate::avro_file::ContainerReader;
 use crate::sort::{ExternalSorter, SortedPartition};
 use crate::PushError;
 
@@ -96,6 +100,7 @@ struct Builder<'a> {
     bytes: u64,
     path: PathBuf,
     samples: Reservoir,
+    limits: RecordLimits,
 }
 
 /// Reservoir sampling of values (Algorithm R) with a fixed-seed xorshift, so a push of the same
@@ -144,7 +149,35 @@ impl Reservoir {
 }
 
 impl<'a> Builder<'a> {
+    fn bad(&self, record: u64, detail: String) -> PushError {
+        PushError::BadRecord {
+            path: self.path.clone(),
+            record,
+            detail,
+        }
+    }
+
+    fn show_key(&self, key: &[u8]) -> String {
+        show_key(self.key_codec, key)
+    }
+
     fn add(&mut self, record_no: u64, key: Vec<u8>, value: Vec<u8>) -> Result<(), PushError> {
+        let key_max = KEY_BYTES_MAX - CHUNK_KEY_SUFFIX_BYTES;
+        if key.len() > key_max {
+            return Err(self.bad(
+                record_no,
+                format!("key of {} bytes is over the limit of {key_max}", key.len()),
+            ));
+        }
+        if value.len() as u64 > self.limits.max_value_bytes {
+            return Err(PushError::ValueTooLarge {
+                path: self.path.clone(),
+                record: record_no,
+                key: self.show_key(&key),
+                bytes: value.len() as u64,
+                max: self.limits.max_value_bytes,
+            });
+        }
         let p = partition_for_key(&key, self.partition_count);
         self.bytes += (key.len() + value.len()) as u64;
         self.samples.offer(&value);
@@ -156,14 +189,9 @@ impl<'a> Builder<'a> {
         let mut sorted = match self.sorter.finish()? {
             Ok(sorted) => sorted,
             Err(conflict) => {
-                let shown = self
-                    .key_codec
-                    .decode(&conflict.key, "key")
-                    .map(|v| rialto_protocol::avro::to_json(&v).to_string())
-                    .unwrap_or_else(|_| format!("{:?}", conflict.key));
                 return Err(PushError::DuplicateKey {
                     path: self.path.clone(),
-                    key: shown,
+                    key: show_key(self.key_codec, &conflict.key),
                     first: conflict.first,
                     second: conflict.second,
                 });
@@ -182,7 +210,35 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// A key as JSON, for messages.
+fn show_key(codec: &AvroCodec, key: &[u8]) -> String {
+    codec
+        .decode(key, "key")
+        .map(|v| codec.to_json_text(&v))
+        .unwrap_or_else(|_| format!("{key:02x?}"))
+}
+
+/// Limits every record must meet.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordLimits {
+    /// Largest serialized value (the store's `max_value_bytes`).
+    pub max_value_bytes: u64,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        RecordLimits {
+            max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
 /// Reads and validates a whole input file.
+///
+/// JSON numbers are converted exactly (see `rialto_protocol::avro_json`). Values of an Avro file
+/// written with the store's value schema are kept as the file's own bytes; with another schema
+/// they are resolved to the store's and encoded again.
+#[allow(clippy::too_many_arguments)]
 pub fn read_dataset(
     path: &Path,
     format: InputFormat,
@@ -191,6 +247,7 @@ pub fn read_dataset(
     value_codec: &AvroCodec,
     partition_count: u32,
     sort: &SortConfig,
+    limits: RecordLimits,
 ) -> Result<PartitionedDataset, PushError> {
     let mut b = Builder {
         key_codec,
@@ -199,89 +256,167 @@ pub fn read_dataset(
         bytes: 0,
         path: path.to_path_buf(),
         samples: Reservoir::new(),
+        limits,
     };
     let file = std::fs::File::open(path).map_err(|e| PushError::Io {
         path: path.to_path_buf(),
         detail: e.to_string(),
     })?;
-    let bad = |record: u64, detail: String| PushError::BadRecord {
-        path: path.to_path_buf(),
-        record,
-        detail,
-    };
     match format {
-        InputFormat::Json => {
-            let reader = std::io::BufReader::new(file);
-            for (i, line) in reader.lines().enumerate() {
-                let line_no = i as u64 + 1;
-                let line = line.map_err(|e| PushError::Io {
-                    path: path.to_path_buf(),
-                    detail: e.to_string(),
-                })?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let json: serde_json::Value = serde_json::from_str(&line)
-                    .map_err(|e| bad(line_no, format!("not valid JSON: {e}")))?;
-                let field = |name: &str| {
-                    json.get(name)
-                        .ok_or_else(|| bad(line_no, format!("missing field `{name}`")))
-                };
-                let key = key_codec
-                    .from_json(field(&shape.key_field)?, "key")
-                    .and_then(|v| key_codec.encode(&v, "key"))
-                    .map_err(|e| bad(line_no, e.to_string()))?;
-                let value = value_codec
-                    .from_json(field(&shape.value_field)?, "value")
-                    .and_then(|v| value_codec.encode(&v, "value"))
-                    .map_err(|e| bad(line_no, e.to_string()))?;
-                b.add(line_no, key, value)?;
-            }
-        }
-        InputFormat::Avro => {
-            let reader = apache_avro::Reader::new(std::io::BufReader::new(file))
-                .map_err(|e| bad(0, format!("not an Avro container file: {e}")))?;
-            for (i, datum) in reader.enumerate() {
-                let record_no = i as u64 + 1;
-                let datum =
-                    datum.map_err(|e| bad(record_no, format!("unreadable Avro datum: {e}")))?;
-                let Value::Record(fields) = datum else {
-                    return Err(bad(
-                        record_no,
-                        "datum is not a record with key and value fields".into(),
-                    ));
-                };
-                let mut key = None;
-                let mut value = None;
-                for (name, v) in fields {
-                    if name == shape.key_field {
-                        key = Some(v);
-                    } else if name == shape.value_field {
-                        value = Some(v);
-                    }
-                }
-                let key = key.ok_or_else(|| {
-                    bad(record_no, format!("missing field `{}`", shape.key_field))
-                })?;
-                let value = value.ok_or_else(|| {
-                    bad(record_no, format!("missing field `{}`", shape.value_field))
-                })?;
-                let key = key_codec
-                    .encode_exact(key, "key")
-                    .map_err(|e| bad(record_no, e.to_string()))?;
-                let value = value_codec
-                    .encode_exact(value, "value")
-                    .map_err(|e| bad(record_no, e.to_string()))?;
-                b.add(record_no, key, value)?;
-            }
-        }
+        InputFormat::Json => read_json(&mut b, file, shape, value_codec)?,
+        InputFormat::Avro => read_avro(&mut b, file, shape, value_codec)?,
     }
     b.finish()
+}
+
+fn read_json(
+    b: &mut Builder<'_>,
+    file: std::fs::File,
+    shape: &InputShape,
+    value_codec: &AvroCodec,
+) -> Result<(), PushError> {
+    let reader = std::io::BufReader::new(file);
+    for (i, line) in reader.lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.map_err(|e| PushError::Io {
+            path: b.path.clone(),
+            detail: e.to_string(),
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let json =
+            Json::parse(&line).map_err(|e| b.bad(line_no, format!("not valid JSON: {e}")))?;
+        let Json::Object(members) = &json else {
+            return Err(b.bad(
+                line_no,
+                format!(
+                    "expected an object with `{}` and `{}`, got {}",
+                    shape.key_field,
+                    shape.value_field,
+                    json.kind()
+                ),
+            ));
+        };
+        if let Some((unknown, _)) = members
+            .iter()
+            .find(|(n, _)| *n != shape.key_field && *n != shape.value_field)
+        {
+            return Err(b.bad(
+                line_no,
+                format!(
+                    "unknown member `{unknown}`; a line holds `{}` and `{}` only",
+                    shape.key_field, shape.value_field
+                ),
+            ));
+        }
+        let field = |name: &str| {
+            json.get(name)
+                .ok_or_else(|| b.bad(line_no, format!("missing field `{name}`")))
+        };
+        let key = b
+            .key_codec
+            .from_json(field(&shape.key_field)?, "key")
+            .and_then(|v| b.key_codec.encode(&v, "key"))
+            .map_err(|e| b.bad(line_no, e.to_string()))?;
+        let value = value_codec
+            .from_json(field(&shape.value_field)?, "value")
+            .and_then(|v| value_codec.encode(&v, "value"))
+            .map_err(|e| b.bad(line_no, e.to_string()))?;
+        b.add(line_no, key, value)?;
+    }
+    Ok(())
+}
+
+fn read_avro(
+    b: &mut Builder<'_>,
+    file: std::fs::File,
+    shape: &InputShape,
+    value_codec: &AvroCodec,
+) -> Result<(), PushError> {
+    let mut reader = ContainerReader::open(std::io::BufReader::new(file))
+        .map_err(|e| b.bad(0, e.to_string()))?;
+    let row = reader.schema().clone();
+    let Schema::Record(record) = &row else {
+        return Err(b.bad(
+            0,
+            format!(
+                "the file's datums are not records with `{}` and `{}` fields",
+                shape.key_field, shape.value_field
+            ),
+        ));
+    };
+    let position = |name: &str| {
+        record.lookup.get(name).copied().ok_or_else(|| {
+            b.bad(
+                0,
+                format!(
+                    "the file's records have no field `{name}` (its schema: {})",
+                    row.canonical_form()
+                ),
+            )
+        })
+    };
+    let (key_at, value_at) = (position(&shape.key_field)?, position(&shape.value_field)?);
+    // The file's value bytes are kept when they were written with the store's value schema.
+    let keep_bytes = record.fields[value_at].schema == *value_codec.schema();
+    if !keep_bytes {
+        tracing::info!("the file's value schema differs from the store's: values are resolved to the store's schema and encoded again");
+    }
+    let mut record_no = 0u64;
+    while let Some(block) = reader
+        .next_block()
+        .map_err(|e| b.bad(record_no, e.to_string()))?
+    {
+        let mut data = block.data.as_slice();
+        for _ in 0..block.count {
+            record_no += 1;
+            let (mut key, mut value) = (None, None);
+            for (i, field) in record.fields.iter().enumerate() {
+                let before = data;
+                let decoded = apache_avro::from_avro_datum_schemata(
+                    &field.schema,
+                    vec![&row],
+                    &mut data,
+                    None,
+                )
+                .map_err(|e| b.bad(record_no, format!("unreadable field `{}`: {e}", field.name)))?;
+                let bytes = &before[..before.len() - data.len()];
+                if i == key_at {
+                    key = Some(decoded);
+                } else if i == value_at {
+                    value = Some(if keep_bytes {
+                        bytes.to_vec()
+                    } else {
+                        value_codec
+                            .encode(&decoded, "value")
+                            .map_err(|e| b.bad(record_no, e.to_string()))?
+                    });
+                }
+            }
+            let (Some(key), Some(value)) = (key, value) else {
+                return Err(b.bad(record_no, "key or value missing".into()));
+            };
+            let key = b
+                .key_codec
+                .encode(&key, "key")
+                .map_err(|e| b.bad(record_no, e.to_string()))?;
+            b.add(record_no, key, value)?;
+        }
+        if !data.is_empty() {
+            return Err(b.bad(
+                record_no,
+                format!("{} bytes after the last datum of its block", data.len()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rialto_protocol::avro::Value;
     use std::io::Write;
 
     const VALUE: &str = r#"{"type":"record","name":"V","fields":[{"name":"n","type":"long"}]}"#;
@@ -314,6 +449,7 @@ mod tests {
             &v,
             1,
             &SortConfig::default(),
+            RecordLimits::default(),
         )
         .unwrap();
         assert_eq!(d.records, 2);
@@ -342,6 +478,7 @@ mod tests {
             &v,
             4,
             &SortConfig::default(),
+            RecordLimits::default(),
         )
         .unwrap_err();
         let msg = err.to_string();
@@ -365,6 +502,7 @@ mod tests {
             &v,
             4,
             &SortConfig::default(),
+            RecordLimits::default(),
         )
         .unwrap_err();
         assert!(
@@ -402,9 +540,160 @@ mod tests {
             &v,
             3,
             &SortConfig::default(),
+            RecordLimits::default(),
         )
         .unwrap();
         assert_eq!(d.records, 10);
         assert_eq!(d.partitions.iter().map(|p| p.records).sum::<u64>(), 10);
+    }
+
+    type KeyValue = (Vec<u8>, Vec<u8>);
+
+    fn read_json_lines(
+        value_schema: &str,
+        lines: &str,
+        limits: RecordLimits,
+    ) -> Result<Vec<KeyValue>, PushError> {
+        let k = AvroCodec::parse(r#""string""#).unwrap();
+        let v = AvroCodec::parse(value_schema).unwrap();
+        let f = write(lines);
+        let d = read_dataset(
+            f.path(),
+            InputFormat::Json,
+            &InputShape::default(),
+            &k,
+            &v,
+            1,
+            &SortConfig::default(),
+            limits,
+        )?;
+        Ok(d.partitions
+            .into_iter()
+            .next()
+            .unwrap()
+            .into_records()
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect())
+    }
+
+    #[test]
+    fn json_doubles_are_stored_exactly() {
+        // A JSON-lines push stored these with a different last digit.
+        let records = read_json_lines(
+            r#"{"type":"record","name":"V","fields":[{"name":"a","type":"double"},{"name":"b","type":"double"}]}"#,
+            "{\"key\":\"k\",\"value\":{\"a\":0.9418320440936001,\"b\":0.9407199315086009}}\n",
+            RecordLimits::default(),
+        )
+        .unwrap();
+        let mut expected = 0.9418320440936001f64.to_le_bytes().to_vec();
+        expected.extend_from_slice(&0.9407199315086009f64.to_le_bytes());
+        assert_eq!(records[0].1, expected);
+    }
+
+    #[test]
+    fn a_value_over_the_limit_is_refused_naming_key_size_and_limit() {
+        let big = "x".repeat(1000);
+        let err = read_json_lines(
+            r#""string""#,
+            &format!(
+                "{{\"key\":\"small\",\"value\":\"x\"}}\n{{\"key\":\"big\",\"value\":\"{big}\"}}\n"
+            ),
+            RecordLimits {
+                max_value_bytes: 999,
+            },
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("record 2")
+                && msg.contains("\"big\"")
+                && msg.contains("1002 bytes")
+                && msg.contains("999"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_members_of_a_line_are_refused() {
+        let err = read_json_lines(
+            r#""string""#,
+            "{\"key\":\"a\",\"valeu\":\"x\"}\n",
+            RecordLimits::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown member `valeu`"), "{err}");
+    }
+
+    /// A container file of one block holding `datums` (already encoded rows), written by hand.
+    fn container(schema: &str, datums: &[Vec<u8>]) -> Vec<u8> {
+        fn long(n: i64, out: &mut Vec<u8>) {
+            let mut z = ((n << 1) ^ (n >> 63)) as u64;
+            while z >= 0x80 {
+                out.push((z as u8 & 0x7f) | 0x80);
+                z >>= 7;
+            }
+            out.push(z as u8);
+        }
+        let mut out = b"Obj\x01".to_vec();
+        long(1, &mut out);
+        let key = "avro.schema";
+        long(key.len() as i64, &mut out);
+        out.extend_from_slice(key.as_bytes());
+        long(schema.len() as i64, &mut out);
+        out.extend_from_slice(schema.as_bytes());
+        long(0, &mut out);
+        let sync = [7u8; 16];
+        out.extend_from_slice(&sync);
+        let data: Vec<u8> = datums.concat();
+        long(datums.len() as i64, &mut out);
+        long(data.len() as i64, &mut out);
+        out.extend_from_slice(&data);
+        out.extend_from_slice(&sync);
+        out
+    }
+
+    #[test]
+    fn avro_values_keep_the_files_own_bytes() {
+        // A map written with its entries out of key order: decoding and encoding again would
+        // sort them. The stored value must be the file's bytes.
+        let value_schema = r#"{"type":"map","values":"long"}"#;
+        let row_schema = format!(
+            r#"{{"type":"record","name":"Row","fields":[{{"name":"key","type":"string"}},{{"name":"value","type":{value_schema}}}]}}"#
+        );
+        let value_bytes = vec![4, 2, b'b', 4, 2, b'a', 2, 0]; // {"b": 2, "a": 1}
+        let mut row = vec![2, b'k'];
+        row.extend_from_slice(&value_bytes);
+        let mut f = tempfile::Builder::new().suffix(".avro").tempfile().unwrap();
+        f.write_all(&container(&row_schema, &[row])).unwrap();
+        let k = AvroCodec::parse(r#""string""#).unwrap();
+        let v = AvroCodec::parse(value_schema).unwrap();
+        let d = read_dataset(
+            f.path(),
+            InputFormat::Avro,
+            &InputShape::default(),
+            &k,
+            &v,
+            1,
+            &SortConfig::default(),
+            RecordLimits::default(),
+        )
+        .unwrap();
+        let records: Vec<_> = d
+            .partitions
+            .into_iter()
+            .next()
+            .unwrap()
+            .into_records()
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(records, vec![(vec![2, b'k'], value_bytes.clone())]);
+        // Re-encoding would have changed them (entries in key order).
+        assert_ne!(
+            v.encode(&v.decode(&value_bytes, "v").unwrap(), "v")
+                .unwrap(),
+            value_bytes
+        );
     }
 }

@@ -10,11 +10,14 @@
 //! Any failure after the version was allocated is reported to the controller, so a failed push
 //! never goes live and the current version keeps serving.
 
+pub mod avro_file;
 pub mod input;
 pub mod sort;
 pub mod writer;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,14 +29,17 @@ use rialto_protocol::admin::StartPushRequest;
 use rialto_protocol::avro::{AvroCodec, AvroError};
 use rialto_protocol::codec::{self, ValueCompressor};
 use rialto_protocol::envelope::ControlMessage;
-use rialto_protocol::meta::{Compression, ReplicaState, VersionStatus};
+use rialto_protocol::meta::{Compression, ReplicaState, ValueFormat, VersionStatus};
+use rialto_protocol::stored::{split_value, value_checksum, StoredPiece, CHECKSUM_BYTES};
 
-pub use input::{InputFormat, InputShape, SortConfig};
+pub use input::{InputFormat, InputShape, RecordLimits, SortConfig};
 use sort::SortedPartition;
 use writer::PartitionWriter;
 
 /// Records in flight to the broker at most (bounds memory while producing).
 const IN_FLIGHT_RECORDS_MAX: usize = 50_000;
+/// Bytes of records in flight at most (large values' chunks are 768 KiB each).
+const IN_FLIGHT_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// How often progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -56,6 +62,14 @@ pub enum PushError {
         key: String,
         first: u64,
         second: u64,
+    },
+    #[error("{path}: record {record}: the value of key {key} is {bytes} bytes serialized, over the store's limit of {max} bytes (max_value_bytes); nothing was pushed")]
+    ValueTooLarge {
+        path: PathBuf,
+        record: u64,
+        key: String,
+        bytes: u64,
+        max: u64,
     },
     #[error("cannot tell the input format of {0}; pass --format avro|json")]
     UnknownFormat(PathBuf),
@@ -138,6 +152,8 @@ pub struct PushReport {
     pub compressed_value_bytes: u64,
     /// Bytes of the values before compression.
     pub raw_value_bytes: u64,
+    /// Values stored in chunks (larger than one topic record).
+    pub chunked_values: u64,
     /// Size of the trained dictionary (0 without one) and how long training took.
     pub dictionary_bytes: usize,
     pub training_elapsed: Duration,
@@ -169,6 +185,9 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         config.sort.clone(),
     );
     let partition_count = store.partition_count;
+    let limits = RecordLimits {
+        max_value_bytes: store.max_value_bytes,
+    };
     let dataset = tokio::task::spawn_blocking(move || {
         input::read_dataset(
             &input,
@@ -178,6 +197,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             &value_codec,
             partition_count,
             &sort,
+            limits,
         )
     })
     .await
@@ -256,6 +276,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         let partitions = std::mem::take(&mut dataset.partitions);
         let values = ValueStream {
             schema_id: start.value_schema_id,
+            format: start.value_format,
             compression,
             dictionary: &dictionary,
             compressor: compressor.as_mut(),
@@ -290,6 +311,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             compression,
             compressed_value_bytes: value_sizes.written,
             raw_value_bytes: value_sizes.raw,
+            chunked_values: value_sizes.chunked,
             dictionary_bytes: dictionary.len(),
             training_elapsed,
         }),
@@ -318,19 +340,54 @@ impl From<PubSubError> for ProduceError {
     }
 }
 
-/// How values are written: schema, compression.
+/// How values are written: schema, layout, compression.
 struct ValueStream<'a> {
     schema_id: u32,
+    format: ValueFormat,
     compression: Compression,
     dictionary: &'a [u8],
     compressor: Option<&'a mut ValueCompressor>,
 }
 
-/// Value bytes before and after compression.
+/// Value bytes before and after compression, and how many values were chunked.
 #[derive(Debug, Default, Clone, Copy)]
 struct ValueSizes {
     raw: u64,
     written: u64,
+    chunked: u64,
+}
+
+impl ValueStream<'_> {
+    /// The records that store `datum` under `key`: its stored body (checksum, compressed
+    /// payload), whole or in chunks (see `rialto_protocol::stored`).
+    fn pieces(
+        &mut self,
+        key: Vec<u8>,
+        datum: Vec<u8>,
+        sizes: &mut ValueSizes,
+    ) -> Result<Vec<StoredPiece>, PushError> {
+        sizes.raw += datum.len() as u64;
+        let checksum = value_checksum(self.schema_id, &datum);
+        let payload = match self.compressor.as_deref_mut() {
+            Some(c) => c.compress(&datum)?,
+            None => datum,
+        };
+        sizes.written += payload.len() as u64;
+        let body = match self.format {
+            ValueFormat::SchemaIdPrefixed => payload,
+            ValueFormat::Checksummed => {
+                let mut body = Vec::with_capacity(CHECKSUM_BYTES + payload.len());
+                body.extend_from_slice(&checksum.to_be_bytes());
+                body.extend_from_slice(&payload);
+                body
+            }
+        };
+        let pieces = split_value(key, self.schema_id, body);
+        if pieces.len() > 1 {
+            sizes.chunked += 1;
+        }
+        Ok(pieces)
+    }
 }
 
 /// Produces every partition's stream and waits until the broker has acknowledged all of it.
@@ -341,11 +398,9 @@ async fn produce(
     partitions: Vec<SortedPartition>,
     records_total: u64,
 ) -> Result<ValueSizes, ProduceError> {
-    let schema_id = values.schema_id;
     let mut sizes = ValueSizes::default();
     let producer_guid = *uuid::Uuid::new_v4().as_bytes();
-    let mut in_flight = FuturesUnordered::new();
-    let mut acked: u64 = 0;
+    let mut in_flight = InFlight::default();
     let mut sent: u64 = 0;
     let started = Instant::now();
     let mut last_progress = Instant::now();
@@ -361,29 +416,24 @@ async fn produce(
             }),
         ];
         for e in envelopes.drain(..) {
-            in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
+            in_flight
+                .send(pubsub, topic, partition, &e.encode())
+                .await?;
         }
         for record in records.into_records().map_err(ProduceError::Read)? {
-            let (key, value) = record.map_err(ProduceError::Read)?;
+            let (key, datum) = record.map_err(ProduceError::Read)?;
             // The key travels inside the envelope; the Kafka record key stays empty (partitions
             // are chosen explicitly, and compaction is never used on version topics).
-            sizes.raw += value.len() as u64;
-            let value = match values.compressor.as_deref_mut() {
-                Some(c) => c
-                    .compress(&value)
-                    .map_err(|e| ProduceError::Read(PushError::Codec(e)))?,
-                None => value,
-            };
-            sizes.written += value.len() as u64;
-            let e = w.put(key, schema_id, value);
-            in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
-            sent += 1;
-            while in_flight.len() >= IN_FLIGHT_RECORDS_MAX {
-                if let Some(r) = in_flight.next().await {
-                    r?;
-                    acked += 1;
-                }
+            for (key, schema_id, body) in values
+                .pieces(key, datum, &mut sizes)
+                .map_err(ProduceError::Read)?
+            {
+                let e = w.put(key, schema_id, body);
+                in_flight
+                    .send(pubsub, topic, partition, &e.encode())
+                    .await?;
             }
+            sent += 1;
             if last_progress.elapsed() >= PROGRESS_INTERVAL {
                 last_progress = Instant::now();
                 let rate = sent as f64 / started.elapsed().as_secs_f64().max(0.001);
@@ -394,14 +444,16 @@ async fn produce(
             }
         }
         for e in [w.control(ControlMessage::EndOfPush), w.end_segment()] {
-            in_flight.push(pubsub.send(topic, partition, &[], &e.encode()).await?);
+            in_flight
+                .send(pubsub, topic, partition, &e.encode())
+                .await?;
         }
     }
-    while let Some(r) = in_flight.next().await {
-        r?;
-        acked += 1;
-    }
+    let acked = in_flight.drain().await?;
     tracing::info!(records = sent, envelopes = acked, elapsed = ?started.elapsed(), "all records acknowledged by the broker");
+    if sizes.chunked > 0 {
+        tracing::info!(values = sizes.chunked, "large values stored in chunks");
+    }
     if values.compression != Compression::None {
         tracing::info!(
             raw_value_bytes = sizes.raw,
@@ -411,6 +463,56 @@ async fn produce(
         );
     }
     Ok(sizes)
+}
+
+/// The acknowledgement of one envelope, resolving to its size.
+type Acknowledgement = Pin<Box<dyn Future<Output = Result<usize, PubSubError>> + Send>>;
+
+/// Envelopes sent and not yet acknowledged, bounded in count and in bytes.
+#[derive(Default)]
+struct InFlight {
+    deliveries: FuturesUnordered<Acknowledgement>,
+    bytes: usize,
+    acked: u64,
+}
+
+impl InFlight {
+    /// Sends one envelope, first waiting for acknowledgements while over either bound.
+    async fn send(
+        &mut self,
+        pubsub: &dyn PubSub,
+        topic: &str,
+        partition: u32,
+        envelope: &[u8],
+    ) -> Result<(), PubSubError> {
+        while self.deliveries.len() >= IN_FLIGHT_RECORDS_MAX
+            || (self.bytes >= IN_FLIGHT_BYTES_MAX && !self.deliveries.is_empty())
+        {
+            self.settle_one().await?;
+        }
+        let delivery = pubsub.send(topic, partition, &[], envelope).await?;
+        let len = envelope.len();
+        self.bytes += len;
+        self.deliveries
+            .push(Box::pin(async move { delivery.await.map(|_| len) }));
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<(), PubSubError> {
+        if let Some(result) = self.deliveries.next().await {
+            self.bytes -= result?;
+            self.acked += 1;
+        }
+        Ok(())
+    }
+
+    /// Waits for every acknowledgement; returns how many envelopes were acknowledged in all.
+    async fn drain(&mut self) -> Result<u64, PubSubError> {
+        while !self.deliveries.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(self.acked)
+    }
 }
 
 /// Polls the controller until the version is live, failed, or the timeout passes.

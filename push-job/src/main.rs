@@ -73,6 +73,12 @@ async fn main() -> anyhow::Result<()> {
                 "pushed {} records ({} bytes, {} partitions) to {} version {}: read and sorted {:.1?} ({} spills), produced {:.1?}, live after {:.1?}",
                 r.records, r.bytes, r.partitions, r.store, r.version, r.read_elapsed, r.sort_spills, r.produce_elapsed, r.live_elapsed
             );
+            if r.chunked_values > 0 {
+                println!(
+                    "{} values larger than one topic record were stored in chunks",
+                    r.chunked_values
+                );
+            }
             if r.compression != rialto_protocol::meta::Compression::None {
                 println!(
                     "values compressed with {}: {} bytes → {} bytes ({:.2}×), dictionary {} bytes trained in {:.1?}",

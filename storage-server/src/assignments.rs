@@ -306,6 +306,8 @@ mod tests {
             created_ms: 0,
             storage: StorageProfile::OnDisk,
             compression: Compression::None,
+            value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
+            max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
         };
         serde_json::to_vec(&r).unwrap()
     }

@@ -44,7 +44,7 @@ use crate::faults::Faults;
 use crate::metrics::{render_storage, RouteKind, ServerMetrics, VersionBytes};
 use crate::node::NodeContext;
 use crate::replica::ReplicaRegistry;
-use crate::store::ReplicaStore;
+use crate::store::{ReplicaStore, Served};
 use crate::Stop;
 
 /// Initial per-stream flow-control window advertised to clients.
@@ -385,16 +385,27 @@ async fn get(
         .keys_requested
         .fetch_add(1, Ordering::Relaxed);
     let value = match replica.get(&key) {
-        Ok(Some(v)) => Bytes::copy_from_slice(&v),
-        Ok(None) => {
-            service.metrics.keys_missing.fetch_add(1, Ordering::Relaxed);
-            return Err(Failure::new(ErrorCode::KeyNotFound, "key not found"));
-        }
+        Ok(Some(v)) => match replica.served(&key, &v) {
+            Served::Value(v) => Bytes::copy_from_slice(v),
+            Served::Assembled(v) => Bytes::from(v),
+            Served::Missing => return Err(not_found(service)),
+            Served::Corrupt(detail) => {
+                tracing::warn!(store, version, partition, %detail, "a stored value cannot be served");
+                return Err(Failure::new(ErrorCode::CorruptValue, detail));
+            }
+        },
+        Ok(None) => return Err(not_found(service)),
         Err(e) => return Err(Failure::new(ErrorCode::Internal, e.to_string())),
     };
     service.metrics.keys_found.fetch_add(1, Ordering::Relaxed);
     drop(replica);
     send_body(respond, "application/octet-stream", value).await
+}
+
+/// The answer to a single get of a missing key (counted).
+fn not_found(service: &ReadService) -> Failure {
+    service.metrics.keys_missing.fetch_add(1, Ordering::Relaxed);
+    Failure::new(ErrorCode::KeyNotFound, "key not found")
 }
 
 fn online(
@@ -599,12 +610,33 @@ fn write_frames(
     trailer: &mut BatchGetTrailer,
     metrics: &ServerMetrics,
 ) {
-    for (result, &index) in replica.multi_get_sorted(keys).into_iter().zip(indexes) {
+    for ((result, &index), key) in replica
+        .multi_get_sorted(keys)
+        .into_iter()
+        .zip(indexes)
+        .zip(keys)
+    {
         match result {
-            Ok(Some(value)) => {
-                BatchGetFrameWriter::record(buf, index, &value);
-                trailer.found += 1;
-            }
+            Ok(Some(value)) => match replica.served(key, &value) {
+                Served::Value(v) => {
+                    BatchGetFrameWriter::record(buf, index, v);
+                    trailer.found += 1;
+                }
+                Served::Assembled(v) => {
+                    BatchGetFrameWriter::record(buf, index, &v);
+                    trailer.found += 1;
+                }
+                Served::Missing => {
+                    BatchGetFrameWriter::missing(buf, index);
+                    trailer.missing += 1;
+                }
+                Served::Corrupt(detail) => {
+                    tracing::warn!(%detail, "a stored value cannot be served");
+                    BatchGetFrameWriter::key_error(buf, index, ErrorCode::CorruptValue);
+                    metrics.count_error(ErrorCode::CorruptValue);
+                    trailer.errors += 1;
+                }
+            },
             Ok(None) => {
                 BatchGetFrameWriter::missing(buf, index);
                 trailer.missing += 1;

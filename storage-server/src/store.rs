@@ -49,6 +49,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rialto_protocol::meta::{Compression, StorageProfile};
+use rialto_protocol::stored::{
+    assemble, chunk_key, ChunkManifest, CHUNK_SCHEMA_ID, MANIFEST_SCHEMA_ID, RESERVED_SCHEMA_IDS,
+};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBPinnableSlice, IngestExternalFileOptions,
     KeyEncodingType, Options, PlainTableFactoryOptions, SliceTransform, SstFileWriter, WriteBatch,
@@ -57,6 +60,19 @@ use rocksdb::{
 
 use crate::error::ServerError;
 use crate::validator::Checkpoint;
+
+/// What a read answers for a stored value (see [`ReplicaStore::served`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served<'v> {
+    /// The stored value, as stored.
+    Value(&'v [u8]),
+    /// A chunked value, reassembled.
+    Assembled(Vec<u8>),
+    /// Not a value (a chunk's own key).
+    Missing,
+    /// The value cannot be served: a chunk is missing or does not fit its manifest.
+    Corrupt(String),
+}
 
 /// Column family holding the replica's checkpoint.
 pub const META_CF: &str = "meta";
@@ -788,6 +804,48 @@ impl ReplicaStore {
             .into_iter()
             .map(|r| r.map_err(|e| storage(&self.path, e)))
             .collect()
+    }
+
+    /// What a read of `key` answers, given its stored value: the value itself, or for a
+    /// chunked value's manifest the whole value reassembled from its chunks; a chunk's own key
+    /// reads as missing (see `rialto_protocol::stored`). Costs one comparison for values that
+    /// are not chunked.
+    pub fn served<'v>(&self, key: &[u8], stored: &'v [u8]) -> Served<'v> {
+        let schema_id = match stored.first_chunk::<4>() {
+            Some(id) => u32::from_be_bytes(*id),
+            None => return Served::Value(stored),
+        };
+        if schema_id < RESERVED_SCHEMA_IDS {
+            return Served::Value(stored);
+        }
+        match schema_id {
+            MANIFEST_SCHEMA_ID => self.assemble(key, &stored[4..]),
+            CHUNK_SCHEMA_ID => Served::Missing,
+            other => Served::Corrupt(format!("value stored with reserved schema id {other}")),
+        }
+    }
+
+    fn assemble<'v>(&self, key: &[u8], manifest: &[u8]) -> Served<'v> {
+        let manifest = match ChunkManifest::decode(manifest) {
+            Ok(m) => m,
+            Err(e) => return Served::Corrupt(format!("unreadable chunk manifest: {e}")),
+        };
+        let chunk_keys: Vec<Vec<u8>> = (0..manifest.chunk_count)
+            .map(|i| chunk_key(key, i))
+            .collect();
+        let refs: Vec<&[u8]> = chunk_keys.iter().map(Vec::as_slice).collect();
+        let chunks = self.multi_get_sorted(&refs);
+        let mut pieces = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            match chunk {
+                Ok(c) => pieces.push(c.as_deref()),
+                Err(e) => return Served::Corrupt(e.to_string()),
+            }
+        }
+        match assemble(&manifest, pieces) {
+            Ok(whole) => Served::Assembled(whole),
+            Err(e) => Served::Corrupt(e),
+        }
     }
 
     /// The last checkpoint written, `None` for a fresh replica.

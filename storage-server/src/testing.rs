@@ -581,6 +581,8 @@ pub fn version_record(
         created_ms: rialto_protocol::meta::now_ms(),
         storage: rialto_protocol::meta::StorageProfile::OnDisk,
         compression: rialto_protocol::meta::Compression::None,
+        value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
+        max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
     }
 }
 

@@ -454,6 +454,7 @@ impl Cluster {
                 replication_factor,
                 storage,
                 compression,
+                max_value_bytes: None,
             })
             .await?;
         Ok(())
@@ -500,7 +501,7 @@ impl Cluster {
             envelopes.extend(
                 partition
                     .iter()
-                    .map(|(k, v)| w.put(k.clone(), 1, v.clone())),
+                    .map(|(k, v)| w.put(k.clone(), 1, stored_body(&start, v))),
             );
             envelopes.push(w.control(ControlMessage::EndOfPush));
             envelopes.push(w.end_segment());
@@ -897,6 +898,28 @@ pub fn write_json_dataset(
     }
     w.flush()?;
     Ok(())
+}
+
+/// The body of a PUT of `datum` (schema id 1, uncompressed) in the version `start` allocated,
+/// laid out as the push job lays it out: with its checksum in a checksummed version.
+pub fn stored_body(start: &rialto_protocol::admin::StartPushResponse, datum: &[u8]) -> Vec<u8> {
+    match start.value_format {
+        rialto_protocol::meta::ValueFormat::SchemaIdPrefixed => datum.to_vec(),
+        rialto_protocol::meta::ValueFormat::Checksummed => {
+            let mut body = rialto_protocol::stored::value_checksum(1, datum)
+                .to_be_bytes()
+                .to_vec();
+            body.extend_from_slice(datum);
+            body
+        }
+    }
+}
+
+/// A value as JSON, through Rialto's exact printer, for assertions.
+pub fn json_of(value_schema: &str, value: &rialto_protocol::avro::Value) -> serde_json::Value {
+    rialto_protocol::avro::AvroCodec::parse(value_schema)
+        .expect("a valid schema")
+        .to_serde_json(value)
 }
 
 /// The key of record `i` in generated datasets.

@@ -11,7 +11,7 @@ use anyhow::{ensure, Result};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use rialto_fast_client::{BatchEvent, Client, Completeness, LongTailRetry};
-use rialto_protocol::avro::{to_json, Value};
+use rialto_protocol::avro::Value;
 use rialto_tests::{key_of, write_json_dataset, Cluster, ClusterOptions};
 
 const KEYS: usize = 10_000;
@@ -75,7 +75,7 @@ async fn stream_all(client: &Client, keys: &[Value]) -> Result<Completeness> {
 
 fn codec_value(bytes: &[u8]) -> Result<serde_json::Value> {
     let codec = rialto_protocol::avro::AvroCodec::parse(r#""string""#)?;
-    Ok(to_json(&codec.decode(bytes, "value")?))
+    Ok(codec.to_serde_json(&codec.decode(bytes, "value")?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

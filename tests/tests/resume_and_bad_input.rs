@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use rialto_protocol::admin::StartPushRequest;
-use rialto_protocol::avro::{to_json, AvroCodec, Value};
+use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::envelope::{CompressionCodec, ControlMessage, Envelope};
 use rialto_protocol::meta::{Layout, ReplicaRecord, ReplicaState, VersionStatus, DEFAULT_ROOT};
 use rialto_protocol::partitioner::partition_for_key;
@@ -124,7 +124,7 @@ async fn restart_mid_bootstrap_resumes_from_checkpoint() -> Result<()> {
         envelopes.extend(
             first_half[p]
                 .iter()
-                .map(|(k, v)| w.put(k.clone(), 1, v.clone())),
+                .map(|(k, v)| w.put(k.clone(), 1, rialto_tests::stored_body(&start, v))),
         );
         send_all(&cluster, &start.topic, p as u32, envelopes).await?;
     }
@@ -153,7 +153,7 @@ async fn restart_mid_bootstrap_resumes_from_checkpoint() -> Result<()> {
     for (p, w) in writers.iter_mut().enumerate() {
         let mut envelopes: Vec<Envelope> = second_half[p]
             .iter()
-            .map(|(k, v)| w.put(k.clone(), 1, v.clone()))
+            .map(|(k, v)| w.put(k.clone(), 1, rialto_tests::stored_body(&start, v)))
             .collect();
         envelopes.push(w.control(ControlMessage::EndOfPush));
         envelopes.push(w.end_segment());
@@ -192,7 +192,7 @@ async fn restart_mid_bootstrap_resumes_from_checkpoint() -> Result<()> {
         let v = v
             .as_ref()
             .with_context(|| format!("{} missing after resume", key_of(i)))?;
-        assert_eq!(to_json(v)["n"], i as i64);
+        assert_eq!(rialto_tests::json_of(VALUE_SCHEMA, v)["n"], i as i64);
     }
     cluster.shutdown().await
 }
@@ -265,7 +265,11 @@ async fn a_server_process_killed_mid_push_resumes_and_loses_nothing() -> Result<
                     dictionary: vec![],
                 }),
             ];
-            envelopes.extend(records.iter().map(|(k, v)| w.put(k.clone(), 1, v.clone())));
+            envelopes.extend(
+                records
+                    .iter()
+                    .map(|(k, v)| w.put(k.clone(), 1, rialto_tests::stored_body(&start, v))),
+            );
             send_all(&cluster, &start.topic, p as u32, envelopes).await?;
         }
         pushes.push((store, start, writers));
@@ -300,7 +304,7 @@ async fn a_server_process_killed_mid_push_resumes_and_loses_nothing() -> Result<
             let w = &mut writers[p];
             let mut envelopes: Vec<Envelope> = records
                 .iter()
-                .map(|(k, v)| w.put(k.clone(), 1, v.clone()))
+                .map(|(k, v)| w.put(k.clone(), 1, rialto_tests::stored_body(start, v)))
                 .collect();
             envelopes.push(w.control(ControlMessage::EndOfPush));
             envelopes.push(w.end_segment());
@@ -360,7 +364,12 @@ async fn a_server_process_killed_mid_push_resumes_and_loses_nothing() -> Result<
             let v = v
                 .as_ref()
                 .with_context(|| format!("{store}: {} missing after the crash", key_of(i)))?;
-            assert_eq!(to_json(v)["n"], i as i64, "{store}: {}", key_of(i));
+            assert_eq!(
+                rialto_tests::json_of(VALUE_SCHEMA, v)["n"],
+                i as i64,
+                "{store}: {}",
+                key_of(i)
+            );
         }
     }
     restarted.kill()?;
@@ -421,7 +430,11 @@ async fn bad_input_gets_clear_errors_and_never_changes_served_data() -> Result<(
             let v = v
                 .as_ref()
                 .with_context(|| format!("{} missing", key_of(i)))?;
-            anyhow::ensure!(to_json(v)["n"] == i as i64, "{} changed", key_of(i));
+            anyhow::ensure!(
+                rialto_tests::json_of(VALUE_SCHEMA, v)["n"] == i as i64,
+                "{} changed",
+                key_of(i)
+            );
         }
         Ok::<_, anyhow::Error>(())
     };
@@ -539,7 +552,7 @@ async fn bad_input_gets_clear_errors_and_never_changes_served_data() -> Result<(
         envelopes.extend(
             records[p as usize]
                 .iter()
-                .map(|(k, v)| w.put(k.clone(), 1, v.clone())),
+                .map(|(k, v)| w.put(k.clone(), 1, rialto_tests::stored_body(&start, v))),
         );
         envelopes.push(w.control(ControlMessage::EndOfPush));
         envelopes.push(w.end_segment());

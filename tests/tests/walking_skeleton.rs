@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use rialto_protocol::avro::{to_json, Value};
+use rialto_protocol::avro::Value;
 use rialto_protocol::meta::{version_topic, Layout, ReplicaRecord, ReplicaState, DEFAULT_ROOT};
 use rialto_tests::{key_of, wait_until, write_json_dataset, Cluster};
 
@@ -25,7 +25,10 @@ fn value_json(i: usize, generation: &str) -> serde_json::Value {
 }
 
 fn name_of(v: &Value) -> String {
-    to_json(v)["name"].as_str().unwrap_or_default().to_string()
+    rialto_tests::json_of(VALUE_SCHEMA, v)["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -57,7 +60,12 @@ async fn push_read_swap_retire_restart() -> Result<()> {
             let v = v
                 .as_ref()
                 .unwrap_or_else(|| panic!("key {} missing", key_of(i)));
-            assert_eq!(to_json(v), value_json(i, "v1"), "value of {}", key_of(i));
+            assert_eq!(
+                rialto_tests::json_of(VALUE_SCHEMA, v),
+                value_json(i, "v1"),
+                "value of {}",
+                key_of(i)
+            );
         }
     }
     for i in [0, 1, 4_242, RECORDS - 1] {

@@ -65,6 +65,10 @@ enum StoresCommand {
         /// client; `zstd-dictionary` trains a dictionary per version.
         #[arg(long, value_enum, default_value_t = CompressionArg::None)]
         compression: CompressionArg,
+        /// Largest serialized value (Avro datum, before compression) a push may write, in bytes
+        /// (default 16 MiB, at most 64 MiB). Values over 768 KiB are stored in chunks.
+        #[arg(long)]
+        max_value_bytes: Option<u64>,
     },
 }
 
@@ -130,6 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             owner,
             storage,
             compression,
+            max_value_bytes,
         }) => {
             let req = CreateStoreRequest {
                 name,
@@ -147,6 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     CompressionArg::Zstd => Compression::Zstd,
                     CompressionArg::ZstdDictionary => Compression::ZstdDictionary,
                 },
+                max_value_bytes,
             };
             let s = client.create_store(&req).await?;
             print(args.json, &s, |s| {
