@@ -14,7 +14,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
 . scripts/env.sh
 bash scripts/provision.sh
-cargo build --workspace --all-targets -q
+cargo build --workspace --all-targets --profile test -q
 bin="$CARGO_TARGET_DIR/debug"
 
 KEYS="${KEYS:-200000}"

@@ -10,9 +10,10 @@ cd "$here/.."
 bash scripts/provision.sh
 bash scripts/prune-cache.sh
 echo "demo: building binaries (target dir $CARGO_TARGET_DIR)"
-# The same package and target selection as scripts/test.sh: a different selection unifies
-# features differently and would rebuild RocksDB and librdkafka from scratch.
-cargo build --workspace --all-targets -q
+# The same package and target selection and profile as scripts/test.sh (and `cargo test`): a
+# different selection unifies features differently, and another profile name builds every
+# dependency again; either would rebuild RocksDB and librdkafka from scratch.
+cargo build --workspace --all-targets --profile test -q
 bin="$CARGO_TARGET_DIR/debug"
 
 RECORDS="${RIALTO_DEMO_RECORDS:-20000}"

@@ -8,5 +8,5 @@ cd "$here/.."
 bash scripts/provision.sh
 bash scripts/prune-cache.sh
 echo "test: building (target dir $CARGO_TARGET_DIR)"
-cargo build --workspace --all-targets
+cargo build --workspace --all-targets --profile test
 cargo test --workspace --no-fail-fast -- --test-threads=2
