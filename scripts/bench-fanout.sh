@@ -9,7 +9,8 @@
 #   5. the same with long-tail retry off
 # SUB_KEYS="5000 2500 1250" instead runs batch and streaming gets with each of these
 # sub-request sizes (the client's sub_request_keys_max; default 2500), to compare them;
-# RECEIVE_POOL="0 67108864" likewise compares the client's receive_pool_bytes.
+# RECEIVE_POOL="0 67108864" likewise compares the client's receive_pool_bytes; CHECKSUMS=1
+# compares batch-gets with the client verifying every value's checksum (the default) and without.
 # REPEAT rounds (default 3) of the runs; results go to $OUT (JSON per run) and a table of
 # medians on stdout. Everything started is stopped by PID at exit. Bounded: each run lasts
 # DURATION at RATE. STORAGE=on-disk|in-memory picks the store's profile (default on-disk).
@@ -72,6 +73,12 @@ elif [ -n "${RECEIVE_POOL:-}" ]; then
   ab_name=pool; ab_flag=--receive-pool-bytes; ab_values=$RECEIVE_POOL
 fi
 for round in $(seq 1 "$REPEAT"); do
+  if [ -n "${CHECKSUMS:-}" ]; then
+    names=(batch-checksums-verified batch-checksums-not-verified)
+    run "batch-checksums-verified-$round" --mode batch
+    run "batch-checksums-not-verified-$round" --mode batch --no-verify-checksums
+    continue
+  fi
   if [ -n "$ab_flag" ]; then
     for n in $ab_values; do
       run "batch-$ab_name-$n-$round" --mode batch "$ab_flag" "$n"

@@ -419,6 +419,19 @@ mod tests {
     use rialto_protocol::avro::Value;
     use std::io::Write;
 
+    /// `read_dataset` with the default shape and sort.
+    fn read(
+        path: &Path,
+        format: InputFormat,
+        k: &AvroCodec,
+        v: &AvroCodec,
+        partitions: u32,
+        limits: RecordLimits,
+    ) -> Result<PartitionedDataset, PushError> {
+        let (shape, sort) = (InputShape::default(), SortConfig::default());
+        read_dataset(path, format, &shape, k, v, partitions, &sort, limits)
+    }
+
     const VALUE: &str = r#"{"type":"record","name":"V","fields":[{"name":"n","type":"long"}]}"#;
 
     fn codecs() -> (AvroCodec, AvroCodec) {
@@ -441,14 +454,12 @@ mod tests {
     fn json_input_is_partitioned_sorted_and_deduplicated() {
         let (k, v) = codecs();
         let f = write("{\"key\":\"b\",\"value\":{\"n\":2}}\n\n{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"a\",\"value\":{\"n\":1}}\n");
-        let d = read_dataset(
+        let d = read(
             f.path(),
             InputFormat::Json,
-            &InputShape::default(),
             &k,
             &v,
             1,
-            &SortConfig::default(),
             RecordLimits::default(),
         )
         .unwrap();
@@ -470,14 +481,12 @@ mod tests {
     fn conflicting_duplicates_fail_with_both_record_numbers() {
         let (k, v) = codecs();
         let f = write("{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"a\",\"value\":{\"n\":2}}\n");
-        let err = read_dataset(
+        let err = read(
             f.path(),
             InputFormat::Json,
-            &InputShape::default(),
             &k,
             &v,
             4,
-            &SortConfig::default(),
             RecordLimits::default(),
         )
         .unwrap_err();
@@ -494,14 +503,12 @@ mod tests {
         let f = write(
             "{\"key\":\"a\",\"value\":{\"n\":1}}\n{\"key\":\"b\",\"value\":{\"n\":\"two\"}}\n",
         );
-        let err = read_dataset(
+        let err = read(
             f.path(),
             InputFormat::Json,
-            &InputShape::default(),
             &k,
             &v,
             4,
-            &SortConfig::default(),
             RecordLimits::default(),
         )
         .unwrap_err();
@@ -532,14 +539,12 @@ mod tests {
         let bytes = w.into_inner().unwrap();
         let mut f = tempfile::Builder::new().suffix(".avro").tempfile().unwrap();
         f.write_all(&bytes).unwrap();
-        let d = read_dataset(
+        let d = read(
             f.path(),
             InputFormat::Avro,
-            &InputShape::default(),
             &k,
             &v,
             3,
-            &SortConfig::default(),
             RecordLimits::default(),
         )
         .unwrap();
@@ -557,16 +562,7 @@ mod tests {
         let k = AvroCodec::parse(r#""string""#).unwrap();
         let v = AvroCodec::parse(value_schema).unwrap();
         let f = write(lines);
-        let d = read_dataset(
-            f.path(),
-            InputFormat::Json,
-            &InputShape::default(),
-            &k,
-            &v,
-            1,
-            &SortConfig::default(),
-            limits,
-        )?;
+        let d = read(f.path(), InputFormat::Json, &k, &v, 1, limits)?;
         Ok(d.partitions
             .into_iter()
             .next()
@@ -668,14 +664,12 @@ mod tests {
         f.write_all(&container(&row_schema, &[row])).unwrap();
         let k = AvroCodec::parse(r#""string""#).unwrap();
         let v = AvroCodec::parse(value_schema).unwrap();
-        let d = read_dataset(
+        let d = read(
             f.path(),
             InputFormat::Avro,
-            &InputShape::default(),
             &k,
             &v,
             1,
-            &SortConfig::default(),
             RecordLimits::default(),
         )
         .unwrap();
