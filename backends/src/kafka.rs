@@ -123,22 +123,20 @@ impl KafkaPubSub {
         Ok(created)
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Creates `topic`, keeping records at least `retention` if given; an existing topic must
+    /// have `partitions` partitions (and, where the broker says, that retention).
+    async fn create(
         &self,
-        f: impl FnOnce(&BaseConsumer) -> Result<T, PubSubError> + Send + 'static,
-    ) -> Result<T, PubSubError> {
-        let consumer = self.metadata.clone();
-        tokio::task::spawn_blocking(move || f(&consumer))
-            .await
-            .map_err(|e| failed("metadata task", e))?
-    }
-}
-
-#[async_trait]
-impl PubSub for KafkaPubSub {
-    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), PubSubError> {
+        topic: &str,
+        partitions: u32,
+        retention: Option<Duration>,
+    ) -> Result<(), PubSubError> {
         let context = format!("create topic {topic}");
-        let new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+        let retention_ms = retention.map(|r| r.as_millis().to_string());
+        let mut new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+        if let Some(ms) = &retention_ms {
+            new_topic = new_topic.set("retention.ms", ms);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
         let results = self
             .admin
@@ -158,11 +156,114 @@ impl PubSub for KafkaPubSub {
                             ),
                         ));
                     }
+                    if let Some(retention) = retention {
+                        self.check_retention(topic, retention).await?;
+                    }
                 }
                 Err((_, code)) => return Err(failed(&context, code)),
             }
         }
         Ok(())
+    }
+
+    /// Fails when `topic` keeps records for less than `retention`; a broker that does not say
+    /// is trusted (logged).
+    async fn check_retention(&self, topic: &str, retention: Duration) -> Result<(), PubSubError> {
+        use rdkafka::admin::ResourceSpecifier;
+        let context = format!("retention of topic {topic}");
+        let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+        let described = match self
+            .admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "the broker does not tell the topic's retention; trusting it");
+                return Ok(());
+            }
+        };
+        for resource in described.into_iter().flatten() {
+            let Some(entry) = resource.get("retention.ms") else {
+                continue;
+            };
+            let Some(ms) = entry.value.as_deref().and_then(|v| v.parse::<i64>().ok()) else {
+                continue;
+            };
+            // -1: kept forever.
+            if ms >= 0 && (ms as u128) < retention.as_millis() {
+                return Err(failed(
+                    &context,
+                    format!(
+                        "the topic keeps records {} s, less than the {} s needed; raise its \
+                         retention.ms (kafka-configs --alter --add-config retention.ms={})",
+                        ms / 1000,
+                        retention.as_secs(),
+                        retention.as_millis()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&BaseConsumer) -> Result<T, PubSubError> + Send + 'static,
+    ) -> Result<T, PubSubError> {
+        let consumer = self.metadata.clone();
+        tokio::task::spawn_blocking(move || f(&consumer))
+            .await
+            .map_err(|e| failed("metadata task", e))?
+    }
+}
+
+#[async_trait]
+impl PubSub for KafkaPubSub {
+    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), PubSubError> {
+        self.create(topic, partitions, None).await
+    }
+
+    async fn create_retained_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+        retention: Duration,
+    ) -> Result<(), PubSubError> {
+        self.create(topic, partitions, Some(retention)).await
+    }
+
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<Option<i64>, PubSubError> {
+        let topic = topic.to_string();
+        self.blocking(move |c| {
+            let context = format!("offset of {topic}/{partition} at {timestamp_ms} ms");
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(timestamp_ms))
+                .map_err(|e| failed(&context, e))?;
+            let found = c
+                .offsets_for_times(tpl, ADMIN_TIMEOUT)
+                .map_err(|e| classify(&context, e))?;
+            let offset = found
+                .find_partition(&topic, partition as i32)
+                .map(|p| p.offset());
+            match offset {
+                Some(Offset::Offset(o)) if o >= 0 => Ok(Some(o)),
+                // No record that recent: the replay starts at the end.
+                Some(Offset::End) => {
+                    let (_, high) = c
+                        .fetch_watermarks(&topic, partition as i32, ADMIN_TIMEOUT)
+                        .map_err(|e| classify(&context, e))?;
+                    Ok(Some(high))
+                }
+                _ => Ok(None),
+            }
+        })
+        .await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<(), PubSubError> {

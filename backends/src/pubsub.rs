@@ -44,6 +44,28 @@ pub type Delivery = Pin<Box<dyn Future<Output = Result<i64, PubSubError>> + Send
 pub trait PubSub: Send + Sync + 'static {
     /// Creates a topic; succeeds if it already exists with the same partition count.
     async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), PubSubError>;
+    /// Creates a topic whose records are kept at least `retention`; succeeds if it already
+    /// exists with the same partition count and, where the broker says, at least that retention.
+    async fn create_retained_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+        retention: Duration,
+    ) -> Result<(), PubSubError> {
+        let _ = retention;
+        self.create_topic(topic, partitions).await
+    }
+    /// The offset of the first record of a partition written at or after `timestamp_ms`, the
+    /// partition's end when no record is that recent; `None` when the broker cannot tell.
+    async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<Option<i64>, PubSubError> {
+        let _ = (topic, partition, timestamp_ms);
+        Ok(None)
+    }
     /// Deletes a topic; succeeds if it does not exist.
     async fn delete_topic(&self, topic: &str) -> Result<(), PubSubError>;
     /// Partition count of a topic, `None` if it does not exist.

@@ -6,6 +6,7 @@
 //! | `POST /v1/stores` | [`CreateStoreRequest`] | 201 [`StoreRecord`] |
 //! | `GET /v1/stores` | – | 200 `[StoreRecord]` |
 //! | `GET /v1/stores/{store}` | – | 200 [`StoreDescription`] |
+//! | `PATCH /v1/stores/{store}` | [`UpdateStoreRequest`] | 200 [`StoreRecord`] |
 //! | `POST /v1/stores/{store}/versions` | [`StartPushRequest`] | 201 [`StartPushResponse`] |
 //! | `GET /v1/stores/{store}/versions/{version}` | – | 200 [`VersionDescription`] |
 //! | `POST /v1/stores/{store}/versions/{version}/written` | – | 200 [`VersionDescription`] |
@@ -18,7 +19,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{
-    Compression, NodeRecord, ReplicaState, StorageProfile, StoreRecord, ValueFormat, VersionRecord,
+    Compression, HybridConfig, NodeRecord, ReplicaState, StorageProfile, StoreRecord, ValueFormat,
+    VersionRecord,
 };
 
 /// Body of `POST /v1/stores`.
@@ -42,6 +44,17 @@ pub struct CreateStoreRequest {
     /// [`VALUE_BYTES_LIMIT`](crate::stored::VALUE_BYTES_LIMIT)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_value_bytes: Option<u64>,
+    /// Makes the store hybrid: real-time writes merged into every version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid: Option<HybridConfig>,
+}
+
+/// Body of `PATCH /v1/stores/{store}`: what to change (absent fields stay as they are).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStoreRequest {
+    /// Makes the store hybrid, or changes its hybrid settings; new versions take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid: Option<HybridConfig>,
 }
 
 /// Body of `POST /v1/stores/{store}/versions`.
@@ -94,6 +107,15 @@ pub struct ReplicaView {
     /// Bytes of the replica resident in memory (reported when it went ONLINE).
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Of a hybrid version: real-time records not yet applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// Of a hybrid version: whether this replica leads its partition.
+    #[serde(default)]
+    pub leader: bool,
+    /// Of a hybrid version: whether this replica still follows real-time writes.
+    #[serde(default)]
+    pub following: bool,
 }
 
 /// A version with its replicas.
@@ -110,6 +132,9 @@ pub struct VersionDescription {
 pub struct StoreDescription {
     pub store: StoreRecord,
     pub versions: Vec<VersionDescription>,
+    /// Kafka bootstrap servers writers produce to (the real-time topic of a hybrid store).
+    #[serde(default)]
+    pub kafka_bootstrap: String,
 }
 
 /// Error body of every failed admin call.

@@ -5,11 +5,13 @@
 //! ```text
 //! magic        u8   = 0xA7
 //! format       u8   = 1
-//! kind         u8   0 = PUT, 1 = DELETE, 2 = CONTROL
+//! kind         u8   0 = PUT, 1 = DELETE, 2 = CONTROL, 3 = copied PUT, 4 = copied DELETE
 //! producer     [u8; 16]   producer GUID, one per writer
 //! segment      u32        segment number of this producer on this partition
 //! sequence     u32        sequence number inside the segment, START_OF_SEGMENT is 0
 //! timestamp_ms i64        logical timestamp set by the producer
+//! (copied)     u64, i64   kinds 3 and 4 only: the copying leader's epoch and the record's
+//!                         offset in the real-time topic (see [`Upstream`])
 //! payload      ...        PUT:     key_len u32, key, schema_id u32, value_len u32, value
 //!                         DELETE:  key_len u32, key
 //!                         CONTROL: control_type u8, body (see [`ControlMessage`])
@@ -152,11 +154,23 @@ pub enum Message {
     Control(ControlMessage),
 }
 
+/// Where a record copied from the real-time topic into a version topic came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    /// The copying leader's epoch (the revision of its leadership in etcd): a replica applies
+    /// nothing from a leader older than the newest it has seen.
+    pub epoch: u64,
+    /// The record's offset in the real-time topic partition.
+    pub offset: i64,
+}
+
 /// A decoded envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     pub producer: ProducerMetadata,
     pub message: Message,
+    /// Set on PUT and DELETE records a partition leader copied from the real-time topic.
+    pub upstream: Option<Upstream>,
 }
 
 impl Envelope {
@@ -165,15 +179,23 @@ impl Envelope {
         let start = out.len();
         out.push(ENVELOPE_MAGIC);
         out.push(ENVELOPE_FORMAT);
-        out.push(match self.message {
-            Message::Put { .. } => 0,
-            Message::Delete { .. } => 1,
-            Message::Control(_) => 2,
+        out.push(match (&self.message, self.upstream) {
+            (Message::Put { .. }, None) => 0,
+            (Message::Delete { .. }, None) => 1,
+            (Message::Control(_), _) => 2,
+            (Message::Put { .. }, Some(_)) => 3,
+            (Message::Delete { .. }, Some(_)) => 4,
         });
         out.extend_from_slice(&self.producer.producer_guid);
         out.extend_from_slice(&self.producer.segment.to_be_bytes());
         out.extend_from_slice(&self.producer.sequence.to_be_bytes());
         out.extend_from_slice(&self.producer.timestamp_ms.to_be_bytes());
+        if let (Some(upstream), Message::Put { .. } | Message::Delete { .. }) =
+            (self.upstream, &self.message)
+        {
+            out.extend_from_slice(&upstream.epoch.to_be_bytes());
+            out.extend_from_slice(&upstream.offset.to_be_bytes());
+        }
         match &self.message {
             Message::Put {
                 key,
@@ -265,8 +287,15 @@ impl Envelope {
             sequence: r.u32()?,
             timestamp_ms: r.u64()? as i64,
         };
+        let upstream = match kind {
+            3 | 4 => Some(Upstream {
+                epoch: r.u64()?,
+                offset: r.u64()? as i64,
+            }),
+            _ => None,
+        };
         let message = match kind {
-            0 => {
+            0 | 3 => {
                 let key = r.bytes("key", KEY_BYTES_MAX)?.to_vec();
                 let schema_id = r.u32()?;
                 let value = r.bytes("value", VALUE_BYTES_MAX)?.to_vec();
@@ -276,7 +305,7 @@ impl Envelope {
                     value,
                 }
             }
-            1 => Message::Delete {
+            1 | 4 => Message::Delete {
                 key: r.bytes("key", KEY_BYTES_MAX)?.to_vec(),
             },
             2 => Message::Control(match r.u8()? {
@@ -314,7 +343,11 @@ impl Envelope {
         if r.remaining() != 0 {
             return Err(EnvelopeError::TrailingBytes(r.remaining()));
         }
-        Ok(Envelope { producer, message })
+        Ok(Envelope {
+            producer,
+            message,
+            upstream,
+        })
     }
 }
 
@@ -446,12 +479,14 @@ mod tests {
                     schema_id: 1,
                     value: vec![1, 2, 3],
                 },
+                upstream: None,
             },
             Envelope {
                 producer: producer(2),
                 message: Message::Delete {
                     key: b"gone".to_vec(),
                 },
+                upstream: None,
             },
             Envelope {
                 producer: producer(0),
@@ -460,14 +495,17 @@ mod tests {
                     codec: CompressionCodec::ZstdWithDictionary,
                     dictionary: vec![9; 100],
                 }),
+                upstream: None,
             },
             Envelope {
                 producer: producer(5),
                 message: Message::Control(ControlMessage::EndOfPush),
+                upstream: None,
             },
             Envelope {
                 producer: producer(0),
                 message: Message::Control(ControlMessage::StartOfSegment),
+                upstream: None,
             },
             Envelope {
                 producer: producer(9),
@@ -475,11 +513,35 @@ mod tests {
                     checksum: 0xdeadbeef,
                     record_count: 8,
                 }),
+                upstream: None,
             },
             Envelope {
                 producer: producer(1),
                 message: Message::Control(ControlMessage::StartOfBufferReplay {
                     rt_offsets: vec![1, -1, 220],
+                }),
+                upstream: None,
+            },
+            Envelope {
+                producer: producer(3),
+                message: Message::Put {
+                    key: b"copied".to_vec(),
+                    schema_id: 2,
+                    value: vec![4, 5],
+                },
+                upstream: Some(Upstream {
+                    epoch: 77,
+                    offset: 1 << 40,
+                }),
+            },
+            Envelope {
+                producer: producer(4),
+                message: Message::Delete {
+                    key: b"copied".to_vec(),
+                },
+                upstream: Some(Upstream {
+                    epoch: 78,
+                    offset: 0,
                 }),
             },
         ]

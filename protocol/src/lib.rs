@@ -1,7 +1,8 @@
 //! Everything that crosses a Rialto process boundary, and nothing else.
 //!
 //! * [`partitioner`]: which partition a key belongs to (push job, server and client agree).
-//! * [`envelope`]: the value of every record on a version topic, with producer metadata.
+//! * [`envelope`]: the value of every record on a version topic, with producer metadata;
+//!   [`producer`] numbers and checksums one writer's envelopes on one partition.
 //! * [`wire`]: the binary framing of get and batch-get over HTTP/2.
 //! * [`meta`]: the etcd key layout and the JSON metadata records stored under it.
 //! * [`error`]: stable error codes that cross the wire, and whether a client may retry.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod json;
 pub mod meta;
 pub mod partitioner;
+pub mod producer;
 pub mod recycle;
 pub mod stored;
 pub mod wire;

@@ -8,6 +8,8 @@
 //! {root}/replicas/{store}/{version:010}/{partition:05}/{node_id}
 //!                                                    ReplicaRecord    written by the hosting server, under its lease
 //! {root}/controller/leader                           controller id    under the leader's lease
+//! {root}/partition-leaders/{store}/{version:010}/{partition:05}
+//!                                                    node id          a hybrid version's partition leader, under its lease
 //! ```
 //!
 //! Version numbers and partitions are zero-padded so that etcd's lexical order is numeric order.
@@ -78,6 +80,16 @@ impl Layout {
     }
     pub fn leader(&self) -> String {
         format!("{}/controller/leader", self.root)
+    }
+    /// The partition leader of a hybrid version: a server's node id, under its lease.
+    pub fn version_leaders_prefix(&self, store: &str, version: u32) -> String {
+        format!("{}/partition-leaders/{store}/{version:010}/", self.root)
+    }
+    pub fn partition_leader(&self, store: &str, version: u32, partition: u32) -> String {
+        format!(
+            "{}/partition-leaders/{store}/{version:010}/{partition:05}",
+            self.root
+        )
     }
 
     /// Parses a replica key back into (store, version, partition, node_id).
@@ -178,6 +190,43 @@ pub enum ValueFormat {
     Checksummed,
 }
 
+/// What makes a store *hybrid*: real-time writes (topic `<store>_rt`) merged into every version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HybridConfig {
+    /// How far back in the real-time topic a new version's replay starts: real-time writes
+    /// this recent are applied again on top of the batch snapshot.
+    pub rewind_seconds: u64,
+    /// A replica of a hybrid version reports ONLINE only once it is at most this many real-time
+    /// records behind the real-time topic.
+    pub lag_records_max: u64,
+}
+
+/// Longest rewind a hybrid store may ask for (the real-time topic keeps at least twice this).
+pub const REWIND_SECONDS_MAX: u64 = 30 * 24 * 3600;
+
+impl HybridConfig {
+    /// Refuses settings out of range, saying which.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rewind_seconds > REWIND_SECONDS_MAX {
+            return Err(format!(
+                "hybrid rewind of {} s is over the limit of {REWIND_SECONDS_MAX} s (30 days)",
+                self.rewind_seconds
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long the real-time topic keeps records: the rewind window and a day of margin, at
+    /// least two rewind windows (a push may take long), at least a week.
+    pub fn retention(&self) -> std::time::Duration {
+        let rewind = self.rewind_seconds;
+        let seconds = (rewind.saturating_mul(2))
+            .max(rewind.saturating_add(24 * 3600))
+            .max(7 * 24 * 3600);
+        std::time::Duration::from_secs(seconds)
+    }
+}
+
 /// Default largest serialized value (Avro datum before compression) a store accepts.
 pub const DEFAULT_MAX_VALUE_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -210,6 +259,9 @@ pub struct StoreRecord {
     /// are refused before a version is allocated. Values over one topic record are chunked.
     #[serde(default = "default_max_value_bytes")]
     pub max_value_bytes: u64,
+    /// Real-time writes merged into new versions; `None` for a batch-only store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid: Option<HybridConfig>,
     pub created_ms: i64,
     /// The version reads go to; `None` until the first push goes live.
     pub current_version: Option<u32>,
@@ -267,6 +319,10 @@ pub struct VersionRecord {
     /// decompressed value.
     #[serde(default = "default_max_value_bytes")]
     pub max_value_bytes: u64,
+    /// The store's hybrid configuration when the version was created: a hybrid version keeps
+    /// ingesting real-time writes after END_OF_PUSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid: Option<HybridConfig>,
 }
 
 impl VersionRecord {
@@ -362,6 +418,18 @@ pub struct ReplicaRecord {
     /// Bytes of the replica resident in memory (set when it goes ONLINE).
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Of a hybrid version: real-time records not yet applied (`None` before its buffer replay
+    /// starts, and for batch versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// Of a hybrid version: whether this replica is its partition's leader (it copies the
+    /// real-time topic into the version topic).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leader: bool,
+    /// Of a hybrid version: whether the replica still consumes its version topic after going
+    /// ONLINE (it follows real-time writes until a newer version supersedes it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub following: bool,
 }
 
 /// Milliseconds since the Unix epoch; metadata timestamps only.
@@ -419,6 +487,7 @@ mod tests {
             compression: Compression::None,
             value_format: ValueFormat::Checksummed,
             max_value_bytes: 1 << 20,
+            hybrid: None,
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);
