@@ -15,20 +15,20 @@ use axum::{Json, Router};
 use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::admin::{
     CreateStoreRequest, FailPushRequest, ReplicaView, StartPushRequest, StartPushResponse,
-    StoreDescription, VersionDescription,
+    StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::avro::AvroCodec;
 use rialto_protocol::meta::{
-    now_ms, validate_store_name, version_topic, Layout, NodeRecord, ReplicaRecord, ReplicaState,
-    StoreRecord, ValueFormat, ValueSchema, VersionRecord, VersionStatus, DEFAULT_MAX_VALUE_BYTES,
+    now_ms, realtime_topic, validate_store_name, HybridConfig, Layout, NodeRecord, ReplicaRecord,
+    ReplicaState, StoreRecord, ValueSchema, VersionRecord, VersionStatus, DEFAULT_MAX_VALUE_BYTES,
     PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
 };
 use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
 
 use crate::error::{encode_record, parse_record, ControllerError};
-use crate::placement::place;
 use crate::store_ops::{store_not_found, update_store, update_version, version_not_found};
+use crate::versions::{live_nodes, start_version};
 
 /// Largest request body the API accepts.
 pub const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -64,7 +64,10 @@ pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/v1/stores", post(create_store).get(list_stores))
-        .route("/v1/stores/{store}", get(describe_store))
+        .route(
+            "/v1/stores/{store}",
+            get(describe_store).patch(update_store_settings),
+        )
         .route("/v1/stores/{store}/versions", post(start_push))
         .route(
             "/v1/stores/{store}/versions/{version}",
@@ -154,12 +157,22 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
         storage: req.storage,
         compression: req.compression,
         max_value_bytes: req.max_value_bytes.unwrap_or(DEFAULT_MAX_VALUE_BYTES),
+        hybrid: req.hybrid,
         created_ms: now_ms(),
         current_version: None,
         backup_version: None,
         largest_version: 0,
     };
     let key = st.layout.store(&record.name);
+    if st.meta.get(&key).await?.is_some() {
+        return Err(ControllerError::Conflict(format!(
+            "store `{}` already exists; see `rialto-admin stores describe {}`",
+            record.name, record.name
+        )));
+    }
+    if let Some(hybrid) = &record.hybrid {
+        create_realtime_topic(&st, &record.name, record.partition_count, hybrid).await?;
+    }
     if !st
         .meta
         .compare_and_put(&key, None, encode_record(&record)?, None)
@@ -172,6 +185,61 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
     }
     tracing::info!(store = %record.name, partitions = record.partition_count, rf = record.replication_factor, "store created");
     Ok((StatusCode::CREATED, Json(record)))
+}
+
+/// Creates (or checks) the real-time topic of a hybrid store: the store's partition count, and
+/// records kept at least the rewind window with a margin.
+async fn create_realtime_topic(
+    st: &ApiState,
+    store: &str,
+    partitions: u32,
+    hybrid: &HybridConfig,
+) -> Result<(), ControllerError> {
+    hybrid.validate().map_err(ControllerError::BadRequest)?;
+    let topic = realtime_topic(store);
+    st.pubsub
+        .create_retained_topic(&topic, partitions, hybrid.retention())
+        .await
+        .map_err(|e| {
+            let message = format!(
+                "cannot set up the real-time topic `{topic}` for a rewind of {} s: {e}",
+                hybrid.rewind_seconds
+            );
+            if e.retryable() {
+                ControllerError::Unavailable(message)
+            } else {
+                ControllerError::BadRequest(message)
+            }
+        })?;
+    tracing::info!(store, %topic, retention_s = hybrid.retention().as_secs(), "real-time topic ready");
+    Ok(())
+}
+
+/// `PATCH /v1/stores/{store}`: changes what may change; new versions take it.
+async fn update_store_settings(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StoreRecord> {
+    let req: UpdateStoreRequest = body(&bytes, "update-store")?;
+    let record = get_store(&st, &store).await?;
+    if let Some(hybrid) = &req.hybrid {
+        create_realtime_topic(&st, &store, record.partition_count, hybrid).await?;
+    }
+    let updated = update_store(&*st.meta, &st.layout, &store, |s| {
+        let before = s.hybrid;
+        if req.hybrid.is_some() {
+            s.hybrid = req.hybrid;
+        }
+        Ok(s.hybrid != before)
+    })
+    .await?;
+    let record = match updated {
+        Some(r) => r,
+        None => get_store(&st, &store).await?,
+    };
+    tracing::info!(%store, hybrid = ?record.hybrid, "store updated");
+    Ok((StatusCode::OK, Json(record)))
 }
 
 async fn list_stores(State(st): State<Arc<ApiState>>) -> ApiResult<Vec<StoreRecord>> {
@@ -232,6 +300,9 @@ fn describe(
                     error: r.error.clone(),
                     disk_bytes: r.disk_bytes,
                     memory_bytes: r.memory_bytes,
+                    lag: r.lag,
+                    leader: r.leader,
+                    following: r.following,
                 },
                 None => ReplicaView {
                     partition: p,
@@ -242,6 +313,9 @@ fn describe(
                     error: None,
                     disk_bytes: 0,
                     memory_bytes: 0,
+                    lag: None,
+                    leader: false,
+                    following: false,
                 },
             },
         )
@@ -276,6 +350,7 @@ async fn describe_store(
         Json(StoreDescription {
             store: record,
             versions,
+            kafka_bootstrap: st.kafka_bootstrap.clone(),
         }),
     ))
 }
@@ -306,18 +381,6 @@ async fn describe_version(
     ))
 }
 
-async fn live_nodes(st: &ApiState) -> Result<Vec<NodeRecord>, ControllerError> {
-    let (items, _) = st.meta.list(&st.layout.nodes_prefix()).await?;
-    let mut nodes = Vec::with_capacity(items.len());
-    for kv in items {
-        match parse_record::<NodeRecord>(&kv.key, &kv.value) {
-            Ok(n) => nodes.push(n),
-            Err(e) => tracing::warn!(error = %e, "skipping corrupt node record"),
-        }
-    }
-    Ok(nodes)
-}
-
 async fn start_push(
     State(st): State<Arc<ApiState>>,
     Path(store): Path<String>,
@@ -329,96 +392,17 @@ async fn start_push(
     } else {
         body(&bytes, "start-push")?
     };
-    let record = get_store(&st, &store).await?;
-    let Some(value_schema) = record.latest_value_schema().cloned() else {
-        return Err(ControllerError::Corrupt {
-            key: st.layout.store(&store),
-            detail: "store has no value schema".into(),
-        });
-    };
-    let nodes = live_nodes(&st).await?;
-    let rf = record.replication_factor;
-    if (nodes.len() as u64) < u64::from(rf) {
-        return Err(ControllerError::Unavailable(format!(
-            "need {rf} live storage nodes for replication factor {rf}, {} registered; start more rialto-server nodes",
-            nodes.len()
-        )));
-    }
-    let assignment = place(&nodes, record.partition_count, rf)?;
-
-    // Allocate the version number: CAS on the store record, so two pushes never share one.
-    let updated = update_store(&*st.meta, &st.layout, &store, |s| {
-        s.largest_version = s.largest_version.checked_add(1).ok_or_else(|| {
-            ControllerError::Conflict(format!("store `{store}` has used every version number"))
-        })?;
-        Ok(true)
-    })
-    .await?
-    .ok_or_else(|| ControllerError::Internal("version allocation declined".into()))?;
-    let version = updated.largest_version;
-    let topic = version_topic(&store, version);
-    let mut version_record = VersionRecord {
-        store: store.clone(),
-        version,
-        topic: topic.clone(),
-        partition_count: updated.partition_count,
-        assignment,
-        status: VersionStatus::Pushing,
-        created_ms: now_ms(),
-        storage: updated.storage,
-        compression: updated.compression,
-        value_format: ValueFormat::Checksummed,
-        max_value_bytes: updated.max_value_bytes,
-    };
-    let key = st.layout.version(&store, version);
-    // The topic exists before the record: servers start consuming as soon as they see it.
-    if let Err(e) = st
-        .pubsub
-        .create_topic(&topic, updated.partition_count)
-        .await
-    {
-        version_record.status = VersionStatus::Failed {
-            reason: format!("could not create topic `{topic}`: {e}"),
-        };
-        if let Err(put) = st
-            .meta
-            .compare_and_put(&key, None, encode_record(&version_record)?, None)
-            .await
-        {
-            tracing::warn!(%store, version, error = %put, "could not record the failed version");
-        }
-        tracing::warn!(%store, version, error = %e, "push failed: topic creation");
-        // Topic creation fails when the broker is down or slow: the push may be retried as-is.
-        return Err(ControllerError::Unavailable(format!(
-            "could not create topic `{topic}` for version {version} of store `{store}` ({e}); \
-             version {version} is marked failed; check the Kafka broker and start the push again"
-        )));
-    }
-    if !st
-        .meta
-        .compare_and_put(&key, None, encode_record(&version_record)?, None)
-        .await?
-    {
-        return Err(ControllerError::Internal(format!(
-            "version record `{key}` already exists although version {version} was just allocated"
-        )));
-    }
-    tracing::info!(%store, version, %topic, push_id = %req.push_id, "push started");
-    Ok((
-        StatusCode::CREATED,
-        Json(StartPushResponse {
-            store,
-            version,
-            topic,
-            partition_count: updated.partition_count,
-            kafka_bootstrap: st.kafka_bootstrap.clone(),
-            key_schema: updated.key_schema.clone(),
-            value_schema_id: value_schema.id,
-            value_schema: value_schema.schema,
-            value_format: version_record.value_format,
-            max_value_bytes: version_record.max_value_bytes,
-        }),
-    ))
+    let started = start_version(
+        &st.layout,
+        &*st.meta,
+        &*st.pubsub,
+        &st.kafka_bootstrap,
+        &store,
+        &req.push_id,
+        false,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(started)))
 }
 
 async fn push_written(
@@ -502,5 +486,8 @@ async fn fail_push(
 }
 
 async fn list_nodes(State(st): State<Arc<ApiState>>) -> ApiResult<Vec<NodeRecord>> {
-    Ok((StatusCode::OK, Json(live_nodes(&st).await?)))
+    Ok((
+        StatusCode::OK,
+        Json(live_nodes(&st.layout, &*st.meta).await?),
+    ))
 }

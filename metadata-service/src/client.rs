@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rialto_protocol::admin::{
     ApiError, CreateStoreRequest, FailPushRequest, StartPushRequest, StartPushResponse,
-    StoreDescription, VersionDescription,
+    StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord};
 use serde::de::DeserializeOwned;
@@ -141,6 +141,20 @@ impl AdminClient {
     ) -> Result<StoreRecord, ControllerError> {
         self.call(Method::POST, "/v1/stores", Self::json(req)?)
             .await
+    }
+
+    /// `PATCH /v1/stores/{store}`.
+    pub async fn update_store(
+        &self,
+        store: &str,
+        req: &UpdateStoreRequest,
+    ) -> Result<StoreRecord, ControllerError> {
+        self.call(
+            Method::PATCH,
+            &format!("/v1/stores/{}", segment(store)),
+            Self::json(req)?,
+        )
+        .await
     }
 
     /// `GET /v1/stores`.

@@ -30,6 +30,7 @@ pub mod reconcile;
 pub mod render;
 pub mod store_ops;
 pub mod testing;
+pub mod versions;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

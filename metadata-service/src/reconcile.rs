@@ -171,8 +171,12 @@ impl ClusterView {
             .take_while(|((s, n, _, _), _)| s == store && *n == version)
             .any(|(id, r)| {
                 let reported = self.reported_ms.get(id).copied().unwrap_or(self.now_ms);
-                matches!(r.state, ReplicaState::Offline | ReplicaState::Bootstrap)
-                    && self.now_ms.saturating_sub(reported) < wait_ms
+                // An ONLINE replica of a hybrid version that still follows real-time writes
+                // consumes its topic for as long as its record exists (under its server's
+                // lease); it re-reports only when something changes.
+                (matches!(r.state, ReplicaState::Offline | ReplicaState::Bootstrap)
+                    && self.now_ms.saturating_sub(reported) < wait_ms)
+                    || (r.state == ReplicaState::Online && r.following)
             })
     }
 }
@@ -205,6 +209,9 @@ pub enum Action {
     },
     /// Replica records left behind by a retired version (a server rewrote one after retirement).
     DeleteOrphanReplicas { store: String, version: u32 },
+    /// A hybrid store that never had a version: start an empty one, which then serves the
+    /// real-time writes (a streaming-only store).
+    StartEmptyVersion { store: String },
 }
 
 fn in_progress(status: &VersionStatus) -> bool {
@@ -242,6 +249,12 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
     let current = store.current_version;
     let backup = store.backup_version;
     let mut actions = Vec::new();
+    if store.hybrid.is_some() && store.largest_version == 0 {
+        actions.push(Action::StartEmptyVersion {
+            store: name.clone(),
+        });
+        return actions;
+    }
     let mut swap: Option<u32> = None;
     let versions = view
         .versions
@@ -466,6 +479,9 @@ impl Reconciler {
                 self.meta
                     .delete_prefix(&self.layout.version_replicas_prefix(store, *version))
                     .await?;
+                self.meta
+                    .delete_prefix(&self.layout.version_leaders_prefix(store, *version))
+                    .await?;
                 // The version record goes last: while it exists, the next pass retries the rest.
                 self.meta
                     .delete(&self.layout.version(store, *version))
@@ -478,6 +494,15 @@ impl Reconciler {
                     .delete_prefix(&self.layout.version_replicas_prefix(store, *version))
                     .await?;
                 tracing::info!(%store, version, "deleted replica records of a retired version");
+            }
+            Action::StartEmptyVersion { store } => {
+                crate::versions::start_empty_version(
+                    &self.layout,
+                    &*self.meta,
+                    &*self.pubsub,
+                    store,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -549,6 +574,7 @@ mod tests {
             storage: StorageProfile::OnDisk,
             compression: rialto_protocol::meta::Compression::None,
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+            hybrid: None,
             created_ms: 0,
             current_version: current,
             backup_version: backup,
@@ -569,6 +595,7 @@ mod tests {
             compression: rialto_protocol::meta::Compression::None,
             value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+            hybrid: None,
         }
     }
 
@@ -582,6 +609,9 @@ mod tests {
             error: error.map(str::to_string),
             disk_bytes: 0,
             memory_bytes: 0,
+            lag: None,
+            leader: false,
+            following: false,
         }
     }
 
@@ -959,5 +989,54 @@ mod tests {
         assert_eq!(v.versions.len(), 1);
         assert_eq!(v.replica_state("s", 1, 0, "a"), ReplicaState::Online);
         assert_eq!(v.replica_state("s", 1, 1, "a"), ReplicaState::Offline);
+    }
+
+    #[test]
+    fn a_hybrid_store_without_versions_gets_an_empty_one() {
+        let hybrid = Some(rialto_protocol::meta::HybridConfig {
+            rewind_seconds: 60,
+            lag_records_max: 10,
+        });
+        let v = view(StoreRecord { hybrid, ..store(None, None, 0) }, vec![]);
+        assert_eq!(plan(&v), vec![Action::StartEmptyVersion { store: "s".into() }]);
+        // Once a version exists (pushed or empty), never again.
+        let v = view(
+            StoreRecord { hybrid, ..store(None, None, 1) },
+            vec![version(1, VersionStatus::Pushing)],
+        );
+        assert_eq!(plan(&v), vec![]);
+        // A batch store waits for its first push.
+        assert_eq!(plan(&view(store(None, None, 0), vec![])), vec![]);
+    }
+
+    #[test]
+    fn a_version_still_following_real_time_writes_is_not_retired() {
+        let mut v = view(
+            store(Some(3), Some(2), 3),
+            vec![
+                version(1, VersionStatus::Online),
+                version(2, VersionStatus::Online),
+                version(3, VersionStatus::Online),
+            ],
+        );
+        for n in 1..=3 {
+            set_all(&mut v, n, ReplicaState::Online);
+        }
+        let following = ReplicaRecord {
+            following: true,
+            ..replica(ReplicaState::Online, None)
+        };
+        v.replicas.insert(("s".into(), 1, 0, "a".into()), following);
+        assert_eq!(plan(&v), vec![], "its server has not sealed it yet");
+        v.replicas
+            .insert(("s".into(), 1, 0, "a".into()), replica(ReplicaState::Online, None));
+        assert_eq!(
+            plan(&v),
+            vec![Action::Retire {
+                store: "s".into(),
+                version: 1,
+                topic: "s_v1".into()
+            }]
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! store, version and node listings. `--json` bypasses all of this.
 
 use rialto_protocol::admin::{StoreDescription, VersionDescription};
-use rialto_protocol::meta::{NodeRecord, StorageProfile, StoreRecord, ValueFormat, VersionStatus};
+use rialto_protocol::meta::{
+    realtime_topic, NodeRecord, StorageProfile, StoreRecord, ValueFormat, VersionStatus,
+};
 
 /// A table of left-aligned columns separated by two spaces.
 #[derive(Debug, Clone, Default)]
@@ -134,6 +136,8 @@ pub fn replicas(v: &VersionDescription) -> String {
         "RECORDS",
         "DISK",
         "MEMORY",
+        "LAG",
+        "LEADER",
         "ERROR",
     ]);
     for r in &v.replicas {
@@ -145,6 +149,8 @@ pub fn replicas(v: &VersionDescription) -> String {
             r.records.to_string(),
             bytes(r.disk_bytes),
             bytes(r.memory_bytes),
+            r.lag.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            if r.leader { "yes" } else { "" }.to_string(),
             r.error.clone().unwrap_or_default(),
         ]);
     }
@@ -165,6 +171,18 @@ pub fn store_description(d: &StoreDescription) -> String {
     t.row(["storage".to_string(), storage(s.storage).to_string()]);
     t.row(["compression".to_string(), s.compression.name().to_string()]);
     t.row(["max value size".to_string(), bytes(s.max_value_bytes)]);
+    t.row([
+        "hybrid".to_string(),
+        match &s.hybrid {
+            Some(h) => format!(
+                "rewind {} s, lag bound {} records, real-time topic {}",
+                h.rewind_seconds,
+                h.lag_records_max,
+                realtime_topic(&s.name)
+            ),
+            None => "no (batch only)".to_string(),
+        },
+    ]);
     t.row(["current version".to_string(), opt(s.current_version)]);
     t.row(["backup version".to_string(), opt(s.backup_version)]);
     t.row(["largest version".to_string(), s.largest_version.to_string()]);

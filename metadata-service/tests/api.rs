@@ -82,6 +82,7 @@ fn create_req(name: &str) -> CreateStoreRequest {
         storage: StorageProfile::InMemory,
         compression: rialto_protocol::meta::Compression::ZstdDictionary,
         max_value_bytes: None,
+        hybrid: None,
     }
 }
 
@@ -111,6 +112,9 @@ async fn set_replicas(f: &Fixture, store: &str, version: u32, state: ReplicaStat
             error: None,
             disk_bytes: 0,
             memory_bytes: 0,
+            lag: None,
+            leader: false,
+            following: false,
         };
         f.meta
             .put(
@@ -379,6 +383,9 @@ async fn replica_error_fails_the_version_and_keeps_current() {
         error: Some("segment checksum mismatch".into()),
         disk_bytes: 0,
         memory_bytes: 0,
+        lag: None,
+        leader: false,
+        following: false,
     };
     f.meta
         .put(
@@ -402,6 +409,9 @@ async fn replica_error_fails_the_version_and_keeps_current() {
             error: None,
             disk_bytes: 0,
             memory_bytes: 0,
+            lag: None,
+            leader: false,
+            following: false,
         };
         f.meta
             .put(
@@ -468,6 +478,9 @@ async fn unlucky_swap_race_is_resolved_by_error_first() {
         error: None,
         disk_bytes: 0,
         memory_bytes: 0,
+        lag: None,
+        leader: false,
+        following: false,
     };
     f.meta
         .put(

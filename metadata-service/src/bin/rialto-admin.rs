@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rialto_controller::{render, AdminClient};
-use rialto_protocol::admin::CreateStoreRequest;
-use rialto_protocol::meta::{Compression, StorageProfile};
+use rialto_protocol::admin::{CreateStoreRequest, UpdateStoreRequest};
+use rialto_protocol::meta::{Compression, HybridConfig, StorageProfile};
 use serde::Serialize;
 
 /// Operator CLI of a Rialto cluster.
@@ -30,7 +30,7 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Stores: list, describe, create.
+    /// Stores: list, describe, create, update.
     #[command(subcommand)]
     Stores(StoresCommand),
     /// Storage nodes.
@@ -69,7 +69,46 @@ enum StoresCommand {
         /// (default 16 MiB, at most 64 MiB). Values over 768 KiB are stored in chunks.
         #[arg(long)]
         max_value_bytes: Option<u64>,
+        #[command(flatten)]
+        hybrid: HybridArgs,
     },
+    /// Changes a store's settings; a store made hybrid is hybrid from its next version.
+    Update {
+        name: String,
+        #[command(flatten)]
+        hybrid: HybridArgs,
+    },
+}
+
+/// A hybrid store's settings: giving either makes the store hybrid.
+#[derive(Debug, clap::Args)]
+struct HybridArgs {
+    /// Real-time writes this recent (seconds) are replayed on top of each new version's batch
+    /// data (default 86400).
+    #[arg(long)]
+    hybrid_rewind_seconds: Option<u64>,
+    /// A replica of a hybrid version serves only once it is at most this many real-time
+    /// records behind (default 1000).
+    #[arg(long)]
+    hybrid_lag_records_max: Option<u64>,
+}
+
+impl HybridArgs {
+    /// The settings asked for, the rest from `current` or the defaults; `None` if neither flag
+    /// was given.
+    fn config(&self, current: Option<HybridConfig>) -> Option<HybridConfig> {
+        if self.hybrid_rewind_seconds.is_none() && self.hybrid_lag_records_max.is_none() {
+            return None;
+        }
+        let base = current.unwrap_or(HybridConfig {
+            rewind_seconds: 86_400,
+            lag_records_max: 1_000,
+        });
+        Some(HybridConfig {
+            rewind_seconds: self.hybrid_rewind_seconds.unwrap_or(base.rewind_seconds),
+            lag_records_max: self.hybrid_lag_records_max.unwrap_or(base.lag_records_max),
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             storage,
             compression,
             max_value_bytes,
+            hybrid,
         }) => {
             let req = CreateStoreRequest {
                 name,
@@ -153,6 +193,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     CompressionArg::ZstdDictionary => Compression::ZstdDictionary,
                 },
                 max_value_bytes,
+                hybrid: hybrid.config(None),
             };
             let s = client.create_store(&req).await?;
             print(args.json, &s, |s| {
@@ -160,6 +201,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "created store `{}`\n{}",
                     s.name,
                     render::stores(std::slice::from_ref(s))
+                )
+            })
+        }
+        Command::Stores(StoresCommand::Update { name, hybrid }) => {
+            let current = client.describe_store(&name).await?.store.hybrid;
+            let Some(hybrid) = hybrid.config(current) else {
+                anyhow::bail!(
+                    "nothing to change: give --hybrid-rewind-seconds and/or --hybrid-lag-records-max"
+                );
+            };
+            let req = UpdateStoreRequest {
+                hybrid: Some(hybrid),
+            };
+            let s = client.update_store(&name, &req).await?;
+            print(args.json, &s, |s| {
+                format!(
+                    "updated store `{}`: hybrid, rewind {} s, lag bound {} records (from its next version)\n",
+                    s.name, hybrid.rewind_seconds, hybrid.lag_records_max
                 )
             })
         }

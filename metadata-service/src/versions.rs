@@ -1,0 +1,224 @@
+//! Starting a version: what `POST /v1/stores/{store}/versions` does for a push job, and what the
+//! reconciler does for a streaming-only hybrid store (an empty version that then only receives
+//! real-time writes).
+
+use rialto_backends::{MetaStore, PubSub};
+use rialto_protocol::admin::StartPushResponse;
+use rialto_protocol::envelope::ControlMessage;
+use rialto_protocol::meta::{
+    now_ms, version_topic, Compression, Layout, NodeRecord, StoreRecord, ValueFormat,
+    VersionRecord, VersionStatus,
+};
+use rialto_protocol::producer::PartitionWriter;
+
+use crate::error::{encode_record, parse_record, ControllerError};
+use crate::placement::place;
+use crate::store_ops::{store_not_found, update_store, update_version};
+
+/// The registered storage nodes.
+pub(crate) async fn live_nodes(
+    layout: &Layout,
+    meta: &dyn MetaStore,
+) -> Result<Vec<NodeRecord>, ControllerError> {
+    let (items, _) = meta.list(&layout.nodes_prefix()).await?;
+    let mut nodes = Vec::with_capacity(items.len());
+    for kv in items {
+        match parse_record::<NodeRecord>(&kv.key, &kv.value) {
+            Ok(n) => nodes.push(n),
+            Err(e) => tracing::warn!(error = %e, "skipping corrupt node record"),
+        }
+    }
+    Ok(nodes)
+}
+
+/// Allocates the next version of `store`, places its replicas on the live nodes, creates its
+/// topic and writes its record (Pushing). A topic that cannot be created leaves the version
+/// recorded as failed. An `empty` version (no data will be pushed) has no sample to train a
+/// compression dictionary on: it compresses without one.
+pub(crate) async fn start_version(
+    layout: &Layout,
+    meta: &dyn MetaStore,
+    pubsub: &dyn PubSub,
+    kafka_bootstrap: &str,
+    store: &str,
+    push_id: &str,
+    empty: bool,
+) -> Result<StartPushResponse, ControllerError> {
+    let key = layout.store(store);
+    let record: StoreRecord = match meta.get(&key).await? {
+        Some(kv) => parse_record(&key, &kv.value)?,
+        None => return Err(store_not_found(store)),
+    };
+    let Some(value_schema) = record.latest_value_schema().cloned() else {
+        return Err(ControllerError::Corrupt {
+            key,
+            detail: "store has no value schema".into(),
+        });
+    };
+    let nodes = live_nodes(layout, meta).await?;
+    let rf = record.replication_factor;
+    if (nodes.len() as u64) < u64::from(rf) {
+        return Err(ControllerError::Unavailable(format!(
+            "need {rf} live storage nodes for replication factor {rf}, {} registered; start more rialto-server nodes",
+            nodes.len()
+        )));
+    }
+    let assignment = place(&nodes, record.partition_count, rf)?;
+
+    // Allocate the version number: CAS on the store record, so two pushes never share one.
+    let updated = update_store(meta, layout, store, |s| {
+        s.largest_version = s.largest_version.checked_add(1).ok_or_else(|| {
+            ControllerError::Conflict(format!("store `{store}` has used every version number"))
+        })?;
+        Ok(true)
+    })
+    .await?
+    .ok_or_else(|| ControllerError::Internal("version allocation declined".into()))?;
+    let version = updated.largest_version;
+    let topic = version_topic(store, version);
+    let mut version_record = VersionRecord {
+        store: store.to_string(),
+        version,
+        topic: topic.clone(),
+        partition_count: updated.partition_count,
+        assignment,
+        status: VersionStatus::Pushing,
+        created_ms: now_ms(),
+        storage: updated.storage,
+        compression: match updated.compression {
+            Compression::ZstdDictionary if empty => Compression::Zstd,
+            c => c,
+        },
+        value_format: ValueFormat::Checksummed,
+        max_value_bytes: updated.max_value_bytes,
+        hybrid: updated.hybrid,
+    };
+    let key = layout.version(store, version);
+    // The topic exists before the record: servers start consuming as soon as they see it.
+    if let Err(e) = pubsub.create_topic(&topic, updated.partition_count).await {
+        version_record.status = VersionStatus::Failed {
+            reason: format!("could not create topic `{topic}`: {e}"),
+        };
+        if let Err(put) = meta
+            .compare_and_put(&key, None, encode_record(&version_record)?, None)
+            .await
+        {
+            tracing::warn!(%store, version, error = %put, "could not record the failed version");
+        }
+        tracing::warn!(%store, version, error = %e, "push failed: topic creation");
+        // Topic creation fails when the broker is down or slow: the push may be retried as-is.
+        return Err(ControllerError::Unavailable(format!(
+            "could not create topic `{topic}` for version {version} of store `{store}` ({e}); \
+             version {version} is marked failed; check the Kafka broker and start the push again"
+        )));
+    }
+    if !meta
+        .compare_and_put(&key, None, encode_record(&version_record)?, None)
+        .await?
+    {
+        return Err(ControllerError::Internal(format!(
+            "version record `{key}` already exists although version {version} was just allocated"
+        )));
+    }
+    tracing::info!(%store, version, %topic, %push_id, "push started");
+    Ok(StartPushResponse {
+        store: store.to_string(),
+        version,
+        topic,
+        partition_count: updated.partition_count,
+        kafka_bootstrap: kafka_bootstrap.to_string(),
+        key_schema: updated.key_schema.clone(),
+        value_schema_id: value_schema.id,
+        value_schema: value_schema.schema,
+        value_format: version_record.value_format,
+        max_value_bytes: version_record.max_value_bytes,
+    })
+}
+
+/// Starts an empty version of a streaming-only hybrid store: every partition gets a push with
+/// no records (the version then receives the real-time writes like any hybrid version), and the
+/// push is marked written.
+pub(crate) async fn start_empty_version(
+    layout: &Layout,
+    meta: &dyn MetaStore,
+    pubsub: &dyn PubSub,
+    store: &str,
+) -> Result<u32, ControllerError> {
+    let started = start_version(
+        layout,
+        meta,
+        pubsub,
+        "",
+        store,
+        "empty version of a streaming-only store",
+        true,
+    )
+    .await?;
+    let version = started.version;
+    let key = layout.version(store, version);
+    let kv = meta
+        .get(&key)
+        .await?
+        .ok_or_else(|| ControllerError::Internal(format!("version record `{key}` vanished")))?;
+    let compression = parse_record::<VersionRecord>(&key, &kv.value)?.compression;
+    if let Err(e) = write_empty_push(pubsub, &started, compression).await {
+        // The version never goes live: an operator pushes (or retries the store) instead.
+        update_version(meta, layout, store, version, |v| {
+            if v.status == VersionStatus::Pushing {
+                v.status = VersionStatus::Failed {
+                    reason: format!("could not write the empty push: {e}"),
+                };
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await?;
+        return Err(e);
+    }
+    update_version(meta, layout, store, version, |v| {
+        if v.status == VersionStatus::Pushing {
+            v.status = VersionStatus::PushWritten;
+            return Ok(true);
+        }
+        Ok(false)
+    })
+    .await?;
+    tracing::info!(%store, version, "empty version of a streaming-only store written");
+    Ok(version)
+}
+
+/// Writes a push without records to every partition of the version's topic.
+async fn write_empty_push(
+    pubsub: &dyn PubSub,
+    started: &StartPushResponse,
+    compression: Compression,
+) -> Result<(), ControllerError> {
+    let producer = *uuid::Uuid::new_v4().as_bytes();
+    let mut deliveries = Vec::new();
+    for partition in 0..started.partition_count {
+        let mut w = PartitionWriter::new(producer);
+        let envelopes = [
+            w.start_segment(),
+            w.control(ControlMessage::StartOfPush {
+                sorted: true,
+                codec: compression.codec(),
+                dictionary: Vec::new(),
+            }),
+            w.control(ControlMessage::EndOfPush),
+            w.end_segment(),
+        ];
+        for e in envelopes {
+            deliveries.push(
+                pubsub
+                    .send(&started.topic, partition, &[], &e.encode())
+                    .await
+                    .map_err(|e| ControllerError::Unavailable(e.to_string()))?,
+            );
+        }
+    }
+    for d in deliveries {
+        d.await
+            .map_err(|e| ControllerError::Unavailable(e.to_string()))?;
+    }
+    Ok(())
+}
