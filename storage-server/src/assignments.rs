@@ -16,7 +16,7 @@ use std::time::Duration;
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::PrefixMirror;
 use rialto_protocol::meta::{
-    Compression, ReplicaState, StorageProfile, VersionRecord, VersionStatus,
+    Compression, HybridConfig, ReplicaState, StorageProfile, VersionRecord, VersionStatus,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,6 +39,9 @@ pub(crate) struct DesiredReplicas {
     pub replicas: BTreeMap<ReplicaId, ReplicaPlan>,
     /// (store, version) of records that could not be parsed: their data is left alone.
     pub unparsed: BTreeSet<(String, u32)>,
+    /// (store, version) of hybrid versions with a newer ONLINE version: they no longer follow
+    /// the real-time writes (they serve what they have, sealed).
+    pub superseded: BTreeSet<(String, u32)>,
 }
 
 /// What a hosted replica is built from, out of its version record.
@@ -50,6 +53,8 @@ pub(crate) struct ReplicaPlan {
     pub storage: StorageProfile,
     /// The version's value compression (START_OF_PUSH must announce the same codec).
     pub compression: Compression,
+    /// Of a hybrid version: it follows real-time writes after END_OF_PUSH.
+    pub hybrid: Option<HybridConfig>,
 }
 
 /// Computes the replicas assigned to `node_id` in a snapshot of the versions prefix.
@@ -59,6 +64,16 @@ pub(crate) fn desired_replicas(
     node_id: &str,
 ) -> DesiredReplicas {
     let mut desired = DesiredReplicas::default();
+    // The newest ONLINE version of each store.
+    let mut newest_online: BTreeMap<String, u32> = BTreeMap::new();
+    for value in versions.values() {
+        if let Ok(r) = serde_json::from_slice::<VersionRecord>(value) {
+            if r.status == VersionStatus::Online {
+                let newest = newest_online.entry(r.store.clone()).or_insert(r.version);
+                *newest = (*newest).max(r.version);
+            }
+        }
+    }
     for (key, value) in versions {
         let record: VersionRecord = match serde_json::from_slice(value) {
             Ok(r) => r,
@@ -73,6 +88,15 @@ pub(crate) fn desired_replicas(
         if matches!(record.status, VersionStatus::Failed { .. }) {
             continue;
         }
+        if record.hybrid.is_some()
+            && newest_online
+                .get(&record.store)
+                .is_some_and(|&n| n > record.version)
+        {
+            desired
+                .superseded
+                .insert((record.store.clone(), record.version));
+        }
         for partition in record.partitions_of(node_id) {
             let id = ReplicaId {
                 store: record.store.clone(),
@@ -85,6 +109,7 @@ pub(crate) fn desired_replicas(
                     topic: record.topic.clone(),
                     storage: record.storage,
                     compression: record.compression,
+                    hybrid: record.hybrid,
                 },
             );
         }
@@ -153,6 +178,8 @@ pub(crate) fn remove_orphan_dirs(
 struct HostedReplica {
     slot: Arc<ReplicaSlot>,
     stop: watch::Sender<bool>,
+    /// Whether a hybrid replica follows real-time writes (false once superseded).
+    follow: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -192,20 +219,34 @@ pub(crate) async fn reconcile(
             }
         }
         for (id, plan) in &desired.replicas {
-            if hosted.contains_key(id) {
+            let follow = !desired
+                .superseded
+                .contains(&(id.store.clone(), id.version));
+            if let Some(replica) = hosted.get(id) {
+                replica.follow.send_if_modified(|f| std::mem::replace(f, follow) != follow);
                 continue;
             }
             let slot = Arc::new(ReplicaSlot::new(id.clone(), &ctx.metrics));
             ctx.registry.insert(slot.clone());
             let (stop, stop_rx) = watch::channel(false);
-            tracing::info!(replica = %id, topic = %plan.topic, storage = ?plan.storage, compression = ?plan.compression, "replica assigned");
+            let (follow, follow_rx) = watch::channel(follow);
+            tracing::info!(replica = %id, topic = %plan.topic, storage = ?plan.storage, compression = ?plan.compression, hybrid = ?plan.hybrid, "replica assigned");
             let task = tokio::spawn(ingest::run(
                 ctx.clone(),
                 slot.clone(),
                 plan.clone(),
                 stop_rx,
+                follow_rx,
             ));
-            hosted.insert(id.clone(), HostedReplica { slot, stop, task });
+            hosted.insert(
+                id.clone(),
+                HostedReplica {
+                    slot,
+                    stop,
+                    follow,
+                    task,
+                },
+            );
         }
         tokio::select! {
             _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => break,
@@ -308,6 +349,7 @@ mod tests {
             compression: Compression::None,
             value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+            hybrid: None,
         };
         serde_json::to_vec(&r).unwrap()
     }
@@ -367,6 +409,7 @@ mod tests {
                 topic: "a_v1".into(),
                 storage: StorageProfile::InMemory,
                 compression: Compression::None,
+                hybrid: None,
             },
         );
         desired.unparsed.insert(("b".into(), 7));

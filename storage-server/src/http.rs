@@ -41,7 +41,9 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::faults::Faults;
-use crate::metrics::{render_storage, RouteKind, ServerMetrics, VersionBytes};
+use crate::metrics::{
+    render_realtime, render_storage, FollowingReplica, RouteKind, ServerMetrics, VersionBytes,
+};
 use crate::node::NodeContext;
 use crate::replica::ReplicaRegistry;
 use crate::store::{ReplicaStore, Served};
@@ -583,8 +585,18 @@ async fn dictionary(
 /// each replica went ONLINE) and the block cache.
 fn storage_metrics(node: &NodeContext) -> String {
     let mut versions: BTreeMap<(String, u32), VersionBytes> = BTreeMap::new();
+    let mut following = Vec::new();
     for slot in node.registry.all() {
         let record = slot.record();
+        if record.following {
+            following.push(FollowingReplica {
+                store: slot.id.store.clone(),
+                version: slot.id.version,
+                partition: slot.id.partition,
+                lag: record.lag,
+                leader: record.leader,
+            });
+        }
         if record.state != ReplicaState::Online {
             continue;
         }
@@ -594,11 +606,13 @@ fn storage_metrics(node: &NodeContext) -> String {
         bytes.disk += record.disk_bytes;
         bytes.memory += record.memory_bytes;
     }
-    render_storage(
+    let mut out = render_storage(
         &versions,
         node.engine.block_cache_usage(),
         node.engine.block_cache_bytes(),
-    )
+    );
+    out.push_str(&render_realtime(&following));
+    out
 }
 
 /// Reads one sub-batch and appends its frames. Synchronous so pinned slices never cross an await.

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use rialto_backends::{ConsumedRecord, PartitionConsumer};
 use rialto_protocol::envelope::{CompressionCodec, ControlMessage, Envelope, Message};
-use rialto_protocol::meta::{ReplicaState, StorageProfile};
+use rialto_protocol::meta::{realtime_topic, ReplicaState, StorageProfile};
 use rialto_protocol::wire::StoredValue;
 use tokio::sync::watch;
 
@@ -41,7 +41,7 @@ use crate::assignments::ReplicaPlan;
 use crate::node::NodeContext;
 use crate::replica::ReplicaSlot;
 use crate::store::{Layout, ReplicaStore, WriteOp};
-use crate::validator::{Checkpoint, Verdict};
+use crate::validator::{Admission, Checkpoint, ReplayState, Verdict};
 
 /// Most records taken from the consumer per poll (and so per write batch).
 pub const POLL_RECORDS_MAX: usize = 1000;
@@ -91,9 +91,10 @@ pub(crate) async fn run(
     slot: Arc<ReplicaSlot>,
     plan: ReplicaPlan,
     stop: watch::Receiver<bool>,
+    follow: watch::Receiver<bool>,
 ) {
     ctx.report(&slot).await; // OFFLINE
-    match ingest(&ctx, &slot, &plan, stop).await {
+    match ingest(&ctx, &slot, &plan, stop, follow).await {
         Ok(()) => {}
         Err(Ended::Stopped) => tracing::info!(replica = %slot.id, "ingestion stopped"),
         Err(Ended::Failed(message)) => {
@@ -108,10 +109,11 @@ pub(crate) async fn run(
 }
 
 async fn ingest(
-    ctx: &NodeContext,
-    slot: &ReplicaSlot,
+    ctx: &Arc<NodeContext>,
+    slot: &Arc<ReplicaSlot>,
     plan: &ReplicaPlan,
     mut stop: watch::Receiver<bool>,
+    follow: watch::Receiver<bool>,
 ) -> Result<(), Ended> {
     let id = &slot.id;
     let topic = plan.topic.as_str();
@@ -131,6 +133,16 @@ async fn ingest(
 
     if checkpoint.validation.end_of_push {
         tracing::info!(replica = %id, offset = checkpoint.next_offset, read_only = store.is_read_only(), "END_OF_PUSH already ingested");
+        if plan.hybrid.is_some() && !store.is_read_only() {
+            let hybrid = Following {
+                store,
+                checkpoint,
+                consumer: None,
+                pending: Vec::new(),
+                consumed_from,
+            };
+            return follow_realtime(ctx, slot, plan, hybrid, stop, follow).await;
+        }
         return go_online(ctx, slot, store, &checkpoint, consumed_from).await;
     }
 
@@ -221,12 +233,15 @@ async fn ingest(
             continue;
         }
 
+        // A hybrid version's push ends at END_OF_PUSH; what follows is applied by
+        // `follow_realtime`, through write batches.
         let batch = validate_batch(
             &checkpoint,
             records,
             topic,
             id.partition,
             plan.compression.codec(),
+            Hybrid::from(plan),
         );
         if let Some(dictionary) = batch.dictionary {
             let s = store.clone();
@@ -278,6 +293,18 @@ async fn ingest(
         if checkpoint.validation.end_of_push && end_of_push_at.is_none() {
             tracing::info!(replica = %id, offset = checkpoint.next_offset, "END_OF_PUSH consumed");
             end_of_push_at = Some(Instant::now());
+            if plan.hybrid.is_some() {
+                chunk.ingest(ctx, &store).await?;
+                persist_checkpoint(&store, &checkpoint).await?;
+                let hybrid = Following {
+                    store,
+                    checkpoint,
+                    consumer: Some(consumer),
+                    pending: batch.rest,
+                    consumed_from,
+                };
+                return follow_realtime(ctx, slot, plan, hybrid, stop, follow).await;
+            }
         }
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
@@ -290,18 +317,263 @@ async fn ingest(
     close_consumer(consumer).await;
     // Records consumed after END_OF_PUSH (END_OF_SEGMENT) only move the checkpoint.
     chunk.ingest(ctx, &store).await?;
+    persist_checkpoint(&store, &checkpoint).await?;
+    go_online(ctx, slot, store, &checkpoint, consumed_from).await
+}
+
+/// Writes `checkpoint` if the database does not hold it yet.
+async fn persist_checkpoint(store: &Arc<ReplicaStore>, checkpoint: &Checkpoint) -> Result<(), Ended> {
     if store
         .checkpoint()
         .map_err(|e| Ended::Failed(e.to_string()))?
         .as_ref()
-        != Some(&checkpoint)
+        == Some(checkpoint)
     {
-        let (s, cp) = (store.clone(), checkpoint.clone());
-        blocking(move || s.apply(&[], &cp))
-            .await
-            .map_err(|e| Ended::Failed(format!("cannot write to the replica database: {e}")))?;
+        return Ok(());
     }
-    go_online(ctx, slot, store, &checkpoint, consumed_from).await
+    let (s, cp) = (store.clone(), checkpoint.clone());
+    blocking(move || s.apply(&[], &cp))
+        .await
+        .map_err(|e| Ended::Failed(format!("cannot write to the replica database: {e}")))
+}
+
+/// How often a following replica measures its lag (and reports it when it changed).
+pub const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A hybrid replica past END_OF_PUSH, handed to [`follow_realtime`].
+struct Following {
+    store: Arc<ReplicaStore>,
+    checkpoint: Checkpoint,
+    /// The version topic's consumer, if ingestion already has one.
+    consumer: Option<Box<dyn PartitionConsumer>>,
+    /// Records consumed but not yet applied (after END_OF_PUSH in the last poll).
+    pending: Vec<ConsumedRecord>,
+    consumed_from: i64,
+}
+
+/// A hybrid replica after END_OF_PUSH: keeps consuming the version topic (the real-time
+/// records its partition leader copies) through write batches, measures its lag against the
+/// real-time topic, reports ONLINE once the lag is within the store's bound, and runs its
+/// candidacy for the partition's leadership (`hybrid::lead`). Once a newer version supersedes
+/// it (`follow` turns false) it stops consuming and is sealed like a batch version.
+async fn follow_realtime(
+    ctx: &Arc<NodeContext>,
+    slot: &Arc<ReplicaSlot>,
+    plan: &ReplicaPlan,
+    following: Following,
+    mut stop: watch::Receiver<bool>,
+    mut follow: watch::Receiver<bool>,
+) -> Result<(), Ended> {
+    let Following {
+        store,
+        mut checkpoint,
+        consumer,
+        mut pending,
+        consumed_from,
+    } = following;
+    let id = &slot.id;
+    let lag_max = plan.hybrid.map_or(0, |h| h.lag_records_max);
+    let rt_topic = realtime_topic(&id.store);
+    if !*follow.borrow() {
+        if let Some(c) = consumer {
+            close_consumer(c).await;
+        }
+        return go_online(ctx, slot, store, &checkpoint, consumed_from).await;
+    }
+    let s = store.clone();
+    blocking(move || s.serve_while_writing())
+        .await
+        .map_err(|e| Ended::Failed(format!("cannot open the replica for real-time writes: {e}")))?;
+    let mut consumer = match consumer {
+        Some(c) => c,
+        None => open_consumer(ctx, slot, &plan.topic, checkpoint.next_offset, &mut stop).await?,
+    };
+    slot.update(&ctx.metrics, |r| r.following = true);
+    let (progress_tx, progress_rx) = watch::channel(progress_of(&checkpoint));
+    let (leader_stop, leader_stop_rx) = watch::channel(false);
+    let (failure_tx, mut failure) = watch::channel(None);
+    let leader = tokio::spawn(crate::hybrid::lead(
+        ctx.clone(),
+        slot.clone(),
+        plan.clone(),
+        progress_rx,
+        leader_stop_rx,
+        failure_tx,
+    ));
+    let stop_leader = |leader: tokio::task::JoinHandle<()>| async {
+        let _ = leader_stop.send(true);
+        let _ = leader.await;
+    };
+    tracing::info!(replica = %id, offset = checkpoint.next_offset, "following real-time writes");
+    let mut last_lag = Instant::now() - LAG_INTERVAL;
+    let mut reported: Option<(Option<u64>, i64)> = None;
+    // Before START_OF_BUFFER_REPLAY: where the replay would start (the rewind point).
+    let mut replay_from: Option<i64> = None;
+    let mut last_progress = Instant::now();
+    let result = loop {
+        let records = if pending.is_empty() {
+            tokio::select! {
+                _ = crate::hybrid::stopped(&mut stop) => break Err(Ended::Stopped),
+                changed = follow.changed() => {
+                    if changed.is_err() || !*follow.borrow() {
+                        break Ok(false);
+                    }
+                    continue;
+                }
+                _ = failure.changed() => {
+                    let message = failure.borrow().clone();
+                    if let Some(message) = message {
+                        break Err(Ended::Failed(message));
+                    }
+                    continue;
+                }
+                polled = consumer.poll(POLL_RECORDS_MAX, POLL_TIMEOUT) => match polled {
+                    Ok(records) => records,
+                    Err(e) => {
+                        tracing::warn!(replica = %id, error = %e, "poll failed; retrying");
+                        tokio::time::sleep(CONSUMER_RETRY_BACKOFF).await;
+                        continue;
+                    }
+                },
+            }
+        } else {
+            std::mem::take(&mut pending)
+        };
+        if !records.is_empty() {
+            let batch = validate_batch(
+                &checkpoint,
+                records,
+                &plan.topic,
+                id.partition,
+                plan.compression.codec(),
+                Hybrid::Following,
+            );
+            if batch.next != checkpoint {
+                let applied = batch.next.records - checkpoint.records;
+                let (s, ops, cp) = (store.clone(), batch.ops, batch.next.clone());
+                if let Err(e) = blocking(move || s.apply(&ops, &cp)).await {
+                    break Err(Ended::Failed(format!(
+                        "cannot write to the replica database: {e}"
+                    )));
+                }
+                ctx.metrics
+                    .records_ingested
+                    .fetch_add(applied, Ordering::Relaxed);
+                checkpoint = batch.next;
+                let _ = progress_tx.send(progress_of(&checkpoint));
+            }
+            ctx.metrics
+                .duplicates_skipped
+                .fetch_add(batch.duplicates, Ordering::Relaxed);
+            if let Some(message) = batch.failure {
+                break Err(Ended::Failed(message));
+            }
+        }
+        if last_lag.elapsed() < LAG_INTERVAL {
+            continue;
+        }
+        last_lag = Instant::now();
+        let lag = match measure_lag(ctx, plan, id.partition, &rt_topic, &checkpoint, &mut replay_from).await {
+            Ok(lag) => lag,
+            Err(e) => {
+                tracing::warn!(replica = %id, error = %e, "cannot read the real-time topic's end; lag unknown");
+                continue;
+            }
+        };
+        if slot.state() != ReplicaState::Online && crate::hybrid::ready(slot.state(), lag, lag_max) {
+            let lag = lag.unwrap_or(0);
+            if let Err(e) = go_online_following(ctx, slot, &store, &checkpoint, consumed_from, lag).await {
+                break Err(e);
+            }
+            reported = Some((Some(lag), checkpoint.next_offset));
+            continue;
+        }
+        if reported != Some((lag, checkpoint.next_offset)) {
+            reported = Some((lag, checkpoint.next_offset));
+            if slot.state() != ReplicaState::Online {
+                slot.update(&ctx.metrics, |r| r.state = ReplicaState::Bootstrap);
+                if last_progress.elapsed() >= PROGRESS_INTERVAL {
+                    last_progress = Instant::now();
+                    tracing::info!(replica = %id, lag = ?lag, lag_max, offset = checkpoint.next_offset, "catching up with real-time writes");
+                }
+            }
+            slot.update(&ctx.metrics, |r| {
+                r.lag = lag;
+                r.offset = checkpoint.next_offset;
+                r.records = checkpoint.records;
+            });
+            ctx.report(slot).await;
+        }
+    };
+    stop_leader(leader).await;
+    close_consumer(consumer).await;
+    match result {
+        Ok(_superseded) => {
+            tracing::info!(replica = %id, "superseded by a newer version: no longer following real-time writes");
+            slot.update(&ctx.metrics, |r| {
+                r.following = false;
+                r.lag = None;
+            });
+            go_online(ctx, slot, store, &checkpoint, consumed_from).await
+        }
+        Err(e) => {
+            slot.update(&ctx.metrics, |r| r.following = false);
+            Err(e)
+        }
+    }
+}
+
+/// A following replica's lag: the real-time records it has not applied. Before its version's
+/// START_OF_BUFFER_REPLAY it counts from the rewind point (found once, in `replay_from`), as
+/// the replay will.
+async fn measure_lag(
+    ctx: &NodeContext,
+    plan: &ReplicaPlan,
+    partition: u32,
+    rt_topic: &str,
+    checkpoint: &Checkpoint,
+    replay_from: &mut Option<i64>,
+) -> Result<Option<u64>, rialto_backends::PubSubError> {
+    let (_, end) = ctx.pubsub.watermarks(rt_topic, partition).await?;
+    if let Some(replay) = checkpoint.replay {
+        return Ok(Some(replay.lag(end)));
+    }
+    let Some(hybrid) = plan.hybrid else {
+        return Ok(None);
+    };
+    let start = match *replay_from {
+        Some(start) => start,
+        None => {
+            let since = rialto_protocol::meta::now_ms()
+                - (hybrid.rewind_seconds as i64).saturating_mul(1000);
+            let start = crate::hybrid::replay_start(ctx, rt_topic, partition, since).await?;
+            *replay_from = Some(start);
+            start
+        }
+    };
+    Ok(Some((end - start).max(0) as u64))
+}
+
+fn progress_of(checkpoint: &Checkpoint) -> crate::hybrid::Progress {
+    crate::hybrid::Progress {
+        next_offset: checkpoint.next_offset,
+        replay: checkpoint.replay,
+    }
+}
+
+/// Reports a following replica ONLINE (its database stays writable).
+async fn go_online_following(
+    ctx: &NodeContext,
+    slot: &ReplicaSlot,
+    store: &Arc<ReplicaStore>,
+    checkpoint: &Checkpoint,
+    consumed_from: i64,
+    lag: u64,
+) -> Result<(), Ended> {
+    mark_online(ctx, slot, store, checkpoint, consumed_from, Some(lag)).await?;
+    tracing::info!(replica = %slot.id, records = checkpoint.records, lag, "ONLINE, following real-time writes");
+    ctx.report(slot).await;
+    Ok(())
 }
 
 /// Whether this replica's push goes through SST ingestion (START_OF_PUSH says sorted).
@@ -510,6 +782,30 @@ pub(crate) struct Validated {
     pub failure: Option<String>,
     /// The compression dictionary of a START_OF_PUSH in this poll.
     pub dictionary: Option<Vec<u8>>,
+    /// Records after END_OF_PUSH left for `follow_realtime` ([`Hybrid::UntilEndOfPush`]).
+    pub rest: Vec<ConsumedRecord>,
+}
+
+/// What a version's topic may hold after END_OF_PUSH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hybrid {
+    /// A batch version: nothing but the push's END_OF_SEGMENT.
+    No,
+    /// A hybrid version still in its push: validation stops after END_OF_PUSH.
+    UntilEndOfPush,
+    /// A hybrid version past END_OF_PUSH: START_OF_BUFFER_REPLAY and records its partition
+    /// leaders copied from the real-time topic.
+    Following,
+}
+
+impl From<&ReplicaPlan> for Hybrid {
+    fn from(plan: &ReplicaPlan) -> Hybrid {
+        if plan.hybrid.is_some() {
+            Hybrid::UntilEndOfPush
+        } else {
+            Hybrid::No
+        }
+    }
 }
 
 /// Validates one poll's records against `checkpoint`: producer metadata, envelope integrity,
@@ -521,6 +817,7 @@ pub(crate) fn validate_batch(
     topic: &str,
     partition: u32,
     codec: CompressionCodec,
+    hybrid: Hybrid,
 ) -> Validated {
     let mut out = Validated {
         next: checkpoint.clone(),
@@ -528,14 +825,20 @@ pub(crate) fn validate_batch(
         duplicates: 0,
         failure: None,
         dictionary: None,
+        rest: Vec::new(),
     };
-    for record in records {
+    let mut records = records.into_iter();
+    while let Some(record) = records.next() {
         let offset = record.offset;
-        if let Err(message) = validate_record(&mut out, record, topic, partition, codec) {
+        if let Err(message) = validate_record(&mut out, record, topic, partition, codec, hybrid) {
             out.failure = Some(message);
             return out;
         }
         out.next.next_offset = offset + 1;
+        if hybrid == Hybrid::UntilEndOfPush && out.next.validation.end_of_push {
+            out.rest = records.collect();
+            return out;
+        }
     }
     out
 }
@@ -546,6 +849,7 @@ fn validate_record(
     topic: &str,
     partition: u32,
     codec: CompressionCodec,
+    hybrid: Hybrid,
 ) -> Result<(), String> {
     let offset = record.offset;
     let Some(value) = record.value else {
@@ -575,10 +879,47 @@ fn validate_record(
             ));
         }
     }
+    let copied = envelope.upstream.is_some()
+        || matches!(
+            envelope.message,
+            Message::Control(ControlMessage::StartOfBufferReplay { .. })
+        );
+    if copied && hybrid == Hybrid::No {
+        return Err(format!(
+            "record at offset {offset} of {topic}/{partition} belongs to a hybrid version \
+             (real-time replay), but this version is batch-only"
+        ));
+    }
     let verdict =
         out.next.validation.check(&envelope).map_err(|e| {
             format!("invalid record at offset {offset} of {topic}/{partition}: {e}")
         })?;
+    if let Message::Control(ControlMessage::StartOfBufferReplay { rt_offsets }) = &envelope.message
+    {
+        // The first START_OF_BUFFER_REPLAY counts; a second leader's (a race) is ignored.
+        if out.next.replay.is_none() {
+            let realtime_start = *rt_offsets.first().ok_or_else(|| {
+                format!("START_OF_BUFFER_REPLAY at offset {offset} of {topic}/{partition} names no real-time offset")
+            })?;
+            out.next.replay = Some(ReplayState {
+                start_of_buffer_replay_offset: offset,
+                realtime_start,
+                ..ReplayState::default()
+            });
+        }
+    }
+    if let (Verdict::Apply, Some(upstream)) = (verdict, envelope.upstream) {
+        let replay = out.next.replay.as_mut().ok_or_else(|| {
+            format!(
+                "record at offset {offset} of {topic}/{partition} was copied from the real-time \
+                 topic before any START_OF_BUFFER_REPLAY"
+            )
+        })?;
+        if replay.admit(upstream) == Admission::Skip {
+            out.duplicates += 1;
+            return Ok(());
+        }
+    }
     match verdict {
         Verdict::Apply => {}
         Verdict::Duplicate => {
@@ -608,11 +949,12 @@ fn validate_record(
         Message::Delete { key } => WriteOp::Delete { key },
         Message::Control(_) => return Ok(()),
     };
-    let sorted = out
-        .next
-        .validation
-        .start_of_push
-        .is_some_and(|sop| sop.sorted);
+    let sorted = !out.next.validation.end_of_push
+        && out
+            .next
+            .validation
+            .start_of_push
+            .is_some_and(|sop| sop.sorted);
     if sorted {
         if let Some(last) = &out.next.last_key {
             if op.key() <= last.as_slice() {
@@ -674,19 +1016,7 @@ async fn go_online(
             ),
         }
     }
-    let s = store.clone();
-    let usage = blocking(move || s.usage())
-        .await
-        .map_err(|e| Ended::Failed(format!("cannot measure the replica database: {e}")))?;
-    slot.update(&ctx.metrics, |r| {
-        r.state = ReplicaState::Online;
-        r.offset = checkpoint.next_offset;
-        r.records = checkpoint.records;
-        r.consumed_from = consumed_from;
-        r.error = None;
-        r.disk_bytes = usage.disk_bytes;
-        r.memory_bytes = usage.memory_bytes;
-    });
+    let usage = mark_online(ctx, slot, &store, checkpoint, consumed_from, None).await?;
     if store.profile() == StorageProfile::InMemory && !usage.data_resident() {
         tracing::warn!(
             replica = %slot.id,
@@ -706,6 +1036,32 @@ async fn go_online(
     );
     ctx.report(slot).await;
     Ok(())
+}
+
+/// Measures the replica and marks it ONLINE at `checkpoint` (not yet reported).
+async fn mark_online(
+    ctx: &NodeContext,
+    slot: &ReplicaSlot,
+    store: &Arc<ReplicaStore>,
+    checkpoint: &Checkpoint,
+    consumed_from: i64,
+    lag: Option<u64>,
+) -> Result<crate::store::StoreUsage, Ended> {
+    let s = store.clone();
+    let usage = blocking(move || s.usage())
+        .await
+        .map_err(|e| Ended::Failed(format!("cannot measure the replica database: {e}")))?;
+    slot.update(&ctx.metrics, |r| {
+        r.state = ReplicaState::Online;
+        r.offset = checkpoint.next_offset;
+        r.records = checkpoint.records;
+        r.consumed_from = consumed_from;
+        r.error = None;
+        r.disk_bytes = usage.disk_bytes;
+        r.memory_bytes = usage.memory_bytes;
+        r.lag = lag;
+    });
+    Ok(usage)
 }
 
 /// Closes `consumer` off the async threads: librdkafka's close joins its threads.
@@ -826,6 +1182,7 @@ mod tests {
             topic: TOPIC.into(),
             storage: StorageProfile::OnDisk,
             compression: rialto_protocol::meta::Compression::None,
+            hybrid: None,
         }
     }
 
@@ -833,7 +1190,7 @@ mod tests {
         let (_stop, stop_rx) = watch::channel(false);
         tokio::time::timeout(
             Duration::from_secs(20),
-            run(h.ctx.clone(), slot.clone(), plan(), stop_rx),
+            run(h.ctx.clone(), slot.clone(), plan(), stop_rx, watch::channel(true).1),
         )
         .await
         .expect("ingestion should finish");
@@ -948,7 +1305,7 @@ mod tests {
         h.pubsub.append_all(TOPIC, 0, first.to_vec());
         let slot1 = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(h.ctx.clone(), slot1.clone(), plan(), stop_rx));
+        let task = tokio::spawn(run(h.ctx.clone(), slot1.clone(), plan(), stop_rx, watch::channel(true).1));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let cp = slot1.take_store().map(|s| {
@@ -991,7 +1348,7 @@ mod tests {
         let records = consumed(clean_push(3), 100);
         let mut bad = records.clone();
         bad[4].value = Some(b"garbage".to_vec());
-        let v = validate_batch(&Checkpoint::default(), bad, "t", 0, CompressionCodec::None);
+        let v = validate_batch(&Checkpoint::default(), bad, "t", 0, CompressionCodec::None, Hybrid::No);
         assert_eq!(v.next.next_offset, 104);
         assert_eq!(v.ops.len(), 2);
         assert_eq!(v.next.records, 2);
@@ -1003,6 +1360,7 @@ mod tests {
             "t",
             0,
             CompressionCodec::None,
+            Hybrid::No,
         );
         assert!(v.failure.is_none());
         assert!(v.next.validation.end_of_push && v.next.validation.all_segments_closed());
@@ -1031,6 +1389,7 @@ mod tests {
             "t",
             0,
             CompressionCodec::Zstd,
+            Hybrid::No,
         );
         let failure = v.failure.expect("codec mismatch");
         assert!(
@@ -1055,6 +1414,7 @@ mod tests {
             "t",
             0,
             CompressionCodec::ZstdWithDictionary,
+            Hybrid::No,
         );
         assert!(v.failure.expect("no dictionary").contains("no dictionary"));
         // The same codec passes.
@@ -1064,6 +1424,7 @@ mod tests {
             "t",
             0,
             CompressionCodec::None,
+            Hybrid::No,
         );
         assert!(v.failure.is_none() && v.ops.len() == 3);
     }
@@ -1131,7 +1492,7 @@ mod tests {
         };
         tokio::time::timeout(
             Duration::from_secs(20),
-            run(h.ctx.clone(), slot.clone(), in_memory, stop_rx),
+            run(h.ctx.clone(), slot.clone(), in_memory, stop_rx, watch::channel(true).1),
         )
         .await
         .expect("ingestion should finish");
@@ -1256,7 +1617,7 @@ mod tests {
         h.pubsub.append_all(TOPIC, 0, records[..102].to_vec());
         let slot = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), plan(), stop_rx));
+        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), plan(), stop_rx, watch::channel(true).1));
         let deadline = Instant::now() + Duration::from_secs(10);
         let key = h.ctx.layout.replica("s", 1, 0, "n1");
         loop {
@@ -1323,5 +1684,136 @@ mod tests {
         let store = h.ctx.registry.online("s", 1, 0).unwrap();
         assert!(store.is_read_only());
         assert!(store.get(b"k499").unwrap().is_some());
+    }
+
+    // --- Hybrid versions -------------------------------------------------------------------
+
+    fn hybrid_plan(lag_records_max: u64) -> ReplicaPlan {
+        ReplicaPlan {
+            hybrid: Some(rialto_protocol::meta::HybridConfig {
+                rewind_seconds: 3600,
+                lag_records_max,
+            }),
+            ..plan()
+        }
+    }
+
+    /// Real-time writes of one writer: `ops` are (key, Some(value)) puts and (key, None)
+    /// deletes, after a START_OF_SEGMENT.
+    fn realtime(writer: &mut rialto_protocol::producer::PartitionWriter, start: bool, ops: &[(&str, Option<&str>)]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        if start {
+            out.push(writer.start_segment().encode());
+        }
+        for (k, v) in ops {
+            let e = match v {
+                Some(v) => writer.put(k.as_bytes().to_vec(), 1, v.as_bytes().to_vec()),
+                None => writer.delete(k.as_bytes().to_vec()),
+            };
+            out.push(e.encode());
+        }
+        out
+    }
+
+    async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..400 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn value_of(h: &Harness, key: &str) -> Option<Vec<u8>> {
+        let store = h.ctx.registry.online("s", 1, 0).ok()?;
+        let v = store.get(key.as_bytes()).unwrap();
+        v.map(|v| v[4..].to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_hybrid_replica_leads_replays_and_follows_real_time_writes() {
+        let h = harness().await;
+        h.pubsub.create_topic("s_rt", 1).await.unwrap();
+        // Real-time writes before the push ends are replayed on top of the batch data.
+        let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
+        h.pubsub.append_all(
+            "s_rt",
+            0,
+            realtime(&mut writer, true, &[("k2", Some("rt-2")), ("k3", None)]),
+        );
+        let mut p = PushRecords::start([1; 16]);
+        for i in 0..5 {
+            p.put(format!("k{i}").as_bytes(), 1, format!("batch-{i}").as_bytes());
+        }
+        h.pubsub.append_all(TOPIC, 0, p.finish());
+        let slot = slot(&h);
+        let (stop, stop_rx) = watch::channel(false);
+        let (follow, follow_rx) = watch::channel(true);
+        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), hybrid_plan(0), stop_rx, follow_rx));
+
+        wait_for("the replica to be ONLINE", || slot.state() == ReplicaState::Online).await;
+        let r = slot.record();
+        assert!(r.leader && r.following, "{r:?}");
+        assert_eq!(r.lag, Some(0));
+        assert_eq!(value_of(&h, "k1").as_deref(), Some(&b"batch-1"[..]));
+        assert_eq!(value_of(&h, "k2").as_deref(), Some(&b"rt-2"[..]), "real-time wins");
+        assert_eq!(value_of(&h, "k3"), None, "deleted in real time");
+        let leader_key = h.ctx.layout.partition_leader("s", 1, 0);
+        assert_eq!(h.meta.get(&leader_key).await.unwrap().unwrap().value, b"n1");
+
+        // Writes after the swap keep arriving, in order: the last write of a key wins.
+        h.pubsub.append_all(
+            "s_rt",
+            0,
+            realtime(&mut writer, false, &[("k4", Some("rt-4a")), ("k5", Some("new")), ("k4", Some("rt-4b"))]),
+        );
+        wait_for("the new writes", || value_of(&h, "k4").as_deref() == Some(b"rt-4b")).await;
+        assert_eq!(value_of(&h, "k5").as_deref(), Some(&b"new"[..]));
+        let cp = h.ctx.registry.online("s", 1, 0).unwrap().checkpoint().unwrap().unwrap();
+        let replay = cp.replay.expect("replay state");
+        assert_eq!((replay.realtime_start, replay.last_upstream), (0, Some(5)));
+
+        // Superseded: stops following and is sealed, serving what it has.
+        follow.send(false).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
+        let r = slot.record();
+        assert_eq!(r.state, ReplicaState::Online);
+        assert!(!r.following && !r.leader, "{r:?}");
+        assert!(h.ctx.registry.online("s", 1, 0).unwrap().is_read_only());
+        assert_eq!(value_of(&h, "k4").as_deref(), Some(&b"rt-4b"[..]));
+        assert!(h.meta.get(&leader_key).await.unwrap().is_none(), "leadership released");
+        drop(stop);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_replica_stays_out_and_a_corrupt_real_time_record_is_an_error() {
+        let h = harness().await;
+        h.pubsub.create_topic("s_rt", 1).await.unwrap();
+        h.pubsub.append_all(TOPIC, 0, PushRecords::start([1; 16]).finish());
+        let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
+        let mut records = realtime(&mut writer, true, &[("a", Some("1")), ("b", Some("2"))]);
+        // The third record's CRC is broken.
+        let mut bad = realtime(&mut writer, false, &[("c", Some("3"))]).remove(0);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        records.push(bad);
+        h.pubsub.append_all("s_rt", 0, records);
+        let slot = slot(&h);
+        let (_stop, stop_rx) = watch::channel(false);
+        let (_follow, follow_rx) = watch::channel(true);
+        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), hybrid_plan(0), stop_rx, follow_rx));
+        tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
+        let r = reported(&h).await;
+        assert_eq!(r.state, ReplicaState::Error, "{r:?}");
+        let error = r.error.unwrap();
+        assert!(error.contains("corrupt record at offset 3 of s_rt/0"), "{error}");
+        // It never served: with a lag bound of 0 it was never ONLINE, and nothing after the
+        // corrupt record was copied.
+        let store = slot.store().unwrap();
+        assert!(store.get(b"c").unwrap().is_none());
+        // The failed leader keeps the leadership, so the other replicas do not fail in turn.
+        let leader_key = h.ctx.layout.partition_leader("s", 1, 0);
+        assert_eq!(h.meta.get(&leader_key).await.unwrap().unwrap().value, b"n1");
     }
 }

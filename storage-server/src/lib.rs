@@ -20,6 +20,7 @@
 mod assignments;
 mod error;
 pub mod faults;
+mod hybrid;
 mod http;
 pub mod ingest;
 pub mod metrics;

@@ -298,9 +298,76 @@ pub fn render_storage(
     out
 }
 
+/// A replica of a hybrid version following real-time writes on this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowingReplica {
+    pub store: String,
+    pub version: u32,
+    pub partition: u32,
+    /// Real-time records not yet applied; `None` until measured.
+    pub lag: Option<u64>,
+    pub leader: bool,
+}
+
+/// Prometheus text of the hybrid gauges: real-time lag and leadership per replica.
+pub fn render_realtime(replicas: &[FollowingReplica]) -> String {
+    let mut out = String::with_capacity(128 + replicas.len() * 200);
+    let _ = writeln!(out, "# TYPE rialto_server_realtime_lag_records gauge");
+    for r in replicas {
+        if let Some(lag) = r.lag {
+            let _ = writeln!(
+                out,
+                "rialto_server_realtime_lag_records{{store=\"{}\",version=\"{}\",partition=\"{}\"}} {lag}",
+                r.store, r.version, r.partition
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE rialto_server_partition_leader gauge");
+    for r in replicas {
+        let _ = writeln!(
+            out,
+            "rialto_server_partition_leader{{store=\"{}\",version=\"{}\",partition=\"{}\"}} {}",
+            r.store,
+            r.version,
+            r.partition,
+            u8::from(r.leader)
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_realtime_gauges() {
+        let text = render_realtime(&[
+            FollowingReplica {
+                store: "feed".into(),
+                version: 2,
+                partition: 5,
+                lag: Some(42),
+                leader: true,
+            },
+            FollowingReplica {
+                store: "feed".into(),
+                version: 2,
+                partition: 6,
+                lag: None,
+                leader: false,
+            },
+        ]);
+        for line in [
+            "rialto_server_realtime_lag_records{store=\"feed\",version=\"2\",partition=\"5\"} 42",
+            "rialto_server_partition_leader{store=\"feed\",version=\"2\",partition=\"5\"} 1",
+            "rialto_server_partition_leader{store=\"feed\",version=\"2\",partition=\"6\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(!text.contains("partition=\"6\"} 42"), "{text}");
+        assert_eq!(text.matches("rialto_server_realtime_lag_records{").count(), 1, "{text}");
+    }
 
     #[test]
     fn renders_storage_gauges() {

@@ -62,6 +62,9 @@ impl ReplicaSlot {
                 error: None,
                 disk_bytes: 0,
                 memory_bytes: 0,
+                lag: None,
+                leader: false,
+                following: false,
             }),
             store: Mutex::new(None),
         }
@@ -104,6 +107,11 @@ impl ReplicaSlot {
 
     pub(crate) fn take_store(&self) -> Option<Arc<ReplicaStore>> {
         lock(&self.store).take()
+    }
+
+    /// The database, whatever the replica's state (once opened).
+    pub(crate) fn store(&self) -> Option<Arc<ReplicaStore>> {
+        lock(&self.store).clone()
     }
 
     /// The database, if the replica is ONLINE.

@@ -612,6 +612,30 @@ impl ReplicaStore {
         ReplicaStore::open_read_only(&path, layout, engine)
     }
 
+    /// Readies a writable replica of a hybrid version to serve while it keeps taking writes:
+    /// flushes and merges what the push wrote, then turns RocksDB's automatic compactions and
+    /// level-0 write limits back on (a writable replica starts without them, see the module docs).
+    pub fn serve_while_writing(&self) -> Result<(), ServerError> {
+        if self.read_only {
+            return Ok(());
+        }
+        let (data, meta) = (self.data_cf()?, self.meta_cf()?);
+        self.db
+            .flush_cfs_opt(&[data, meta], &rocksdb::FlushOptions::default())
+            .map_err(|e| storage(&self.path, e))?;
+        self.db.compact_range_cf(data, None::<&[u8]>, None::<&[u8]>);
+        self.db
+            .set_options_cf(
+                data,
+                &[
+                    ("disable_auto_compactions", "false"),
+                    ("level0_slowdown_writes_trigger", "20"),
+                    ("level0_stop_writes_trigger", "36"),
+                ],
+            )
+            .map_err(|e| storage(&self.path, e))
+    }
+
     /// Reads the data files once so that they are in the page cache (and, for in-memory stores,
     /// in the mmapped pages PlainTable reads) before the replica takes traffic. Reads at most
     /// `budget_bytes`.

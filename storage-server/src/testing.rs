@@ -529,6 +529,7 @@ impl PushRecords {
                 timestamp_ms: 0,
             },
             message,
+            upstream: None,
         };
         self.sequence += 1;
         self.records.push(env.encode());
@@ -583,6 +584,7 @@ pub fn version_record(
         compression: rialto_protocol::meta::Compression::None,
         value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
         max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+        hybrid: None,
     }
 }
 

@@ -10,14 +10,16 @@
 //!   sequence 0; a segment further ahead is a gap (ERROR);
 //! * START_OF_SEGMENT resets the running [`SegmentChecksum`], PUT/DELETE update it, and
 //!   END_OF_SEGMENT must match it (checksum and record count);
-//! * data before START_OF_PUSH or after END_OF_PUSH is an ERROR (batch-only versions).
+//! * data before START_OF_PUSH is an ERROR, and so is data after END_OF_PUSH unless it is a
+//!   record a partition leader copied from the real-time topic (hybrid versions, see
+//!   [`ReplayState`] and `crate::hybrid`).
 //!
 //! The validation state is part of [`Checkpoint`], which is written in the same RocksDB write
 //! batch as the data it covers, so a restart resumes validation exactly where it stopped.
 
 use std::collections::BTreeMap;
 
-use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum};
+use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum, Upstream};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -60,6 +62,72 @@ pub struct PushValidation {
     pub producers: BTreeMap<String, ProducerState>,
 }
 
+/// Where a hybrid version's replay of the real-time topic stands, as this replica applied it.
+///
+/// A partition leader writes START_OF_BUFFER_REPLAY (the real-time offset its replay starts
+/// from) after END_OF_PUSH, then copies real-time records, each carrying its real-time offset and
+/// the leader's epoch ([`Upstream`]). Every replica applies the version topic in order with these
+/// rules, so all replicas apply the same records: a record from an older epoch than the newest
+/// seen is a stale leader's and is skipped; in one epoch, offsets must grow (a lower or equal one
+/// is a copy already applied); a newer epoch is a new leader, which resumed from what it had
+/// applied itself, so its records are applied from its first one on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayState {
+    /// Version topic offset of the START_OF_BUFFER_REPLAY applied.
+    pub start_of_buffer_replay_offset: i64,
+    /// Real-time offset the replay started from.
+    pub realtime_start: i64,
+    /// Newest leader epoch applied.
+    pub epoch: u64,
+    /// Real-time offset of the last copied record applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upstream: Option<i64>,
+}
+
+/// Whether a copied record is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Apply,
+    /// From a stale leader, or a copy already applied.
+    Skip,
+}
+
+impl ReplayState {
+    /// Decides about a copied record and, if it is applied, advances the state.
+    pub fn admit(&mut self, upstream: Upstream) -> Admission {
+        if upstream.epoch < self.epoch {
+            return Admission::Skip;
+        }
+        if upstream.epoch == self.epoch && self.last_upstream.is_some_and(|l| upstream.offset <= l)
+        {
+            return Admission::Skip;
+        }
+        self.epoch = upstream.epoch;
+        self.last_upstream = Some(upstream.offset);
+        Admission::Apply
+    }
+
+    /// The real-time offset after the last record applied: where a replay resumes.
+    pub fn next_realtime_offset(&self) -> i64 {
+        self.last_upstream.map_or(self.realtime_start, |l| l + 1)
+    }
+
+    /// Real-time records not yet applied when the real-time topic ends at `realtime_end`
+    /// (its high watermark).
+    pub fn lag(&self, realtime_end: i64) -> u64 {
+        (realtime_end - self.next_realtime_offset()).max(0) as u64
+    }
+}
+
+/// Seed 03's lag: the real-time records the replay has to cover (`realtime_end -
+/// sobr_realtime_offset`) minus the version-topic records consumed since the
+/// START_OF_BUFFER_REPLAY (`consumed_offset - sobr_offset`). It equals [`ReplayState::lag`] while
+/// every copied record is one version-topic record after the SOBR; `ReplayState::lag` stays exact
+/// when the leader's control records or a second leader's duplicates sit in between.
+pub fn seed_lag(sobr_offset: i64, sobr_realtime_offset: i64, consumed_offset: i64, realtime_end: i64) -> u64 {
+    ((realtime_end - sobr_realtime_offset) - (consumed_offset - sobr_offset)).max(0) as u64
+}
+
 /// A replica's checkpoint, stored in the `meta` column family with the data it covers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -73,6 +141,9 @@ pub struct Checkpoint {
     /// Producer validation state and push markers.
     #[serde(flatten)]
     pub validation: PushValidation,
+    /// Of a hybrid version, once START_OF_BUFFER_REPLAY was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayState>,
 }
 
 /// What to do with a record that passed validation.
@@ -138,8 +209,10 @@ pub enum ValidationError {
     },
     #[error("data record before START_OF_PUSH")]
     DataBeforeStartOfPush,
-    #[error("data record after END_OF_PUSH (this server only serves batch versions)")]
+    #[error("data record after END_OF_PUSH that no partition leader copied from the real-time topic")]
     DataAfterEndOfPush,
+    #[error("record copied from the real-time topic before END_OF_PUSH")]
+    CopiedBeforeEndOfPush,
 }
 
 /// Lowercase hex of a producer GUID.
@@ -260,8 +333,10 @@ impl PushValidation {
                 if self.start_of_push.is_none() {
                     return Err(ValidationError::DataBeforeStartOfPush);
                 }
-                if self.end_of_push {
-                    return Err(ValidationError::DataAfterEndOfPush);
+                match (self.end_of_push, envelope.upstream.is_some()) {
+                    (true, false) => return Err(ValidationError::DataAfterEndOfPush),
+                    (false, true) => return Err(ValidationError::CopiedBeforeEndOfPush),
+                    _ => {}
                 }
                 let mut running = SegmentChecksum {
                     crc: state.checksum,
@@ -312,7 +387,9 @@ impl PushValidation {
                     }
                     ControlMessage::EndOfPush => self.end_of_push = true,
                     ControlMessage::StartOfBufferReplay { .. } => {
-                        tracing::info!(%producer, "START_OF_BUFFER_REPLAY ignored: hybrid stores are not supported yet");
+                        if !self.end_of_push {
+                            return Err(ValidationError::CopiedBeforeEndOfPush);
+                        }
                     }
                 }
                 Verdict::Control
@@ -345,6 +422,7 @@ mod tests {
                 timestamp_ms: 0,
             },
             message,
+            upstream: None,
         }
     }
     fn sos(segment: u32) -> Envelope {
@@ -543,5 +621,69 @@ mod tests {
         let text = String::from_utf8(json.clone()).unwrap();
         assert!(text.contains("\"end_of_push\":false"), "{text}");
         assert_eq!(serde_json::from_slice::<Checkpoint>(&json).unwrap(), cp);
+    }
+
+    #[test]
+    fn the_seeds_worked_example_lags_by_eight() {
+        // END_OF_PUSH at 27; START_OF_BUFFER_REPLAY at 28 says the replay starts at real-time
+        // offset 220; the real-time topic then ends at 232 (12 records to replay) and the
+        // replica has consumed up to offset 32 (records 29..=32: 4 copies, of 220..=223).
+        assert_eq!(seed_lag(28, 220, 32, 232), 8);
+        let mut replay = ReplayState {
+            start_of_buffer_replay_offset: 28,
+            realtime_start: 220,
+            ..ReplayState::default()
+        };
+        assert_eq!(replay.lag(232), 12);
+        for offset in 220..=223 {
+            let applied = replay.admit(Upstream { epoch: 5, offset });
+            assert_eq!(applied, Admission::Apply);
+        }
+        assert_eq!(replay.lag(232), 8);
+    }
+
+    #[test]
+    fn copies_from_stale_leaders_and_repeats_are_skipped() {
+        let mut r = ReplayState {
+            realtime_start: 100,
+            ..ReplayState::default()
+        };
+        let up = |epoch, offset| Upstream { epoch, offset };
+        assert_eq!(r.admit(up(10, 100)), Admission::Apply);
+        assert_eq!(r.admit(up(10, 101)), Admission::Apply);
+        assert_eq!(r.admit(up(10, 101)), Admission::Skip, "a repeated copy");
+        // A new leader resumes from what it applied itself (maybe behind): applied from there.
+        assert_eq!(r.admit(up(12, 100)), Admission::Apply);
+        assert_eq!(r.next_realtime_offset(), 101);
+        // The old leader, still writing, is fenced off.
+        assert_eq!(r.admit(up(10, 102)), Admission::Skip);
+        assert_eq!(r.admit(up(12, 101)), Admission::Apply);
+        assert_eq!(r.admit(up(12, 102)), Admission::Apply);
+        assert_eq!(r.lag(110), 7);
+    }
+
+    #[test]
+    fn copied_records_are_accepted_only_after_end_of_push() {
+        let mut v = PushValidation::default();
+        let copied = |seq: u32| Envelope {
+            upstream: Some(Upstream {
+                epoch: 1,
+                offset: i64::from(seq),
+            }),
+            ..put(seq, "c")
+        };
+        v.check(&sos(0)).unwrap();
+        v.check(&sop(1)).unwrap();
+        assert_eq!(
+            v.check(&copied(2)).unwrap_err(),
+            ValidationError::CopiedBeforeEndOfPush
+        );
+        v.check(&env(0, 2, Message::Control(ControlMessage::EndOfPush)))
+            .unwrap();
+        assert_eq!(v.check(&copied(3)).unwrap(), Verdict::Apply);
+        assert_eq!(
+            v.check(&put(4, "plain")).unwrap_err(),
+            ValidationError::DataAfterEndOfPush
+        );
     }
 }

@@ -1,0 +1,653 @@
+//! Hybrid versions: the partition leader that copies real-time writes into the version topic.
+//!
+//! One replica of each partition of a hybrid version is its *leader*, chosen through etcd: the
+//! first replica past END_OF_PUSH to create `partition_leader(store, version, partition)` under
+//! its server's lease holds it until it stops, its server dies or loses its lease. The key's mod
+//! revision is the leader's *epoch*. A leader:
+//!
+//! 1. waits until its own replica has applied the version topic up to where it stood when the
+//!    term began (so it knows what earlier leaders copied);
+//! 2. writes START_OF_SEGMENT of its own producer and, if no START_OF_BUFFER_REPLAY was applied
+//!    yet, one saying where the replay starts: the first real-time record of the last
+//!    `rewind_seconds` (found by timestamp);
+//! 3. copies real-time records in order into the version topic, each carrying its real-time
+//!    offset and the leader's epoch, from the offset after the last one its replica applied.
+//!
+//! Every replica, the leader's included, applies records only from the version topic (see
+//! `validator::ReplayState` for the rules), so all replicas apply the same sequence; a stale
+//! leader still writing is fenced off by its epoch. The leader validates the real-time topic's
+//! producer metadata ([`RealtimeValidation`]): a redelivered record is not copied; a gap, a
+//! corrupt record or a segment checksum mismatch stops the copy and puts the leader's replica in
+//! ERROR (it never copies a record it cannot vouch for). It keeps the leadership then, so the
+//! partition's other replicas do not meet the same record and fail in turn: they go on serving
+//! what they have, with a growing lag, until the server's lease ends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rialto_backends::PubSubError;
+use rialto_protocol::codec::{self, ValueCompressor};
+use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum, Upstream};
+use rialto_protocol::meta::{now_ms, realtime_topic, Compression, ReplicaState};
+use rialto_protocol::producer::PartitionWriter;
+use rialto_protocol::stored::CHECKSUM_BYTES;
+use tokio::sync::watch;
+
+use crate::assignments::ReplicaPlan;
+use crate::node::NodeContext;
+use crate::replica::ReplicaSlot;
+use crate::validator::{guid_hex, ReplayState};
+
+/// How often a leader checks that it still holds its partition, and a candidate retries.
+pub const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
+/// A leader closes its segment after this many copied records (its checksum gets verified).
+pub const COPIED_SEGMENT_RECORDS: u32 = 10_000;
+/// Real-time records read per poll.
+const POLL_RECORDS_MAX: usize = 1000;
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What the replica's ingestion has applied, for its leader.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// Next version-topic offset to consume.
+    pub next_offset: i64,
+    pub replay: Option<ReplayState>,
+}
+
+/// Why a leadership term ended.
+enum TermEnd {
+    /// Stopped, or the leadership went to someone else: try again (or stop).
+    Yielded,
+    /// The real-time topic holds a record the leader cannot copy: the replica goes to ERROR.
+    Fatal(String),
+}
+
+/// Runs the replica's candidacy and leadership until `stop`. A fatal problem is sent on
+/// `failure` (the ingestion task puts the replica in ERROR).
+pub(crate) async fn lead(
+    ctx: Arc<NodeContext>,
+    slot: Arc<ReplicaSlot>,
+    plan: ReplicaPlan,
+    progress: watch::Receiver<Progress>,
+    mut stop: watch::Receiver<bool>,
+    failure: watch::Sender<Option<String>>,
+) {
+    let key = ctx
+        .layout
+        .partition_leader(&slot.id.store, slot.id.version, slot.id.partition);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match acquire(&ctx, &key).await {
+            Ok(Some(epoch)) => {
+                tracing::info!(replica = %slot.id, epoch, "partition leader");
+                set_leader(&ctx, &slot, true).await;
+                let end = lead_term(&ctx, &slot, &plan, &key, epoch, progress.clone(), &mut stop)
+                    .await;
+                if let TermEnd::Fatal(message) = end {
+                    // The leadership is kept (until this server's lease ends): another replica
+                    // would meet the same record and fail too, while the partition's other
+                    // replicas can go on serving what they have, their lag growing.
+                    set_leader(&ctx, &slot, false).await;
+                    tracing::error!(replica = %slot.id, error = %message, "leader stops: the real-time topic cannot be copied; the partition takes no more real-time writes until an operator acts");
+                    let _ = failure.send(Some(message));
+                    return;
+                }
+                release(&ctx, &key, epoch).await;
+                set_leader(&ctx, &slot, false).await;
+                tracing::info!(replica = %slot.id, epoch, "no longer partition leader");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(replica = %slot.id, error = %e, "leader election failed; retrying"),
+        }
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(LEADERSHIP_CHECK) => {}
+        }
+    }
+}
+
+async fn set_leader(ctx: &NodeContext, slot: &ReplicaSlot, leader: bool) {
+    slot.update(&ctx.metrics, |r| r.leader = leader);
+    ctx.report(slot).await;
+}
+
+/// Tries to take the leadership; its epoch when won.
+async fn acquire(ctx: &NodeContext, key: &str) -> Result<Option<u64>, String> {
+    let lease = *ctx.lease_id.lock().await;
+    let won = ctx
+        .meta
+        .compare_and_put(key, None, ctx.node_id.clone().into_bytes(), Some(lease))
+        .await
+        .map_err(|e| e.to_string())?;
+    if !won {
+        return Ok(None);
+    }
+    match ctx.meta.get(key).await.map_err(|e| e.to_string())? {
+        Some(kv) if kv.value == ctx.node_id.as_bytes() => Ok(Some(kv.mod_revision as u64)),
+        _ => Ok(None),
+    }
+}
+
+/// Whether the leadership is still this term's.
+async fn holds(ctx: &NodeContext, key: &str, epoch: u64) -> bool {
+    match ctx.meta.get(key).await {
+        Ok(Some(kv)) => kv.value == ctx.node_id.as_bytes() && kv.mod_revision as u64 == epoch,
+        Ok(None) => false,
+        // Unknown: keep going; the next check decides (a stale leader is fenced off anyway).
+        Err(_) => true,
+    }
+}
+
+async fn release(ctx: &NodeContext, key: &str, epoch: u64) {
+    if holds(ctx, key, epoch).await {
+        if let Err(e) = ctx.meta.delete(key).await {
+            tracing::warn!(key, error = %e, "cannot release the partition leadership; it expires with the lease");
+        }
+    }
+}
+
+/// One leadership term: catch up, announce, copy until stopped or dethroned.
+async fn lead_term(
+    ctx: &NodeContext,
+    slot: &ReplicaSlot,
+    plan: &ReplicaPlan,
+    key: &str,
+    epoch: u64,
+    mut progress: watch::Receiver<Progress>,
+    stop: &mut watch::Receiver<bool>,
+) -> TermEnd {
+    let Some(hybrid) = plan.hybrid else {
+        return TermEnd::Yielded;
+    };
+    let partition = slot.id.partition;
+    let rt_topic = realtime_topic(&slot.id.store);
+    let mut last_check = Instant::now();
+
+    // 1. Everything written to the version topic before this term is applied here.
+    let end = loop {
+        match ctx.pubsub.watermarks(&plan.topic, partition).await {
+            Ok((_, high)) => break high,
+            Err(e) => {
+                tracing::warn!(replica = %slot.id, error = %e, "cannot read the version topic's end; retrying");
+                if wait(stop, LEADERSHIP_CHECK).await {
+                    return TermEnd::Yielded;
+                }
+            }
+        }
+    };
+    loop {
+        if progress.borrow().next_offset >= end {
+            break;
+        }
+        tokio::select! {
+            _ = stopped(stop) => return TermEnd::Yielded,
+            changed = progress.changed() => if changed.is_err() { return TermEnd::Yielded },
+            _ = tokio::time::sleep(LEADERSHIP_CHECK) => {
+                if !holds(ctx, key, epoch).await {
+                    return TermEnd::Yielded;
+                }
+            }
+        }
+    }
+
+    // 2. Where the copy starts.
+    let mut copier = match Copier::new(slot, plan, epoch) {
+        Ok(c) => c,
+        Err(e) => return TermEnd::Fatal(e),
+    };
+    let replay = progress.borrow().replay;
+    let start = match replay {
+        Some(r) => r.next_realtime_offset(),
+        None => {
+            let since = now_ms() - (hybrid.rewind_seconds as i64).saturating_mul(1000);
+            let start = match replay_start(ctx, &rt_topic, partition, since).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(replica = %slot.id, error = %e, "cannot find where the replay starts; retrying");
+                    return TermEnd::Yielded;
+                }
+            };
+            tracing::info!(replica = %slot.id, epoch, realtime_offset = start, rewind_s = hybrid.rewind_seconds, "START_OF_BUFFER_REPLAY");
+            copier.pending.push(copier.writer.control(ControlMessage::StartOfBufferReplay {
+                rt_offsets: vec![start],
+            }));
+            start
+        }
+    };
+    if let Err(e) = copier.flush(ctx).await {
+        tracing::warn!(replica = %slot.id, error = %e, "cannot write to the version topic; yielding the leadership");
+        return TermEnd::Yielded;
+    }
+
+    // 3. Copy.
+    let mut consumer = match ctx.pubsub.consumer(&rt_topic, partition, start).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(replica = %slot.id, error = %e, "cannot consume the real-time topic; yielding the leadership");
+            return TermEnd::Yielded;
+        }
+    };
+    let mut validation = RealtimeValidation::default();
+    let end = loop {
+        if last_check.elapsed() >= LEADERSHIP_CHECK {
+            last_check = Instant::now();
+            if !holds(ctx, key, epoch).await {
+                break TermEnd::Yielded;
+            }
+        }
+        let polled = tokio::select! {
+            _ = stopped(stop) => break TermEnd::Yielded,
+            polled = consumer.poll(POLL_RECORDS_MAX, POLL_TIMEOUT) => polled,
+        };
+        let records = match polled {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(replica = %slot.id, error = %e, "real-time poll failed; retrying");
+                if wait(stop, Duration::from_millis(200)).await {
+                    break TermEnd::Yielded;
+                }
+                continue;
+            }
+        };
+        for record in records {
+            let offset = record.offset;
+            let Some(value) = record.value else {
+                return TermEnd::Fatal(format!(
+                    "record without a value at offset {offset} of {rt_topic}/{partition}"
+                ));
+            };
+            let envelope = match Envelope::decode(&value) {
+                Ok(e) => e,
+                Err(e) => {
+                    return TermEnd::Fatal(format!(
+                        "corrupt record at offset {offset} of {rt_topic}/{partition}: {e}"
+                    ))
+                }
+            };
+            match validation.check(&envelope) {
+                Ok(Copy::Yes) => {}
+                Ok(Copy::No) => continue,
+                Err(e) => {
+                    return TermEnd::Fatal(format!(
+                        "invalid record at offset {offset} of {rt_topic}/{partition}: {e}"
+                    ))
+                }
+            }
+            if let Err(e) = copier.copy(envelope.message, Upstream { epoch, offset }) {
+                return TermEnd::Fatal(format!(
+                    "record at offset {offset} of {rt_topic}/{partition}: {e}"
+                ));
+            }
+        }
+        if let Err(e) = copier.flush(ctx).await {
+            tracing::warn!(replica = %slot.id, error = %e, "cannot write to the version topic; yielding the leadership");
+            break TermEnd::Yielded;
+        }
+    };
+    let end_segment = copier.writer.end_segment();
+    copier.pending.push(end_segment);
+    let _ = copier.flush(ctx).await;
+    close_consumer(consumer).await;
+    end
+}
+
+/// Returns once `stop` is true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Waits `pause` unless stopped first; true when stopped.
+async fn wait(stop: &mut watch::Receiver<bool>, pause: Duration) -> bool {
+    tokio::select! {
+        _ = stopped(stop) => true,
+        _ = tokio::time::sleep(pause) => false,
+    }
+}
+
+async fn close_consumer(consumer: Box<dyn rialto_backends::PartitionConsumer>) {
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+}
+
+/// The first real-time offset written at or after `since_ms`: where a new version's replay
+/// starts (the start of the partition when the broker cannot tell).
+pub(crate) async fn replay_start(
+    ctx: &NodeContext,
+    topic: &str,
+    partition: u32,
+    since_ms: i64,
+) -> Result<i64, PubSubError> {
+    match ctx.pubsub.offset_for_time(topic, partition, since_ms).await? {
+        Some(offset) => Ok(offset),
+        None => Ok(ctx.pubsub.watermarks(topic, partition).await?.0),
+    }
+}
+
+/// Writes copied records into the version topic with this leader's producer metadata.
+struct Copier {
+    topic: String,
+    partition: u32,
+    writer: PartitionWriter,
+    /// Envelopes encoded and waiting to be sent.
+    pending: Vec<Envelope>,
+    /// Compresses copied values the way the version stores them.
+    compressor: Option<ValueCompressor>,
+}
+
+impl Copier {
+    fn new(
+        slot: &ReplicaSlot,
+        plan: &ReplicaPlan,
+        epoch: u64,
+    ) -> Result<Copier, String> {
+        let compressor = match plan.compression {
+            Compression::None => None,
+            Compression::Zstd => Some(
+                ValueCompressor::new(codec::DEFAULT_LEVEL, None).map_err(|e| e.to_string())?,
+            ),
+            Compression::ZstdDictionary => {
+                let store = slot
+                    .store()
+                    .ok_or("the replica's database is not open")?;
+                let dictionary = store
+                    .dictionary()
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the version has no compression dictionary")?;
+                Some(
+                    ValueCompressor::new(codec::DEFAULT_LEVEL, Some(&dictionary))
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+        };
+        let mut writer = PartitionWriter::new(*uuid::Uuid::new_v4().as_bytes());
+        let sos = writer.start_segment();
+        tracing::debug!(replica = %slot.id, epoch, producer = %guid_hex(&sos.producer.producer_guid), "copying as a new producer");
+        Ok(Copier {
+            topic: plan.topic.clone(),
+            partition: slot.id.partition,
+            writer,
+            pending: vec![sos],
+            compressor,
+        })
+    }
+
+    /// Queues the copy of one real-time PUT or DELETE.
+    fn copy(&mut self, message: Message, upstream: Upstream) -> Result<(), String> {
+        let message = match message {
+            Message::Put {
+                key,
+                schema_id,
+                value,
+            } => Message::Put {
+                key,
+                schema_id,
+                value: self.stored_body(value)?,
+            },
+            delete @ Message::Delete { .. } => delete,
+            Message::Control(_) => return Ok(()),
+        };
+        let copied = self.writer.copied(message, upstream);
+        self.pending.push(copied);
+        if self.writer.segment_records() >= COPIED_SEGMENT_RECORDS {
+            let end = self.writer.end_segment();
+            self.pending.push(end);
+            let start = self.writer.start_segment();
+            self.pending.push(start);
+        }
+        Ok(())
+    }
+
+    /// A real-time value (`checksum ‖ datum`) as the version stores it (its payload compressed
+    /// with the version's codec).
+    fn stored_body(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        let Some(compressor) = self.compressor.as_mut() else {
+            return Ok(body);
+        };
+        if body.len() < CHECKSUM_BYTES {
+            return Err(format!(
+                "value of {} bytes is shorter than its checksum",
+                body.len()
+            ));
+        }
+        let (checksum, datum) = body.split_at(CHECKSUM_BYTES);
+        let compressed = compressor.compress(datum).map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(CHECKSUM_BYTES + compressed.len());
+        out.extend_from_slice(checksum);
+        out.extend_from_slice(&compressed);
+        Ok(out)
+    }
+
+    /// Sends what is queued and waits until the broker has it.
+    async fn flush(&mut self, ctx: &NodeContext) -> Result<(), PubSubError> {
+        let mut deliveries = Vec::with_capacity(self.pending.len());
+        for e in self.pending.drain(..) {
+            deliveries.push(
+                ctx.pubsub
+                    .send(&self.topic, self.partition, &[], &e.encode())
+                    .await?,
+            );
+        }
+        for d in deliveries {
+            d.await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a real-time record is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copy {
+    Yes,
+    /// A control record, or a redelivered one.
+    No,
+}
+
+/// One writer's state on one real-time partition, as far as a leader saw it.
+#[derive(Debug, Clone, Copy)]
+struct RealtimeProducer {
+    segment: u32,
+    next_sequence: u32,
+    checksum: SegmentChecksum,
+    /// Whether the current segment was seen from its START_OF_SEGMENT (its checksum can be
+    /// verified).
+    from_start: bool,
+}
+
+/// Producer-metadata checks of a real-time partition, from wherever a leader starts reading:
+/// a writer first seen mid-segment is taken as it is; from then on a lower sequence is a
+/// redelivery (not copied), a higher one a gap; a segment whose START_OF_SEGMENT was seen must
+/// end with a matching checksum.
+#[derive(Debug, Default)]
+pub struct RealtimeValidation {
+    producers: BTreeMap<[u8; 16], RealtimeProducer>,
+}
+
+impl RealtimeValidation {
+    pub fn check(&mut self, envelope: &Envelope) -> Result<Copy, String> {
+        let guid = envelope.producer.producer_guid;
+        let (segment, sequence) = (envelope.producer.segment, envelope.producer.sequence);
+        let producer = guid_hex(&guid);
+        let is_sos = matches!(
+            envelope.message,
+            Message::Control(ControlMessage::StartOfSegment)
+        );
+        if envelope.upstream.is_some() {
+            return Err(format!(
+                "writer {producer} wrote a copied record to the real-time topic"
+            ));
+        }
+        let fresh = |from_start| RealtimeProducer {
+            segment,
+            next_sequence: sequence,
+            checksum: SegmentChecksum::default(),
+            from_start,
+        };
+        let mut state = match self.producers.get(&guid).copied() {
+            None => fresh(is_sos),
+            Some(s) if segment < s.segment => return Ok(Copy::No),
+            Some(s) if segment == s.segment => {
+                if sequence < s.next_sequence {
+                    return Ok(Copy::No);
+                }
+                if sequence > s.next_sequence {
+                    return Err(format!(
+                        "writer {producer}: gap in segment {segment}: expected sequence {}, got {sequence}",
+                        s.next_sequence
+                    ));
+                }
+                s
+            }
+            Some(s) if segment == s.segment.wrapping_add(1) && is_sos && sequence == 0 => {
+                fresh(true)
+            }
+            Some(s) => {
+                return Err(format!(
+                    "writer {producer}: segment {segment} (sequence {sequence}) does not follow segment {}",
+                    s.segment
+                ))
+            }
+        };
+        let verdict = match &envelope.message {
+            Message::Put { .. } | Message::Delete { .. } => {
+                envelope.message.update_checksum(&mut state.checksum);
+                Copy::Yes
+            }
+            Message::Control(ControlMessage::StartOfSegment) => {
+                if sequence != 0 {
+                    return Err(format!(
+                        "writer {producer}: START_OF_SEGMENT with sequence {sequence}"
+                    ));
+                }
+                state.checksum = SegmentChecksum::default();
+                state.from_start = true;
+                Copy::No
+            }
+            Message::Control(ControlMessage::EndOfSegment {
+                checksum,
+                record_count,
+            }) => {
+                if state.from_start
+                    && (*checksum != state.checksum.crc
+                        || *record_count != state.checksum.record_count)
+                {
+                    return Err(format!(
+                        "writer {producer}: END_OF_SEGMENT of segment {segment} says checksum \
+                         {checksum:#010x} over {record_count} records, the records read give \
+                         {:#010x} over {}; records were lost or corrupted",
+                        state.checksum.crc, state.checksum.record_count
+                    ));
+                }
+                Copy::No
+            }
+            Message::Control(other) => {
+                return Err(format!(
+                    "writer {producer}: {} does not belong on a real-time topic",
+                    other.name()
+                ))
+            }
+        };
+        state.next_sequence = sequence.wrapping_add(1);
+        self.producers.insert(guid, state);
+        Ok(verdict)
+    }
+}
+
+/// Whether a replica of a hybrid version should say it serves: its lag is known and small.
+pub(crate) fn ready(state: ReplicaState, lag: Option<u64>, lag_max: u64) -> bool {
+    state != ReplicaState::Error && lag.is_some_and(|l| l <= lag_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rialto_protocol::envelope::ProducerMetadata;
+
+    fn env(guid: u8, segment: u32, sequence: u32, message: Message) -> Envelope {
+        Envelope {
+            producer: ProducerMetadata {
+                producer_guid: [guid; 16],
+                segment,
+                sequence,
+                timestamp_ms: 0,
+            },
+            message,
+            upstream: None,
+        }
+    }
+    fn put(guid: u8, segment: u32, sequence: u32, key: &str) -> Envelope {
+        env(
+            guid,
+            segment,
+            sequence,
+            Message::Put {
+                key: key.as_bytes().to_vec(),
+                schema_id: 1,
+                value: vec![0; 9],
+            },
+        )
+    }
+    fn sos(guid: u8, segment: u32) -> Envelope {
+        env(guid, segment, 0, Message::Control(ControlMessage::StartOfSegment))
+    }
+    fn eos(guid: u8, segment: u32, sequence: u32, c: SegmentChecksum) -> Envelope {
+        env(
+            guid,
+            segment,
+            sequence,
+            Message::Control(ControlMessage::EndOfSegment {
+                checksum: c.crc,
+                record_count: c.record_count,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_clean_stream_is_copied_and_redeliveries_are_not() {
+        let mut v = RealtimeValidation::default();
+        assert_eq!(v.check(&sos(1, 0)).unwrap(), Copy::No);
+        let (a, b) = (put(1, 0, 1, "a"), put(1, 0, 2, "b"));
+        assert_eq!(v.check(&a).unwrap(), Copy::Yes);
+        assert_eq!(v.check(&b).unwrap(), Copy::Yes);
+        assert_eq!(v.check(&a).unwrap(), Copy::No, "redelivered");
+        let mut c = SegmentChecksum::default();
+        a.message.update_checksum(&mut c);
+        b.message.update_checksum(&mut c);
+        assert_eq!(v.check(&eos(1, 0, 3, c)).unwrap(), Copy::No);
+        assert_eq!(v.check(&sos(1, 1)).unwrap(), Copy::No);
+        assert_eq!(v.check(&put(1, 1, 1, "c")).unwrap(), Copy::Yes);
+    }
+
+    #[test]
+    fn a_writer_first_seen_mid_segment_is_taken_as_it_is() {
+        let mut v = RealtimeValidation::default();
+        assert_eq!(v.check(&put(2, 4, 57, "x")).unwrap(), Copy::Yes);
+        // Its segment's checksum cannot be verified: the start was not seen.
+        let wrong = SegmentChecksum {
+            crc: 1,
+            record_count: 1000,
+        };
+        assert_eq!(v.check(&eos(2, 4, 58, wrong)).unwrap(), Copy::No);
+        assert_eq!(v.check(&sos(2, 5)).unwrap(), Copy::No);
+    }
+
+    #[test]
+    fn gaps_checksum_mismatches_and_foreign_records_are_errors() {
+        let mut v = RealtimeValidation::default();
+        v.check(&sos(3, 0)).unwrap();
+        v.check(&put(3, 0, 1, "a")).unwrap();
+        let err = v.check(&put(3, 0, 3, "c")).unwrap_err();
+        assert!(err.contains("gap in segment 0: expected sequence 2, got 3"), "{err}");
+        let err = v
+            .check(&eos(3, 0, 2, SegmentChecksum::default()))
+            .unwrap_err();
+        assert!(err.contains("records were lost or corrupted"), "{err}");
+        let err = v.check(&put(3, 2, 0, "skip")).unwrap_err();
+        assert!(err.contains("does not follow segment 0"), "{err}");
+        let err = RealtimeValidation::default()
+            .check(&env(4, 0, 0, Message::Control(ControlMessage::EndOfPush)))
+            .unwrap_err();
+        assert!(err.contains("END_OF_PUSH does not belong"), "{err}");
+    }
+}
