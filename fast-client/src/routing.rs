@@ -346,6 +346,7 @@ pub(crate) mod tests {
             storage: StorageProfile::OnDisk,
             compression: rialto_protocol::meta::Compression::None,
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+            hybrid: None,
             created_ms: 0,
             current_version: current,
             backup_version: backup,
@@ -393,6 +394,7 @@ pub(crate) mod tests {
                 compression: rialto_protocol::meta::Compression::None,
                 value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
                 max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+                hybrid: None,
             };
             self.versions.insert(
                 self.layout.version("ads", v),
@@ -409,6 +411,9 @@ pub(crate) mod tests {
                 error: None,
                 disk_bytes: 0,
                 memory_bytes: 0,
+                lag: None,
+                leader: false,
+                following: false,
             };
             self.replicas.insert(
                 self.layout.replica("ads", v, p, node),

@@ -443,6 +443,7 @@ fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreR
         storage: StorageProfile::OnDisk,
         compression: rialto_protocol::meta::Compression::None,
         max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+        hybrid: None,
         created_ms: 0,
         current_version: current,
         backup_version: backup,
@@ -502,6 +503,7 @@ fn put_version_laid_out(
         compression,
         value_format,
         max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
+        hybrid: None,
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }
@@ -523,6 +525,9 @@ fn put_replica(
         error: None,
         disk_bytes: 0,
         memory_bytes: 0,
+        lag: None,
+        leader: false,
+        following: false,
     };
     meta.put_json(&layout.replica(STORE, version, partition, node), &r);
 }

@@ -195,6 +195,7 @@ pub async fn prepare(args: &PrepareArgs) -> Result<()> {
                     },
                     compression: args.compression,
                     max_value_bytes: None,
+                    hybrid: None,
                 })
                 .await
                 .with_context(|| format!("create store `{}`", args.store))?;

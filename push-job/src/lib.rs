@@ -12,8 +12,12 @@
 
 pub mod avro_file;
 pub mod input;
+pub mod realtime;
 pub mod sort;
-pub mod writer;
+/// The producer metadata of the push job's envelopes (shared with the other writers).
+pub mod writer {
+    pub use rialto_protocol::producer::PartitionWriter;
+}
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -33,6 +37,10 @@ use rialto_protocol::meta::{Compression, ReplicaState, ValueFormat, VersionStatu
 use rialto_protocol::stored::{split_value, value_checksum, StoredPiece, CHECKSUM_BYTES};
 
 pub use input::{InputFormat, InputShape, RecordLimits, SortConfig};
+pub use realtime::{
+    parse_stream_line, RealtimeConfig, RealtimeError, RealtimeReport, RealtimeWriter,
+    StreamRecord, SEGMENT_RECORDS_MAX,
+};
 use sort::SortedPartition;
 use writer::PartitionWriter;
 
@@ -95,6 +103,9 @@ pub enum PushError {
         version: u32,
         waited: Duration,
     },
+    /// A real-time write was refused, or the real-time topic could not be written.
+    #[error(transparent)]
+    Realtime(#[from] RealtimeError),
 }
 
 /// What to push, and where.
@@ -470,7 +481,7 @@ type Acknowledgement = Pin<Box<dyn Future<Output = Result<usize, PubSubError>> +
 
 /// Envelopes sent and not yet acknowledged, bounded in count and in bytes.
 #[derive(Default)]
-struct InFlight {
+pub(crate) struct InFlight {
     deliveries: FuturesUnordered<Acknowledgement>,
     bytes: usize,
     acked: u64,
@@ -478,7 +489,7 @@ struct InFlight {
 
 impl InFlight {
     /// Sends one envelope, first waiting for acknowledgements while over either bound.
-    async fn send(
+    pub(crate) async fn send(
         &mut self,
         pubsub: &dyn PubSub,
         topic: &str,
@@ -507,7 +518,7 @@ impl InFlight {
     }
 
     /// Waits for every acknowledgement; returns how many envelopes were acknowledged in all.
-    async fn drain(&mut self) -> Result<u64, PubSubError> {
+    pub(crate) async fn drain(&mut self) -> Result<u64, PubSubError> {
         while !self.deliveries.is_empty() {
             self.settle_one().await?;
         }

@@ -455,9 +455,54 @@ impl Cluster {
                 storage,
                 compression,
                 max_value_bytes: None,
+                hybrid: None,
             })
             .await?;
         Ok(())
+    }
+
+    /// Creates a hybrid store of strings ([`STRING_SCHEMA`] keys and values) through the admin
+    /// API and waits until its first version (empty, made by the controller) is current, so it
+    /// serves real-time writes before any push.
+    pub async fn create_hybrid_string_store(
+        &self,
+        name: &str,
+        partition_count: u32,
+        replication_factor: u32,
+        hybrid: rialto_protocol::meta::HybridConfig,
+    ) -> Result<()> {
+        self.admin()
+            .create_store(&CreateStoreRequest {
+                name: name.into(),
+                owner: "tests".into(),
+                key_schema: STRING_SCHEMA.into(),
+                value_schema: STRING_SCHEMA.into(),
+                partition_count,
+                replication_factor,
+                storage: StorageProfile::OnDisk,
+                compression: Compression::None,
+                max_value_bytes: None,
+                hybrid: Some(hybrid),
+            })
+            .await?;
+        let admin = self.admin();
+        wait_until(
+            Duration::from_secs(60),
+            &format!("the first (empty) version of hybrid store {name} to be current"),
+            || {
+                let admin = admin.clone();
+                async move {
+                    Ok(admin.describe_store(name).await?.store.current_version.is_some())
+                }
+            },
+        )
+        .await
+    }
+
+    /// A real-time writer of hybrid store `store`, producing to this cluster's broker.
+    pub async fn realtime_writer(&self, store: &str) -> Result<rialto_push::realtime::RealtimeWriter> {
+        let record = self.admin().describe_store(store).await?.store;
+        Ok(rialto_push::realtime::RealtimeWriter::new(&record, self.pubsub.clone()).await?)
     }
 
     /// Pushes a version by writing envelopes straight to the topic, bypassing the push job's
@@ -816,7 +861,7 @@ impl Drop for ServerProcess {
 
 /// A binary of this workspace, next to the test binary's directory (`target/debug/`). The
 /// README's test command builds every target first.
-fn sibling_binary(name: &str) -> Result<PathBuf> {
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/debug/deps/<test binary> → target/debug/<name>
     let dir = exe

@@ -297,6 +297,7 @@ async fn a_value_over_the_store_limit_is_refused_before_a_version_exists() -> Re
             storage: StorageProfile::OnDisk,
             compression: Compression::None,
             max_value_bytes: Some(100_000),
+            hybrid: None,
         })
         .await?;
     let dir = tempfile::tempdir()?;
