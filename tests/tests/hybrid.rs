@@ -1,0 +1,479 @@
+//! Hybrid stores end to end on real etcd and a real Kafka-protocol broker: real-time writes
+//! before, during and after a push survive the swap; a streaming-only store serves writes; a
+//! lag above the store's bound holds a version back; a killed partition leader is replaced
+//! without losing a write; the stream CLI refuses a bad line and writes nothing after it.
+//!
+//! The oracle is a model of the writes: the batch data, then every real-time put and delete in
+//! the order one writer made them (rewind windows here cover the whole test, so the replay
+//! applies every real-time write on top of the batch snapshot).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use rialto_fast_client::Client;
+use rialto_protocol::admin::{ReplicaView, UpdateStoreRequest};
+use rialto_protocol::avro::{AvroCodec, Value};
+use rialto_protocol::envelope::{Envelope, Message};
+use rialto_protocol::meta::{HybridConfig, Layout, ReplicaState, DEFAULT_ROOT};
+use rialto_push::realtime::RealtimeWriter;
+use rialto_tests::{
+    key_of, sibling_binary, string_value, wait_until, Cluster, ClusterOptions, STRING_SCHEMA,
+};
+
+/// Expected contents: key → value (`None`: deleted).
+type Model = BTreeMap<String, Option<String>>;
+
+const HOUR: HybridConfig = HybridConfig {
+    rewind_seconds: 3600,
+    lag_records_max: 1000,
+};
+
+async fn put(w: &mut RealtimeWriter, model: &mut Model, key: &str, value: &str) -> Result<()> {
+    w.put(&Value::String(key.into()), &Value::String(value.into()))
+        .await?;
+    model.insert(key.into(), Some(value.into()));
+    Ok(())
+}
+
+async fn delete(w: &mut RealtimeWriter, model: &mut Model, key: &str) -> Result<()> {
+    w.delete(&Value::String(key.into())).await?;
+    model.insert(key.into(), None);
+    Ok(())
+}
+
+/// Keys of `model` whose value read through `client` differs from the model, with both.
+async fn differences(client: &Client, model: &Model) -> Result<Vec<String>> {
+    let mut wrong = Vec::new();
+    let entries: Vec<(&String, &Option<String>)> = model.iter().collect();
+    for chunk in entries.chunks(1000) {
+        let keys: Vec<Value> = chunk.iter().map(|(k, _)| Value::String((*k).clone())).collect();
+        let values = client.batch_get(&keys).await?;
+        for ((key, want), got) in chunk.iter().zip(values) {
+            let got = match got {
+                Some(Value::String(s)) => Some(s),
+                None => None,
+                Some(other) => Some(format!("{other:?}")),
+            };
+            if &got != *want {
+                wrong.push(format!("{key}: read {got:?}, expected {want:?}"));
+            }
+        }
+    }
+    Ok(wrong)
+}
+
+/// Waits up to 60 s until every key of `model` reads as the model says.
+async fn wait_for_model(client: &Client, model: &Model, what: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // A read may fail while a killed server is still routed to: try again.
+        let wrong = match differences(client, model).await {
+            Ok(wrong) => wrong,
+            Err(e) => vec![format!("read failed: {e:#}")],
+        };
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: after 60 s, {} keys differ, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn replicas_of(d: &rialto_protocol::admin::StoreDescription, version: u32) -> Vec<ReplicaView> {
+    d.versions
+        .iter()
+        .find(|v| v.record.version == version)
+        .map(|v| v.replicas.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let admin = cluster.admin();
+    cluster
+        .create_hybrid_string_store("feed", 4, 2, HOUR)
+        .await?;
+    let description = admin.describe_store("feed").await?;
+    assert_eq!(description.store.hybrid, Some(HOUR));
+    assert_eq!(description.store.current_version, Some(1), "an empty first version");
+    let client = cluster.client("feed").await?;
+    let mut writer = cluster.realtime_writer("feed").await?;
+    let mut model = Model::new();
+
+    // A streaming-only store serves real-time writes.
+    for i in 0..300 {
+        put(&mut writer, &mut model, &format!("rt-{i}"), &format!("first-{i}")).await?;
+    }
+    for i in 0..200 {
+        put(&mut writer, &mut model, &key_of(i), &format!("before-{i}")).await?;
+    }
+    for i in 200..300 {
+        // Deleted before the batch data that has them is pushed: the replay deletes them again.
+        delete(&mut writer, &mut model, &key_of(i)).await?;
+    }
+    writer.flush().await?;
+    wait_for_model(&client, &model, "real-time writes on the streaming-only version").await?;
+
+    // A push of 4,000 records while writes go on.
+    let records = 4000;
+    let pushing = AtomicBool::new(true);
+    let push = async {
+        let report = cluster.push_string_records("feed", records, 24).await;
+        pushing.store(false, Ordering::SeqCst);
+        report
+    };
+    let during = async {
+        let mut during = Model::new();
+        let mut i = 0usize;
+        while pushing.load(Ordering::SeqCst) || i < 200 {
+            let key = key_of(300 + (i * 7) % 3000);
+            if i % 5 == 4 {
+                delete(&mut writer, &mut during, &key).await?;
+            } else {
+                put(&mut writer, &mut during, &key, &format!("during-{i}")).await?;
+            }
+            i += 1;
+            // About 500 writes/s: the version goes live once its lag (about the write rate
+            // times the copy's latency) is under its bound.
+            if i % 10 == 0 {
+                writer.flush().await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        writer.flush().await?;
+        anyhow::Ok((during, i))
+    };
+    let (report, during) = futures::join!(push, during);
+    let report = report?;
+    let (during, written_during) = during?;
+    assert_eq!(report.version, 2);
+    eprintln!("{written_during} real-time writes during the push");
+    // The model: batch data first, then every real-time write in order.
+    let mut expected: Model = (0..records)
+        .map(|i| (key_of(i), Some(string_value(i, 24))))
+        .collect();
+    expected.extend(model);
+    expected.extend(during);
+    let mut model = expected;
+    assert_eq!(client_version(&cluster).await?, 2);
+    wait_for_model(&client, &model, "batch data with the real-time writes replayed on it").await?;
+
+    // After the swap, writes reach the new version; the old one no longer follows.
+    for i in 0..100 {
+        put(&mut writer, &mut model, &key_of(i), &format!("after-{i}")).await?;
+        delete(&mut writer, &mut model, &format!("rt-{i}")).await?;
+    }
+    writer.flush().await?;
+    wait_for_model(&client, &model, "real-time writes after the swap").await?;
+
+    let d = admin.describe_store("feed").await?;
+    let v2 = replicas_of(&d, 2);
+    assert_eq!(v2.len(), 4 * 2);
+    for p in 0..4 {
+        let leaders = v2.iter().filter(|r| r.partition == p && r.leader).count();
+        assert_eq!(leaders, 1, "one leader of partition {p}: {v2:?}");
+    }
+    assert!(
+        v2.iter().all(|r| r.following && r.state == ReplicaState::Online && r.lag.is_some()),
+        "{v2:?}"
+    );
+    let v1 = replicas_of(&d, 1);
+    assert!(!v1.is_empty() && v1.iter().all(|r| !r.following && !r.leader), "{v1:?}");
+
+    // Lag, leadership and the hybrid settings in the CLI's output.
+    let describe = Command::new(sibling_binary("rialto-admin")?)
+        .args(["--controller", &cluster.controller_url(), "stores", "describe", "feed"])
+        .output()?;
+    let text = String::from_utf8_lossy(&describe.stdout);
+    ensure!(describe.status.success(), "describe failed: {text}");
+    assert!(text.contains("rewind 3600 s, lag bound 1000 records, real-time topic feed_rt"), "{text}");
+    assert!(text.contains("LAG") && text.contains("LEADER"), "{text}");
+    let json = Command::new(sibling_binary("rialto-admin")?)
+        .args(["--controller", &cluster.controller_url(), "--json", "stores", "describe", "feed"])
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    let lags: Vec<u64> = json["versions"]
+        .as_array()
+        .context("versions")?
+        .iter()
+        .filter(|v| v["record"]["version"] == 2)
+        .flat_map(|v| v["replicas"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["lag"].as_u64())
+        .collect();
+    assert_eq!(lags.len(), 8, "{json}");
+    writer.close().await?;
+    cluster.shutdown().await
+}
+
+async fn client_version(cluster: &Cluster) -> Result<u32> {
+    cluster
+        .admin()
+        .describe_store("feed")
+        .await?
+        .store
+        .current_version
+        .context("no current version")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    cluster.create_string_store("made", 2, 2, 500, 16).await?;
+    assert!(cluster.realtime_writer("made").await.is_err(), "not hybrid yet");
+
+    let updated = Command::new(sibling_binary("rialto-admin")?)
+        .args(["--controller", &cluster.controller_url(), "stores", "update", "made"])
+        .args(["--hybrid-rewind-seconds", "600"])
+        .output()?;
+    let out = String::from_utf8_lossy(&updated.stdout);
+    ensure!(updated.status.success(), "update failed: {out} {}", String::from_utf8_lossy(&updated.stderr));
+    assert!(out.contains("rewind 600 s, lag bound 1000 records"), "{out}");
+    let record = cluster.admin().describe_store("made").await?.store;
+    assert_eq!(
+        record.hybrid,
+        Some(HybridConfig {
+            rewind_seconds: 600,
+            lag_records_max: 1000
+        })
+    );
+    // Out of range settings are refused with the reason.
+    let refused = cluster
+        .admin()
+        .update_store(
+            "made",
+            &UpdateStoreRequest {
+                hybrid: Some(HybridConfig {
+                    rewind_seconds: 100 * 24 * 3600,
+                    lag_records_max: 1,
+                }),
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("over the limit"), "{refused}");
+
+    // Writes made now are replayed onto the next version.
+    let mut writer = cluster.realtime_writer("made").await?;
+    let mut model = Model::new();
+    put(&mut writer, &mut model, &key_of(1), "streamed").await?;
+    delete(&mut writer, &mut model, &key_of(2)).await?;
+    writer.flush().await?;
+    let client = cluster.client("made").await?;
+    // Version 1 is batch-only: it does not take them.
+    assert_eq!(
+        client.get(&Value::String(key_of(1))).await?,
+        Some(Value::String(string_value(1, 16)))
+    );
+    let report = cluster.push_string_records("made", 500, 16).await?;
+    assert_eq!(report.version, 2);
+    let mut expected: Model = (0..500).map(|i| (key_of(i), Some(string_value(i, 16)))).collect();
+    expected.extend(model);
+    wait_for_model(&client, &expected, "writes replayed onto the first hybrid version").await?;
+    put(&mut writer, &mut expected, "fresh", "after").await?;
+    writer.close().await?;
+    wait_for_model(&client, &expected, "writes after the swap").await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_lagging_past_its_bound_is_held_back_until_it_catches_up() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let bound = HybridConfig {
+        rewind_seconds: 3600,
+        lag_records_max: 10,
+    };
+    cluster.create_hybrid_string_store("lagged", 1, 2, bound).await?;
+    let mut writer = cluster.realtime_writer("lagged").await?;
+    let mut model = Model::new();
+    for i in 0..100 {
+        put(&mut writer, &mut model, &format!("rt-{i}"), "x").await?;
+    }
+    writer.flush().await?;
+
+    // Another holder of version 2's leadership that never copies: the replay cannot progress.
+    let layout = Layout::new(DEFAULT_ROOT);
+    let leadership = layout.partition_leader("lagged", 2, 0);
+    assert!(
+        cluster
+            .meta
+            .compare_and_put(&leadership, None, b"stuck-leader".to_vec(), None)
+            .await?
+    );
+    let push = {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("batch.jsonl");
+        rialto_tests::write_json_dataset(&path, 50, |i| {
+            serde_json::Value::String(string_value(i, 8))
+        })?;
+        let mut config = rialto_push::PushConfig::new(&cluster.controller_url(), "lagged", &path);
+        config.wait_timeout = Duration::from_secs(120);
+        tokio::spawn(async move {
+            let _keep = dir;
+            rialto_push::push(&config).await
+        })
+    };
+    let admin = cluster.admin();
+    let reported = wait_until(Duration::from_secs(60), "version 2 to report its lag", || {
+        let admin = admin.clone();
+        async move {
+            let d = admin.describe_store("lagged").await?;
+            Ok(replicas_of(&d, 2).iter().filter(|r| r.lag.is_some()).count() == 2)
+        }
+    })
+    .await;
+    if let Err(e) = reported {
+        if push.is_finished() {
+            let ended = push.await?.map(|r| r.version);
+            anyhow::bail!("{e:#}; the push ended first: {ended:?}");
+        }
+        return Err(e);
+    }
+    let d = admin.describe_store("lagged").await?;
+    let v2 = replicas_of(&d, 2);
+    assert!(
+        v2.iter()
+            .all(|r| r.lag.is_some_and(|l| l >= 100) && r.state == ReplicaState::Bootstrap && !r.leader),
+        "{v2:?}"
+    );
+    assert_eq!(d.store.current_version, Some(1), "held back");
+    assert!(!push.is_finished());
+
+    // The stuck holder goes away: a replica takes over, replays, and the version goes live.
+    cluster.meta.delete(&leadership).await?;
+    let report = push.await??;
+    assert_eq!(report.version, 2);
+    let mut expected: Model = (0..50).map(|i| (key_of(i), Some(string_value(i, 8)))).collect();
+    expected.extend(model);
+    let client = cluster.client("lagged").await?;
+    wait_for_model(&client, &expected, "the caught-up version").await?;
+    let holder = cluster.meta.get(&leadership).await?.context("a leader")?;
+    assert!(holder.value.starts_with(b"server-"), "{:?}", String::from_utf8_lossy(&holder.value));
+    writer.close().await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<()> {
+    let cluster = Cluster::start_opts(ClusterOptions {
+        servers: 0,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let mut processes = Vec::new();
+    for (i, zone) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
+        processes.push(cluster.start_server_process(i, zone)?);
+    }
+    cluster.wait_for_server_count(3).await?;
+    cluster.create_hybrid_string_store("kill", 2, 3, HOUR).await?;
+    let client = cluster.client("kill").await?;
+    let mut writer = cluster.realtime_writer("kill").await?;
+    let mut model = Model::new();
+    for i in 0..500 {
+        put(&mut writer, &mut model, &format!("k-{}", i % 200), &format!("a-{i}")).await?;
+    }
+    writer.flush().await?;
+    wait_for_model(&client, &model, "writes before the kill").await?;
+
+    let layout = Layout::new(DEFAULT_ROOT);
+    let leadership = layout.partition_leader("kill", 1, 0);
+    let leader = cluster.meta.get(&leadership).await?.context("partition 0 has a leader")?;
+    let leader = String::from_utf8(leader.value)?;
+    let index: usize = leader.trim_start_matches("server-").parse()?;
+    processes[index].kill()?;
+    eprintln!("killed {leader}, the leader of partition 0");
+
+    // Writes go on while the leadership is vacant (the lease of the dead server expires in 5 s).
+    for i in 0..1500 {
+        if i % 10 == 9 {
+            delete(&mut writer, &mut model, &format!("k-{}", i % 200)).await?;
+        } else {
+            put(&mut writer, &mut model, &format!("k-{}", i % 200), &format!("b-{i}")).await?;
+        }
+        if i % 100 == 99 {
+            writer.flush().await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    writer.flush().await?;
+    wait_for_model(&client, &model, "every write after the leader died").await?;
+    let new_leader = cluster.meta.get(&leadership).await?.context("a new leader")?;
+    let new_leader = String::from_utf8(new_leader.value)?;
+    assert_ne!(new_leader, leader);
+    writer.close().await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stream_cli_stops_at_a_bad_line_having_written_nothing_after_it() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    cluster
+        .create_hybrid_string_store("cli", 2, 1, HOUR)
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("stream.jsonl");
+    std::fs::write(
+        &input,
+        "{\"key\": \"a\", \"value\": \"1\"}\n\
+         {\"key\": \"b\", \"value\": \"2\"}\n\
+         {\"key\": \"a\", \"delete\": true}\n\
+         {\"key\": \"c\", \"value\": 3}\n\
+         {\"key\": \"d\", \"value\": \"4\"}\n",
+    )?;
+    let out = Command::new(sibling_binary("rialto-push")?)
+        .args(["stream", "--store", "cli", "--controller", &cluster.controller_url()])
+        .arg("--input")
+        .arg(&input)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout} {stderr}");
+    assert!(stderr.contains("line 4"), "{stderr}");
+    assert!(stdout.contains("2 puts and 1 delete"), "{stdout}");
+
+    let client = cluster.client("cli").await?;
+    let model: Model = [
+        ("a".to_string(), None),
+        ("b".to_string(), Some("2".to_string())),
+        ("c".to_string(), None),
+        ("d".to_string(), None),
+    ]
+    .into_iter()
+    .collect();
+    wait_for_model(&client, &model, "the lines before the bad one").await?;
+    // Nothing from line 4 on reached the real-time topic: only `a` and `b` were written.
+    let codec = AvroCodec::parse(STRING_SCHEMA)?;
+    let written: Vec<Vec<u8>> = ["a", "b"]
+        .iter()
+        .map(|k| codec.encode(&Value::String(k.to_string()), "key"))
+        .collect::<Result<_, _>>()?;
+    let mut keys = Vec::new();
+    for partition in 0..2 {
+        let (low, high) = cluster.pubsub.watermarks("cli_rt", partition).await?;
+        let mut consumer = cluster.pubsub.consumer("cli_rt", partition, low).await?;
+        let mut next = low;
+        while next < high {
+            for record in consumer.poll(1000, Duration::from_millis(500)).await? {
+                next = record.offset + 1;
+                let envelope = Envelope::decode(&record.value.context("a value")?)?;
+                match envelope.message {
+                    Message::Put { key, .. } | Message::Delete { key } => keys.push(key),
+                    Message::Control(_) => {}
+                }
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys, written, "keys on the real-time topic");
+    cluster.shutdown().await
+}
