@@ -70,4 +70,23 @@ echo; echo "demo: reading every record back through the fast client"
 "$bin/rialto-loadgen" --etcd "$etcd" verify --store demo --input "$work/demo.jsonl" --batch 1000
 echo -n "demo: get member-42 -> "
 "$bin/rialto-loadgen" --etcd "$etcd" get --store demo --key '"member-42"'
+
+echo; echo "demo: a hybrid store: real-time writes, no push"
+admin stores create feed --partitions 4 --replication-factor 2 --key-schema '"string"' \
+  --value-schema '"string"' --hybrid-rewind-seconds 3600 --hybrid-lag-records-max 1000 >/dev/null
+for _ in $(seq 1 150); do
+  admin --json stores describe feed | python3 -c 'import json,sys; sys.exit(json.load(sys.stdin)["store"]["current_version"] is None)' && break
+  sleep 0.2
+done
+printf '%s\n' '{"key": "member-42", "value": "changed jobs"}' '{"key": "member-7", "value": "joined"}' \
+  '{"key": "member-7", "delete": true}' | "$bin/rialto-push" stream --controller "$controller" --store feed
+for _ in $(seq 1 100); do
+  got=$("$bin/rialto-loadgen" --etcd "$etcd" get --store feed --key '"member-42"')
+  [ "$got" = '"changed jobs"' ] && break
+  sleep 0.1
+done
+echo "demo: get member-42 from feed -> $got"
+echo -n "demo: get member-7 from feed -> "
+"$bin/rialto-loadgen" --etcd "$etcd" get --store feed --key '"member-7"'
+[ "$got" = '"changed jobs"' ] || { echo "demo: the real-time write did not arrive"; exit 1; }
 echo "demo: OK"

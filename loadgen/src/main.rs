@@ -5,11 +5,14 @@
 //! * `run`: an open-loop workload at a fixed rate for a fixed time — single gets, batch-gets or
 //!   streaming batch-gets — with coordinated-omission-corrected latency percentiles, throughput,
 //!   fanout and retry counters, printed and optionally written as JSON ([`run`], [`report`]).
+//! * `freshness`: real-time writes to a hybrid store at a fixed rate, and the time each takes to
+//!   become readable ([`freshness`]).
 //! * `get` (one key, printed as JSON) and `verify` (read back every record of a dataset with
 //!   batch-gets and compare it with the input through [`oracle`], not through the push job's
 //!   code).
 
 mod dataset;
+mod freshness;
 mod prepare;
 mod report;
 mod run;
@@ -138,6 +141,31 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Writes new keys to a hybrid store (string keys and values) at a fixed rate and measures
+    /// how long each takes to become readable.
+    Freshness {
+        #[arg(long)]
+        store: String,
+        /// Admin API of a controller (the writer learns the broker from it).
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "RIALTO_CONTROLLER")]
+        controller: String,
+        /// Writes per second.
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, value_parser = parse_duration, default_value = "20s")]
+        duration: Duration,
+        #[arg(long, default_value_t = 100)]
+        value_bytes: usize,
+        /// Pause between the reader's passes over the keys not yet seen.
+        #[arg(long, value_parser = parse_duration, default_value = "5ms")]
+        poll_interval: Duration,
+        /// How long after the last write a key may still appear before it counts as lost.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        settle: Duration,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -184,6 +212,40 @@ async fn main() -> Result<()> {
             let client = connect(&args.root, &store, meta.clone()).await?;
             let codecs = store_codecs(meta.as_ref(), &args.root, &store).await?;
             verify(&client, &codecs, &input, batch.max(1)).await?;
+        }
+        Command::Freshness {
+            store,
+            controller,
+            rate,
+            duration,
+            value_bytes,
+            poll_interval,
+            settle,
+            json,
+        } => {
+            let client = connect(&args.root, &store, meta.clone()).await?;
+            let report = freshness::run(
+                &freshness::FreshnessConfig {
+                    controller_url: controller,
+                    store,
+                    rate,
+                    duration,
+                    value_bytes,
+                    poll_interval,
+                    settle,
+                    batch_keys: 5000,
+                },
+                &client,
+            )
+            .await?;
+            println!("{report}");
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+            if report.lost > 0 {
+                bail!("{} writes never became readable", report.lost);
+            }
         }
         Command::Run {
             store,
