@@ -368,17 +368,45 @@ impl PubSub for KafkaPubSub {
         partition: u32,
         offset: i64,
     ) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
+        self.open_consumer(topic, partition, offset, None)
+    }
+
+    async fn realtime_consumer(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_wait: Duration,
+    ) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
+        self.open_consumer(topic, partition, offset, Some(max_wait))
+    }
+}
+
+impl KafkaPubSub {
+    /// An assigned consumer of one partition; `fetch_wait` bounds how long the broker may hold
+    /// a fetch (librdkafka's default is 500 ms; tansu holds every fetch about that long or half
+    /// of it, even when it has records).
+    fn open_consumer(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        fetch_wait: Option<Duration>,
+    ) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
         let context = format!("consume {topic}/{partition}");
-        let consumer: StreamConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &self.config.bootstrap_servers)
             .set("group.id", "rialto-server")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("fetch.max.bytes", "52428800")
             .set("max.partition.fetch.bytes", "10485760")
-            .set("socket.timeout.ms", "10000")
-            .create()
-            .map_err(|e| failed(&context, e))?;
+            .set("socket.timeout.ms", "10000");
+        if let Some(wait) = fetch_wait {
+            config.set("fetch.wait.max.ms", wait.as_millis().max(1).to_string());
+        }
+        let consumer: StreamConsumer = config.create().map_err(|e| failed(&context, e))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))
             .map_err(|e| failed(&context, e))?;

@@ -90,6 +90,19 @@ pub trait PubSub: Send + Sync + 'static {
         partition: u32,
         offset: i64,
     ) -> Result<Box<dyn PartitionConsumer>, PubSubError>;
+    /// Like [`consumer`](Self::consumer), for records that must arrive with low latency (the
+    /// real-time writes of hybrid stores): the broker is asked to answer a fetch within
+    /// `max_wait` even when it has little to return, at the cost of more fetches when idle.
+    async fn realtime_consumer(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_wait: Duration,
+    ) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
+        let _ = max_wait;
+        self.consumer(topic, partition, offset).await
+    }
 }
 
 /// A consumer of one topic partition.

@@ -43,6 +43,12 @@ use crate::validator::{guid_hex, ReplayState};
 pub const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
 /// A leader closes its segment after this many copied records (its checksum gets verified).
 pub const COPIED_SEGMENT_RECORDS: u32 = 10_000;
+/// How long the broker may hold a fetch of a real-time consumer (the leader's of the
+/// real-time topic, a following replica's of its version topic) by default. Kafka answers a
+/// fetch as soon as it has a record, so there this only sets how often an idle consumer asks;
+/// tansu holds every fetch this long (half of it from 500 ms on), and a write crosses two
+/// fetches: librdkafka's default of 500 ms gave 0.8 s freshness at p50.
+pub const DEFAULT_REALTIME_FETCH_WAIT: Duration = Duration::from_millis(50);
 /// Real-time records read per poll.
 const POLL_RECORDS_MAX: usize = 1000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -223,7 +229,11 @@ async fn lead_term(
     }
 
     // 3. Copy.
-    let mut consumer = match ctx.pubsub.consumer(&rt_topic, partition, start).await {
+    let mut consumer = match ctx
+        .pubsub
+        .realtime_consumer(&rt_topic, partition, start, ctx.realtime_fetch_wait)
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(replica = %slot.id, error = %e, "cannot consume the real-time topic; yielding the leadership");
@@ -268,8 +278,8 @@ async fn lead_term(
                 }
             };
             match validation.check(&envelope) {
-                Ok(Copy::Yes) => {}
-                Ok(Copy::No) => continue,
+                Ok(RealtimeVerdict::Copy) => {}
+                Ok(RealtimeVerdict::Skip) => continue,
                 Err(e) => {
                     return TermEnd::Fatal(format!(
                         "invalid record at offset {offset} of {rt_topic}/{partition}: {e}"
@@ -438,10 +448,10 @@ impl Copier {
 
 /// Whether a real-time record is copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Copy {
-    Yes,
+pub enum RealtimeVerdict {
+    Copy,
     /// A control record, or a redelivered one.
-    No,
+    Skip,
 }
 
 /// One writer's state on one real-time partition, as far as a leader saw it.
@@ -465,7 +475,7 @@ pub struct RealtimeValidation {
 }
 
 impl RealtimeValidation {
-    pub fn check(&mut self, envelope: &Envelope) -> Result<Copy, String> {
+    pub fn check(&mut self, envelope: &Envelope) -> Result<RealtimeVerdict, String> {
         let guid = envelope.producer.producer_guid;
         let (segment, sequence) = (envelope.producer.segment, envelope.producer.sequence);
         let producer = guid_hex(&guid);
@@ -486,10 +496,10 @@ impl RealtimeValidation {
         };
         let mut state = match self.producers.get(&guid).copied() {
             None => fresh(is_sos),
-            Some(s) if segment < s.segment => return Ok(Copy::No),
+            Some(s) if segment < s.segment => return Ok(RealtimeVerdict::Skip),
             Some(s) if segment == s.segment => {
                 if sequence < s.next_sequence {
-                    return Ok(Copy::No);
+                    return Ok(RealtimeVerdict::Skip);
                 }
                 if sequence > s.next_sequence {
                     return Err(format!(
@@ -512,7 +522,7 @@ impl RealtimeValidation {
         let verdict = match &envelope.message {
             Message::Put { .. } | Message::Delete { .. } => {
                 envelope.message.update_checksum(&mut state.checksum);
-                Copy::Yes
+                RealtimeVerdict::Copy
             }
             Message::Control(ControlMessage::StartOfSegment) => {
                 if sequence != 0 {
@@ -522,7 +532,7 @@ impl RealtimeValidation {
                 }
                 state.checksum = SegmentChecksum::default();
                 state.from_start = true;
-                Copy::No
+                RealtimeVerdict::Skip
             }
             Message::Control(ControlMessage::EndOfSegment {
                 checksum,
@@ -539,7 +549,7 @@ impl RealtimeValidation {
                         state.checksum.crc, state.checksum.record_count
                     ));
                 }
-                Copy::No
+                RealtimeVerdict::Skip
             }
             Message::Control(other) => {
                 return Err(format!(
@@ -606,30 +616,30 @@ mod tests {
     #[test]
     fn a_clean_stream_is_copied_and_redeliveries_are_not() {
         let mut v = RealtimeValidation::default();
-        assert_eq!(v.check(&sos(1, 0)).unwrap(), Copy::No);
+        assert_eq!(v.check(&sos(1, 0)).unwrap(), RealtimeVerdict::Skip);
         let (a, b) = (put(1, 0, 1, "a"), put(1, 0, 2, "b"));
-        assert_eq!(v.check(&a).unwrap(), Copy::Yes);
-        assert_eq!(v.check(&b).unwrap(), Copy::Yes);
-        assert_eq!(v.check(&a).unwrap(), Copy::No, "redelivered");
+        assert_eq!(v.check(&a).unwrap(), RealtimeVerdict::Copy);
+        assert_eq!(v.check(&b).unwrap(), RealtimeVerdict::Copy);
+        assert_eq!(v.check(&a).unwrap(), RealtimeVerdict::Skip, "redelivered");
         let mut c = SegmentChecksum::default();
         a.message.update_checksum(&mut c);
         b.message.update_checksum(&mut c);
-        assert_eq!(v.check(&eos(1, 0, 3, c)).unwrap(), Copy::No);
-        assert_eq!(v.check(&sos(1, 1)).unwrap(), Copy::No);
-        assert_eq!(v.check(&put(1, 1, 1, "c")).unwrap(), Copy::Yes);
+        assert_eq!(v.check(&eos(1, 0, 3, c)).unwrap(), RealtimeVerdict::Skip);
+        assert_eq!(v.check(&sos(1, 1)).unwrap(), RealtimeVerdict::Skip);
+        assert_eq!(v.check(&put(1, 1, 1, "c")).unwrap(), RealtimeVerdict::Copy);
     }
 
     #[test]
     fn a_writer_first_seen_mid_segment_is_taken_as_it_is() {
         let mut v = RealtimeValidation::default();
-        assert_eq!(v.check(&put(2, 4, 57, "x")).unwrap(), Copy::Yes);
+        assert_eq!(v.check(&put(2, 4, 57, "x")).unwrap(), RealtimeVerdict::Copy);
         // Its segment's checksum cannot be verified: the start was not seen.
         let wrong = SegmentChecksum {
             crc: 1,
             record_count: 1000,
         };
-        assert_eq!(v.check(&eos(2, 4, 58, wrong)).unwrap(), Copy::No);
-        assert_eq!(v.check(&sos(2, 5)).unwrap(), Copy::No);
+        assert_eq!(v.check(&eos(2, 4, 58, wrong)).unwrap(), RealtimeVerdict::Skip);
+        assert_eq!(v.check(&sos(2, 5)).unwrap(), RealtimeVerdict::Skip);
     }
 
     #[test]

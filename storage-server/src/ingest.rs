@@ -137,8 +137,6 @@ async fn ingest(
             let hybrid = Following {
                 store,
                 checkpoint,
-                consumer: None,
-                pending: Vec::new(),
                 consumed_from,
             };
             return follow_realtime(ctx, slot, plan, hybrid, stop, follow).await;
@@ -146,7 +144,7 @@ async fn ingest(
         return go_online(ctx, slot, store, &checkpoint, consumed_from).await;
     }
 
-    let mut consumer = open_consumer(ctx, slot, topic, consumed_from, &mut stop).await?;
+    let mut consumer = open_consumer(ctx, slot, topic, consumed_from, None, &mut stop).await?;
     slot.update(&ctx.metrics, |r| {
         r.state = ReplicaState::Bootstrap;
         r.offset = checkpoint.next_offset;
@@ -296,11 +294,12 @@ async fn ingest(
             if plan.hybrid.is_some() {
                 chunk.ingest(ctx, &store).await?;
                 persist_checkpoint(&store, &checkpoint).await?;
+                // What this poll returned after END_OF_PUSH is read again by the consumer
+                // `follow_realtime` opens.
+                close_consumer(consumer).await;
                 let hybrid = Following {
                     store,
                     checkpoint,
-                    consumer: Some(consumer),
-                    pending: batch.rest,
                     consumed_from,
                 };
                 return follow_realtime(ctx, slot, plan, hybrid, stop, follow).await;
@@ -344,10 +343,6 @@ pub const LAG_INTERVAL: Duration = Duration::from_secs(1);
 struct Following {
     store: Arc<ReplicaStore>,
     checkpoint: Checkpoint,
-    /// The version topic's consumer, if ingestion already has one.
-    consumer: Option<Box<dyn PartitionConsumer>>,
-    /// Records consumed but not yet applied (after END_OF_PUSH in the last poll).
-    pending: Vec<ConsumedRecord>,
     consumed_from: i64,
 }
 
@@ -367,27 +362,27 @@ async fn follow_realtime(
     let Following {
         store,
         mut checkpoint,
-        consumer,
-        mut pending,
         consumed_from,
     } = following;
     let id = &slot.id;
     let lag_max = plan.hybrid.map_or(0, |h| h.lag_records_max);
     let rt_topic = realtime_topic(&id.store);
     if !*follow.borrow() {
-        if let Some(c) = consumer {
-            close_consumer(c).await;
-        }
         return go_online(ctx, slot, store, &checkpoint, consumed_from).await;
     }
     let s = store.clone();
     blocking(move || s.serve_while_writing())
         .await
         .map_err(|e| Ended::Failed(format!("cannot open the replica for real-time writes: {e}")))?;
-    let mut consumer = match consumer {
-        Some(c) => c,
-        None => open_consumer(ctx, slot, &plan.topic, checkpoint.next_offset, &mut stop).await?,
-    };
+    let mut consumer = open_consumer(
+        ctx,
+        slot,
+        &plan.topic,
+        checkpoint.next_offset,
+        Some(ctx.realtime_fetch_wait),
+        &mut stop,
+    )
+    .await?;
     slot.update(&ctx.metrics, |r| r.following = true);
     let (progress_tx, progress_rx) = watch::channel(progress_of(&checkpoint));
     let (leader_stop, leader_stop_rx) = watch::channel(false);
@@ -411,7 +406,7 @@ async fn follow_realtime(
     let mut replay_from: Option<i64> = None;
     let mut last_progress = Instant::now();
     let result = loop {
-        let records = if pending.is_empty() {
+        let records = {
             tokio::select! {
                 _ = crate::hybrid::stopped(&mut stop) => break Err(Ended::Stopped),
                 changed = follow.changed() => {
@@ -436,8 +431,6 @@ async fn follow_realtime(
                     }
                 },
             }
-        } else {
-            std::mem::take(&mut pending)
         };
         if !records.is_empty() {
             let batch = validate_batch(
@@ -782,8 +775,6 @@ pub(crate) struct Validated {
     pub failure: Option<String>,
     /// The compression dictionary of a START_OF_PUSH in this poll.
     pub dictionary: Option<Vec<u8>>,
-    /// Records after END_OF_PUSH left for `follow_realtime` ([`Hybrid::UntilEndOfPush`]).
-    pub rest: Vec<ConsumedRecord>,
 }
 
 /// What a version's topic may hold after END_OF_PUSH.
@@ -825,10 +816,8 @@ pub(crate) fn validate_batch(
         duplicates: 0,
         failure: None,
         dictionary: None,
-        rest: Vec::new(),
     };
-    let mut records = records.into_iter();
-    while let Some(record) = records.next() {
+    for record in records {
         let offset = record.offset;
         if let Err(message) = validate_record(&mut out, record, topic, partition, codec, hybrid) {
             out.failure = Some(message);
@@ -836,7 +825,7 @@ pub(crate) fn validate_batch(
         }
         out.next.next_offset = offset + 1;
         if hybrid == Hybrid::UntilEndOfPush && out.next.validation.end_of_push {
-            out.rest = records.collect();
+            // What follows is consumed again by `follow_realtime`.
             return out;
         }
     }
@@ -1071,16 +1060,24 @@ async fn close_consumer(consumer: Box<dyn PartitionConsumer>) {
     }
 }
 
+/// Opens a consumer of the replica's partition of `topic`, retrying while the broker is away;
+/// `realtime` is the fetch wait of a low-latency consumer.
 async fn open_consumer(
     ctx: &NodeContext,
     slot: &ReplicaSlot,
     topic: &str,
     offset: i64,
+    realtime: Option<Duration>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Box<dyn PartitionConsumer>, Ended> {
     let mut failures = 0u32;
+    let partition = slot.id.partition;
     loop {
-        match ctx.pubsub.consumer(topic, slot.id.partition, offset).await {
+        let opened = match realtime {
+            Some(wait) => ctx.pubsub.realtime_consumer(topic, partition, offset, wait).await,
+            None => ctx.pubsub.consumer(topic, partition, offset).await,
+        };
+        match opened {
             Ok(c) => return Ok(c),
             Err(e) => {
                 if !e.retryable() {
@@ -1155,6 +1152,7 @@ mod tests {
             lease_id: tokio::sync::Mutex::new(0),
             sorted_chunk,
             lock_in_memory_stores,
+            realtime_fetch_wait: crate::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
         });
         let lease = ctx.register().await.unwrap();
         Harness {

@@ -20,7 +20,7 @@
 mod assignments;
 mod error;
 pub mod faults;
-mod hybrid;
+pub mod hybrid;
 mod http;
 pub mod ingest;
 pub mod metrics;
@@ -97,6 +97,9 @@ pub struct ServerConfig {
     /// `CAP_IPC_LOCK`), and the machine must hold every version it serves and pushes at once.
     /// A replica whose data cannot be locked is logged and serves unlocked.
     pub lock_in_memory_stores: bool,
+    /// How long the broker may hold a fetch of a hybrid replica's real-time consumers (see
+    /// [`hybrid::DEFAULT_REALTIME_FETCH_WAIT`]).
+    pub realtime_fetch_wait: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -121,6 +124,7 @@ impl ServerConfig {
             faults: FaultConfig::default(),
             usage_refresh: usage::DEFAULT_USAGE_REFRESH,
             lock_in_memory_stores: false,
+            realtime_fetch_wait: hybrid::DEFAULT_REALTIME_FETCH_WAIT,
         }
     }
 }
@@ -294,6 +298,7 @@ pub async fn start(
         lease_id: tokio::sync::Mutex::new(0),
         sorted_chunk: ingest::ChunkLimits::default(),
         lock_in_memory_stores: config.lock_in_memory_stores,
+        realtime_fetch_wait: config.realtime_fetch_wait,
     });
 
     let mirror = PrefixMirror::start(meta.clone(), layout.versions_prefix()).await?;

@@ -66,6 +66,10 @@ struct Cli {
     /// CAP_IPC_LOCK, and memory for every version served and pushed at once.
     #[arg(long)]
     lock_in_memory_stores: bool,
+    /// Longest time (ms) the broker may hold a fetch of a hybrid replica's real-time consumers:
+    /// lower is fresher, higher fetches less often when idle.
+    #[arg(long, default_value_t = rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    realtime_fetch_wait_ms: u64,
     /// etcd endpoints, comma separated.
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     etcd: Vec<String>,
@@ -124,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
         },
         usage_refresh: Duration::from_secs(cli.usage_refresh_secs),
         lock_in_memory_stores: cli.lock_in_memory_stores,
+        realtime_fetch_wait: Duration::from_millis(cli.realtime_fetch_wait_ms),
     };
     let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
         .await

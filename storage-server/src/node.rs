@@ -42,6 +42,9 @@ pub(crate) struct NodeContext {
     /// Lock in-memory stores' data in memory when they go ONLINE
     /// ([`ServerConfig::lock_in_memory_stores`](crate::ServerConfig::lock_in_memory_stores)).
     pub lock_in_memory_stores: bool,
+    /// Fetch wait of real-time consumers
+    /// ([`ServerConfig::realtime_fetch_wait`](crate::ServerConfig::realtime_fetch_wait)).
+    pub realtime_fetch_wait: std::time::Duration,
 }
 
 impl NodeContext {

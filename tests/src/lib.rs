@@ -299,6 +299,7 @@ impl Cluster {
                 faults,
                 usage_refresh: rialto_server::usage::DEFAULT_USAGE_REFRESH,
                 lock_in_memory_stores: false,
+                realtime_fetch_wait: rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
             };
             cluster.servers.push(ServerSlot {
                 config,
