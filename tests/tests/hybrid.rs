@@ -409,7 +409,35 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
     let new_leader = cluster.meta.get(&leadership).await?.context("a new leader")?;
     let new_leader = String::from_utf8(new_leader.value)?;
     assert_ne!(new_leader, leader);
+
+    // The killed server comes back on its data (its replicas' unflushed writes were lost with
+    // it), resumes from its checkpoints and catches up; then it is the only one left.
+    let zones = ["zone-a", "zone-b", "zone-c"];
+    processes[index] = cluster.start_server_process(index, zones[index])?;
+    for i in 0..50 {
+        put(&mut writer, &mut model, &format!("k-{i}"), &format!("c-{i}")).await?;
+    }
     writer.close().await?;
+    let admin = cluster.admin();
+    wait_until(Duration::from_secs(60), &format!("{leader}'s replicas ONLINE again"), || {
+        let admin = admin.clone();
+        let leader = leader.clone();
+        async move {
+            let d = admin.describe_store("kill").await?;
+            let back = replicas_of(&d, 1)
+                .iter()
+                .filter(|r| r.node_id == leader && r.state == ReplicaState::Online && r.following)
+                .count();
+            Ok(back == 2)
+        }
+    })
+    .await?;
+    for (i, process) in processes.iter_mut().enumerate() {
+        if i != index {
+            process.kill()?;
+        }
+    }
+    wait_for_model(&client, &model, "every write, read from the restarted server alone").await?;
     cluster.shutdown().await
 }
 
