@@ -87,6 +87,25 @@ async fn wait_for_model(client: &Client, model: &Model, what: &str) -> Result<()
     }
 }
 
+/// `GET /metrics` of a storage server (plaintext HTTP/2).
+async fn scrape_metrics(address: std::net::SocketAddr) -> Result<String> {
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = http::Request::get(format!("http://{address}/metrics")).body(())?;
+    let (response, _) = client.ready().await?.send_request(request, true)?;
+    let mut body = response.await?.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8(text)?)
+}
+
 fn replicas_of(d: &rialto_protocol::admin::StoreDescription, version: u32) -> Vec<ReplicaView> {
     d.versions
         .iter()
@@ -188,6 +207,23 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
     );
     let v1 = replicas_of(&d, 1);
     assert!(!v1.is_empty() && v1.iter().all(|r| !r.following && !r.leader), "{v1:?}");
+
+    // Every server exports the lag of its v2 replicas and which of them lead; 4 leaders in all.
+    let mut leaders = 0;
+    for i in 0..3 {
+        let text = scrape_metrics(cluster.server_address(i).context("server address")?).await?;
+        let lags = text
+            .lines()
+            .filter(|l| l.starts_with("rialto_server_realtime_lag_records{store=\"feed\",version=\"2\""))
+            .count();
+        let hosted = v2.iter().filter(|r| r.node_id == cluster.server_node_id(i)).count();
+        assert_eq!(lags, hosted, "server {i}:\n{text}");
+        leaders += text
+            .lines()
+            .filter(|l| l.starts_with("rialto_server_partition_leader{store=\"feed\",version=\"2\"") && l.ends_with(" 1"))
+            .count();
+    }
+    assert_eq!(leaders, 4);
 
     // Lag, leadership and the hybrid settings in the CLI's output.
     let describe = Command::new(sibling_binary("rialto-admin")?)
