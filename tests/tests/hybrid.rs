@@ -297,6 +297,28 @@ async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Resul
         .unwrap_err()
         .to_string();
     assert!(refused.contains("over the limit"), "{refused}");
+    // The real-time topic was made to keep a week; a rewind that needs longer is refused
+    // (the broker reports the topic's retention.ms).
+    let refused = cluster
+        .admin()
+        .update_store(
+            "made",
+            &UpdateStoreRequest {
+                hybrid: Some(HybridConfig {
+                    rewind_seconds: 20 * 24 * 3600,
+                    lag_records_max: 1,
+                }),
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("raise its retention.ms"), "{refused}");
+    assert_eq!(
+        cluster.admin().describe_store("made").await?.store.hybrid.map(|h| h.rewind_seconds),
+        Some(600),
+        "unchanged"
+    );
 
     // Writes made now are replayed onto the next version.
     let mut writer = cluster.realtime_writer("made").await?;
