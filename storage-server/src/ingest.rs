@@ -410,8 +410,12 @@ async fn follow_realtime(
             tokio::select! {
                 _ = crate::hybrid::stopped(&mut stop) => break Err(Ended::Stopped),
                 changed = follow.changed() => {
-                    if changed.is_err() || !*follow.borrow() {
-                        break Ok(false);
+                    // The sender goes with the hosted replica: being dropped, not superseded.
+                    if changed.is_err() {
+                        break Err(Ended::Stopped);
+                    }
+                    if !*follow.borrow() {
+                        break Ok(());
                     }
                     continue;
                 }
@@ -501,7 +505,7 @@ async fn follow_realtime(
     stop_leader(leader).await;
     close_consumer(consumer).await;
     match result {
-        Ok(_superseded) => {
+        Ok(()) => {
             tracing::info!(replica = %id, "superseded by a newer version: no longer following real-time writes");
             slot.update(&ctx.metrics, |r| {
                 r.following = false;
