@@ -92,7 +92,7 @@ enum WritePath {
     /// before is ingested.
     Sst,
     /// SST files, each written and ingested before the next is started (the server before
-    /// session 10).
+    /// the 87334bb run).
     SstOneAtATime,
 }
 
