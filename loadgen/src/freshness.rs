@@ -187,10 +187,5 @@ async fn read_until_seen(
         tokio::time::sleep(poll_interval).await;
     }
     let lost = pending.len() as u64;
-    Ok((
-        histogram,
-        seen,
-        lost,
-        pass_time / passes.max(1),
-    ))
+    Ok((histogram, seen, lost, pass_time / passes.max(1)))
 }

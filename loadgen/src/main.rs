@@ -147,7 +147,11 @@ enum Command {
         #[arg(long)]
         store: String,
         /// Admin API of a controller (the writer learns the broker from it).
-        #[arg(long, default_value = "http://127.0.0.1:7070", env = "RIALTO_CONTROLLER")]
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:7070",
+            env = "RIALTO_CONTROLLER"
+        )]
         controller: String,
         /// Writes per second.
         #[arg(long)]

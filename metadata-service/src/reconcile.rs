@@ -997,11 +997,23 @@ mod tests {
             rewind_seconds: 60,
             lag_records_max: 10,
         });
-        let v = view(StoreRecord { hybrid, ..store(None, None, 0) }, vec![]);
-        assert_eq!(plan(&v), vec![Action::StartEmptyVersion { store: "s".into() }]);
+        let v = view(
+            StoreRecord {
+                hybrid,
+                ..store(None, None, 0)
+            },
+            vec![],
+        );
+        assert_eq!(
+            plan(&v),
+            vec![Action::StartEmptyVersion { store: "s".into() }]
+        );
         // Once a version exists (pushed or empty), never again.
         let v = view(
-            StoreRecord { hybrid, ..store(None, None, 1) },
+            StoreRecord {
+                hybrid,
+                ..store(None, None, 1)
+            },
             vec![version(1, VersionStatus::Pushing)],
         );
         assert_eq!(plan(&v), vec![]);
@@ -1028,8 +1040,10 @@ mod tests {
         };
         v.replicas.insert(("s".into(), 1, 0, "a".into()), following);
         assert_eq!(plan(&v), vec![], "its server has not sealed it yet");
-        v.replicas
-            .insert(("s".into(), 1, 0, "a".into()), replica(ReplicaState::Online, None));
+        v.replicas.insert(
+            ("s".into(), 1, 0, "a".into()),
+            replica(ReplicaState::Online, None),
+        );
         assert_eq!(
             plan(&v),
             vec![Action::Retire {

@@ -38,8 +38,8 @@ use rialto_protocol::stored::{split_value, value_checksum, StoredPiece, CHECKSUM
 
 pub use input::{InputFormat, InputShape, RecordLimits, SortConfig};
 pub use realtime::{
-    parse_stream_line, RealtimeConfig, RealtimeError, RealtimeReport, RealtimeWriter,
-    StreamRecord, SEGMENT_RECORDS_MAX,
+    parse_stream_line, RealtimeConfig, RealtimeError, RealtimeReport, RealtimeWriter, StreamRecord,
+    SEGMENT_RECORDS_MAX,
 };
 use sort::SortedPartition;
 use writer::PartitionWriter;

@@ -219,11 +219,11 @@ pub(crate) async fn reconcile(
             }
         }
         for (id, plan) in &desired.replicas {
-            let follow = !desired
-                .superseded
-                .contains(&(id.store.clone(), id.version));
+            let follow = !desired.superseded.contains(&(id.store.clone(), id.version));
             if let Some(replica) = hosted.get(id) {
-                replica.follow.send_if_modified(|f| std::mem::replace(f, follow) != follow);
+                replica
+                    .follow
+                    .send_if_modified(|f| std::mem::replace(f, follow) != follow);
                 continue;
             }
             let slot = Arc::new(ReplicaSlot::new(id.clone(), &ctx.metrics));

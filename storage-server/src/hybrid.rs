@@ -90,8 +90,8 @@ pub(crate) async fn lead(
             Ok(Some(epoch)) => {
                 tracing::info!(replica = %slot.id, epoch, "partition leader");
                 set_leader(&ctx, &slot, true).await;
-                let end = lead_term(&ctx, &slot, &plan, &key, epoch, progress.clone(), &mut stop)
-                    .await;
+                let end =
+                    lead_term(&ctx, &slot, &plan, &key, epoch, progress.clone(), &mut stop).await;
                 if let TermEnd::Fatal(message) = end {
                     // The leadership is kept (until this server's lease ends): another replica
                     // would meet the same record and fail too, while the partition's other
@@ -106,7 +106,9 @@ pub(crate) async fn lead(
                 tracing::info!(replica = %slot.id, epoch, "no longer partition leader");
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(replica = %slot.id, error = %e, "leader election failed; retrying"),
+            Err(e) => {
+                tracing::warn!(replica = %slot.id, error = %e, "leader election failed; retrying")
+            }
         }
         tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -217,9 +219,11 @@ async fn lead_term(
                 }
             };
             tracing::info!(replica = %slot.id, epoch, realtime_offset = start, rewind_s = hybrid.rewind_seconds, "START_OF_BUFFER_REPLAY");
-            copier.pending.push(copier.writer.control(ControlMessage::StartOfBufferReplay {
-                rt_offsets: vec![start],
-            }));
+            copier
+                .pending
+                .push(copier.writer.control(ControlMessage::StartOfBufferReplay {
+                    rt_offsets: vec![start],
+                }));
             start
         }
     };
@@ -329,7 +333,11 @@ pub(crate) async fn replay_start(
     partition: u32,
     since_ms: i64,
 ) -> Result<i64, PubSubError> {
-    match ctx.pubsub.offset_for_time(topic, partition, since_ms).await? {
+    match ctx
+        .pubsub
+        .offset_for_time(topic, partition, since_ms)
+        .await?
+    {
         Some(offset) => Ok(offset),
         None => Ok(ctx.pubsub.watermarks(topic, partition).await?.0),
     }
@@ -347,20 +355,14 @@ struct Copier {
 }
 
 impl Copier {
-    fn new(
-        slot: &ReplicaSlot,
-        plan: &ReplicaPlan,
-        epoch: u64,
-    ) -> Result<Copier, String> {
+    fn new(slot: &ReplicaSlot, plan: &ReplicaPlan, epoch: u64) -> Result<Copier, String> {
         let compressor = match plan.compression {
             Compression::None => None,
-            Compression::Zstd => Some(
-                ValueCompressor::new(codec::DEFAULT_LEVEL, None).map_err(|e| e.to_string())?,
-            ),
+            Compression::Zstd => {
+                Some(ValueCompressor::new(codec::DEFAULT_LEVEL, None).map_err(|e| e.to_string())?)
+            }
             Compression::ZstdDictionary => {
-                let store = slot
-                    .store()
-                    .ok_or("the replica's database is not open")?;
+                let store = slot.store().ok_or("the replica's database is not open")?;
                 let dictionary = store
                     .dictionary()
                     .map_err(|e| e.to_string())?
@@ -599,7 +601,12 @@ mod tests {
         )
     }
     fn sos(guid: u8, segment: u32) -> Envelope {
-        env(guid, segment, 0, Message::Control(ControlMessage::StartOfSegment))
+        env(
+            guid,
+            segment,
+            0,
+            Message::Control(ControlMessage::StartOfSegment),
+        )
     }
     fn eos(guid: u8, segment: u32, sequence: u32, c: SegmentChecksum) -> Envelope {
         env(
@@ -638,7 +645,10 @@ mod tests {
             crc: 1,
             record_count: 1000,
         };
-        assert_eq!(v.check(&eos(2, 4, 58, wrong)).unwrap(), RealtimeVerdict::Skip);
+        assert_eq!(
+            v.check(&eos(2, 4, 58, wrong)).unwrap(),
+            RealtimeVerdict::Skip
+        );
         assert_eq!(v.check(&sos(2, 5)).unwrap(), RealtimeVerdict::Skip);
     }
 
@@ -648,7 +658,10 @@ mod tests {
         v.check(&sos(3, 0)).unwrap();
         v.check(&put(3, 0, 1, "a")).unwrap();
         let err = v.check(&put(3, 0, 3, "c")).unwrap_err();
-        assert!(err.contains("gap in segment 0: expected sequence 2, got 3"), "{err}");
+        assert!(
+            err.contains("gap in segment 0: expected sequence 2, got 3"),
+            "{err}"
+        );
         let err = v
             .check(&eos(3, 0, 2, SegmentChecksum::default()))
             .unwrap_err();

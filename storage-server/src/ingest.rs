@@ -321,7 +321,10 @@ async fn ingest(
 }
 
 /// Writes `checkpoint` if the database does not hold it yet.
-async fn persist_checkpoint(store: &Arc<ReplicaStore>, checkpoint: &Checkpoint) -> Result<(), Ended> {
+async fn persist_checkpoint(
+    store: &Arc<ReplicaStore>,
+    checkpoint: &Checkpoint,
+) -> Result<(), Ended> {
     if store
         .checkpoint()
         .map_err(|e| Ended::Failed(e.to_string()))?
@@ -470,16 +473,28 @@ async fn follow_realtime(
             continue;
         }
         last_lag = Instant::now();
-        let lag = match measure_lag(ctx, plan, id.partition, &rt_topic, &checkpoint, &mut replay_from).await {
+        let lag = match measure_lag(
+            ctx,
+            plan,
+            id.partition,
+            &rt_topic,
+            &checkpoint,
+            &mut replay_from,
+        )
+        .await
+        {
             Ok(lag) => lag,
             Err(e) => {
                 tracing::warn!(replica = %id, error = %e, "cannot read the real-time topic's end; lag unknown");
                 continue;
             }
         };
-        if slot.state() != ReplicaState::Online && crate::hybrid::ready(slot.state(), lag, lag_max) {
+        if slot.state() != ReplicaState::Online && crate::hybrid::ready(slot.state(), lag, lag_max)
+        {
             let lag = lag.unwrap_or(0);
-            if let Err(e) = go_online_following(ctx, slot, &store, &checkpoint, consumed_from, lag).await {
+            if let Err(e) =
+                go_online_following(ctx, slot, &store, &checkpoint, consumed_from, lag).await
+            {
                 break Err(e);
             }
             reported = Some((Some(lag), checkpoint.next_offset));
@@ -1078,7 +1093,11 @@ async fn open_consumer(
     let partition = slot.id.partition;
     loop {
         let opened = match realtime {
-            Some(wait) => ctx.pubsub.realtime_consumer(topic, partition, offset, wait).await,
+            Some(wait) => {
+                ctx.pubsub
+                    .realtime_consumer(topic, partition, offset, wait)
+                    .await
+            }
             None => ctx.pubsub.consumer(topic, partition, offset).await,
         };
         match opened {
@@ -1192,7 +1211,13 @@ mod tests {
         let (_stop, stop_rx) = watch::channel(false);
         tokio::time::timeout(
             Duration::from_secs(20),
-            run(h.ctx.clone(), slot.clone(), plan(), stop_rx, watch::channel(true).1),
+            run(
+                h.ctx.clone(),
+                slot.clone(),
+                plan(),
+                stop_rx,
+                watch::channel(true).1,
+            ),
         )
         .await
         .expect("ingestion should finish");
@@ -1307,7 +1332,13 @@ mod tests {
         h.pubsub.append_all(TOPIC, 0, first.to_vec());
         let slot1 = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(h.ctx.clone(), slot1.clone(), plan(), stop_rx, watch::channel(true).1));
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot1.clone(),
+            plan(),
+            stop_rx,
+            watch::channel(true).1,
+        ));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let cp = slot1.take_store().map(|s| {
@@ -1350,7 +1381,14 @@ mod tests {
         let records = consumed(clean_push(3), 100);
         let mut bad = records.clone();
         bad[4].value = Some(b"garbage".to_vec());
-        let v = validate_batch(&Checkpoint::default(), bad, "t", 0, CompressionCodec::None, Hybrid::No);
+        let v = validate_batch(
+            &Checkpoint::default(),
+            bad,
+            "t",
+            0,
+            CompressionCodec::None,
+            Hybrid::No,
+        );
         assert_eq!(v.next.next_offset, 104);
         assert_eq!(v.ops.len(), 2);
         assert_eq!(v.next.records, 2);
@@ -1494,7 +1532,13 @@ mod tests {
         };
         tokio::time::timeout(
             Duration::from_secs(20),
-            run(h.ctx.clone(), slot.clone(), in_memory, stop_rx, watch::channel(true).1),
+            run(
+                h.ctx.clone(),
+                slot.clone(),
+                in_memory,
+                stop_rx,
+                watch::channel(true).1,
+            ),
         )
         .await
         .expect("ingestion should finish");
@@ -1619,7 +1663,13 @@ mod tests {
         h.pubsub.append_all(TOPIC, 0, records[..102].to_vec());
         let slot = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), plan(), stop_rx, watch::channel(true).1));
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot.clone(),
+            plan(),
+            stop_rx,
+            watch::channel(true).1,
+        ));
         let deadline = Instant::now() + Duration::from_secs(10);
         let key = h.ctx.layout.replica("s", 1, 0, "n1");
         loop {
@@ -1702,7 +1752,11 @@ mod tests {
 
     /// Real-time writes of one writer: `ops` are (key, Some(value)) puts and (key, None)
     /// deletes, after a START_OF_SEGMENT.
-    fn realtime(writer: &mut rialto_protocol::producer::PartitionWriter, start: bool, ops: &[(&str, Option<&str>)]) -> Vec<Vec<u8>> {
+    fn realtime(
+        writer: &mut rialto_protocol::producer::PartitionWriter,
+        start: bool,
+        ops: &[(&str, Option<&str>)],
+    ) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         if start {
             out.push(writer.start_segment().encode());
@@ -1746,20 +1800,37 @@ mod tests {
         );
         let mut p = PushRecords::start([1; 16]);
         for i in 0..5 {
-            p.put(format!("k{i}").as_bytes(), 1, format!("batch-{i}").as_bytes());
+            p.put(
+                format!("k{i}").as_bytes(),
+                1,
+                format!("batch-{i}").as_bytes(),
+            );
         }
         h.pubsub.append_all(TOPIC, 0, p.finish());
         let slot = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
         let (follow, follow_rx) = watch::channel(true);
-        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), hybrid_plan(0), stop_rx, follow_rx));
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot.clone(),
+            hybrid_plan(0),
+            stop_rx,
+            follow_rx,
+        ));
 
-        wait_for("the replica to be ONLINE", || slot.state() == ReplicaState::Online).await;
+        wait_for("the replica to be ONLINE", || {
+            slot.state() == ReplicaState::Online
+        })
+        .await;
         let r = slot.record();
         assert!(r.leader && r.following, "{r:?}");
         assert_eq!(r.lag, Some(0));
         assert_eq!(value_of(&h, "k1").as_deref(), Some(&b"batch-1"[..]));
-        assert_eq!(value_of(&h, "k2").as_deref(), Some(&b"rt-2"[..]), "real-time wins");
+        assert_eq!(
+            value_of(&h, "k2").as_deref(),
+            Some(&b"rt-2"[..]),
+            "real-time wins"
+        );
         assert_eq!(value_of(&h, "k3"), None, "deleted in real time");
         let leader_key = h.ctx.layout.partition_leader("s", 1, 0);
         assert_eq!(h.meta.get(&leader_key).await.unwrap().unwrap().value, b"n1");
@@ -1768,23 +1839,47 @@ mod tests {
         h.pubsub.append_all(
             "s_rt",
             0,
-            realtime(&mut writer, false, &[("k4", Some("rt-4a")), ("k5", Some("new")), ("k4", Some("rt-4b"))]),
+            realtime(
+                &mut writer,
+                false,
+                &[
+                    ("k4", Some("rt-4a")),
+                    ("k5", Some("new")),
+                    ("k4", Some("rt-4b")),
+                ],
+            ),
         );
-        wait_for("the new writes", || value_of(&h, "k4").as_deref() == Some(b"rt-4b")).await;
+        wait_for("the new writes", || {
+            value_of(&h, "k4").as_deref() == Some(b"rt-4b")
+        })
+        .await;
         assert_eq!(value_of(&h, "k5").as_deref(), Some(&b"new"[..]));
-        let cp = h.ctx.registry.online("s", 1, 0).unwrap().checkpoint().unwrap().unwrap();
+        let cp = h
+            .ctx
+            .registry
+            .online("s", 1, 0)
+            .unwrap()
+            .checkpoint()
+            .unwrap()
+            .unwrap();
         let replay = cp.replay.expect("replay state");
         assert_eq!((replay.realtime_start, replay.last_upstream), (0, Some(5)));
 
         // Superseded: stops following and is sealed, serving what it has.
         follow.send(false).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
         let r = slot.record();
         assert_eq!(r.state, ReplicaState::Online);
         assert!(!r.following && !r.leader, "{r:?}");
         assert!(h.ctx.registry.online("s", 1, 0).unwrap().is_read_only());
         assert_eq!(value_of(&h, "k4").as_deref(), Some(&b"rt-4b"[..]));
-        assert!(h.meta.get(&leader_key).await.unwrap().is_none(), "leadership released");
+        assert!(
+            h.meta.get(&leader_key).await.unwrap().is_none(),
+            "leadership released"
+        );
         drop(stop);
     }
 
@@ -1792,7 +1887,8 @@ mod tests {
     async fn a_lagging_replica_stays_out_and_a_corrupt_real_time_record_is_an_error() {
         let h = harness().await;
         h.pubsub.create_topic("s_rt", 1).await.unwrap();
-        h.pubsub.append_all(TOPIC, 0, PushRecords::start([1; 16]).finish());
+        h.pubsub
+            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish());
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let mut records = realtime(&mut writer, true, &[("a", Some("1")), ("b", Some("2"))]);
         // The third record's CRC is broken.
@@ -1804,12 +1900,24 @@ mod tests {
         let slot = slot(&h);
         let (_stop, stop_rx) = watch::channel(false);
         let (_follow, follow_rx) = watch::channel(true);
-        let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), hybrid_plan(0), stop_rx, follow_rx));
-        tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot.clone(),
+            hybrid_plan(0),
+            stop_rx,
+            follow_rx,
+        ));
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
         let r = reported(&h).await;
         assert_eq!(r.state, ReplicaState::Error, "{r:?}");
         let error = r.error.unwrap();
-        assert!(error.contains("corrupt record at offset 3 of s_rt/0"), "{error}");
+        assert!(
+            error.contains("corrupt record at offset 3 of s_rt/0"),
+            "{error}"
+        );
         // It never served: with a lag bound of 0 it was never ONLINE, and nothing after the
         // corrupt record was copied.
         let store = slot.store().unwrap();

@@ -20,8 +20,8 @@
 mod assignments;
 mod error;
 pub mod faults;
-pub mod hybrid;
 mod http;
+pub mod hybrid;
 pub mod ingest;
 pub mod metrics;
 mod node;

@@ -366,7 +366,11 @@ mod tests {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
         assert!(!text.contains("partition=\"6\"} 42"), "{text}");
-        assert_eq!(text.matches("rialto_server_realtime_lag_records{").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("rialto_server_realtime_lag_records{").count(),
+            1,
+            "{text}"
+        );
     }
 
     #[test]

@@ -124,7 +124,12 @@ impl ReplayState {
 /// START_OF_BUFFER_REPLAY (`consumed_offset - sobr_offset`). It equals [`ReplayState::lag`] while
 /// every copied record is one version-topic record after the SOBR; `ReplayState::lag` stays exact
 /// when the leader's control records or a second leader's duplicates sit in between.
-pub fn seed_lag(sobr_offset: i64, sobr_realtime_offset: i64, consumed_offset: i64, realtime_end: i64) -> u64 {
+pub fn seed_lag(
+    sobr_offset: i64,
+    sobr_realtime_offset: i64,
+    consumed_offset: i64,
+    realtime_end: i64,
+) -> u64 {
     ((realtime_end - sobr_realtime_offset) - (consumed_offset - sobr_offset)).max(0) as u64
 }
 
@@ -209,7 +214,9 @@ pub enum ValidationError {
     },
     #[error("data record before START_OF_PUSH")]
     DataBeforeStartOfPush,
-    #[error("data record after END_OF_PUSH that no partition leader copied from the real-time topic")]
+    #[error(
+        "data record after END_OF_PUSH that no partition leader copied from the real-time topic"
+    )]
     DataAfterEndOfPush,
     #[error("record copied from the real-time topic before END_OF_PUSH")]
     CopiedBeforeEndOfPush,

@@ -493,7 +493,12 @@ impl Cluster {
             || {
                 let admin = admin.clone();
                 async move {
-                    Ok(admin.describe_store(name).await?.store.current_version.is_some())
+                    Ok(admin
+                        .describe_store(name)
+                        .await?
+                        .store
+                        .current_version
+                        .is_some())
                 }
             },
         )
@@ -501,7 +506,10 @@ impl Cluster {
     }
 
     /// A real-time writer of hybrid store `store`, producing to this cluster's broker.
-    pub async fn realtime_writer(&self, store: &str) -> Result<rialto_push::realtime::RealtimeWriter> {
+    pub async fn realtime_writer(
+        &self,
+        store: &str,
+    ) -> Result<rialto_push::realtime::RealtimeWriter> {
         let record = self.admin().describe_store(store).await?.store;
         Ok(rialto_push::realtime::RealtimeWriter::new(&record, self.pubsub.clone()).await?)
     }

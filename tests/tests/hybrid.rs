@@ -49,7 +49,10 @@ async fn differences(client: &Client, model: &Model) -> Result<Vec<String>> {
     let mut wrong = Vec::new();
     let entries: Vec<(&String, &Option<String>)> = model.iter().collect();
     for chunk in entries.chunks(1000) {
-        let keys: Vec<Value> = chunk.iter().map(|(k, _)| Value::String((*k).clone())).collect();
+        let keys: Vec<Value> = chunk
+            .iter()
+            .map(|(k, _)| Value::String((*k).clone()))
+            .collect();
         let values = client.batch_get(&keys).await?;
         for ((key, want), got) in chunk.iter().zip(values) {
             let got = match got {
@@ -123,14 +126,24 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
         .await?;
     let description = admin.describe_store("feed").await?;
     assert_eq!(description.store.hybrid, Some(HOUR));
-    assert_eq!(description.store.current_version, Some(1), "an empty first version");
+    assert_eq!(
+        description.store.current_version,
+        Some(1),
+        "an empty first version"
+    );
     let client = cluster.client("feed").await?;
     let mut writer = cluster.realtime_writer("feed").await?;
     let mut model = Model::new();
 
     // A streaming-only store serves real-time writes.
     for i in 0..300 {
-        put(&mut writer, &mut model, &format!("rt-{i}"), &format!("first-{i}")).await?;
+        put(
+            &mut writer,
+            &mut model,
+            &format!("rt-{i}"),
+            &format!("first-{i}"),
+        )
+        .await?;
     }
     for i in 0..200 {
         put(&mut writer, &mut model, &key_of(i), &format!("before-{i}")).await?;
@@ -140,7 +153,12 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
         delete(&mut writer, &mut model, &key_of(i)).await?;
     }
     writer.flush().await?;
-    wait_for_model(&client, &model, "real-time writes on the streaming-only version").await?;
+    wait_for_model(
+        &client,
+        &model,
+        "real-time writes on the streaming-only version",
+    )
+    .await?;
 
     // A push of 4,000 records while writes go on.
     let records = 4000;
@@ -184,7 +202,12 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
     expected.extend(during);
     let mut model = expected;
     assert_eq!(client_version(&cluster).await?, 2);
-    wait_for_model(&client, &model, "batch data with the real-time writes replayed on it").await?;
+    wait_for_model(
+        &client,
+        &model,
+        "batch data with the real-time writes replayed on it",
+    )
+    .await?;
 
     // After the swap, writes reach the new version; the old one no longer follows.
     for i in 0..100 {
@@ -202,11 +225,15 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
         assert_eq!(leaders, 1, "one leader of partition {p}: {v2:?}");
     }
     assert!(
-        v2.iter().all(|r| r.following && r.state == ReplicaState::Online && r.lag.is_some()),
+        v2.iter()
+            .all(|r| r.following && r.state == ReplicaState::Online && r.lag.is_some()),
         "{v2:?}"
     );
     let v1 = replicas_of(&d, 1);
-    assert!(!v1.is_empty() && v1.iter().all(|r| !r.following && !r.leader), "{v1:?}");
+    assert!(
+        !v1.is_empty() && v1.iter().all(|r| !r.following && !r.leader),
+        "{v1:?}"
+    );
 
     // Every server exports the lag of its v2 replicas and which of them lead; 4 leaders in all.
     let mut leaders = 0;
@@ -214,27 +241,51 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
         let text = scrape_metrics(cluster.server_address(i).context("server address")?).await?;
         let lags = text
             .lines()
-            .filter(|l| l.starts_with("rialto_server_realtime_lag_records{store=\"feed\",version=\"2\""))
+            .filter(|l| {
+                l.starts_with("rialto_server_realtime_lag_records{store=\"feed\",version=\"2\"")
+            })
             .count();
-        let hosted = v2.iter().filter(|r| r.node_id == cluster.server_node_id(i)).count();
+        let hosted = v2
+            .iter()
+            .filter(|r| r.node_id == cluster.server_node_id(i))
+            .count();
         assert_eq!(lags, hosted, "server {i}:\n{text}");
         leaders += text
             .lines()
-            .filter(|l| l.starts_with("rialto_server_partition_leader{store=\"feed\",version=\"2\"") && l.ends_with(" 1"))
+            .filter(|l| {
+                l.starts_with("rialto_server_partition_leader{store=\"feed\",version=\"2\"")
+                    && l.ends_with(" 1")
+            })
             .count();
     }
     assert_eq!(leaders, 4);
 
     // Lag, leadership and the hybrid settings in the CLI's output.
     let describe = Command::new(sibling_binary("rialto-admin")?)
-        .args(["--controller", &cluster.controller_url(), "stores", "describe", "feed"])
+        .args([
+            "--controller",
+            &cluster.controller_url(),
+            "stores",
+            "describe",
+            "feed",
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&describe.stdout);
     ensure!(describe.status.success(), "describe failed: {text}");
-    assert!(text.contains("rewind 3600 s, lag bound 1000 records, real-time topic feed_rt"), "{text}");
+    assert!(
+        text.contains("rewind 3600 s, lag bound 1000 records, real-time topic feed_rt"),
+        "{text}"
+    );
     assert!(text.contains("LAG") && text.contains("LEADER"), "{text}");
     let json = Command::new(sibling_binary("rialto-admin")?)
-        .args(["--controller", &cluster.controller_url(), "--json", "stores", "describe", "feed"])
+        .args([
+            "--controller",
+            &cluster.controller_url(),
+            "--json",
+            "stores",
+            "describe",
+            "feed",
+        ])
         .output()?;
     let json: serde_json::Value = serde_json::from_slice(&json.stdout)?;
     let lags: Vec<u64> = json["versions"]
@@ -264,15 +315,31 @@ async fn client_version(cluster: &Cluster) -> Result<u32> {
 async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Result<()> {
     let cluster = Cluster::start(2).await?;
     cluster.create_string_store("made", 2, 2, 500, 16).await?;
-    assert!(cluster.realtime_writer("made").await.is_err(), "not hybrid yet");
+    assert!(
+        cluster.realtime_writer("made").await.is_err(),
+        "not hybrid yet"
+    );
 
     let updated = Command::new(sibling_binary("rialto-admin")?)
-        .args(["--controller", &cluster.controller_url(), "stores", "update", "made"])
+        .args([
+            "--controller",
+            &cluster.controller_url(),
+            "stores",
+            "update",
+            "made",
+        ])
         .args(["--hybrid-rewind-seconds", "600"])
         .output()?;
     let out = String::from_utf8_lossy(&updated.stdout);
-    ensure!(updated.status.success(), "update failed: {out} {}", String::from_utf8_lossy(&updated.stderr));
-    assert!(out.contains("rewind 600 s, lag bound 1000 records"), "{out}");
+    ensure!(
+        updated.status.success(),
+        "update failed: {out} {}",
+        String::from_utf8_lossy(&updated.stderr)
+    );
+    assert!(
+        out.contains("rewind 600 s, lag bound 1000 records"),
+        "{out}"
+    );
     let record = cluster.admin().describe_store("made").await?.store;
     assert_eq!(
         record.hybrid,
@@ -303,7 +370,13 @@ async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Resul
     let too_short = refused(20).await;
     assert!(too_short.contains("raise its retention.ms"), "{too_short}");
     assert_eq!(
-        cluster.admin().describe_store("made").await?.store.hybrid.map(|h| h.rewind_seconds),
+        cluster
+            .admin()
+            .describe_store("made")
+            .await?
+            .store
+            .hybrid
+            .map(|h| h.rewind_seconds),
         Some(600),
         "unchanged"
     );
@@ -322,9 +395,16 @@ async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Resul
     );
     let report = cluster.push_string_records("made", 500, 16).await?;
     assert_eq!(report.version, 2);
-    let mut expected: Model = (0..500).map(|i| (key_of(i), Some(string_value(i, 16)))).collect();
+    let mut expected: Model = (0..500)
+        .map(|i| (key_of(i), Some(string_value(i, 16))))
+        .collect();
     expected.extend(model);
-    wait_for_model(&client, &expected, "writes replayed onto the first hybrid version").await?;
+    wait_for_model(
+        &client,
+        &expected,
+        "writes replayed onto the first hybrid version",
+    )
+    .await?;
     put(&mut writer, &mut expected, "fresh", "after").await?;
     writer.close().await?;
     wait_for_model(&client, &expected, "writes after the swap").await?;
@@ -338,7 +418,9 @@ async fn a_version_lagging_past_its_bound_is_held_back_until_it_catches_up() -> 
         rewind_seconds: 3600,
         lag_records_max: 10,
     };
-    cluster.create_hybrid_string_store("lagged", 1, 2, bound).await?;
+    cluster
+        .create_hybrid_string_store("lagged", 1, 2, bound)
+        .await?;
     let mut writer = cluster.realtime_writer("lagged").await?;
     let mut model = Model::new();
     for i in 0..100 {
@@ -369,13 +451,21 @@ async fn a_version_lagging_past_its_bound_is_held_back_until_it_catches_up() -> 
         })
     };
     let admin = cluster.admin();
-    let reported = wait_until(Duration::from_secs(60), "version 2 to report its lag", || {
-        let admin = admin.clone();
-        async move {
-            let d = admin.describe_store("lagged").await?;
-            Ok(replicas_of(&d, 2).iter().filter(|r| r.lag.is_some()).count() == 2)
-        }
-    })
+    let reported = wait_until(
+        Duration::from_secs(60),
+        "version 2 to report its lag",
+        || {
+            let admin = admin.clone();
+            async move {
+                let d = admin.describe_store("lagged").await?;
+                Ok(replicas_of(&d, 2)
+                    .iter()
+                    .filter(|r| r.lag.is_some())
+                    .count()
+                    == 2)
+            }
+        },
+    )
     .await;
     if let Err(e) = reported {
         if push.is_finished() {
@@ -387,8 +477,9 @@ async fn a_version_lagging_past_its_bound_is_held_back_until_it_catches_up() -> 
     let d = admin.describe_store("lagged").await?;
     let v2 = replicas_of(&d, 2);
     assert!(
-        v2.iter()
-            .all(|r| r.lag.is_some_and(|l| l >= 100) && r.state == ReplicaState::Bootstrap && !r.leader),
+        v2.iter().all(|r| r.lag.is_some_and(|l| l >= 100)
+            && r.state == ReplicaState::Bootstrap
+            && !r.leader),
         "{v2:?}"
     );
     assert_eq!(d.store.current_version, Some(1), "held back");
@@ -398,12 +489,18 @@ async fn a_version_lagging_past_its_bound_is_held_back_until_it_catches_up() -> 
     cluster.meta.delete(&leadership).await?;
     let report = push.await??;
     assert_eq!(report.version, 2);
-    let mut expected: Model = (0..50).map(|i| (key_of(i), Some(string_value(i, 8)))).collect();
+    let mut expected: Model = (0..50)
+        .map(|i| (key_of(i), Some(string_value(i, 8))))
+        .collect();
     expected.extend(model);
     let client = cluster.client("lagged").await?;
     wait_for_model(&client, &expected, "the caught-up version").await?;
     let holder = cluster.meta.get(&leadership).await?.context("a leader")?;
-    assert!(holder.value.starts_with(b"server-"), "{:?}", String::from_utf8_lossy(&holder.value));
+    assert!(
+        holder.value.starts_with(b"server-"),
+        "{:?}",
+        String::from_utf8_lossy(&holder.value)
+    );
     writer.close().await?;
     cluster.shutdown().await
 }
@@ -420,19 +517,31 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
         processes.push(cluster.start_server_process(i, zone)?);
     }
     cluster.wait_for_server_count(3).await?;
-    cluster.create_hybrid_string_store("kill", 2, 3, HOUR).await?;
+    cluster
+        .create_hybrid_string_store("kill", 2, 3, HOUR)
+        .await?;
     let client = cluster.client("kill").await?;
     let mut writer = cluster.realtime_writer("kill").await?;
     let mut model = Model::new();
     for i in 0..500 {
-        put(&mut writer, &mut model, &format!("k-{}", i % 200), &format!("a-{i}")).await?;
+        put(
+            &mut writer,
+            &mut model,
+            &format!("k-{}", i % 200),
+            &format!("a-{i}"),
+        )
+        .await?;
     }
     writer.flush().await?;
     wait_for_model(&client, &model, "writes before the kill").await?;
 
     let layout = Layout::new(DEFAULT_ROOT);
     let leadership = layout.partition_leader("kill", 1, 0);
-    let leader = cluster.meta.get(&leadership).await?.context("partition 0 has a leader")?;
+    let leader = cluster
+        .meta
+        .get(&leadership)
+        .await?
+        .context("partition 0 has a leader")?;
     let leader = String::from_utf8(leader.value)?;
     let index: usize = leader.trim_start_matches("server-").parse()?;
     processes[index].kill()?;
@@ -443,7 +552,13 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
         if i % 10 == 9 {
             delete(&mut writer, &mut model, &format!("k-{}", i % 200)).await?;
         } else {
-            put(&mut writer, &mut model, &format!("k-{}", i % 200), &format!("b-{i}")).await?;
+            put(
+                &mut writer,
+                &mut model,
+                &format!("k-{}", i % 200),
+                &format!("b-{i}"),
+            )
+            .await?;
         }
         if i % 100 == 99 {
             writer.flush().await?;
@@ -452,7 +567,11 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
     }
     writer.flush().await?;
     wait_for_model(&client, &model, "every write after the leader died").await?;
-    let new_leader = cluster.meta.get(&leadership).await?.context("a new leader")?;
+    let new_leader = cluster
+        .meta
+        .get(&leadership)
+        .await?
+        .context("a new leader")?;
     let new_leader = String::from_utf8(new_leader.value)?;
     assert_ne!(new_leader, leader);
 
@@ -461,29 +580,46 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
     let zones = ["zone-a", "zone-b", "zone-c"];
     processes[index] = cluster.start_server_process(index, zones[index])?;
     for i in 0..50 {
-        put(&mut writer, &mut model, &format!("k-{i}"), &format!("c-{i}")).await?;
+        put(
+            &mut writer,
+            &mut model,
+            &format!("k-{i}"),
+            &format!("c-{i}"),
+        )
+        .await?;
     }
     writer.close().await?;
     let admin = cluster.admin();
-    wait_until(Duration::from_secs(60), &format!("{leader}'s replicas ONLINE again"), || {
-        let admin = admin.clone();
-        let leader = leader.clone();
-        async move {
-            let d = admin.describe_store("kill").await?;
-            let back = replicas_of(&d, 1)
-                .iter()
-                .filter(|r| r.node_id == leader && r.state == ReplicaState::Online && r.following)
-                .count();
-            Ok(back == 2)
-        }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{leader}'s replicas ONLINE again"),
+        || {
+            let admin = admin.clone();
+            let leader = leader.clone();
+            async move {
+                let d = admin.describe_store("kill").await?;
+                let back = replicas_of(&d, 1)
+                    .iter()
+                    .filter(|r| {
+                        r.node_id == leader && r.state == ReplicaState::Online && r.following
+                    })
+                    .count();
+                Ok(back == 2)
+            }
+        },
+    )
     .await?;
     for (i, process) in processes.iter_mut().enumerate() {
         if i != index {
             process.kill()?;
         }
     }
-    wait_for_model(&client, &model, "every write, read from the restarted server alone").await?;
+    wait_for_model(
+        &client,
+        &model,
+        "every write, read from the restarted server alone",
+    )
+    .await?;
     cluster.shutdown().await
 }
 
@@ -504,7 +640,13 @@ async fn the_stream_cli_stops_at_a_bad_line_having_written_nothing_after_it() ->
          {\"key\": \"d\", \"value\": \"4\"}\n",
     )?;
     let out = Command::new(sibling_binary("rialto-push")?)
-        .args(["stream", "--store", "cli", "--controller", &cluster.controller_url()])
+        .args([
+            "stream",
+            "--store",
+            "cli",
+            "--controller",
+            &cluster.controller_url(),
+        ])
         .arg("--input")
         .arg(&input)
         .output()?;
