@@ -241,13 +241,13 @@ fn version_routes(
 ) -> Option<VersionRoutes> {
     let version_key = layout.version(store, version);
     // Without its record, a version's value layout is unknown: its values cannot be read.
-    let (partition_count, assignment, values) = match versions
+    let (partition_count, record, values) = match versions
         .get(&version_key)
         .map(|v| serde_json::from_slice::<VersionRecord>(v))
     {
         Some(Ok(v)) => {
             let values = ValueLayout::of(&v);
-            (v.partition_count, v.assignment, values)
+            (v.partition_count, v, values)
         }
         Some(Err(e)) => {
             tracing::warn!(key = version_key, error = %e, "unparsable version record; not routing to the version");
@@ -304,10 +304,8 @@ fn version_routes(
         let Some(node) = nodes.get(node_id) else {
             continue;
         };
-        let group = assignment
-            .get(partition as usize)
-            .and_then(|nodes| nodes.iter().position(|n| n == node_id))
-            .map(|g| g as u32);
+        // A move's target serves in the group it moves into, beside the replica it replaces.
+        let group = record.group_of(partition, node_id);
         slot.push(Replica {
             node_id: node_id.to_string(),
             address: node.address.clone(),
@@ -351,6 +349,7 @@ pub(crate) mod tests {
             current_version: current,
             backup_version: backup,
             largest_version: current.unwrap_or(0),
+            deleting: false,
         }
     }
 
@@ -395,6 +394,7 @@ pub(crate) mod tests {
                 value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
                 max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
                 hybrid: None,
+                moves: vec![],
             };
             self.versions.insert(
                 self.layout.version("ads", v),

@@ -448,6 +448,7 @@ fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreR
         current_version: current,
         backup_version: backup,
         largest_version: current.unwrap_or(0),
+        deleting: false,
     }
 }
 
@@ -504,6 +505,7 @@ fn put_version_laid_out(
         value_format,
         max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
         hybrid: None,
+        moves: vec![],
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }

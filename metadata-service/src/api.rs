@@ -17,11 +17,12 @@ use rialto_protocol::admin::{
     CreateStoreRequest, FailPushRequest, ReplicaView, StartPushRequest, StartPushResponse,
     StoreDescription, UpdateStoreRequest, VersionDescription,
 };
+use rialto_protocol::admin::{NodeDescription, NodeReplica};
 use rialto_protocol::avro::AvroCodec;
 use rialto_protocol::meta::{
-    now_ms, realtime_topic, validate_store_name, HybridConfig, Layout, NodeRecord, ReplicaRecord,
-    ReplicaState, StoreRecord, ValueSchema, VersionRecord, VersionStatus, DEFAULT_MAX_VALUE_BYTES,
-    PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
+    now_ms, realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
+    ReplicaRecord, ReplicaState, StoreRecord, ValueSchema, VersionRecord, VersionStatus,
+    DEFAULT_MAX_VALUE_BYTES, PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
 };
 use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
@@ -66,12 +67,14 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/stores", post(create_store).get(list_stores))
         .route(
             "/v1/stores/{store}",
-            get(describe_store).patch(update_store_settings),
+            get(describe_store)
+                .patch(update_store_settings)
+                .delete(delete_store),
         )
         .route("/v1/stores/{store}/versions", post(start_push))
         .route(
             "/v1/stores/{store}/versions/{version}",
-            get(describe_version),
+            get(describe_version).delete(delete_version),
         )
         .route(
             "/v1/stores/{store}/versions/{version}/written",
@@ -81,7 +84,14 @@ pub(crate) fn router(state: ApiState) -> Router {
             "/v1/stores/{store}/versions/{version}/fail",
             post(fail_push),
         )
+        .route("/v1/stores/{store}/rollback", post(rollback))
+        .route("/v1/stores/{store}/roll-forward", post(roll_forward))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{node}", get(describe_node))
+        .route(
+            "/v1/nodes/{node}/drain",
+            post(drain_node).delete(undrain_node),
+        )
         .fallback(|| async {
             ControllerError::NotFound("no such admin API route; see rialto_protocol::admin".into())
         })
@@ -162,6 +172,7 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
         current_version: None,
         backup_version: None,
         largest_version: 0,
+        deleting: false,
     };
     let key = st.layout.store(&record.name);
     if st.meta.get(&key).await?.is_some() {
@@ -223,6 +234,9 @@ async fn update_store_settings(
 ) -> ApiResult<StoreRecord> {
     let req: UpdateStoreRequest = body(&bytes, "update-store")?;
     let record = get_store(&st, &store).await?;
+    if record.deleting {
+        return Err(being_deleted(&store));
+    }
     if let Some(hybrid) = &req.hybrid {
         create_realtime_topic(&st, &store, record.partition_count, hybrid).await?;
     }
@@ -287,10 +301,18 @@ fn describe(
     replicas: &ReplicaMap,
     current: Option<u32>,
 ) -> VersionDescription {
+    let replaces = |p: u32, node: &str| {
+        record
+            .moves
+            .iter()
+            .find(|m| m.partition == p && m.to == node)
+            .map(|m| m.from.clone())
+    };
     let views = record
-        .replicas()
-        .map(
-            |(p, node)| match replicas.get(&(record.version, p, node.to_string())) {
+        .hosted()
+        .map(|(p, node)| {
+            let replaces = replaces(p, node);
+            match replicas.get(&(record.version, p, node.to_string())) {
                 Some(r) => ReplicaView {
                     partition: p,
                     node_id: node.to_string(),
@@ -303,6 +325,7 @@ fn describe(
                     lag: r.lag,
                     leader: r.leader,
                     following: r.following,
+                    replaces,
                 },
                 None => ReplicaView {
                     partition: p,
@@ -316,9 +339,10 @@ fn describe(
                     lag: None,
                     leader: false,
                     following: false,
+                    replaces,
                 },
-            },
-        )
+            }
+        })
         .collect();
     let is_current = current == Some(record.version);
     VersionDescription {
@@ -490,4 +514,260 @@ async fn list_nodes(State(st): State<Arc<ApiState>>) -> ApiResult<Vec<NodeRecord
         StatusCode::OK,
         Json(live_nodes(&st.layout, &*st.meta).await?),
     ))
+}
+
+/// The "store is being deleted" refusal.
+pub(crate) fn being_deleted(store: &str) -> ControllerError {
+    ControllerError::Conflict(format!(
+        "store `{store}` is being deleted; wait until `rialto-admin stores list` no longer shows it"
+    ))
+}
+
+/// `DELETE /v1/stores/{store}`: marks the store for deletion; the leader fails its versions,
+/// waits until no server consumes their topics, then deletes topics, records and the store.
+async fn delete_store(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<StoreRecord> {
+    let updated = update_store(&*st.meta, &st.layout, &store, |s| {
+        if s.deleting {
+            return Ok(false);
+        }
+        s.deleting = true;
+        Ok(true)
+    })
+    .await?;
+    let record = match updated {
+        Some(r) => {
+            tracing::warn!(%store, "store marked for deletion");
+            r
+        }
+        None => get_store(&st, &store).await?,
+    };
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+/// Which way a rollback goes.
+#[derive(Clone, Copy)]
+enum Roll {
+    /// To the backup, older than the current version.
+    Back,
+    /// To the backup, newer than the current version (undoing a rollback).
+    Forward,
+}
+
+async fn rollback(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<StoreRecord> {
+    roll(&st, &store, Roll::Back).await
+}
+
+async fn roll_forward(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<StoreRecord> {
+    roll(&st, &store, Roll::Forward).await
+}
+
+/// Swaps the current and backup versions (one compare-and-put: clients see it through their
+/// watch), after checking the backup is a whole ONLINE version.
+async fn roll(st: &ApiState, store: &str, way: Roll) -> ApiResult<StoreRecord> {
+    let record = get_store(st, store).await?;
+    if record.deleting {
+        return Err(being_deleted(store));
+    }
+    let (Some(current), Some(backup)) = (record.current_version, record.backup_version) else {
+        return Err(ControllerError::Conflict(format!(
+            "store `{store}` has no backup version to switch to (current {:?}, backup {:?}); \
+             a backup exists once a second push has gone live",
+            record.current_version, record.backup_version
+        )));
+    };
+    match way {
+        Roll::Back if backup > current => {
+            return Err(ControllerError::Conflict(format!(
+                "store `{store}` is already rolled back (current {current}, newer backup {backup}); \
+                 `rialto-admin stores roll-forward {store}` returns to {backup}"
+            )))
+        }
+        Roll::Forward if backup < current => {
+            return Err(ControllerError::Conflict(format!(
+                "store `{store}` is not rolled back (current {current} is the newest, backup {backup}); \
+                 `rialto-admin stores rollback {store}` switches to {backup}"
+            )))
+        }
+        _ => {}
+    }
+    let key = st.layout.version(store, backup);
+    let target: VersionRecord = match st.meta.get(&key).await? {
+        Some(kv) => parse_record(&key, &kv.value)?,
+        None => return Err(version_not_found(store, backup)),
+    };
+    if target.status != VersionStatus::Online {
+        return Err(ControllerError::Conflict(format!(
+            "backup version {backup} of store `{store}` is not online ({:?}); it cannot serve",
+            target.status
+        )));
+    }
+    let updated = update_store(&*st.meta, &st.layout, store, |s| {
+        if s.current_version != Some(current) || s.backup_version != Some(backup) {
+            return Err(ControllerError::Conflict(format!(
+                "store `{store}` changed versions meanwhile (now current {:?}, backup {:?}); retry",
+                s.current_version, s.backup_version
+            )));
+        }
+        s.current_version = Some(backup);
+        s.backup_version = Some(current);
+        Ok(true)
+    })
+    .await?
+    .ok_or_else(|| ControllerError::Internal("rollback did not change the store".into()))?;
+    tracing::warn!(%store, from = current, to = backup, "current version switched by an operator");
+    Ok((StatusCode::OK, Json(updated)))
+}
+
+/// `DELETE /v1/stores/{store}/versions/{version}`: a version that is not current is failed
+/// ("deleted by an operator"); servers drop its replicas and the leader deletes its topic and,
+/// for a version older than the current one, its record.
+async fn delete_version(
+    State(st): State<Arc<ApiState>>,
+    Path((store, version)): Path<(String, String)>,
+) -> ApiResult<VersionDescription> {
+    let version = parse_version(&version)?;
+    let record = get_store(&st, &store).await?;
+    if record.current_version == Some(version) {
+        return Err(ControllerError::Conflict(format!(
+            "version {version} is the current version of `{store}`; switch away first \
+             (`rialto-admin stores rollback {store}` or a newer push)"
+        )));
+    }
+    // Check it exists before touching the store record; the answer is this description with
+    // the new status (the leader may retire the version before a second read).
+    let mut described = version_description(&st, &store, version).await?;
+    update_store(&*st.meta, &st.layout, &store, |s| {
+        if s.current_version == Some(version) {
+            return Err(ControllerError::Conflict(format!(
+                "version {version} of `{store}` became current meanwhile; it was not deleted"
+            )));
+        }
+        if s.backup_version != Some(version) {
+            return Ok(false);
+        }
+        s.backup_version = None;
+        Ok(true)
+    })
+    .await?;
+    let changed = update_version(&*st.meta, &st.layout, &store, version, |v| {
+        if matches!(v.status, VersionStatus::Failed { .. }) {
+            return Ok(false);
+        }
+        v.status = VersionStatus::Failed {
+            reason: "deleted by an operator".into(),
+        };
+        Ok(true)
+    })
+    .await?;
+    if let Some(record) = changed {
+        tracing::warn!(%store, version, "version deleted by an operator");
+        described.record = record;
+    }
+    described.current = false;
+    Ok((StatusCode::OK, Json(described)))
+}
+
+/// What `node` hosts, its registration and whether it is drained.
+async fn node_description(st: &ApiState, node: &str) -> Result<NodeDescription, ControllerError> {
+    let key = st.layout.node(node);
+    let record = match st.meta.get(&key).await? {
+        Some(kv) => Some(parse_record::<NodeRecord>(&key, &kv.value)?),
+        None => None,
+    };
+    let draining = st.meta.get(&st.layout.drain(node)).await?.is_some();
+    let (reports, _) = st.meta.list(&st.layout.replicas_prefix()).await?;
+    let mut states = BTreeMap::new();
+    for kv in reports {
+        let Some((store, version, partition, n)) = st.layout.parse_replica_key(&kv.key) else {
+            continue;
+        };
+        if n != node {
+            continue;
+        }
+        if let Ok(r) = parse_record::<ReplicaRecord>(&kv.key, &kv.value) {
+            states.insert((store.to_string(), version, partition), r.state);
+        }
+    }
+    let (versions, _) = st.meta.list(&st.layout.versions_prefix()).await?;
+    let mut replicas = Vec::new();
+    for kv in versions {
+        let Ok(v) = parse_record::<VersionRecord>(&kv.key, &kv.value) else {
+            continue;
+        };
+        for partition in v.partitions_of(node) {
+            let m = |f: &dyn Fn(&rialto_protocol::meta::ReplicaMove) -> bool| {
+                v.moves
+                    .iter()
+                    .find(|m| m.partition == partition && f(m))
+                    .cloned()
+            };
+            replicas.push(NodeReplica {
+                store: v.store.clone(),
+                version: v.version,
+                partition,
+                group: v.group_of(partition, node),
+                state: states
+                    .get(&(v.store.clone(), v.version, partition))
+                    .copied()
+                    .unwrap_or(ReplicaState::Offline),
+                replaces: m(&|m| m.to == node).map(|m| m.from),
+                moving_to: m(&|m| m.from == node).map(|m| m.to),
+            });
+        }
+    }
+    if record.is_none() && !draining && replicas.is_empty() {
+        return Err(ControllerError::NotFound(format!(
+            "node `{node}` is not registered and hosts no replica; see `rialto-admin nodes list`"
+        )));
+    }
+    Ok(NodeDescription {
+        node_id: node.to_string(),
+        record,
+        draining,
+        replicas,
+    })
+}
+
+async fn describe_node(
+    State(st): State<Arc<ApiState>>,
+    Path(node): Path<String>,
+) -> ApiResult<NodeDescription> {
+    Ok((StatusCode::OK, Json(node_description(&st, &node).await?)))
+}
+
+/// `POST /v1/nodes/{node}/drain`: the leader moves the node's replicas to other nodes (each new
+/// replica ONLINE before the node's is dropped), and new versions are not placed on it.
+async fn drain_node(
+    State(st): State<Arc<ApiState>>,
+    Path(node): Path<String>,
+) -> ApiResult<NodeDescription> {
+    node_description(&st, &node).await?;
+    let record = DrainRecord {
+        node_id: node.clone(),
+        requested_ms: now_ms(),
+    };
+    st.meta
+        .put(&st.layout.drain(&node), encode_record(&record)?, None)
+        .await?;
+    tracing::warn!(%node, "node drain requested");
+    Ok((StatusCode::OK, Json(node_description(&st, &node).await?)))
+}
+
+/// `DELETE /v1/nodes/{node}/drain`: the node takes replicas again (moves already done stay).
+async fn undrain_node(
+    State(st): State<Arc<ApiState>>,
+    Path(node): Path<String>,
+) -> ApiResult<NodeDescription> {
+    st.meta.delete(&st.layout.drain(&node)).await?;
+    tracing::info!(%node, "node drain cancelled");
+    Ok((StatusCode::OK, Json(node_description(&st, &node).await?)))
 }

@@ -13,8 +13,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rialto_protocol::admin::{
-    ApiError, CreateStoreRequest, FailPushRequest, StartPushRequest, StartPushResponse,
-    StoreDescription, UpdateStoreRequest, VersionDescription,
+    ApiError, CreateStoreRequest, FailPushRequest, NodeDescription, StartPushRequest,
+    StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord};
 use serde::de::DeserializeOwned;
@@ -231,6 +231,67 @@ impl AdminClient {
     /// `GET /v1/nodes`.
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, ControllerError> {
         self.call(Method::GET, "/v1/nodes", None).await
+    }
+
+    /// `DELETE /v1/stores/{store}`: marks the store for deletion (the leader finishes it).
+    pub async fn delete_store(&self, store: &str) -> Result<StoreRecord, ControllerError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/stores/{}", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/stores/{store}/rollback`: the backup becomes current.
+    pub async fn rollback(&self, store: &str) -> Result<StoreRecord, ControllerError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/stores/{}/rollback", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/stores/{store}/roll-forward`: undoes a rollback.
+    pub async fn roll_forward(&self, store: &str) -> Result<StoreRecord, ControllerError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/stores/{}/roll-forward", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/stores/{store}/versions/{version}`: removes a version that is not current.
+    pub async fn delete_version(
+        &self,
+        store: &str,
+        version: u32,
+    ) -> Result<VersionDescription, ControllerError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/stores/{}/versions/{version}", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `GET /v1/nodes/{node}`.
+    pub async fn describe_node(&self, node: &str) -> Result<NodeDescription, ControllerError> {
+        self.call(Method::GET, &format!("/v1/nodes/{}", segment(node)), None)
+            .await
+    }
+
+    /// `POST /v1/nodes/{node}/drain` (`drain`) or `DELETE` (`!drain`).
+    pub async fn drain_node(
+        &self,
+        node: &str,
+        drain: bool,
+    ) -> Result<NodeDescription, ControllerError> {
+        let method = if drain { Method::POST } else { Method::DELETE };
+        self.call(method, &format!("/v1/nodes/{}/drain", segment(node)), None)
+            .await
     }
 
     /// `GET /health`: `Ok(())` when the controller answers.

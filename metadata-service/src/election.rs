@@ -13,6 +13,7 @@ use rialto_backends::{LeaseHandle, MetaStore, PubSub};
 use rialto_protocol::meta::Layout;
 use tokio::sync::watch;
 
+use crate::rebalance::RebalanceConfig;
 use crate::reconcile::Reconciler;
 
 /// Pause between attempts to become leader (and after a failed lease grant).
@@ -22,14 +23,15 @@ pub const LEADER_CHECK: Duration = Duration::from_secs(2);
 
 /// Runs the election (and, while leader, the reconciler) until `shutdown` becomes true.
 pub(crate) async fn run(
-    id: String,
-    layout: Layout,
-    lease_ttl_s: i64,
+    config: crate::ControllerConfig,
     meta: Arc<dyn MetaStore>,
     pubsub: Arc<dyn PubSub>,
     leader: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let id = config.controller_id.clone();
+    let layout = Layout::new(&config.meta_root);
+    let lease_ttl_s = config.lease_ttl_s;
     let key = layout.leader();
     while !stopping(&shutdown) {
         let lease = match meta.grant_lease(lease_ttl_s).await {
@@ -59,6 +61,7 @@ pub(crate) async fn run(
                         &leader,
                         &lease,
                         &mut shutdown,
+                        config.rebalance,
                     )
                     .await;
                     break;
@@ -105,11 +108,12 @@ async fn lead(
     leader: &AtomicBool,
     lease: &LeaseHandle,
     shutdown: &mut watch::Receiver<bool>,
+    rebalance: RebalanceConfig,
 ) {
     tracing::info!(controller = id, "became leader");
     leader.store(true, Ordering::SeqCst);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut reconciler = Reconciler::new(layout.clone(), meta.clone(), pubsub.clone());
+    let mut reconciler = Reconciler::new(layout.clone(), meta.clone(), pubsub.clone(), rebalance);
     let reconcile = async move {
         // The mirrors need etcd; retry their start while leading.
         loop {

@@ -6,6 +6,7 @@
 //!
 //! * [`api`]: the HTTP routes; [`client`]: [`AdminClient`], the typed client of those routes.
 //! * [`placement`]: which nodes host each partition of a new version.
+//! * [`rebalance`]: moving replicas off lost and drained nodes and onto new ones.
 //! * [`reconcile`]: pure planning ([`reconcile::plan`]) and the loop that applies it.
 //! * [`election`]: leader election under an etcd lease.
 //! * [`render`]: the tables `rialto-admin` prints.
@@ -26,6 +27,7 @@ pub mod client;
 pub mod election;
 pub mod error;
 pub mod placement;
+pub mod rebalance;
 pub mod reconcile;
 pub mod render;
 pub mod store_ops;
@@ -44,6 +46,7 @@ use tokio::task::JoinHandle;
 pub use client::AdminClient;
 pub use error::ControllerError;
 pub use placement::{place, PlacementError};
+pub use rebalance::RebalanceConfig;
 
 /// Default TTL of the leader lease, in seconds.
 pub const LEASE_TTL_S_DEFAULT: i64 = 10;
@@ -61,6 +64,8 @@ pub struct ControllerConfig {
     pub kafka_bootstrap: String,
     /// TTL of the leader lease; a dead leader is replaced after about this long.
     pub lease_ttl_s: i64,
+    /// When and how many replicas the leader moves (lost, drained and new nodes).
+    pub rebalance: RebalanceConfig,
 }
 
 impl Default for ControllerConfig {
@@ -71,6 +76,7 @@ impl Default for ControllerConfig {
             meta_root: DEFAULT_ROOT.to_string(),
             kafka_bootstrap: "127.0.0.1:9092".to_string(),
             lease_ttl_s: LEASE_TTL_S_DEFAULT,
+            rebalance: RebalanceConfig::default(),
         }
     }
 }
@@ -139,7 +145,7 @@ pub async fn start(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let app = api::router(api::ApiState {
-        layout: layout.clone(),
+        layout,
         meta: meta.clone(),
         pubsub: pubsub.clone(),
         kafka_bootstrap: config.kafka_bootstrap.clone(),
@@ -158,16 +164,15 @@ pub async fn start(
     });
 
     let leader = Arc::new(AtomicBool::new(false));
+    let controller_id = config.controller_id.clone();
     let election = tokio::spawn(election::run(
-        config.controller_id.clone(),
-        layout,
-        config.lease_ttl_s,
+        config,
         meta,
         pubsub,
         leader.clone(),
         shutdown_rx,
     ));
-    tracing::info!(controller = %config.controller_id, %address, "controller started");
+    tracing::info!(controller = %controller_id, %address, "controller started");
     Ok(RunningController {
         address,
         leader,

@@ -8,18 +8,20 @@
 //!   on a safety tick), and applies each action with compare-and-put, re-reading the record first
 //!   so a stale mirror can never make it swap to an older version or revive a failed one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::{MetaStore, PrefixMirror, PubSub};
 use rialto_protocol::meta::{
-    now_ms, Layout, ReplicaRecord, ReplicaState, StoreRecord, VersionRecord, VersionStatus,
+    now_ms, DrainRecord, Layout, NodeRecord, ReplicaMove, ReplicaRecord, ReplicaState, StoreRecord,
+    VersionRecord, VersionStatus,
 };
 use tokio::sync::watch;
 
 use crate::error::ControllerError;
+use crate::rebalance::{plan_moves, RebalanceConfig};
 use crate::store_ops::{update_store, update_version};
 
 /// How often the leader reconciles even when nothing changed (covers lost notifications and
@@ -48,6 +50,20 @@ pub struct ClusterView {
     /// (store, version, partition, node) → when this controller first saw the replica's current
     /// record ([`ReportClock`]); a replica missing here counts as reported just now.
     pub reported_ms: BTreeMap<(String, u32, u32, String), i64>,
+    /// Registered (live) storage nodes.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Nodes an operator asked to drain.
+    pub draining: BTreeSet<String>,
+    /// Node hosting a replica but not registered → when this controller first saw it missing
+    /// ([`NodeClock`]).
+    pub missing_ms: BTreeMap<String, i64>,
+}
+
+/// When this controller first saw each node that hosts replicas go missing, by its own clock.
+/// A new leader starts every such clock afresh.
+#[derive(Debug, Default)]
+pub struct NodeClock {
+    missing_since: HashMap<String, i64>,
 }
 
 /// When this controller first saw each replica record's current content, by its own clock. A
@@ -83,6 +99,44 @@ impl ReportClock {
 }
 
 impl ClusterView {
+    /// Adds the registered nodes and the drain requests to a parsed view, and dates the
+    /// absence of every node that hosts a replica but is not registered.
+    pub fn add_nodes(&mut self, nodes: &PrefixMap, drains: &PrefixMap, clock: &mut NodeClock) {
+        for (key, value) in nodes {
+            match serde_json::from_slice::<NodeRecord>(value) {
+                Ok(n) => {
+                    self.nodes.insert(n.node_id.clone(), n);
+                }
+                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt node record"),
+            }
+        }
+        for (key, value) in drains {
+            match serde_json::from_slice::<DrainRecord>(value) {
+                Ok(d) => {
+                    self.draining.insert(d.node_id);
+                }
+                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt drain record"),
+            }
+        }
+        let hosting: BTreeSet<&str> = self
+            .versions
+            .values()
+            .flat_map(|v| v.hosted().map(|(_, n)| n))
+            .collect();
+        clock
+            .missing_since
+            .retain(|n, _| hosting.contains(n.as_str()) && !self.nodes.contains_key(n));
+        for node in hosting {
+            if !self.nodes.contains_key(node) {
+                let since = *clock
+                    .missing_since
+                    .entry(node.to_string())
+                    .or_insert(self.now_ms);
+                self.missing_ms.insert(node.to_string(), since);
+            }
+        }
+    }
+
     /// Parses mirrored prefixes; corrupt records are logged and skipped. `clock` dates the
     /// replica records.
     pub fn parse(
@@ -212,6 +266,35 @@ pub enum Action {
     /// A hybrid store that never had a version: start an empty one, which then serves the
     /// real-time writes (a streaming-only store).
     StartEmptyVersion { store: String },
+    /// Mark any version of a store being deleted failed, live or not (servers drop it).
+    FailDeleted { store: String, version: u32 },
+    /// Delete a store whose versions all failed and whose topics nobody consumes: its topics
+    /// (versions' and real-time), every record under it, the store record last.
+    DeleteStore { store: String, topics: Vec<String> },
+    /// Record a replica move: its target starts hosting the partition ([`crate::rebalance`]).
+    StartMove {
+        store: String,
+        version: u32,
+        replica_move: ReplicaMove,
+    },
+    /// A move's target is ONLINE: it takes `from`'s place in the assignment.
+    CommitMove {
+        store: String,
+        version: u32,
+        partition: u32,
+        group: u32,
+        from: String,
+        to: String,
+    },
+    /// A move that cannot complete is dropped (its target stops hosting the partition).
+    CancelMove {
+        store: String,
+        version: u32,
+        partition: u32,
+        group: u32,
+        to: String,
+        reason: String,
+    },
 }
 
 fn in_progress(status: &VersionStatus) -> bool {
@@ -249,6 +332,9 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
     let current = store.current_version;
     let backup = store.backup_version;
     let mut actions = Vec::new();
+    if store.deleting {
+        return plan_deletion(view, store);
+    }
     if store.hybrid.is_some() && store.largest_version == 0 {
         actions.push(Action::StartEmptyVersion {
             store: name.clone(),
@@ -286,8 +372,12 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
                     swap = Some(n);
                 }
             }
-            // ONLINE but newer than the current version: a swap stopped between its two writes.
-            VersionStatus::Online if current.is_none_or(|c| n > c) => swap = Some(n),
+            // ONLINE but newer than the current version: a swap stopped between its two writes
+            // (unless it is the backup: an operator rolled back from it).
+            VersionStatus::Online if current.is_none_or(|c| n > c) && backup != Some(n) => {
+                swap = Some(n)
+            }
+            VersionStatus::Online if backup == Some(n) => {}
             VersionStatus::Online if current != Some(n) && backup != Some(n) => {
                 if view.consuming(name, n) {
                     continue; // retired once no server consumes its topic
@@ -347,6 +437,35 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
     actions
 }
 
+/// A store being deleted: fail every version (servers drop their replicas), then, once no server
+/// consumes any of its topics, delete everything.
+fn plan_deletion(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
+    let name = &store.name;
+    let versions: Vec<&VersionRecord> = view
+        .versions
+        .range((name.clone(), 0)..=(name.clone(), u32::MAX))
+        .map(|(_, v)| v)
+        .collect();
+    let fail: Vec<Action> = versions
+        .iter()
+        .filter(|v| !matches!(v.status, VersionStatus::Failed { .. }))
+        .map(|v| Action::FailDeleted {
+            store: name.clone(),
+            version: v.version,
+        })
+        .collect();
+    if !fail.is_empty() {
+        return fail;
+    }
+    if versions.iter().any(|v| view.consuming(name, v.version)) {
+        return Vec::new();
+    }
+    vec![Action::DeleteStore {
+        store: name.clone(),
+        topics: versions.iter().map(|v| v.topic.clone()).collect(),
+    }]
+}
+
 /// Decides what to do for every store.
 pub fn plan(view: &ClusterView) -> Vec<Action> {
     view.stores
@@ -363,17 +482,26 @@ pub struct Reconciler {
     pubsub: Arc<dyn PubSub>,
     deleted_topics: HashSet<String>,
     reports: ReportClock,
+    absences: NodeClock,
+    rebalance: RebalanceConfig,
 }
 
 impl Reconciler {
     /// A reconciler over one cluster root.
-    pub fn new(layout: Layout, meta: Arc<dyn MetaStore>, pubsub: Arc<dyn PubSub>) -> Reconciler {
+    pub fn new(
+        layout: Layout,
+        meta: Arc<dyn MetaStore>,
+        pubsub: Arc<dyn PubSub>,
+        rebalance: RebalanceConfig,
+    ) -> Reconciler {
         Reconciler {
             layout,
             meta,
             pubsub,
             deleted_topics: HashSet::new(),
             reports: ReportClock::default(),
+            absences: NodeClock::default(),
+            rebalance,
         }
     }
 
@@ -385,10 +513,14 @@ impl Reconciler {
             PrefixMirror::start(self.meta.clone(), self.layout.versions_prefix()).await?;
         let replicas =
             PrefixMirror::start(self.meta.clone(), self.layout.replicas_prefix()).await?;
-        let (mut s_rx, mut v_rx, mut r_rx) = (
+        let nodes = PrefixMirror::start(self.meta.clone(), self.layout.nodes_prefix()).await?;
+        let drains = PrefixMirror::start(self.meta.clone(), self.layout.drains_prefix()).await?;
+        let (mut s_rx, mut v_rx, mut r_rx, mut n_rx, mut d_rx) = (
             stores.subscribe(),
             versions.subscribe(),
             replicas.subscribe(),
+            nodes.subscribe(),
+            drains.subscribe(),
         );
         let mut tick = tokio::time::interval(RECONCILE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -396,14 +528,22 @@ impl Reconciler {
             if *stop.borrow() {
                 return Ok(());
             }
-            let view = ClusterView::parse(
+            let mut view = ClusterView::parse(
                 &self.layout,
                 &stores.snapshot().await,
                 &versions.snapshot().await,
                 &replicas.snapshot().await,
                 &mut self.reports,
             );
-            for action in plan(&view) {
+            view.add_nodes(
+                &nodes.snapshot().await,
+                &drains.snapshot().await,
+                &mut self.absences,
+            );
+            let actions = plan(&view)
+                .into_iter()
+                .chain(plan_moves(&view, &self.rebalance));
+            for action in actions {
                 if *stop.borrow() {
                     return Ok(());
                 }
@@ -415,6 +555,8 @@ impl Reconciler {
                 _ = s_rx.changed() => {}
                 _ = v_rx.changed() => {}
                 _ = r_rx.changed() => {}
+                _ = n_rx.changed() => {}
+                _ = d_rx.changed() => {}
                 _ = tick.tick() => {}
                 r = stop.changed() => if r.is_err() { return Ok(()) },
             }
@@ -494,6 +636,120 @@ impl Reconciler {
                     .delete_prefix(&self.layout.version_replicas_prefix(store, *version))
                     .await?;
                 tracing::info!(%store, version, "deleted replica records of a retired version");
+            }
+            Action::FailDeleted { store, version } => {
+                update_version(&*self.meta, &self.layout, store, *version, |v| {
+                    if matches!(v.status, VersionStatus::Failed { .. }) {
+                        return Ok(false);
+                    }
+                    v.status = VersionStatus::Failed {
+                        reason: "store deleted".into(),
+                    };
+                    Ok(true)
+                })
+                .await?;
+            }
+            Action::DeleteStore { store, topics } => {
+                for topic in topics
+                    .iter()
+                    .cloned()
+                    .chain([rialto_protocol::meta::realtime_topic(store)])
+                {
+                    if !self.deleted_topics.contains(&topic) {
+                        self.pubsub.delete_topic(&topic).await?;
+                        self.deleted_topics.insert(topic);
+                    }
+                }
+                for prefix in [
+                    self.layout.store_replicas_prefix(store),
+                    format!("{}/partition-leaders/{store}/", self.layout.root()),
+                    self.layout.store_versions_prefix(store),
+                ] {
+                    self.meta.delete_prefix(&prefix).await?;
+                }
+                self.meta.delete(&self.layout.store(store)).await?;
+                tracing::warn!(%store, "store deleted (topics, versions, replicas and record)");
+            }
+            Action::StartMove {
+                store,
+                version,
+                replica_move: m,
+            } => {
+                let started = update_version(&*self.meta, &self.layout, store, *version, |v| {
+                    let assigned = v
+                        .assignment
+                        .get(m.partition as usize)
+                        .and_then(|nodes| nodes.get(m.group as usize));
+                    let busy = v
+                        .moves
+                        .iter()
+                        .any(|o| o.partition == m.partition && o.group == m.group);
+                    if assigned != Some(&m.from)
+                        || busy
+                        || v.partitions_of(&m.to).contains(&m.partition)
+                    {
+                        return Ok(false);
+                    }
+                    v.moves.push(m.clone());
+                    Ok(true)
+                })
+                .await?;
+                if started.is_some() {
+                    tracing::info!(%store, version, partition = m.partition, from = %m.from, to = %m.to, reason = m.reason.name(), "moving replica");
+                }
+            }
+            Action::CommitMove {
+                store,
+                version,
+                partition,
+                group,
+                from,
+                to,
+            } => {
+                let committed = update_version(&*self.meta, &self.layout, store, *version, |v| {
+                    let Some(i) = v.moves.iter().position(|m| {
+                        m.partition == *partition && m.group == *group && m.to == *to
+                    }) else {
+                        return Ok(false);
+                    };
+                    let Some(slot) = v
+                        .assignment
+                        .get_mut(*partition as usize)
+                        .and_then(|nodes| nodes.get_mut(*group as usize))
+                    else {
+                        return Ok(false);
+                    };
+                    if slot != from {
+                        return Ok(false);
+                    }
+                    *slot = to.clone();
+                    v.moves.remove(i);
+                    Ok(true)
+                })
+                .await?;
+                if committed.is_some() {
+                    tracing::info!(%store, version, partition, %from, %to, "replica moved: the new replica is ONLINE and replaces the old one");
+                }
+            }
+            Action::CancelMove {
+                store,
+                version,
+                partition,
+                group,
+                to,
+                reason,
+            } => {
+                let cancelled = update_version(&*self.meta, &self.layout, store, *version, |v| {
+                    let before = v.moves.len();
+                    v.moves.retain(|m| {
+                        !(m.partition == *partition && m.group == *group && m.to == *to)
+                    });
+                    Ok(v.moves.len() != before)
+                })
+                .await?;
+                if cancelled.is_some() {
+                    tracing::warn!(%store, version, partition, %to, %reason, "replica move cancelled");
+                }
             }
             Action::StartEmptyVersion { store } => {
                 crate::versions::start_empty_version(
@@ -579,6 +835,7 @@ mod tests {
             current_version: current,
             backup_version: backup,
             largest_version: largest,
+            deleting: false,
         }
     }
 
@@ -596,6 +853,7 @@ mod tests {
             value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
             hybrid: None,
+            moves: vec![],
         }
     }
 

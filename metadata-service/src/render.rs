@@ -1,7 +1,7 @@
 //! Plain-text rendering for `rialto-admin`: a tiny aligned-table formatter and the layouts of
 //! store, version and node listings. `--json` bypasses all of this.
 
-use rialto_protocol::admin::{StoreDescription, VersionDescription};
+use rialto_protocol::admin::{NodeDescription, StoreDescription, VersionDescription};
 use rialto_protocol::meta::{
     realtime_topic, NodeRecord, StorageProfile, StoreRecord, ValueFormat, VersionStatus,
 };
@@ -138,6 +138,7 @@ pub fn replicas(v: &VersionDescription) -> String {
         "MEMORY",
         "LAG",
         "LEADER",
+        "MOVE",
         "ERROR",
     ]);
     for r in &v.replicas {
@@ -151,6 +152,10 @@ pub fn replicas(v: &VersionDescription) -> String {
             bytes(r.memory_bytes),
             r.lag.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
             if r.leader { "yes" } else { "" }.to_string(),
+            r.replaces
+                .as_ref()
+                .map(|from| format!("replaces {from}"))
+                .unwrap_or_default(),
             r.error.clone().unwrap_or_default(),
         ]);
     }
@@ -183,6 +188,9 @@ pub fn store_description(d: &StoreDescription) -> String {
             None => "no (batch only)".to_string(),
         },
     ]);
+    if s.deleting {
+        t.row(["state", "being deleted"]);
+    }
     t.row(["current version".to_string(), opt(s.current_version)]);
     t.row(["backup version".to_string(), opt(s.backup_version)]);
     t.row(["largest version".to_string(), s.largest_version.to_string()]);
@@ -200,6 +208,21 @@ pub fn store_description(d: &StoreDescription) -> String {
         return out;
     }
     out.push('\n');
+    out.push_str(&versions(d));
+    for v in &d.versions {
+        let (st, _) = status(&v.record.status);
+        out.push_str(&format!(
+            "\nversion {} ({st}) replicas:\n",
+            v.record.version
+        ));
+        out.push_str(&replicas(v));
+    }
+    out
+}
+
+/// `versions list`: one row per version of a store.
+pub fn versions(d: &StoreDescription) -> String {
+    let s = &d.store;
     let mut versions = Table::new([
         "VERSION",
         "STATUS",
@@ -240,16 +263,7 @@ pub fn store_description(d: &StoreDescription) -> String {
             reason.unwrap_or("").to_string(),
         ]);
     }
-    out.push_str(&versions.render());
-    for v in &d.versions {
-        let (st, _) = status(&v.record.status);
-        out.push_str(&format!(
-            "\nversion {} ({st}) replicas:\n",
-            v.record.version
-        ));
-        out.push_str(&replicas(v));
-    }
-    out
+    versions.render()
 }
 
 /// `nodes list`.
@@ -264,6 +278,50 @@ pub fn nodes(nodes: &[NodeRecord]) -> String {
         ]);
     }
     t.render()
+}
+
+/// `nodes describe`.
+pub fn node_description(d: &NodeDescription) -> String {
+    let mut t = Table::new(["node", d.node_id.as_str()]);
+    match &d.record {
+        Some(r) => {
+            t.row(["address", r.address.as_str()]);
+            t.row(["zone", r.zone.as_str()]);
+            t.row(["tls", if r.tls { "yes" } else { "no" }]);
+        }
+        None => t.row(["registration", "none: the node is down (its lease expired)"]),
+    }
+    t.row([
+        "draining",
+        if d.draining {
+            "yes: its replicas move to other nodes; new versions skip it"
+        } else {
+            "no"
+        },
+    ]);
+    t.row(["replicas".to_string(), d.replicas.len().to_string()]);
+    let mut out = t.render();
+    if d.replicas.is_empty() {
+        return out;
+    }
+    let mut r = Table::new(["STORE", "VERSION", "PARTITION", "GROUP", "STATE", "MOVE"]);
+    for x in &d.replicas {
+        r.row([
+            x.store.clone(),
+            x.version.to_string(),
+            x.partition.to_string(),
+            opt(x.group),
+            x.state.to_string(),
+            match (&x.replaces, &x.moving_to) {
+                (Some(from), _) => format!("replaces {from}"),
+                (None, Some(to)) => format!("moving to {to}"),
+                (None, None) => String::new(),
+            },
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&r.render());
+    out
 }
 
 #[cfg(test)]

@@ -55,11 +55,20 @@ pub(crate) async fn start_version(
             detail: "store has no value schema".into(),
         });
     };
-    let nodes = live_nodes(layout, meta).await?;
+    if record.deleting {
+        return Err(crate::api::being_deleted(store));
+    }
+    let mut nodes = live_nodes(layout, meta).await?;
+    let (drains, _) = meta.list(&layout.drains_prefix()).await?;
+    let drained: Vec<&str> = drains
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(&layout.drains_prefix()))
+        .collect();
+    nodes.retain(|n| !drained.contains(&n.node_id.as_str()));
     let rf = record.replication_factor;
     if (nodes.len() as u64) < u64::from(rf) {
         return Err(ControllerError::Unavailable(format!(
-            "need {rf} live storage nodes for replication factor {rf}, {} registered; start more rialto-server nodes",
+            "need {rf} live storage nodes for replication factor {rf}, {} registered and not drained; start more rialto-server nodes",
             nodes.len()
         )));
     }
@@ -92,6 +101,7 @@ pub(crate) async fn start_version(
         value_format: ValueFormat::Checksummed,
         max_value_bytes: updated.max_value_bytes,
         hybrid: updated.hybrid,
+        moves: vec![],
     };
     let key = layout.version(store, version);
     // The topic exists before the record: servers start consuming as soon as they see it.

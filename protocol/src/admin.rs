@@ -11,7 +11,14 @@
 //! | `GET /v1/stores/{store}/versions/{version}` | – | 200 [`VersionDescription`] |
 //! | `POST /v1/stores/{store}/versions/{version}/written` | – | 200 [`VersionDescription`] |
 //! | `POST /v1/stores/{store}/versions/{version}/fail` | [`FailPushRequest`] | 200 [`VersionDescription`] |
+//! | `DELETE /v1/stores/{store}` | – | 202 [`StoreRecord`] (deletion under way) |
+//! | `POST /v1/stores/{store}/rollback` | – | 200 [`StoreRecord`] |
+//! | `POST /v1/stores/{store}/roll-forward` | – | 200 [`StoreRecord`] |
+//! | `DELETE /v1/stores/{store}/versions/{version}` | – | 200 [`VersionDescription`] |
 //! | `GET /v1/nodes` | – | 200 `[NodeRecord]` |
+//! | `GET /v1/nodes/{node}` | – | 200 [`NodeDescription`] |
+//! | `POST /v1/nodes/{node}/drain` | – | 200 [`NodeDescription`] |
+//! | `DELETE /v1/nodes/{node}/drain` | – | 200 [`NodeDescription`] |
 //! | `GET /health` | – | 200 `ok` |
 //!
 //! Every error is a non-2xx status with an [`ApiError`] body.
@@ -116,6 +123,36 @@ pub struct ReplicaView {
     /// Of a hybrid version: whether this replica still follows real-time writes.
     #[serde(default)]
     pub following: bool,
+    /// Of a move's target: the node whose replica it replaces once ONLINE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
+/// One replica a node hosts (or is receiving through a move).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReplica {
+    pub store: String,
+    pub version: u32,
+    pub partition: u32,
+    /// Its group (position in the version's assignment).
+    pub group: Option<u32>,
+    pub state: ReplicaState,
+    /// Of a move's target: the node it replaces once ONLINE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+    /// Of a replica being moved away: the node receiving it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<String>,
+}
+
+/// A node: its registration (absent when it is down), whether it is drained, and what it hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDescription {
+    pub node_id: String,
+    /// `None` when the node is not registered (down, or its lease expired).
+    pub record: Option<NodeRecord>,
+    pub draining: bool,
+    pub replicas: Vec<NodeReplica>,
 }
 
 /// A version with its replicas.

@@ -10,6 +10,7 @@
 //! {root}/controller/leader                           controller id    under the leader's lease
 //! {root}/partition-leaders/{store}/{version:010}/{partition:05}
 //!                                                    node id          a hybrid version's partition leader, under its lease
+//! {root}/drains/{node_id}                            DrainRecord      written by the admin API: move this node's replicas away
 //! ```
 //!
 //! Version numbers and partitions are zero-padded so that etcd's lexical order is numeric order.
@@ -90,6 +91,14 @@ impl Layout {
             "{}/partition-leaders/{store}/{version:010}/{partition:05}",
             self.root
         )
+    }
+
+    pub fn drains_prefix(&self) -> String {
+        format!("{}/drains/", self.root)
+    }
+    /// A node an operator asked to empty before maintenance.
+    pub fn drain(&self, node_id: &str) -> String {
+        format!("{}/drains/{node_id}", self.root)
     }
 
     /// Parses a replica key back into (store, version, partition, node_id).
@@ -269,6 +278,10 @@ pub struct StoreRecord {
     pub backup_version: Option<u32>,
     /// Highest version number ever allocated; numbers are never reused.
     pub largest_version: u32,
+    /// Being deleted (`rialto-admin stores delete`): its versions are failed, then its topics
+    /// and records removed, this record last. No push or update is accepted meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 impl StoreRecord {
@@ -323,23 +336,92 @@ pub struct VersionRecord {
     /// ingesting real-time writes after END_OF_PUSH.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hybrid: Option<HybridConfig>,
+    /// Replicas being moved to another node (a lost or draining node replaced, or a share of
+    /// replicas given to a new node). The target hosts the partition from the start of the move;
+    /// it enters `assignment` only once it reports ONLINE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<ReplicaMove>,
 }
 
 impl VersionRecord {
-    /// Every (partition, node) pair assigned.
+    /// Every (partition, node) pair assigned (move targets not included).
     pub fn replicas(&self) -> impl Iterator<Item = (u32, &str)> {
         self.assignment
             .iter()
             .enumerate()
             .flat_map(|(p, nodes)| nodes.iter().map(move |n| (p as u32, n.as_str())))
     }
-    /// Partitions assigned to `node_id`.
-    pub fn partitions_of(&self, node_id: &str) -> Vec<u32> {
+    /// Every (partition, node) pair a server hosts: the assignment and the move targets.
+    pub fn hosted(&self) -> impl Iterator<Item = (u32, &str)> {
         self.replicas()
+            .chain(self.moves.iter().map(|m| (m.partition, m.to.as_str())))
+    }
+    /// Partitions `node_id` hosts: assigned or a move's target.
+    pub fn partitions_of(&self, node_id: &str) -> Vec<u32> {
+        let mut partitions: Vec<u32> = self
+            .hosted()
             .filter(|(_, n)| *n == node_id)
             .map(|(p, _)| p)
-            .collect()
+            .collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions
     }
+    /// The group (position in the assignment) of `node_id`'s replica of `partition`, counting a
+    /// move's target in the group it moves into.
+    pub fn group_of(&self, partition: u32, node_id: &str) -> Option<u32> {
+        self.assignment
+            .get(partition as usize)
+            .and_then(|nodes| nodes.iter().position(|n| n == node_id))
+            .map(|g| g as u32)
+            .or_else(|| {
+                self.moves
+                    .iter()
+                    .find(|m| m.partition == partition && m.to == node_id)
+                    .map(|m| m.group)
+            })
+    }
+}
+
+/// Why a replica is being moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveReason {
+    /// Its node has been gone for longer than the rebalance delay.
+    NodeLost,
+    /// Its node is being drained by an operator.
+    Drain,
+    /// A node joined (or the group is uneven): the replica goes to a less loaded node.
+    Balance,
+}
+
+impl MoveReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            MoveReason::NodeLost => "node-lost",
+            MoveReason::Drain => "drain",
+            MoveReason::Balance => "balance",
+        }
+    }
+}
+
+/// One replica move: `to` bootstraps `partition` and, once ONLINE, takes `from`'s place at
+/// `assignment[partition][group]`; `from` then drops its replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaMove {
+    pub partition: u32,
+    pub group: u32,
+    pub from: String,
+    pub to: String,
+    pub reason: MoveReason,
+    pub started_ms: i64,
+}
+
+/// An operator's request to empty a node (`rialto-admin nodes drain`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainRecord {
+    pub node_id: String,
+    pub requested_ms: i64,
 }
 
 /// A storage server, registered under its lease.
@@ -488,10 +570,22 @@ mod tests {
             value_format: ValueFormat::Checksummed,
             max_value_bytes: 1 << 20,
             hybrid: None,
+            moves: vec![ReplicaMove {
+                partition: 1,
+                group: 0,
+                from: "b".into(),
+                to: "d".into(),
+                reason: MoveReason::NodeLost,
+                started_ms: 2,
+            }],
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);
         assert_eq!(v.partitions_of("b"), vec![0, 1]);
+        assert_eq!(v.partitions_of("d"), vec![1]);
+        assert_eq!(v.group_of(1, "d"), Some(0));
+        assert_eq!(v.group_of(1, "c"), Some(1));
+        assert_eq!(v.group_of(0, "d"), None);
     }
 
     #[test]

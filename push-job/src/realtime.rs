@@ -801,6 +801,7 @@ mod tests {
             current_version: None,
             backup_version: None,
             largest_version: 0,
+            deleting: false,
         }
     }
 

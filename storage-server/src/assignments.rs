@@ -350,6 +350,7 @@ mod tests {
             value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
             hybrid: None,
+            moves: vec![],
         };
         serde_json::to_vec(&r).unwrap()
     }

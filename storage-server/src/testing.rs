@@ -585,6 +585,7 @@ pub fn version_record(
         value_format: rialto_protocol::meta::ValueFormat::SchemaIdPrefixed,
         max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
         hybrid: None,
+        moves: vec![],
     }
 }
 

@@ -31,7 +31,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rialto_backends::etcd::EtcdMetaStore;
 use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_backends::{MetaStore, PubSub};
-use rialto_controller::{AdminClient, ControllerConfig, RunningController};
+use rialto_controller::{AdminClient, ControllerConfig, RebalanceConfig, RunningController};
 use rialto_fast_client::{Client, ClientConfig};
 use rialto_protocol::admin::CreateStoreRequest;
 use rialto_protocol::meta::{Compression, StorageProfile, VersionStatus, DEFAULT_ROOT};
@@ -158,6 +158,8 @@ pub struct ClusterOptions {
     /// Registration lease TTL of the servers, in seconds (default 10): how long a killed
     /// server's records stay in etcd.
     pub lease_ttl_s: i64,
+    /// The controller's rebalance settings (default: a 3 s delay, 8 moves in flight).
+    pub rebalance: RebalanceConfig,
 }
 
 impl Default for ClusterOptions {
@@ -169,6 +171,10 @@ impl Default for ClusterOptions {
             faults: Vec::new(),
             default_faults: FaultConfig::default(),
             lease_ttl_s: 10,
+            rebalance: RebalanceConfig {
+                delay: Duration::from_secs(3),
+                moves_max: 8,
+            },
         }
     }
 }
@@ -264,6 +270,7 @@ impl Cluster {
                 meta_root: DEFAULT_ROOT.into(),
                 kafka_bootstrap: services.kafka_bootstrap.clone(),
                 lease_ttl_s: 10,
+                rebalance: opts.rebalance,
             },
             meta.clone(),
             pubsub.clone(),
@@ -285,31 +292,53 @@ impl Cluster {
         };
         for i in 0..server_count {
             let faults = opts.faults.get(i).copied().unwrap_or(opts.default_faults);
-            let config = ServerConfig {
-                node_id: format!("server-{i}"),
-                zone: zone_name(i, opts.zones),
-                listen: "127.0.0.1:0".parse()?,
-                advertise_host: "127.0.0.1".into(),
-                data_dir: cluster.data.path().join(format!("server-{i}")),
-                meta_root: DEFAULT_ROOT.into(),
-                lease_ttl_s: opts.lease_ttl_s,
-                tls: tls_files.as_ref().map(|(files, _)| files.clone()),
-                batch_get_keys_max: rialto_protocol::wire::BATCH_GET_KEYS_MAX,
-                block_cache_bytes: 32 * 1024 * 1024,
-                faults,
-                usage_refresh: rialto_server::usage::DEFAULT_USAGE_REFRESH,
-                lock_in_memory_stores: false,
-                realtime_fetch_wait: rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
-            };
-            cluster.servers.push(ServerSlot {
-                config,
-                running: None,
-                faults: Arc::new(Faults::new(faults)),
-            });
-            cluster.restart_server(i).await?;
+            cluster
+                .add_server(&zone_name(i, opts.zones), opts.lease_ttl_s, faults)
+                .await?;
         }
         cluster.wait_for_nodes(server_count).await?;
         Ok(cluster)
+    }
+
+    /// Starts one more server, `server-<n>` in `zone` (with the cluster's TLS setting), and
+    /// returns its index.
+    pub async fn add_server(
+        &mut self,
+        zone: &str,
+        lease_ttl_s: i64,
+        faults: FaultConfig,
+    ) -> Result<usize> {
+        let i = self.servers.len();
+        let tls = match &self.tls_ca_pem {
+            Some(_) => Some(rialto_server::TlsFiles {
+                cert_pem: self.data.path().join("server.crt"),
+                key_pem: self.data.path().join("server.key"),
+            }),
+            None => None,
+        };
+        let config = ServerConfig {
+            node_id: format!("server-{i}"),
+            zone: zone.to_string(),
+            listen: "127.0.0.1:0".parse()?,
+            advertise_host: "127.0.0.1".into(),
+            data_dir: self.data.path().join(format!("server-{i}")),
+            meta_root: DEFAULT_ROOT.into(),
+            lease_ttl_s,
+            tls,
+            batch_get_keys_max: rialto_protocol::wire::BATCH_GET_KEYS_MAX,
+            block_cache_bytes: 32 * 1024 * 1024,
+            faults,
+            usage_refresh: rialto_server::usage::DEFAULT_USAGE_REFRESH,
+            lock_in_memory_stores: false,
+            realtime_fetch_wait: rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
+        };
+        self.servers.push(ServerSlot {
+            config,
+            running: None,
+            faults: Arc::new(Faults::new(faults)),
+        });
+        self.restart_server(i).await?;
+        Ok(i)
     }
 
     /// The controller's admin URL.

@@ -30,12 +30,24 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Stores: list, describe, create, update.
+    /// Stores: list, describe, create, update, delete, rollback, roll-forward.
     #[command(subcommand)]
     Stores(StoresCommand),
-    /// Storage nodes.
+    /// A store's versions: list, delete.
+    #[command(subcommand)]
+    Versions(VersionsCommand),
+    /// Storage nodes: list, describe, drain.
     #[command(subcommand)]
     Nodes(NodesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VersionsCommand {
+    /// Every version of a store, with its status and role.
+    List { store: String },
+    /// Removes a version that is not current (a backup, or a push in progress): its replicas
+    /// are dropped, its topic deleted.
+    Delete { store: String, version: u32 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +90,17 @@ enum StoresCommand {
         #[command(flatten)]
         hybrid: HybridArgs,
     },
+    /// Deletes a store: every version, replica, topic and record.
+    Delete {
+        name: String,
+        /// Required: deletion cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Makes the backup version current at once (clients follow within their watch).
+    Rollback { name: String },
+    /// Undoes a rollback: the newer version becomes current again.
+    RollForward { name: String },
 }
 
 /// A hybrid store's settings: giving either makes the store hybrid.
@@ -115,6 +138,16 @@ impl HybridArgs {
 enum NodesCommand {
     /// Registered (live) storage nodes.
     List,
+    /// One node: registration, drain state and every replica it hosts.
+    Describe { node: String },
+    /// Moves every replica off the node (each new replica ONLINE before the node's is dropped)
+    /// and keeps new versions off it, before maintenance.
+    Drain {
+        node: String,
+        /// Cancels a drain: the node takes replicas again.
+        #[arg(long)]
+        cancel: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -222,11 +255,67 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 )
             })
         }
+        Command::Stores(StoresCommand::Delete { name, yes }) => {
+            if !yes {
+                anyhow::bail!(
+                    "deleting store `{name}` removes all its data and cannot be undone; \
+                     run again with --yes"
+                );
+            }
+            let s = client.delete_store(&name).await?;
+            print(args.json, &s, |s| {
+                format!(
+                    "store `{}` is being deleted: its versions stop serving now; topics and \
+                     records go once no server consumes them\n",
+                    s.name
+                )
+            })
+        }
+        Command::Stores(StoresCommand::Rollback { name }) => {
+            let s = client.rollback(&name).await?;
+            print(args.json, &s, |s| switched(s, "rolled back"))
+        }
+        Command::Stores(StoresCommand::RollForward { name }) => {
+            let s = client.roll_forward(&name).await?;
+            print(args.json, &s, |s| switched(s, "rolled forward"))
+        }
+        Command::Versions(VersionsCommand::List { store }) => {
+            let d = client.describe_store(&store).await?;
+            print(args.json, &d.versions, |_| render::versions(&d))
+        }
+        Command::Versions(VersionsCommand::Delete { store, version }) => {
+            let v = client.delete_version(&store, version).await?;
+            print(args.json, &v, |v| {
+                format!(
+                    "version {} of `{store}` deleted: its replicas are dropped and its topic removed\n",
+                    v.record.version
+                )
+            })
+        }
         Command::Nodes(NodesCommand::List) => {
             let nodes = client.list_nodes().await?;
             print(args.json, &nodes, |n| render::nodes(n))
         }
+        Command::Nodes(NodesCommand::Describe { node }) => {
+            let d = client.describe_node(&node).await?;
+            print(args.json, &d, render::node_description)
+        }
+        Command::Nodes(NodesCommand::Drain { node, cancel }) => {
+            let d = client.drain_node(&node, !cancel).await?;
+            print(args.json, &d, render::node_description)
+        }
     }
+}
+
+/// The one-line answer of a rollback or roll-forward.
+fn switched(s: &rialto_protocol::meta::StoreRecord, what: &str) -> String {
+    let v = |n: Option<u32>| n.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    format!(
+        "store `{}` {what}: current version {}, backup {}\n",
+        s.name,
+        v(s.current_version),
+        v(s.backup_version)
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use rialto_backends::etcd::EtcdMetaStore;
 use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
-use rialto_controller::{start, ControllerConfig, LEASE_TTL_S_DEFAULT};
+use rialto_controller::rebalance::{MOVES_MAX_DEFAULT, REBALANCE_DELAY_DEFAULT};
+use rialto_controller::{start, ControllerConfig, RebalanceConfig, LEASE_TTL_S_DEFAULT};
 use rialto_protocol::meta::DEFAULT_ROOT;
 
 /// How long to wait for etcd at start-up.
@@ -46,6 +47,12 @@ struct Args {
     /// TTL of the leader lease in seconds.
     #[arg(long, default_value_t = LEASE_TTL_S_DEFAULT)]
     lease_ttl_s: i64,
+    /// How long a storage node may be gone before its replicas are rebuilt on other nodes.
+    #[arg(long, default_value_t = REBALANCE_DELAY_DEFAULT.as_secs())]
+    rebalance_delay_seconds: u64,
+    /// Most replica moves in flight at once, across the cluster.
+    #[arg(long, default_value_t = MOVES_MAX_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    rebalance_moves_max: u64,
 }
 
 #[tokio::main]
@@ -69,6 +76,10 @@ async fn main() -> anyhow::Result<()> {
         meta_root: args.meta_root,
         kafka_bootstrap: args.kafka,
         lease_ttl_s: args.lease_ttl_s,
+        rebalance: RebalanceConfig {
+            delay: Duration::from_secs(args.rebalance_delay_seconds),
+            moves_max: usize::try_from(args.rebalance_moves_max).unwrap_or(usize::MAX),
+        },
         ..ControllerConfig::default()
     };
     if let Some(id) = args.id {

@@ -1,0 +1,438 @@
+//! Cluster operations on real clusters (etcd, tansu, several servers): a lost server's replicas
+//! rebuilt elsewhere after the rebalance delay, a server back within the delay keeping its
+//! replicas, a new server taking its share, a drained server emptied, all without a failed
+//! read; rollback and roll-forward seen by a running client; versions and stores deleted with
+//! their topics and records.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use rand::{Rng, SeedableRng};
+use rialto_controller::RebalanceConfig;
+use rialto_fast_client::Client;
+use rialto_protocol::avro::Value;
+use rialto_protocol::meta::{
+    version_topic, Layout, ReplicaRecord, ReplicaState, VersionRecord, DEFAULT_ROOT,
+};
+use rialto_server::FaultConfig;
+use rialto_tests::{key_of, sibling_binary, string_value, wait_until, Cluster, ClusterOptions};
+use tokio::task::JoinHandle;
+
+const RECORDS: usize = 2_000;
+const VALUE_BYTES: usize = 100;
+const LEASE_TTL_S: i64 = 2;
+
+/// Four servers in two zones (groups {server-0, server-2} and {server-1, server-3}) with store
+/// `ops`: 4 partitions, RF 2, [`RECORDS`] records.
+async fn ops_cluster(delay: Duration) -> Result<Cluster> {
+    let cluster = Cluster::start_opts(ClusterOptions {
+        servers: 4,
+        zones: 2,
+        lease_ttl_s: LEASE_TTL_S,
+        rebalance: RebalanceConfig {
+            delay,
+            moves_max: 8,
+        },
+        ..ClusterOptions::default()
+    })
+    .await?;
+    cluster
+        .create_string_store("ops", 4, 2, RECORDS, VALUE_BYTES)
+        .await?;
+    Ok(cluster)
+}
+
+/// Reads until stopped: batch-gets of 100 random keys and single gets, every value checked.
+struct Reader {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    task: JoinHandle<Vec<String>>,
+}
+
+impl Reader {
+    fn start(client: Client) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicU64::new(0));
+        let (s, c) = (stop.clone(), calls.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let mut failures = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let picked: Vec<usize> = (0..100).map(|_| rng.gen_range(0..RECORDS)).collect();
+                let keys: Vec<Value> = picked.iter().map(|&i| Value::String(key_of(i))).collect();
+                match client.batch_get(&keys).await {
+                    Ok(values) => {
+                        for (i, v) in picked.iter().zip(values) {
+                            if v != Some(Value::String(string_value(*i, VALUE_BYTES))) {
+                                failures.push(format!("batch-get of {}: {v:?}", key_of(*i)));
+                            }
+                        }
+                    }
+                    Err(e) => failures.push(format!("batch-get: {e}")),
+                }
+                match client.get(&keys[0]).await {
+                    Ok(Some(Value::String(v))) if v == string_value(picked[0], VALUE_BYTES) => {}
+                    other => failures.push(format!("get of {}: {other:?}", key_of(picked[0]))),
+                }
+                c.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            failures
+        });
+        Reader { stop, calls, task }
+    }
+
+    /// Stops reading; fails if any read failed or if reads stalled.
+    async fn finish(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self.task.await?;
+        let calls = self.calls.load(Ordering::Relaxed);
+        ensure!(
+            failures.is_empty(),
+            "{} of {calls} reads failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        ensure!(calls > 20, "only {calls} reads ran");
+        Ok(calls)
+    }
+}
+
+async fn version_record(cluster: &Cluster, store: &str, version: u32) -> Result<VersionRecord> {
+    Ok(cluster
+        .admin()
+        .describe_version(store, version)
+        .await?
+        .record)
+}
+
+/// The replica record `node` wrote for a partition, if any.
+async fn replica_record(
+    cluster: &Cluster,
+    partition: u32,
+    node: &str,
+) -> Result<Option<ReplicaRecord>> {
+    let key = Layout::new(DEFAULT_ROOT).replica("ops", 1, partition, node);
+    Ok(match cluster.meta.get(&key).await? {
+        Some(kv) => Some(serde_json::from_slice(&kv.value)?),
+        None => None,
+    })
+}
+
+/// Whether version 1 of `ops` has no move in flight, every partition RF distinct nodes none of
+/// which is in `absent`, and every assigned replica ONLINE (read from etcd).
+async fn settled(cluster: &Cluster, absent: &[&str]) -> Result<bool> {
+    let d = cluster.admin().describe_version("ops", 1).await?;
+    if !d.record.moves.is_empty() {
+        return Ok(false);
+    }
+    for (p, nodes) in d.record.assignment.iter().enumerate() {
+        let mut distinct = nodes.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() != 2 || nodes.iter().any(|n| absent.contains(&n.as_str())) {
+            return Ok(false);
+        }
+        for n in nodes {
+            let online = replica_record(cluster, p as u32, n)
+                .await?
+                .is_some_and(|r| r.state == ReplicaState::Online);
+            if !online {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+async fn node_registered(cluster: &Cluster, node: &str) -> Result<bool> {
+    Ok(cluster
+        .admin()
+        .list_nodes()
+        .await?
+        .iter()
+        .any(|n| n.node_id == node))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_server_is_replaced_after_the_delay_and_one_back_in_time_keeps_its_replicas(
+) -> Result<()> {
+    let delay = Duration::from_secs(8);
+    let mut cluster = ops_cluster(delay).await?;
+    let reader = Reader::start(cluster.client("ops").await?);
+    let before = version_record(&cluster, "ops", 1).await?;
+
+    // server-1 crashes and is back before the delay runs out.
+    cluster.kill_server(1).await?;
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(20), "server-1's lease expired", || {
+        let c = &cluster;
+        async move { Ok(!node_registered(c, "server-1").await?) }
+    })
+    .await?;
+    cluster.restart_server(1).await?;
+    ensure!(
+        killed.elapsed() < delay,
+        "server-1 was away {:?}, past the delay",
+        killed.elapsed()
+    );
+    wait_until(Duration::from_secs(30), "server-1 back ONLINE", || {
+        let c = &cluster;
+        async move { settled(c, &[]).await }
+    })
+    .await?;
+    // Past the delay: nothing moved, and its sealed replicas reopened without consuming.
+    tokio::time::sleep(delay + Duration::from_secs(2)).await;
+    let after = version_record(&cluster, "ops", 1).await?;
+    ensure!(
+        after.assignment == before.assignment && after.moves.is_empty(),
+        "a server back within the delay lost replicas: {:?} → {:?} (moves {:?})",
+        before.assignment,
+        after.assignment,
+        after.moves
+    );
+    for p in after.partitions_of("server-1") {
+        let r = replica_record(&cluster, p, "server-1")
+            .await?
+            .context("server-1 replica record")?;
+        ensure!(
+            r.consumed_from == r.offset,
+            "partition {p} bootstrapped again: consumed from {} to {}",
+            r.consumed_from,
+            r.offset
+        );
+    }
+
+    // server-0 dies for good: after the delay its replicas are rebuilt on other servers.
+    let lost = version_record(&cluster, "ops", 1)
+        .await?
+        .partitions_of("server-0");
+    ensure!(!lost.is_empty(), "server-0 hosted nothing");
+    cluster.kill_server(0).await?;
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(90),
+        "replication factor restored without server-0",
+        || {
+            let c = &cluster;
+            async move { settled(c, &["server-0"]).await }
+        },
+    )
+    .await?;
+    let restored = killed.elapsed();
+    let record = version_record(&cluster, "ops", 1).await?;
+    // server-0 was in group 0 with server-2: its replicas went to server-2.
+    for p in &lost {
+        ensure!(
+            record.assignment[*p as usize][0] == "server-2",
+            "partition {p} replaced outside its group: {:?}",
+            record.assignment[*p as usize]
+        );
+    }
+    let calls = reader.finish().await?;
+    eprintln!(
+        "replication factor restored {restored:?} after the kill ({LEASE_TTL_S} s lease, {delay:?} delay); {calls} reads, none failed"
+    );
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_server_takes_a_share_and_a_drained_one_is_emptied_without_a_failed_read(
+) -> Result<()> {
+    let mut cluster = ops_cluster(Duration::from_secs(3)).await?;
+    let reader = Reader::start(cluster.client("ops").await?);
+
+    // server-4 joins zone-a (group 0: server-0 and server-2 hold two partitions each).
+    let joined = cluster
+        .add_server("zone-a", LEASE_TTL_S, FaultConfig::default())
+        .await?;
+    let new_node = cluster.server_node_id(joined).to_string();
+    wait_until(Duration::from_secs(60), "server-4 took a share", || {
+        let (c, n) = (&cluster, new_node.clone());
+        async move {
+            let v = version_record(c, "ops", 1).await?;
+            Ok(!v.partitions_of(&n).is_empty() && settled(c, &[]).await?)
+        }
+    })
+    .await?;
+    let v = version_record(&cluster, "ops", 1).await?;
+    let group0: Vec<usize> = ["server-0", "server-2", new_node.as_str()]
+        .iter()
+        .map(|n| v.assignment.iter().filter(|p| p[0] == *n).count())
+        .collect();
+    ensure!(
+        group0.iter().all(|&c| (1..=2).contains(&c)),
+        "group 0 not balanced: {group0:?} ({:?})",
+        v.assignment
+    );
+
+    // server-2 is drained: its replicas move away, it keeps serving until each move is done.
+    let drain = Command::new(sibling_binary("rialto-admin")?)
+        .args(["--controller", &cluster.controller_url()])
+        .args(["nodes", "drain", "server-2"])
+        .output()?;
+    ensure!(
+        drain.status.success(),
+        "drain failed: {}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    wait_until(Duration::from_secs(60), "server-2 emptied", || {
+        let c = &cluster;
+        async move {
+            let d = c.admin().describe_node("server-2").await?;
+            Ok(d.draining && d.replicas.is_empty() && settled(c, &["server-2"]).await?)
+        }
+    })
+    .await?;
+    // A new version is not placed on a drained node.
+    cluster
+        .push_string_records("ops", RECORDS, VALUE_BYTES)
+        .await?;
+    let v2 = version_record(&cluster, "ops", 2).await?;
+    ensure!(
+        v2.partitions_of("server-2").is_empty(),
+        "version 2 placed on the drained node: {:?}",
+        v2.assignment
+    );
+    let described = Command::new(sibling_binary("rialto-admin")?)
+        .args(["--controller", &cluster.controller_url()])
+        .args(["nodes", "describe", "server-2"])
+        .output()?;
+    let text = String::from_utf8_lossy(&described.stdout);
+    ensure!(
+        described.status.success() && text.contains("draining  yes"),
+        "{text}"
+    );
+    reader.finish().await?;
+    cluster.shutdown().await
+}
+
+/// Runs `rialto-admin` against the cluster; returns (success, stdout, stderr).
+fn admin_cli(cluster: &Cluster, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(sibling_binary("rialto-admin")?)
+        .args(["--controller", &cluster.controller_url()])
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Waits until `client` reads key 0 of store `rb` as a value of `value_bytes`; returns how long.
+async fn wait_for_value_size(client: &Client, value_bytes: usize) -> Result<Duration> {
+    let started = Instant::now();
+    let expected = Value::String(string_value(0, value_bytes));
+    wait_until(
+        Duration::from_secs(20),
+        &format!("client reads {value_bytes}-byte values"),
+        || async { Ok(client.get(&Value::String(key_of(0))).await? == Some(expected.clone())) },
+    )
+    .await?;
+    Ok(started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    cluster.create_string_store("rb", 2, 2, 500, 50).await?;
+    cluster.push_string_records("rb", 500, 80).await?;
+    let client = cluster.client("rb").await?;
+    wait_for_value_size(&client, 80).await?;
+
+    let (ok, out, err) = admin_cli(&cluster, &["stores", "rollback", "rb"])?;
+    ensure!(
+        ok && out.contains("current version 1, backup 2"),
+        "{out}{err}"
+    );
+    let seen = wait_for_value_size(&client, 50).await?;
+    eprintln!("rollback visible to a running client {seen:?} after the admin call returned");
+    let (ok, _, err) = admin_cli(&cluster, &["stores", "rollback", "rb"])?;
+    ensure!(
+        !ok && err.contains("roll-forward"),
+        "second rollback: {err}"
+    );
+
+    let (ok, out, err) = admin_cli(&cluster, &["stores", "roll-forward", "rb"])?;
+    ensure!(
+        ok && out.contains("current version 2, backup 1"),
+        "{out}{err}"
+    );
+    wait_for_value_size(&client, 80).await?;
+
+    let (ok, _, err) = admin_cli(&cluster, &["versions", "delete", "rb", "2"])?;
+    ensure!(
+        !ok && err.contains("current version"),
+        "deleting current: {err}"
+    );
+    let (ok, out, err) = admin_cli(&cluster, &["versions", "delete", "rb", "1"])?;
+    ensure!(ok, "{out}{err}");
+    let r = wait_until(Duration::from_secs(60), "version 1 retired", || async {
+        let d = cluster.admin().describe_store("rb").await?;
+        let topic = cluster
+            .pubsub
+            .partition_count(&version_topic("rb", 1))
+            .await?;
+        Ok(d.store.backup_version.is_none()
+            && d.versions.iter().all(|v| v.record.version != 1)
+            && topic.is_none())
+    })
+    .await;
+    if r.is_err() {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(cluster.services.dir().join("tansu.log")).unwrap_or_default()
+        );
+    }
+    r?;
+    let (ok, _, err) = admin_cli(&cluster, &["stores", "rollback", "rb"])?;
+    ensure!(
+        !ok && err.contains("no backup"),
+        "rollback with no backup: {err}"
+    );
+    ensure!(
+        client.get(&Value::String(key_of(0))).await? == Some(Value::String(string_value(0, 80))),
+        "the current version stopped serving"
+    );
+    let (ok, out, _) = admin_cli(&cluster, &["versions", "list", "rb"])?;
+    ensure!(
+        ok && out.contains("current") && !out.contains("backup"),
+        "{out}"
+    );
+
+    let (ok, _, err) = admin_cli(&cluster, &["stores", "delete", "rb"])?;
+    ensure!(!ok && err.contains("--yes"), "delete without --yes: {err}");
+    let (ok, out, err) = admin_cli(&cluster, &["stores", "delete", "rb", "--yes"])?;
+    ensure!(ok, "{out}{err}");
+    let layout = Layout::new(DEFAULT_ROOT);
+    wait_until(Duration::from_secs(60), "store rb deleted", || async {
+        let stores = cluster.admin().list_stores().await?;
+        let versions = cluster
+            .meta
+            .list(&layout.store_versions_prefix("rb"))
+            .await?
+            .0;
+        let replicas = cluster
+            .meta
+            .list(&layout.store_replicas_prefix("rb"))
+            .await?
+            .0;
+        let topic = cluster
+            .pubsub
+            .partition_count(&version_topic("rb", 2))
+            .await?;
+        Ok(stores.iter().all(|s| s.name != "rb")
+            && versions.is_empty()
+            && replicas.is_empty()
+            && topic.is_none())
+    })
+    .await?;
+    // The name is free again.
+    cluster.create_string_store("rb", 2, 2, 100, 30).await?;
+    drop(client);
+    cluster.shutdown().await
+}
