@@ -814,8 +814,8 @@ impl Cluster {
     /// `zone`, on this cluster's etcd and broker, with the data directory an in-process server
     /// `i` would have (so it restarts on the same data). Its output goes to `server-{i}.log` in
     /// the cluster's data directory. Unlike [`kill_server`](Self::kill_server), which stops an
-    /// in-process server whose databases still close, [`ServerProcess::kill`] is a real crash.
-    pub fn start_server_process(&self, i: usize, zone: &str) -> Result<ServerProcess> {
+    /// in-process server whose databases still close, [`ChildProcess::kill`] is a real crash.
+    pub fn start_server_process(&self, i: usize, zone: &str) -> Result<ChildProcess> {
         let binary = sibling_binary("rialto-server")?;
         let log_path = self.data.path().join(format!("server-{i}.log"));
         let log = std::fs::OpenOptions::new()
@@ -837,10 +837,70 @@ impl Cluster {
             .spawn()
             .with_context(|| format!("start {}", binary.display()))?;
         kill_when_this_process_dies(child.id())?;
-        Ok(ServerProcess {
+        Ok(ChildProcess {
             child: Some(child),
             log: log_path,
         })
+    }
+
+    /// Runs `rialto-controller` as a child process with id `id`, its admin API on a free port
+    /// and a leader lease of `lease_ttl_s`; returns it and its admin URL once it answers. Its
+    /// output goes to `{id}.log` in the cluster's data directory.
+    pub async fn start_controller_process(
+        &self,
+        id: &str,
+        lease_ttl_s: i64,
+    ) -> Result<(ChildProcess, String)> {
+        let binary = sibling_binary("rialto-controller")?;
+        let log_path = self.data.path().join(format!("{id}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(&binary)
+            .args(["--id", id, "--listen", &listen])
+            .args(["--lease-ttl-s", &lease_ttl_s.to_string()])
+            .args(["--etcd", &self.services.etcd_endpoint])
+            .args(["--kafka", &self.services.kafka_bootstrap])
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        kill_when_this_process_dies(child.id())?;
+        let process = ChildProcess {
+            child: Some(child),
+            log: log_path,
+        };
+        let url = format!("http://{listen}");
+        let admin = AdminClient::new(url.clone());
+        wait_until(
+            Duration::from_secs(20),
+            &format!("controller {id} answers"),
+            || async { Ok(admin.health().await.is_ok()) },
+        )
+        .await?;
+        Ok((process, url))
+    }
+
+    /// Stops the in-process controller (it gives up leadership at once).
+    pub async fn stop_controller(&mut self) -> Result<()> {
+        if let Some(c) = self.controller.take() {
+            c.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// The id of the leading controller, from etcd.
+    pub async fn controller_leader(&self) -> Result<Option<String>> {
+        let key = rialto_protocol::meta::Layout::new(DEFAULT_ROOT).leader();
+        Ok(self
+            .meta
+            .get(&key)
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
 
     /// Waits until `count` storage servers are registered.
@@ -868,19 +928,19 @@ fn kill_when_this_process_dies(pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// A storage server running as a child process; killed (SIGKILL) when dropped.
-pub struct ServerProcess {
+/// A server or controller running as a child process; killed (SIGKILL) when dropped.
+pub struct ChildProcess {
     child: Option<std::process::Child>,
     log: PathBuf,
 }
 
-impl ServerProcess {
+impl ChildProcess {
     /// Kills the process with SIGKILL, as a crash would: no flush, no clean close; its
     /// registration lease expires on its own.
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
-            child.kill().context("kill the server process")?;
-            child.wait().context("wait for the killed server process")?;
+            child.kill().context("kill the child process")?;
+            child.wait().context("wait for the killed child process")?;
         }
         Ok(())
     }
@@ -891,7 +951,7 @@ impl ServerProcess {
     }
 }
 
-impl Drop for ServerProcess {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         let _ = self.kill();
     }
