@@ -533,6 +533,12 @@ fn complete(
     if done.is_complete() {
         return Ok(values);
     }
+    if let Some(refusal) = done.quota_exceeded {
+        return Err(ClientError::QuotaExceeded {
+            address: refusal.address,
+            message: refusal.message,
+        });
+    }
     Err(ClientError::Incomplete {
         failed_keys: done.failed.len().max(done.keys_total - done.keys_answered),
         first_error: done
@@ -592,6 +598,12 @@ pub(crate) fn error_response(
     body: &[u8],
 ) -> ClientError {
     if let Ok(error) = ErrorBody::decode(body) {
+        if error.code == ErrorCode::QuotaExceeded {
+            return ClientError::QuotaExceeded {
+                address: address.to_string(),
+                message: error.message,
+            };
+        }
         return ClientError::Server {
             address: address.to_string(),
             code: error.code,

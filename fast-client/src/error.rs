@@ -50,6 +50,14 @@ pub enum ClientError {
         message: String,
     },
 
+    /// The store's read quota is used up: the application reads faster than the store's owner
+    /// allowed. Not retried on another replica (each enforces its share of the quota).
+    #[error(
+        "read quota exceeded at storage server {address}: {message}; slow down, or raise the \
+         store's quota with `rialto-admin stores update --read-quota`"
+    )]
+    QuotaExceeded { address: String, message: String },
+
     /// The read did not finish within `ClientConfig::request_timeout`.
     #[error(
         "read from storage server {address} did not finish within {after:?}; the server may be \

@@ -72,6 +72,9 @@ pub(crate) enum Failure {
     Connection,
     /// A retryable error response: block after `errors_to_block` in a row.
     ErrorResponse,
+    /// The server shed the request (`overloaded`): like an error response, and the instance is
+    /// avoided for a penalty that doubles while it keeps shedding (client-side throttling).
+    Shed,
 }
 
 #[derive(Debug)]
@@ -171,7 +174,8 @@ impl Instance {
         until != 0 && now_ms() < until
     }
 
-    /// A long-tail retry sent elsewhere answered before this instance did.
+    /// A long-tail retry sent elsewhere answered before this instance did (or it shed a
+    /// request): it is avoided for a penalty that doubles with each consecutive time.
     pub(crate) fn outpaced(&self, config: &HealthConfig) {
         let streak = self.outpaced.fetch_add(1, Ordering::Relaxed).min(20);
         let penalty = config
@@ -198,8 +202,11 @@ impl Instance {
     /// A request failed; blocks the instance when the failure warrants it. Returns whether this
     /// call blocked it.
     pub(crate) fn failed(&self, failure: Failure, config: &HealthConfig) -> bool {
+        if failure == Failure::Shed {
+            self.outpaced(config);
+        }
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        if failure == Failure::ErrorResponse {
+        if matches!(failure, Failure::ErrorResponse | Failure::Shed) {
             h.error_responses += 1;
             if h.error_responses < config.errors_to_block {
                 return false;

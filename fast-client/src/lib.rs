@@ -47,7 +47,9 @@ pub use pool::{CONNECTION_WINDOW_BYTES, CONNECT_TIMEOUT, FRAME_BYTES_MAX, STREAM
 pub use response::RawValue;
 pub use routing::{Replica, RoutingTable};
 pub use stats::ClientStats;
-pub use stream::{BatchEvent, BatchStream, Completeness, KeyFailure, RawBatchStream, ValueEvent};
+pub use stream::{
+    BatchEvent, BatchStream, Completeness, KeyFailure, QuotaRefusal, RawBatchStream, ValueEvent,
+};
 
 /// Most keys one `batch_get` call accepts (the servers' default limit per request).
 pub const BATCH_GET_KEYS_MAX: usize = rialto_protocol::wire::BATCH_GET_KEYS_MAX;

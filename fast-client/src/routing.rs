@@ -350,6 +350,7 @@ pub(crate) mod tests {
             backup_version: backup,
             largest_version: current.unwrap_or(0),
             deleting: false,
+            read_quota_keys_per_s: None,
         }
     }
 

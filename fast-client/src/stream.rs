@@ -98,6 +98,16 @@ pub struct Completeness {
     pub error_retries: u32,
     /// Time from the call to its end.
     pub elapsed: Duration,
+    /// Set when a server refused keys because the store's read quota was used up (those keys
+    /// are in `failed`; they are not retried elsewhere).
+    pub quota_exceeded: Option<QuotaRefusal>,
+}
+
+/// A server's refusal of a read over the store's quota.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaRefusal {
+    pub address: String,
+    pub message: String,
 }
 
 impl Completeness {
@@ -743,6 +753,14 @@ impl Call {
             }
             Err(e) => {
                 tracing::debug!(address = instance.address, error = %e, "batch-get request failed");
+                if let ClientError::QuotaExceeded { address, message } = e {
+                    self.done
+                        .quota_exceeded
+                        .get_or_insert_with(|| QuotaRefusal {
+                            address: address.clone(),
+                            message: message.clone(),
+                        });
+                }
                 if let Some(failure) = failure_of(e) {
                     let newly = instance.failed(failure, &self.shared.instances.config);
                     count_block(&self.shared.counters, newly);
@@ -936,6 +954,10 @@ fn failure_of(e: &ClientError) -> Option<Failure> {
         ClientError::Unreachable { .. }
         | ClientError::Timeout { .. }
         | ClientError::Protocol(_) => Some(Failure::Connection),
+        ClientError::Server {
+            code: rialto_protocol::ErrorCode::Overloaded,
+            ..
+        } => Some(Failure::Shed),
         ClientError::Server { code, .. } if code.retryable() => Some(Failure::ErrorResponse),
         _ => None,
     }

@@ -449,6 +449,7 @@ fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreR
         backup_version: backup,
         largest_version: current.unwrap_or(0),
         deleting: false,
+        read_quota_keys_per_s: None,
     }
 }
 

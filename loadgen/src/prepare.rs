@@ -196,6 +196,7 @@ pub async fn prepare(args: &PrepareArgs) -> Result<()> {
                     compression: args.compression,
                     max_value_bytes: None,
                     hybrid: None,
+                    read_quota_keys_per_s: None,
                 })
                 .await
                 .with_context(|| format!("create store `{}`", args.store))?;

@@ -173,6 +173,7 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
         backup_version: None,
         largest_version: 0,
         deleting: false,
+        read_quota_keys_per_s: req.read_quota_keys_per_s.filter(|&q| q > 0),
     };
     let key = st.layout.store(&record.name);
     if st.meta.get(&key).await?.is_some() {
@@ -241,18 +242,21 @@ async fn update_store_settings(
         create_realtime_topic(&st, &store, record.partition_count, hybrid).await?;
     }
     let updated = update_store(&*st.meta, &st.layout, &store, |s| {
-        let before = s.hybrid;
+        let before = (s.hybrid, s.read_quota_keys_per_s);
         if req.hybrid.is_some() {
             s.hybrid = req.hybrid;
         }
-        Ok(s.hybrid != before)
+        if let Some(quota) = req.read_quota_keys_per_s {
+            s.read_quota_keys_per_s = (quota > 0).then_some(quota);
+        }
+        Ok((s.hybrid, s.read_quota_keys_per_s) != before)
     })
     .await?;
     let record = match updated {
         Some(r) => r,
         None => get_store(&st, &store).await?,
     };
-    tracing::info!(%store, hybrid = ?record.hybrid, "store updated");
+    tracing::info!(%store, hybrid = ?record.hybrid, read_quota = ?record.read_quota_keys_per_s, "store updated");
     Ok((StatusCode::OK, Json(record)))
 }
 

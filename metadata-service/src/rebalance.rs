@@ -485,6 +485,7 @@ mod tests {
                 backup_version: None,
                 largest_version: 1,
                 deleting: false,
+                read_quota_keys_per_s: None,
             },
         );
         let record = VersionRecord {

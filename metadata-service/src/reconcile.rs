@@ -836,6 +836,7 @@ mod tests {
             backup_version: backup,
             largest_version: largest,
             deleting: false,
+            read_quota_keys_per_s: None,
         }
     }
 

@@ -177,6 +177,12 @@ pub fn store_description(d: &StoreDescription) -> String {
     t.row(["compression".to_string(), s.compression.name().to_string()]);
     t.row(["max value size".to_string(), bytes(s.max_value_bytes)]);
     t.row([
+        "read quota".to_string(),
+        s.read_quota_keys_per_s
+            .map(|q| format!("{q} keys/s"))
+            .unwrap_or_else(|| "unlimited".into()),
+    ]);
+    t.row([
         "hybrid".to_string(),
         match &s.hybrid {
             Some(h) => format!(

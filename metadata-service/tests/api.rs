@@ -83,6 +83,7 @@ fn create_req(name: &str) -> CreateStoreRequest {
         compression: rialto_protocol::meta::Compression::ZstdDictionary,
         max_value_bytes: None,
         hybrid: None,
+        read_quota_keys_per_s: None,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct CreateStoreRequest {
     /// Makes the store hybrid: real-time writes merged into every version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hybrid: Option<HybridConfig>,
+    /// Read quota in keys per second across the cluster (`None`: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_quota_keys_per_s: Option<u64>,
 }
 
 /// Body of `PATCH /v1/stores/{store}`: what to change (absent fields stay as they are).
@@ -62,6 +65,9 @@ pub struct UpdateStoreRequest {
     /// Makes the store hybrid, or changes its hybrid settings; new versions take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hybrid: Option<HybridConfig>,
+    /// Sets the read quota in keys per second; `0` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_quota_keys_per_s: Option<u64>,
 }
 
 /// Body of `POST /v1/stores/{store}/versions`.

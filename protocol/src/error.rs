@@ -33,11 +33,14 @@ pub enum ErrorCode {
     /// The stored value cannot be served as stored (a chunk of a large value is missing or
     /// does not match its manifest). Retryable elsewhere: another replica may hold it whole.
     CorruptValue = 12,
+    /// The store's read quota on this server is used up. Not retryable on another replica:
+    /// every replica enforces its share; the application should slow down.
+    QuotaExceeded = 13,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownStore,
         ErrorCode::UnknownVersion,
@@ -50,6 +53,7 @@ impl ErrorCode {
         ErrorCode::UnsupportedProtocol,
         ErrorCode::NotFound,
         ErrorCode::CorruptValue,
+        ErrorCode::QuotaExceeded,
     ];
 
     /// The numeric code as sent on the wire.
@@ -84,6 +88,7 @@ impl ErrorCode {
             | ErrorCode::KeyNotFound
             | ErrorCode::NotFound => 404,
             ErrorCode::TooManyKeys | ErrorCode::TooLarge => 413,
+            ErrorCode::QuotaExceeded => 429,
             ErrorCode::PartitionNotServed | ErrorCode::Overloaded => 503,
             ErrorCode::Internal | ErrorCode::CorruptValue => 500,
         }
@@ -104,6 +109,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedProtocol => "unsupported_protocol",
             ErrorCode::NotFound => "not_found",
             ErrorCode::CorruptValue => "corrupt_value",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -133,5 +139,7 @@ mod tests {
     fn malformed_requests_are_not_retryable() {
         assert!(!ErrorCode::BadRequest.retryable());
         assert!(ErrorCode::PartitionNotServed.retryable());
+        assert!(!ErrorCode::QuotaExceeded.retryable());
+        assert!(ErrorCode::Overloaded.retryable());
     }
 }

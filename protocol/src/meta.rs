@@ -282,6 +282,10 @@ pub struct StoreRecord {
     /// and records removed, this record last. No push or update is accepted meanwhile.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,
+    /// Reads per second (keys: a get costs 1, a batch-get its key count) the store may take
+    /// across the cluster; each server enforces its share. `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_quota_keys_per_s: Option<u64>,
 }
 
 impl StoreRecord {

@@ -802,6 +802,7 @@ mod tests {
             backup_version: None,
             largest_version: 0,
             deleting: false,
+            read_quota_keys_per_s: None,
         }
     }
 

@@ -41,6 +41,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::faults::Faults;
+use crate::limits::ReadLimits;
 use crate::metrics::{
     render_realtime, render_storage, FollowingReplica, RouteKind, ServerMetrics, VersionBytes,
 };
@@ -82,6 +83,7 @@ pub(crate) struct ReadService {
     pub batch_get_keys_max: usize,
     pub buffers: Arc<BufferPool>,
     pub faults: Arc<Faults>,
+    pub limits: Arc<ReadLimits>,
 }
 
 /// Accepts connections until `shutdown` leaves [`Stop::Running`]. On [`Stop::Drain`] (or a
@@ -253,6 +255,12 @@ async fn handle(
         Some(Route::Metrics) => {
             let mut text = service.metrics.render_prometheus();
             text.push_str(&storage_metrics(&service.node));
+            text.push_str(&format!(
+                "# HELP rialto_server_reads_in_flight Reads (gets and batch-gets) being served.\n\
+                 # TYPE rialto_server_reads_in_flight gauge\n\
+                 rialto_server_reads_in_flight {}\n",
+                service.limits.in_flight()
+            ));
             send_body(&mut respond, "text/plain; version=0.0.4", Bytes::from(text)).await
         }
         Some(Route::Dictionary { store, version }) => {
@@ -299,6 +307,11 @@ async fn handle(
         }
         send_error(&mut respond, failure.code, &failure.message);
     }
+}
+
+/// A read refused by [`ReadLimits`] (shed or over quota).
+fn refused((code, message): (ErrorCode, String)) -> Failure {
+    Failure::new(code, message)
 }
 
 /// Applies the configured faults to one read request: the delay (a timer, never blocking the
@@ -379,8 +392,10 @@ async fn get(
     version: u32,
     partition: u32,
 ) -> Result<(), Failure> {
+    let _in_flight = service.limits.enter().map_err(refused)?;
     inject_faults(service).await?;
     let key = read_body(body, declared_len, KEY_BYTES_MAX).await?;
+    service.limits.charge(store, 1).map_err(refused)?;
     let replica = online(&service.node.registry, store, version, partition)?;
     service
         .metrics
@@ -440,10 +455,12 @@ async fn batch_get(
     version: u32,
 ) -> Result<(), Failure> {
     let arrived = Instant::now();
+    let _in_flight = service.limits.enter().map_err(refused)?;
     inject_faults(service).await?;
     let body = read_body(body, declared_len, REQUEST_BYTES_MAX).await?;
     let keys = BatchGetRequest::decode(&body, service.batch_get_keys_max)
         .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
+    service.limits.charge(store, keys.len()).map_err(refused)?;
     let metrics = &service.metrics;
     metrics.batch_get_request.observe(arrived.elapsed());
     let partitions = service

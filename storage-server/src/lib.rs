@@ -23,6 +23,7 @@ pub mod faults;
 mod http;
 pub mod hybrid;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 mod node;
 pub mod replica;
@@ -100,6 +101,8 @@ pub struct ServerConfig {
     /// How long the broker may hold a fetch of a hybrid replica's real-time consumers (see
     /// [`hybrid::DEFAULT_REALTIME_FETCH_WAIT`]).
     pub realtime_fetch_wait: std::time::Duration,
+    /// Most reads in flight at once before the server sheds load (see [`limits`]).
+    pub read_in_flight_max: usize,
 }
 
 impl ServerConfig {
@@ -125,6 +128,7 @@ impl ServerConfig {
             usage_refresh: usage::DEFAULT_USAGE_REFRESH,
             lock_in_memory_stores: false,
             realtime_fetch_wait: hybrid::DEFAULT_REALTIME_FETCH_WAIT,
+            read_in_flight_max: limits::IN_FLIGHT_MAX_DEFAULT,
         }
     }
 }
@@ -320,13 +324,21 @@ pub async fn start(
     if config.faults.is_active() {
         tracing::warn!(node = %config.node_id, delay = ?config.faults.delay, error_rate = config.faults.error_rate, "fault injection is on: reads are delayed or failed on purpose");
     }
+    let limits = Arc::new(limits::ReadLimits::new(config.read_in_flight_max));
     let service = Arc::new(http::ReadService {
         node: ctx.clone(),
         metrics: metrics.clone(),
         batch_get_keys_max: config.batch_get_keys_max,
         buffers: Arc::new(http::BufferPool::default()),
         faults: faults.clone(),
+        limits: limits.clone(),
     });
+    // Ends at shutdown; a crash (kill) aborts it with the runtime's other detached tasks.
+    tokio::spawn(limits::follow_quotas(
+        ctx.clone(),
+        limits,
+        shutdown_rx.clone(),
+    ));
     let serve_task = tokio::spawn(http::serve(listener, tls, service, shutdown_rx.clone()));
     let reconcile_task = tokio::spawn(assignments::reconcile(
         ctx.clone(),

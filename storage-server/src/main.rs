@@ -70,6 +70,10 @@ struct Cli {
     /// lower is fresher, higher fetches less often when idle.
     #[arg(long, default_value_t = rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     realtime_fetch_wait_ms: u64,
+    /// Most reads (gets and batch-gets) in flight at once; one more is answered `overloaded`
+    /// before any work is done, and the client tries another replica.
+    #[arg(long, default_value_t = rialto_server::limits::IN_FLIGHT_MAX_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    read_in_flight_max: u64,
     /// etcd endpoints, comma separated.
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     etcd: Vec<String>,
@@ -129,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         usage_refresh: Duration::from_secs(cli.usage_refresh_secs),
         lock_in_memory_stores: cli.lock_in_memory_stores,
         realtime_fetch_wait: Duration::from_millis(cli.realtime_fetch_wait_ms),
+        read_in_flight_max: usize::try_from(cli.read_in_flight_max).unwrap_or(usize::MAX),
     };
     let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
         .await

@@ -331,6 +331,7 @@ impl Cluster {
             usage_refresh: rialto_server::usage::DEFAULT_USAGE_REFRESH,
             lock_in_memory_stores: false,
             realtime_fetch_wait: rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
+            read_in_flight_max: rialto_server::limits::IN_FLIGHT_MAX_DEFAULT,
         };
         self.servers.push(ServerSlot {
             config,
@@ -486,6 +487,7 @@ impl Cluster {
                 compression,
                 max_value_bytes: None,
                 hybrid: None,
+                read_quota_keys_per_s: None,
             })
             .await?;
         Ok(())
@@ -513,6 +515,7 @@ impl Cluster {
                 compression: Compression::None,
                 max_value_bytes: None,
                 hybrid: Some(hybrid),
+                read_quota_keys_per_s: None,
             })
             .await?;
         let admin = self.admin();

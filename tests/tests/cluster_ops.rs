@@ -436,3 +436,110 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
     drop(client);
     cluster.shutdown().await
 }
+
+/// The p99 of `samples`.
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
+}
+
+/// Latencies of `count` batch-gets of 20 keys of store `calm`, one after another.
+async fn calm_latencies(client: &Client, count: usize) -> Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(count);
+    for n in 0..count {
+        let keys: Vec<Value> = (0..20)
+            .map(|i| Value::String(key_of((n * 20 + i) % 1_000)))
+            .collect();
+        let started = Instant::now();
+        let values = client.batch_get(&keys).await?;
+        samples.push(started.elapsed());
+        ensure!(values.iter().all(Option::is_some), "calm lost keys");
+    }
+    Ok(samples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_over_its_read_quota_is_refused_and_its_neighbour_keeps_serving() -> Result<()> {
+    const QUOTA: u64 = 2_000;
+    let cluster = Cluster::start(3).await?;
+    cluster
+        .create_string_store("calm", 4, 2, 1_000, 100)
+        .await?;
+    cluster
+        .create_string_store("noisy", 4, 2, 1_000, 100)
+        .await?;
+    let (ok, out, err) = admin_cli(
+        &cluster,
+        &[
+            "stores",
+            "update",
+            "noisy",
+            "--read-quota",
+            &QUOTA.to_string(),
+        ],
+    )?;
+    ensure!(ok && out.contains("read quota 2000 keys/s"), "{out}{err}");
+    let calm = cluster.client("calm").await?;
+    let noisy = cluster.client("noisy").await?;
+    // Servers follow the store record: wait until a burst past the quota is refused.
+    wait_until(Duration::from_secs(20), "the quota in force", || async {
+        let keys: Vec<Value> = (0..1_000).map(|i| Value::String(key_of(i))).collect();
+        Ok(matches!(
+            noisy.batch_get(&keys).await,
+            Err(rialto_fast_client::ClientError::QuotaExceeded { .. })
+        ))
+    })
+    .await?;
+    let unloaded = p99(calm_latencies(&calm, 300).await?);
+
+    // Flood `noisy` at about 10x its quota: 4 tasks of 100-key batch-gets, 50 a second each.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for t in 0..4usize {
+        let (noisy, stop) = (noisy.clone(), stop.clone());
+        flood.push(tokio::spawn(async move {
+            let (mut accepted, mut refused, mut other) = (0u64, 0u64, Vec::new());
+            let mut n = t;
+            while !stop.load(Ordering::Relaxed) {
+                let keys: Vec<Value> = (0..100)
+                    .map(|i| Value::String(key_of((n * 100 + i) % 1_000)))
+                    .collect();
+                n += 4;
+                match noisy.batch_get(&keys).await {
+                    Ok(_) => accepted += 100,
+                    Err(rialto_fast_client::ClientError::QuotaExceeded { .. }) => refused += 1,
+                    Err(e) => other.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (accepted, refused, other)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flood_started = Instant::now();
+    let loaded = p99(calm_latencies(&calm, 300).await?);
+    stop.store(true, Ordering::Relaxed);
+    let (mut accepted, mut refused) = (0, 0);
+    for task in flood {
+        let (a, r, other) = task.await?;
+        ensure!(other.is_empty(), "noisy reads failed otherwise: {other:?}");
+        accepted += a;
+        refused += r;
+    }
+    let secs = flood_started.elapsed().as_secs_f64() + 0.5;
+    let rate = accepted as f64 / secs;
+    eprintln!(
+        "noisy: {rate:.0} keys/s accepted of a {QUOTA} keys/s quota, {refused} batch-gets refused; \
+         calm batch-get p99 {unloaded:?} unloaded, {loaded:?} beside the flood ({:.2}x)",
+        loaded.as_secs_f64() / unloaded.as_secs_f64()
+    );
+    ensure!(refused > 0, "nothing was refused");
+    // One second of burst on top of the quota, and one batch of debt per server.
+    let bound = QUOTA as f64 * (secs + 1.0) + 300.0;
+    ensure!(
+        (accepted as f64) <= bound,
+        "{accepted} keys accepted in {secs:.1} s, over the quota's {bound:.0}"
+    );
+    drop((calm, noisy));
+    cluster.shutdown().await
+}

@@ -358,6 +358,7 @@ async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Resul
                     rewind_seconds: days * 24 * 3600,
                     lag_records_max: 1,
                 }),
+                ..UpdateStoreRequest::default()
             };
             match admin.update_store("made", &update).await {
                 Ok(r) => format!("accepted: {r:?}"),

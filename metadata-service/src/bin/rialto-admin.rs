@@ -83,12 +83,19 @@ enum StoresCommand {
         max_value_bytes: Option<u64>,
         #[command(flatten)]
         hybrid: HybridArgs,
+        /// Read quota in keys per second across the cluster (default: unlimited).
+        #[arg(long)]
+        read_quota: Option<u64>,
     },
     /// Changes a store's settings; a store made hybrid is hybrid from its next version.
     Update {
         name: String,
         #[command(flatten)]
         hybrid: HybridArgs,
+        /// Read quota in keys per second across the cluster (a get costs 1, a batch-get its
+        /// key count); 0 removes the quota.
+        #[arg(long)]
+        read_quota: Option<u64>,
     },
     /// Deletes a store: every version, replica, topic and record.
     Delete {
@@ -208,6 +215,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             compression,
             max_value_bytes,
             hybrid,
+            read_quota,
         }) => {
             let req = CreateStoreRequest {
                 name,
@@ -227,6 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
                 max_value_bytes,
                 hybrid: hybrid.config(None),
+                read_quota_keys_per_s: read_quota,
             };
             let s = client.create_store(&req).await?;
             print(args.json, &s, |s| {
@@ -237,22 +246,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 )
             })
         }
-        Command::Stores(StoresCommand::Update { name, hybrid }) => {
+        Command::Stores(StoresCommand::Update {
+            name,
+            hybrid,
+            read_quota,
+        }) => {
             let current = client.describe_store(&name).await?.store.hybrid;
-            let Some(hybrid) = hybrid.config(current) else {
+            let hybrid = hybrid.config(current);
+            if hybrid.is_none() && read_quota.is_none() {
                 anyhow::bail!(
-                    "nothing to change: give --hybrid-rewind-seconds and/or --hybrid-lag-records-max"
+                    "nothing to change: give --hybrid-rewind-seconds, --hybrid-lag-records-max \
+                     or --read-quota"
                 );
-            };
+            }
             let req = UpdateStoreRequest {
-                hybrid: Some(hybrid),
+                hybrid,
+                read_quota_keys_per_s: read_quota,
             };
             let s = client.update_store(&name, &req).await?;
             print(args.json, &s, |s| {
-                format!(
-                    "updated store `{}`: hybrid, rewind {} s, lag bound {} records (from its next version)\n",
-                    s.name, hybrid.rewind_seconds, hybrid.lag_records_max
-                )
+                let mut out = format!("updated store `{}`:", s.name);
+                if let Some(h) = hybrid {
+                    out.push_str(&format!(
+                        " hybrid, rewind {} s, lag bound {} records (from its next version);",
+                        h.rewind_seconds, h.lag_records_max
+                    ));
+                }
+                if read_quota.is_some() {
+                    out.push_str(&match s.read_quota_keys_per_s {
+                        Some(q) => format!(" read quota {q} keys/s;"),
+                        None => " no read quota;".to_string(),
+                    });
+                }
+                out.pop();
+                out.push('\n');
+                out
             })
         }
         Command::Stores(StoresCommand::Delete { name, yes }) => {
