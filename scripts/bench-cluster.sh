@@ -1,5 +1,6 @@
-# Sourced by the benchmark scripts: starts etcd, tansu, a controller and three storage servers on
-# free 127.0.0.1 ports, stopping everything by PID at exit. Expects `bin`, `work` and `OUT` set.
+# Sourced by the benchmark scripts: starts etcd, tansu, a controller and SERVERS (default 3)
+# storage servers on free 127.0.0.1 ports, stopping everything by PID at exit. Expects `bin`,
+# `work` and `OUT` set; CONTROLLER_ARGS adds controller flags.
 # Defines: etcd, kafka, controller, start_server INDEX [ARGS], server_pids, admin ARGS,
 # online_replicas STORE, server_phases. Server i follows the fault file $work/server-i.faults
 # (absent: no faults; `echo '{"delay_ms": 200}' > $work/server-0.faults` slows server-0 down while
@@ -9,7 +10,9 @@ etcd_port=$(free_port); peer_port=$(free_port); kafka_port=$(free_port); control
 etcd="http://127.0.0.1:$etcd_port"; kafka="127.0.0.1:$kafka_port"; controller="http://127.0.0.1:$controller_port"
 
 pids=()
-server_pids=(0 0 0)
+SERVERS="${SERVERS:-3}"
+server_pids=()
+for i in $(seq 1 "$SERVERS"); do server_pids+=(0); done
 cleanup() {
   for pid in "${pids[@]}" "${server_pids[@]}"; do [ "$pid" != 0 ] && kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}" "${server_pids[@]}"; do [ "$pid" != 0 ] && wait "$pid" 2>/dev/null || true; done
@@ -20,17 +23,19 @@ trap cleanup EXIT
 
 bash scripts/services.sh start --dir "$work/services" --etcd-port "$etcd_port" --etcd-peer-port "$peer_port" --kafka-port "$kafka_port"
 export RUST_LOG="${RUST_LOG:-warn}"
-"$bin/rialto-controller" --listen "127.0.0.1:$controller_port" --etcd "$etcd" --kafka "$kafka" >"$work/controller.log" 2>&1 &
+# shellcheck disable=SC2086 # CONTROLLER_ARGS is a list of flags
+"$bin/rialto-controller" --listen "127.0.0.1:$controller_port" --etcd "$etcd" --kafka "$kafka" \
+  ${CONTROLLER_ARGS:-} >"$work/controller.log" 2>&1 &
 pids+=($!)
 start_server() { # index [extra args]
   local i=$1; shift
   local zone=(zone-a zone-b zone-c)
-  "$bin/rialto-server" --node-id "server-$i" --zone "${zone[$i]}" --listen "127.0.0.1:0" \
+  "$bin/rialto-server" --node-id "server-$i" --zone "${zone[$((i % 3))]}" --listen "127.0.0.1:0" \
     --data-dir "$work/server-$i" --etcd "$etcd" --kafka "$kafka" \
     --fault-file "$work/server-$i.faults" "$@" >>"$work/server-$i.log" 2>&1 &
   server_pids[$i]=$!
 }
-for i in 0 1 2; do start_server "$i"; done
+for i in $(seq 0 $((SERVERS - 1))); do start_server "$i"; done
 admin() { "$bin/rialto-admin" --controller "$controller" "$@"; }
 online_replicas() { # store: ONLINE replicas of its current version
   admin --json stores describe "$1" 2>/dev/null | python3 -c '
@@ -39,7 +44,7 @@ d = json.load(sys.stdin)
 print(sum(1 for v in d["versions"] if v["current"] for r in v["replicas"] if r["state"] == "ONLINE"))' 2>/dev/null || echo 0
 }
 for _ in $(seq 1 100); do
-  [ "$(admin --json nodes list 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo 0)" = 3 ] && break
+  [ "$(admin --json nodes list 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo 0)" = "$SERVERS" ] && break
   sleep 0.2
 done
 

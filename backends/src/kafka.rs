@@ -382,6 +382,14 @@ impl PubSub for KafkaPubSub {
     }
 }
 
+/// Most bytes one fetch returns for a partition. A replica bootstrapping from a topic that is
+/// already full (a replica moved to a new server, a version rebuilt) fetches at this size until
+/// it catches up; with 10 MB, eight such replicas made tansu take longer than the socket timeout
+/// to answer, and every request was abandoned and sent again: no replica ever progressed.
+const CONSUMER_PARTITION_FETCH_BYTES: &str = "2097152";
+/// How long a consumer waits for the broker's answer before giving the request up.
+const CONSUMER_SOCKET_TIMEOUT_MS: &str = "60000";
+
 impl KafkaPubSub {
     /// An assigned consumer of one partition; `fetch_wait` bounds how long the broker may hold
     /// a fetch (librdkafka's default is 500 ms; tansu holds every fetch about that long or half
@@ -400,9 +408,9 @@ impl KafkaPubSub {
             .set("group.id", "rialto-server")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            .set("fetch.max.bytes", "52428800")
-            .set("max.partition.fetch.bytes", "10485760")
-            .set("socket.timeout.ms", "10000");
+            .set("fetch.max.bytes", "8388608")
+            .set("max.partition.fetch.bytes", CONSUMER_PARTITION_FETCH_BYTES)
+            .set("socket.timeout.ms", CONSUMER_SOCKET_TIMEOUT_MS);
         if let Some(wait) = fetch_wait {
             config.set("fetch.wait.max.ms", wait.as_millis().max(1).to_string());
         }

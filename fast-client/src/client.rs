@@ -210,7 +210,9 @@ impl Client {
     /// Reads one key given as its serialized Avro datum; returns the stored value undecoded.
     pub async fn get_raw(&self, key_bytes: &[u8]) -> Result<Option<RawValue>, ClientError> {
         Counters::add(&self.shared.counters.keys_requested, 1);
+        let started = std::time::Instant::now();
         let result = self.get_raw_inner(key_bytes).await;
+        self.shared.counters.get_latency.observe(started.elapsed());
         if let Err(e) = &result {
             self.count_error(e);
         }
@@ -306,6 +308,12 @@ impl Client {
     }
 
     /// Counters since the client connected.
+    /// The client's counters and call latency histograms in Prometheus text format, labelled
+    /// with the store: a service appends it to its own `/metrics` answer.
+    pub fn metrics_prometheus(&self) -> String {
+        crate::stats::render_prometheus(&self.stats(), &self.shared.counters, &self.shared.store)
+    }
+
     pub fn stats(&self) -> ClientStats {
         let mut stats = self.shared.counters.snapshot();
         stats.instances_blocked_now = self.shared.instances.blocked_count() as u64;
@@ -328,8 +336,12 @@ impl Client {
 
     fn count_error(&self, e: &ClientError) {
         Counters::add(&self.shared.counters.errors, 1);
-        if matches!(e, ClientError::Timeout { .. }) {
-            Counters::add(&self.shared.counters.timeouts, 1);
+        match e {
+            ClientError::Timeout { .. } => Counters::add(&self.shared.counters.timeouts, 1),
+            ClientError::QuotaExceeded { .. } => {
+                Counters::add(&self.shared.counters.quota_refusals, 1)
+            }
+            _ => {}
         }
     }
 

@@ -415,6 +415,28 @@ mod tests {
         assert_eq!(instances.least_loaded(&replicas, 0b111, 0), None);
     }
 
+    #[test]
+    fn a_server_that_sheds_is_avoided_at_once_and_for_longer_while_it_keeps_shedding() {
+        let instances = Instances::new(HealthConfig::default());
+        let replicas = [replica("a:1", 0), replica("b:1", 0)];
+        let a = instances.of(&replicas[0]);
+        assert!(
+            !a.failed(Failure::Shed, &instances.config),
+            "not blocked yet"
+        );
+        assert!(a.is_slow());
+        // Avoided while another replica is usable, even with more pending there.
+        let b = instances.of(&replicas[1]);
+        let _g = b.start();
+        assert_eq!(instances.least_loaded(&replicas, 0, 0), Some(1));
+        let first = a.slow_until_ms.load(Ordering::Relaxed);
+        a.failed(Failure::Shed, &instances.config);
+        assert!(
+            a.slow_until_ms.load(Ordering::Relaxed) > first,
+            "the penalty grows"
+        );
+    }
+
     #[tokio::test]
     async fn error_responses_block_after_a_streak_and_probes_unblock() {
         let config = HealthConfig {

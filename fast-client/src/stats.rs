@@ -1,6 +1,9 @@
 //! Client counters, readable at any time through [`ClientStats`].
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rialto_protocol::metrics::LatencyHistogram;
 
 /// Live counters, updated with relaxed atomics on the request path.
 #[derive(Debug, Default)]
@@ -24,6 +27,11 @@ pub(crate) struct Counters {
     pub(crate) instances_blocked: AtomicU64,
     pub(crate) checksums_verified: AtomicU64,
     pub(crate) checksum_mismatches: AtomicU64,
+    pub(crate) quota_refusals: AtomicU64,
+    /// Duration of single-get calls, retries included.
+    pub(crate) get_latency: LatencyHistogram,
+    /// Duration of batch-get calls, from the call to its last key.
+    pub(crate) batch_get_latency: LatencyHistogram,
 }
 
 /// A snapshot of the client's counters since it connected.
@@ -75,6 +83,8 @@ pub struct ClientStats {
     pub checksums_verified: u64,
     /// Values that failed their checksum (each retried on another replica, never returned).
     pub checksum_mismatches: u64,
+    /// Calls refused because the store's read quota was used up.
+    pub quota_refusals: u64,
 }
 
 impl Counters {
@@ -100,6 +110,7 @@ impl Counters {
             instances_blocked: load(&self.instances_blocked),
             checksums_verified: load(&self.checksums_verified),
             checksum_mismatches: load(&self.checksum_mismatches),
+            quota_refusals: load(&self.quota_refusals),
             // Filled in by `Client::stats` from the instances and the receive pool.
             instances_blocked_now: 0,
             receive_blocks_reused: 0,
@@ -118,4 +129,185 @@ impl Counters {
         Counters::add(&self.fanout_total, fanout);
         self.fanout_max.fetch_max(fanout, Ordering::Relaxed);
     }
+}
+
+impl ClientStats {
+    /// Every counter as `(name, help, value, is_gauge)`, for [`render_prometheus`].
+    fn series(&self) -> [(&'static str, &'static str, u64, bool); 24] {
+        [
+            (
+                "requests_total",
+                "HTTP/2 requests sent, retries included",
+                self.requests,
+                false,
+            ),
+            (
+                "keys_requested_total",
+                "Keys asked for by the application",
+                self.keys_requested,
+                false,
+            ),
+            (
+                "retries_total",
+                "Requests re-sent to another replica after a retryable failure",
+                self.retries,
+                false,
+            ),
+            (
+                "errors_total",
+                "Calls that returned an error to the application",
+                self.errors,
+                false,
+            ),
+            (
+                "timeouts_total",
+                "Calls that ran out of request_timeout",
+                self.timeouts,
+                false,
+            ),
+            (
+                "version_swaps_total",
+                "Times the routing table moved to another version",
+                self.version_swaps,
+                false,
+            ),
+            (
+                "routing_updates_total",
+                "Times the routing table changed",
+                self.routing_updates,
+                false,
+            ),
+            (
+                "connections_opened_total",
+                "HTTP/2 connections opened",
+                self.connections_opened,
+                false,
+            ),
+            (
+                "connection_failures_total",
+                "Failed connection attempts",
+                self.connection_failures,
+                false,
+            ),
+            (
+                "batch_gets_total",
+                "Batch-get calls",
+                self.batch_gets,
+                false,
+            ),
+            (
+                "fanout_servers_total",
+                "Sum of batch-get fanouts",
+                self.fanout_total,
+                false,
+            ),
+            (
+                "fanout_max",
+                "Largest fanout of one batch-get",
+                self.fanout_max,
+                true,
+            ),
+            (
+                "long_tail_retries_total",
+                "Long-tail retries sent",
+                self.long_tail_retries,
+                false,
+            ),
+            (
+                "long_tail_retries_won_total",
+                "Long-tail retries that answered first",
+                self.long_tail_retries_won,
+                false,
+            ),
+            (
+                "long_tail_retries_late_total",
+                "Long-tail retries dropped: the client's timer fired late",
+                self.long_tail_retries_late,
+                false,
+            ),
+            (
+                "long_tail_retries_over_budget_total",
+                "Long-tail retries not sent: budget spent",
+                self.long_tail_retries_over_budget,
+                false,
+            ),
+            (
+                "instances_blocked_total",
+                "Times a storage server was blocked as unhealthy",
+                self.instances_blocked,
+                false,
+            ),
+            (
+                "instances_blocked",
+                "Storage servers blocked now",
+                self.instances_blocked_now,
+                true,
+            ),
+            (
+                "receive_blocks_reused_total",
+                "Receive blocks reused from the pool",
+                self.receive_blocks_reused,
+                false,
+            ),
+            (
+                "receive_blocks_allocated_total",
+                "Receive blocks newly allocated",
+                self.receive_blocks_allocated,
+                false,
+            ),
+            (
+                "receive_pool_free_bytes",
+                "Bytes of free receive blocks kept",
+                self.receive_pool_free_bytes,
+                true,
+            ),
+            (
+                "checksums_verified_total",
+                "Values whose checksum was verified",
+                self.checksums_verified,
+                false,
+            ),
+            (
+                "checksum_mismatches_total",
+                "Values that failed their checksum",
+                self.checksum_mismatches,
+                false,
+            ),
+            (
+                "quota_refusals_total",
+                "Calls refused over the store's read quota",
+                self.quota_refusals,
+                false,
+            ),
+        ]
+    }
+}
+
+/// The client's counters and call latency histograms as Prometheus text, labelled with the store.
+pub(crate) fn render_prometheus(stats: &ClientStats, counters: &Counters, store: &str) -> String {
+    let mut out = String::with_capacity(8192);
+    let labels = format!("store=\"{store}\"");
+    for (name, help, value, gauge) in stats.series() {
+        let kind = if gauge { "gauge" } else { "counter" };
+        let _ = writeln!(out, "# HELP rialto_client_{name} {help}.");
+        let _ = writeln!(out, "# TYPE rialto_client_{name} {kind}");
+        let _ = writeln!(out, "rialto_client_{name}{{{labels}}} {value}");
+    }
+    for (name, help, histogram) in [
+        (
+            "get_seconds",
+            "Single-get call duration",
+            &counters.get_latency,
+        ),
+        (
+            "batch_get_seconds",
+            "Batch-get call duration",
+            &counters.batch_get_latency,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP rialto_client_{name} {help}.");
+        let _ = writeln!(out, "# TYPE rialto_client_{name} histogram");
+        histogram.render(&mut out, &format!("rialto_client_{name}"), &labels);
+    }
+    out
 }

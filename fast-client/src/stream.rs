@@ -938,6 +938,10 @@ impl Call {
         self.done.servers_contacted = self.contacted.len();
         self.done.elapsed = self.started.elapsed();
         let counters = &self.shared.counters;
+        counters.batch_get_latency.observe(self.done.elapsed);
+        if self.done.quota_exceeded.is_some() {
+            Counters::add(&counters.quota_refusals, 1);
+        }
         if !self.done.failed.is_empty() {
             Counters::add(&counters.errors, 1);
         }

@@ -219,7 +219,7 @@ struct Behavior {
     bad: bool,
     /// Added delay before reads are answered, in ms (changeable while running).
     delay_ms: Arc<AtomicU64>,
-    /// Answer reads and health checks with 503 Overloaded (changeable while running).
+    /// Answer reads and health checks with 500 Internal (changeable while running).
     failing: Arc<AtomicBool>,
     /// The compression dictionary served at `wire::dictionary_path` (changeable while running).
     dictionary: Arc<Mutex<Option<Vec<u8>>>>,
@@ -315,7 +315,7 @@ async fn serve(
         }
     }
     if b.failing.load(Ordering::SeqCst) {
-        return error_response(&mut respond, ErrorCode::Overloaded);
+        return error_response(&mut respond, ErrorCode::Internal);
     }
     match route {
         Some(Route::Health) => {

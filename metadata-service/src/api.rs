@@ -28,7 +28,9 @@ use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
 
 use crate::error::{encode_record, parse_record, ControllerError};
-use crate::store_ops::{store_not_found, update_store, update_version, version_not_found};
+use crate::store_ops::{
+    fail_version, store_not_found, update_store, update_version, version_not_found,
+};
 use crate::versions::{live_nodes, start_version};
 
 /// Largest request body the API accepts.
@@ -45,6 +47,8 @@ pub(crate) struct ApiState {
     pub meta: Arc<dyn MetaStore>,
     pub pubsub: Arc<dyn PubSub>,
     pub kafka_bootstrap: String,
+    /// Whether this controller leads (for `/metrics`).
+    pub leader: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl IntoResponse for ControllerError {
@@ -64,6 +68,7 @@ type ApiResult<T> = Result<(StatusCode, Json<T>), ControllerError>;
 pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/v1/stores", post(create_store).get(list_stores))
         .route(
             "/v1/stores/{store}",
@@ -662,15 +667,13 @@ async fn delete_version(
         Ok(true)
     })
     .await?;
-    let changed = update_version(&*st.meta, &st.layout, &store, version, |v| {
-        if matches!(v.status, VersionStatus::Failed { .. }) {
-            return Ok(false);
-        }
-        v.status = VersionStatus::Failed {
-            reason: "deleted by an operator".into(),
-        };
-        Ok(true)
-    })
+    let changed = fail_version(
+        &*st.meta,
+        &st.layout,
+        &store,
+        version,
+        "deleted by an operator",
+    )
     .await?;
     if let Some(record) = changed {
         tracing::warn!(%store, version, "version deleted by an operator");
@@ -774,4 +777,115 @@ async fn undrain_node(
     st.meta.delete(&st.layout.drain(&node)).await?;
     tracing::info!(%node, "node drain cancelled");
     Ok((StatusCode::OK, Json(node_description(&st, &node).await?)))
+}
+
+/// `GET /metrics`: the cluster as this controller reads it from etcd, in Prometheus text.
+async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ControllerError> {
+    use std::fmt::Write as _;
+    let (stores, _) = st.meta.list(&st.layout.stores_prefix()).await?;
+    let (versions, _) = st.meta.list(&st.layout.versions_prefix()).await?;
+    let (replicas, _) = st.meta.list(&st.layout.replicas_prefix()).await?;
+    let (nodes, _) = st.meta.list(&st.layout.nodes_prefix()).await?;
+    let (drains, _) = st.meta.list(&st.layout.drains_prefix()).await?;
+    let mut by_status: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut moves: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut pushing_ages = Vec::new();
+    let now = now_ms();
+    for kv in &versions {
+        let Ok(v) = parse_record::<VersionRecord>(&kv.key, &kv.value) else {
+            continue;
+        };
+        let status = match v.status {
+            VersionStatus::Pushing => "pushing",
+            VersionStatus::PushWritten => "push_written",
+            VersionStatus::Online => "online",
+            VersionStatus::Failed { .. } => "failed",
+        };
+        if matches!(
+            v.status,
+            VersionStatus::Pushing | VersionStatus::PushWritten
+        ) {
+            pushing_ages.push((v.store.clone(), v.version, now.saturating_sub(v.created_ms)));
+        }
+        *by_status.entry(status).or_default() += 1;
+        for m in &v.moves {
+            *moves.entry(m.reason.name()).or_default() += 1;
+        }
+    }
+    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    for kv in &replicas {
+        if let Ok(r) = parse_record::<ReplicaRecord>(&kv.key, &kv.value) {
+            *by_state.entry(r.state.to_string()).or_default() += 1;
+        }
+    }
+    let mut out = String::with_capacity(2048);
+    let leader = st.leader.load(std::sync::atomic::Ordering::SeqCst);
+    let _ = writeln!(
+        out,
+        "# HELP rialto_controller_leader Whether this controller leads (1) or stands by (0)."
+    );
+    let _ = writeln!(out, "# TYPE rialto_controller_leader gauge");
+    let _ = writeln!(out, "rialto_controller_leader {}", u8::from(leader));
+    let _ = writeln!(out, "# TYPE rialto_controller_stores gauge");
+    let _ = writeln!(out, "rialto_controller_stores {}", stores.len());
+    let _ = writeln!(out, "# TYPE rialto_controller_nodes gauge");
+    let _ = writeln!(
+        out,
+        "rialto_controller_nodes{{state=\"registered\"}} {}",
+        nodes.len()
+    );
+    let _ = writeln!(
+        out,
+        "rialto_controller_nodes{{state=\"draining\"}} {}",
+        drains.len()
+    );
+    let _ = writeln!(out, "# TYPE rialto_controller_versions gauge");
+    for status in ["pushing", "push_written", "online", "failed"] {
+        let n = by_status.get(status).copied().unwrap_or(0);
+        let _ = writeln!(out, "rialto_controller_versions{{status=\"{status}\"}} {n}");
+    }
+    let _ = writeln!(out, "# TYPE rialto_controller_replicas gauge");
+    for state in [
+        ReplicaState::Offline,
+        ReplicaState::Bootstrap,
+        ReplicaState::Online,
+        ReplicaState::Error,
+        ReplicaState::Dropped,
+    ] {
+        let n = by_state.get(&state.to_string()).copied().unwrap_or(0);
+        let _ = writeln!(out, "rialto_controller_replicas{{state=\"{state}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP rialto_controller_replica_moves Replica moves in flight, by reason."
+    );
+    let _ = writeln!(out, "# TYPE rialto_controller_replica_moves gauge");
+    for reason in ["node-lost", "drain", "balance"] {
+        let n = moves.get(reason).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "rialto_controller_replica_moves{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP rialto_controller_push_age_seconds How long each push in progress has run."
+    );
+    let _ = writeln!(out, "# TYPE rialto_controller_push_age_seconds gauge");
+    for (store, version, age_ms) in pushing_ages {
+        let _ = writeln!(
+            out,
+            "rialto_controller_push_age_seconds{{store=\"{store}\",version=\"{version}\"}} {:.3}",
+            age_ms as f64 / 1000.0
+        );
+    }
+    Ok((
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response())
 }

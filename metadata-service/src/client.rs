@@ -296,32 +296,42 @@ impl AdminClient {
 
     /// `GET /health`: `Ok(())` when the controller answers.
     pub async fn health(&self) -> Result<(), ControllerError> {
-        let url = format!("{}/health", self.base_url);
+        self.get_text("/health").await.map(|_| ())
+    }
+
+    /// `GET /metrics`: the controller's Prometheus text.
+    pub async fn metrics(&self) -> Result<String, ControllerError> {
+        self.get_text("/metrics").await
+    }
+
+    /// A GET whose answer is text, not JSON.
+    async fn get_text(&self, path: &str) -> Result<String, ControllerError> {
+        let url = format!("{}{path}", self.base_url);
+        let unreachable = |detail: String| ControllerError::Unreachable {
+            url: url.clone(),
+            detail,
+        };
         let req = Request::get(&url)
             .body(Full::new(Bytes::new()))
-            .map_err(|e| ControllerError::Unreachable {
-                url: url.clone(),
-                detail: format!("invalid URL: {e}"),
-            })?;
+            .map_err(|e| unreachable(format!("invalid URL: {e}")))?;
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
             .await
-            .map_err(|_| ControllerError::Unreachable {
-                url: url.clone(),
-                detail: "timed out".into(),
-            })?
-            .map_err(|e| ControllerError::Unreachable {
-                url: url.clone(),
-                detail: e.to_string(),
-            })?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(ControllerError::Api {
-                status: resp.status().as_u16(),
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
+            .await
+            .map_err(|_| unreachable("timed out reading the answer".into()))?
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(ControllerError::Api {
+                status: status.as_u16(),
                 kind: "internal".into(),
-                message: "unhealthy".into(),
-            })
+                message: format!("{path} answered {status}"),
+            });
         }
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }
 

@@ -144,11 +144,13 @@ pub async fn start(
     })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let leader = Arc::new(AtomicBool::new(false));
     let app = api::router(api::ApiState {
         layout,
         meta: meta.clone(),
         pubsub: pubsub.clone(),
         kafka_bootstrap: config.kafka_bootstrap.clone(),
+        leader: leader.clone(),
     });
     let mut server_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(async move {
@@ -163,7 +165,6 @@ pub async fn start(
             .await
     });
 
-    let leader = Arc::new(AtomicBool::new(false));
     let controller_id = config.controller_id.clone();
     let election = tokio::spawn(election::run(
         config,

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::error::ControllerError;
 use crate::rebalance::{plan_moves, RebalanceConfig};
-use crate::store_ops::{update_store, update_version};
+use crate::store_ops::{fail_version, update_store, update_version};
 
 /// How often the leader reconciles even when nothing changed (covers lost notifications and
 /// retries failed actions).
@@ -638,16 +638,7 @@ impl Reconciler {
                 tracing::info!(%store, version, "deleted replica records of a retired version");
             }
             Action::FailDeleted { store, version } => {
-                update_version(&*self.meta, &self.layout, store, *version, |v| {
-                    if matches!(v.status, VersionStatus::Failed { .. }) {
-                        return Ok(false);
-                    }
-                    v.status = VersionStatus::Failed {
-                        reason: "store deleted".into(),
-                    };
-                    Ok(true)
-                })
-                .await?;
+                fail_version(&*self.meta, &self.layout, store, *version, "store deleted").await?;
             }
             Action::DeleteStore { store, topics } => {
                 for topic in topics

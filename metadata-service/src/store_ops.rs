@@ -99,3 +99,27 @@ where
     )
     .await
 }
+
+/// Marks a version failed with `reason`, whatever its state (servers then drop its replicas);
+/// `None` when it had failed already.
+pub(crate) async fn fail_version(
+    meta: &dyn MetaStore,
+    layout: &Layout,
+    store: &str,
+    version: u32,
+    reason: &str,
+) -> Result<Option<VersionRecord>, ControllerError> {
+    update_version(meta, layout, store, version, |v| {
+        if matches!(
+            v.status,
+            rialto_protocol::meta::VersionStatus::Failed { .. }
+        ) {
+            return Ok(false);
+        }
+        v.status = rialto_protocol::meta::VersionStatus::Failed {
+            reason: reason.to_string(),
+        };
+        Ok(true)
+    })
+    .await
+}

@@ -23,6 +23,7 @@ pub mod envelope;
 pub mod error;
 pub mod json;
 pub mod meta;
+pub mod metrics;
 pub mod partitioner;
 pub mod producer;
 pub mod recycle;

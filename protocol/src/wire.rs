@@ -1,7 +1,8 @@
 //! HTTP/2 framing between `fast-client` and `rialto-server`.
 //!
 //! Endpoints (the protocol version is part of the path, so a rolling upgrade can serve `v1` and a
-//! later `v2` side by side; a server answers an unknown version with 404 `not_found`):
+//! later `v2` side by side; a server meeting a version newer than [`PROTOCOL_VERSION`] answers
+//! `unsupported_protocol` naming both versions, an unknown path `not_found`):
 //!
 //! | method, path | request body | response body |
 //! |---|---|---|
@@ -17,6 +18,8 @@
 use crate::envelope::{EnvelopeError, Reader, KEY_BYTES_MAX};
 use crate::ErrorCode;
 
+/// The newest request protocol this code speaks (the `v1` of the paths).
+pub const PROTOCOL_VERSION: u32 = 1;
 /// Path of the health endpoint (`GET`): `200 ok` while the server serves.
 pub const HEALTH_PATH: &str = "/health";
 /// Format byte at the start of a batch-get request body.
@@ -62,6 +65,10 @@ pub enum Route<'a> {
     },
     Health,
     Metrics,
+    /// A request of a protocol version newer than [`PROTOCOL_VERSION`].
+    NewerProtocol {
+        version: u32,
+    },
 }
 
 /// Parses a request path; `None` for anything that is not a known endpoint.
@@ -96,6 +103,11 @@ pub fn parse_route(path: &str) -> Option<Route<'_>> {
                 .is_none()
                 .then_some(Route::Dictionary { store, version })
         }
+        (v, Some(_)) => v
+            .strip_prefix('v')
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|&n| n > PROTOCOL_VERSION)
+            .map(|version| Route::NewerProtocol { version }),
         _ => None,
     }
 }
@@ -389,6 +401,11 @@ mod tests {
         );
         assert_eq!(parse_route("/health"), Some(Route::Health));
         assert_eq!(
+            parse_route("/v2/get/ads/3/7"),
+            Some(Route::NewerProtocol { version: 2 })
+        );
+        assert_eq!(parse_route("/v0/get/ads/3/7"), None);
+        assert_eq!(
             parse_route(&dictionary_path("ads", 4)),
             Some(Route::Dictionary {
                 store: "ads",
@@ -404,7 +421,8 @@ mod tests {
             "/v1/get/ads/x/1",
             "/v1/get//1/1",
             "/v1/get/a/1/2/3",
-            "/v2/get/a/1/1",
+            "/v2",
+            "/vx/get/a/1/1",
             "/v1/batch-get/a/-1",
         ] {
             assert_eq!(parse_route(junk), None, "{junk}");

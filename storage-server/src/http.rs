@@ -31,7 +31,7 @@ use rialto_protocol::envelope::KEY_BYTES_MAX;
 use rialto_protocol::meta::ReplicaState;
 use rialto_protocol::wire::{
     parse_route, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route,
-    ERROR_CODE_HEADER, REQUEST_BYTES_MAX,
+    ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
 };
 use rialto_protocol::ErrorCode;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -236,7 +236,7 @@ async fn handle(
         Some(Route::Health) => RouteKind::Health,
         Some(Route::Metrics) => RouteKind::Metrics,
         Some(Route::Dictionary { .. }) => RouteKind::Dictionary,
-        None => RouteKind::Unknown,
+        Some(Route::NewerProtocol { .. }) | None => RouteKind::Unknown,
     };
     service.metrics.count_request(kind);
     let declared_len = parts
@@ -248,6 +248,13 @@ async fn handle(
         None => Err(Failure::new(
             ErrorCode::NotFound,
             format!("no endpoint at `{}`", parts.uri.path()),
+        )),
+        Some(Route::NewerProtocol { version }) => Err(Failure::new(
+            ErrorCode::UnsupportedProtocol,
+            format!(
+                "request protocol v{version} is newer than this server's v{PROTOCOL_VERSION}; \
+                 upgrade the server, or use a client that speaks v{PROTOCOL_VERSION}"
+            ),
         )),
         Some(Route::Health) => {
             send_body(&mut respond, "text/plain", Bytes::from_static(b"ok")).await
@@ -1069,8 +1076,15 @@ mod tests {
             .await,
             ErrorCode::UnknownVersion,
         );
+        let newer = call(c, Method::POST, "/v2/get/s/1/0", &[], vec![]).await;
+        assert_error(&newer, ErrorCode::UnsupportedProtocol);
+        let message = ErrorBody::decode(&newer.2).unwrap().message;
+        assert!(
+            message.contains("v2 is newer than this server's v1"),
+            "{message}"
+        );
         assert_error(
-            &call(c, Method::GET, "/v2/get/s/1/0", &[], vec![]).await,
+            &call(c, Method::GET, "/v1/nothing/s/1/0", &[], vec![]).await,
             ErrorCode::NotFound,
         );
         assert_error(
@@ -1079,7 +1093,7 @@ mod tests {
         );
         let m = f.server.metrics();
         assert_eq!(m.errors(ErrorCode::UnknownStore), 2);
-        assert_eq!(m.requests(RouteKind::Unknown), 1);
+        assert_eq!(m.requests(RouteKind::Unknown), 2);
         f.server.shutdown().await.unwrap();
     }
 

@@ -819,21 +819,42 @@ impl Cluster {
     /// the cluster's data directory. Unlike [`kill_server`](Self::kill_server), which stops an
     /// in-process server whose databases still close, [`ChildProcess::kill`] is a real crash.
     pub fn start_server_process(&self, i: usize, zone: &str) -> Result<ChildProcess> {
-        let binary = sibling_binary("rialto-server")?;
-        let log_path = self.data.path().join(format!("server-{i}.log"));
+        let data_dir = self.data.path().join(format!("server-{i}"));
+        let data_dir = data_dir.to_string_lossy();
+        self.spawn_logged(
+            "rialto-server",
+            &format!("server-{i}"),
+            &[
+                "--node-id",
+                &format!("server-{i}"),
+                "--zone",
+                zone,
+                "--listen",
+                "127.0.0.1:0",
+                "--lease-ttl-s",
+                "5",
+                "--data-dir",
+                &data_dir,
+                "--block-cache-mib",
+                "32",
+            ],
+        )
+    }
+
+    /// Runs the workspace binary `name` with `args` and the cluster's etcd and Kafka, its output
+    /// appended to `{log}.log` in the cluster's data directory, killed with this test process.
+    fn spawn_logged(&self, name: &str, log: &str, args: &[&str]) -> Result<ChildProcess> {
+        let binary = sibling_binary(name)?;
+        let log_path = self.data.path().join(format!("{log}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
         let child = Command::new(&binary)
-            .args(["--node-id", &format!("server-{i}"), "--zone", zone])
-            .args(["--listen", "127.0.0.1:0", "--lease-ttl-s", "5"])
-            .arg("--data-dir")
-            .arg(self.data.path().join(format!("server-{i}")))
+            .args(args)
             .args(["--etcd", &self.services.etcd_endpoint])
             .args(["--kafka", &self.services.kafka_bootstrap])
-            .args(["--block-cache-mib", "32"])
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -854,29 +875,13 @@ impl Cluster {
         id: &str,
         lease_ttl_s: i64,
     ) -> Result<(ChildProcess, String)> {
-        let binary = sibling_binary("rialto-controller")?;
-        let log_path = self.data.path().join(format!("{id}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("open {}", log_path.display()))?;
         let listen = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(&binary)
-            .args(["--id", id, "--listen", &listen])
-            .args(["--lease-ttl-s", &lease_ttl_s.to_string()])
-            .args(["--etcd", &self.services.etcd_endpoint])
-            .args(["--kafka", &self.services.kafka_bootstrap])
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {}", binary.display()))?;
-        kill_when_this_process_dies(child.id())?;
-        let process = ChildProcess {
-            child: Some(child),
-            log: log_path,
-        };
+        let ttl = lease_ttl_s.to_string();
+        let process = self.spawn_logged(
+            "rialto-controller",
+            id,
+            &["--id", id, "--listen", &listen, "--lease-ttl-s", &ttl],
+        )?;
         let url = format!("http://{listen}");
         let admin = AdminClient::new(url.clone());
         wait_until(

@@ -270,15 +270,8 @@ async fn a_new_server_takes_a_share_and_a_drained_one_is_emptied_without_a_faile
     );
 
     // server-2 is drained: its replicas move away, it keeps serving until each move is done.
-    let drain = Command::new(sibling_binary("rialto-admin")?)
-        .args(["--controller", &cluster.controller_url()])
-        .args(["nodes", "drain", "server-2"])
-        .output()?;
-    ensure!(
-        drain.status.success(),
-        "drain failed: {}",
-        String::from_utf8_lossy(&drain.stderr)
-    );
+    let (ok, out, err) = admin_cli(&cluster, &["nodes", "drain", "server-2"])?;
+    ensure!(ok, "drain failed: {out}{err}");
     wait_until(Duration::from_secs(60), "server-2 emptied", || {
         let c = &cluster;
         async move {
@@ -297,16 +290,52 @@ async fn a_new_server_takes_a_share_and_a_drained_one_is_emptied_without_a_faile
         "version 2 placed on the drained node: {:?}",
         v2.assignment
     );
-    let described = Command::new(sibling_binary("rialto-admin")?)
-        .args(["--controller", &cluster.controller_url()])
-        .args(["nodes", "describe", "server-2"])
-        .output()?;
-    let text = String::from_utf8_lossy(&described.stdout);
-    ensure!(
-        described.status.success() && text.contains("draining  yes"),
-        "{text}"
-    );
+    let (ok, text, err) = admin_cli(&cluster, &["nodes", "describe", "server-2"])?;
+    ensure!(ok && text.contains("draining  yes"), "{text}{err}");
+    let metrics = cluster.admin().metrics().await?;
+    for line in [
+        "rialto_controller_leader 1",
+        "rialto_controller_stores 1",
+        "rialto_controller_nodes{state=\"registered\"} 5",
+        "rialto_controller_nodes{state=\"draining\"} 1",
+        "rialto_controller_versions{status=\"online\"} 2",
+        "rialto_controller_replica_moves{reason=\"drain\"} 0",
+    ] {
+        ensure!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
     reader.finish().await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_every_server_under_load_fails_no_read() -> Result<()> {
+    let mut cluster = ops_cluster(Duration::from_secs(60)).await?;
+    let reader = Reader::start(cluster.client("ops").await?);
+    let before = version_record(&cluster, "ops", 1).await?;
+    for i in 0..cluster.server_count() {
+        // A clean stop: the server leaves routing (lease revoked) and drains its connections.
+        cluster.restart_server(i).await?;
+        let node = cluster.server_node_id(i).to_string();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{node} back ONLINE"),
+            || async { settled(&cluster, &[]).await },
+        )
+        .await?;
+        for p in before.partitions_of(&node) {
+            let r = replica_record(&cluster, p, &node)
+                .await?
+                .context("replica record")?;
+            ensure!(
+                r.consumed_from == r.offset,
+                "{node} partition {p} consumed again after a restart"
+            );
+        }
+    }
+    let after = version_record(&cluster, "ops", 1).await?;
+    ensure!(after.assignment == before.assignment, "replicas moved");
+    let calls = reader.finish().await?;
+    eprintln!("rolling restart of 4 servers: {calls} reads, none failed");
     cluster.shutdown().await
 }
 
@@ -534,6 +563,20 @@ async fn a_store_over_its_read_quota_is_refused_and_its_neighbour_keeps_serving(
         loaded.as_secs_f64() / unloaded.as_secs_f64()
     );
     ensure!(refused > 0, "nothing was refused");
+    let metrics = noisy.metrics_prometheus();
+    let refusals = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rialto_client_quota_refusals_total{store=\"noisy\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .context("quota refusals in the client's metrics")?;
+    ensure!(
+        refusals >= refused,
+        "{refusals} refusals counted, {refused} seen\n{metrics}"
+    );
+    ensure!(
+        metrics.contains("rialto_client_batch_get_seconds_bucket{store=\"noisy\",le=\"+Inf\"}"),
+        "{metrics}"
+    );
     // One second of burst on top of the quota, and one batch of debt per server.
     let bound = QUOTA as f64 * (secs + 1.0) + 300.0;
     ensure!(
