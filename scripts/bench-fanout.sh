@@ -15,12 +15,7 @@
 # medians on stdout. Everything started is stopped by PID at exit. Bounded: each run lasts
 # DURATION at RATE. STORAGE=on-disk|in-memory picks the store's profile (default on-disk).
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$here/.."
-. scripts/env.sh
-bash scripts/provision.sh
-cargo build --workspace --all-targets --profile test -q
-bin="$CARGO_TARGET_DIR/debug"
+. "$(dirname "${BASH_SOURCE[0]}")/bench-setup.sh"
 
 KEYS="${KEYS:-1000000}"
 VALUE_BYTES="${VALUE_BYTES:-1024}"

@@ -7,12 +7,7 @@
 # the freshness of the writes across the swap, and the push's phases, the last one the time from
 # the push written to the new version live (its replay and catch-up). JSON per run in $OUT.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$here/.."
-. scripts/env.sh
-bash scripts/provision.sh
-cargo build --workspace --all-targets --profile test -q
-bin="$CARGO_TARGET_DIR/debug"
+. "$(dirname "${BASH_SOURCE[0]}")/bench-setup.sh"
 
 RATES="${RATES:-1000 10000}"
 DURATION="${DURATION:-20s}"

@@ -6,12 +6,7 @@
 # at GET_RATE requests/s and batch-gets of every key at BATCH_RATE requests/s, for DURATION each,
 # REPEAT rounds interleaved. Prints medians of p50/p99 per size; JSON per run in $OUT.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$here/.."
-. scripts/env.sh
-bash scripts/provision.sh
-cargo build --workspace --all-targets --profile test -q
-bin="$CARGO_TARGET_DIR/debug"
+. "$(dirname "${BASH_SOURCE[0]}")/bench-setup.sh"
 
 SIZES="${SIZES:-512000 1000000 4000000 16000000}"
 COUNT="${COUNT:-16}"

@@ -7,12 +7,7 @@
 # (`rialto-loadgen run`, RATE batch-gets of 100 keys a second) runs throughout; its report says
 # whether any read failed. Results in $OUT.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$here/.."
-. scripts/env.sh
-bash scripts/provision.sh
-cargo build --workspace --all-targets --profile test -q
-bin="$CARGO_TARGET_DIR/debug"
+. "$(dirname "${BASH_SOURCE[0]}")/bench-setup.sh"
 
 KEYS="${KEYS:-1000000}"
 VALUE_BYTES="${VALUE_BYTES:-1024}"

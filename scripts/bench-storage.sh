@@ -10,12 +10,7 @@
 # Results go to $OUT (JSON per run) and a summary on stdout. Bounded: every run lasts DURATION, or
 # SWAP_RUN for the steady and swap runs (long enough for the second push to go live).
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$here/.."
-. scripts/env.sh
-bash scripts/provision.sh
-cargo build --workspace --all-targets --profile test -q
-bin="$CARGO_TARGET_DIR/debug"
+. "$(dirname "${BASH_SOURCE[0]}")/bench-setup.sh"
 
 KEYS="${KEYS:-200000}"
 VALUE_BYTES="${VALUE_BYTES:-1024}"
