@@ -351,6 +351,7 @@ pub(crate) mod tests {
             largest_version: current.unwrap_or(0),
             deleting: false,
             read_quota_keys_per_s: None,
+            storage_quota_bytes: None,
         }
     }
 

@@ -197,6 +197,7 @@ pub async fn prepare(args: &PrepareArgs) -> Result<()> {
                     max_value_bytes: None,
                     hybrid: None,
                     read_quota_keys_per_s: None,
+                    storage_quota_bytes: None,
                 })
                 .await
                 .with_context(|| format!("create store `{}`", args.store))?;

@@ -179,6 +179,7 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
         largest_version: 0,
         deleting: false,
         read_quota_keys_per_s: req.read_quota_keys_per_s.filter(|&q| q > 0),
+        storage_quota_bytes: req.storage_quota_bytes.filter(|&q| q > 0),
     };
     let key = st.layout.store(&record.name);
     if st.meta.get(&key).await?.is_some() {
@@ -247,14 +248,17 @@ async fn update_store_settings(
         create_realtime_topic(&st, &store, record.partition_count, hybrid).await?;
     }
     let updated = update_store(&*st.meta, &st.layout, &store, |s| {
-        let before = (s.hybrid, s.read_quota_keys_per_s);
+        let before = (s.hybrid, s.read_quota_keys_per_s, s.storage_quota_bytes);
         if req.hybrid.is_some() {
             s.hybrid = req.hybrid;
         }
         if let Some(quota) = req.read_quota_keys_per_s {
             s.read_quota_keys_per_s = (quota > 0).then_some(quota);
         }
-        Ok((s.hybrid, s.read_quota_keys_per_s) != before)
+        if let Some(quota) = req.storage_quota_bytes {
+            s.storage_quota_bytes = (quota > 0).then_some(quota);
+        }
+        Ok((s.hybrid, s.read_quota_keys_per_s, s.storage_quota_bytes) != before)
     })
     .await?;
     let record = match updated {
@@ -425,6 +429,15 @@ async fn start_push(
     } else {
         body(&bytes, "start-push")?
     };
+    if let Some(bytes) = req.data_bytes {
+        let record = get_store(&st, &store).await?;
+        if let Some(quota) = record.storage_quota_bytes.filter(|&q| bytes > q) {
+            return Err(ControllerError::Conflict(format!(
+                "the push holds {bytes} bytes of data, over store `{store}`'s storage quota of \
+                 {quota} bytes; raise it with `rialto-admin stores update {store} --storage-quota`"
+            )));
+        }
+    }
     let started = start_version(
         &st.layout,
         &*st.meta,

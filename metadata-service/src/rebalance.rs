@@ -486,6 +486,7 @@ mod tests {
                 largest_version: 1,
                 deleting: false,
                 read_quota_keys_per_s: None,
+                storage_quota_bytes: None,
             },
         );
         let record = VersionRecord {

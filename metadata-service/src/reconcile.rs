@@ -314,6 +314,30 @@ fn first_error(view: &ClusterView, v: &VersionRecord) -> Option<String> {
     })
 }
 
+/// Why a fully ONLINE version may not go live: one copy of it (its replicas' bytes on disk over
+/// the replication factor) is larger than the store's storage quota.
+fn over_storage_quota(
+    view: &ClusterView,
+    store: &StoreRecord,
+    v: &VersionRecord,
+) -> Option<String> {
+    let quota = store.storage_quota_bytes?;
+    let total: u64 = v
+        .replicas()
+        .filter_map(|(p, node)| view.replica(&v.store, v.version, p, node))
+        .map(|r| r.disk_bytes)
+        .sum();
+    let copies = v.assignment.iter().map(Vec::len).max().unwrap_or(1).max(1) as u64;
+    let copy = total / copies;
+    (copy > quota).then(|| {
+        format!(
+            "storage quota exceeded: one copy of the version takes {copy} bytes, the store's \
+             quota is {quota} bytes; raise it with `rialto-admin stores update {} --storage-quota`",
+            store.name
+        )
+    })
+}
+
 fn all_online(view: &ClusterView, v: &VersionRecord) -> bool {
     let mut any = false;
     for (p, node) in v.replicas() {
@@ -368,8 +392,15 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
                         reason,
                     });
                 } else if all_online(view, v) {
-                    // Versions iterate in ascending order: the newest ready one wins.
-                    swap = Some(n);
+                    match over_storage_quota(view, store, v) {
+                        Some(reason) => actions.push(Action::Fail {
+                            store: name.clone(),
+                            version: n,
+                            reason,
+                        }),
+                        // Versions iterate in ascending order: the newest ready one wins.
+                        None => swap = Some(n),
+                    }
                 }
             }
             // ONLINE but newer than the current version: a swap stopped between its two writes
@@ -828,6 +859,7 @@ mod tests {
             largest_version: largest,
             deleting: false,
             read_quota_keys_per_s: None,
+            storage_quota_bytes: None,
         }
     }
 
@@ -890,6 +922,31 @@ mod tests {
             vec![version(1, VersionStatus::PushWritten)],
         );
         set_all(&mut v, 1, ReplicaState::Online);
+        assert_eq!(
+            plan(&v),
+            vec![Action::Swap {
+                store: "s".into(),
+                version: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn a_version_larger_than_the_storage_quota_fails_instead_of_swapping() {
+        let mut s = store(None, None, 1);
+        s.storage_quota_bytes = Some(1_500);
+        let mut v = view(s, vec![version(1, VersionStatus::PushWritten)]);
+        set_all(&mut v, 1, ReplicaState::Online);
+        for r in v.replicas.values_mut() {
+            r.disk_bytes = 1_000;
+        }
+        // Four replicas of 1,000 bytes, two copies: 2,000 bytes a copy.
+        let actions = plan(&v);
+        assert!(
+            matches!(&actions[..], [Action::Fail { version: 1, reason, .. }] if reason.contains("2000 bytes")),
+            "{actions:?}"
+        );
+        v.stores.get_mut("s").unwrap().storage_quota_bytes = Some(2_000);
         assert_eq!(
             plan(&v),
             vec![Action::Swap {

@@ -183,6 +183,12 @@ pub fn store_description(d: &StoreDescription) -> String {
             .unwrap_or_else(|| "unlimited".into()),
     ]);
     t.row([
+        "storage quota".to_string(),
+        s.storage_quota_bytes
+            .map(bytes)
+            .unwrap_or_else(|| "unlimited".into()),
+    ]);
+    t.row([
         "hybrid".to_string(),
         match &s.hybrid {
             Some(h) => format!(

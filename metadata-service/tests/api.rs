@@ -84,6 +84,7 @@ fn create_req(name: &str) -> CreateStoreRequest {
         max_value_bytes: None,
         hybrid: None,
         read_quota_keys_per_s: None,
+        storage_quota_bytes: None,
     }
 }
 
@@ -151,6 +152,7 @@ async fn push_and_go_live(f: &Fixture, store: &str) -> u32 {
             store,
             &StartPushRequest {
                 push_id: "test".into(),
+                ..StartPushRequest::default()
             },
         )
         .await

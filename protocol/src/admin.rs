@@ -57,6 +57,9 @@ pub struct CreateStoreRequest {
     /// Read quota in keys per second across the cluster (`None`: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_quota_keys_per_s: Option<u64>,
+    /// Storage quota: bytes of one copy of a version (`None`: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_quota_bytes: Option<u64>,
 }
 
 /// Body of `PATCH /v1/stores/{store}`: what to change (absent fields stay as they are).
@@ -68,6 +71,9 @@ pub struct UpdateStoreRequest {
     /// Sets the read quota in keys per second; `0` removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_quota_keys_per_s: Option<u64>,
+    /// Sets the storage quota in bytes; `0` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_quota_bytes: Option<u64>,
 }
 
 /// Body of `POST /v1/stores/{store}/versions`.
@@ -76,6 +82,10 @@ pub struct StartPushRequest {
     /// Free text identifying the push (job id, input path) for operators.
     #[serde(default)]
     pub push_id: String,
+    /// Serialized bytes of the data to push (keys and values, before compression), checked
+    /// against the store's storage quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bytes: Option<u64>,
 }
 
 /// What a push job needs to write a new version.

@@ -286,6 +286,11 @@ pub struct StoreRecord {
     /// across the cluster; each server enforces its share. `None`: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_quota_keys_per_s: Option<u64>,
+    /// Largest size of one copy of a version (bytes on disk over the replication factor): a
+    /// push announcing more data is refused at its start, and a version found larger once its
+    /// replicas are ONLINE fails instead of going live. `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_quota_bytes: Option<u64>,
 }
 
 impl StoreRecord {

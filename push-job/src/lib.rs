@@ -260,6 +260,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             &store.name,
             &StartPushRequest {
                 push_id: config.push_id.clone(),
+                data_bytes: Some(dataset.bytes),
             },
         )
         .await?;

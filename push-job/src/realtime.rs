@@ -803,6 +803,7 @@ mod tests {
             largest_version: 0,
             deleting: false,
             read_quota_keys_per_s: None,
+            storage_quota_bytes: None,
         }
     }
 

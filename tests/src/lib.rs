@@ -488,6 +488,7 @@ impl Cluster {
                 max_value_bytes: None,
                 hybrid: None,
                 read_quota_keys_per_s: None,
+                storage_quota_bytes: None,
             })
             .await?;
         Ok(())
@@ -516,6 +517,7 @@ impl Cluster {
                 max_value_bytes: None,
                 hybrid: Some(hybrid),
                 read_quota_keys_per_s: None,
+                storage_quota_bytes: None,
             })
             .await?;
         let admin = self.admin();

@@ -432,6 +432,10 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
         ok && out.contains("current") && !out.contains("backup"),
         "{out}"
     );
+    let (ok, out, err) = admin_cli(&cluster, &["replicas", "rb"])?;
+    ensure!(ok && out.matches("ONLINE").count() == 4, "{out}{err}");
+    let (ok, _, err) = admin_cli(&cluster, &["replicas", "rb", "--version", "9"])?;
+    ensure!(!ok && err.contains("no version 9"), "{err}");
 
     let (ok, _, err) = admin_cli(&cluster, &["stores", "delete", "rb"])?;
     ensure!(!ok && err.contains("--yes"), "delete without --yes: {err}");
@@ -462,6 +466,24 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
     .await?;
     // The name is free again.
     cluster.create_string_store("rb", 2, 2, 100, 30).await?;
+    // A push larger than the storage quota is refused before a version is allocated.
+    let (ok, out, err) = admin_cli(
+        &cluster,
+        &["stores", "update", "rb", "--storage-quota", "1000"],
+    )?;
+    ensure!(ok && out.contains("storage quota 1000 bytes"), "{out}{err}");
+    let refused = cluster.push_string_records("rb", 100, 30).await;
+    let message = format!(
+        "{:#}",
+        refused.err().context("push over the quota went through")?
+    );
+    ensure!(message.contains("storage quota of 1000 bytes"), "{message}");
+    let d = cluster.admin().describe_store("rb").await?;
+    ensure!(
+        d.store.largest_version == 1,
+        "a version was allocated: {:?}",
+        d.store
+    );
     drop(client);
     cluster.shutdown().await
 }

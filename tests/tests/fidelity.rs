@@ -299,6 +299,7 @@ async fn a_value_over_the_store_limit_is_refused_before_a_version_exists() -> Re
             max_value_bytes: Some(100_000),
             hybrid: None,
             read_quota_keys_per_s: None,
+            storage_quota_bytes: None,
         })
         .await?;
     let dir = tempfile::tempdir()?;

@@ -39,6 +39,13 @@ enum Command {
     /// Storage nodes: list, describe, drain.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// The replicas of a store's version (default: the current one): state, offset, records,
+    /// bytes, lag, leader and moves, per partition.
+    Replicas {
+        store: String,
+        #[arg(long)]
+        version: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +93,9 @@ enum StoresCommand {
         /// Read quota in keys per second across the cluster (default: unlimited).
         #[arg(long)]
         read_quota: Option<u64>,
+        /// Storage quota: bytes of one copy of a version (default: unlimited).
+        #[arg(long)]
+        storage_quota: Option<u64>,
     },
     /// Changes a store's settings; a store made hybrid is hybrid from its next version.
     Update {
@@ -96,6 +106,10 @@ enum StoresCommand {
         /// key count); 0 removes the quota.
         #[arg(long)]
         read_quota: Option<u64>,
+        /// Storage quota: bytes of one copy of a version; 0 removes it. Checked when a push
+        /// starts (its data size) and before a version goes live (its size on disk).
+        #[arg(long)]
+        storage_quota: Option<u64>,
     },
     /// Deletes a store: every version, replica, topic and record.
     Delete {
@@ -216,6 +230,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_value_bytes,
             hybrid,
             read_quota,
+            storage_quota,
         }) => {
             let req = CreateStoreRequest {
                 name,
@@ -236,6 +251,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_value_bytes,
                 hybrid: hybrid.config(None),
                 read_quota_keys_per_s: read_quota,
+                storage_quota_bytes: storage_quota,
             };
             let s = client.create_store(&req).await?;
             print(args.json, &s, |s| {
@@ -250,18 +266,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             name,
             hybrid,
             read_quota,
+            storage_quota,
         }) => {
             let current = client.describe_store(&name).await?.store.hybrid;
             let hybrid = hybrid.config(current);
-            if hybrid.is_none() && read_quota.is_none() {
+            if hybrid.is_none() && read_quota.is_none() && storage_quota.is_none() {
                 anyhow::bail!(
-                    "nothing to change: give --hybrid-rewind-seconds, --hybrid-lag-records-max \
-                     or --read-quota"
+                    "nothing to change: give --hybrid-rewind-seconds, --hybrid-lag-records-max, \
+                     --read-quota or --storage-quota"
                 );
             }
             let req = UpdateStoreRequest {
                 hybrid,
                 read_quota_keys_per_s: read_quota,
+                storage_quota_bytes: storage_quota,
             };
             let s = client.update_store(&name, &req).await?;
             print(args.json, &s, |s| {
@@ -276,6 +294,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     out.push_str(&match s.read_quota_keys_per_s {
                         Some(q) => format!(" read quota {q} keys/s;"),
                         None => " no read quota;".to_string(),
+                    });
+                }
+                if storage_quota.is_some() {
+                    out.push_str(&match s.storage_quota_bytes {
+                        Some(q) => format!(" storage quota {q} bytes;"),
+                        None => " no storage quota;".to_string(),
                     });
                 }
                 out.pop();
@@ -319,6 +343,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     v.record.version
                 )
             })
+        }
+        Command::Replicas { store, version } => {
+            let d = client.describe_store(&store).await?;
+            let wanted = version.or(d.store.current_version).with_context(|| {
+                format!("store `{store}` has no current version yet; name one with --version")
+            })?;
+            let v = d
+                .versions
+                .iter()
+                .find(|v| v.record.version == wanted)
+                .with_context(|| {
+                    format!(
+                        "store `{store}` has no version {wanted}; see `rialto-admin versions list {store}`"
+                    )
+                })?;
+            print(args.json, &v.replicas, |_| render::replicas(v))
         }
         Command::Nodes(NodesCommand::List) => {
             let nodes = client.list_nodes().await?;
