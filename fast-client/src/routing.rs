@@ -352,6 +352,7 @@ pub(crate) mod tests {
             deleting: false,
             read_quota_keys_per_s: None,
             storage_quota_bytes: None,
+            versions_to_keep: 2,
         }
     }
 

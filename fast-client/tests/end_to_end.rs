@@ -451,6 +451,7 @@ fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreR
         deleting: false,
         read_quota_keys_per_s: None,
         storage_quota_bytes: None,
+        versions_to_keep: 2,
     }
 }
 

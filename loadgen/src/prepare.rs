@@ -198,6 +198,7 @@ pub async fn prepare(args: &PrepareArgs) -> Result<()> {
                     hybrid: None,
                     read_quota_keys_per_s: None,
                     storage_quota_bytes: None,
+                    versions_to_keep: None,
                 })
                 .await
                 .with_context(|| format!("create store `{}`", args.store))?;

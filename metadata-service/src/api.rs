@@ -22,7 +22,8 @@ use rialto_protocol::avro::AvroCodec;
 use rialto_protocol::meta::{
     now_ms, realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
     ReplicaRecord, ReplicaState, StoreRecord, ValueSchema, VersionRecord, VersionStatus,
-    DEFAULT_MAX_VALUE_BYTES, PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
+    DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP, PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
+    VERSIONS_TO_KEEP_MAX,
 };
 use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
@@ -129,9 +130,23 @@ fn check_schema(which: &str, schema: &str) -> Result<(), ControllerError> {
     Ok(())
 }
 
+/// Refuses a number of versions to keep out of `2..=VERSIONS_TO_KEEP_MAX`.
+fn check_versions_to_keep(keep: Option<u32>) -> Result<(), ControllerError> {
+    match keep {
+        Some(n) if !(DEFAULT_VERSIONS_TO_KEEP..=VERSIONS_TO_KEEP_MAX).contains(&n) => {
+            Err(ControllerError::BadRequest(format!(
+                "versions to keep must be {DEFAULT_VERSIONS_TO_KEEP} (current and backup) to \
+                 {VERSIONS_TO_KEEP_MAX}, got {n}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Validates a create-store request; the message names the bad field.
 pub fn validate_create(req: &CreateStoreRequest) -> Result<(), ControllerError> {
     validate_store_name(&req.name).map_err(ControllerError::BadRequest)?;
+    check_versions_to_keep(req.versions_to_keep)?;
     check_schema("key", &req.key_schema)?;
     check_schema("value", &req.value_schema)?;
     if req.partition_count == 0 || req.partition_count > PARTITION_COUNT_MAX {
@@ -180,6 +195,7 @@ async fn create_store(State(st): State<Arc<ApiState>>, bytes: Bytes) -> ApiResul
         deleting: false,
         read_quota_keys_per_s: req.read_quota_keys_per_s.filter(|&q| q > 0),
         storage_quota_bytes: req.storage_quota_bytes.filter(|&q| q > 0),
+        versions_to_keep: req.versions_to_keep.unwrap_or(DEFAULT_VERSIONS_TO_KEEP),
     };
     let key = st.layout.store(&record.name);
     if st.meta.get(&key).await?.is_some() {
@@ -240,6 +256,7 @@ async fn update_store_settings(
     bytes: Bytes,
 ) -> ApiResult<StoreRecord> {
     let req: UpdateStoreRequest = body(&bytes, "update-store")?;
+    check_versions_to_keep(req.versions_to_keep)?;
     let record = get_store(&st, &store).await?;
     if record.deleting {
         return Err(being_deleted(&store));
@@ -248,7 +265,15 @@ async fn update_store_settings(
         create_realtime_topic(&st, &store, record.partition_count, hybrid).await?;
     }
     let updated = update_store(&*st.meta, &st.layout, &store, |s| {
-        let before = (s.hybrid, s.read_quota_keys_per_s, s.storage_quota_bytes);
+        let before = (
+            s.hybrid,
+            s.read_quota_keys_per_s,
+            s.storage_quota_bytes,
+            s.versions_to_keep,
+        );
+        if let Some(keep) = req.versions_to_keep {
+            s.versions_to_keep = keep;
+        }
         if req.hybrid.is_some() {
             s.hybrid = req.hybrid;
         }
@@ -258,7 +283,13 @@ async fn update_store_settings(
         if let Some(quota) = req.storage_quota_bytes {
             s.storage_quota_bytes = (quota > 0).then_some(quota);
         }
-        Ok((s.hybrid, s.read_quota_keys_per_s, s.storage_quota_bytes) != before)
+        let after = (
+            s.hybrid,
+            s.read_quota_keys_per_s,
+            s.storage_quota_bytes,
+            s.versions_to_keep,
+        );
+        Ok(after != before)
     })
     .await?;
     let record = match updated {

@@ -32,7 +32,7 @@ use rialto_protocol::meta::{
     MoveReason, ReplicaMove, ReplicaState, StoreRecord, VersionRecord, VersionStatus,
 };
 
-use crate::reconcile::{Action, ClusterView};
+use crate::reconcile::{kept_older_versions, Action, ClusterView};
 
 /// Default wait before a lost node's replicas are placed elsewhere (seed 02: long enough for a
 /// restart or a short maintenance, short enough that a second failure is unlikely meanwhile).
@@ -58,19 +58,23 @@ impl Default for RebalanceConfig {
     }
 }
 
-/// The versions whose replicas are worth keeping whole: the current and backup versions and any
-/// version being pushed. (An ONLINE version that is neither is about to be retired.)
+/// The versions whose replicas are worth keeping whole: the current and backup versions, the
+/// older ones the store keeps, and any version being pushed. (Any other ONLINE version is about
+/// to be retired.)
 pub fn hosted_versions<'a>(
     view: &'a ClusterView,
     store: &'a StoreRecord,
 ) -> impl Iterator<Item = &'a VersionRecord> + 'a {
+    let kept = kept_older_versions(view, store);
     view.versions
         .range((store.name.clone(), 0)..=(store.name.clone(), u32::MAX))
         .map(|(_, v)| v)
         .filter(move |v| match v.status {
             VersionStatus::Pushing | VersionStatus::PushWritten => true,
             VersionStatus::Online => {
-                store.current_version == Some(v.version) || store.backup_version == Some(v.version)
+                store.current_version == Some(v.version)
+                    || store.backup_version == Some(v.version)
+                    || kept.contains(&v.version)
             }
             VersionStatus::Failed { .. } => false,
         })
@@ -487,6 +491,7 @@ mod tests {
                 deleting: false,
                 read_quota_keys_per_s: None,
                 storage_quota_bytes: None,
+                versions_to_keep: 2,
             },
         );
         let record = VersionRecord {

@@ -350,6 +350,24 @@ fn all_online(view: &ClusterView, v: &VersionRecord) -> bool {
     any && v.assignment.len() as u64 == u64::from(v.partition_count)
 }
 
+/// The ONLINE versions older than the current one kept besides the backup: the newest
+/// `versions_to_keep - 2` of them.
+pub fn kept_older_versions(view: &ClusterView, store: &StoreRecord) -> BTreeSet<u32> {
+    let Some(current) = store.current_version else {
+        return BTreeSet::new();
+    };
+    let extra = store.versions_to_keep.saturating_sub(2) as usize;
+    view.versions
+        .range((store.name.clone(), 0)..(store.name.clone(), current))
+        .rev()
+        .filter(|(_, v)| {
+            v.status == VersionStatus::Online && store.backup_version != Some(v.version)
+        })
+        .take(extra)
+        .map(|(_, v)| v.version)
+        .collect()
+}
+
 /// Decides what to do for one store, given the whole view.
 pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
     let name = &store.name;
@@ -366,6 +384,7 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
         return actions;
     }
     let mut swap: Option<u32> = None;
+    let kept = kept_older_versions(view, store);
     let versions = view
         .versions
         .range((name.clone(), 0)..=(name.clone(), u32::MAX))
@@ -410,7 +429,7 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
             }
             VersionStatus::Online if backup == Some(n) => {}
             VersionStatus::Online if current != Some(n) && backup != Some(n) => {
-                if view.consuming(name, n) {
+                if kept.contains(&n) || view.consuming(name, n) {
                     continue; // retired once no server consumes its topic
                 }
                 actions.push(Action::Retire {
@@ -860,6 +879,7 @@ mod tests {
             deleting: false,
             read_quota_keys_per_s: None,
             storage_quota_bytes: None,
+            versions_to_keep: 2,
         }
     }
 
@@ -928,6 +948,27 @@ mod tests {
                 store: "s".into(),
                 version: 1
             }]
+        );
+    }
+
+    #[test]
+    fn older_versions_are_kept_up_to_versions_to_keep() {
+        let mut s = store(Some(5), Some(4), 5);
+        s.versions_to_keep = 4;
+        let versions = (1..=5).map(|n| version(n, VersionStatus::Online)).collect();
+        let v = view(s, versions);
+        // Current 5, backup 4, and 3 and 2 kept: only 1 goes.
+        let retired: Vec<u32> = plan(&v)
+            .iter()
+            .filter_map(|a| match a {
+                Action::Retire { version, .. } => Some(*version),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(retired, vec![1]);
+        assert_eq!(
+            kept_older_versions(&v, &v.stores["s"]),
+            BTreeSet::from([2, 3])
         );
     }
 

@@ -203,6 +203,13 @@ pub fn store_description(d: &StoreDescription) -> String {
     if s.deleting {
         t.row(["state", "being deleted"]);
     }
+    t.row([
+        "versions kept".to_string(),
+        match s.versions_to_keep {
+            0..=2 => format!("{} (current and backup)", s.versions_to_keep),
+            n => format!("{n} (current, backup and {} older)", n - 2),
+        },
+    ]);
     t.row(["current version".to_string(), opt(s.current_version)]);
     t.row(["backup version".to_string(), opt(s.backup_version)]);
     t.row(["largest version".to_string(), s.largest_version.to_string()]);

@@ -85,6 +85,7 @@ fn create_req(name: &str) -> CreateStoreRequest {
         hybrid: None,
         read_quota_keys_per_s: None,
         storage_quota_bytes: None,
+        versions_to_keep: None,
     }
 }
 

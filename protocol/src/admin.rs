@@ -60,6 +60,9 @@ pub struct CreateStoreRequest {
     /// Storage quota: bytes of one copy of a version (`None`: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_quota_bytes: Option<u64>,
+    /// ONLINE versions kept (default 2: current and backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions_to_keep: Option<u32>,
 }
 
 /// Body of `PATCH /v1/stores/{store}`: what to change (absent fields stay as they are).
@@ -74,6 +77,9 @@ pub struct UpdateStoreRequest {
     /// Sets the storage quota in bytes; `0` removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_quota_bytes: Option<u64>,
+    /// Sets how many ONLINE versions are kept (2 to 16); older ones are retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions_to_keep: Option<u32>,
 }
 
 /// Body of `POST /v1/stores/{store}/versions`.

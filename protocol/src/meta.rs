@@ -239,6 +239,15 @@ impl HybridConfig {
 /// Default largest serialized value (Avro datum before compression) a store accepts.
 pub const DEFAULT_MAX_VALUE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Default ONLINE versions kept per store: the current one and a backup.
+pub const DEFAULT_VERSIONS_TO_KEEP: u32 = 2;
+/// Most ONLINE versions a store may keep.
+pub const VERSIONS_TO_KEEP_MAX: u32 = 16;
+
+fn default_versions_to_keep() -> u32 {
+    DEFAULT_VERSIONS_TO_KEEP
+}
+
 pub(crate) fn default_max_value_bytes() -> u64 {
     DEFAULT_MAX_VALUE_BYTES
 }
@@ -291,6 +300,10 @@ pub struct StoreRecord {
     /// replicas are ONLINE fails instead of going live. `None`: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_quota_bytes: Option<u64>,
+    /// ONLINE versions kept (and hosted) at once: the current one, the backup and, beyond two,
+    /// the next older ones (which `rialto-admin versions delete` can still remove).
+    #[serde(default = "default_versions_to_keep")]
+    pub versions_to_keep: u32,
 }
 
 impl StoreRecord {

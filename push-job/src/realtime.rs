@@ -804,6 +804,7 @@ mod tests {
             deleting: false,
             read_quota_keys_per_s: None,
             storage_quota_bytes: None,
+            versions_to_keep: 2,
         }
     }
 

@@ -489,6 +489,7 @@ impl Cluster {
                 hybrid: None,
                 read_quota_keys_per_s: None,
                 storage_quota_bytes: None,
+                versions_to_keep: None,
             })
             .await?;
         Ok(())
@@ -518,6 +519,7 @@ impl Cluster {
                 hybrid: Some(hybrid),
                 read_quota_keys_per_s: None,
                 storage_quota_bytes: None,
+                versions_to_keep: None,
             })
             .await?;
         let admin = self.admin();

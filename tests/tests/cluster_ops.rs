@@ -484,6 +484,47 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
         "a version was allocated: {:?}",
         d.store
     );
+    // Three versions kept, then two: the oldest is retired.
+    let (ok, out, err) = admin_cli(
+        &cluster,
+        &[
+            "stores",
+            "update",
+            "rb",
+            "--storage-quota",
+            "0",
+            "--versions-to-keep",
+            "3",
+        ],
+    )?;
+    ensure!(ok && out.contains("keeps 3 versions"), "{out}{err}");
+    cluster.push_string_records("rb", 100, 31).await?;
+    cluster.push_string_records("rb", 100, 32).await?;
+    let online = |d: &rialto_protocol::admin::StoreDescription| {
+        d.versions
+            .iter()
+            .filter(|v| v.record.status == rialto_protocol::meta::VersionStatus::Online)
+            .map(|v| v.record.version)
+            .collect::<Vec<_>>()
+    };
+    // Give the leader a few passes: nothing may be retired.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let d = cluster.admin().describe_store("rb").await?;
+    ensure!(online(&d) == [1, 2, 3], "{:?}", online(&d));
+    let (ok, _, err) = admin_cli(
+        &cluster,
+        &["stores", "update", "rb", "--versions-to-keep", "1"],
+    )?;
+    ensure!(!ok && err.contains("versions to keep must be 2"), "{err}");
+    let (ok, out, err) = admin_cli(
+        &cluster,
+        &["stores", "update", "rb", "--versions-to-keep", "2"],
+    )?;
+    ensure!(ok, "{out}{err}");
+    wait_until(Duration::from_secs(60), "version 1 retired", || async {
+        Ok(online(&cluster.admin().describe_store("rb").await?) == [2, 3])
+    })
+    .await?;
     drop(client);
     cluster.shutdown().await
 }

@@ -300,6 +300,7 @@ async fn a_value_over_the_store_limit_is_refused_before_a_version_exists() -> Re
             hybrid: None,
             read_quota_keys_per_s: None,
             storage_quota_bytes: None,
+            versions_to_keep: None,
         })
         .await?;
     let dir = tempfile::tempdir()?;

@@ -96,6 +96,10 @@ enum StoresCommand {
         /// Storage quota: bytes of one copy of a version (default: unlimited).
         #[arg(long)]
         storage_quota: Option<u64>,
+        /// ONLINE versions kept: the current one, the backup and older ones (2 to 16,
+        /// default 2).
+        #[arg(long)]
+        versions_to_keep: Option<u32>,
     },
     /// Changes a store's settings; a store made hybrid is hybrid from its next version.
     Update {
@@ -110,6 +114,9 @@ enum StoresCommand {
         /// starts (its data size) and before a version goes live (its size on disk).
         #[arg(long)]
         storage_quota: Option<u64>,
+        /// ONLINE versions kept (2 to 16): older ones beyond it are retired.
+        #[arg(long)]
+        versions_to_keep: Option<u32>,
     },
     /// Deletes a store: every version, replica, topic and record.
     Delete {
@@ -231,6 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             hybrid,
             read_quota,
             storage_quota,
+            versions_to_keep,
         }) => {
             let req = CreateStoreRequest {
                 name,
@@ -252,6 +260,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 hybrid: hybrid.config(None),
                 read_quota_keys_per_s: read_quota,
                 storage_quota_bytes: storage_quota,
+                versions_to_keep,
             };
             let s = client.create_store(&req).await?;
             print(args.json, &s, |s| {
@@ -267,19 +276,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             hybrid,
             read_quota,
             storage_quota,
+            versions_to_keep,
         }) => {
             let current = client.describe_store(&name).await?.store.hybrid;
             let hybrid = hybrid.config(current);
-            if hybrid.is_none() && read_quota.is_none() && storage_quota.is_none() {
+            if hybrid.is_none()
+                && read_quota.is_none()
+                && storage_quota.is_none()
+                && versions_to_keep.is_none()
+            {
                 anyhow::bail!(
                     "nothing to change: give --hybrid-rewind-seconds, --hybrid-lag-records-max, \
-                     --read-quota or --storage-quota"
+                     --read-quota, --storage-quota or --versions-to-keep"
                 );
             }
             let req = UpdateStoreRequest {
                 hybrid,
                 read_quota_keys_per_s: read_quota,
                 storage_quota_bytes: storage_quota,
+                versions_to_keep,
             };
             let s = client.update_store(&name, &req).await?;
             print(args.json, &s, |s| {
@@ -301,6 +316,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         Some(q) => format!(" storage quota {q} bytes;"),
                         None => " no storage quota;".to_string(),
                     });
+                }
+                if versions_to_keep.is_some() {
+                    out.push_str(&format!(" keeps {} versions;", s.versions_to_keep));
                 }
                 out.pop();
                 out.push('\n');
