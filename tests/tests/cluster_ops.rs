@@ -206,6 +206,13 @@ async fn a_lost_server_is_replaced_after_the_delay_and_one_back_in_time_keeps_it
         );
     }
 
+    // Store `solo` has one replica per partition: server-0's is its partition's only copy.
+    cluster.create_string_store("solo", 4, 1, 400, 60).await?;
+    let solo_lost = version_record(&cluster, "solo", 1)
+        .await?
+        .partitions_of("server-0");
+    ensure!(solo_lost.len() == 1, "server-0 hosts {solo_lost:?} of solo");
+
     // server-0 dies for good: after the delay its replicas are rebuilt on other servers.
     let lost = version_record(&cluster, "ops", 1)
         .await?
@@ -236,6 +243,29 @@ async fn a_lost_server_is_replaced_after_the_delay_and_one_back_in_time_keeps_it
     eprintln!(
         "replication factor restored {restored:?} after the kill ({LEASE_TTL_S} s lease, {delay:?} delay); {calls} reads, none failed"
     );
+    // The partition whose only replica was lost is rebuilt from its topic: every key reads back.
+    wait_until(
+        Duration::from_secs(60),
+        "solo's lost partition rebuilt",
+        || async {
+            let d = cluster.admin().describe_version("solo", 1).await?;
+            Ok(d.record.moves.is_empty()
+                && d.record.partitions_of("server-0").is_empty()
+                && d.replicas.iter().all(|r| r.state == ReplicaState::Online))
+        },
+    )
+    .await?;
+    let solo = cluster.client("solo").await?;
+    let keys: Vec<Value> = (0..400).map(|i| Value::String(key_of(i))).collect();
+    let values = solo.batch_get(&keys).await?;
+    for (i, v) in values.into_iter().enumerate() {
+        ensure!(
+            v == Some(Value::String(string_value(i, 60))),
+            "solo {} read back as {v:?}",
+            key_of(i)
+        );
+    }
+    drop(solo);
     cluster.shutdown().await
 }
 
