@@ -90,33 +90,16 @@ enum StoresCommand {
         max_value_bytes: Option<u64>,
         #[command(flatten)]
         hybrid: HybridArgs,
-        /// Read quota in keys per second across the cluster (default: unlimited).
-        #[arg(long)]
-        read_quota: Option<u64>,
-        /// Storage quota: bytes of one copy of a version (default: unlimited).
-        #[arg(long)]
-        storage_quota: Option<u64>,
-        /// ONLINE versions kept: the current one, the backup and older ones (2 to 16,
-        /// default 2).
-        #[arg(long)]
-        versions_to_keep: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Changes a store's settings; a store made hybrid is hybrid from its next version.
     Update {
         name: String,
         #[command(flatten)]
         hybrid: HybridArgs,
-        /// Read quota in keys per second across the cluster (a get costs 1, a batch-get its
-        /// key count); 0 removes the quota.
-        #[arg(long)]
-        read_quota: Option<u64>,
-        /// Storage quota: bytes of one copy of a version; 0 removes it. Checked when a push
-        /// starts (its data size) and before a version goes live (its size on disk).
-        #[arg(long)]
-        storage_quota: Option<u64>,
-        /// ONLINE versions kept (2 to 16): older ones beyond it are retired.
-        #[arg(long)]
-        versions_to_keep: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Deletes a store: every version, replica, topic and record.
     Delete {
@@ -129,6 +112,22 @@ enum StoresCommand {
     Rollback { name: String },
     /// Undoes a rollback: the newer version becomes current again.
     RollForward { name: String },
+}
+
+/// A store's quotas and retention (unset: unlimited, and current + backup kept).
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Read quota in keys per second across the cluster (a get costs 1, a batch-get its key
+    /// count); with `update`, 0 removes it.
+    #[arg(long)]
+    read_quota: Option<u64>,
+    /// Storage quota: bytes of one copy of a version, checked when a push starts (its data
+    /// size) and before a version goes live (its size on disk); with `update`, 0 removes it.
+    #[arg(long)]
+    storage_quota: Option<u64>,
+    /// ONLINE versions kept: the current one, the backup and older ones (2 to 16, default 2).
+    #[arg(long)]
+    versions_to_keep: Option<u32>,
 }
 
 /// A hybrid store's settings: giving either makes the store hybrid.
@@ -236,9 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             compression,
             max_value_bytes,
             hybrid,
-            read_quota,
-            storage_quota,
-            versions_to_keep,
+            limits,
         }) => {
             let req = CreateStoreRequest {
                 name,
@@ -258,9 +255,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
                 max_value_bytes,
                 hybrid: hybrid.config(None),
-                read_quota_keys_per_s: read_quota,
-                storage_quota_bytes: storage_quota,
-                versions_to_keep,
+                read_quota_keys_per_s: limits.read_quota,
+                storage_quota_bytes: limits.storage_quota,
+                versions_to_keep: limits.versions_to_keep,
             };
             let s = client.create_store(&req).await?;
             print(args.json, &s, |s| {
@@ -274,9 +271,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Stores(StoresCommand::Update {
             name,
             hybrid,
-            read_quota,
-            storage_quota,
-            versions_to_keep,
+            limits:
+                LimitArgs {
+                    read_quota,
+                    storage_quota,
+                    versions_to_keep,
+                },
         }) => {
             let current = client.describe_store(&name).await?.store.hybrid;
             let hybrid = hybrid.config(current);
