@@ -123,8 +123,12 @@ impl KafkaPubSub {
         Ok(created)
     }
 
-    /// Creates `topic`, keeping records at least `retention` if given; an existing topic must
-    /// have `partitions` partitions (and, where the broker says, that retention).
+    /// Creates `topic`, keeping records at least `retention` if given, else for as long as the
+    /// topic exists (`retention.ms = -1`: a version topic is the source every new replica of
+    /// its version bootstraps from, a moved one months later included, and the controller
+    /// deletes it when the version retires; the broker's default of a week would lose it). An
+    /// existing topic must have `partitions` partitions (and, where the broker says, the
+    /// retention asked for).
     async fn create(
         &self,
         topic: &str,
@@ -132,11 +136,11 @@ impl KafkaPubSub {
         retention: Option<Duration>,
     ) -> Result<(), PubSubError> {
         let context = format!("create topic {topic}");
-        let retention_ms = retention.map(|r| r.as_millis().to_string());
-        let mut new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
-        if let Some(ms) = &retention_ms {
-            new_topic = new_topic.set("retention.ms", ms);
-        }
+        let retention_ms = retention
+            .map(|r| r.as_millis().to_string())
+            .unwrap_or_else(|| "-1".to_string());
+        let new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1))
+            .set("retention.ms", &retention_ms);
         let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
         let results = self
             .admin

@@ -42,7 +42,8 @@ pub type Delivery = Pin<Box<dyn Future<Output = Result<i64, PubSubError>> + Send
 /// Topic administration, production and consumption.
 #[async_trait]
 pub trait PubSub: Send + Sync + 'static {
-    /// Creates a topic; succeeds if it already exists with the same partition count.
+    /// Creates a topic whose records are kept until it is deleted; succeeds if it already
+    /// exists with the same partition count.
     async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), PubSubError>;
     /// Creates a topic whose records are kept at least `retention`; succeeds if it already
     /// exists with the same partition count and, where the broker says, at least that retention.
