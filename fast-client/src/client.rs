@@ -545,6 +545,12 @@ fn complete(
     if done.is_complete() {
         return Ok(values);
     }
+    if let Some(refusal) = done.forbidden {
+        return Err(ClientError::Forbidden {
+            address: refusal.address,
+            message: refusal.message,
+        });
+    }
     if let Some(refusal) = done.quota_exceeded {
         return Err(ClientError::QuotaExceeded {
             address: refusal.address,
@@ -610,16 +616,16 @@ pub(crate) fn error_response(
     body: &[u8],
 ) -> ClientError {
     if let Ok(error) = ErrorBody::decode(body) {
-        if error.code == ErrorCode::QuotaExceeded {
-            return ClientError::QuotaExceeded {
-                address: address.to_string(),
-                message: error.message,
-            };
-        }
-        return ClientError::Server {
-            address: address.to_string(),
-            code: error.code,
-            message: error.message,
+        let address = address.to_string();
+        let message = error.message;
+        return match error.code {
+            ErrorCode::QuotaExceeded => ClientError::QuotaExceeded { address, message },
+            ErrorCode::Forbidden => ClientError::Forbidden { address, message },
+            code => ClientError::Server {
+                address,
+                code,
+                message,
+            },
         };
     }
     let header_code = parts

@@ -58,6 +58,14 @@ pub enum ClientError {
     )]
     QuotaExceeded { address: String, message: String },
 
+    /// This client's principal (from its certificate) lacks `read` on the store. Not retried:
+    /// every replica checks the same ACLs.
+    #[error(
+        "forbidden by storage server {address}: {message}; ask the store's owner for `read` \
+         (`rialto-admin acl grant STORE --permissions read --principal PRINCIPAL`)"
+    )]
+    Forbidden { address: String, message: String },
+
     /// The read did not finish within `ClientConfig::request_timeout`.
     #[error(
         "read from storage server {address} did not finish within {after:?}; the server may be \

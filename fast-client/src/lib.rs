@@ -48,7 +48,7 @@ pub use response::RawValue;
 pub use routing::{Replica, RoutingTable};
 pub use stats::ClientStats;
 pub use stream::{
-    BatchEvent, BatchStream, Completeness, KeyFailure, QuotaRefusal, RawBatchStream, ValueEvent,
+    BatchEvent, BatchStream, Completeness, KeyFailure, Refusal, RawBatchStream, ValueEvent,
 };
 
 /// Most keys one `batch_get` call accepts (the servers' default limit per request).
@@ -69,6 +69,25 @@ pub struct ClientTls {
     pub ca_cert_pem: Vec<u8>,
     /// The name to verify in server certificates; `None` uses the host of each server's address.
     pub server_name: Option<String>,
+    /// This client's certificate chain and private key (PEM), presented to servers that require
+    /// mutual TLS; the servers name the caller by it (its principal) when they check ACLs.
+    pub identity: Option<ClientIdentity>,
+}
+
+/// A client certificate and its key, PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 /// How to reach a store.

@@ -306,27 +306,12 @@ fn host_of(address: &str) -> &str {
 }
 
 fn build_tls(tls: &ClientTls) -> Result<Tls, ClientError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut tls.ca_cert_pem.as_slice()) {
-        let cert = cert
-            .map_err(|e| ClientError::Config(format!("CA certificate PEM is unreadable: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| ClientError::Config(format!("CA certificate is not usable: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(ClientError::Config(
-            "`ClientTls::ca_cert_pem` holds no PEM certificate".into(),
-        ));
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| ClientError::Config(format!("TLS setup failed: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let identity = tls
+        .identity
+        .as_ref()
+        .map(|id| (id.cert_pem.as_slice(), id.key_pem.as_slice()));
+    let config = rialto_security::tls::client_config_from_pem(&tls.ca_cert_pem, identity, &[b"h2"])
+        .map_err(|e| ClientError::Config(format!("`ClientTls`: {e}")))?;
     Ok(Tls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         server_name: tls.server_name.clone(),
@@ -350,6 +335,7 @@ mod tests {
         let tls = ClientTls {
             ca_cert_pem: b"not a pem".to_vec(),
             server_name: None,
+            identity: None,
         };
         let err = ConnectionPool::new(Some(&tls), Arc::default())
             .err()

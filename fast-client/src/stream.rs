@@ -100,12 +100,15 @@ pub struct Completeness {
     pub elapsed: Duration,
     /// Set when a server refused keys because the store's read quota was used up (those keys
     /// are in `failed`; they are not retried elsewhere).
-    pub quota_exceeded: Option<QuotaRefusal>,
+    pub quota_exceeded: Option<Refusal>,
+    /// Set when a server refused keys because this client's principal may not read the store
+    /// (those keys are in `failed`; they are not retried elsewhere).
+    pub forbidden: Option<Refusal>,
 }
 
-/// A server's refusal of a read over the store's quota.
+/// A server's refusal of a read that another replica would refuse too (over quota, forbidden).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuotaRefusal {
+pub struct Refusal {
     pub address: String,
     pub message: String,
 }
@@ -753,13 +756,20 @@ impl Call {
             }
             Err(e) => {
                 tracing::debug!(address = instance.address, error = %e, "batch-get request failed");
-                if let ClientError::QuotaExceeded { address, message } = e {
-                    self.done
-                        .quota_exceeded
-                        .get_or_insert_with(|| QuotaRefusal {
-                            address: address.clone(),
-                            message: message.clone(),
-                        });
+                let refusal = match e {
+                    ClientError::QuotaExceeded { address, message } => {
+                        Some((&mut self.done.quota_exceeded, address, message))
+                    }
+                    ClientError::Forbidden { address, message } => {
+                        Some((&mut self.done.forbidden, address, message))
+                    }
+                    _ => None,
+                };
+                if let Some((slot, address, message)) = refusal {
+                    slot.get_or_insert_with(|| Refusal {
+                        address: address.clone(),
+                        message: message.clone(),
+                    });
                 }
                 if let Some(failure) = failure_of(e) {
                     let newly = instance.failed(failure, &self.shared.instances.config);

@@ -839,6 +839,7 @@ async fn reads_over_tls_verify_the_server_certificate() {
     let tls = rialto_fast_client::ClientTls {
         ca_cert_pem: certified.cert.pem().into_bytes(),
         server_name: Some("storage.test".into()),
+        identity: None,
     };
     let mut config = ClientConfig::new(STORE);
     config.tls = Some(tls.clone());
@@ -857,6 +858,7 @@ async fn reads_over_tls_verify_the_server_certificate() {
     let mut config = ClientConfig::new(STORE);
     config.tls = Some(rialto_fast_client::ClientTls {
         server_name: Some("other.test".into()),
+        identity: None,
         ..tls
     });
     let client = Client::connect(config, meta.clone()).await.unwrap();

@@ -33,6 +33,8 @@ pub struct FreshnessConfig {
     pub settle: Duration,
     /// Most keys per batch-get of the reader.
     pub batch_keys: usize,
+    /// TLS to an https:// controller.
+    pub controller_tls: Option<rialto_controller::ClientTlsFiles>,
 }
 
 /// Freshness percentiles, in milliseconds.
@@ -82,6 +84,7 @@ pub async fn run(config: &FreshnessConfig, client: &Client) -> Result<FreshnessR
         controller_url: config.controller_url.clone(),
         store: config.store.clone(),
         kafka_bootstrap: None,
+        controller_tls: config.controller_tls.clone(),
     })
     .await
     .with_context(|| format!("open a real-time writer of {}", config.store))?;

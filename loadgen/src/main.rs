@@ -30,6 +30,7 @@ use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use rialto_backends::etcd::EtcdMetaStore;
 use rialto_backends::MetaStore;
+use rialto_controller::{ClientTlsFiles, ControllerTlsArgs};
 use rialto_fast_client::{Client, ClientConfig};
 use rialto_loadgen::oracle;
 use rialto_protocol::avro::{AvroCodec, Schema};
@@ -53,6 +54,10 @@ struct Args {
     /// Cluster root in etcd.
     #[arg(long, default_value = DEFAULT_ROOT)]
     root: String,
+    /// TLS: `--ca-cert` is the cluster's CA (controller and storage servers), `--cert`/`--key`
+    /// this caller's identity for servers that require client certificates.
+    #[command(flatten)]
+    tls: ControllerTlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -186,8 +191,9 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let tls = args.tls.files()?;
     if let Command::Prepare(prepare) = args.command {
-        return prepare::prepare(&prepare).await;
+        return prepare::prepare(&prepare, tls.as_ref()).await;
     }
     let meta: Arc<dyn MetaStore> = Arc::new(
         EtcdMetaStore::connect(&args.etcd, Duration::from_secs(10))
@@ -197,7 +203,7 @@ async fn main() -> Result<()> {
     match args.command {
         Command::Prepare { .. } => unreachable!("handled above"),
         Command::Get { store, key } => {
-            let client = connect(&args.root, &store, meta.clone()).await?;
+            let client = connect(&args.root, &store, meta.clone(), tls.as_ref()).await?;
             let codecs = store_codecs(meta.as_ref(), &args.root, &store).await?;
             let key = codecs
                 .key
@@ -213,7 +219,7 @@ async fn main() -> Result<()> {
             input,
             batch,
         } => {
-            let client = connect(&args.root, &store, meta.clone()).await?;
+            let client = connect(&args.root, &store, meta.clone(), tls.as_ref()).await?;
             let codecs = store_codecs(meta.as_ref(), &args.root, &store).await?;
             verify(&client, &codecs, &input, batch.max(1)).await?;
         }
@@ -227,7 +233,7 @@ async fn main() -> Result<()> {
             settle,
             json,
         } => {
-            let client = connect(&args.root, &store, meta.clone()).await?;
+            let client = connect(&args.root, &store, meta.clone(), tls.as_ref()).await?;
             let report = freshness::run(
                 &freshness::FreshnessConfig {
                     controller_url: controller,
@@ -238,6 +244,7 @@ async fn main() -> Result<()> {
                     poll_interval,
                     settle,
                     batch_keys: 5000,
+                    controller_tls: tls.clone(),
                 },
                 &client,
             )
@@ -309,9 +316,30 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn connect(root: &str, store: &str, meta: Arc<dyn MetaStore>) -> Result<Client> {
+async fn connect(
+    root: &str,
+    store: &str,
+    meta: Arc<dyn MetaStore>,
+    tls: Option<&ClientTlsFiles>,
+) -> Result<Client> {
     let mut config = ClientConfig::new(store);
     config.meta_root = root.to_string();
+    if let Some(files) = tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("read {}", p.display()))
+        };
+        config.tls = Some(rialto_fast_client::ClientTls {
+            ca_cert_pem: read(&files.ca)?,
+            server_name: None,
+            identity: match &files.identity {
+                Some((cert, key)) => Some(rialto_fast_client::ClientIdentity {
+                    cert_pem: read(cert)?,
+                    key_pem: read(key)?,
+                }),
+                None => None,
+            },
+        });
+    }
     config.routing_wait = Duration::from_secs(10);
     Ok(Client::connect(config, meta).await?)
 }

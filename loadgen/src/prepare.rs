@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rialto_controller::{AdminClient, ControllerError};
+use rialto_controller::{AdminClient, ClientTlsFiles, ControllerError};
 use rialto_protocol::admin::{CreateStoreRequest, StoreDescription};
 use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_push::{InputFormat, PushConfig};
@@ -148,14 +148,14 @@ fn check_existing(desc: &StoreDescription, args: &PrepareArgs) -> Result<()> {
 }
 
 /// Runs `prepare`.
-pub async fn prepare(args: &PrepareArgs) -> Result<()> {
+pub async fn prepare(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result<()> {
     if args.value_bytes < VALUE_BYTES_MIN {
         bail!("--value-bytes must be at least {VALUE_BYTES_MIN}");
     }
     if args.keys == 0 {
         bail!("--keys must be at least 1");
     }
-    let admin = AdminClient::new(&args.controller);
+    let admin = AdminClient::connect(&args.controller, tls)?;
     match admin.describe_store(&args.store).await {
         Ok(desc) => {
             check_existing(&desc, args)?;
@@ -209,10 +209,10 @@ pub async fn prepare(args: &PrepareArgs) -> Result<()> {
         }
         Err(e) => return Err(e).context(format!("describe store `{}`", args.store)),
     }
-    push(args).await
+    push(args, tls).await
 }
 
-async fn push(args: &PrepareArgs) -> Result<()> {
+async fn push(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result<()> {
     // The dataset goes to a file (the push job reads files), written streaming.
     let (path, _temp) = match &args.dataset {
         Some(p) => (p.clone(), None),
@@ -252,6 +252,7 @@ async fn push(args: &PrepareArgs) -> Result<()> {
         started.elapsed()
     );
     let mut config = PushConfig::new(&args.controller, &args.store, &path);
+    config.controller_tls = tls.cloned();
     config.format = Some(InputFormat::Json);
     config.push_id = format!(
         "rialto-loadgen keys={} value_bytes={} seed={}",

@@ -17,7 +17,8 @@ use rialto_protocol::admin::{
     CreateStoreRequest, FailPushRequest, ReplicaView, StartPushRequest, StartPushResponse,
     StoreDescription, UpdateStoreRequest, VersionDescription,
 };
-use rialto_protocol::admin::{NodeDescription, NodeReplica};
+use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
+use rialto_protocol::admin::{AclChangeRequest, NodeDescription, NodeReplica};
 use rialto_protocol::avro::AvroCodec;
 use rialto_protocol::meta::{
     now_ms, realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
@@ -28,9 +29,10 @@ use rialto_protocol::meta::{
 use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
 
+use crate::authz::AuthzConfig;
 use crate::error::{encode_record, parse_record, ControllerError};
 use crate::store_ops::{
-    fail_version, store_not_found, update_store, update_version, version_not_found,
+    fail_version, update_acl, store_not_found, update_store, update_version, version_not_found,
 };
 use crate::versions::{live_nodes, start_version};
 
@@ -50,6 +52,8 @@ pub(crate) struct ApiState {
     pub kafka_bootstrap: String,
     /// Whether this controller leads (for `/metrics`).
     pub leader: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether and how calls are authorized (see [`crate::authz`]).
+    pub authz: Arc<AuthzConfig>,
 }
 
 impl IntoResponse for ControllerError {
@@ -67,6 +71,7 @@ type ApiResult<T> = Result<(StatusCode, Json<T>), ControllerError>;
 
 /// The admin API router.
 pub(crate) fn router(state: ApiState) -> Router {
+    let state = Arc::new(state);
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
@@ -98,11 +103,19 @@ pub(crate) fn router(state: ApiState) -> Router {
             "/v1/nodes/{node}/drain",
             post(drain_node).delete(undrain_node),
         )
+        .route("/v1/acls/cluster", get(get_cluster_acl))
+        .route("/v1/acls/cluster/{change}", post(change_cluster_acl))
+        .route("/v1/acls/stores/{store}", get(get_store_acl))
+        .route("/v1/acls/stores/{store}/{change}", post(change_store_acl))
         .fallback(|| async {
             ControllerError::NotFound("no such admin API route; see rialto_protocol::admin".into())
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::authz::check,
+        ))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
-        .with_state(Arc::new(state))
+        .with_state(state)
 }
 
 fn body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ControllerError> {
@@ -823,6 +836,96 @@ async fn undrain_node(
     Ok((StatusCode::OK, Json(node_description(&st, &node).await?)))
 }
 
+async fn read_acl(st: &ApiState, key: &str) -> Result<AclRecord, ControllerError> {
+    Ok(match st.meta.get(key).await? {
+        Some(kv) => parse_record(key, &kv.value)?,
+        None => AclRecord::default(),
+    })
+}
+
+/// Grants or revokes (`change` is `grant` or `revoke`) with a compare-and-put on the record.
+async fn change_acl(
+    st: &ApiState,
+    key: &str,
+    change: &str,
+    request: &AclChangeRequest,
+) -> Result<AclRecord, ControllerError> {
+    let grant = match change {
+        "grant" => true,
+        "revoke" => false,
+        other => {
+            return Err(ControllerError::NotFound(format!(
+                "no ACL operation `{other}`; use grant or revoke"
+            )))
+        }
+    };
+    validate_principal(&request.principal).map_err(ControllerError::BadRequest)?;
+    if request.permissions.is_empty() {
+        return Err(ControllerError::BadRequest(
+            "name at least one permission: read, write or admin".into(),
+        ));
+    }
+    let record = update_acl(st.meta.as_ref(), key, |record| {
+        if grant {
+            if !record.grants.contains_key(&request.principal) && record.grants.len() >= GRANTS_MAX
+            {
+                return Err(ControllerError::BadRequest(format!(
+                    "the ACL already names {GRANTS_MAX} principals; grant to a shared \
+                     principal instead"
+                )));
+            }
+            Ok(record.grant(&request.principal, &request.permissions))
+        } else {
+            Ok(record.revoke(&request.principal, &request.permissions))
+        }
+    })
+    .await?;
+    tracing::info!(%key, principal = %request.principal, permissions = ?request.permissions, grant, "ACL change applied");
+    Ok(record)
+}
+
+/// `GET /v1/acls/cluster`.
+async fn get_cluster_acl(State(st): State<Arc<ApiState>>) -> ApiResult<AclRecord> {
+    let record = read_acl(&st, &st.layout.cluster_acl()).await?;
+    Ok((StatusCode::OK, Json(record)))
+}
+
+/// `POST /v1/acls/cluster/{grant|revoke}`.
+async fn change_cluster_acl(
+    State(st): State<Arc<ApiState>>,
+    Path(change): Path<String>,
+    raw: Bytes,
+) -> ApiResult<AclRecord> {
+    let request: AclChangeRequest = body(&raw, "ACL change")?;
+    let record = change_acl(&st, &st.layout.cluster_acl(), &change, &request).await?;
+    Ok((StatusCode::OK, Json(record)))
+}
+
+/// `GET /v1/acls/stores/{store}`.
+async fn get_store_acl(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<AclRecord> {
+    validate_store_name(&store).map_err(ControllerError::BadRequest)?;
+    let record = read_acl(&st, &st.layout.store_acl(&store)).await?;
+    Ok((StatusCode::OK, Json(record)))
+}
+
+/// `POST /v1/acls/stores/{store}/{grant|revoke}`; the store must exist.
+async fn change_store_acl(
+    State(st): State<Arc<ApiState>>,
+    Path((store, change)): Path<(String, String)>,
+    raw: Bytes,
+) -> ApiResult<AclRecord> {
+    let request: AclChangeRequest = body(&raw, "ACL change")?;
+    validate_store_name(&store).map_err(ControllerError::BadRequest)?;
+    if st.meta.get(&st.layout.store(&store)).await?.is_none() {
+        return Err(store_not_found(&store));
+    }
+    let record = change_acl(&st, &st.layout.store_acl(&store), &change, &request).await?;
+    Ok((StatusCode::OK, Json(record)))
+}
+
 /// `GET /metrics`: the cluster as this controller reads it from etcd, in Prometheus text.
 async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ControllerError> {
     use std::fmt::Write as _;
@@ -870,6 +973,16 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, Controller
     );
     let _ = writeln!(out, "# TYPE rialto_controller_leader gauge");
     let _ = writeln!(out, "rialto_controller_leader {}", u8::from(leader));
+    let _ = writeln!(
+        out,
+        "# HELP rialto_controller_forbidden_total Admin calls refused by authorization."
+    );
+    let _ = writeln!(out, "# TYPE rialto_controller_forbidden_total counter");
+    let _ = writeln!(
+        out,
+        "rialto_controller_forbidden_total {}",
+        st.authz.refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let _ = writeln!(out, "# TYPE rialto_controller_stores gauge");
     let _ = writeln!(out, "rialto_controller_stores {}", stores.len());
     let _ = writeln!(out, "# TYPE rialto_controller_nodes gauge");

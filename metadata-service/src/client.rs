@@ -1,19 +1,22 @@
 //! A typed client of the admin API, used by `rialto-admin` and the push job.
 //!
-//! HTTP/1.1 over plain TCP (no TLS yet) through hyper-util's pooled client. A non-2xx answer
-//! becomes [`ControllerError::Api`] with the server's kind and message; a connection failure,
-//! timeout or undecodable answer becomes [`ControllerError::Unreachable`].
+//! HTTP/1.1 through hyper-util's pooled client, over TCP or, for an `https://` URL, TLS
+//! ([`AdminClient::with_tls`]: the CA to trust and, for a controller that requires mutual TLS,
+//! this caller's certificate). A non-2xx answer becomes [`ControllerError::Api`] with the
+//! server's kind and message; a connection failure, timeout or undecodable answer becomes
+//! [`ControllerError::Unreachable`].
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rialto_protocol::admin::{
-    ApiError, CreateStoreRequest, FailPushRequest, NodeDescription, StartPushRequest,
+    AclChangeRequest, AclRecord, ApiError, CreateStoreRequest, FailPushRequest, NodeDescription, StartPushRequest,
     StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord};
@@ -21,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::ControllerError;
+use crate::ClientTlsFiles;
 
 /// How long one admin call may take, connection included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,7 +35,8 @@ pub const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
 #[derive(Clone)]
 pub struct AdminClient {
     base_url: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    tls: bool,
 }
 
 impl std::fmt::Debug for AdminClient {
@@ -61,8 +66,63 @@ impl AdminClient {
     /// an invalid URL surfaces as [`ControllerError::Unreachable`] on the first call.
     pub fn new(base_url: impl Into<String>) -> AdminClient {
         let base_url = base_url.into().trim_end_matches('/').to_string();
-        let http = Client::builder(TokioExecutor::new()).build_http();
-        AdminClient { base_url, http }
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(Self::no_tls_config())
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let http = Client::builder(TokioExecutor::new()).build(connector);
+        AdminClient {
+            base_url,
+            http,
+            tls: false,
+        }
+    }
+
+    /// A client of the controller at `base_url` (`https://host:port`) over TLS: trusting the CA
+    /// in `files`, and presenting its certificate if it has one.
+    pub fn with_tls(
+        base_url: impl Into<String>,
+        files: &ClientTlsFiles,
+    ) -> Result<AdminClient, ControllerError> {
+        let base_url = base_url.into().trim_end_matches('/').to_string();
+        // hyper-rustls sets ALPN itself (`enable_http1`).
+        let config = rialto_security::tls::client_config(files, &[])
+            .map_err(|e| ControllerError::BadRequest(format!("admin client TLS: {e}")))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .build();
+        let http = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(AdminClient {
+            base_url,
+            http,
+            tls: true,
+        })
+    }
+
+    /// [`with_tls`](Self::with_tls) when `tls` is given, else [`new`](Self::new).
+    pub fn connect(
+        base_url: impl Into<String>,
+        tls: Option<&ClientTlsFiles>,
+    ) -> Result<AdminClient, ControllerError> {
+        match tls {
+            Some(files) => AdminClient::with_tls(base_url, files),
+            None => Ok(AdminClient::new(base_url)),
+        }
+    }
+
+    /// A plaintext client still needs a TLS configuration for its connector; it trusts
+    /// nothing, so an `https://` URL without [`with_tls`](Self::with_tls) cannot connect.
+    fn no_tls_config() -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
     }
 
     /// The base URL this client talks to.
@@ -70,20 +130,24 @@ impl AdminClient {
         &self.base_url
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// Sends one call; the answer's bytes on success, the error the answer stands for
+    /// otherwise.
+    async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<T, ControllerError> {
+    ) -> Result<Bytes, ControllerError> {
         let url = format!("{}{path}", self.base_url);
         let unreachable = |detail: String| ControllerError::Unreachable {
             url: url.clone(),
             detail,
         };
-        if self.base_url.starts_with("https://") {
+        if url.starts_with("https://") && !self.tls {
             return Err(unreachable(
-                "TLS to the controller is not supported yet; use http://".into(),
+                "an https:// controller needs TLS settings: give --ca-cert (and --cert/--key \
+                 if it requires client certificates)"
+                    .into(),
             ));
         }
         let mut req = Request::builder().method(method).uri(&url);
@@ -98,7 +162,7 @@ impl AdminClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|e| unreachable(format!("{e}")))?;
+                .map_err(|e| unreachable(error_chain(&e)))?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
                 .collect()
@@ -115,7 +179,7 @@ impl AdminClient {
                 Ok(e) => (e.kind, e.message),
                 Err(_) => (
                     "internal".to_string(),
-                    String::from_utf8_lossy(&bytes).into_owned(),
+                    format!("{path} answered {status}: {}", String::from_utf8_lossy(&bytes)),
                 ),
             };
             return Err(ControllerError::Api {
@@ -124,8 +188,20 @@ impl AdminClient {
                 message,
             });
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| unreachable(format!("undecodable answer ({status}): {e}")))
+        Ok(bytes)
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ControllerError> {
+        let bytes = self.send(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ControllerError::Unreachable {
+            url: format!("{}{path}", self.base_url),
+            detail: format!("undecodable answer: {e}"),
+        })
     }
 
     fn json<T: Serialize>(value: &T) -> Result<Option<Vec<u8>>, ControllerError> {
@@ -306,33 +382,78 @@ impl AdminClient {
 
     /// A GET whose answer is text, not JSON.
     async fn get_text(&self, path: &str) -> Result<String, ControllerError> {
-        let url = format!("{}{path}", self.base_url);
-        let unreachable = |detail: String| ControllerError::Unreachable {
-            url: url.clone(),
-            detail,
-        };
-        let req = Request::get(&url)
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| unreachable(format!("invalid URL: {e}")))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
-            .await
-            .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = resp.status();
-        let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
-            .await
-            .map_err(|_| unreachable("timed out reading the answer".into()))?
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(ControllerError::Api {
-                status: status.as_u16(),
-                kind: "internal".into(),
-                message: format!("{path} answered {status}"),
-            });
-        }
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        let bytes = self.send(Method::GET, path, None).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
+
+    /// `GET /v1/acls/cluster` or, with a store, `GET /v1/acls/stores/{store}`.
+    pub async fn acl(&self, store: Option<&str>) -> Result<AclRecord, ControllerError> {
+        self.call(Method::GET, &acl_path(store), None).await
+    }
+
+    /// Grants (`grant` true) or revokes permissions on a store (or, without one, the cluster).
+    pub async fn change_acl(
+        &self,
+        store: Option<&str>,
+        grant: bool,
+        req: &AclChangeRequest,
+    ) -> Result<AclRecord, ControllerError> {
+        let op = if grant { "grant" } else { "revoke" };
+        let path = format!("{}/{op}", acl_path(store));
+        self.call(Method::POST, &path, Self::json(req)?).await
+    }
+}
+
+/// The flags every tool that calls the controller shares: `--ca-cert`, `--cert`, `--key` (or
+/// `RIALTO_CA_CERT`, `RIALTO_CERT`, `RIALTO_KEY`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ControllerTlsArgs {
+    /// CA certificate (PEM) the controller's certificate is checked against; needed for an
+    /// https:// controller.
+    #[arg(long, env = "RIALTO_CA_CERT", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// This caller's certificate (PEM), for a controller that requires client certificates;
+    /// it names the caller's principal.
+    #[arg(long, env = "RIALTO_CERT", requires = "key", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, env = "RIALTO_KEY", requires = "cert", global = true)]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl ControllerTlsArgs {
+    /// The TLS files these flags name, if any (`--cert` without `--ca-cert` is refused).
+    pub fn files(&self) -> Result<Option<ClientTlsFiles>, ControllerError> {
+        match (&self.ca_cert, &self.cert, &self.key) {
+            (None, None, _) => Ok(None),
+            (None, Some(_), _) => Err(ControllerError::BadRequest(
+                "--cert needs --ca-cert: the CA that signed the controller's certificate".into(),
+            )),
+            (Some(ca), cert, key) => Ok(Some(ClientTlsFiles {
+                ca: ca.clone(),
+                identity: cert.clone().zip(key.clone()),
+            })),
+        }
+    }
+}
+
+fn acl_path(store: Option<&str>) -> String {
+    match store {
+        Some(store) => format!("/v1/acls/stores/{}", segment(store)),
+        None => "/v1/acls/cluster".to_string(),
+    }
+}
+
+/// An error with its sources, so a TLS failure under a connection error is visible.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

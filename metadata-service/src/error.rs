@@ -16,6 +16,10 @@ pub enum ControllerError {
     /// A store or version does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The caller's principal lacks the permission the request needs; the message names the
+    /// principal, the permission and the resource.
+    #[error("{0}")]
+    Forbidden(String),
     /// The request conflicts with the current state (store exists, version already online, ...).
     #[error("{0}")]
     Conflict(String),
@@ -64,6 +68,7 @@ impl ControllerError {
         match self {
             ControllerError::BadRequest(_) => (400, "bad_request"),
             ControllerError::NotFound(_) => (404, "not_found"),
+            ControllerError::Forbidden(_) => (403, "forbidden"),
             ControllerError::Conflict(_) => (409, "conflict"),
             ControllerError::Unavailable(_)
             | ControllerError::Placement(_)

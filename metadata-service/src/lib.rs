@@ -23,6 +23,7 @@
 //! ```
 
 pub mod api;
+pub mod authz;
 pub mod client;
 pub mod election;
 pub mod error;
@@ -30,6 +31,7 @@ pub mod placement;
 pub mod rebalance;
 pub mod reconcile;
 pub mod render;
+pub mod serve;
 pub mod store_ops;
 pub mod testing;
 pub mod versions;
@@ -40,10 +42,11 @@ use std::sync::Arc;
 
 use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::meta::{Layout, DEFAULT_ROOT};
+pub use rialto_security::tls::{ClientTlsFiles, ServerTlsFiles};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use client::AdminClient;
+pub use client::{AdminClient, ControllerTlsArgs};
 pub use error::ControllerError;
 pub use placement::{place, PlacementError};
 pub use rebalance::RebalanceConfig;
@@ -66,6 +69,13 @@ pub struct ControllerConfig {
     pub lease_ttl_s: i64,
     /// When and how many replicas the leader moves (lost, drained and new nodes).
     pub rebalance: RebalanceConfig,
+    /// HTTPS for the admin API; with a client CA every caller must present a certificate it
+    /// signed. `None` serves plaintext HTTP, for local use only.
+    pub tls: Option<ServerTlsFiles>,
+    /// Check every admin call against the ACLs (see [`authz`]); needs mutual TLS.
+    pub authorize: bool,
+    /// Principals that are cluster administrators whatever the ACLs say.
+    pub admin_principals: Vec<String>,
 }
 
 impl Default for ControllerConfig {
@@ -77,6 +87,9 @@ impl Default for ControllerConfig {
             kafka_bootstrap: "127.0.0.1:9092".to_string(),
             lease_ttl_s: LEASE_TTL_S_DEFAULT,
             rebalance: RebalanceConfig::default(),
+            tls: None,
+            authorize: false,
+            admin_principals: Vec::new(),
         }
     }
 }
@@ -84,6 +97,7 @@ impl Default for ControllerConfig {
 /// A controller running in this process: its API server and its election/reconcile task.
 pub struct RunningController {
     address: SocketAddr,
+    https: bool,
     leader: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
@@ -96,9 +110,10 @@ impl RunningController {
         self.address
     }
 
-    /// `http://{address}`, for an [`AdminClient`].
+    /// `http://{address}` (or `https://`), for an [`AdminClient`].
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.address)
     }
 
     /// Whether this controller currently leads (and reconciles).
@@ -132,6 +147,35 @@ pub async fn start(
         )));
     }
     let layout = Layout::new(&config.meta_root);
+    let tls = match &config.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            rialto_security::tls::server_config(files, &[b"http/1.1"])
+                .map_err(|e| ControllerError::BadRequest(format!("admin API TLS: {e}")))?,
+        ))),
+        None => {
+            rialto_security::tls::warn_plaintext(
+                "the controller's admin API",
+                "give --tls-cert and --tls-key",
+            );
+            None
+        }
+    };
+    let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if config.authorize && !mutual_tls {
+        return Err(ControllerError::BadRequest(
+            "authorization needs caller identities: give --tls-client-ca so that callers \
+             present certificates"
+                .into(),
+        ));
+    }
+    for principal in &config.admin_principals {
+        rialto_protocol::acl::validate_principal(principal)
+            .map_err(|e| ControllerError::BadRequest(format!("--admin-principal: {e}")))?;
+    }
+    store_ops::grant_cluster_admins(meta.as_ref(), &layout, &config.admin_principals).await?;
+    if !config.authorize {
+        tracing::warn!("admin API authorization is off: anyone who reaches it may change the cluster (use --authorize)");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ControllerError::Bind {
@@ -151,19 +195,14 @@ pub async fn start(
         pubsub: pubsub.clone(),
         kafka_bootstrap: config.kafka_bootstrap.clone(),
         leader: leader.clone(),
+        authz: Arc::new(authz::AuthzConfig {
+            enabled: config.authorize,
+            admin_principals: config.admin_principals.clone(),
+            refused: Default::default(),
+        }),
     });
-    let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                while !*server_shutdown.borrow() {
-                    if server_shutdown.changed().await.is_err() {
-                        break;
-                    }
-                }
-            })
-            .await
-    });
+    let https = tls.is_some();
+    let server = tokio::spawn(serve::serve(listener, tls, app, shutdown_rx.clone()));
 
     let controller_id = config.controller_id.clone();
     let election = tokio::spawn(election::run(
@@ -176,6 +215,7 @@ pub async fn start(
     tracing::info!(controller = %controller_id, %address, "controller started");
     Ok(RunningController {
         address,
+        https,
         leader,
         shutdown: shutdown_tx,
         server,

@@ -708,8 +708,10 @@ impl Reconciler {
                 ] {
                     self.meta.delete_prefix(&prefix).await?;
                 }
+                // A store created later under the same name starts with no grants.
+                self.meta.delete(&self.layout.store_acl(store)).await?;
                 self.meta.delete(&self.layout.store(store)).await?;
-                tracing::warn!(%store, "store deleted (topics, versions, replicas and record)");
+                tracing::warn!(%store, "store deleted (topics, versions, replicas, ACL and record)");
             }
             Action::StartMove {
                 store,

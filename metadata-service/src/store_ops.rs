@@ -2,6 +2,7 @@
 //! (and the API next to the reconciler) never lose each other's updates.
 
 use rialto_backends::MetaStore;
+use rialto_protocol::acl::{AclRecord, Permission};
 use rialto_protocol::meta::{Layout, StoreRecord, VersionRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -122,4 +123,56 @@ pub(crate) async fn fail_version(
         Ok(true)
     })
     .await
+}
+
+/// Read-modify-write of an ACL record (a missing record is an empty one). `change` returns
+/// whether it changed anything; the record as stored afterwards is returned.
+pub(crate) async fn update_acl<F>(
+    meta: &dyn MetaStore,
+    key: &str,
+    mut change: F,
+) -> Result<AclRecord, ControllerError>
+where
+    F: FnMut(&mut AclRecord) -> Result<bool, ControllerError>,
+{
+    for _ in 0..CAS_ATTEMPTS_MAX {
+        let (mut record, revision) = match meta.get(key).await? {
+            Some(kv) => (parse_record(key, &kv.value)?, Some(kv.mod_revision)),
+            None => (AclRecord::default(), None),
+        };
+        if !change(&mut record)? {
+            return Ok(record);
+        }
+        if meta
+            .compare_and_put(key, revision, encode_record(&record)?, None)
+            .await?
+        {
+            return Ok(record);
+        }
+    }
+    Err(ControllerError::Contended {
+        key: key.to_string(),
+        attempts: CAS_ATTEMPTS_MAX,
+    })
+}
+
+/// Grants cluster `admin` to each of `principals` in etcd (a controller's `--admin-principal`
+/// list), so that storage servers, which read only etcd, know them too.
+pub(crate) async fn grant_cluster_admins(
+    meta: &dyn MetaStore,
+    layout: &Layout,
+    principals: &[String],
+) -> Result<(), ControllerError> {
+    if principals.is_empty() {
+        return Ok(());
+    }
+    update_acl(meta, &layout.cluster_acl(), |record| {
+        let mut changed = false;
+        for p in principals {
+            changed |= record.grant(p, &[Permission::Admin]);
+        }
+        Ok(changed)
+    })
+    .await
+    .map(|_| ())
 }

@@ -19,12 +19,18 @@
 //! | `GET /v1/nodes/{node}` | – | 200 [`NodeDescription`] |
 //! | `POST /v1/nodes/{node}/drain` | – | 200 [`NodeDescription`] |
 //! | `DELETE /v1/nodes/{node}/drain` | – | 200 [`NodeDescription`] |
+//! | `GET /v1/acls/cluster`, `GET /v1/acls/stores/{store}` | – | 200 [`AclRecord`] |
+//! | `POST /v1/acls/cluster/grant` (`/revoke`) | [`AclChangeRequest`] | 200 [`AclRecord`] |
+//! | `POST /v1/acls/stores/{store}/grant` (`/revoke`) | [`AclChangeRequest`] | 200 [`AclRecord`] |
+//! | `GET /metrics` | – | 200 Prometheus text |
 //! | `GET /health` | – | 200 `ok` |
 //!
 //! Every error is a non-2xx status with an [`ApiError`] body.
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::acl::AclRecord;
+use crate::acl::Permission;
 use crate::meta::{
     Compression, HybridConfig, NodeRecord, ReplicaState, StorageProfile, StoreRecord, ValueFormat,
     VersionRecord,
@@ -196,10 +202,19 @@ pub struct StoreDescription {
     pub kafka_bootstrap: String,
 }
 
+/// Body of the ACL grant and revoke calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclChangeRequest {
+    /// The principal, as its certificate names it (or `*` for every authenticated caller).
+    pub principal: String,
+    pub permissions: Vec<Permission>,
+}
+
 /// Error body of every failed admin call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
-    /// Stable machine-readable kind: `bad_request`, `not_found`, `conflict`, `unavailable`, `internal`.
+    /// Stable machine-readable kind: `bad_request`, `forbidden`, `not_found`, `conflict`,
+    /// `unavailable`, `internal`.
     pub kind: String,
     /// What happened and what to do, for a person.
     pub message: String,

@@ -36,11 +36,13 @@ pub enum ErrorCode {
     /// The store's read quota on this server is used up. Not retryable on another replica:
     /// every replica enforces its share; the application should slow down.
     QuotaExceeded = 13,
+    /// The caller's principal lacks the permission the request needs. Not retryable.
+    Forbidden = 14,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownStore,
         ErrorCode::UnknownVersion,
@@ -54,6 +56,7 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::CorruptValue,
         ErrorCode::QuotaExceeded,
+        ErrorCode::Forbidden,
     ];
 
     /// The numeric code as sent on the wire.
@@ -89,6 +92,7 @@ impl ErrorCode {
             | ErrorCode::NotFound => 404,
             ErrorCode::TooManyKeys | ErrorCode::TooLarge => 413,
             ErrorCode::QuotaExceeded => 429,
+            ErrorCode::Forbidden => 403,
             ErrorCode::PartitionNotServed | ErrorCode::Overloaded => 503,
             ErrorCode::Internal | ErrorCode::CorruptValue => 500,
         }
@@ -110,6 +114,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::CorruptValue => "corrupt_value",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

@@ -12,9 +12,11 @@
 //! * [`stored`]: a value at rest: its checksum, and chunking of large values.
 //! * [`codec`]: value compression (zstd, with a trained dictionary) shared by the same two.
 //! * [`admin`]: the controller's HTTP/JSON admin API types.
+//! * [`acl`]: who may read, write and administer which store, and the check.
 //!
 //! **Architecture Invariant:** this crate does no I/O. It is pure data and functions over bytes.
 
+pub mod acl;
 pub mod admin;
 pub mod avro;
 pub mod avro_json;

@@ -101,6 +101,24 @@ impl Layout {
         format!("{}/drains/{node_id}", self.root)
     }
 
+    /// Every ACL record: the cluster's and each store's (see [`crate::acl`]).
+    pub fn acls_prefix(&self) -> String {
+        format!("{}/acls/", self.root)
+    }
+    /// The cluster-wide ACL record (its `admin` grants make cluster administrators).
+    pub fn cluster_acl(&self) -> String {
+        format!("{}/acls/cluster", self.root)
+    }
+    /// The ACL record of one store.
+    pub fn store_acl(&self, store: &str) -> String {
+        format!("{}/acls/stores/{store}", self.root)
+    }
+    /// The store an ACL key belongs to (`None` for the cluster record or a foreign key).
+    pub fn parse_store_acl_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let store = key.strip_prefix(&self.root)?.strip_prefix("/acls/stores/")?;
+        (!store.is_empty() && !store.contains('/')).then_some(store)
+    }
+
     /// Parses a replica key back into (store, version, partition, node_id).
     pub fn parse_replica_key<'a>(&self, key: &'a str) -> Option<(&'a str, u32, u32, &'a str)> {
         let rest = key.strip_prefix(&self.root)?.strip_prefix("/replicas/")?;

@@ -125,6 +125,9 @@ pub struct PushConfig {
     pub kafka_bootstrap: Option<String>,
     /// Memory budget and spill directory of the external sort.
     pub sort: SortConfig,
+    /// TLS to an https:// controller (its CA, and this job's certificate, whose principal
+    /// needs `write` on the store when the controller authorizes calls).
+    pub controller_tls: Option<rialto_controller::ClientTlsFiles>,
 }
 
 impl PushConfig {
@@ -140,6 +143,7 @@ impl PushConfig {
             wait_timeout: Duration::from_secs(600),
             kafka_bootstrap: None,
             sort: SortConfig::default(),
+            controller_tls: None,
         }
     }
 }
@@ -173,7 +177,7 @@ pub struct PushReport {
 
 /// Runs a whole push. Progress goes to the `tracing` log (target `rialto_push`).
 pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
-    let admin = AdminClient::new(&config.controller_url);
+    let admin = AdminClient::connect(&config.controller_url, config.controller_tls.as_ref())?;
     let started = Instant::now();
     let store = admin.describe_store(&config.store).await?.store;
     let value_schema = store

@@ -28,6 +28,8 @@ struct Args {
     command: Option<Command>,
     #[command(flatten)]
     push: PushArgs,
+    #[command(flatten)]
+    tls: rialto_controller::ControllerTlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -105,9 +107,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let tls = args.tls.files()?;
     match args.command {
-        Some(Command::Stream(stream_args)) => stream(stream_args).await,
-        None => batch_push(args.push).await,
+        Some(Command::Stream(stream_args)) => stream(stream_args, tls).await,
+        None => batch_push(args.push, tls).await,
     }
 }
 
@@ -123,7 +126,10 @@ fn require<T>(value: Option<T>, flag: &str) -> T {
     })
 }
 
-async fn batch_push(args: PushArgs) -> anyhow::Result<()> {
+async fn batch_push(
+    args: PushArgs,
+    tls: Option<rialto_controller::ClientTlsFiles>,
+) -> anyhow::Result<()> {
     let store = require(args.store, "--store <STORE>");
     let input = require(args.input, "--input <INPUT>");
     let mut config = PushConfig::new(&args.controller, &store, &input);
@@ -134,6 +140,7 @@ async fn batch_push(args: PushArgs) -> anyhow::Result<()> {
     };
     config.wait_timeout = Duration::from_secs(args.wait_timeout_s);
     config.kafka_bootstrap = args.kafka;
+    config.controller_tls = tls;
     config.sort = SortConfig {
         memory_bytes: args.sort_memory_mib * 1024 * 1024,
         spill_dir: args.spill_dir,
@@ -181,7 +188,10 @@ struct Stopped {
 
 /// `rialto-push stream`: writes every line, then closes the writer. On the first bad line,
 /// what was written before it is flushed and nothing after it is written.
-async fn stream(args: StreamArgs) -> anyhow::Result<()> {
+async fn stream(
+    args: StreamArgs,
+    tls: Option<rialto_controller::ClientTlsFiles>,
+) -> anyhow::Result<()> {
     let source = args
         .input
         .as_ref()
@@ -197,6 +207,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
         controller_url: args.controller,
         store: args.store,
         kafka_bootstrap: args.kafka,
+        controller_tls: tls,
     };
     let mut writer = match RealtimeWriter::connect(&config).await {
         Ok(w) => w,

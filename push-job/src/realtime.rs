@@ -129,6 +129,8 @@ pub struct RealtimeConfig {
     pub store: String,
     /// Overrides the Kafka bootstrap servers the controller names.
     pub kafka_bootstrap: Option<String>,
+    /// TLS to an https:// controller (its CA, and this writer's certificate).
+    pub controller_tls: Option<rialto_controller::ClientTlsFiles>,
 }
 
 /// What a writer wrote (handed to the broker; all acknowledged once `close` returned it).
@@ -195,7 +197,7 @@ impl RealtimeWriter {
     /// Fetches the store from the controller and connects to its broker (the controller's
     /// bootstrap servers, or `config.kafka_bootstrap`). Refuses a store that is not hybrid.
     pub async fn connect(config: &RealtimeConfig) -> Result<RealtimeWriter, PushError> {
-        let admin = AdminClient::new(&config.controller_url);
+        let admin = AdminClient::connect(&config.controller_url, config.controller_tls.as_ref())?;
         let description = admin.describe_store(&config.store).await?;
         let store = description.store;
         ensure_hybrid(&store)?;

@@ -33,13 +33,16 @@ use rialto_protocol::wire::{
     parse_route, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route,
     ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
 };
+use rialto_protocol::acl::Permission;
 use rialto_protocol::ErrorCode;
+use rialto_security::Principal;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::authz::Authorizer;
 use crate::faults::Faults;
 use crate::limits::ReadLimits;
 use crate::metrics::{
@@ -84,6 +87,7 @@ pub(crate) struct ReadService {
     pub buffers: Arc<BufferPool>,
     pub faults: Arc<Faults>,
     pub limits: Arc<ReadLimits>,
+    pub authorizer: Arc<Authorizer>,
 }
 
 /// Accepts connections until `shutdown` leaves [`Stop::Running`]. On [`Stop::Drain`] (or a
@@ -118,10 +122,13 @@ pub(crate) async fn serve(
         let tls = tls.clone();
         connections.spawn(async move {
             match tls {
-                None => serve_connection(tcp, peer, service, shutdown).await,
+                None => serve_connection(tcp, peer, None, service, shutdown).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, peer, service, shutdown).await,
+                        Ok(Ok(stream)) => {
+                            let principal = Principal::of_peer(stream.get_ref().1);
+                            serve_connection(stream, peer, principal, service, shutdown).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -161,6 +168,7 @@ fn h2_builder() -> h2::server::Builder {
 async fn serve_connection<T>(
     io: T,
     peer: SocketAddr,
+    principal: Option<Principal>,
     service: Arc<ReadService>,
     mut shutdown: watch::Receiver<Stop>,
 ) where
@@ -186,7 +194,7 @@ async fn serve_connection<T>(
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    streams.spawn(handle(service.clone(), request, respond));
+                    streams.spawn(handle(service.clone(), principal.clone(), request, respond));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "connection error");
@@ -225,6 +233,7 @@ impl Failure {
 
 async fn handle(
     service: Arc<ReadService>,
+    principal: Option<Principal>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -244,7 +253,9 @@ async fn handle(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let result = match route {
+    let result = match authorize(&service.authorizer, principal.as_ref(), route.as_ref()) {
+        Err(failure) => Err(failure),
+        Ok(()) => match route {
         None => Err(Failure::new(
             ErrorCode::NotFound,
             format!("no endpoint at `{}`", parts.uri.path()),
@@ -306,6 +317,7 @@ async fn handle(
                 batch_get(&service, &mut respond, body, declared_len, store, version).await
             }
         }
+    },
     };
     if let Err(failure) = result {
         service.metrics.count_error(failure.code);
@@ -314,6 +326,25 @@ async fn handle(
         }
         send_error(&mut respond, failure.code, &failure.message);
     }
+}
+
+/// Checks the caller may use `route`: reads and dictionaries need `read` on their store,
+/// metrics an authenticated caller; health and unknown routes need nothing.
+fn authorize(
+    authorizer: &Authorizer,
+    principal: Option<&Principal>,
+    route: Option<&Route<'_>>,
+) -> Result<(), Failure> {
+    let checked = match route {
+        Some(Route::Get { store, .. })
+        | Some(Route::BatchGet { store, .. })
+        | Some(Route::Dictionary { store, .. }) => {
+            authorizer.check(principal, store, Permission::Read)
+        }
+        Some(Route::Metrics) => authorizer.check_authenticated(principal),
+        _ => Ok(()),
+    };
+    checked.map_err(|message| Failure::new(ErrorCode::Forbidden, message))
 }
 
 /// A read refused by [`ReadLimits`] (shed or over quota).
@@ -1438,7 +1469,11 @@ mod tls_tests {
         std::fs::write(&cert_pem, certified.cert.pem()).unwrap();
         std::fs::write(&key_pem, certified.key_pair.serialize_pem()).unwrap();
         let mut config = ServerConfig::new("n1", "z1", dir.path().join("data"));
-        config.tls = Some(TlsFiles { cert_pem, key_pem });
+        config.tls = Some(TlsFiles {
+            cert: cert_pem,
+            key: key_pem,
+            client_ca: None,
+        });
         let server = start(
             config,
             Arc::new(MemoryMetaStore::new()),
@@ -1481,8 +1516,9 @@ mod tls_tests {
         // A bad certificate path is a clear start-up error.
         let mut bad = ServerConfig::new("n2", "z1", dir.path().join("data2"));
         bad.tls = Some(TlsFiles {
-            cert_pem: dir.path().join("missing.pem"),
-            key_pem: dir.path().join("key.pem"),
+            cert: dir.path().join("missing.pem"),
+            key: dir.path().join("key.pem"),
+            client_ca: None,
         });
         let err = start(
             bad,

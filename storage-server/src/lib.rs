@@ -18,6 +18,7 @@
 //! **Invariant:** the server never panics on input from the network or from a topic.
 
 mod assignments;
+pub mod authz;
 mod error;
 pub mod faults;
 mod http;
@@ -54,14 +55,8 @@ pub const DEFAULT_LEASE_TTL_S: i64 = 10;
 /// Default host advertised in the node record.
 pub const DEFAULT_ADVERTISE_HOST: &str = "127.0.0.1";
 
-/// PEM files of the read endpoint's TLS identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// Certificate chain, leaf first.
-    pub cert_pem: PathBuf,
-    /// Private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_pem: PathBuf,
-}
+/// PEM files of the read endpoint's TLS identity and, for mutual TLS, the client CA.
+pub use rialto_security::tls::ServerTlsFiles as TlsFiles;
 
 /// Configuration of one storage server.
 #[derive(Debug, Clone)]
@@ -80,8 +75,12 @@ pub struct ServerConfig {
     pub meta_root: String,
     /// TTL of the registration lease.
     pub lease_ttl_s: i64,
-    /// TLS identity; `None` serves plaintext HTTP/2 (h2c), for local use only.
+    /// TLS identity; `None` serves plaintext HTTP/2 (h2c), for local use only. With a client
+    /// CA every client must present a certificate it signed (mutual TLS).
     pub tls: Option<TlsFiles>,
+    /// Check every read against the ACLs in etcd (`read` on the store); needs mutual TLS, so
+    /// that callers have principals. Off: anyone who can connect may read.
+    pub authorize: bool,
     /// Most keys accepted in one batch-get.
     pub batch_get_keys_max: usize,
     /// Size of the block cache shared by the on-disk stores' replicas.
@@ -122,6 +121,7 @@ impl ServerConfig {
             meta_root: DEFAULT_ROOT.to_string(),
             lease_ttl_s: DEFAULT_LEASE_TTL_S,
             tls: None,
+            authorize: false,
             batch_get_keys_max: BATCH_GET_KEYS_MAX,
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
             faults: FaultConfig::default(),
@@ -265,7 +265,27 @@ pub async fn start(
 ) -> Result<RunningServer, ServerError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| ServerError::io("create data directory", &config.data_dir, e))?;
-    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let tls = match &config.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            rialto_security::tls::server_config(files, &[b"h2"])
+                .map_err(|e| ServerError::Tls(e.to_string()))?,
+        ))),
+        None => {
+            rialto_security::tls::warn_plaintext(
+                "the storage server's read endpoint",
+                "give --tls-cert and --tls-key",
+            );
+            None
+        }
+    };
+    let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if config.authorize && !mutual_tls {
+        return Err(ServerError::Tls(
+            "authorization needs caller identities: give --tls-client-ca so that clients \
+             present certificates"
+                .into(),
+        ));
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -317,9 +337,27 @@ pub async fn start(
             .await
             .map_err(|e| ServerError::Task("startup cleanup", e.to_string()))??;
     }
+    let authorizer = if config.authorize {
+        let (acls, mirror) = authz::load(meta.clone(), &layout).await?;
+        Some((Arc::new(authz::Authorizer::enabled(acls)), mirror))
+    } else {
+        None
+    };
     let lease = ctx.register().await?;
 
     let (shutdown, shutdown_rx) = watch::channel(Stop::Running);
+    let authorizer = match authorizer {
+        Some((authorizer, mirror)) => {
+            tokio::spawn(authz::follow(
+                layout.clone(),
+                mirror,
+                authorizer.clone(),
+                shutdown_rx.clone(),
+            ));
+            authorizer
+        }
+        None => Arc::new(authz::Authorizer::disabled()),
+    };
     let faults = Arc::new(Faults::new(config.faults));
     if config.faults.is_active() {
         tracing::warn!(node = %config.node_id, delay = ?config.faults.delay, error_rate = config.faults.error_rate, "fault injection is on: reads are delayed or failed on purpose");
@@ -332,6 +370,7 @@ pub async fn start(
         buffers: Arc::new(http::BufferPool::default()),
         faults: faults.clone(),
         limits: limits.clone(),
+        authorizer,
     });
     // Ends at shutdown; a crash (kill) aborts it with the runtime's other detached tasks.
     tokio::spawn(limits::follow_quotas(
@@ -352,7 +391,7 @@ pub async fn start(
         shutdown_rx.clone(),
     ));
     let lease_task = tokio::spawn(node::keep_registered(ctx.clone(), lease, shutdown_rx));
-    tracing::info!(node = %config.node_id, %address, tls = config.tls.is_some(), "storage server started");
+    tracing::info!(node = %config.node_id, %address, tls = config.tls.is_some(), mutual_tls, authorize = config.authorize, "storage server started");
     Ok(RunningServer {
         address,
         metrics,
@@ -364,53 +403,6 @@ pub async fn start(
         lease_task,
         usage_task,
     })
-}
-
-mod tls {
-    //! Loading the TLS identity into a `rustls` acceptor (ring provider, ALPN `h2`).
-
-    use std::sync::Arc;
-
-    use tokio_rustls::TlsAcceptor;
-
-    use crate::{ServerError, TlsFiles};
-
-    pub(crate) fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServerError> {
-        let read = |path: &std::path::Path| {
-            std::fs::read(path)
-                .map_err(|e| ServerError::Tls(format!("cannot read {}: {e}", path.display())))
-        };
-        let cert_pem = read(&files.cert_pem)?;
-        let key_pem = read(&files.key_pem)?;
-        let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                ServerError::Tls(format!(
-                    "bad certificate PEM {}: {e}",
-                    files.cert_pem.display()
-                ))
-            })?;
-        if certs.is_empty() {
-            return Err(ServerError::Tls(format!(
-                "no certificate in {}",
-                files.cert_pem.display()
-            )));
-        }
-        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| ServerError::Tls(format!("bad key PEM {}: {e}", files.key_pem.display())))?
-            .ok_or_else(|| {
-                ServerError::Tls(format!("no private key in {}", files.key_pem.display()))
-            })?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ServerError::Tls(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| ServerError::Tls(e.to_string()))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(config)))
-    }
 }
 
 #[cfg(test)]

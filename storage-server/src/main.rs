@@ -51,6 +51,14 @@ struct Cli {
     /// TLS private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that must have signed every client's certificate: requires mutual
+    /// TLS, and callers are named by their certificates.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Check every read against the ACLs in etcd (`read` on its store; default deny). Needs
+    /// --tls-client-ca.
+    #[arg(long, requires = "tls_client_ca")]
+    authorize: bool,
     /// Most keys accepted in one batch-get.
     #[arg(long, default_value_t = BATCH_GET_KEYS_MAX)]
     batch_get_keys_max: usize,
@@ -112,7 +120,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let tls = match (cli.tls_cert, cli.tls_key) {
-        (Some(cert_pem), Some(key_pem)) => Some(TlsFiles { cert_pem, key_pem }),
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: cli.tls_client_ca,
+        }),
         _ => None,
     };
     let config = ServerConfig {
@@ -124,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         meta_root: cli.meta_root,
         lease_ttl_s: cli.lease_ttl_s,
         tls,
+        authorize: cli.authorize,
         batch_get_keys_max: cli.batch_get_keys_max,
         block_cache_bytes: cli.block_cache_mib * 1024 * 1024,
         faults: FaultConfig {

@@ -138,6 +138,8 @@ pub struct Cluster {
     pub meta: Arc<dyn MetaStore>,
     pub pubsub: Arc<dyn PubSub>,
     tls_ca_pem: Option<Vec<u8>>,
+    /// With [`ClusterOptions::secure`]: the directory `rialto-admin certs init` wrote.
+    certs: Option<PathBuf>,
     data: tempfile::TempDir,
     pub services: Services,
 }
@@ -151,6 +153,11 @@ pub struct ClusterOptions {
     pub zones: usize,
     /// Serve reads over TLS with a self-signed certificate (default false).
     pub tls: bool,
+    /// Mutual TLS and authorization everywhere (default false): a local CA with client
+    /// certificates for [`SECURE_CLIENTS`] (see [`Cluster::certs_dir`]); the controller's API
+    /// over HTTPS; every caller must present a certificate; `admin` is a cluster administrator
+    /// and nobody else holds anything until granted.
+    pub secure: bool,
     /// Faults of server `i` at start: `faults[i]`, or `default_faults` past the end of the list.
     pub faults: Vec<FaultConfig>,
     /// Faults of servers without an entry in `faults` (default none).
@@ -168,6 +175,7 @@ impl Default for ClusterOptions {
             servers: 3,
             zones: ZONES.len(),
             tls: false,
+            secure: false,
             faults: Vec::new(),
             default_faults: FaultConfig::default(),
             lease_ttl_s: 10,
@@ -215,12 +223,17 @@ fn write_self_signed_cert(dir: &Path) -> Result<(rialto_server::TlsFiles, Vec<u8
     std::fs::write(&key_path, certified.key_pair.serialize_pem())?;
     Ok((
         rialto_server::TlsFiles {
-            cert_pem: cert_path,
-            key_pem: key_path,
+            cert: cert_path,
+            key: key_path,
+            client_ca: None,
         },
         cert_pem.into_bytes(),
     ))
 }
+
+/// Clients with certificates in a [`ClusterOptions::secure`] cluster; `admin` is a cluster
+/// administrator.
+pub const SECURE_CLIENTS: [&str; 4] = ["admin", "alice", "bob", "pusher"];
 
 /// Zones used by [`Cluster::start`]: server `i` is in zone `ZONES[i % 3]`.
 pub const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
@@ -263,6 +276,19 @@ impl Cluster {
             bootstrap_servers: services.kafka_bootstrap.clone(),
         })?);
         let data = tempfile::Builder::new().prefix("rialto-data-").tempdir()?;
+        let certs = if opts.secure {
+            let dir = data.path().join("certs");
+            rialto_security::certs::init(
+                &dir,
+                &rialto_security::certs::InitOptions {
+                    clients: SECURE_CLIENTS.iter().map(|c| c.to_string()).collect(),
+                    hosts: Vec::new(),
+                },
+            )?;
+            Some(dir)
+        } else {
+            None
+        };
         let controller = rialto_controller::start(
             ControllerConfig {
                 controller_id: "controller-1".into(),
@@ -271,15 +297,33 @@ impl Cluster {
                 kafka_bootstrap: services.kafka_bootstrap.clone(),
                 lease_ttl_s: 10,
                 rebalance: opts.rebalance,
+                tls: certs.as_ref().map(|dir| rialto_controller::ServerTlsFiles {
+                    cert: dir.join("controller.crt"),
+                    key: dir.join("controller.key"),
+                    client_ca: Some(dir.join("ca.crt")),
+                }),
+                authorize: opts.secure,
+                admin_principals: if opts.secure {
+                    vec!["admin".into()]
+                } else {
+                    Vec::new()
+                },
             },
             meta.clone(),
             pubsub.clone(),
         )
         .await?;
-        let tls_files = if tls {
-            Some(write_self_signed_cert(data.path())?)
-        } else {
-            None
+        let tls_files = match &certs {
+            Some(dir) => Some((
+                rialto_server::TlsFiles {
+                    cert: dir.join("server.crt"),
+                    key: dir.join("server.key"),
+                    client_ca: Some(dir.join("ca.crt")),
+                },
+                std::fs::read(dir.join("ca.crt"))?,
+            )),
+            None if tls => Some(write_self_signed_cert(data.path())?),
+            None => None,
         };
         let mut cluster = Cluster {
             services,
@@ -288,6 +332,7 @@ impl Cluster {
             controller: Some(controller),
             servers: Vec::new(),
             tls_ca_pem: tls_files.as_ref().map(|(_, ca)| ca.clone()),
+            certs,
             data,
         };
         for i in 0..server_count {
@@ -309,12 +354,18 @@ impl Cluster {
         faults: FaultConfig,
     ) -> Result<usize> {
         let i = self.servers.len();
-        let tls = match &self.tls_ca_pem {
-            Some(_) => Some(rialto_server::TlsFiles {
-                cert_pem: self.data.path().join("server.crt"),
-                key_pem: self.data.path().join("server.key"),
+        let tls = match (&self.certs, &self.tls_ca_pem) {
+            (Some(dir), _) => Some(rialto_server::TlsFiles {
+                cert: dir.join("server.crt"),
+                key: dir.join("server.key"),
+                client_ca: Some(dir.join("ca.crt")),
             }),
-            None => None,
+            (None, Some(_)) => Some(rialto_server::TlsFiles {
+                cert: self.data.path().join("server.crt"),
+                key: self.data.path().join("server.key"),
+                client_ca: None,
+            }),
+            (None, None) => None,
         };
         let config = ServerConfig {
             node_id: format!("server-{i}"),
@@ -325,6 +376,7 @@ impl Cluster {
             meta_root: DEFAULT_ROOT.into(),
             lease_ttl_s,
             tls,
+            authorize: self.certs.is_some(),
             batch_get_keys_max: rialto_protocol::wire::BATCH_GET_KEYS_MAX,
             block_cache_bytes: 32 * 1024 * 1024,
             faults,
@@ -349,11 +401,37 @@ impl Cluster {
             .as_ref()
             .map(|c| c.address())
             .expect("controller stopped");
-        format!("http://{addr}")
+        let scheme = if self.certs.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
     }
 
+    /// An admin client; in a secure cluster it calls as `admin`, a cluster administrator.
     pub fn admin(&self) -> AdminClient {
-        AdminClient::new(self.controller_url())
+        self.admin_as("admin")
+    }
+
+    /// In a secure cluster: the directory of the CA and every identity's certificate.
+    pub fn certs_dir(&self) -> Option<&Path> {
+        self.certs.as_deref()
+    }
+
+    /// The TLS files of client `name` in a secure cluster (`None` otherwise).
+    pub fn client_tls_files(&self, name: &str) -> Option<rialto_controller::ClientTlsFiles> {
+        let dir = self.certs.as_ref()?;
+        Some(rialto_controller::ClientTlsFiles {
+            ca: dir.join("ca.crt"),
+            identity: Some((
+                dir.join(format!("client-{name}.crt")),
+                dir.join(format!("client-{name}.key")),
+            )),
+        })
+    }
+
+    /// An admin client calling as `name` (one of [`SECURE_CLIENTS`]) in a secure cluster; a
+    /// plaintext client otherwise.
+    pub fn admin_as(&self, name: &str) -> AdminClient {
+        AdminClient::connect(self.controller_url(), self.client_tls_files(name).as_ref())
+            .expect("the cluster's certificates load")
     }
 
     /// Address of server `i` while it runs.
@@ -706,6 +784,7 @@ impl Cluster {
     ) -> Result<PushReport, rialto_push::PushError> {
         let mut config = PushConfig::new(&self.controller_url(), store, input);
         config.wait_timeout = Duration::from_secs(180);
+        config.controller_tls = self.client_tls_files("admin");
         adjust(&mut config);
         rialto_push::push(&config).await
     }
@@ -735,9 +814,19 @@ impl Cluster {
             .map(|pem| rialto_fast_client::ClientTls {
                 ca_cert_pem: pem.clone(),
                 server_name: None,
+                identity: self.client_identity("admin"),
             });
         adjust(&mut config);
         Ok(Client::connect(config, self.meta.clone()).await?)
+    }
+
+    /// The certificate and key of client `name` in a secure cluster, for a fast client.
+    pub fn client_identity(&self, name: &str) -> Option<rialto_fast_client::ClientIdentity> {
+        let (cert, key) = self.client_tls_files(name)?.identity?;
+        Some(rialto_fast_client::ClientIdentity {
+            cert_pem: std::fs::read(cert).ok()?,
+            key_pem: std::fs::read(key).ok()?,
+        })
     }
 
     /// Creates store `name` (string keys [`key_of`]`(i)`, string values

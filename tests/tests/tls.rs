@@ -33,6 +33,7 @@ async fn reads_over_tls_verify_the_server_certificate() -> Result<()> {
     config.tls = Some(ClientTls {
         ca_cert_pem: other.cert.pem().into_bytes(),
         server_name: None,
+        identity: None,
     });
     let meta: std::sync::Arc<dyn MetaStore> = cluster.meta.clone();
     let untrusting = Client::connect(config, meta).await?;

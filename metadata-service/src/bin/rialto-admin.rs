@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use rialto_controller::{render, AdminClient};
+use rialto_controller::{render, AdminClient, ControllerTlsArgs};
+use rialto_protocol::acl::Permission;
+use rialto_protocol::admin::AclChangeRequest;
 use rialto_protocol::admin::{CreateStoreRequest, UpdateStoreRequest};
 use rialto_protocol::meta::{Compression, HybridConfig, StorageProfile};
 use serde::Serialize;
@@ -24,6 +26,8 @@ struct Args {
     /// Print the raw JSON answer instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    tls: ControllerTlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +49,71 @@ enum Command {
         store: String,
         #[arg(long)]
         version: Option<u32>,
+    },
+    /// Who may read, write and administer a store (or, with --cluster, every store).
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Local certificates for development and tests.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// Which ACL an `acl` command changes: a store's, or with `--cluster` the cluster's.
+#[derive(Debug, clap::Args)]
+struct AclTarget {
+    /// The store (omit with --cluster).
+    #[arg(required_unless_present = "cluster", conflicts_with = "cluster")]
+    store: Option<String>,
+    /// The cluster-wide ACL: `admin` there makes a cluster administrator; `read`/`write`
+    /// there apply to every store.
+    #[arg(long)]
+    cluster: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AclCommand {
+    /// Grants permissions: `acl grant STORE --permissions read,write --principal P` (principal
+    /// `*`: every authenticated caller).
+    Grant {
+        #[command(flatten)]
+        target: AclTarget,
+        /// read, write, admin (comma separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        permissions: Vec<String>,
+        /// The principal as its certificate names it (SAN URI, else subject CN).
+        #[arg(long)]
+        principal: String,
+    },
+    /// Revokes permissions.
+    Revoke {
+        #[command(flatten)]
+        target: AclTarget,
+        #[arg(long, value_delimiter = ',', required = true)]
+        permissions: Vec<String>,
+        #[arg(long)]
+        principal: String,
+    },
+    /// Lists the grants.
+    List {
+        #[command(flatten)]
+        target: AclTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Creates a CA and certificates for servers, controllers and named clients under DIR
+    /// (kept if they exist: run again to add clients).
+    Init {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// A client to issue a certificate for (principal = the name); repeatable.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+        /// A host name or IP the server and controller certificates must be valid for, beyond
+        /// localhost and 127.0.0.1; repeatable.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
 }
 
@@ -214,8 +283,53 @@ fn print<T: Serialize>(
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let client = AdminClient::new(args.controller.clone());
+    if let Command::Certs(CertsCommand::Init { dir, clients, hosts }) = &args.command {
+        let report = rialto_security::certs::init(
+            dir,
+            &rialto_security::certs::InitOptions {
+                clients: clients.clone(),
+                hosts: hosts.clone(),
+            },
+        )?;
+        for path in &report.written {
+            println!("wrote {}", path.display());
+        }
+        for path in &report.kept {
+            println!("kept  {}", path.display());
+        }
+        return Ok(());
+    }
+    let client = AdminClient::connect(args.controller.clone(), args.tls.files()?.as_ref())?;
     match args.command {
+        Command::Certs(_) => unreachable!("handled above"),
+        Command::Acl(AclCommand::List { target }) => {
+            let record = client.acl(target.store.as_deref()).await?;
+            print(args.json, &record, render::acl)
+        }
+        Command::Acl(AclCommand::Grant {
+            target,
+            permissions,
+            principal,
+        }) => {
+            let req = AclChangeRequest {
+                principal,
+                permissions: parse_permissions(&permissions)?,
+            };
+            let record = client.change_acl(target.store.as_deref(), true, &req).await?;
+            print(args.json, &record, render::acl)
+        }
+        Command::Acl(AclCommand::Revoke {
+            target,
+            permissions,
+            principal,
+        }) => {
+            let req = AclChangeRequest {
+                principal,
+                permissions: parse_permissions(&permissions)?,
+            };
+            let record = client.change_acl(target.store.as_deref(), false, &req).await?;
+            print(args.json, &record, render::acl)
+        }
         Command::Stores(StoresCommand::List) => {
             let stores = client.list_stores().await?;
             print(args.json, &stores, |s| render::stores(s))
@@ -391,6 +505,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             print(args.json, &d, render::node_description)
         }
     }
+}
+
+fn parse_permissions(names: &[String]) -> anyhow::Result<Vec<Permission>> {
+    names
+        .iter()
+        .map(|n| Permission::parse(n.trim()).map_err(anyhow::Error::msg))
+        .collect()
 }
 
 /// The one-line answer of a rollback or roll-forward.

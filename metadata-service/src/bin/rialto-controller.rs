@@ -10,7 +10,9 @@ use clap::Parser;
 use rialto_backends::etcd::EtcdMetaStore;
 use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_controller::rebalance::{MOVES_MAX_DEFAULT, REBALANCE_DELAY_DEFAULT};
-use rialto_controller::{start, ControllerConfig, RebalanceConfig, LEASE_TTL_S_DEFAULT};
+use rialto_controller::{
+    start, ControllerConfig, RebalanceConfig, ServerTlsFiles, LEASE_TTL_S_DEFAULT,
+};
 use rialto_protocol::meta::DEFAULT_ROOT;
 
 /// How long to wait for etcd at start-up.
@@ -53,6 +55,22 @@ struct Args {
     /// Most replica moves in flight at once, across the cluster.
     #[arg(long, default_value_t = MOVES_MAX_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..))]
     rebalance_moves_max: u64,
+    /// TLS certificate chain (PEM) of the admin API; with --tls-key serves HTTPS.
+    #[arg(long, requires = "tls_key", env = "RIALTO_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert", env = "RIALTO_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) that must have signed every caller's certificate (mutual TLS);
+    /// callers are named by their certificates.
+    #[arg(long, requires = "tls_cert", env = "RIALTO_TLS_CLIENT_CA")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// Check every admin call against the ACLs in etcd (default deny). Needs --tls-client-ca.
+    #[arg(long, requires = "tls_client_ca")]
+    authorize: bool,
+    /// A principal that is a cluster administrator whatever the ACLs say; repeatable.
+    #[arg(long = "admin-principal")]
+    admin_principals: Vec<String>,
 }
 
 #[tokio::main]
@@ -80,16 +98,20 @@ async fn main() -> anyhow::Result<()> {
             delay: Duration::from_secs(args.rebalance_delay_seconds),
             moves_max: usize::try_from(args.rebalance_moves_max).unwrap_or(usize::MAX),
         },
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| ServerTlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        authorize: args.authorize,
+        admin_principals: args.admin_principals,
         ..ControllerConfig::default()
     };
     if let Some(id) = args.id {
         config.controller_id = id;
     }
     let controller = start(config, Arc::new(meta), Arc::new(pubsub)).await?;
-    println!(
-        "rialto-controller listening on http://{}",
-        controller.address()
-    );
+    println!("rialto-controller listening on {}", controller.url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
