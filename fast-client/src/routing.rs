@@ -398,6 +398,7 @@ pub(crate) mod tests {
                 max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
                 hybrid: None,
                 moves: vec![],
+                pushed_by: None,
             };
             self.versions.insert(
                 self.layout.version("ads", v),

@@ -509,6 +509,7 @@ fn put_version_laid_out(
         max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
         hybrid: None,
         moves: vec![],
+        pushed_by: None,
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }

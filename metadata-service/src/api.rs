@@ -29,7 +29,10 @@ use rialto_protocol::meta::{
 use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
 
-use crate::authz::AuthzConfig;
+use crate::authz::{AuthzConfig, Requirement};
+use crate::serve::Caller;
+use axum::Extension;
+use rialto_protocol::acl::Permission;
 use crate::error::{encode_record, parse_record, ControllerError};
 use crate::store_ops::{
     fail_version, update_acl, store_not_found, update_store, update_version, version_not_found,
@@ -465,6 +468,7 @@ async fn describe_version(
 async fn start_push(
     State(st): State<Arc<ApiState>>,
     Path(store): Path<String>,
+    Extension(caller): Extension<Caller>,
     bytes: Bytes,
 ) -> ApiResult<StartPushResponse> {
     // An empty body is the same as `{}`.
@@ -490,18 +494,65 @@ async fn start_push(
         &store,
         &req.push_id,
         false,
+        caller.0.as_ref().map(|p| p.as_str()),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(started)))
 }
 
+/// With authorization on, a push's outcome (written, failed) may be reported only by the
+/// principal that started it or by an administrator of the store.
+struct PusherCheck {
+    caller: Option<String>,
+    admin: bool,
+    enabled: bool,
+}
+
+impl PusherCheck {
+    async fn new(st: &ApiState, caller: &Caller, store: &str) -> Result<PusherCheck, ControllerError> {
+        let caller_name = caller.0.as_ref().map(|p| p.as_str().to_string());
+        let admin = if st.authz.enabled {
+            let need = Requirement::Store(store.to_string(), Permission::Admin);
+            let acls = crate::authz::acls_for(st, &need).await?;
+            crate::authz::decide(&acls, caller_name.as_deref(), &need).is_ok()
+        } else {
+            true
+        };
+        Ok(PusherCheck {
+            caller: caller_name,
+            admin,
+            enabled: st.authz.enabled,
+        })
+    }
+
+    fn check(&self, v: &VersionRecord) -> Result<(), ControllerError> {
+        match &v.pushed_by {
+            Some(pusher) if self.enabled && !self.admin && self.caller.as_ref() != Some(pusher) => {
+                Err(ControllerError::Forbidden(format!(
+                    "version {} of store `{}` was started by `{pusher}`; only it or an \
+                     administrator of the store may report its outcome, not `{}`",
+                    v.version,
+                    v.store,
+                    self.caller
+                        .as_deref()
+                        .unwrap_or(rialto_security::principal::ANONYMOUS)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 async fn push_written(
     State(st): State<Arc<ApiState>>,
     Path((store, version)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<VersionDescription> {
     let version = parse_version(&version)?;
     get_store(&st, &store).await?;
+    let pusher_or_admin = PusherCheck::new(&st, &caller, &store).await?;
     let changed = update_version(&*st.meta, &st.layout, &store, version, |v| {
+        pusher_or_admin.check(v)?;
         match &v.status {
             VersionStatus::Pushing => {
                 v.status = VersionStatus::PushWritten;
@@ -527,6 +578,7 @@ async fn push_written(
 async fn fail_push(
     State(st): State<Arc<ApiState>>,
     Path((store, version)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
     bytes: Bytes,
 ) -> ApiResult<VersionDescription> {
     let version = parse_version(&version)?;
@@ -552,7 +604,9 @@ async fn fail_push(
     if record.current_version == Some(version) {
         return Err(live());
     }
+    let pusher_or_admin = PusherCheck::new(&st, &caller, &store).await?;
     let changed = update_version(&*st.meta, &st.layout, &store, version, |v| {
+        pusher_or_admin.check(v)?;
         match &v.status {
             VersionStatus::Pushing | VersionStatus::PushWritten => {
                 v.status = VersionStatus::Failed {

@@ -101,7 +101,7 @@ pub fn requirement(method: &Method, path: &str) -> Requirement {
 
 /// The ACLs that decide a requirement: the cluster record plus, for a store requirement, that
 /// store's record, with the command-line administrators added.
-async fn acls_for(
+pub(crate) async fn acls_for(
     state: &ApiState,
     requirement: &Requirement,
 ) -> Result<Acls, ControllerError> {

@@ -62,6 +62,7 @@ pub(crate) async fn run(
                         &lease,
                         &mut shutdown,
                         config.rebalance,
+                        config.push_timeout,
                     )
                     .await;
                     break;
@@ -109,11 +110,13 @@ async fn lead(
     lease: &LeaseHandle,
     shutdown: &mut watch::Receiver<bool>,
     rebalance: RebalanceConfig,
+    push_timeout: std::time::Duration,
 ) {
     tracing::info!(controller = id, "became leader");
     leader.store(true, Ordering::SeqCst);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut reconciler = Reconciler::new(layout.clone(), meta.clone(), pubsub.clone(), rebalance);
+    let mut reconciler = Reconciler::new(layout.clone(), meta.clone(), pubsub.clone(), rebalance)
+        .with_push_timeout(push_timeout);
     let reconcile = async move {
         // The mirrors need etcd; retry their start while leading.
         loop {

@@ -54,6 +54,9 @@ pub use rebalance::RebalanceConfig;
 /// Default TTL of the leader lease, in seconds.
 pub const LEASE_TTL_S_DEFAULT: i64 = 10;
 
+/// Default [`ControllerConfig::push_timeout`]: a day, as Venice's bootstrap timeout.
+pub const PUSH_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// How one controller runs.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -69,6 +72,9 @@ pub struct ControllerConfig {
     pub lease_ttl_s: i64,
     /// When and how many replicas the leader moves (lost, drained and new nodes).
     pub rebalance: RebalanceConfig,
+    /// A version not live this long after its push started is failed (the push job died, or
+    /// its replicas cannot catch up); zero never.
+    pub push_timeout: std::time::Duration,
     /// HTTPS for the admin API; with a client CA every caller must present a certificate it
     /// signed. `None` serves plaintext HTTP, for local use only.
     pub tls: Option<ServerTlsFiles>,
@@ -87,6 +93,7 @@ impl Default for ControllerConfig {
             kafka_bootstrap: "127.0.0.1:9092".to_string(),
             lease_ttl_s: LEASE_TTL_S_DEFAULT,
             rebalance: RebalanceConfig::default(),
+            push_timeout: PUSH_TIMEOUT_DEFAULT,
             tls: None,
             authorize: false,
             admin_principals: Vec::new(),

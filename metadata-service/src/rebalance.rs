@@ -511,6 +511,7 @@ mod tests {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             hybrid: None,
             moves: vec![],
+            pushed_by: None,
         };
         for (p, n) in record.replicas() {
             set_state(&mut v, p, n, ReplicaState::Online);

@@ -57,6 +57,8 @@ pub struct ClusterView {
     /// Node hosting a replica but not registered → when this controller first saw it missing
     /// ([`NodeClock`]).
     pub missing_ms: BTreeMap<String, i64>,
+    /// A version in progress longer than this (milliseconds since its creation) fails; 0: never.
+    pub push_timeout_ms: i64,
 }
 
 /// When this controller first saw each node that hosts replicas go missing, by its own clock.
@@ -410,7 +412,21 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
                         version: n,
                         reason,
                     });
-                } else if all_online(view, v) {
+                } else if view.push_timeout_ms > 0
+                    && view.now_ms.saturating_sub(v.created_ms) > view.push_timeout_ms
+                {
+                    actions.push(Action::Fail {
+                        store: name.clone(),
+                        version: n,
+                        reason: format!(
+                            "push timed out: not live {} s after it started (the push job died, \
+                             or its replicas could not catch up); push again",
+                            view.push_timeout_ms / 1000
+                        ),
+                    });
+                } else if v.status == VersionStatus::PushWritten && all_online(view, v) {
+                    // Only a push that reported itself written goes live: ONLINE replicas alone
+                    // prove only that someone wrote END_OF_PUSH to the topic.
                     match over_storage_quota(view, store, v) {
                         Some(reason) => actions.push(Action::Fail {
                             store: name.clone(),
@@ -534,6 +550,7 @@ pub struct Reconciler {
     reports: ReportClock,
     absences: NodeClock,
     rebalance: RebalanceConfig,
+    push_timeout: std::time::Duration,
 }
 
 impl Reconciler {
@@ -552,7 +569,15 @@ impl Reconciler {
             reports: ReportClock::default(),
             absences: NodeClock::default(),
             rebalance,
+            push_timeout: std::time::Duration::ZERO,
         }
+    }
+
+    /// Fails a version still being pushed (or waiting for its replicas) this long after it was
+    /// started; zero never does.
+    pub fn with_push_timeout(mut self, timeout: std::time::Duration) -> Reconciler {
+        self.push_timeout = timeout;
+        self
     }
 
     /// Follows the metadata and reconciles until `stop` becomes true (leadership lost or
@@ -585,6 +610,7 @@ impl Reconciler {
                 &replicas.snapshot().await,
                 &mut self.reports,
             );
+            view.push_timeout_ms = i64::try_from(self.push_timeout.as_millis()).unwrap_or(i64::MAX);
             view.add_nodes(
                 &nodes.snapshot().await,
                 &drains.snapshot().await,
@@ -900,6 +926,7 @@ mod tests {
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
             hybrid: None,
             moves: vec![],
+            pushed_by: None,
         }
     }
 
@@ -1038,10 +1065,30 @@ mod tests {
     }
 
     #[test]
-    fn unassigned_replica_errors_are_ignored() {
+    fn only_a_push_reported_written_goes_live_and_a_stalled_push_times_out() {
         let mut v = view(
             store(None, None, 1),
             vec![version(1, VersionStatus::Pushing)],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        // Whoever wrote END_OF_PUSH to the topic made the replicas ONLINE; that is not enough.
+        assert_eq!(plan(&v), vec![]);
+        v.push_timeout_ms = 60_000;
+        let created = v.versions[&("s".to_string(), 1)].created_ms;
+        v.now_ms = created + 60_001;
+        match plan(&v).as_slice() {
+            [Action::Fail { version: 1, reason, .. }] => {
+                assert!(reason.contains("push timed out"), "{reason}")
+            }
+            other => panic!("expected the push to time out: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unassigned_replica_errors_are_ignored() {
+        let mut v = view(
+            store(None, None, 1),
+            vec![version(1, VersionStatus::PushWritten)],
         );
         set_all(&mut v, 1, ReplicaState::Online);
         v.replicas.insert(

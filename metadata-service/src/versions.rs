@@ -43,6 +43,7 @@ pub(crate) async fn start_version(
     store: &str,
     push_id: &str,
     empty: bool,
+    pushed_by: Option<&str>,
 ) -> Result<StartPushResponse, ControllerError> {
     let key = layout.store(store);
     let record: StoreRecord = match meta.get(&key).await? {
@@ -102,6 +103,7 @@ pub(crate) async fn start_version(
         max_value_bytes: updated.max_value_bytes,
         hybrid: updated.hybrid,
         moves: vec![],
+        pushed_by: pushed_by.map(str::to_string),
     };
     let key = layout.version(store, version);
     // The topic exists before the record: servers start consuming as soon as they see it.
@@ -162,6 +164,7 @@ pub(crate) async fn start_empty_version(
         store,
         "empty version of a streaming-only store",
         true,
+        None,
     )
     .await?;
     let version = started.version;

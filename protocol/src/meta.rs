@@ -381,6 +381,10 @@ pub struct VersionRecord {
     /// it enters `assignment` only once it reports ONLINE.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moves: Vec<ReplicaMove>,
+    /// The principal that started the push (with authorization on); only it, or an
+    /// administrator of the store, may report the push written or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_by: Option<String>,
 }
 
 impl VersionRecord {
@@ -618,6 +622,7 @@ mod tests {
                 reason: MoveReason::NodeLost,
                 started_ms: 2,
             }],
+            pushed_by: Some("spiffe://example.org/feed-job".into()),
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);

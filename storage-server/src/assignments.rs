@@ -351,6 +351,7 @@ mod tests {
             max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
             hybrid: None,
             moves: vec![],
+            pushed_by: None,
         };
         serde_json::to_vec(&r).unwrap()
     }

@@ -586,6 +586,7 @@ pub fn version_record(
         max_value_bytes: rialto_protocol::meta::DEFAULT_MAX_VALUE_BYTES,
         hybrid: None,
         moves: vec![],
+        pushed_by: None,
     }
 }
 

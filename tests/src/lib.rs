@@ -297,6 +297,7 @@ impl Cluster {
                 kafka_bootstrap: services.kafka_bootstrap.clone(),
                 lease_ttl_s: 10,
                 rebalance: opts.rebalance,
+                push_timeout: rialto_controller::PUSH_TIMEOUT_DEFAULT,
                 tls: certs.as_ref().map(|dir| rialto_controller::ServerTlsFiles {
                     cert: dir.join("controller.crt"),
                     key: dir.join("controller.key"),

@@ -33,6 +33,10 @@ fn forbidden(result: Result<impl std::fmt::Debug, ControllerError>, who: &str, w
     }
 }
 
+fn pusher_admin(cluster: &Cluster) -> AdminClient {
+    cluster.admin_as("pusher")
+}
+
 fn change(principal: &str, permissions: &[Permission]) -> AclChangeRequest {
     AclChangeRequest {
         principal: principal.into(),
@@ -134,6 +138,29 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
             c.controller_tls = cluster.client_tls_files("pusher")
         })
         .await?;
+
+    // Only the principal that started a push (or a store administrator) reports its outcome,
+    // so another writer cannot make someone else's version go live.
+    let started = pusher_admin(&cluster)
+        .start_push(STORE, &Default::default())
+        .await?;
+    admin
+        .change_acl(Some(STORE), true, &change("bob", &[Permission::Write]))
+        .await?;
+    let bob = cluster.admin_as("bob");
+    forbidden(
+        bob.push_written(STORE, started.version).await,
+        "pusher",
+        "started by",
+    );
+    let failed = pusher_admin(&cluster)
+        .fail_push(STORE, started.version, "abandoned by the test")
+        .await?;
+    assert_eq!(
+        failed.record.pushed_by.as_deref(),
+        Some("pusher"),
+        "the version records who pushed it"
+    );
 
     // Admin calls need `admin` on the store (or the cluster); `write` is not enough.
     let pusher = cluster.admin_as("pusher");

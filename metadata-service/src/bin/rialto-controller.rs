@@ -12,6 +12,7 @@ use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_controller::rebalance::{MOVES_MAX_DEFAULT, REBALANCE_DELAY_DEFAULT};
 use rialto_controller::{
     start, ControllerConfig, RebalanceConfig, ServerTlsFiles, LEASE_TTL_S_DEFAULT,
+    PUSH_TIMEOUT_DEFAULT,
 };
 use rialto_protocol::meta::DEFAULT_ROOT;
 
@@ -55,6 +56,9 @@ struct Args {
     /// Most replica moves in flight at once, across the cluster.
     #[arg(long, default_value_t = MOVES_MAX_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..))]
     rebalance_moves_max: u64,
+    /// A version not live this many seconds after its push started is failed (0: never).
+    #[arg(long, default_value_t = PUSH_TIMEOUT_DEFAULT.as_secs())]
+    push_timeout_seconds: u64,
     /// TLS certificate chain (PEM) of the admin API; with --tls-key serves HTTPS.
     #[arg(long, requires = "tls_key", env = "RIALTO_TLS_CERT")]
     tls_cert: Option<std::path::PathBuf>,
@@ -103,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             key,
             client_ca: args.tls_client_ca,
         }),
+        push_timeout: Duration::from_secs(args.push_timeout_seconds),
         authorize: args.authorize,
         admin_principals: args.admin_principals,
         ..ControllerConfig::default()
