@@ -20,10 +20,46 @@ use crate::pubsub::{ConsumedRecord, Delivery, PartitionConsumer, PubSub, PubSubE
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Kafka connection settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `host:port[,host:port]`.
     pub bootstrap_servers: String,
+    /// librdkafka properties passed through to every client this config creates, after
+    /// Rialto's own (so they win): the broker's security settings, for example
+    /// `security.protocol=SASL_SSL`, `ssl.ca.location=/etc/rialto/kafka-ca.crt`,
+    /// `sasl.mechanism=SCRAM-SHA-512`, `sasl.username=…`, `sasl.password=…`.
+    pub options: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// Settings for `bootstrap_servers` with no extra properties.
+    pub fn new(bootstrap_servers: impl Into<String>) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            options: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    /// Option values are not printed: they may hold passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.options.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("options", &keys)
+            .finish()
+    }
+}
+
+/// Parses one `--kafka-option KEY=VALUE`.
+pub fn parse_option(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!(
+            "`{text}` is not KEY=VALUE (a librdkafka property, e.g. security.protocol=SSL)"
+        )),
+    }
 }
 
 /// Kafka-backed [`PubSub`]. One producer, shared, created by the first send (storage servers
@@ -43,6 +79,9 @@ fn client_config(config: &KafkaConfig, extra: &[(&str, &str)]) -> ClientConfig {
     c.set("socket.timeout.ms", "10000");
     for (k, v) in extra {
         c.set(*k, *v);
+    }
+    for (k, v) in &config.options {
+        c.set(k, v);
     }
     c
 }
@@ -418,6 +457,9 @@ impl KafkaPubSub {
         if let Some(wait) = fetch_wait {
             config.set("fetch.wait.max.ms", wait.as_millis().max(1).to_string());
         }
+        for (k, v) in &self.config.options {
+            config.set(k, v);
+        }
         let consumer: StreamConsumer = config.create().map_err(|e| failed(&context, e))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))
@@ -464,5 +506,39 @@ impl PartitionConsumer for KafkaPartitionConsumer {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_reach_librdkafka_and_a_bad_one_is_a_clear_error() {
+        assert_eq!(
+            parse_option("sasl.password=a=b").unwrap(),
+            ("sasl.password".to_string(), "a=b".to_string())
+        );
+        assert!(parse_option("no-equals").is_err());
+        assert!(parse_option("=value").is_err());
+
+        let mut config = KafkaConfig::new("127.0.0.1:9");
+        config.options = vec![("security.protocol".into(), "plaintext".into())];
+        assert!(KafkaPubSub::new(config.clone()).is_ok());
+        // librdkafka checks every property when a client is created: a typo fails at once,
+        // naming the property, instead of a broker that silently refuses to talk.
+        config.options = vec![("security.protocoll".into(), "SSL".into())];
+        let err = KafkaPubSub::new(config.clone())
+            .err()
+            .expect("unknown property refused");
+        assert!(err.to_string().contains("security.protocoll"), "{err}");
+        let debug = format!(
+            "{:?}",
+            KafkaConfig {
+                options: vec![("sasl.password".into(), "hunter2".into())],
+                ..config
+            }
+        );
+        assert!(!debug.contains("hunter2"), "{debug}");
     }
 }

@@ -48,7 +48,7 @@ pub use response::RawValue;
 pub use routing::{Replica, RoutingTable};
 pub use stats::ClientStats;
 pub use stream::{
-    BatchEvent, BatchStream, Completeness, KeyFailure, Refusal, RawBatchStream, ValueEvent,
+    BatchEvent, BatchStream, Completeness, KeyFailure, RawBatchStream, Refusal, ValueEvent,
 };
 
 /// Most keys one `batch_get` call accepts (the servers' default limit per request).

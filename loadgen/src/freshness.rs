@@ -84,6 +84,7 @@ pub async fn run(config: &FreshnessConfig, client: &Client) -> Result<FreshnessR
         controller_url: config.controller_url.clone(),
         store: config.store.clone(),
         kafka_bootstrap: None,
+        kafka_options: Vec::new(),
         controller_tls: config.controller_tls.clone(),
     })
     .await

@@ -54,7 +54,7 @@ struct Args {
     /// Cluster root in etcd.
     #[arg(long, default_value = DEFAULT_ROOT)]
     root: String,
-    /// TLS: `--ca-cert` is the cluster's CA (controller and storage servers), `--cert`/`--key`
+    /// TLS: `--tls-ca-cert` is the cluster's CA (controller and storage servers), `--tls-cert`/`--tls-key`
     /// this caller's identity for servers that require client certificates.
     #[command(flatten)]
     tls: ControllerTlsArgs,
@@ -325,9 +325,8 @@ async fn connect(
     let mut config = ClientConfig::new(store);
     config.meta_root = root.to_string();
     if let Some(files) = tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).with_context(|| format!("read {}", p.display()))
-        };
+        let read =
+            |p: &std::path::Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
         config.tls = Some(rialto_fast_client::ClientTls {
             ca_cert_pem: read(&files.ca)?,
             server_name: None,

@@ -13,12 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rialto_backends::{MetaStore, PubSub};
+use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
+use rialto_protocol::admin::{AclChangeRequest, NodeDescription, NodeReplica};
 use rialto_protocol::admin::{
     CreateStoreRequest, FailPushRequest, ReplicaView, StartPushRequest, StartPushResponse,
     StoreDescription, UpdateStoreRequest, VersionDescription,
 };
-use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
-use rialto_protocol::admin::{AclChangeRequest, NodeDescription, NodeReplica};
 use rialto_protocol::avro::AvroCodec;
 use rialto_protocol::meta::{
     now_ms, realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
@@ -30,14 +30,14 @@ use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
 
 use crate::authz::{AuthzConfig, Requirement};
-use crate::serve::Caller;
-use axum::Extension;
-use rialto_protocol::acl::Permission;
 use crate::error::{encode_record, parse_record, ControllerError};
+use crate::serve::Caller;
 use crate::store_ops::{
-    fail_version, update_acl, store_not_found, update_store, update_version, version_not_found,
+    fail_version, store_not_found, update_acl, update_store, update_version, version_not_found,
 };
 use crate::versions::{live_nodes, start_version};
+use axum::Extension;
+use rialto_protocol::acl::Permission;
 
 /// Largest request body the API accepts.
 pub const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -509,7 +509,11 @@ struct PusherCheck {
 }
 
 impl PusherCheck {
-    async fn new(st: &ApiState, caller: &Caller, store: &str) -> Result<PusherCheck, ControllerError> {
+    async fn new(
+        st: &ApiState,
+        caller: &Caller,
+        store: &str,
+    ) -> Result<PusherCheck, ControllerError> {
         let caller_name = caller.0.as_ref().map(|p| p.as_str().to_string());
         let admin = if st.authz.enabled {
             let need = Requirement::Store(store.to_string(), Permission::Admin);

@@ -146,15 +146,13 @@ pub fn decide(
         Requirement::Authenticated => {
             "this call needs an authenticated caller: present a client certificate".to_string()
         }
-        Requirement::ClusterAdmin => {
-            forbidden_message(name, Permission::Admin, "the cluster")
-        }
+        Requirement::ClusterAdmin => forbidden_message(name, Permission::Admin, "the cluster"),
         Requirement::Store(store, permission) => {
             forbidden_message(name, *permission, &format!("store `{store}`"))
         }
-        Requirement::StoreAny(store) => format!(
-            "principal `{name}` holds no permission on store `{store}`"
-        ),
+        Requirement::StoreAny(store) => {
+            format!("principal `{name}` holds no permission on store `{store}`")
+        }
     })
 }
 
@@ -207,22 +205,46 @@ mod tests {
         assert_eq!(requirement(&Method::GET, "/health"), Public);
         assert_eq!(requirement(&Method::POST, "/v1/stores"), ClusterAdmin);
         assert_eq!(requirement(&Method::GET, "/v1/stores"), Authenticated);
-        assert_eq!(requirement(&Method::GET, "/v1/stores/feed"), StoreAny("feed".into()));
-        assert_eq!(requirement(&Method::POST, "/v1/stores/feed/versions"), store(Permission::Write));
+        assert_eq!(
+            requirement(&Method::GET, "/v1/stores/feed"),
+            StoreAny("feed".into())
+        );
+        assert_eq!(
+            requirement(&Method::POST, "/v1/stores/feed/versions"),
+            store(Permission::Write)
+        );
         assert_eq!(
             requirement(&Method::POST, "/v1/stores/feed/versions/3/written"),
             store(Permission::Write)
         );
-        assert_eq!(requirement(&Method::DELETE, "/v1/stores/feed/versions/3"), store(Permission::Admin));
-        assert_eq!(requirement(&Method::PATCH, "/v1/stores/feed"), store(Permission::Admin));
-        assert_eq!(requirement(&Method::POST, "/v1/stores/feed/rollback"), store(Permission::Admin));
-        assert_eq!(requirement(&Method::POST, "/v1/acls/stores/feed/grant"), store(Permission::Admin));
+        assert_eq!(
+            requirement(&Method::DELETE, "/v1/stores/feed/versions/3"),
+            store(Permission::Admin)
+        );
+        assert_eq!(
+            requirement(&Method::PATCH, "/v1/stores/feed"),
+            store(Permission::Admin)
+        );
+        assert_eq!(
+            requirement(&Method::POST, "/v1/stores/feed/rollback"),
+            store(Permission::Admin)
+        );
+        assert_eq!(
+            requirement(&Method::POST, "/v1/acls/stores/feed/grant"),
+            store(Permission::Admin)
+        );
         assert_eq!(requirement(&Method::GET, "/v1/acls/cluster"), ClusterAdmin);
-        assert_eq!(requirement(&Method::POST, "/v1/nodes/n1/drain"), ClusterAdmin);
+        assert_eq!(
+            requirement(&Method::POST, "/v1/nodes/n1/drain"),
+            ClusterAdmin
+        );
         assert_eq!(requirement(&Method::GET, "/v1/nodes"), ClusterAdmin);
         assert_eq!(requirement(&Method::GET, "/no/such/route"), ClusterAdmin);
         // A percent-encoded store name is checked as the handler will see it.
-        assert_eq!(requirement(&Method::PATCH, "/v1/stores/%66eed"), store(Permission::Admin));
+        assert_eq!(
+            requirement(&Method::PATCH, "/v1/stores/%66eed"),
+            store(Permission::Admin)
+        );
     }
 
     #[test]
@@ -241,6 +263,11 @@ mod tests {
         assert!(decide(&acls, None, &Requirement::Public).is_ok());
         assert!(decide(&acls, Some("pusher"), &Requirement::ClusterAdmin).is_err());
         assert!(decide(&acls, Some("pusher"), &Requirement::StoreAny("feed".into())).is_ok());
-        assert!(decide(&acls, Some("pusher"), &Requirement::StoreAny("other".into())).is_err());
+        assert!(decide(
+            &acls,
+            Some("pusher"),
+            &Requirement::StoreAny("other".into())
+        )
+        .is_err());
     }
 }

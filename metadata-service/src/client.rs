@@ -16,8 +16,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rialto_protocol::admin::{
-    AclChangeRequest, AclRecord, ApiError, CreateStoreRequest, FailPushRequest, NodeDescription, StartPushRequest,
-    StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
+    AclChangeRequest, AclRecord, ApiError, CreateStoreRequest, FailPushRequest, NodeDescription,
+    StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord};
 use serde::de::DeserializeOwned;
@@ -145,8 +145,8 @@ impl AdminClient {
         };
         if url.starts_with("https://") && !self.tls {
             return Err(unreachable(
-                "an https:// controller needs TLS settings: give --ca-cert (and --cert/--key \
-                 if it requires client certificates)"
+                "an https:// controller needs TLS settings: give --tls-ca-cert (and \
+                 --tls-cert/--tls-key if it requires client certificates)"
                     .into(),
             ));
         }
@@ -179,7 +179,10 @@ impl AdminClient {
                 Ok(e) => (e.kind, e.message),
                 Err(_) => (
                     "internal".to_string(),
-                    format!("{path} answered {status}: {}", String::from_utf8_lossy(&bytes)),
+                    format!(
+                        "{path} answered {status}: {}",
+                        String::from_utf8_lossy(&bytes)
+                    ),
                 ),
             };
             return Err(ControllerError::Api {
@@ -404,30 +407,48 @@ impl AdminClient {
     }
 }
 
-/// The flags every tool that calls the controller shares: `--ca-cert`, `--cert`, `--key` (or
-/// `RIALTO_CA_CERT`, `RIALTO_CERT`, `RIALTO_KEY`).
+/// The flags every tool that calls the controller (or reads from servers) shares:
+/// `--tls-ca-cert`, `--tls-cert`, `--tls-key` (or `RIALTO_CA_CERT`, `RIALTO_CERT`, `RIALTO_KEY`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ControllerTlsArgs {
-    /// CA certificate (PEM) the controller's certificate is checked against; needed for an
-    /// https:// controller.
-    #[arg(long, env = "RIALTO_CA_CERT", global = true)]
+    /// CA certificate (PEM) the controller's and servers' certificates are checked against;
+    /// needed for an https:// controller.
+    #[arg(
+        long = "tls-ca-cert",
+        id = "tls_ca_cert",
+        env = "RIALTO_CA_CERT",
+        global = true
+    )]
     pub ca_cert: Option<std::path::PathBuf>,
-    /// This caller's certificate (PEM), for a controller that requires client certificates;
-    /// it names the caller's principal.
-    #[arg(long, env = "RIALTO_CERT", requires = "key", global = true)]
+    /// This caller's certificate (PEM), for endpoints that require client certificates; it
+    /// names the caller's principal.
+    #[arg(
+        long = "tls-cert",
+        id = "tls_cert",
+        env = "RIALTO_CERT",
+        requires = "tls_key",
+        global = true
+    )]
     pub cert: Option<std::path::PathBuf>,
-    /// The private key (PEM) of --cert.
-    #[arg(long, env = "RIALTO_KEY", requires = "cert", global = true)]
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long = "tls-key",
+        id = "tls_key",
+        env = "RIALTO_KEY",
+        requires = "tls_cert",
+        global = true
+    )]
     pub key: Option<std::path::PathBuf>,
 }
 
 impl ControllerTlsArgs {
-    /// The TLS files these flags name, if any (`--cert` without `--ca-cert` is refused).
+    /// The TLS files these flags name, if any (`--tls-cert` without `--tls-ca-cert` is refused).
     pub fn files(&self) -> Result<Option<ClientTlsFiles>, ControllerError> {
         match (&self.ca_cert, &self.cert, &self.key) {
             (None, None, _) => Ok(None),
             (None, Some(_), _) => Err(ControllerError::BadRequest(
-                "--cert needs --ca-cert: the CA that signed the controller's certificate".into(),
+                "--tls-cert needs --tls-ca-cert: the CA that signed the controller's certificate"
+                    .into(),
             )),
             (Some(ca), cert, key) => Ok(Some(ClientTlsFiles {
                 ca: ca.clone(),

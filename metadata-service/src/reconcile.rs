@@ -1077,7 +1077,9 @@ mod tests {
         let created = v.versions[&("s".to_string(), 1)].created_ms;
         v.now_ms = created + 60_001;
         match plan(&v).as_slice() {
-            [Action::Fail { version: 1, reason, .. }] => {
+            [Action::Fail {
+                version: 1, reason, ..
+            }] => {
                 assert!(reason.contains("push timed out"), "{reason}")
             }
             other => panic!("expected the push to time out: {other:?}"),

@@ -379,7 +379,13 @@ pub fn acl(record: &rialto_protocol::acl::AclRecord) -> String {
     if record.grants.is_empty() {
         return "(no grants)\n".to_string();
     }
-    let width = record.grants.keys().map(|p| p.len()).max().unwrap_or(0).max(9);
+    let width = record
+        .grants
+        .keys()
+        .map(|p| p.len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
     let mut out = format!("{:<width$}  PERMISSIONS\n", "PRINCIPAL");
     for (principal, permissions) in &record.grants {
         let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();

@@ -145,7 +145,10 @@ impl Acls {
     pub fn allows_any(&self, principal: &str, store: &str) -> bool {
         self.is_cluster_admin(principal)
             || self.cluster.grants_any(principal)
-            || self.stores.get(store).is_some_and(|r| r.grants_any(principal))
+            || self
+                .stores
+                .get(store)
+                .is_some_and(|r| r.grants_any(principal))
     }
 
     /// Whether `principal` is a cluster administrator.
@@ -185,7 +188,10 @@ mod tests {
         assert!(a.allows("alice", "feed", Permission::Read));
         assert!(!a.allows("alice", "feed", Permission::Write));
         assert!(!a.allows("alice", "other", Permission::Read));
-        assert!(!a.allows("owner", "feed", Permission::Read), "admin does not imply read");
+        assert!(
+            !a.allows("owner", "feed", Permission::Read),
+            "admin does not imply read"
+        );
         assert!(a.allows("owner", "feed", Permission::Admin));
         assert!(!a.allows("mallory", "feed", Permission::Read));
         assert!(!Acls::default().allows("alice", "feed", Permission::Read));

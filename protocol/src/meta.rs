@@ -115,7 +115,9 @@ impl Layout {
     }
     /// The store an ACL key belongs to (`None` for the cluster record or a foreign key).
     pub fn parse_store_acl_key<'a>(&self, key: &'a str) -> Option<&'a str> {
-        let store = key.strip_prefix(&self.root)?.strip_prefix("/acls/stores/")?;
+        let store = key
+            .strip_prefix(&self.root)?
+            .strip_prefix("/acls/stores/")?;
         (!store.is_empty() && !store.contains('/')).then_some(store)
     }
 

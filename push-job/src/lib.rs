@@ -123,6 +123,8 @@ pub struct PushConfig {
     pub wait_timeout: Duration,
     /// Overrides the Kafka bootstrap servers the controller hands out.
     pub kafka_bootstrap: Option<String>,
+    /// librdkafka properties for the broker's security settings (see `KafkaConfig::options`).
+    pub kafka_options: Vec<(String, String)>,
     /// Memory budget and spill directory of the external sort.
     pub sort: SortConfig,
     /// TLS to an https:// controller (its CA, and this job's certificate, whose principal
@@ -142,6 +144,7 @@ impl PushConfig {
             shape: InputShape::default(),
             wait_timeout: Duration::from_secs(600),
             kafka_bootstrap: None,
+            kafka_options: Vec::new(),
             sort: SortConfig::default(),
             controller_tls: None,
         }
@@ -285,7 +288,10 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         }
         let bootstrap = config.kafka_bootstrap.clone().unwrap_or_else(|| start.kafka_bootstrap.clone());
         let pubsub: Arc<dyn PubSub> = Arc::new(
-            KafkaPubSub::new(KafkaConfig { bootstrap_servers: bootstrap })
+            KafkaPubSub::new(KafkaConfig {
+                bootstrap_servers: bootstrap,
+                options: config.kafka_options.clone(),
+            })
                 .map_err(|source| PushError::Produce { version, source })?,
         );
         let produce_started = Instant::now();

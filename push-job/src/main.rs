@@ -70,6 +70,10 @@ struct PushArgs {
     /// Kafka bootstrap servers, overriding what the controller says.
     #[arg(long)]
     kafka: Option<String>,
+    /// A librdkafka property for the broker's TLS and SASL settings, KEY=VALUE (repeatable),
+    /// e.g. `security.protocol=SASL_SSL`; see the README's security section.
+    #[arg(long = "kafka-option", value_parser = rialto_backends::kafka::parse_option)]
+    kafka_options: Vec<(String, String)>,
     /// Memory for sorting the input, in MiB; larger inputs spill sorted runs to disk.
     #[arg(long, default_value_t = rialto_push::sort::DEFAULT_SORT_MEMORY_BYTES / (1024 * 1024))]
     sort_memory_mib: usize,
@@ -96,6 +100,10 @@ struct StreamArgs {
     /// Kafka bootstrap servers, overriding what the controller says.
     #[arg(long)]
     kafka: Option<String>,
+    /// A librdkafka property for the broker's TLS and SASL settings, KEY=VALUE (repeatable),
+    /// e.g. `security.protocol=SASL_SSL`; see the README's security section.
+    #[arg(long = "kafka-option", value_parser = rialto_backends::kafka::parse_option)]
+    kafka_options: Vec<(String, String)>,
 }
 
 #[tokio::main]
@@ -140,6 +148,7 @@ async fn batch_push(
     };
     config.wait_timeout = Duration::from_secs(args.wait_timeout_s);
     config.kafka_bootstrap = args.kafka;
+    config.kafka_options = args.kafka_options;
     config.controller_tls = tls;
     config.sort = SortConfig {
         memory_bytes: args.sort_memory_mib * 1024 * 1024,
@@ -207,6 +216,7 @@ async fn stream(
         controller_url: args.controller,
         store: args.store,
         kafka_bootstrap: args.kafka,
+        kafka_options: args.kafka_options,
         controller_tls: tls,
     };
     let mut writer = match RealtimeWriter::connect(&config).await {

@@ -129,6 +129,8 @@ pub struct RealtimeConfig {
     pub store: String,
     /// Overrides the Kafka bootstrap servers the controller names.
     pub kafka_bootstrap: Option<String>,
+    /// librdkafka properties for the broker's security settings (see `KafkaConfig::options`).
+    pub kafka_options: Vec<(String, String)>,
     /// TLS to an https:// controller (its CA, and this writer's certificate).
     pub controller_tls: Option<rialto_controller::ClientTlsFiles>,
 }
@@ -211,6 +213,7 @@ impl RealtimeWriter {
             })?;
         let pubsub = KafkaPubSub::new(KafkaConfig {
             bootstrap_servers: bootstrap,
+            options: config.kafka_options.clone(),
         })
         .map_err(|source| RealtimeError::Broker {
             topic: realtime_topic(&store.name),

@@ -46,7 +46,10 @@ pub struct InitReport {
 
 /// The files of one identity under a certificate directory.
 pub fn identity_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")))
+    (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    )
 }
 
 /// Checks a client name: letters, digits, `.`, `_`, `-`, `@`, 1 to 64 characters.
@@ -146,13 +149,17 @@ fn leaf(
         return Ok(());
     }
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.subject_alt_names = sans;
     params.extended_key_usages = usages;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut params);
     let key = KeyPair::generate().map_err(generate_err)?;
-    let cert = params.signed_by(&key, &issuer.cert, &issuer.key).map_err(generate_err)?;
+    let cert = params
+        .signed_by(&key, &issuer.cert, &issuer.key)
+        .map_err(generate_err)?;
     write_file(&key_path, &key.serialize_pem(), true)?;
     write_file(&cert_path, &cert.pem(), false)?;
     report.written.push(cert_path);
@@ -240,15 +247,22 @@ mod tests {
         .unwrap();
         assert_eq!(report.written.len(), 8, "{report:?}");
         assert_eq!(
-            principal_of(&dir.path().join("server.crt")).unwrap().as_str(),
+            principal_of(&dir.path().join("server.crt"))
+                .unwrap()
+                .as_str(),
             SERVER_PRINCIPAL
         );
         assert_eq!(
-            principal_of(&dir.path().join("client-alice.crt")).unwrap().as_str(),
+            principal_of(&dir.path().join("client-alice.crt"))
+                .unwrap()
+                .as_str(),
             "alice"
         );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
 
         let ca_before = std::fs::read(dir.path().join("ca.crt")).unwrap();

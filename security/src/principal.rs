@@ -111,10 +111,7 @@ mod tests {
 
     #[test]
     fn a_certificate_naming_nobody_or_garbage_has_no_principal() {
-        let der = cert(
-            None,
-            vec![SanType::DnsName("x.local".try_into().unwrap())],
-        );
+        let der = cert(None, vec![SanType::DnsName("x.local".try_into().unwrap())]);
         assert_eq!(Principal::from_certificate(&der), None);
         assert_eq!(Principal::from_certificate(b"not a certificate"), None);
         assert_eq!(Principal::from_certificate(&der[..der.len() / 2]), None);

@@ -65,10 +65,11 @@ impl Authorizer {
             return Ok(());
         }
         let allowed = principal.is_some_and(|p| {
-            self.acls
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .allows(p.as_str(), store, permission)
+            self.acls.read().unwrap_or_else(|e| e.into_inner()).allows(
+                p.as_str(),
+                store,
+                permission,
+            )
         });
         if allowed {
             Ok(())
@@ -161,18 +162,31 @@ mod tests {
         .collect();
         let authorizer = Authorizer::enabled(acls_from(&layout, &map));
         let alice = Principal::new("alice");
-        assert!(authorizer.check(Some(&alice), "feed", Permission::Read).is_ok());
+        assert!(authorizer
+            .check(Some(&alice), "feed", Permission::Read)
+            .is_ok());
         let err = authorizer
             .check(Some(&Principal::new("bob")), "feed", Permission::Read)
             .unwrap_err();
-        assert!(err.contains("`bob`") && err.contains("`read`") && err.contains("`feed`"), "{err}");
-        let err = authorizer.check(None, "feed", Permission::Read).unwrap_err();
+        assert!(
+            err.contains("`bob`") && err.contains("`read`") && err.contains("`feed`"),
+            "{err}"
+        );
+        let err = authorizer
+            .check(None, "feed", Permission::Read)
+            .unwrap_err();
         assert!(err.contains("anonymous"), "{err}");
-        assert!(authorizer.check(Some(&alice), "broken", Permission::Read).is_err());
+        assert!(authorizer
+            .check(Some(&alice), "broken", Permission::Read)
+            .is_err());
         assert!(authorizer.check_authenticated(None).is_err());
 
         authorizer.set(Acls::default());
-        assert!(authorizer.check(Some(&alice), "feed", Permission::Read).is_err());
-        assert!(Authorizer::disabled().check(None, "feed", Permission::Read).is_ok());
+        assert!(authorizer
+            .check(Some(&alice), "feed", Permission::Read)
+            .is_err());
+        assert!(Authorizer::disabled()
+            .check(None, "feed", Permission::Read)
+            .is_ok());
     }
 }

@@ -27,13 +27,13 @@ use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
+use rialto_protocol::acl::Permission;
 use rialto_protocol::envelope::KEY_BYTES_MAX;
 use rialto_protocol::meta::ReplicaState;
 use rialto_protocol::wire::{
     parse_route, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route,
     ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
 };
-use rialto_protocol::acl::Permission;
 use rialto_protocol::ErrorCode;
 use rialto_security::Principal;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -256,68 +256,68 @@ async fn handle(
     let result = match authorize(&service.authorizer, principal.as_ref(), route.as_ref()) {
         Err(failure) => Err(failure),
         Ok(()) => match route {
-        None => Err(Failure::new(
-            ErrorCode::NotFound,
-            format!("no endpoint at `{}`", parts.uri.path()),
-        )),
-        Some(Route::NewerProtocol { version }) => Err(Failure::new(
-            ErrorCode::UnsupportedProtocol,
-            format!(
-                "request protocol v{version} is newer than this server's v{PROTOCOL_VERSION}; \
+            None => Err(Failure::new(
+                ErrorCode::NotFound,
+                format!("no endpoint at `{}`", parts.uri.path()),
+            )),
+            Some(Route::NewerProtocol { version }) => Err(Failure::new(
+                ErrorCode::UnsupportedProtocol,
+                format!(
+                    "request protocol v{version} is newer than this server's v{PROTOCOL_VERSION}; \
                  upgrade the server, or use a client that speaks v{PROTOCOL_VERSION}"
-            ),
-        )),
-        Some(Route::Health) => {
-            send_body(&mut respond, "text/plain", Bytes::from_static(b"ok")).await
-        }
-        Some(Route::Metrics) => {
-            let mut text = service.metrics.render_prometheus();
-            text.push_str(&storage_metrics(&service.node));
-            text.push_str(&format!(
+                ),
+            )),
+            Some(Route::Health) => {
+                send_body(&mut respond, "text/plain", Bytes::from_static(b"ok")).await
+            }
+            Some(Route::Metrics) => {
+                let mut text = service.metrics.render_prometheus();
+                text.push_str(&storage_metrics(&service.node));
+                text.push_str(&format!(
                 "# HELP rialto_server_reads_in_flight Reads (gets and batch-gets) being served.\n\
                  # TYPE rialto_server_reads_in_flight gauge\n\
                  rialto_server_reads_in_flight {}\n",
                 service.limits.in_flight()
             ));
-            send_body(&mut respond, "text/plain; version=0.0.4", Bytes::from(text)).await
-        }
-        Some(Route::Dictionary { store, version }) => {
-            dictionary(&service, &mut respond, store, version).await
-        }
-        Some(Route::Get {
-            store,
-            version,
-            partition,
-        }) => {
-            if parts.method != Method::POST {
-                Err(Failure::new(
-                    ErrorCode::BadRequest,
-                    "get must be a POST with the key as body",
-                ))
-            } else {
-                get(
-                    &service,
-                    &mut respond,
-                    body,
-                    declared_len,
-                    store,
-                    version,
-                    partition,
-                )
-                .await
+                send_body(&mut respond, "text/plain; version=0.0.4", Bytes::from(text)).await
             }
-        }
-        Some(Route::BatchGet { store, version }) => {
-            if parts.method != Method::POST {
-                Err(Failure::new(
-                    ErrorCode::BadRequest,
-                    "batch-get must be a POST",
-                ))
-            } else {
-                batch_get(&service, &mut respond, body, declared_len, store, version).await
+            Some(Route::Dictionary { store, version }) => {
+                dictionary(&service, &mut respond, store, version).await
             }
-        }
-    },
+            Some(Route::Get {
+                store,
+                version,
+                partition,
+            }) => {
+                if parts.method != Method::POST {
+                    Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        "get must be a POST with the key as body",
+                    ))
+                } else {
+                    get(
+                        &service,
+                        &mut respond,
+                        body,
+                        declared_len,
+                        store,
+                        version,
+                        partition,
+                    )
+                    .await
+                }
+            }
+            Some(Route::BatchGet { store, version }) => {
+                if parts.method != Method::POST {
+                    Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        "batch-get must be a POST",
+                    ))
+                } else {
+                    batch_get(&service, &mut respond, body, declared_len, store, version).await
+                }
+            }
+        },
     };
     if let Err(failure) = result {
         service.metrics.count_error(failure.code);

@@ -45,6 +45,10 @@ struct Cli {
     /// TTL of the registration lease, in seconds.
     #[arg(long, default_value_t = DEFAULT_LEASE_TTL_S)]
     lease_ttl_s: i64,
+    /// A librdkafka property for the broker's TLS and SASL settings, KEY=VALUE (repeatable),
+    /// e.g. `security.protocol=SASL_SSL`; see the README's security section.
+    #[arg(long = "kafka-option", value_parser = rialto_backends::kafka::parse_option)]
+    kafka_options: Vec<(String, String)>,
     /// TLS certificate chain (PEM); with --tls-key enables TLS.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -153,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("connecting to etcd at {}", cli.etcd.join(",")))?;
     let pubsub = KafkaPubSub::new(KafkaConfig {
         bootstrap_servers: cli.kafka.clone(),
+        options: cli.kafka_options.clone(),
     })
     .with_context(|| format!("creating the Kafka client for {}", cli.kafka))?;
     let server = rialto_server::start(config, Arc::new(meta), Arc::new(pubsub))

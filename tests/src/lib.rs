@@ -272,9 +272,9 @@ impl Cluster {
             )
             .await?,
         );
-        let pubsub: Arc<dyn PubSub> = Arc::new(KafkaPubSub::new(KafkaConfig {
-            bootstrap_servers: services.kafka_bootstrap.clone(),
-        })?);
+        let pubsub: Arc<dyn PubSub> = Arc::new(KafkaPubSub::new(KafkaConfig::new(
+            services.kafka_bootstrap.clone(),
+        ))?);
         let data = tempfile::Builder::new().prefix("rialto-data-").tempdir()?;
         let certs = if opts.secure {
             let dir = data.path().join("certs");
@@ -402,7 +402,11 @@ impl Cluster {
             .as_ref()
             .map(|c| c.address())
             .expect("controller stopped");
-        let scheme = if self.certs.is_some() { "https" } else { "http" };
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{addr}")
     }
 

@@ -240,7 +240,10 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
             Ok(_) if revoked.elapsed() < Duration::from_secs(10) => {
                 tokio::time::sleep(Duration::from_millis(10)).await
             }
-            other => panic!("revocation not applied after {:?}: {other:?}", revoked.elapsed()),
+            other => panic!(
+                "revocation not applied after {:?}: {other:?}",
+                revoked.elapsed()
+            ),
         }
     }
     eprintln!("revocation took effect after {:?}", revoked.elapsed());

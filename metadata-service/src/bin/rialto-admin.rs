@@ -283,7 +283,12 @@ fn print<T: Serialize>(
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if let Command::Certs(CertsCommand::Init { dir, clients, hosts }) = &args.command {
+    if let Command::Certs(CertsCommand::Init {
+        dir,
+        clients,
+        hosts,
+    }) = &args.command
+    {
         let report = rialto_security::certs::init(
             dir,
             &rialto_security::certs::InitOptions {
@@ -315,7 +320,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 principal,
                 permissions: parse_permissions(&permissions)?,
             };
-            let record = client.change_acl(target.store.as_deref(), true, &req).await?;
+            let record = client
+                .change_acl(target.store.as_deref(), true, &req)
+                .await?;
             print(args.json, &record, render::acl)
         }
         Command::Acl(AclCommand::Revoke {
@@ -327,7 +334,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 principal,
                 permissions: parse_permissions(&permissions)?,
             };
-            let record = client.change_acl(target.store.as_deref(), false, &req).await?;
+            let record = client
+                .change_acl(target.store.as_deref(), false, &req)
+                .await?;
             print(args.json, &record, render::acl)
         }
         Command::Stores(StoresCommand::List) => {

@@ -44,6 +44,10 @@ struct Args {
     /// Kafka bootstrap servers (host:port[,host:port]).
     #[arg(long, default_value = "127.0.0.1:9092", env = "RIALTO_KAFKA")]
     kafka: String,
+    /// A librdkafka property for the broker's TLS and SASL settings, KEY=VALUE (repeatable),
+    /// e.g. `security.protocol=SASL_SSL`; see the README's security section.
+    #[arg(long = "kafka-option", value_parser = rialto_backends::kafka::parse_option)]
+    kafka_options: Vec<(String, String)>,
     /// Root prefix of the cluster in etcd.
     #[arg(long, default_value = DEFAULT_ROOT, env = "RIALTO_META_ROOT")]
     meta_root: String,
@@ -91,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))?;
     let pubsub = KafkaPubSub::new(KafkaConfig {
         bootstrap_servers: args.kafka.clone(),
+        options: args.kafka_options.clone(),
     })
     .with_context(|| format!("creating the Kafka client for {}", args.kafka))?;
     let mut config = ControllerConfig {
@@ -102,11 +107,14 @@ async fn main() -> anyhow::Result<()> {
             delay: Duration::from_secs(args.rebalance_delay_seconds),
             moves_max: usize::try_from(args.rebalance_moves_max).unwrap_or(usize::MAX),
         },
-        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| ServerTlsFiles {
-            cert,
-            key,
-            client_ca: args.tls_client_ca,
-        }),
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| ServerTlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
         push_timeout: Duration::from_secs(args.push_timeout_seconds),
         authorize: args.authorize,
         admin_principals: args.admin_principals,
