@@ -282,6 +282,7 @@ async fn main() -> Result<()> {
             let report = run::run(
                 run::RunArgs {
                     root: args.root.clone(),
+                    tls: client_tls(tls.as_ref())?,
                     store,
                     mode,
                     rate,
@@ -324,23 +325,25 @@ async fn connect(
 ) -> Result<Client> {
     let mut config = ClientConfig::new(store);
     config.meta_root = root.to_string();
-    if let Some(files) = tls {
-        let read =
-            |p: &std::path::Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
-        config.tls = Some(rialto_fast_client::ClientTls {
-            ca_cert_pem: read(&files.ca)?,
-            server_name: None,
-            identity: match &files.identity {
-                Some((cert, key)) => Some(rialto_fast_client::ClientIdentity {
-                    cert_pem: read(cert)?,
-                    key_pem: read(key)?,
-                }),
-                None => None,
-            },
-        });
-    }
-    config.routing_wait = Duration::from_secs(10);
+    config.tls = client_tls(tls)?;
     Ok(Client::connect(config, meta).await?)
+}
+
+/// The fast client's TLS settings from the `--tls-*` files.
+fn client_tls(tls: Option<&ClientTlsFiles>) -> Result<Option<rialto_fast_client::ClientTls>> {
+    let Some(files) = tls else { return Ok(None) };
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+    Ok(Some(rialto_fast_client::ClientTls {
+        ca_cert_pem: read(&files.ca)?,
+        server_name: None,
+        identity: match &files.identity {
+            Some((cert, key)) => Some(rialto_fast_client::ClientIdentity {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            }),
+            None => None,
+        },
+    }))
 }
 
 /// The store's schemas: key codec, value codecs by id, and the id of the latest value schema.

@@ -21,6 +21,8 @@ use crate::workload::{ClientWorkload, Mode};
 #[derive(Debug, Clone)]
 pub struct RunArgs {
     pub root: String,
+    /// TLS to the storage servers (their CA, and this caller's identity).
+    pub tls: Option<rialto_fast_client::ClientTls>,
     pub store: String,
     pub mode: Mode,
     pub rate: f64,
@@ -79,6 +81,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         .map_err(anyhow::Error::msg)?;
     let mut config = ClientConfig::new(&args.store);
     config.meta_root = args.root.clone();
+    config.tls = args.tls.clone();
     config.routing_wait = Duration::from_secs(10);
     config.request_timeout = args.request_timeout;
     config.group_routing = args.group_routing;

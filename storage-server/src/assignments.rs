@@ -16,7 +16,8 @@ use std::time::Duration;
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::PrefixMirror;
 use rialto_protocol::meta::{
-    Compression, HybridConfig, ReplicaState, StorageProfile, VersionRecord, VersionStatus,
+    validate_store_name, Compression, HybridConfig, ReplicaState, StorageProfile, VersionRecord,
+    VersionStatus,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -79,12 +80,20 @@ pub(crate) fn desired_replicas(
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "ignoring a version record that does not parse");
-                if let Some((store, version)) = parse_version_key(key, versions_prefix) {
+                if let Some((store, version)) = parse_version_key(key, versions_prefix)
+                    .filter(|(store, _)| validate_store_name(store).is_ok())
+                {
                     desired.unparsed.insert((store, version));
                 }
                 continue;
             }
         };
+        // The store name becomes a directory: a record written to etcd by hand (or by a
+        // compromised writer) must not name `..` or a path.
+        if let Err(e) = validate_store_name(&record.store) {
+            tracing::warn!(%key, error = %e, "ignoring a version record with an invalid store name");
+            continue;
+        }
         if matches!(record.status, VersionStatus::Failed { .. }) {
             continue;
         }
@@ -379,6 +388,11 @@ mod tests {
             ),
         );
         map.insert(l.version("b", 7), b"{broken".to_vec());
+        // A record naming a path as its store (written to etcd by hand) is ignored.
+        map.insert(
+            l.version("c", 1),
+            version("../../etc", 1, vec![vec!["n1"]], VersionStatus::Online),
+        );
         let d = desired_replicas(&map, &l.versions_prefix(), "n1");
         assert_eq!(d.replicas.len(), 1);
         assert_eq!(

@@ -79,6 +79,28 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections may drain at shutdown before they are closed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bounds on what one peer can hold on the read endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub connections_max: usize,
+    /// A connection with no request in progress for this long is closed (gracefully).
+    pub idle_timeout: Duration,
+    /// A request body not fully received this long after its headers is refused (a slow
+    /// sender cannot hold a read slot).
+    pub body_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            connections_max: 4096,
+            idle_timeout: Duration::from_secs(300),
+            body_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Shared state of the read path.
 pub(crate) struct ReadService {
     pub node: Arc<NodeContext>,
@@ -88,6 +110,7 @@ pub(crate) struct ReadService {
     pub faults: Arc<Faults>,
     pub limits: Arc<ReadLimits>,
     pub authorizer: Arc<Authorizer>,
+    pub connection_limits: ConnectionLimits,
 }
 
 /// Accepts connections until `shutdown` leaves [`Stop::Running`]. On [`Stop::Drain`] (or a
@@ -99,7 +122,20 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<Stop>,
 ) {
     let mut connections = JoinSet::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        service.connection_limits.connections_max.max(1),
+    ));
     let stop = loop {
+        let permit = tokio::select! {
+            stop = shutdown.wait_for(|s| *s != Stop::Running) => {
+                break stop.map(|s| *s).unwrap_or(Stop::Drain);
+            }
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break Stop::Drain,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
         let accepted = tokio::select! {
             stop = shutdown.wait_for(|s| *s != Stop::Running) => {
                 break stop.map(|s| *s).unwrap_or(Stop::Drain);
@@ -121,6 +157,7 @@ pub(crate) async fn serve(
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         connections.spawn(async move {
+            let _permit = permit;
             match tls {
                 None => serve_connection(tcp, peer, None, service, shutdown).await,
                 Some(acceptor) => {
@@ -190,6 +227,9 @@ async fn serve_connection<T>(
     // Dropping the set (when the connection task ends or is aborted) aborts its requests.
     let mut streams = JoinSet::new();
     let mut draining = false;
+    let idle_timeout = service.connection_limits.idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             next = conn.accept() => match next {
@@ -202,7 +242,16 @@ async fn serve_connection<T>(
                 }
                 None => break,
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(_) = streams.join_next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                }
+            }
+            _ = &mut idle, if streams.is_empty() && !draining => {
+                tracing::debug!(%peer, ?idle_timeout, "closing an idle connection");
+                conn.graceful_shutdown();
+                draining = true;
+            }
             stop = shutdown.wait_for(|s| *s != Stop::Running), if !draining => {
                 if matches!(stop.as_deref(), Ok(Stop::Kill)) {
                     return;
@@ -376,8 +425,25 @@ async fn inject_faults(service: &ReadService) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Reads a request body of at most `limit` bytes, releasing flow-control capacity as it goes.
+/// Reads a request body of at most `limit` bytes within `deadline`, releasing flow-control
+/// capacity as it goes.
 async fn read_body(
+    body: RecvStream,
+    declared_len: Option<u64>,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, Failure> {
+    tokio::time::timeout(deadline, read_body_unbounded(body, declared_len, limit))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("request body not received within {deadline:?}"),
+            ))
+        })
+}
+
+async fn read_body_unbounded(
     mut body: RecvStream,
     declared_len: Option<u64>,
     limit: usize,
@@ -432,7 +498,13 @@ async fn get(
 ) -> Result<(), Failure> {
     let _in_flight = service.limits.enter().map_err(refused)?;
     inject_faults(service).await?;
-    let key = read_body(body, declared_len, KEY_BYTES_MAX).await?;
+    let key = read_body(
+        body,
+        declared_len,
+        KEY_BYTES_MAX,
+        service.connection_limits.body_read_timeout,
+    )
+    .await?;
     service.limits.charge(store, 1).map_err(refused)?;
     let replica = online(&service.node.registry, store, version, partition)?;
     service
@@ -495,7 +567,13 @@ async fn batch_get(
     let arrived = Instant::now();
     let _in_flight = service.limits.enter().map_err(refused)?;
     inject_faults(service).await?;
-    let body = read_body(body, declared_len, REQUEST_BYTES_MAX).await?;
+    let body = read_body(
+        body,
+        declared_len,
+        REQUEST_BYTES_MAX,
+        service.connection_limits.body_read_timeout,
+    )
+    .await?;
     let keys = BatchGetRequest::decode(&body, service.batch_get_keys_max)
         .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
     service.limits.charge(store, keys.len()).map_err(refused)?;

@@ -47,6 +47,7 @@ use tokio::task::JoinHandle;
 
 pub use error::ServerError;
 pub use faults::{FaultConfig, Faults};
+pub use http::ConnectionLimits;
 pub use metrics::{RouteKind, ServerMetrics};
 pub use store::{Engine, ReplicaStore, DEFAULT_BLOCK_CACHE_BYTES};
 
@@ -102,6 +103,8 @@ pub struct ServerConfig {
     pub realtime_fetch_wait: std::time::Duration,
     /// Most reads in flight at once before the server sheds load (see [`limits`]).
     pub read_in_flight_max: usize,
+    /// Connections at once, idle connections, slow request bodies.
+    pub connection_limits: ConnectionLimits,
 }
 
 impl ServerConfig {
@@ -129,6 +132,7 @@ impl ServerConfig {
             lock_in_memory_stores: false,
             realtime_fetch_wait: hybrid::DEFAULT_REALTIME_FETCH_WAIT,
             read_in_flight_max: limits::IN_FLIGHT_MAX_DEFAULT,
+            connection_limits: ConnectionLimits::default(),
         }
     }
 }
@@ -371,6 +375,7 @@ pub async fn start(
         faults: faults.clone(),
         limits: limits.clone(),
         authorizer,
+        connection_limits: config.connection_limits,
     });
     // Ends at shutdown; a crash (kill) aborts it with the runtime's other detached tasks.
     tokio::spawn(limits::follow_quotas(

@@ -13,8 +13,8 @@ use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_protocol::meta::DEFAULT_ROOT;
 use rialto_protocol::wire::BATCH_GET_KEYS_MAX;
 use rialto_server::{
-    FaultConfig, ServerConfig, TlsFiles, DEFAULT_ADVERTISE_HOST, DEFAULT_BLOCK_CACHE_BYTES,
-    DEFAULT_LEASE_TTL_S,
+    ConnectionLimits, FaultConfig, ServerConfig, TlsFiles, DEFAULT_ADVERTISE_HOST,
+    DEFAULT_BLOCK_CACHE_BYTES, DEFAULT_LEASE_TTL_S,
 };
 
 /// How long to wait for etcd at start-up.
@@ -49,6 +49,15 @@ struct Cli {
     /// e.g. `security.protocol=SASL_SSL`; see the README's security section.
     #[arg(long = "kafka-option", value_parser = rialto_backends::kafka::parse_option)]
     kafka_options: Vec<(String, String)>,
+    /// Connections served at once (more wait in the accept queue).
+    #[arg(long, default_value_t = ConnectionLimits::default().connections_max as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    connections_max: u64,
+    /// Seconds a connection with no request in progress stays open.
+    #[arg(long, default_value_t = ConnectionLimits::default().idle_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_seconds: u64,
+    /// Seconds a request body may take to arrive after its headers.
+    #[arg(long, default_value_t = ConnectionLimits::default().body_read_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    body_read_timeout_seconds: u64,
     /// TLS certificate chain (PEM); with --tls-key enables TLS.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -151,6 +160,11 @@ async fn main() -> anyhow::Result<()> {
         lock_in_memory_stores: cli.lock_in_memory_stores,
         realtime_fetch_wait: Duration::from_millis(cli.realtime_fetch_wait_ms),
         read_in_flight_max: usize::try_from(cli.read_in_flight_max).unwrap_or(usize::MAX),
+        connection_limits: ConnectionLimits {
+            connections_max: usize::try_from(cli.connections_max).unwrap_or(usize::MAX),
+            idle_timeout: Duration::from_secs(cli.idle_timeout_seconds),
+            body_read_timeout: Duration::from_secs(cli.body_read_timeout_seconds),
+        },
     };
     let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
         .await

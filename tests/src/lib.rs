@@ -140,6 +140,7 @@ pub struct Cluster {
     tls_ca_pem: Option<Vec<u8>>,
     /// With [`ClusterOptions::secure`]: the directory `rialto-admin certs init` wrote.
     certs: Option<PathBuf>,
+    connection_limits: rialto_server::ConnectionLimits,
     data: tempfile::TempDir,
     pub services: Services,
 }
@@ -158,6 +159,8 @@ pub struct ClusterOptions {
     /// over HTTPS; every caller must present a certificate; `admin` is a cluster administrator
     /// and nobody else holds anything until granted.
     pub secure: bool,
+    /// The servers' connection bounds (default: the servers' defaults).
+    pub connection_limits: rialto_server::ConnectionLimits,
     /// Faults of server `i` at start: `faults[i]`, or `default_faults` past the end of the list.
     pub faults: Vec<FaultConfig>,
     /// Faults of servers without an entry in `faults` (default none).
@@ -176,6 +179,7 @@ impl Default for ClusterOptions {
             zones: ZONES.len(),
             tls: false,
             secure: false,
+            connection_limits: rialto_server::ConnectionLimits::default(),
             faults: Vec::new(),
             default_faults: FaultConfig::default(),
             lease_ttl_s: 10,
@@ -334,6 +338,7 @@ impl Cluster {
             servers: Vec::new(),
             tls_ca_pem: tls_files.as_ref().map(|(_, ca)| ca.clone()),
             certs,
+            connection_limits: opts.connection_limits,
             data,
         };
         for i in 0..server_count {
@@ -385,6 +390,7 @@ impl Cluster {
             lock_in_memory_stores: false,
             realtime_fetch_wait: rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
             read_in_flight_max: rialto_server::limits::IN_FLIGHT_MAX_DEFAULT,
+            connection_limits: self.connection_limits,
         };
         self.servers.push(ServerSlot {
             config,
