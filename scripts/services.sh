@@ -3,20 +3,22 @@
 # broker tansu (sqlite storage, started from its data folder), on 127.0.0.1 only.
 #
 #   scripts/services.sh start  --dir DIR [--etcd-port 2379] [--etcd-peer-port 2380] [--kafka-port 9092]
-#                              [--owner PID]
+#                              [--owner PID] [--etcd-tls-dir CERTS]
 #   scripts/services.sh stop   --dir DIR
 #   scripts/services.sh status --dir DIR
 #
 # Each service's PID is kept in DIR/<service>.pid and its log in DIR/<service>.log; `stop` kills
 # exactly those PIDs. `start` waits until both services answer, and fails with the log tail if not.
 # With `--owner PID`, a watcher stops both services once process PID is gone: a test binary that
-# crashes or is killed does not leave its etcd and tansu running.
+# crashes or is killed does not leave its etcd and tansu running. With `--etcd-tls-dir` (a
+# directory from `rialto-admin certs init`), etcd serves https with server.crt and requires
+# client certificates signed by ca.crt.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/env.sh"
 
 cmd="${1:-}"; shift || true
-dir=""; etcd_port=2379; etcd_peer_port=2380; kafka_port=9092; owner=
+dir=""; etcd_port=2379; etcd_peer_port=2380; kafka_port=9092; owner=; etcd_tls=
 while (($#)); do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
@@ -24,6 +26,7 @@ while (($#)); do
     --etcd-peer-port) etcd_peer_port="$2"; shift 2 ;;
     --kafka-port) kafka_port="$2"; shift 2 ;;
     --owner) owner="$2"; shift 2 ;;
+    --etcd-tls-dir) etcd_tls="$2"; shift 2 ;;
     *) echo "services.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -67,10 +70,17 @@ case "$cmd" in
   start)
     command -v etcd >/dev/null || { echo "services.sh: etcd not installed; run scripts/provision.sh" >&2; exit 1; }
     [ -x "$RIALTO_TOOLS/bin/tansu" ] || { echo "services.sh: tansu not installed; run scripts/provision.sh" >&2; exit 1; }
+    scheme=http; etcd_tls_args=(); etcdctl_tls=()
+    if [ -n "$etcd_tls" ]; then
+      scheme=https
+      etcd_tls_args=(--cert-file "$etcd_tls/server.crt" --key-file "$etcd_tls/server.key"
+        --trusted-ca-file "$etcd_tls/ca.crt" --client-cert-auth)
+      etcdctl_tls=(--cacert "$etcd_tls/ca.crt" --cert "$etcd_tls/server.crt" --key "$etcd_tls/server.key")
+    fi
     if ! alive etcd; then
       mkdir -p "$dir/etcd"
-      etcd --name rialto-test --data-dir "$dir/etcd" \
-        --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+      etcd --name rialto-test --data-dir "$dir/etcd" "${etcd_tls_args[@]}" \
+        --listen-client-urls "$scheme://127.0.0.1:$etcd_port" --advertise-client-urls "$scheme://127.0.0.1:$etcd_port" \
         --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
         --initial-cluster "rialto-test=http://127.0.0.1:$etcd_peer_port" \
         >"$dir/etcd.log" 2>&1 &
@@ -84,7 +94,7 @@ case "$cmd" in
         --storage-engine "sqlite://tansu.db") >"$dir/tansu.log" 2>&1 &
       echo $! >"$dir/tansu.pid"
     fi
-    etcd_ok() { ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$etcd_port" endpoint health >/dev/null 2>&1; }
+    etcd_ok() { ETCDCTL_API=3 etcdctl --endpoints "$scheme://127.0.0.1:$etcd_port" "${etcdctl_tls[@]}" endpoint health >/dev/null 2>&1; }
     wait_for etcd etcd_ok
     wait_for tansu port_open "$kafka_port"
     if [ -n "$owner" ]; then
@@ -92,7 +102,7 @@ case "$cmd" in
       setsid bash -c 'while kill -0 "$1" 2>/dev/null; do [ -d "$3" ] || exit 0; sleep 1; done; exec bash "$2" stop --dir "$3"' \
         watch-owner "$owner" "$here/services.sh" "$dir" </dev/null >/dev/null 2>&1 &
     fi
-    echo "etcd  http://127.0.0.1:$etcd_port (pid $(cat "$dir/etcd.pid"))"
+    echo "etcd  $scheme://127.0.0.1:$etcd_port (pid $(cat "$dir/etcd.pid"))"
     echo "kafka 127.0.0.1:$kafka_port (tansu, pid $(cat "$dir/tansu.pid"))"
     ;;
   stop)

@@ -7,6 +7,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
     Txn, TxnOp, WatchOptions,
 };
+use rialto_security::tls::ClientTlsFiles;
 use tokio::sync::watch;
 
 use crate::meta::{KeyValue, LeaseHandle, MetaError, MetaStore, WatchEvent, WatchStream};
@@ -57,10 +58,45 @@ impl EtcdMetaStore {
         endpoints: &[String],
         timeout: Duration,
     ) -> Result<EtcdMetaStore, MetaError> {
-        let opts = ConnectOptions::new()
+        Self::connect_tls(endpoints, timeout, None).await
+    }
+
+    /// Like [`connect`](Self::connect), over TLS when `tls` is given (`https://` endpoints):
+    /// etcd's certificate is checked against `tls.ca`, and `tls.identity` is presented to an
+    /// etcd that requires client certificates.
+    pub async fn connect_tls(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Option<&ClientTlsFiles>,
+    ) -> Result<EtcdMetaStore, MetaError> {
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        match tls {
+            Some(files) => {
+                let read = |path: &std::path::Path| {
+                    rialto_security::tls::read(path).map_err(|e| MetaError::Failed {
+                        context: "etcd TLS settings".into(),
+                        detail: e.to_string(),
+                    })
+                };
+                let mut options = etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&files.ca)?));
+                if let Some((cert, key)) = &files.identity {
+                    options =
+                        options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+                }
+                opts = opts.with_tls(options);
+            }
+            None if endpoints.iter().any(|e| !e.starts_with("https://")) => {
+                rialto_security::tls::warn_plaintext(
+                    "the connection to etcd",
+                    "give --etcd-ca-cert (and --etcd-cert/--etcd-key) and https:// endpoints",
+                );
+            }
+            None => {}
+        }
         let connect = Client::connect(endpoints, Some(opts));
         let client = tokio::time::timeout(timeout, connect)
             .await

@@ -58,6 +58,8 @@ struct Args {
     /// this caller's identity for servers that require client certificates.
     #[command(flatten)]
     tls: ControllerTlsArgs,
+    #[command(flatten)]
+    etcd_tls: rialto_security::tls::EtcdTlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -196,9 +198,13 @@ async fn main() -> Result<()> {
         return prepare::prepare(&prepare, tls.as_ref()).await;
     }
     let meta: Arc<dyn MetaStore> = Arc::new(
-        EtcdMetaStore::connect(&args.etcd, Duration::from_secs(10))
-            .await
-            .with_context(|| format!("connect to etcd at {}", args.etcd.join(",")))?,
+        EtcdMetaStore::connect_tls(
+            &args.etcd,
+            Duration::from_secs(10),
+            args.etcd_tls.files()?.as_ref(),
+        )
+        .await
+        .with_context(|| format!("connect to etcd at {}", args.etcd.join(",")))?,
     );
     match args.command {
         Command::Prepare { .. } => unreachable!("handled above"),

@@ -154,27 +154,14 @@ pub async fn start(
         )));
     }
     let layout = Layout::new(&config.meta_root);
-    let tls = match &config.tls {
-        Some(files) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-            rialto_security::tls::server_config(files, &[b"http/1.1"])
-                .map_err(|e| ControllerError::BadRequest(format!("admin API TLS: {e}")))?,
-        ))),
-        None => {
-            rialto_security::tls::warn_plaintext(
-                "the controller's admin API",
-                "give --tls-cert and --tls-key",
-            );
-            None
-        }
-    };
-    let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-    if config.authorize && !mutual_tls {
-        return Err(ControllerError::BadRequest(
-            "authorization needs caller identities: give --tls-client-ca so that callers \
-             present certificates"
-                .into(),
-        ));
-    }
+    let tls = rialto_security::tls::endpoint_config(
+        config.tls.as_ref(),
+        &[b"http/1.1"],
+        "the controller's admin API",
+        config.authorize,
+    )
+    .map_err(|e| ControllerError::BadRequest(e.to_string()))?
+    .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     for principal in &config.admin_principals {
         rialto_protocol::acl::validate_principal(principal)
             .map_err(|e| ControllerError::BadRequest(format!("--admin-principal: {e}")))?;

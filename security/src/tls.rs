@@ -118,6 +118,29 @@ pub fn server_config(
     Ok(config)
 }
 
+/// The TLS settings of a listening endpoint: `None` for plaintext (logged loudly as such), and
+/// refused when `authorize` is asked for without client certificates to name callers.
+pub fn endpoint_config(
+    files: Option<&ServerTlsFiles>,
+    alpn: &[&[u8]],
+    endpoint: &str,
+    authorize: bool,
+) -> Result<Option<ServerConfig>, SecurityError> {
+    if authorize && files.is_none_or(|f| f.client_ca.is_none()) {
+        return Err(SecurityError::Config(format!(
+            "authorization on {endpoint} needs caller identities: give --tls-client-ca so that \
+             callers present certificates"
+        )));
+    }
+    match files {
+        Some(files) => server_config(files, alpn).map(Some),
+        None => {
+            warn_plaintext(endpoint, "give --tls-cert and --tls-key");
+            Ok(None)
+        }
+    }
+}
+
 /// A client's `rustls` settings from PEM texts: the trusted CA and an optional identity
 /// (certificate chain, key).
 pub fn client_config_from_pem(
@@ -173,4 +196,61 @@ pub fn warn_plaintext(endpoint: &str, how_to_fix: &str) {
         "PLAINTEXT: {endpoint} runs without TLS; traffic is readable and callers are \
          unauthenticated. Use this only on a trusted local machine ({how_to_fix})."
     );
+}
+
+/// The flags of every binary that talks to etcd over TLS: `--etcd-ca-cert`, `--etcd-cert`,
+/// `--etcd-key` (or `RIALTO_ETCD_CA_CERT`, `RIALTO_ETCD_CERT`, `RIALTO_ETCD_KEY`). Use `https://`
+/// endpoints with them.
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate (PEM) of etcd's server certificate; turns on TLS to etcd.
+    #[arg(long, env = "RIALTO_ETCD_CA_CERT", global = true)]
+    pub etcd_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd (`--client-cert-auth`).
+    #[arg(long, env = "RIALTO_ETCD_CERT", requires = "etcd_key", global = true)]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "RIALTO_ETCD_KEY", requires = "etcd_cert", global = true)]
+    pub etcd_key: Option<PathBuf>,
+}
+
+#[cfg(feature = "cli")]
+impl EtcdTlsArgs {
+    /// The files these flags name; `None` for plaintext etcd.
+    pub fn files(&self) -> Result<Option<ClientTlsFiles>, SecurityError> {
+        match (&self.etcd_ca_cert, &self.etcd_cert) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(SecurityError::Config(
+                "--etcd-cert needs --etcd-ca-cert: the CA of etcd's certificate".into(),
+            )),
+            (Some(ca), _) => Ok(Some(ClientTlsFiles {
+                ca: ca.clone(),
+                identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_needs_client_certificates_and_plaintext_is_allowed_without_it() {
+        let err = endpoint_config(None, &[], "the test endpoint", true).unwrap_err();
+        assert!(err.to_string().contains("--tls-client-ca"), "{err}");
+        assert!(endpoint_config(None, &[], "the test endpoint", false)
+            .unwrap()
+            .is_none());
+        let files = ServerTlsFiles {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            client_ca: None,
+        };
+        let err = endpoint_config(Some(&files), &[], "the test endpoint", true).unwrap_err();
+        assert!(err.to_string().contains("--tls-client-ca"), "{err}");
+        let err = endpoint_config(Some(&files), &[], "the test endpoint", false).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+    }
 }

@@ -269,27 +269,15 @@ pub async fn start(
 ) -> Result<RunningServer, ServerError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| ServerError::io("create data directory", &config.data_dir, e))?;
-    let tls = match &config.tls {
-        Some(files) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-            rialto_security::tls::server_config(files, &[b"h2"])
-                .map_err(|e| ServerError::Tls(e.to_string()))?,
-        ))),
-        None => {
-            rialto_security::tls::warn_plaintext(
-                "the storage server's read endpoint",
-                "give --tls-cert and --tls-key",
-            );
-            None
-        }
-    };
+    let tls = rialto_security::tls::endpoint_config(
+        config.tls.as_ref(),
+        &[b"h2"],
+        "the storage server's read endpoint",
+        config.authorize,
+    )
+    .map_err(|e| ServerError::Tls(e.to_string()))?
+    .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-    if config.authorize && !mutual_tls {
-        return Err(ServerError::Tls(
-            "authorization needs caller identities: give --tls-client-ca so that clients \
-             present certificates"
-                .into(),
-        ));
-    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {

@@ -58,6 +58,8 @@ struct Cli {
     /// Seconds a request body may take to arrive after its headers.
     #[arg(long, default_value_t = ConnectionLimits::default().body_read_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     body_read_timeout_seconds: u64,
+    #[command(flatten)]
+    etcd_tls: rialto_security::tls::EtcdTlsArgs,
     /// TLS certificate chain (PEM); with --tls-key enables TLS.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -166,9 +168,13 @@ async fn main() -> anyhow::Result<()> {
             body_read_timeout: Duration::from_secs(cli.body_read_timeout_seconds),
         },
     };
-    let meta = EtcdMetaStore::connect(&cli.etcd, ETCD_CONNECT_TIMEOUT)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", cli.etcd.join(",")))?;
+    let meta = EtcdMetaStore::connect_tls(
+        &cli.etcd,
+        ETCD_CONNECT_TIMEOUT,
+        cli.etcd_tls.files()?.as_ref(),
+    )
+    .await
+    .with_context(|| format!("connecting to etcd at {}", cli.etcd.join(",")))?;
     let pubsub = KafkaPubSub::new(KafkaConfig {
         bootstrap_servers: cli.kafka.clone(),
         options: cli.kafka_options.clone(),

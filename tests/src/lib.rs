@@ -75,6 +75,12 @@ pub struct Services {
 
 impl Services {
     pub fn start() -> Result<Services> {
+        Self::start_tls(None)
+    }
+
+    /// Like [`start`](Self::start); with `etcd_certs` (a `certs init` directory) etcd serves
+    /// https and requires client certificates.
+    pub fn start_tls(etcd_certs: Option<&Path>) -> Result<Services> {
         let dir = tempfile::Builder::new()
             .prefix("rialto-services-")
             .tempdir()?;
@@ -91,6 +97,11 @@ impl Services {
             ])
             .args(["--kafka-port", &kafka.to_string()])
             .args(["--owner", &std::process::id().to_string()])
+            .args(
+                etcd_certs
+                    .map(|d| vec!["--etcd-tls-dir".into(), d.as_os_str().to_owned()])
+                    .unwrap_or_default(),
+            )
             .output()
             .context("run scripts/services.sh")?;
         if !out.status.success() {
@@ -102,7 +113,14 @@ impl Services {
         }
         Ok(Services {
             dir,
-            etcd_endpoint: format!("http://127.0.0.1:{etcd}"),
+            etcd_endpoint: format!(
+                "{}://127.0.0.1:{etcd}",
+                if etcd_certs.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
             kafka_bootstrap: format!("127.0.0.1:{kafka}"),
         })
     }
@@ -268,17 +286,6 @@ impl Cluster {
         }
         let tls = opts.tls;
         let server_count = opts.servers;
-        let services = Services::start()?;
-        let meta: Arc<dyn MetaStore> = Arc::new(
-            EtcdMetaStore::connect(
-                std::slice::from_ref(&services.etcd_endpoint),
-                Duration::from_secs(10),
-            )
-            .await?,
-        );
-        let pubsub: Arc<dyn PubSub> = Arc::new(KafkaPubSub::new(KafkaConfig::new(
-            services.kafka_bootstrap.clone(),
-        ))?);
         let data = tempfile::Builder::new().prefix("rialto-data-").tempdir()?;
         let certs = if opts.secure {
             let dir = data.path().join("certs");
@@ -293,6 +300,23 @@ impl Cluster {
         } else {
             None
         };
+        // A secure cluster's etcd speaks TLS too and requires client certificates.
+        let services = Services::start_tls(certs.as_deref())?;
+        let etcd_tls = certs.as_ref().map(|dir| rialto_controller::ClientTlsFiles {
+            ca: dir.join("ca.crt"),
+            identity: Some((dir.join("server.crt"), dir.join("server.key"))),
+        });
+        let meta: Arc<dyn MetaStore> = Arc::new(
+            EtcdMetaStore::connect_tls(
+                std::slice::from_ref(&services.etcd_endpoint),
+                Duration::from_secs(10),
+                etcd_tls.as_ref(),
+            )
+            .await?,
+        );
+        let pubsub: Arc<dyn PubSub> = Arc::new(KafkaPubSub::new(KafkaConfig::new(
+            services.kafka_bootstrap.clone(),
+        ))?);
         let controller = rialto_controller::start(
             ControllerConfig {
                 controller_id: "controller-1".into(),

@@ -85,6 +85,24 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
     let input = dir.path().join("d.jsonl");
     write_json_dataset(&input, RECORDS, |i| serde_json::json!(i * 7))?;
 
+    // etcd itself speaks TLS and requires a client certificate from the cluster CA.
+    assert!(cluster.services.etcd_endpoint.starts_with("https://"));
+    let certs = cluster.certs_dir().unwrap();
+    let no_cert = rialto_controller::ClientTlsFiles {
+        ca: certs.join("ca.crt"),
+        identity: None,
+    };
+    let refused = rialto_backends::etcd::EtcdMetaStore::connect_tls(
+        std::slice::from_ref(&cluster.services.etcd_endpoint),
+        Duration::from_secs(3),
+        Some(&no_cert),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "etcd must refuse a client without a certificate"
+    );
+
     // A caller without a certificate cannot even reach the admin API.
     let ca_only = rialto_controller::ClientTlsFiles {
         ca: cluster.certs_dir().unwrap().join("ca.crt"),
@@ -99,15 +117,14 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
         "the controller must require a client certificate"
     );
 
-    // A push by a principal without any permission is refused at its first call; one holding
-    // only `read` is refused when it asks for a version: before any version exists.
-    let refused = cluster
-        .push_with(STORE, &input, |c| {
+    let push_as_pusher = || {
+        cluster.push_with(STORE, &input, |c| {
             c.controller_tls = cluster.client_tls_files("pusher")
         })
-        .await
-        .unwrap_err()
-        .to_string();
+    };
+    // A push by a principal without any permission is refused at its first call; one holding
+    // only `read` is refused when it asks for a version: before any version exists.
+    let refused = push_as_pusher().await.unwrap_err().to_string();
     assert!(
         refused.contains("`pusher` holds no permission on store `guarded`"),
         "{refused}"
@@ -115,13 +132,7 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
     admin
         .change_acl(Some(STORE), true, &change("pusher", &[Permission::Read]))
         .await?;
-    let refused = cluster
-        .push_with(STORE, &input, |c| {
-            c.controller_tls = cluster.client_tls_files("pusher")
-        })
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = push_as_pusher().await.unwrap_err().to_string();
     assert!(
         refused.contains("`pusher`") && refused.contains("`write`"),
         "{refused}"
@@ -133,11 +144,7 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
     admin
         .change_acl(Some(STORE), true, &change("pusher", &[Permission::Write]))
         .await?;
-    cluster
-        .push_with(STORE, &input, |c| {
-            c.controller_tls = cluster.client_tls_files("pusher")
-        })
-        .await?;
+    push_as_pusher().await?;
 
     // Only the principal that started a push (or a store administrator) reports its outcome,
     // so another writer cannot make someone else's version go live.

@@ -74,30 +74,26 @@ struct AclTarget {
 enum AclCommand {
     /// Grants permissions: `acl grant STORE --permissions read,write --principal P` (principal
     /// `*`: every authenticated caller).
-    Grant {
-        #[command(flatten)]
-        target: AclTarget,
-        /// read, write, admin (comma separated).
-        #[arg(long, value_delimiter = ',', required = true)]
-        permissions: Vec<String>,
-        /// The principal as its certificate names it (SAN URI, else subject CN).
-        #[arg(long)]
-        principal: String,
-    },
+    Grant(AclChange),
     /// Revokes permissions.
-    Revoke {
-        #[command(flatten)]
-        target: AclTarget,
-        #[arg(long, value_delimiter = ',', required = true)]
-        permissions: Vec<String>,
-        #[arg(long)]
-        principal: String,
-    },
+    Revoke(AclChange),
     /// Lists the grants.
     List {
         #[command(flatten)]
         target: AclTarget,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct AclChange {
+    #[command(flatten)]
+    target: AclTarget,
+    /// read, write, admin (comma separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    permissions: Vec<String>,
+    /// The principal as its certificate names it (SAN URI, else subject CN).
+    #[arg(long)]
+    principal: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -311,33 +307,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let record = client.acl(target.store.as_deref()).await?;
             print(args.json, &record, render::acl)
         }
-        Command::Acl(AclCommand::Grant {
-            target,
-            permissions,
-            principal,
-        }) => {
-            let req = AclChangeRequest {
-                principal,
-                permissions: parse_permissions(&permissions)?,
-            };
-            let record = client
-                .change_acl(target.store.as_deref(), true, &req)
-                .await?;
-            print(args.json, &record, render::acl)
+        Command::Acl(AclCommand::Grant(change)) => {
+            acl_change(&client, args.json, change, true).await
         }
-        Command::Acl(AclCommand::Revoke {
-            target,
-            permissions,
-            principal,
-        }) => {
-            let req = AclChangeRequest {
-                principal,
-                permissions: parse_permissions(&permissions)?,
-            };
-            let record = client
-                .change_acl(target.store.as_deref(), false, &req)
-                .await?;
-            print(args.json, &record, render::acl)
+        Command::Acl(AclCommand::Revoke(change)) => {
+            acl_change(&client, args.json, change, false).await
         }
         Command::Stores(StoresCommand::List) => {
             let stores = client.list_stores().await?;
@@ -516,11 +490,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-fn parse_permissions(names: &[String]) -> anyhow::Result<Vec<Permission>> {
-    names
-        .iter()
-        .map(|n| Permission::parse(n.trim()).map_err(anyhow::Error::msg))
-        .collect()
+async fn acl_change(
+    client: &AdminClient,
+    json: bool,
+    change: AclChange,
+    grant: bool,
+) -> anyhow::Result<()> {
+    let req = AclChangeRequest {
+        principal: change.principal,
+        permissions: change
+            .permissions
+            .iter()
+            .map(|n| Permission::parse(n.trim()).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let record = client
+        .change_acl(change.target.store.as_deref(), grant, &req)
+        .await?;
+    print(json, &record, render::acl)
 }
 
 /// The one-line answer of a rollback or roll-forward.

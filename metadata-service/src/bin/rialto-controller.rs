@@ -63,6 +63,8 @@ struct Args {
     /// A version not live this many seconds after its push started is failed (0: never).
     #[arg(long, default_value_t = PUSH_TIMEOUT_DEFAULT.as_secs())]
     push_timeout_seconds: u64,
+    #[command(flatten)]
+    etcd_tls: rialto_security::tls::EtcdTlsArgs,
     /// TLS certificate chain (PEM) of the admin API; with --tls-key serves HTTPS.
     #[arg(long, requires = "tls_key", env = "RIALTO_TLS_CERT")]
     tls_cert: Option<std::path::PathBuf>,
@@ -90,9 +92,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let meta = EtcdMetaStore::connect(&args.etcd, ETCD_CONNECT_TIMEOUT)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))?;
+    let meta = EtcdMetaStore::connect_tls(
+        &args.etcd,
+        ETCD_CONNECT_TIMEOUT,
+        args.etcd_tls.files()?.as_ref(),
+    )
+    .await
+    .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))?;
     let pubsub = KafkaPubSub::new(KafkaConfig {
         bootstrap_servers: args.kafka.clone(),
         options: args.kafka_options.clone(),
