@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) receive_pool: Arc<ReceivePool>,
     pub(crate) routing: watch::Sender<Arc<RoutingTable>>,
     pub(crate) codecs: RwLock<Arc<Codecs>>,
+    /// The schema values are returned in (`ClientConfig::reader_schema`).
+    pub(crate) reader_schema: crate::ReaderSchema,
     pub(crate) pool: Arc<ConnectionPool>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) instances: Instances,
@@ -151,7 +153,7 @@ impl Client {
                 store: config.store.clone(),
                 root: layout.root().to_string(),
             })?;
-        let codecs = Codecs::from_record(&record)?;
+        let codecs = Codecs::from_record(&record, &config.reader_schema)?;
         let table = mirrors
             .build(&layout, &config.store, Some(&record), None)
             .await;
@@ -166,6 +168,7 @@ impl Client {
             receive_pool: ReceivePool::new(config.receive_pool_bytes),
             routing,
             codecs: RwLock::new(Arc::new(codecs)),
+            reader_schema: config.reader_schema.clone(),
             pool,
             counters,
             instances: Instances::new(config.health.clone()),

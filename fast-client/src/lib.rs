@@ -126,6 +126,23 @@ pub struct ClientConfig {
     /// another replica and never returned; turning this off only saves the hashing (about
     /// 0.1 µs per KB, see benches/README.md).
     pub verify_checksums: bool,
+    /// The value schema values are returned in (default: the latest registered). Each value is
+    /// decoded with the schema it was written with and resolved to this one: fields it lacks
+    /// take their defaults, fields this schema lacks are dropped.
+    pub reader_schema: ReaderSchema,
+}
+
+/// Which schema a client returns values in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ReaderSchema {
+    /// The store's newest value schema, followed as schemas are added.
+    #[default]
+    Latest,
+    /// A registered value schema, by id.
+    Id(u32),
+    /// The application's own schema (Avro JSON text), e.g. the one it was built with. It must
+    /// read every registered value schema; `connect` fails if it does not.
+    Schema(String),
 }
 
 impl ClientConfig {
@@ -143,6 +160,7 @@ impl ClientConfig {
             long_tail: LongTailRetry::default(),
             health: HealthConfig::default(),
             verify_checksums: true,
+            reader_schema: ReaderSchema::Latest,
         }
     }
 }

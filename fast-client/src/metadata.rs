@@ -8,10 +8,12 @@ use std::time::Duration;
 use rialto_backends::{MetaError, MetaStore, PrefixMirror};
 use rialto_protocol::avro::{AvroCodec, AvroError};
 use rialto_protocol::meta::{Layout, StoreRecord, ValueSchema};
+use rialto_protocol::schema_compat::can_read;
 
 use crate::client::Shared;
 use crate::routing::{build_routing_table, RoutingTable};
 use crate::stats::Counters;
+use crate::ReaderSchema;
 
 /// The parsed schemas of the store.
 pub(crate) struct Codecs {
@@ -21,12 +23,18 @@ pub(crate) struct Codecs {
     pub(crate) key: AvroCodec,
     /// Codecs of the value schemas, by id.
     pub(crate) values: HashMap<u32, AvroCodec>,
+    /// The schema values are returned in, and its id when it is a registered one.
+    reader: Option<(Option<u32>, AvroCodec)>,
 }
 
 impl Codecs {
     /// Parses the store's schemas; an unparsable value schema is skipped with a warning (values
-    /// written with it then fail to decode), an unparsable key schema is an error.
-    pub(crate) fn from_record(record: &StoreRecord) -> Result<Codecs, AvroError> {
+    /// written with it then fail to decode), an unparsable key schema is an error, and so is a
+    /// reader schema that is not registered (by id) or cannot read a registered schema.
+    pub(crate) fn from_record(
+        record: &StoreRecord,
+        reader: &ReaderSchema,
+    ) -> Result<Codecs, AvroError> {
         let key = AvroCodec::parse(&record.key_schema)?;
         let mut values = HashMap::with_capacity(record.value_schemas.len());
         for schema in &record.value_schemas {
@@ -39,11 +47,43 @@ impl Codecs {
                 }
             }
         }
+        let reader = match reader {
+            ReaderSchema::Latest => record
+                .latest_value_schema()
+                .and_then(|s| Some((Some(s.id), values.get(&s.id)?.clone()))),
+            ReaderSchema::Id(id) => {
+                let codec = values.get(id).ok_or_else(|| {
+                    AvroError::Schema(format!(
+                        "reader schema {id} is not a registered value schema of store `{}`",
+                        record.name
+                    ))
+                })?;
+                Some((Some(*id), codec.clone()))
+            }
+            ReaderSchema::Schema(text) => {
+                let codec = AvroCodec::parse(text)?;
+                for (id, writer) in &values {
+                    can_read(writer.schema(), codec.schema()).map_err(|e| {
+                        AvroError::Schema(format!(
+                            "the reader schema cannot read values written with value schema \
+                             {id} of store `{}`: {e}",
+                            record.name
+                        ))
+                    })?;
+                }
+                let id = values
+                    .iter()
+                    .find(|(_, c)| c.schema() == codec.schema())
+                    .map(|(id, _)| *id);
+                Some((id, codec))
+            }
+        };
         Ok(Codecs {
             key_schema: record.key_schema.clone(),
             value_schemas: record.value_schemas.clone(),
             key,
             values,
+            reader,
         })
     }
 
@@ -65,7 +105,11 @@ impl Codecs {
                 raw.schema_id
             ),
             })?;
-        Ok(codec.decode(&raw.bytes, "value")?)
+        match &self.reader {
+            Some((Some(id), _)) if *id == raw.schema_id => Ok(codec.decode(&raw.bytes, "value")?),
+            Some((_, reader)) => Ok(codec.decode_as(&raw.bytes, reader, "value")?),
+            None => Ok(codec.decode(&raw.bytes, "value")?),
+        }
     }
 
     fn matches(&self, record: &StoreRecord) -> bool {
@@ -168,7 +212,7 @@ async fn refresh(shared: &Shared, mirrors: &Mirrors) {
     };
     if let Some(record) = &record {
         if !shared.codecs().matches(record) {
-            match Codecs::from_record(record) {
+            match Codecs::from_record(record, &shared.reader_schema) {
                 Ok(codecs) => {
                     tracing::info!(
                         store = shared.store,

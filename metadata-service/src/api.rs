@@ -16,16 +16,18 @@ use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
 use rialto_protocol::admin::{AclChangeRequest, NodeDescription, NodeReplica};
 use rialto_protocol::admin::{
-    CreateStoreRequest, FailPushRequest, ReplicaView, StartPushRequest, StartPushResponse,
-    StoreDescription, UpdateStoreRequest, VersionDescription,
+    AddValueSchemaRequest, AddValueSchemaResponse, CreateStoreRequest, FailPushRequest,
+    ReplicaView, StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest,
+    VersionDescription,
 };
-use rialto_protocol::avro::AvroCodec;
+use rialto_protocol::avro::{AvroCodec, Schema};
 use rialto_protocol::meta::{
     now_ms, realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
     ReplicaRecord, ReplicaState, StoreRecord, ValueSchema, VersionRecord, VersionStatus,
     DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP, PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
     VERSIONS_TO_KEEP_MAX,
 };
+use rialto_protocol::schema_compat::check_full;
 use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
 
@@ -35,7 +37,7 @@ use crate::serve::Caller;
 use crate::store_ops::{
     fail_version, store_not_found, update_acl, update_store, update_version, version_not_found,
 };
-use crate::versions::{live_nodes, start_version};
+use crate::versions::{live_nodes, start_version, PushStart};
 use axum::Extension;
 use rialto_protocol::acl::Permission;
 
@@ -43,6 +45,10 @@ use rialto_protocol::acl::Permission;
 pub const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Largest Avro schema text (key or value).
 pub const SCHEMA_BYTES_MAX: usize = 512 * 1024;
+/// Most value schemas a store registers.
+pub const VALUE_SCHEMAS_MAX: usize = 64;
+/// Largest total text of a store's value schemas (the store record must fit an etcd request).
+pub const VALUE_SCHEMAS_BYTES_MAX: usize = 1024 * 1024;
 /// Longest failure reason kept in a version record; longer ones are cut.
 pub const FAIL_REASON_BYTES_MAX: usize = 4096;
 
@@ -97,6 +103,10 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route(
             "/v1/stores/{store}/versions/{version}/fail",
             post(fail_push),
+        )
+        .route(
+            "/v1/stores/{store}/value-schemas",
+            get(list_value_schemas).post(add_value_schema),
         )
         .route("/v1/stores/{store}/rollback", post(rollback))
         .route("/v1/stores/{store}/roll-forward", post(roll_forward))
@@ -316,6 +326,80 @@ async fn update_store_settings(
     Ok((StatusCode::OK, Json(record)))
 }
 
+async fn list_value_schemas(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<Vec<ValueSchema>> {
+    let record = get_store(&st, &store).await?;
+    Ok((StatusCode::OK, Json(record.value_schemas)))
+}
+
+/// `POST /v1/stores/{store}/value-schemas`: registers a value schema that every registered one
+/// reads and that reads every registered one (full compatibility), under the next id. The
+/// same schema registered again answers its id.
+async fn add_value_schema(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<AddValueSchemaResponse> {
+    let req: AddValueSchemaRequest = body(&bytes, "add-value-schema")?;
+    check_schema("value", &req.schema)?;
+    let new = Schema::parse_str(&req.schema)
+        .map_err(|e| ControllerError::BadRequest(format!("value schema: {e}")))?;
+    let mut answer = None;
+    update_store(&*st.meta, &st.layout, &store, |s| {
+        if s.deleting {
+            return Err(being_deleted(&store));
+        }
+        let mut total = req.schema.len();
+        for registered in &s.value_schemas {
+            total += registered.schema.len();
+            let old = Schema::parse_str(&registered.schema).map_err(|e| {
+                ControllerError::Internal(format!(
+                    "registered value schema {} of store `{store}` does not parse: {e}",
+                    registered.id
+                ))
+            })?;
+            if old == new {
+                answer = Some(AddValueSchemaResponse {
+                    id: registered.id,
+                    added: false,
+                });
+                return Ok(false);
+            }
+            check_full(&new, &old).map_err(|e| {
+                ControllerError::BadRequest(format!(
+                    "value schema is not compatible with registered schema {}: {e}",
+                    registered.id
+                ))
+            })?;
+        }
+        if s.value_schemas.len() >= VALUE_SCHEMAS_MAX || total > VALUE_SCHEMAS_BYTES_MAX {
+            return Err(ControllerError::BadRequest(format!(
+                "store `{store}` would have {} value schemas of {total} bytes; the limits are \
+                 {VALUE_SCHEMAS_MAX} schemas and {VALUE_SCHEMAS_BYTES_MAX} bytes",
+                s.value_schemas.len() + 1
+            )));
+        }
+        let id = s.value_schemas.iter().map(|v| v.id).max().unwrap_or(0) + 1;
+        s.value_schemas.push(ValueSchema {
+            id,
+            schema: req.schema.clone(),
+        });
+        answer = Some(AddValueSchemaResponse { id, added: true });
+        Ok(true)
+    })
+    .await?;
+    let answer = answer.ok_or_else(|| store_not_found(&store))?;
+    let status = if answer.added {
+        tracing::info!(%store, id = answer.id, "value schema registered");
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(answer)))
+}
+
 async fn list_stores(State(st): State<Arc<ApiState>>) -> ApiResult<Vec<StoreRecord>> {
     let (items, _) = st.meta.list(&st.layout.stores_prefix()).await?;
     let mut stores = Vec::with_capacity(items.len());
@@ -492,9 +576,12 @@ async fn start_push(
         &*st.pubsub,
         &st.kafka_bootstrap,
         &store,
-        &req.push_id,
-        false,
-        caller.0.as_ref().map(|p| p.as_str()),
+        PushStart {
+            push_id: &req.push_id,
+            empty: false,
+            pushed_by: caller.0.as_ref().map(|p| p.as_str()),
+            value_schema_id: req.value_schema_id,
+        },
     )
     .await?;
     Ok((StatusCode::CREATED, Json(started)))

@@ -84,7 +84,11 @@ pub fn requirement(method: &Method, path: &str) -> Requirement {
         ["metrics"] => Authenticated,
         ["v1", "stores"] if read => Authenticated,
         ["v1", "stores"] => ClusterAdmin,
-        ["v1", "stores", store] | ["v1", "stores", store, "versions", _] if read => {
+        ["v1", "stores", store]
+        | ["v1", "stores", store, "versions", _]
+        | ["v1", "stores", store, "value-schemas"]
+            if read =>
+        {
             StoreAny(store.to_string())
         }
         ["v1", "stores", store, "versions"] if *method == Method::POST => {

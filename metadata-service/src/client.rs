@@ -16,10 +16,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rialto_protocol::admin::{
-    AclChangeRequest, AclRecord, ApiError, CreateStoreRequest, FailPushRequest, NodeDescription,
-    StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
+    AclChangeRequest, AclRecord, AddValueSchemaRequest, AddValueSchemaResponse, ApiError,
+    CreateStoreRequest, FailPushRequest, NodeDescription, StartPushRequest, StartPushResponse,
+    StoreDescription, UpdateStoreRequest, VersionDescription,
 };
-use rialto_protocol::meta::{NodeRecord, StoreRecord};
+use rialto_protocol::meta::{NodeRecord, StoreRecord, ValueSchema};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -245,6 +246,33 @@ impl AdminClient {
     pub async fn describe_store(&self, store: &str) -> Result<StoreDescription, ControllerError> {
         self.call(Method::GET, &format!("/v1/stores/{}", segment(store)), None)
             .await
+    }
+
+    /// `GET /v1/stores/{store}/value-schemas`.
+    pub async fn value_schemas(&self, store: &str) -> Result<Vec<ValueSchema>, ControllerError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/stores/{}/value-schemas", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/stores/{store}/value-schemas`: registers a fully compatible value schema.
+    pub async fn add_value_schema(
+        &self,
+        store: &str,
+        schema: &str,
+    ) -> Result<AddValueSchemaResponse, ControllerError> {
+        let req = AddValueSchemaRequest {
+            schema: schema.to_string(),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/stores/{}/value-schemas", segment(store)),
+            Self::json(&req)?,
+        )
+        .await
     }
 
     /// `POST /v1/stores/{store}/versions`: allocates a version, creates its topic, places replicas.

@@ -393,3 +393,17 @@ pub fn acl(record: &rialto_protocol::acl::AclRecord) -> String {
     }
     out
 }
+
+/// Value schemas by id, newest last, each as compact JSON on its own line.
+pub fn value_schemas(schemas: &[rialto_protocol::meta::ValueSchema]) -> String {
+    let mut sorted: Vec<_> = schemas.iter().collect();
+    sorted.sort_by_key(|s| s.id);
+    let mut out = String::from("ID  SCHEMA\n");
+    for schema in sorted {
+        let compact = serde_json::from_str::<serde_json::Value>(&schema.schema)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|_| schema.schema.clone());
+        out.push_str(&format!("{:<2}  {compact}\n", schema.id));
+    }
+    out
+}

@@ -31,6 +31,19 @@ pub(crate) async fn live_nodes(
     Ok(nodes)
 }
 
+/// What a push asks of [`start_version`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PushStart<'a> {
+    /// Free text identifying the push, for operators.
+    pub push_id: &'a str,
+    /// No data will be pushed (an empty version of a streaming-only store).
+    pub empty: bool,
+    /// The principal that started it.
+    pub pushed_by: Option<&'a str>,
+    /// The registered value schema it writes with; `None`: the latest.
+    pub value_schema_id: Option<u32>,
+}
+
 /// Allocates the next version of `store`, places its replicas on the live nodes, creates its
 /// topic and writes its record (Pushing). A topic that cannot be created leaves the version
 /// recorded as failed. An `empty` version (no data will be pushed) has no sample to train a
@@ -41,20 +54,33 @@ pub(crate) async fn start_version(
     pubsub: &dyn PubSub,
     kafka_bootstrap: &str,
     store: &str,
-    push_id: &str,
-    empty: bool,
-    pushed_by: Option<&str>,
+    push: PushStart<'_>,
 ) -> Result<StartPushResponse, ControllerError> {
+    let PushStart {
+        push_id,
+        empty,
+        pushed_by,
+        value_schema_id,
+    } = push;
     let key = layout.store(store);
     let record: StoreRecord = match meta.get(&key).await? {
         Some(kv) => parse_record(&key, &kv.value)?,
         None => return Err(store_not_found(store)),
     };
-    let Some(value_schema) = record.latest_value_schema().cloned() else {
-        return Err(ControllerError::Corrupt {
-            key,
-            detail: "store has no value schema".into(),
-        });
+    let value_schema = match value_schema_id {
+        Some(id) => record.value_schema(id).cloned().ok_or_else(|| {
+            ControllerError::BadRequest(format!(
+                "value schema {id} is not registered for store `{store}`; see \
+                 `rialto-admin schemas list {store}`"
+            ))
+        })?,
+        None => record
+            .latest_value_schema()
+            .cloned()
+            .ok_or_else(|| ControllerError::Corrupt {
+                key: key.clone(),
+                detail: "store has no value schema".into(),
+            })?,
     };
     if record.deleting {
         return Err(crate::api::being_deleted(store));
@@ -162,9 +188,11 @@ pub(crate) async fn start_empty_version(
         pubsub,
         "",
         store,
-        "empty version of a streaming-only store",
-        true,
-        None,
+        PushStart {
+            push_id: "empty version of a streaming-only store",
+            empty: true,
+            ..PushStart::default()
+        },
     )
     .await?;
     let version = started.version;

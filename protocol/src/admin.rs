@@ -12,6 +12,8 @@
 //! | `POST /v1/stores/{store}/versions/{version}/written` | – | 200 [`VersionDescription`] |
 //! | `POST /v1/stores/{store}/versions/{version}/fail` | [`FailPushRequest`] | 200 [`VersionDescription`] |
 //! | `DELETE /v1/stores/{store}` | – | 202 [`StoreRecord`] (deletion under way) |
+//! | `GET /v1/stores/{store}/value-schemas` | – | 200 `[ValueSchema]` |
+//! | `POST /v1/stores/{store}/value-schemas` | [`AddValueSchemaRequest`] | 201 (200 if registered already) [`AddValueSchemaResponse`] |
 //! | `POST /v1/stores/{store}/rollback` | – | 200 [`StoreRecord`] |
 //! | `POST /v1/stores/{store}/roll-forward` | – | 200 [`StoreRecord`] |
 //! | `DELETE /v1/stores/{store}/versions/{version}` | – | 200 [`VersionDescription`] |
@@ -88,6 +90,22 @@ pub struct UpdateStoreRequest {
     pub versions_to_keep: Option<u32>,
 }
 
+/// Body of `POST /v1/stores/{store}/value-schemas`: a new value schema, registered only if it
+/// is fully compatible with every registered one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddValueSchemaRequest {
+    pub schema: String,
+}
+
+/// Answer of `POST /v1/stores/{store}/value-schemas`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddValueSchemaResponse {
+    /// The schema's id: new, or the id it already had.
+    pub id: u32,
+    /// Whether this call registered it (`false`: the same schema was registered already).
+    pub added: bool,
+}
+
 /// Body of `POST /v1/stores/{store}/versions`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartPushRequest {
@@ -98,6 +116,9 @@ pub struct StartPushRequest {
     /// against the store's storage quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_bytes: Option<u64>,
+    /// The registered value schema the push writes with (`None`: the latest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_schema_id: Option<u32>,
 }
 
 /// What a push job needs to write a new version.

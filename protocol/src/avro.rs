@@ -88,6 +88,30 @@ impl AvroCodec {
         Ok(value)
     }
 
+    /// Decodes a binary datum written with this schema and resolves it to `reader`'s schema
+    /// (Avro schema resolution: reader fields the writer lacks take their defaults, writer
+    /// fields the reader lacks are dropped, numbers are promoted); the whole input must be
+    /// consumed.
+    pub fn decode_as(
+        &self,
+        mut bytes: &[u8],
+        reader: &AvroCodec,
+        what: &'static str,
+    ) -> Result<Value, AvroError> {
+        let value = apache_avro::from_avro_datum(&self.schema, &mut bytes, Some(&reader.schema))
+            .map_err(|e| AvroError::Decode {
+                what,
+                detail: e.to_string(),
+            })?;
+        if !bytes.is_empty() {
+            return Err(AvroError::Decode {
+                what,
+                detail: format!("{} trailing bytes", bytes.len()),
+            });
+        }
+        Ok(value)
+    }
+
     /// Converts JSON (as found in newline-delimited JSON input) to a value of this schema,
     /// exactly (see [`avro_json`](crate::avro_json)).
     pub fn from_json(&self, json: &Json, what: &'static str) -> Result<Value, AvroError> {

@@ -12,6 +12,7 @@
 //! * [`stored`]: a value at rest: its checksum, and chunking of large values.
 //! * [`codec`]: value compression (zstd, with a trained dictionary) shared by the same two.
 //! * [`admin`]: the controller's HTTP/JSON admin API types.
+//! * [`schema_compat`]: whether one Avro schema reads what another wrote (schema evolution).
 //! * [`acl`]: who may read, write and administer which store, and the check.
 //!
 //! **Architecture Invariant:** this crate does no I/O. It is pure data and functions over bytes.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod partitioner;
 pub mod producer;
 pub mod recycle;
+pub mod schema_compat;
 pub mod stored;
 pub mod wire;
 

@@ -72,8 +72,70 @@ pub struct PartitionedDataset {
     /// A uniform sample of the values (reservoir sampling, bounded by
     /// `codec::TRAINING_SAMPLES_MAX`), to train a compression dictionary on.
     pub samples: Vec<Vec<u8>>,
+    /// The registered value schema every value was written with.
+    pub value_schema_id: u32,
     /// Keeps the sort's files alive while the partitions are read.
     pub(crate) _sorted: Option<crate::sort::SortedDataset>,
+}
+
+/// The store's registered value schemas, and the one the push was told to write with.
+#[derive(Debug, Clone)]
+pub struct ValueSchemas {
+    /// `(id, codec)` of every registered value schema.
+    pub registered: Vec<(u32, AvroCodec)>,
+    /// `--value-schema-id`: values are written with this schema. `None`: JSON lines are read
+    /// with the latest schema, an Avro file's values with the registered schema the file's
+    /// writer schema matches (the latest when none does: values are resolved to it).
+    pub requested: Option<u32>,
+}
+
+impl ValueSchemas {
+    fn get(&self, id: u32) -> Result<(u32, &AvroCodec), String> {
+        self.registered
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(i, c)| (*i, c))
+            .ok_or_else(|| {
+                let ids: Vec<String> = self.registered.iter().map(|(i, _)| i.to_string()).collect();
+                format!(
+                    "value schema {id} is not registered for the store (registered: {})",
+                    ids.join(", ")
+                )
+            })
+    }
+
+    fn latest(&self) -> Result<(u32, &AvroCodec), String> {
+        let id = self.registered.iter().map(|(i, _)| *i).max();
+        self.get(id.ok_or("the store has no value schema")?)
+    }
+
+    /// The schema JSON lines are read with.
+    fn for_json(&self) -> Result<(u32, &AvroCodec), String> {
+        match self.requested {
+            Some(id) => self.get(id),
+            None => self.latest(),
+        }
+    }
+
+    /// The schema an Avro file's values are written with, and whether the file's own bytes
+    /// are that schema's (same parsing canonical form: the same binary encoding).
+    fn for_avro(&self, file_value: &Schema) -> Result<(u32, &AvroCodec, bool), String> {
+        let canonical = file_value.canonical_form();
+        let same = |codec: &AvroCodec| codec.schema().canonical_form() == canonical;
+        if let Some(id) = self.requested {
+            let (id, codec) = self.get(id)?;
+            return Ok((id, codec, same(codec)));
+        }
+        let matching = self
+            .registered
+            .iter()
+            .filter(|(_, c)| same(c))
+            .max_by_key(|(i, _)| *i);
+        match matching {
+            Some((id, codec)) => Ok((*id, codec, true)),
+            None => self.latest().map(|(id, codec)| (id, codec, false)),
+        }
+    }
 }
 
 /// Memory budget and spill location of the sort.
@@ -205,6 +267,7 @@ impl<'a> Builder<'a> {
             spills,
             partitions,
             samples: self.samples.samples,
+            value_schema_id: 0,
             _sorted: Some(sorted),
         })
     }
@@ -236,15 +299,16 @@ impl Default for RecordLimits {
 /// Reads and validates a whole input file.
 ///
 /// JSON numbers are converted exactly (see `rialto_protocol::avro_json`). Values of an Avro file
-/// written with the store's value schema are kept as the file's own bytes; with another schema
-/// they are resolved to the store's and encoded again.
+/// written with a registered value schema are kept as the file's own bytes, under that schema's
+/// id; with another schema they are resolved to the latest (or the requested) one and encoded
+/// again.
 #[allow(clippy::too_many_arguments)]
 pub fn read_dataset(
     path: &Path,
     format: InputFormat,
     shape: &InputShape,
     key_codec: &AvroCodec,
-    value_codec: &AvroCodec,
+    value_schemas: &ValueSchemas,
     partition_count: u32,
     sort: &SortConfig,
     limits: RecordLimits,
@@ -262,11 +326,17 @@ pub fn read_dataset(
         path: path.to_path_buf(),
         detail: e.to_string(),
     })?;
-    match format {
-        InputFormat::Json => read_json(&mut b, file, shape, value_codec)?,
-        InputFormat::Avro => read_avro(&mut b, file, shape, value_codec)?,
-    }
-    b.finish()
+    let value_schema_id = match format {
+        InputFormat::Json => {
+            let (id, codec) = value_schemas.for_json().map_err(|e| b.bad(0, e))?;
+            read_json(&mut b, file, shape, codec)?;
+            id
+        }
+        InputFormat::Avro => read_avro(&mut b, file, shape, value_schemas)?,
+    };
+    let mut dataset = b.finish()?;
+    dataset.value_schema_id = value_schema_id;
+    Ok(dataset)
 }
 
 fn read_json(
@@ -328,12 +398,13 @@ fn read_json(
     Ok(())
 }
 
+/// Reads an Avro container file; answers the id of the value schema its values are written with.
 fn read_avro(
     b: &mut Builder<'_>,
     file: std::fs::File,
     shape: &InputShape,
-    value_codec: &AvroCodec,
-) -> Result<(), PushError> {
+    value_schemas: &ValueSchemas,
+) -> Result<u32, PushError> {
     let mut reader = ContainerReader::open(std::io::BufReader::new(file))
         .map_err(|e| b.bad(0, e.to_string()))?;
     let row = reader.schema().clone();
@@ -358,10 +429,17 @@ fn read_avro(
         })
     };
     let (key_at, value_at) = (position(&shape.key_field)?, position(&shape.value_field)?);
-    // The file's value bytes are kept when they were written with the store's value schema.
-    let keep_bytes = record.fields[value_at].schema == *value_codec.schema();
-    if !keep_bytes {
-        tracing::info!("the file's value schema differs from the store's: values are resolved to the store's schema and encoded again");
+    // The file's value bytes are kept when they were written with a registered value schema.
+    let (schema_id, value_codec, keep_bytes) = value_schemas
+        .for_avro(&record.fields[value_at].schema)
+        .map_err(|e| b.bad(0, e))?;
+    if keep_bytes {
+        tracing::info!(
+            schema_id,
+            "the file's values are written with a registered value schema"
+        );
+    } else {
+        tracing::info!(schema_id, "the file's value schema is not registered: values are resolved to schema {schema_id} and encoded again");
     }
     let mut record_no = 0u64;
     while let Some(block) = reader
@@ -410,7 +488,7 @@ fn read_avro(
             ));
         }
     }
-    Ok(())
+    Ok(schema_id)
 }
 
 #[cfg(test)]
@@ -429,7 +507,11 @@ mod tests {
         limits: RecordLimits,
     ) -> Result<PartitionedDataset, PushError> {
         let (shape, sort) = (InputShape::default(), SortConfig::default());
-        read_dataset(path, format, &shape, k, v, partitions, &sort, limits)
+        let values = ValueSchemas {
+            registered: vec![(1, v.clone())],
+            requested: None,
+        };
+        read_dataset(path, format, &shape, k, &values, partitions, &sort, limits)
     }
 
     const VALUE: &str = r#"{"type":"record","name":"V","fields":[{"name":"n","type":"long"}]}"#;

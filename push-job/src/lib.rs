@@ -36,7 +36,7 @@ use rialto_protocol::envelope::ControlMessage;
 use rialto_protocol::meta::{Compression, ReplicaState, ValueFormat, VersionStatus};
 use rialto_protocol::stored::{split_value, value_checksum, StoredPiece, CHECKSUM_BYTES};
 
-pub use input::{InputFormat, InputShape, RecordLimits, SortConfig};
+pub use input::{InputFormat, InputShape, RecordLimits, SortConfig, ValueSchemas};
 pub use realtime::{
     parse_stream_line, RealtimeConfig, RealtimeError, RealtimeReport, RealtimeWriter, StreamRecord,
     SEGMENT_RECORDS_MAX,
@@ -127,6 +127,9 @@ pub struct PushConfig {
     pub kafka_options: Vec<(String, String)>,
     /// Memory budget and spill directory of the external sort.
     pub sort: SortConfig,
+    /// The registered value schema the values are written with (see
+    /// [`input::ValueSchemas::requested`]); `None`: the latest, or the Avro file's own.
+    pub value_schema_id: Option<u32>,
     /// TLS to an https:// controller (its CA, and this job's certificate, whose principal
     /// needs `write` on the store when the controller authorizes calls).
     pub controller_tls: Option<rialto_controller::ClientTlsFiles>,
@@ -146,6 +149,7 @@ impl PushConfig {
             kafka_bootstrap: None,
             kafka_options: Vec::new(),
             sort: SortConfig::default(),
+            value_schema_id: None,
             controller_tls: None,
         }
     }
@@ -156,6 +160,8 @@ impl PushConfig {
 pub struct PushReport {
     pub store: String,
     pub version: u32,
+    /// The registered value schema the values were written with.
+    pub value_schema_id: u32,
     pub records: u64,
     pub bytes: u64,
     pub partitions: u32,
@@ -183,14 +189,20 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
     let admin = AdminClient::connect(&config.controller_url, config.controller_tls.as_ref())?;
     let started = Instant::now();
     let store = admin.describe_store(&config.store).await?.store;
-    let value_schema = store
-        .latest_value_schema()
-        .ok_or_else(|| PushError::NoValueSchema {
+    if store.value_schemas.is_empty() {
+        return Err(PushError::NoValueSchema {
             store: store.name.clone(),
-        })?
-        .clone();
+        });
+    }
     let key_codec = AvroCodec::parse(&store.key_schema)?;
-    let value_codec = AvroCodec::parse(&value_schema.schema)?;
+    let value_schemas = ValueSchemas {
+        registered: store
+            .value_schemas
+            .iter()
+            .map(|s| Ok((s.id, AvroCodec::parse(&s.schema)?)))
+            .collect::<Result<_, AvroError>>()?,
+        requested: config.value_schema_id,
+    };
     let format = match config.format {
         Some(f) => f,
         None => InputFormat::from_path(&config.input)
@@ -212,7 +224,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             format,
             &shape,
             &key_codec,
-            &value_codec,
+            &value_schemas,
             partition_count,
             &sort,
             limits,
@@ -268,6 +280,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             &StartPushRequest {
                 push_id: config.push_id.clone(),
                 data_bytes: Some(dataset.bytes),
+                value_schema_id: Some(dataset.value_schema_id),
             },
         )
         .await?;
@@ -322,6 +335,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         Ok((produce_elapsed, live_elapsed)) => Ok(PushReport {
             store: store.name.clone(),
             version,
+            value_schema_id: start.value_schema_id,
             records: dataset.records,
             bytes: dataset.bytes,
             partitions: partition_count,

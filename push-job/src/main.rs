@@ -80,6 +80,11 @@ struct PushArgs {
     /// Where the sort spills (default: the system's temporary directory).
     #[arg(long)]
     spill_dir: Option<PathBuf>,
+    /// The registered value schema the values are written with (`rialto-admin schemas list`).
+    /// Default: the latest for JSON lines; for an Avro file, the registered schema its writer
+    /// schema is (values are resolved to the latest when it is none of them).
+    #[arg(long)]
+    value_schema_id: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -150,6 +155,7 @@ async fn batch_push(
     config.kafka_bootstrap = args.kafka;
     config.kafka_options = args.kafka_options;
     config.controller_tls = tls;
+    config.value_schema_id = args.value_schema_id;
     config.sort = SortConfig {
         memory_bytes: args.sort_memory_mib * 1024 * 1024,
         spill_dir: args.spill_dir,
@@ -157,8 +163,8 @@ async fn batch_push(
     match push(&config).await {
         Ok(r) => {
             println!(
-                "pushed {} records ({} bytes, {} partitions) to {} version {}: read and sorted {:.1?} ({} spills), produced {:.1?}, live after {:.1?}",
-                r.records, r.bytes, r.partitions, r.store, r.version, r.read_elapsed, r.sort_spills, r.produce_elapsed, r.live_elapsed
+                "pushed {} records ({} bytes, {} partitions, value schema {}) to {} version {}: read and sorted {:.1?} ({} spills), produced {:.1?}, live after {:.1?}",
+                r.records, r.bytes, r.partitions, r.value_schema_id, r.store, r.version, r.read_elapsed, r.sort_spills, r.produce_elapsed, r.live_elapsed
             );
             if r.chunked_values > 0 {
                 println!(

@@ -40,6 +40,9 @@ enum Command {
     /// A store's versions: list, delete.
     #[command(subcommand)]
     Versions(VersionsCommand),
+    /// A store's value schemas: list, add (fully compatible with every registered one).
+    #[command(subcommand)]
+    Schemas(SchemasCommand),
     /// Storage nodes: list, describe, drain.
     #[command(subcommand)]
     Nodes(NodesCommand),
@@ -110,6 +113,20 @@ enum CertsCommand {
         /// localhost and 127.0.0.1; repeatable.
         #[arg(long = "host")]
         hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SchemasCommand {
+    /// The store's key schema and every value schema with its id.
+    List { store: String },
+    /// Registers a new value schema: each registered schema must read what it writes and it
+    /// must read what each wrote (add fields with defaults; remove fields; widen numbers).
+    Add {
+        store: String,
+        /// Avro value schema: JSON text, or @path to read it from a file.
+        #[arg(long)]
+        value_schema: String,
     },
 }
 
@@ -445,6 +462,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Stores(StoresCommand::RollForward { name }) => {
             let s = client.roll_forward(&name).await?;
             print(args.json, &s, |s| switched(s, "rolled forward"))
+        }
+        Command::Schemas(SchemasCommand::List { store }) => {
+            let schemas = client.value_schemas(&store).await?;
+            print(args.json, &schemas, |s| render::value_schemas(s))
+        }
+        Command::Schemas(SchemasCommand::Add {
+            store,
+            value_schema,
+        }) => {
+            let added = client
+                .add_value_schema(&store, &schema_arg(&value_schema)?)
+                .await?;
+            print(args.json, &added, |a| {
+                if a.added {
+                    format!("value schema {} registered for `{store}`\n", a.id)
+                } else {
+                    format!(
+                        "value schema already registered for `{store}` as {}\n",
+                        a.id
+                    )
+                }
+            })
         }
         Command::Versions(VersionsCommand::List { store }) => {
             let d = client.describe_store(&store).await?;
