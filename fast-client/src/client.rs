@@ -118,7 +118,7 @@ impl Drop for Background {
 /// health tracking and the retry budget.
 #[derive(Clone)]
 pub struct Client {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     _background: Arc<Background>,
 }
 
@@ -297,7 +297,13 @@ impl Client {
         Counters::add(&self.shared.counters.keys_requested, keys.len() as u64);
         let table = self.shared.table();
         let version = self.version_of(&table)?;
-        Ok(stream::start(self.shared.clone(), table, version, keys))
+        Ok(stream::start(
+            self.shared.clone(),
+            table,
+            version,
+            keys,
+            None,
+        ))
     }
 
     /// The version reads go to now, from the live routing table.
@@ -376,7 +382,7 @@ impl Client {
         })
     }
 
-    fn version_of(&self, table: &RoutingTable) -> Result<u32, ClientError> {
+    pub(crate) fn version_of(&self, table: &RoutingTable) -> Result<u32, ClientError> {
         if !table.store_exists {
             return Err(ClientError::UnknownStore {
                 store: self.shared.store.clone(),
@@ -541,10 +547,10 @@ impl Client {
 }
 
 /// The result of a batch-get from its values and completion status.
-fn complete(
-    values: Vec<Option<RawValue>>,
+pub(crate) fn complete<T>(
+    values: Vec<Option<T>>,
     done: Completeness,
-) -> Result<Vec<Option<RawValue>>, ClientError> {
+) -> Result<Vec<Option<T>>, ClientError> {
     if done.is_complete() {
         return Ok(values);
     }
@@ -602,7 +608,7 @@ async fn probe_blocked(shared: std::sync::Weak<Shared>) {
     }
 }
 
-fn check_batch_size(count: usize) -> Result<(), ClientError> {
+pub(crate) fn check_batch_size(count: usize) -> Result<(), ClientError> {
     if count > BATCH_GET_KEYS_MAX {
         return Err(ClientError::TooManyKeys {
             count,

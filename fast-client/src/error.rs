@@ -77,6 +77,11 @@ pub enum ClientError {
     #[error("schema problem: {0}")]
     Schema(#[from] AvroError),
 
+    /// A compute request refused before it was sent (limits, a field the reader schema lacks,
+    /// a reader schema that is not registered), or a result that does not decode.
+    #[error("compute: {0}")]
+    Compute(String),
+
     /// The metadata store (etcd) could not be read.
     #[error("could not read cluster metadata: {0}; check that etcd is reachable from this host")]
     Metadata(#[from] MetaError),

@@ -26,6 +26,7 @@
 //! [`instances`] (load and health), [`error`] and `stats`.
 
 mod client;
+mod compute;
 pub mod error;
 pub mod hedge;
 pub mod instances;
@@ -40,6 +41,7 @@ mod values;
 use std::time::Duration;
 
 pub use client::Client;
+pub use compute::{Compute, ComputeEvent, ComputeRecord};
 pub use error::ClientError;
 pub use hedge::LongTailRetry;
 pub use instances::HealthConfig;

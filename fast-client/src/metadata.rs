@@ -112,6 +112,24 @@ impl Codecs {
         }
     }
 
+    /// The reader schema's id and codec, for a compute request (which names a registered
+    /// schema the servers resolve values to).
+    pub(crate) fn reader_for_compute(
+        &self,
+        store: &str,
+    ) -> Result<(u32, AvroCodec), crate::ClientError> {
+        match &self.reader {
+            Some((Some(id), codec)) => Ok((*id, codec.clone())),
+            Some((None, _)) => Err(crate::ClientError::Compute(format!(
+                "the client's reader schema is not registered for store `{store}`; compute \
+                 needs a registered one (`rialto-admin schemas add`)"
+            ))),
+            None => Err(crate::ClientError::Compute(format!(
+                "store `{store}` has no value schema"
+            ))),
+        }
+    }
+
     fn matches(&self, record: &StoreRecord) -> bool {
         self.key_schema == record.key_schema && self.value_schemas == record.value_schemas
     }

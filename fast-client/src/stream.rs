@@ -231,15 +231,18 @@ impl Stream for BatchStream {
 }
 
 /// Starts a streaming batch-get of `keys` (serialized key datums) against `table`'s version.
+/// With `compute` (an encoded compute request), a read-compute call: the same routing, retries
+/// and streaming, each record carrying the key's compute result instead of its value.
 pub(crate) fn start(
     shared: Arc<Shared>,
     table: Arc<RoutingTable>,
     version: u32,
     keys: &[Vec<u8>],
+    compute: Option<Bytes>,
 ) -> RawBatchStream {
     let (tx, rx) = mpsc::unbounded_channel();
     let started = Instant::now();
-    let call = Call::new(shared, table, version, keys, started, tx);
+    let call = Call::new(shared, table, version, keys, compute, started, tx);
     let task = tokio::spawn(call.run());
     RawBatchStream {
         rx,
@@ -317,6 +320,8 @@ struct Call {
     contacted: Vec<Arc<Instance>>,
     /// Decompression of the version's values (resolved when the call runs).
     values: Arc<VersionValues>,
+    /// The encoded compute request of a read-compute call (its records are results).
+    compute: Option<Bytes>,
 }
 
 impl Call {
@@ -325,6 +330,7 @@ impl Call {
         table: Arc<RoutingTable>,
         version: u32,
         keys: &[Vec<u8>],
+        compute: Option<Bytes>,
         started: Instant,
         out: mpsc::UnboundedSender<Vec<BatchEvent>>,
     ) -> Call {
@@ -355,8 +361,12 @@ impl Call {
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
         let deadline = started + shared.request_timeout;
         let rotation = shared.next_rotation();
+        let path = match compute {
+            Some(_) => wire::compute_path(&shared.store, version),
+            None => wire::batch_get_path(&shared.store, version),
+        };
         Call {
-            path: wire::batch_get_path(&shared.store, version).into(),
+            path: path.into(),
             slots: (0..keys.len()).map(|_| Slot::default()).collect(),
             unsettled: keys.len(),
             done: Completeness {
@@ -377,16 +387,22 @@ impl Call {
             shared,
             table,
             values: VersionValues::plain(),
+            compute,
         }
     }
 
     async fn run(mut self) {
-        match self
-            .shared
-            .values
-            .for_table(&self.shared, &self.table)
-            .await
-        {
+        let values = match self.compute {
+            // Results are made by the servers: nothing to decompress or verify here.
+            Some(_) => Ok(VersionValues::plain()),
+            None => {
+                self.shared
+                    .values
+                    .for_table(&self.shared, &self.table)
+                    .await
+            }
+        };
+        match values {
             Ok(values) => self.values = values,
             Err(e) => {
                 let message: Arc<str> = e.to_string().into();
@@ -524,12 +540,18 @@ impl Call {
         let keys_max = self.shared.sub_request_keys_max;
         for indices in split_sub_requests(&self.keys, indices, keys_max) {
             let id = self.subs.len();
+            let spec = self.compute.as_deref().unwrap_or_default();
             let mut body = Vec::with_capacity(
-                5 + indices
-                    .iter()
-                    .map(|&i| 8 + self.keys[i as usize].len())
-                    .sum::<usize>(),
+                4 + spec.len()
+                    + 5
+                    + indices
+                        .iter()
+                        .map(|&i| 8 + self.keys[i as usize].len())
+                        .sum::<usize>(),
             );
+            if self.compute.is_some() {
+                wire::compute_body_prefix(spec, &mut body);
+            }
             BatchGetRequest::encode_keys(
                 indices
                     .iter()
@@ -604,7 +626,10 @@ impl Call {
             self.subs[sub].owed = self.subs[sub].owed.saturating_sub(1);
             self.slots[index].owed = self.slots[index].owed.saturating_sub(1);
             match answer {
-                KeyAnswer::Found(value) => match self.values.decode(value, verify) {
+                KeyAnswer::Found(value) => match match self.compute {
+                    Some(_) => Ok(value),
+                    None => self.values.decode(value, verify),
+                } {
                     Ok(value) => {
                         verified += u64::from(verify);
                         records.push(self.settle(index, sub, Some(value)));

@@ -112,6 +112,36 @@ impl AvroCodec {
         Ok(value)
     }
 
+    /// Encodes `value` of `part`, a schema inside this codec's (a record field's): named types
+    /// it refers to resolve against this codec's schema.
+    pub fn encode_part(&self, part: &Schema, value: &Value) -> Result<Vec<u8>, AvroError> {
+        let mut out = Vec::new();
+        self.write(part, value, &mut out)
+            .map_err(|detail| AvroError::Mismatch {
+                what: "value",
+                detail,
+            })?;
+        Ok(out)
+    }
+
+    /// Decodes a datum of `part`, a schema inside this codec's (see
+    /// [`encode_part`](Self::encode_part)); the whole input must be consumed.
+    pub fn decode_part(&self, part: &Schema, mut bytes: &[u8]) -> Result<Value, AvroError> {
+        let value =
+            apache_avro::from_avro_datum_schemata(part, vec![&self.schema], &mut bytes, None)
+                .map_err(|e| AvroError::Decode {
+                    what: "value",
+                    detail: e.to_string(),
+                })?;
+        if !bytes.is_empty() {
+            return Err(AvroError::Decode {
+                what: "value",
+                detail: format!("{} trailing bytes", bytes.len()),
+            });
+        }
+        Ok(value)
+    }
+
     /// Converts JSON (as found in newline-delimited JSON input) to a value of this schema,
     /// exactly (see [`avro_json`](crate::avro_json)).
     pub fn from_json(&self, json: &Json, what: &'static str) -> Result<Value, AvroError> {

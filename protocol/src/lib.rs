@@ -10,6 +10,8 @@
 //! * [`json`], [`avro_json`]: JSON that keeps numbers exact, and its exact conversion to and from
 //!   Avro values (push input, CLI output).
 //! * [`stored`]: a value at rest: its checksum, and chunking of large values.
+//! * [`compute`]: read compute requests (projection, dot product, cosine, hadamard, count),
+//!   their evaluation on a value and their per-key results.
 //! * [`codec`]: value compression (zstd, with a trained dictionary) shared by the same two.
 //! * [`admin`]: the controller's HTTP/JSON admin API types.
 //! * [`schema_compat`]: whether one Avro schema reads what another wrote (schema evolution).
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod avro;
 pub mod avro_json;
 pub mod codec;
+pub mod compute;
 pub mod envelope;
 pub mod error;
 pub mod json;

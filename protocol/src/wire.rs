@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `POST /v1/get/{store}/{version}/{partition}` | the serialized key | a [stored value](StoredValue) (200), or an [error body](ErrorBody) |
 //! | `POST /v1/batch-get/{store}/{version}` | a [`BatchGetRequest`] | a stream of [`BatchGetFrame`]s ending with a trailer |
+//! | `POST /v1/compute/{store}/{version}` | a [`ComputeRequest`](crate::compute::ComputeRequest), u32-length-prefixed, then a [`BatchGetRequest`] | batch-get frames whose records are `reader schema id ‖ the key's result` |
 //! | `GET /health` | – | `ok` |
 //! | `GET /metrics` | – | Prometheus text |
 //!
@@ -41,6 +42,24 @@ pub fn batch_get_path(store: &str, version: u32) -> String {
     format!("/v1/batch-get/{store}/{version}")
 }
 
+/// Path of a read-compute request.
+pub fn compute_path(store: &str, version: u32) -> String {
+    format!("/v1/compute/{store}/{version}")
+}
+
+/// Splits a compute request body into the encoded compute request and the batch-get part.
+pub fn split_compute_body(body: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
+    let mut r = Reader::new(body);
+    let spec = r.bytes("compute request", REQUEST_BYTES_MAX)?;
+    Ok((spec, &body[4 + spec.len()..]))
+}
+
+/// Prefixes a compute request's body: `spec` length-prefixed (the keys follow).
+pub fn compute_body_prefix(spec: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(spec.len() as u32).to_be_bytes());
+    out.extend_from_slice(spec);
+}
+
 /// Path of a version's compression dictionary (`GET`): the raw dictionary bytes that the
 /// version's START_OF_PUSH carried, from any server hosting an ONLINE replica of it.
 pub fn dictionary_path(store: &str, version: u32) -> String {
@@ -56,6 +75,10 @@ pub enum Route<'a> {
         partition: u32,
     },
     BatchGet {
+        store: &'a str,
+        version: u32,
+    },
+    Compute {
         store: &'a str,
         version: u32,
     },
@@ -94,6 +117,14 @@ pub fn parse_route(path: &str) -> Option<Route<'_>> {
                 .next()
                 .is_none()
                 .then_some(Route::BatchGet { store, version })
+        }
+        ("v1", Some("compute")) => {
+            let store = parts.next().filter(|s| !s.is_empty())?;
+            let version = parts.next()?.parse().ok()?;
+            parts
+                .next()
+                .is_none()
+                .then_some(Route::Compute { store, version })
         }
         ("v1", Some("dictionary")) => {
             let store = parts.next().filter(|s| !s.is_empty())?;

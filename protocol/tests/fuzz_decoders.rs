@@ -1,7 +1,7 @@
 //! Property-based fuzzing of every decoder that reads bytes from the network, a topic or an
 //! operator: arbitrary inputs, and valid encodings with random bytes changed, must give a value
 //! or an error, never a panic. `FUZZ_CASES` sets the cases per target (default 20,000; CI runs
-//! the default, 160,000 in all). Any input that ever fails is kept by proptest in
+//! the default, 180,000 in all). Any input that ever fails is kept by proptest in
 //! `tests/fuzz_decoders.proptest-regressions` and replayed first on every run.
 
 use proptest::prelude::*;
@@ -9,9 +9,12 @@ use rialto_protocol::admin::{
     AclChangeRequest, CreateStoreRequest, StartPushRequest, UpdateStoreRequest,
 };
 use rialto_protocol::avro::AvroCodec;
+use rialto_protocol::compute::{ComputeRequest, Operation, Plan};
 use rialto_protocol::envelope::Envelope;
 use rialto_protocol::stored::ChunkManifest;
-use rialto_protocol::wire::{decode_frame, parse_route, BatchGetRequest, ErrorBody};
+use rialto_protocol::wire::{
+    decode_frame, parse_route, split_compute_body, BatchGetRequest, ErrorBody,
+};
 
 fn cases() -> u32 {
     std::env::var("FUZZ_CASES")
@@ -26,6 +29,37 @@ fn valid_batch_get() -> Vec<u8> {
         keys: vec![(0, b"member-1".to_vec()), (3, vec![]), (7, vec![0xff; 40])],
     }
     .encode()
+}
+
+const COMPUTE_SCHEMA: &str = r#"{"type":"record","name":"R","fields":[{"name":"id","type":"long"},{"name":"emb","type":{"type":"array","items":"float"}}]}"#;
+
+/// A valid compute request of every operation.
+fn valid_compute() -> ComputeRequest {
+    ComputeRequest {
+        reader_schema_id: 1,
+        operations: vec![
+            Operation::Project { field: "id".into() },
+            Operation::DotProduct {
+                field: "emb".into(),
+                vector: vec![1.0],
+                result: "d".into(),
+            },
+            Operation::CosineSimilarity {
+                field: "emb".into(),
+                vector: vec![1.0],
+                result: "c".into(),
+            },
+            Operation::HadamardProduct {
+                field: "emb".into(),
+                vector: vec![2.0],
+                result: "h".into(),
+            },
+            Operation::Count {
+                field: "emb".into(),
+                result: "n".into(),
+            },
+        ],
+    }
 }
 
 /// `bytes` with `edits` (position, value) applied, positions taken modulo the length.
@@ -73,6 +107,28 @@ proptest! {
     ) {
         let _ = BatchGetRequest::decode(&bytes, 10_000);
         let _ = BatchGetRequest::decode(&mutate(valid_batch_get(), &edits, cut), 10_000);
+    }
+
+    #[test]
+    fn compute_requests_and_results(
+        bytes in prop::collection::vec(any::<u8>(), 0..256),
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+        cut in proptest::option::of(any::<usize>()),
+    ) {
+        let _ = split_compute_body(&bytes);
+        let _ = ComputeRequest::decode(&bytes);
+        let request = valid_compute();
+        let _ = ComputeRequest::decode(&mutate(request.encode(), &edits, cut));
+        let codec = AvroCodec::parse(COMPUTE_SCHEMA).unwrap();
+        let plan = Plan::new(&codec, request).unwrap();
+        let _ = plan.decode_result(&codec, &bytes);
+        let value = rialto_protocol::avro::Value::Record(vec![
+            ("id".into(), rialto_protocol::avro::Value::Long(3)),
+            ("emb".into(), rialto_protocol::avro::Value::Array(vec![rialto_protocol::avro::Value::Float(0.5)])),
+        ]);
+        let mut result = Vec::new();
+        plan.evaluate(&codec, &value, &mut result);
+        let _ = plan.decode_result(&codec, &mutate(result, &edits, cut));
     }
 
     #[test]

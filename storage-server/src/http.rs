@@ -28,11 +28,12 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rialto_protocol::acl::Permission;
+use rialto_protocol::compute::ComputeRequest;
 use rialto_protocol::envelope::KEY_BYTES_MAX;
 use rialto_protocol::meta::ReplicaState;
 use rialto_protocol::wire::{
-    parse_route, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route,
-    ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
+    parse_route, split_compute_body, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer,
+    ErrorBody, Route, ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
 };
 use rialto_protocol::ErrorCode;
 use rialto_security::Principal;
@@ -43,6 +44,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::authz::Authorizer;
+use crate::compute::ComputeJob;
 use crate::faults::Faults;
 use crate::limits::ReadLimits;
 use crate::metrics::{
@@ -111,6 +113,8 @@ pub(crate) struct ReadService {
     pub limits: Arc<ReadLimits>,
     pub authorizer: Arc<Authorizer>,
     pub connection_limits: ConnectionLimits,
+    /// Schemas and value layouts for read compute.
+    pub catalog: Arc<crate::compute::Catalog>,
 }
 
 /// Accepts connections until `shutdown` leaves [`Stop::Running`]. On [`Stop::Drain`] (or a
@@ -291,6 +295,7 @@ async fn handle(
     let kind = match route {
         Some(Route::Get { .. }) => RouteKind::Get,
         Some(Route::BatchGet { .. }) => RouteKind::BatchGet,
+        Some(Route::Compute { .. }) => RouteKind::Compute,
         Some(Route::Health) => RouteKind::Health,
         Some(Route::Metrics) => RouteKind::Metrics,
         Some(Route::Dictionary { .. }) => RouteKind::Dictionary,
@@ -363,7 +368,35 @@ async fn handle(
                         "batch-get must be a POST",
                     ))
                 } else {
-                    batch_get(&service, &mut respond, body, declared_len, store, version).await
+                    batch_get(
+                        &service,
+                        &mut respond,
+                        body,
+                        declared_len,
+                        store,
+                        version,
+                        false,
+                    )
+                    .await
+                }
+            }
+            Some(Route::Compute { store, version }) => {
+                if parts.method != Method::POST {
+                    Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        "compute must be a POST",
+                    ))
+                } else {
+                    batch_get(
+                        &service,
+                        &mut respond,
+                        body,
+                        declared_len,
+                        store,
+                        version,
+                        true,
+                    )
+                    .await
                 }
             }
         },
@@ -387,6 +420,7 @@ fn authorize(
     let checked = match route {
         Some(Route::Get { store, .. })
         | Some(Route::BatchGet { store, .. })
+        | Some(Route::Compute { store, .. })
         | Some(Route::Dictionary { store, .. }) => {
             authorizer.check(principal, store, Permission::Read)
         }
@@ -556,6 +590,8 @@ fn not_served_message(code: ErrorCode, store: &str, version: u32, partition: u32
     }
 }
 
+/// A batch-get, or with `compute` a read-compute request: the same keys, routing and streaming,
+/// each found value answered by its compute result instead.
 async fn batch_get(
     service: &ReadService,
     respond: &mut SendResponse<Bytes>,
@@ -563,6 +599,7 @@ async fn batch_get(
     declared_len: Option<u64>,
     store: &str,
     version: u32,
+    compute: bool,
 ) -> Result<(), Failure> {
     let arrived = Instant::now();
     let _in_flight = service.limits.enter().map_err(refused)?;
@@ -574,7 +611,16 @@ async fn batch_get(
         service.connection_limits.body_read_timeout,
     )
     .await?;
-    let keys = BatchGetRequest::decode(&body, service.batch_get_keys_max)
+    let (spec, keys_body) = if compute {
+        let (spec, keys) = split_compute_body(&body)
+            .map_err(|e| Failure::new(e.code(), format!("bad compute request: {e}")))?;
+        let spec = ComputeRequest::decode(spec)
+            .map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
+        (Some(spec), keys)
+    } else {
+        (None, &body[..])
+    };
+    let keys = BatchGetRequest::decode(keys_body, service.batch_get_keys_max)
         .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
     service.limits.charge(store, keys.len()).map_err(refused)?;
     let metrics = &service.metrics;
@@ -584,6 +630,25 @@ async fn batch_get(
         .registry
         .version(store, version)
         .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))?;
+    let job = match spec {
+        None => None,
+        Some(spec) => {
+            let replica = partitions
+                .values()
+                .find_map(|slot| slot.online_store())
+                .ok_or_else(|| {
+                    Failure::new(
+                        ErrorCode::PartitionNotServed,
+                        not_served_message(ErrorCode::PartitionNotServed, store, version, 0),
+                    )
+                })?;
+            let job = service
+                .catalog
+                .job(store, version, spec, &replica)
+                .map_err(|(code, message)| Failure::new(code, message))?;
+            Some(job)
+        }
+    };
     service
         .metrics
         .keys_requested
@@ -641,6 +706,7 @@ async fn batch_get(
                         &mut buf,
                         &mut trailer,
                         &service.metrics,
+                        job.as_ref(),
                     );
                 }
             }
@@ -748,7 +814,8 @@ fn storage_metrics(node: &NodeContext) -> String {
     out
 }
 
-/// Reads one sub-batch and appends its frames. Synchronous so pinned slices never cross an await.
+/// Reads one sub-batch and appends its frames (with `job`, each found value's compute result).
+/// Synchronous so pinned slices never cross an await.
 fn write_frames(
     replica: &ReplicaStore,
     keys: &[&[u8]],
@@ -756,7 +823,28 @@ fn write_frames(
     buf: &mut Vec<u8>,
     trailer: &mut BatchGetTrailer,
     metrics: &ServerMetrics,
+    job: Option<&ComputeJob>,
 ) {
+    let mut result_buf = Vec::new();
+    let mut found = |buf: &mut Vec<u8>, trailer: &mut BatchGetTrailer, index: u32, v: &[u8]| {
+        let Some(job) = job else {
+            BatchGetFrameWriter::record(buf, index, v);
+            trailer.found += 1;
+            return;
+        };
+        match job.answer(v, &mut result_buf) {
+            Ok(()) => {
+                BatchGetFrameWriter::record(buf, index, &result_buf);
+                trailer.found += 1;
+            }
+            Err((code, detail)) => {
+                tracing::warn!(%detail, "a stored value cannot be computed on");
+                BatchGetFrameWriter::key_error(buf, index, code);
+                metrics.count_error(code);
+                trailer.errors += 1;
+            }
+        }
+    };
     for ((result, &index), key) in replica
         .multi_get_sorted(keys)
         .into_iter()
@@ -765,14 +853,8 @@ fn write_frames(
     {
         match result {
             Ok(Some(value)) => match replica.served(key, &value) {
-                Served::Value(v) => {
-                    BatchGetFrameWriter::record(buf, index, v);
-                    trailer.found += 1;
-                }
-                Served::Assembled(v) => {
-                    BatchGetFrameWriter::record(buf, index, &v);
-                    trailer.found += 1;
-                }
+                Served::Value(v) => found(buf, trailer, index, v),
+                Served::Assembled(v) => found(buf, trailer, index, &v),
                 Served::Missing => {
                     BatchGetFrameWriter::missing(buf, index);
                     trailer.missing += 1;

@@ -19,6 +19,7 @@
 
 mod assignments;
 pub mod authz;
+mod compute;
 mod error;
 pub mod faults;
 mod http;
@@ -355,6 +356,7 @@ pub async fn start(
         tracing::warn!(node = %config.node_id, delay = ?config.faults.delay, error_rate = config.faults.error_rate, "fault injection is on: reads are delayed or failed on purpose");
     }
     let limits = Arc::new(limits::ReadLimits::new(config.read_in_flight_max));
+    let catalog = Arc::new(compute::Catalog::default());
     let service = Arc::new(http::ReadService {
         node: ctx.clone(),
         metrics: metrics.clone(),
@@ -364,11 +366,13 @@ pub async fn start(
         limits: limits.clone(),
         authorizer,
         connection_limits: config.connection_limits,
+        catalog: catalog.clone(),
     });
     // Ends at shutdown; a crash (kill) aborts it with the runtime's other detached tasks.
-    tokio::spawn(limits::follow_quotas(
+    tokio::spawn(limits::follow_stores(
         ctx.clone(),
         limits,
+        catalog,
         shutdown_rx.clone(),
     ));
     let serve_task = tokio::spawn(http::serve(listener, tls, service, shutdown_rx.clone()));

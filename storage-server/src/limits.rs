@@ -183,10 +183,12 @@ pub fn quota_rates(
     rates
 }
 
-/// Keeps `limits`' quotas equal to the stores' settings and placements until shutdown.
-pub(crate) async fn follow_quotas(
+/// Keeps `limits`' quotas equal to the stores' settings and placements, and `catalog` equal to
+/// the stores' schemas and the versions' layouts, until shutdown.
+pub(crate) async fn follow_stores(
     ctx: Arc<NodeContext>,
     limits: Arc<ReadLimits>,
+    catalog: Arc<crate::compute::Catalog>,
     mut shutdown: watch::Receiver<Stop>,
 ) {
     let start = async {
@@ -197,19 +199,20 @@ pub(crate) async fn follow_quotas(
     let (stores, versions) = match start.await {
         Ok(mirrors) => mirrors,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot follow read quotas; reads are not limited by quota");
+            tracing::warn!(error = %e, "cannot follow stores and versions; reads are not limited by quota and compute requests fail");
             return;
         }
     };
     let (mut s_rx, mut v_rx) = (stores.subscribe(), versions.subscribe());
     loop {
-        let rates = quota_rates(
+        let (stores_now, versions_now) = (stores.snapshot().await, versions.snapshot().await);
+        limits.set_rates(quota_rates(
             &ctx.layout,
-            &stores.snapshot().await,
-            &versions.snapshot().await,
+            &stores_now,
+            &versions_now,
             &ctx.node_id,
-        );
-        limits.set_rates(rates);
+        ));
+        catalog.update(&stores_now, &versions_now);
         tokio::select! {
             _ = s_rx.changed() => {}
             _ = v_rx.changed() => {}

@@ -18,16 +18,18 @@ pub enum RouteKind {
     /// Any path that is not a known endpoint.
     Unknown = 4,
     Dictionary = 5,
+    Compute = 6,
 }
 
 impl RouteKind {
-    const ALL: [RouteKind; 6] = [
+    const ALL: [RouteKind; 7] = [
         RouteKind::Get,
         RouteKind::BatchGet,
         RouteKind::Health,
         RouteKind::Metrics,
         RouteKind::Unknown,
         RouteKind::Dictionary,
+        RouteKind::Compute,
     ];
 
     fn name(self) -> &'static str {
@@ -38,6 +40,7 @@ impl RouteKind {
             RouteKind::Metrics => "metrics",
             RouteKind::Unknown => "unknown",
             RouteKind::Dictionary => "dictionary",
+            RouteKind::Compute => "compute",
         }
     }
 }
@@ -61,7 +64,7 @@ fn code_index(code: ErrorCode) -> usize {
 /// Server counters. All methods are lock-free.
 #[derive(Debug, Default)]
 pub struct ServerMetrics {
-    requests: [AtomicU64; 6],
+    requests: [AtomicU64; RouteKind::ALL.len()],
     /// Keys asked for by get and batch-get.
     pub keys_requested: AtomicU64,
     /// Keys answered with a value.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rialto_fast_client::{Client, ReaderSchema};
+use rialto_fast_client::{Client, Compute, ReaderSchema};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_tests::{wait_until, Cluster, STRING_SCHEMA};
@@ -149,6 +149,26 @@ async fn values_written_with_either_schema_read_as_either() -> Result<()> {
     )
     .await?;
     check(&built_for_v1, &expected, "v1", 1, &codec1).await?;
+
+    // Compute resolves values written with schema 1 to the request's schema 2 first: a field
+    // schema 1 lacks reads as its default.
+    let keys: Vec<Value> = (0..100)
+        .map(|i| Value::String(format!("m-{i:03}")))
+        .collect();
+    let compute = Compute::new()
+        .project(["headline", "name"])
+        .count("embedding", "dims");
+    for result in latest.compute(&compute, &keys).await? {
+        let result = result.context("a key without a result")?;
+        assert_eq!(
+            result.get("headline"),
+            Some(&Ok(Value::String(String::new())))
+        );
+        assert_eq!(result.get("dims"), Some(&Ok(Value::Long(8))));
+    }
+    // An application reading with schema 1 cannot name schema 2's fields.
+    let e = built_for_v1.compute(&compute, &keys).await.unwrap_err();
+    assert!(e.to_string().contains("no field `headline`"), "{e}");
     let pinned = cluster
         .client_with(store, |c| c.reader_schema = ReaderSchema::Id(1))
         .await?;

@@ -1,0 +1,659 @@
+//! Read compute: a declarative request the client builds and the servers execute on stored
+//! values, answering per key only the results and the projected fields.
+//!
+//! A request names the value schema its fields refer to (`reader_schema_id`); the server decodes
+//! each value with the schema it was written with and resolves it to that one first, so a field
+//! an older value lacks reads as its default. Operations, in the order given:
+//!
+//! | operation | field | result |
+//! |---|---|---|
+//! | `project` | any | the field's value (its datum in the reader schema) |
+//! | `dot_product` | array of numbers | `Σ aᵢ·bᵢ` as a double |
+//! | `cosine_similarity` | array of numbers | `Σ aᵢ·bᵢ / (‖a‖·‖b‖)` as a double |
+//! | `hadamard_product` | array of numbers | `[aᵢ·bᵢ]` as an array of floats |
+//! | `count` | array or map | its number of elements as a long |
+//!
+//! Arithmetic is in `f64`, element by element in array order (each element and each vector
+//! component widened to `f64` first); a hadamard product's elements are rounded to `f32` once.
+//! A field that is a union (`["null", {"type":"array",…}]`) is used through its branch.
+//!
+//! A per-key problem (the field is null, not an array of numbers, of another length than the
+//! vector, a zero vector for a cosine, a result over [`RESULT_BYTES_MAX`]) is an error *of that
+//! operation for that key*, carried in the key's result, never a failed request. A request
+//! naming a field the reader schema does not have is refused as a whole ([`Plan::new`]).
+//!
+//! Wire (inside the body of `POST /v1/compute/{store}/{version}`, see [`crate::wire`]):
+//! request = `format u8 ‖ reader_schema_id u32 ‖ count u16 ‖ operation*`, operation =
+//! `kind u8 ‖ field ‖ result name (not for project) ‖ vector (vector operations)`, strings and
+//! vectors u32-length-prefixed, floats big-endian. A key's result = one entry per operation:
+//! `0 ‖ value` or `1 ‖ message`, where value is a projection's datum (length-prefixed), an `f64`,
+//! a hadamard product's `u32` count and `f32`s, or a count's `u64`.
+
+use std::collections::HashSet;
+
+use apache_avro::schema::Schema;
+use apache_avro::types::Value;
+
+use crate::avro::{AvroCodec, AvroError};
+use crate::envelope::{EnvelopeError, Reader};
+
+/// Format byte of an encoded compute request.
+pub const COMPUTE_FORMAT: u8 = 1;
+/// Most operations in one request.
+pub const OPERATIONS_MAX: usize = 32;
+/// Most components of one operation's vector.
+pub const VECTOR_LEN_MAX: usize = 16_384;
+/// Longest field or result name.
+pub const NAME_BYTES_MAX: usize = 256;
+/// Largest result of one key (all its operations); a result that would be larger carries a
+/// per-key error for the operation that overflowed it.
+pub const RESULT_BYTES_MAX: usize = 1024 * 1024;
+
+/// One operation of a compute request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    Project {
+        field: String,
+    },
+    DotProduct {
+        field: String,
+        vector: Vec<f32>,
+        result: String,
+    },
+    CosineSimilarity {
+        field: String,
+        vector: Vec<f32>,
+        result: String,
+    },
+    HadamardProduct {
+        field: String,
+        vector: Vec<f32>,
+        result: String,
+    },
+    Count {
+        field: String,
+        result: String,
+    },
+}
+
+impl Operation {
+    fn kind(&self) -> u8 {
+        match self {
+            Operation::Project { .. } => 1,
+            Operation::DotProduct { .. } => 2,
+            Operation::CosineSimilarity { .. } => 3,
+            Operation::HadamardProduct { .. } => 4,
+            Operation::Count { .. } => 5,
+        }
+    }
+
+    /// The field the operation reads.
+    pub fn field(&self) -> &str {
+        match self {
+            Operation::Project { field }
+            | Operation::DotProduct { field, .. }
+            | Operation::CosineSimilarity { field, .. }
+            | Operation::HadamardProduct { field, .. }
+            | Operation::Count { field, .. } => field,
+        }
+    }
+
+    /// The name its result goes by: the field for a projection.
+    pub fn result_name(&self) -> &str {
+        match self {
+            Operation::Project { field } => field,
+            Operation::DotProduct { result, .. }
+            | Operation::CosineSimilarity { result, .. }
+            | Operation::HadamardProduct { result, .. }
+            | Operation::Count { result, .. } => result,
+        }
+    }
+
+    fn vector(&self) -> Option<&[f32]> {
+        match self {
+            Operation::DotProduct { vector, .. }
+            | Operation::CosineSimilarity { vector, .. }
+            | Operation::HadamardProduct { vector, .. } => Some(vector),
+            _ => None,
+        }
+    }
+}
+
+/// A compute request: the schema its fields refer to and the operations.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ComputeRequest {
+    pub reader_schema_id: u32,
+    pub operations: Vec<Operation>,
+}
+
+/// Why a compute request is refused as a whole.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ComputeError {
+    #[error("malformed compute request: {0}")]
+    Malformed(#[from] EnvelopeError),
+    #[error("unsupported compute request format {0}")]
+    UnsupportedFormat(u8),
+    #[error("invalid compute request: {0}")]
+    Invalid(String),
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn name<'a>(r: &mut Reader<'a>, what: &'static str) -> Result<String, ComputeError> {
+    let bytes = r.bytes(what, NAME_BYTES_MAX)?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ComputeError::Invalid(format!("{what} is not UTF-8")))
+}
+
+impl ComputeRequest {
+    /// Checks the limits and that result names are unique.
+    pub fn validate(&self) -> Result<(), ComputeError> {
+        let invalid = |m: String| Err(ComputeError::Invalid(m));
+        if self.operations.is_empty() {
+            return invalid("no operations".into());
+        }
+        if self.operations.len() > OPERATIONS_MAX {
+            return invalid(format!(
+                "{} operations, more than the limit of {OPERATIONS_MAX}",
+                self.operations.len()
+            ));
+        }
+        let mut names = HashSet::new();
+        for op in &self.operations {
+            for (what, s) in [("field", op.field()), ("result name", op.result_name())] {
+                if s.is_empty() || s.len() > NAME_BYTES_MAX {
+                    return invalid(format!("{what} `{s}` must be 1 to {NAME_BYTES_MAX} bytes"));
+                }
+            }
+            if let Some(v) = op.vector() {
+                if v.is_empty() || v.len() > VECTOR_LEN_MAX {
+                    return invalid(format!(
+                        "the vector of `{}` has {} components; 1 to {VECTOR_LEN_MAX} are allowed",
+                        op.result_name(),
+                        v.len()
+                    ));
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    return invalid(format!(
+                        "the vector of `{}` holds a NaN or an infinity",
+                        op.result_name()
+                    ));
+                }
+            }
+            if !names.insert(op.result_name()) {
+                return invalid(format!(
+                    "two operations give results named `{}`",
+                    op.result_name()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The wire encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![COMPUTE_FORMAT];
+        out.extend_from_slice(&self.reader_schema_id.to_be_bytes());
+        out.extend_from_slice(&(self.operations.len() as u16).to_be_bytes());
+        for op in &self.operations {
+            out.push(op.kind());
+            put_str(&mut out, op.field());
+            if !matches!(op, Operation::Project { .. }) {
+                put_str(&mut out, op.result_name());
+            }
+            if let Some(v) = op.vector() {
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                for x in v {
+                    out.extend_from_slice(&x.to_be_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    /// Decodes and validates a request; `bytes` must hold it exactly.
+    pub fn decode(bytes: &[u8]) -> Result<ComputeRequest, ComputeError> {
+        let mut r = Reader::new(bytes);
+        let format = r.u8()?;
+        if format != COMPUTE_FORMAT {
+            return Err(ComputeError::UnsupportedFormat(format));
+        }
+        let reader_schema_id = r.u32()?;
+        let count = r.u16()? as usize;
+        if count > OPERATIONS_MAX {
+            return Err(ComputeError::Invalid(format!(
+                "{count} operations, more than the limit of {OPERATIONS_MAX}"
+            )));
+        }
+        let mut operations = Vec::with_capacity(count);
+        for _ in 0..count {
+            let kind = r.u8()?;
+            let field = name(&mut r, "field")?;
+            if kind == 1 {
+                operations.push(Operation::Project { field });
+                continue;
+            }
+            let result = name(&mut r, "result name")?;
+            let mut vector = || -> Result<Vec<f32>, ComputeError> {
+                let n = r.u32()? as usize;
+                if n > VECTOR_LEN_MAX {
+                    return Err(ComputeError::Invalid(format!(
+                        "a vector of {n} components, more than the limit of {VECTOR_LEN_MAX}"
+                    )));
+                }
+                let raw = r.take(n * 4)?;
+                Ok(raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            };
+            operations.push(match kind {
+                2 => Operation::DotProduct {
+                    field,
+                    vector: vector()?,
+                    result,
+                },
+                3 => Operation::CosineSimilarity {
+                    field,
+                    vector: vector()?,
+                    result,
+                },
+                4 => Operation::HadamardProduct {
+                    field,
+                    vector: vector()?,
+                    result,
+                },
+                5 => Operation::Count { field, result },
+                other => {
+                    return Err(ComputeError::Invalid(format!(
+                        "unknown operation kind {other}"
+                    )))
+                }
+            });
+        }
+        if r.remaining() != 0 {
+            return Err(EnvelopeError::TrailingBytes(r.remaining()).into());
+        }
+        let request = ComputeRequest {
+            reader_schema_id,
+            operations,
+        };
+        request.validate()?;
+        Ok(request)
+    }
+}
+
+/// A request checked against its reader schema: each operation's field position and schema.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    request: ComputeRequest,
+    /// `(position in the record, field schema)` per operation.
+    fields: Vec<(usize, Schema)>,
+}
+
+impl Plan {
+    /// Refuses a request whose reader schema is not a record, or that names a field the
+    /// schema lacks.
+    pub fn new(reader: &AvroCodec, request: ComputeRequest) -> Result<Plan, ComputeError> {
+        request.validate()?;
+        let Schema::Record(record) = reader.schema() else {
+            return Err(ComputeError::Invalid(format!(
+                "value schema {} is not a record: compute needs named fields",
+                request.reader_schema_id
+            )));
+        };
+        let mut fields = Vec::with_capacity(request.operations.len());
+        for op in &request.operations {
+            let position = record.lookup.get(op.field()).copied().ok_or_else(|| {
+                let known: Vec<&str> = record.fields.iter().map(|f| f.name.as_str()).collect();
+                ComputeError::Invalid(format!(
+                    "value schema {} has no field `{}` (fields: {})",
+                    request.reader_schema_id,
+                    op.field(),
+                    known.join(", ")
+                ))
+            })?;
+            fields.push((position, record.fields[position].schema.clone()));
+        }
+        Ok(Plan { request, fields })
+    }
+
+    pub fn request(&self) -> &ComputeRequest {
+        &self.request
+    }
+
+    /// Appends the result of every operation on `value` (a record of the reader schema) to
+    /// `out`. Never fails: what goes wrong is the operation's error, in the result.
+    pub fn evaluate(&self, reader: &AvroCodec, value: &Value, out: &mut Vec<u8>) {
+        let start = out.len();
+        let record = match value {
+            Value::Record(fields) => Some(fields),
+            _ => None,
+        };
+        for (op, (position, schema)) in self.request.operations.iter().zip(&self.fields) {
+            let field = record.and_then(|r| r.get(*position)).map(|(_, v)| v);
+            let Some(field) = field else {
+                put_error(out, &format!("the value has no field `{}`", op.field()));
+                continue;
+            };
+            let budget = RESULT_BYTES_MAX.saturating_sub(out.len() - start);
+            match evaluate_one(reader, op, schema, field, budget) {
+                Ok(bytes) => {
+                    out.push(0);
+                    out.extend_from_slice(&bytes);
+                }
+                Err(message) => put_error(out, &message),
+            }
+        }
+    }
+
+    /// Decodes one key's result (as [`evaluate`](Self::evaluate) wrote it) into
+    /// `(result name, value or error)` per operation.
+    pub fn decode_result(
+        &self,
+        reader: &AvroCodec,
+        bytes: &[u8],
+    ) -> Result<Vec<(String, Result<Value, String>)>, ComputeError> {
+        let mut r = Reader::new(bytes);
+        let mut out = Vec::with_capacity(self.request.operations.len());
+        for (op, (_, schema)) in self.request.operations.iter().zip(&self.fields) {
+            let result = match r.u8()? {
+                0 => Ok(match op {
+                    Operation::Project { .. } => {
+                        let datum = r.bytes("projected field", RESULT_BYTES_MAX)?;
+                        reader.decode_part(schema, datum).map_err(|e| {
+                            ComputeError::Invalid(format!("projected `{}`: {e}", op.field()))
+                        })?
+                    }
+                    Operation::DotProduct { .. } | Operation::CosineSimilarity { .. } => {
+                        Value::Double(f64::from_bits(r.u64()?))
+                    }
+                    Operation::HadamardProduct { .. } => {
+                        let n = r.u32()? as usize;
+                        if n > VECTOR_LEN_MAX {
+                            return Err(ComputeError::Invalid(format!(
+                                "a product of {n} components"
+                            )));
+                        }
+                        let raw = r.take(n * 4)?;
+                        Value::Array(
+                            raw.chunks_exact(4)
+                                .map(|c| Value::Float(f32::from_be_bytes([c[0], c[1], c[2], c[3]])))
+                                .collect(),
+                        )
+                    }
+                    Operation::Count { .. } => Value::Long(r.u64()? as i64),
+                }),
+                1 => {
+                    let message = r.bytes("error message", RESULT_BYTES_MAX)?;
+                    Err(String::from_utf8_lossy(message).into_owned())
+                }
+                other => return Err(ComputeError::Invalid(format!("unknown result tag {other}"))),
+            };
+            out.push((op.result_name().to_string(), result));
+        }
+        if r.remaining() != 0 {
+            return Err(EnvelopeError::TrailingBytes(r.remaining()).into());
+        }
+        Ok(out)
+    }
+}
+
+fn put_error(out: &mut Vec<u8>, message: &str) {
+    out.push(1);
+    put_str(out, message);
+}
+
+/// The branch a union value holds, else the value.
+fn unwrap_union(value: &Value) -> &Value {
+    match value {
+        Value::Union(_, inner) => inner,
+        other => other,
+    }
+}
+
+/// The elements of an array of numbers, widened to `f64`.
+fn numbers(field: &str, value: &Value) -> Result<Vec<f64>, String> {
+    let items = match unwrap_union(value) {
+        Value::Array(items) => items,
+        Value::Null => return Err(format!("field `{field}` is null")),
+        _ => return Err(format!("field `{field}` is not an array of numbers")),
+    };
+    items
+        .iter()
+        .map(|item| match unwrap_union(item) {
+            Value::Float(x) => Ok(f64::from(*x)),
+            Value::Double(x) => Ok(*x),
+            Value::Int(x) => Ok(f64::from(*x)),
+            Value::Long(x) => Ok(*x as f64),
+            _ => Err(format!(
+                "field `{field}` holds an element that is not a number"
+            )),
+        })
+        .collect()
+}
+
+fn same_length(field: &str, a: &[f64], b: &[f32]) -> Result<(), String> {
+    if a.len() == b.len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "field `{field}` has {} elements and the vector {}",
+            a.len(),
+            b.len()
+        ))
+    }
+}
+
+fn dot(a: &[f64], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * f64::from(*y)).sum()
+}
+
+fn evaluate_one(
+    reader: &AvroCodec,
+    op: &Operation,
+    schema: &Schema,
+    field: &Value,
+    budget: usize,
+) -> Result<Vec<u8>, String> {
+    let name = op.field();
+    let bytes = match op {
+        Operation::Project { .. } => {
+            let datum = reader
+                .encode_part(schema, field)
+                .map_err(|e| format!("field `{name}` cannot be projected: {e}"))?;
+            let mut out = Vec::with_capacity(4 + datum.len());
+            out.extend_from_slice(&(datum.len() as u32).to_be_bytes());
+            out.extend_from_slice(&datum);
+            out
+        }
+        Operation::DotProduct { vector, .. } => {
+            let a = numbers(name, field)?;
+            same_length(name, &a, vector)?;
+            dot(&a, vector).to_bits().to_be_bytes().to_vec()
+        }
+        Operation::CosineSimilarity { vector, .. } => {
+            let a = numbers(name, field)?;
+            same_length(name, &a, vector)?;
+            let norm_a = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let norm_b = vector
+                .iter()
+                .map(|y| f64::from(*y) * f64::from(*y))
+                .sum::<f64>()
+                .sqrt();
+            if norm_a == 0.0 || norm_b == 0.0 {
+                return Err(format!(
+                    "cosine similarity with a zero vector (field `{name}` or the request's) is undefined"
+                ));
+            }
+            (dot(&a, vector) / (norm_a * norm_b))
+                .to_bits()
+                .to_be_bytes()
+                .to_vec()
+        }
+        Operation::HadamardProduct { vector, .. } => {
+            let a = numbers(name, field)?;
+            same_length(name, &a, vector)?;
+            let mut out = Vec::with_capacity(4 + 4 * a.len());
+            out.extend_from_slice(&(a.len() as u32).to_be_bytes());
+            for (x, y) in a.iter().zip(vector) {
+                out.extend_from_slice(&((x * f64::from(*y)) as f32).to_be_bytes());
+            }
+            out
+        }
+        Operation::Count { .. } => {
+            let n = match unwrap_union(field) {
+                Value::Array(items) => items.len(),
+                Value::Map(entries) => entries.len(),
+                Value::Null => return Err(format!("field `{name}` is null")),
+                _ => return Err(format!("field `{name}` is neither an array nor a map")),
+            };
+            (n as u64).to_be_bytes().to_vec()
+        }
+    };
+    if bytes.len() + 1 > budget {
+        return Err(format!(
+            "the result of `{}` is {} bytes, over the limit of {RESULT_BYTES_MAX} bytes per key",
+            op.result_name(),
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+impl From<AvroError> for ComputeError {
+    fn from(e: AvroError) -> Self {
+        ComputeError::Invalid(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &str = r#"{"type":"record","name":"R","fields":[
+        {"name":"id","type":"long"},
+        {"name":"emb","type":{"type":"array","items":"float"}},
+        {"name":"maybe","type":["null",{"type":"array","items":"double"}],"default":null},
+        {"name":"tags","type":{"type":"map","values":"int"}}]}"#;
+
+    fn request(ops: Vec<Operation>) -> ComputeRequest {
+        ComputeRequest {
+            reader_schema_id: 1,
+            operations: ops,
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_and_limits_hold() {
+        let req = request(vec![
+            Operation::Project { field: "id".into() },
+            Operation::DotProduct {
+                field: "emb".into(),
+                vector: vec![1.0, -2.5],
+                result: "d".into(),
+            },
+            Operation::Count {
+                field: "tags".into(),
+                result: "n".into(),
+            },
+        ]);
+        assert_eq!(ComputeRequest::decode(&req.encode()).unwrap(), req);
+        let dup = request(vec![
+            Operation::Project { field: "id".into() },
+            Operation::Count {
+                field: "tags".into(),
+                result: "id".into(),
+            },
+        ]);
+        assert!(dup.validate().unwrap_err().to_string().contains("`id`"));
+        let long = request(vec![Operation::DotProduct {
+            field: "emb".into(),
+            vector: vec![0.5; VECTOR_LEN_MAX + 1],
+            result: "d".into(),
+        }]);
+        assert!(ComputeRequest::decode(&long.encode()).is_err());
+        let nan = request(vec![Operation::DotProduct {
+            field: "emb".into(),
+            vector: vec![f32::NAN],
+            result: "d".into(),
+        }]);
+        assert!(nan.validate().is_err());
+        let mut bytes = req.encode();
+        bytes.push(0);
+        assert!(ComputeRequest::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_refuse_the_request_and_bad_values_fail_per_key() {
+        let codec = AvroCodec::parse(SCHEMA).unwrap();
+        let e = Plan::new(
+            &codec,
+            request(vec![Operation::Project {
+                field: "nope".into(),
+            }]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no field `nope`"), "{e}");
+
+        let plan = Plan::new(
+            &codec,
+            request(vec![
+                Operation::DotProduct {
+                    field: "emb".into(),
+                    vector: vec![1.0, 2.0, 3.0],
+                    result: "d".into(),
+                },
+                Operation::CosineSimilarity {
+                    field: "maybe".into(),
+                    vector: vec![1.0],
+                    result: "c".into(),
+                },
+                Operation::Count {
+                    field: "id".into(),
+                    result: "n".into(),
+                },
+                Operation::HadamardProduct {
+                    field: "emb".into(),
+                    vector: vec![2.0, 0.5],
+                    result: "h".into(),
+                },
+            ]),
+        )
+        .unwrap();
+        let value = Value::Record(vec![
+            ("id".into(), Value::Long(7)),
+            (
+                "emb".into(),
+                Value::Array(vec![Value::Float(1.5), Value::Float(-4.0)]),
+            ),
+            ("maybe".into(), Value::Union(0, Box::new(Value::Null))),
+            ("tags".into(), Value::Map(Default::default())),
+        ]);
+        let mut out = Vec::new();
+        plan.evaluate(&codec, &value, &mut out);
+        let results = plan.decode_result(&codec, &out).unwrap();
+        assert!(results[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("2 elements and the vector 3"));
+        assert!(results[1]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("`maybe` is null"));
+        assert!(results[2]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("neither an array nor a map"));
+        assert_eq!(
+            results[3].1,
+            Ok(Value::Array(vec![Value::Float(3.0), Value::Float(-2.0)]))
+        );
+    }
+}
