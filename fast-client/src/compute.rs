@@ -98,6 +98,9 @@ pub enum ComputeEvent {
     Record {
         index: usize,
         result: Option<ComputeRecord>,
+        /// Bytes of the result as received (what crossed the network for this key, besides
+        /// the frame's 9 bytes).
+        result_bytes: usize,
     },
     Done(Completeness),
 }
@@ -116,7 +119,7 @@ impl Client {
         let mut out: Vec<Option<ComputeRecord>> = vec![None; keys.len()];
         while let Some(event) = stream.next().await {
             match event {
-                ComputeEvent::Record { index, result } => {
+                ComputeEvent::Record { index, result, .. } => {
                     if let Some(slot) = out.get_mut(index) {
                         *slot = result;
                     }
@@ -136,27 +139,38 @@ impl Client {
         keys: &[Value],
     ) -> Result<impl futures::Stream<Item = ComputeEvent> + Send + 'static, ClientError> {
         let codecs = self.shared.codecs();
+        let encoded = keys
+            .iter()
+            .map(|k| codecs.key.encode(k, "key"))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.compute_stream_raw(compute, &encoded)
+    }
+
+    /// Streaming compute of keys given as serialized Avro datums.
+    pub fn compute_stream_raw(
+        &self,
+        compute: &Compute,
+        encoded: &[Vec<u8>],
+    ) -> Result<impl futures::Stream<Item = ComputeEvent> + Send + 'static, ClientError> {
+        let codecs = self.shared.codecs();
         let (reader_id, reader) = codecs.reader_for_compute(&self.shared.store)?;
         let request = ComputeRequest {
             reader_schema_id: reader_id,
             operations: compute.operations.clone(),
         };
         let plan = Plan::new(&reader, request).map_err(|e| ClientError::Compute(e.to_string()))?;
-        let encoded = keys
-            .iter()
-            .map(|k| codecs.key.encode(k, "key"))
-            .collect::<Result<Vec<_>, _>>()?;
         crate::client::check_batch_size(encoded.len())?;
         crate::stats::Counters::add(&self.shared.counters.keys_requested, encoded.len() as u64);
         let table = self.shared.table();
         let version = self.version_of(&table)?;
         let spec = Bytes::from(plan.request().encode());
-        let raw = stream::start(self.shared.clone(), table, version, &encoded, Some(spec));
+        let raw = stream::start(self.shared.clone(), table, version, encoded, Some(spec));
         let plan = Arc::new(plan);
         let store = self.shared.store.clone();
         Ok(raw.map(move |event| match event {
             BatchEvent::Record { index, value, .. } => ComputeEvent::Record {
                 index,
+                result_bytes: value.as_ref().map_or(0, |raw| raw.bytes.len() + 4),
                 result: value.map(|raw| decode(&plan, &reader, &store, &raw.bytes)),
             },
             BatchEvent::Done(done) => ComputeEvent::Done(done),

@@ -110,9 +110,13 @@ enum Command {
         /// Key space: keys are drawn uniformly from key-0 … key-(N-1) (the `prepare --keys`).
         #[arg(long)]
         keys: u64,
-        /// Keys per batch-get (batch and stream modes).
+        /// Keys per batch-get (batch, stream and compute modes).
         #[arg(long, default_value_t = 5000)]
         batch_keys: usize,
+        /// Compute mode: length of the query vector of the dot product over the values'
+        /// `embedding` field (`prepare --embedding-dims`).
+        #[arg(long, default_value_t = 256)]
+        embedding_dims: usize,
         /// Client tasks sharing the schedule.
         #[arg(long, default_value_t = 4)]
         tasks: usize,
@@ -273,6 +277,7 @@ async fn main() -> Result<()> {
             max_requests,
             keys,
             batch_keys,
+            embedding_dims,
             tasks,
             clients,
             max_in_flight,
@@ -297,6 +302,7 @@ async fn main() -> Result<()> {
                     max_requests,
                     key_space: keys,
                     batch_keys,
+                    embedding_dims,
                     tasks,
                     clients,
                     max_in_flight,

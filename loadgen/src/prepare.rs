@@ -15,7 +15,9 @@ use rialto_protocol::admin::{CreateStoreRequest, StoreDescription};
 use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_push::{InputFormat, PushConfig};
 
-use crate::dataset::{self, KEY_SCHEMA, OWNER_MARKER, VALUE_BYTES_MIN, VALUE_SCHEMA};
+use crate::dataset::{
+    self, EMBEDDING_SCHEMA, KEY_SCHEMA, OWNER_MARKER, VALUE_BYTES_MIN, VALUE_SCHEMA,
+};
 
 /// What `prepare` was asked to do (the `prepare` subcommand's arguments).
 #[derive(Debug, Clone, clap::Args)]
@@ -35,6 +37,10 @@ pub struct PrepareArgs {
     /// Serialized size of each value (Avro datum), at least 12.
     #[arg(long, default_value_t = 1024)]
     pub value_bytes: usize,
+    /// Push embeddings instead: values `{index, embedding: D floats}` (for `run --mode
+    /// compute`); `--value-bytes` is then ignored.
+    #[arg(long)]
+    pub embedding_dims: Option<usize>,
     /// Partitions of a newly created store [default: 12].
     #[arg(long)]
     pub partitions: Option<u32>,
@@ -75,6 +81,17 @@ pub fn owner_marker(value_bytes: usize) -> String {
     format!("{OWNER_MARKER} value_bytes={value_bytes}")
 }
 
+/// The owner field of a store `prepare` makes for `args`, and its value schema.
+fn marker_and_schema(args: &PrepareArgs) -> (String, &'static str) {
+    match args.embedding_dims {
+        Some(dims) => (
+            format!("{OWNER_MARKER} embedding_dims={dims}"),
+            EMBEDDING_SCHEMA,
+        ),
+        None => (owner_marker(args.value_bytes), VALUE_SCHEMA),
+    }
+}
+
 /// The value size recorded in an owner field by [`owner_marker`].
 pub fn marker_value_bytes(owner: &str) -> Option<usize> {
     owner
@@ -112,16 +129,25 @@ fn same_schema(a: &str, b: &str) -> bool {
 /// Checks that an existing store is a loadgen store of the same value size.
 fn check_existing(desc: &StoreDescription, args: &PrepareArgs) -> Result<()> {
     let s = &desc.store;
+    let (marker, schema) = marker_and_schema(args);
     let value_schema = s.latest_value_schema().map(|v| v.schema.as_str());
     if !same_schema(&s.key_schema, KEY_SCHEMA)
-        || !value_schema.is_some_and(|v| same_schema(v, VALUE_SCHEMA))
+        || !value_schema.is_some_and(|v| same_schema(v, schema))
     {
         bail!(
-            "store `{}` exists with other schemas than rialto-loadgen's; pick another --store",
+            "store `{}` exists with other schemas than this rialto-loadgen dataset's; pick another --store",
             s.name
         );
     }
+    if args.embedding_dims.is_some() && s.owner != marker {
+        bail!(
+            "store `{}` is `{}`, not `{marker}`; pick another --store",
+            s.name,
+            s.owner
+        );
+    }
     match marker_value_bytes(&s.owner) {
+        _ if args.embedding_dims.is_some() => {}
         Some(v) if v == args.value_bytes => {}
         Some(v) => bail!(
             "store `{}` holds {v}-byte values, not {}; pick another --store (e.g. `{}-{}b`)",
@@ -183,9 +209,9 @@ pub async fn prepare(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result
             admin
                 .create_store(&CreateStoreRequest {
                     name: args.store.clone(),
-                    owner: owner_marker(args.value_bytes),
+                    owner: marker_and_schema(args).0,
                     key_schema: KEY_SCHEMA.into(),
-                    value_schema: VALUE_SCHEMA.into(),
+                    value_schema: marker_and_schema(args).1.into(),
                     partition_count: partitions,
                     replication_factor: replication,
                     storage: if args.in_memory {
@@ -219,7 +245,11 @@ async fn push(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result<()> {
         None => {
             let temp = tempfile::Builder::new()
                 .prefix("rialto-loadgen-")
-                .suffix(".jsonl")
+                .suffix(if args.embedding_dims.is_some() {
+                    ".avro"
+                } else {
+                    ".jsonl"
+                })
                 .tempfile()
                 .context("create a temporary dataset file")?;
             (temp.path().to_path_buf(), Some(temp))
@@ -227,12 +257,13 @@ async fn push(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result<()> {
     };
     let started = Instant::now();
     let (keys, value_bytes, seed, file) = (args.keys, args.value_bytes, args.seed, path.clone());
+    let dims = args.embedding_dims;
     tokio::task::spawn_blocking(move || -> Result<()> {
         let f =
             std::fs::File::create(&file).with_context(|| format!("create {}", file.display()))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
         let mut last = Instant::now();
-        dataset::write_ndjson(&mut out, keys, value_bytes, seed, |done| {
+        let progress = |done| {
             if last.elapsed() >= Duration::from_secs(1) || done == keys {
                 last = Instant::now();
                 eprintln!(
@@ -240,7 +271,11 @@ async fn push(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result<()> {
                     100.0 * done as f64 / keys as f64
                 );
             }
-        })?;
+        };
+        match dims {
+            Some(dims) => dataset::write_embedding_avro(&mut out, keys, dims, seed, progress)?,
+            None => dataset::write_ndjson(&mut out, keys, value_bytes, seed, progress)?,
+        }
         out.flush()?;
         Ok(())
     })
@@ -253,10 +288,19 @@ async fn push(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result<()> {
     );
     let mut config = PushConfig::new(&args.controller, &args.store, &path);
     config.controller_tls = tls.cloned();
-    config.format = Some(InputFormat::Json);
+    config.format = Some(if dims.is_some() {
+        InputFormat::Avro
+    } else {
+        InputFormat::Json
+    });
     config.push_id = format!(
-        "rialto-loadgen keys={} value_bytes={} seed={}",
-        args.keys, args.value_bytes, args.seed
+        "rialto-loadgen keys={} {} seed={}",
+        args.keys,
+        marker_and_schema(args)
+            .0
+            .trim_start_matches(OWNER_MARKER)
+            .trim(),
+        args.seed
     );
     config.wait_timeout = args.push_timeout;
     config.kafka_bootstrap = args.kafka.clone();

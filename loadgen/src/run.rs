@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rialto_backends::MetaStore;
-use rialto_fast_client::{Client, ClientConfig, LongTailRetry};
+use rialto_fast_client::{Client, ClientConfig, Compute, LongTailRetry};
 use tokio::time::Instant;
 
 use crate::dataset::{key_bytes, key_string};
@@ -31,6 +31,8 @@ pub struct RunArgs {
     pub max_requests: Option<u64>,
     pub key_space: u64,
     pub batch_keys: usize,
+    /// Length of the compute mode's query vector.
+    pub embedding_dims: usize,
     pub tasks: usize,
     pub clients: usize,
     pub max_in_flight: usize,
@@ -149,6 +151,11 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         mode: args.mode,
         key_space: args.key_space,
         batch_keys: args.batch_keys,
+        compute: Arc::new(Compute::new().dot_product(
+            "embedding",
+            crate::dataset::embedding(u64::MAX, args.embedding_dims, args.seed),
+            "score",
+        )),
     });
     let live = Arc::new(Live::default());
     let start = Instant::now() + Duration::from_millis(50);
@@ -201,7 +208,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
             mean: tally.fanout_total as f64 / tally.fanout_calls.max(1) as f64,
             max: tally.fanout_max,
         }),
-        Mode::Batch => Some(Fanout {
+        Mode::Batch | Mode::Compute => Some(Fanout {
             source: "client_stats".into(),
             calls: delta.batch_gets,
             mean: delta.fanout_total as f64 / delta.batch_gets.max(1) as f64,

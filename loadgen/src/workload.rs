@@ -7,7 +7,9 @@ use std::pin::Pin;
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::Rng;
-use rialto_fast_client::{BatchEvent, Client, ClientError, RawValue};
+use std::sync::Arc;
+
+use rialto_fast_client::{BatchEvent, Client, ClientError, Compute, ComputeEvent, RawValue};
 use tokio::time::Instant;
 
 use crate::dataset::{encode_key, value_index};
@@ -22,6 +24,9 @@ pub enum Mode {
     Batch,
     /// One `batch_get_stream_raw` of `--batch-keys` keys per request.
     Stream,
+    /// One `compute_stream_raw` of `--batch-keys` keys per request: a dot product of each
+    /// value's `embedding` with a query vector (stores made by `prepare --embedding-dims`).
+    Compute,
 }
 
 impl Mode {
@@ -31,6 +36,7 @@ impl Mode {
             Mode::Get => "get",
             Mode::Batch => "batch",
             Mode::Stream => "stream",
+            Mode::Compute => "compute",
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct ClientWorkload {
     /// Keys are drawn uniformly from `0..key_space`.
     pub key_space: u64,
     pub batch_keys: usize,
+    /// What compute mode computes.
+    pub compute: Arc<Compute>,
 }
 
 /// Tallies one answered key into `s`: found (with a value whose index must be `index`) or
@@ -180,6 +188,57 @@ async fn stream(client: Client, indices: Vec<u64>) -> Sample {
     s
 }
 
+async fn compute(client: Client, compute: Arc<Compute>, indices: Vec<u64>) -> Sample {
+    let mut s = Sample {
+        keys_requested: indices.len() as u64,
+        ..Sample::default()
+    };
+    let keys = encode_all(&indices);
+    let events = match client.compute_stream_raw(&compute, &keys) {
+        Ok(events) => events,
+        Err(e) => {
+            s.keys_failed = indices.len() as u64;
+            s.error = Some(error_kind(&e));
+            return s;
+        }
+    };
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            ComputeEvent::Record {
+                result,
+                result_bytes,
+                ..
+            } => match result {
+                Some(record) => {
+                    s.keys_found += 1;
+                    s.value_bytes += result_bytes as u64;
+                    if record.results.iter().any(|(_, r)| r.is_err()) {
+                        s.wrong_values += 1;
+                    }
+                }
+                None => s.keys_missing += 1,
+            },
+            ComputeEvent::Done(done) => {
+                s.keys_failed = done.failed.len() as u64;
+                if !done.is_complete() {
+                    s.error = Some(
+                        if done.timed_out {
+                            "timed_out"
+                        } else {
+                            "incomplete"
+                        }
+                        .into(),
+                    );
+                }
+                return s;
+            }
+        }
+    }
+    s.error = Some("stream_ended_without_status".into());
+    s
+}
+
 impl Workload for ClientWorkload {
     fn request(
         &self,
@@ -190,14 +249,14 @@ impl Workload for ClientWorkload {
         let space = self.key_space.max(1);
         match self.mode {
             Mode::Get => Box::pin(get(client, rng.gen_range(0..space))),
-            Mode::Batch | Mode::Stream => {
+            Mode::Batch | Mode::Stream | Mode::Compute => {
                 let indices: Vec<u64> = (0..self.batch_keys.max(1))
                     .map(|_| rng.gen_range(0..space))
                     .collect();
-                if self.mode == Mode::Batch {
-                    Box::pin(batch(client, indices))
-                } else {
-                    Box::pin(stream(client, indices))
+                match self.mode {
+                    Mode::Batch => Box::pin(batch(client, indices)),
+                    Mode::Stream => Box::pin(stream(client, indices)),
+                    _ => Box::pin(compute(client, self.compute.clone(), indices)),
                 }
             }
         }

@@ -47,6 +47,11 @@ impl AvroCodec {
         &self.schema
     }
 
+    /// The named types of the schema (records, enums, fixed), by name.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
     /// Encodes `value` as a binary datum. A value that does not match the schema exactly is
     /// first resolved to it (Avro's promotions: an `int` for a `long`, a string for an enum, a
     /// bare value for a union); one that cannot be is refused.

@@ -350,6 +350,78 @@ impl Plan {
         }
     }
 
+    /// Like [`evaluate`](Self::evaluate), on a datum written with the reader schema itself,
+    /// without decoding it: fields the operations do not read are skipped, a projected field's
+    /// bytes are copied and arrays of numbers read in place. `false` when the datum needs the
+    /// general path (an operation fails on it, or it does not parse): `out` is then as it was.
+    pub fn evaluate_datum(&self, reader: &AvroCodec, datum: &[u8], out: &mut Vec<u8>) -> bool {
+        let start = out.len();
+        let ok = self.try_evaluate_datum(reader, datum, out).is_some();
+        if !ok || out.len() - start > RESULT_BYTES_MAX {
+            out.truncate(start);
+            return false;
+        }
+        true
+    }
+
+    fn try_evaluate_datum(
+        &self,
+        reader: &AvroCodec,
+        datum: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<()> {
+        let Schema::Record(record) = reader.schema() else {
+            return None;
+        };
+        let names = reader.names();
+        // The byte range of each field an operation reads.
+        let last = self.fields.iter().map(|(p, _)| *p).max()?;
+        let mut ranges = vec![(0usize, 0usize); last + 1];
+        let mut pos = 0;
+        for (i, field) in record.fields.iter().enumerate().take(last + 1) {
+            let begin = pos;
+            skip(&field.schema, names, datum, &mut pos)?;
+            ranges[i] = (begin, pos);
+        }
+        for (op, (position, schema)) in self.request.operations.iter().zip(&self.fields) {
+            let (begin, end) = ranges[*position];
+            let bytes = &datum[begin..end];
+            out.push(0);
+            match op {
+                Operation::Project { .. } => {
+                    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                    out.extend_from_slice(bytes);
+                }
+                Operation::DotProduct { vector, .. } => {
+                    let a = read_numbers(schema, names, bytes)?;
+                    (a.len() == vector.len()).then_some(())?;
+                    out.extend_from_slice(&dot(&a, vector).to_bits().to_be_bytes());
+                }
+                Operation::CosineSimilarity { vector, .. } => {
+                    let a = read_numbers(schema, names, bytes)?;
+                    (a.len() == vector.len()).then_some(())?;
+                    let (norm_a, norm_b) = norms(&a, vector);
+                    (norm_a != 0.0 && norm_b != 0.0).then_some(())?;
+                    let cos = dot(&a, vector) / (norm_a * norm_b);
+                    out.extend_from_slice(&cos.to_bits().to_be_bytes());
+                }
+                Operation::HadamardProduct { vector, .. } => {
+                    let a = read_numbers(schema, names, bytes)?;
+                    (a.len() == vector.len()).then_some(())?;
+                    out.extend_from_slice(&(a.len() as u32).to_be_bytes());
+                    for (x, y) in a.iter().zip(vector) {
+                        out.extend_from_slice(&((x * f64::from(*y)) as f32).to_be_bytes());
+                    }
+                }
+                Operation::Count { .. } => {
+                    let n = count_elements(schema, names, bytes)?;
+                    out.extend_from_slice(&n.to_be_bytes());
+                }
+            }
+        }
+        Some(())
+    }
+
     /// Decodes one key's result (as [`evaluate`](Self::evaluate) wrote it) into
     /// `(result name, value or error)` per operation.
     pub fn decode_result(
@@ -452,6 +524,188 @@ fn dot(a: &[f64], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * f64::from(*y)).sum()
 }
 
+fn norms(a: &[f64], b: &[f32]) -> (f64, f64) {
+    let norm_a = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let norm_b = b
+        .iter()
+        .map(|y| f64::from(*y) * f64::from(*y))
+        .sum::<f64>()
+        .sqrt();
+    (norm_a, norm_b)
+}
+
+/// Reads a zigzag varint (Avro `int`, `long`, lengths and counts) at `pos`.
+fn varint(bytes: &[u8], pos: &mut usize) -> Option<i64> {
+    let mut z = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*pos)?;
+        *pos += 1;
+        z |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some((z >> 1) as i64 ^ -((z & 1) as i64));
+        }
+    }
+    None
+}
+
+fn take(bytes: &[u8], pos: &mut usize, n: usize) -> Option<()> {
+    let end = pos.checked_add(n)?;
+    (end <= bytes.len()).then(|| *pos = end)
+}
+
+fn named<'s>(schema: &'s Schema, names: &'s crate::avro_json::Names) -> Option<&'s Schema> {
+    match schema {
+        Schema::Ref { name } => names.get(name),
+        other => Some(other),
+    }
+}
+
+/// Moves `pos` past one datum of `schema`; `None` if the bytes do not hold one.
+fn skip(
+    schema: &Schema,
+    names: &crate::avro_json::Names,
+    bytes: &[u8],
+    pos: &mut usize,
+) -> Option<()> {
+    match named(schema, names)? {
+        Schema::Null => Some(()),
+        Schema::Boolean => take(bytes, pos, 1),
+        Schema::Int
+        | Schema::Long
+        | Schema::Enum(_)
+        | Schema::Date
+        | Schema::TimeMillis
+        | Schema::TimeMicros
+        | Schema::TimestampMillis
+        | Schema::TimestampMicros
+        | Schema::TimestampNanos
+        | Schema::LocalTimestampMillis
+        | Schema::LocalTimestampMicros
+        | Schema::LocalTimestampNanos => varint(bytes, pos).map(|_| ()),
+        Schema::Float => take(bytes, pos, 4),
+        Schema::Double => take(bytes, pos, 8),
+        Schema::Bytes | Schema::String | Schema::Uuid | Schema::BigDecimal => {
+            let n = usize::try_from(varint(bytes, pos)?).ok()?;
+            take(bytes, pos, n)
+        }
+        Schema::Fixed(f) => take(bytes, pos, f.size),
+        Schema::Duration => take(bytes, pos, 12),
+        Schema::Decimal(d) => skip(&d.inner, names, bytes, pos),
+        Schema::Array(a) => skip_blocks(bytes, pos, |pos| skip(&a.items, names, bytes, pos)),
+        Schema::Map(m) => skip_blocks(bytes, pos, |pos| {
+            let n = usize::try_from(varint(bytes, pos)?).ok()?;
+            take(bytes, pos, n)?;
+            skip(&m.types, names, bytes, pos)
+        }),
+        Schema::Union(u) => {
+            let branch = usize::try_from(varint(bytes, pos)?).ok()?;
+            skip(u.variants().get(branch)?, names, bytes, pos)
+        }
+        Schema::Record(r) => {
+            for field in &r.fields {
+                skip(&field.schema, names, bytes, pos)?;
+            }
+            Some(())
+        }
+        Schema::Ref { .. } => None,
+    }
+}
+
+/// Walks an array's or map's blocks, calling `item` once per element; answers the count.
+fn skip_blocks(
+    bytes: &[u8],
+    pos: &mut usize,
+    mut item: impl FnMut(&mut usize) -> Option<()>,
+) -> Option<()> {
+    walk_blocks(bytes, pos, |pos| item(pos)).map(|_| ())
+}
+
+fn walk_blocks(
+    bytes: &[u8],
+    pos: &mut usize,
+    mut item: impl FnMut(&mut usize) -> Option<()>,
+) -> Option<u64> {
+    let mut total = 0u64;
+    loop {
+        let count = varint(bytes, pos)?;
+        if count == 0 {
+            return Some(total);
+        }
+        if count < 0 {
+            // A negative count is followed by the block's size in bytes.
+            varint(bytes, pos)?;
+        }
+        let n = count.unsigned_abs();
+        // Every element takes at least a byte, except nulls: bound the loop by the input.
+        if n > bytes.len() as u64 + 1 {
+            return None;
+        }
+        for _ in 0..n {
+            item(pos)?;
+        }
+        total += n;
+    }
+}
+
+/// The numbers of an array-of-numbers datum (through a union's non-null branch), widened to
+/// `f64`; `None` for anything else (the general path then says why).
+fn read_numbers(
+    schema: &Schema,
+    names: &crate::avro_json::Names,
+    bytes: &[u8],
+) -> Option<Vec<f64>> {
+    let mut pos = 0;
+    let mut schema = named(schema, names)?;
+    if let Schema::Union(u) = schema {
+        let branch = usize::try_from(varint(bytes, &mut pos)?).ok()?;
+        schema = named(u.variants().get(branch)?, names)?;
+    }
+    let Schema::Array(a) = schema else {
+        return None;
+    };
+    let items = named(&a.items, names)?;
+    let mut out = Vec::new();
+    walk_blocks(bytes, &mut pos, |pos| {
+        let x = match items {
+            Schema::Float => {
+                let at = *pos;
+                take(bytes, pos, 4)?;
+                f64::from(f32::from_le_bytes(bytes[at..at + 4].try_into().ok()?))
+            }
+            Schema::Double => {
+                let at = *pos;
+                take(bytes, pos, 8)?;
+                f64::from_le_bytes(bytes[at..at + 8].try_into().ok()?)
+            }
+            Schema::Int | Schema::Long => varint(bytes, pos)? as f64,
+            _ => return None,
+        };
+        out.push(x);
+        Some(())
+    })?;
+    (pos == bytes.len()).then_some(out)
+}
+
+/// The element count of an array or map datum (through a union's branch).
+fn count_elements(schema: &Schema, names: &crate::avro_json::Names, bytes: &[u8]) -> Option<u64> {
+    let mut pos = 0;
+    let mut schema = named(schema, names)?;
+    if let Schema::Union(u) = schema {
+        let branch = usize::try_from(varint(bytes, &mut pos)?).ok()?;
+        schema = named(u.variants().get(branch)?, names)?;
+    }
+    let n = match schema {
+        Schema::Array(a) => walk_blocks(bytes, &mut pos, |pos| skip(&a.items, names, bytes, pos))?,
+        Schema::Map(m) => walk_blocks(bytes, &mut pos, |pos| {
+            let n = usize::try_from(varint(bytes, pos)?).ok()?;
+            take(bytes, pos, n)?;
+            skip(&m.types, names, bytes, pos)
+        })?,
+        _ => return None,
+    };
+    (pos == bytes.len()).then_some(n)
+}
+
 fn evaluate_one(
     reader: &AvroCodec,
     op: &Operation,
@@ -478,12 +732,7 @@ fn evaluate_one(
         Operation::CosineSimilarity { vector, .. } => {
             let a = numbers(name, field)?;
             same_length(name, &a, vector)?;
-            let norm_a = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-            let norm_b = vector
-                .iter()
-                .map(|y| f64::from(*y) * f64::from(*y))
-                .sum::<f64>()
-                .sqrt();
+            let (norm_a, norm_b) = norms(&a, vector);
             if norm_a == 0.0 || norm_b == 0.0 {
                 return Err(format!(
                     "cosine similarity with a zero vector (field `{name}` or the request's) is undefined"
@@ -585,6 +834,145 @@ mod tests {
         let mut bytes = req.encode();
         bytes.push(0);
         assert!(ComputeRequest::decode(&bytes).is_err());
+    }
+
+    /// The in-place path gives the same results as decoding, on pseudo-random records of a
+    /// schema with nested records, unions, maps and arrays of every number type.
+    #[test]
+    fn evaluating_in_place_equals_evaluating_decoded_values() {
+        const NESTED: &str = r#"{"type":"record","name":"M","fields":[
+            {"name":"name","type":"string"},
+            {"name":"inner","type":{"type":"record","name":"I","fields":[{"name":"x","type":["null","int"]}]}},
+            {"name":"f","type":{"type":"array","items":"float"}},
+            {"name":"d","type":["null",{"type":"array","items":"double"}]},
+            {"name":"l","type":{"type":"array","items":"long"}},
+            {"name":"m","type":{"type":"map","values":"I"}},
+            {"name":"tail","type":"string"}]}"#;
+        let codec = AvroCodec::parse(NESTED).unwrap();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let q = vec![0.25f32, -1.5, 3.0];
+        let ops = |field: &str| {
+            vec![
+                Operation::DotProduct {
+                    field: field.into(),
+                    vector: q.clone(),
+                    result: format!("{field}_dot"),
+                },
+                Operation::CosineSimilarity {
+                    field: field.into(),
+                    vector: q.clone(),
+                    result: format!("{field}_cos"),
+                },
+                Operation::HadamardProduct {
+                    field: field.into(),
+                    vector: q.clone(),
+                    result: format!("{field}_had"),
+                },
+                Operation::Count {
+                    field: field.into(),
+                    result: format!("{field}_n"),
+                },
+            ]
+        };
+        let mut operations = vec![
+            Operation::Project {
+                field: "inner".into(),
+            },
+            Operation::Project { field: "m".into() },
+            Operation::Project {
+                field: "tail".into(),
+            },
+            Operation::Count {
+                field: "m".into(),
+                result: "m_n".into(),
+            },
+        ];
+        for field in ["f", "d", "l"] {
+            operations.extend(ops(field));
+        }
+        let plan = Plan::new(&codec, request(operations)).unwrap();
+        let (mut in_place, mut declined) = (0, 0);
+        for _ in 0..2000 {
+            let len = (next() % 5) as usize; // 3 matches the vector; others fail per key
+            let inner = |n: u64| {
+                Value::Record(vec![(
+                    "x".into(),
+                    if n % 3 == 0 {
+                        Value::Union(0, Box::new(Value::Null))
+                    } else {
+                        Value::Union(1, Box::new(Value::Int(n as i32 % 1000)))
+                    },
+                )])
+            };
+            let value = Value::Record(vec![
+                (
+                    "name".into(),
+                    Value::String("n".repeat((next() % 40) as usize)),
+                ),
+                ("inner".into(), inner(next())),
+                (
+                    "f".into(),
+                    Value::Array(
+                        (0..len)
+                            .map(|_| Value::Float((next() % 1000) as f32 / 7.0))
+                            .collect(),
+                    ),
+                ),
+                (
+                    "d".into(),
+                    if next() % 4 == 0 {
+                        Value::Union(0, Box::new(Value::Null))
+                    } else {
+                        Value::Union(
+                            1,
+                            Box::new(Value::Array(
+                                (0..len)
+                                    .map(|_| Value::Double((next() % 999) as f64 / 3.0 - 100.0))
+                                    .collect(),
+                            )),
+                        )
+                    },
+                ),
+                (
+                    "l".into(),
+                    Value::Array((0..len).map(|_| Value::Long(next() as i64 >> 20)).collect()),
+                ),
+                (
+                    "m".into(),
+                    Value::Map(
+                        (0..next() % 4)
+                            .map(|i| (format!("k{i}"), inner(next())))
+                            .collect(),
+                    ),
+                ),
+                ("tail".into(), Value::String("end".into())),
+            ]);
+            let datum = codec.encode(&value, "value").unwrap();
+            let decoded = codec.decode(&datum, "value").unwrap();
+            let mut general = Vec::new();
+            plan.evaluate(&codec, &decoded, &mut general);
+            let mut fast = Vec::new();
+            if plan.evaluate_datum(&codec, &datum, &mut fast) {
+                in_place += 1;
+                assert_eq!(
+                    plan.decode_result(&codec, &fast).unwrap(),
+                    plan.decode_result(&codec, &general).unwrap()
+                );
+            } else {
+                declined += 1;
+                assert!(fast.is_empty());
+            }
+        }
+        assert!(
+            in_place > 100 && declined > 100,
+            "{in_place} in place, {declined} declined"
+        );
     }
 
     #[test]
