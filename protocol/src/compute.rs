@@ -591,12 +591,13 @@ fn skip(
         Schema::Fixed(f) => take(bytes, pos, f.size),
         Schema::Duration => take(bytes, pos, 12),
         Schema::Decimal(d) => skip(&d.inner, names, bytes, pos),
-        Schema::Array(a) => skip_blocks(bytes, pos, |pos| skip(&a.items, names, bytes, pos)),
-        Schema::Map(m) => skip_blocks(bytes, pos, |pos| {
-            let n = usize::try_from(varint(bytes, pos)?).ok()?;
-            take(bytes, pos, n)?;
-            skip(&m.types, names, bytes, pos)
-        }),
+        Schema::Array(a) => {
+            walk_blocks(bytes, pos, |pos, n| skip_n(&a.items, names, bytes, pos, n)).map(|_| ())
+        }
+        Schema::Map(m) => walk_blocks(bytes, pos, |pos, n| {
+            skip_map_entries(&m.types, names, bytes, pos, n)
+        })
+        .map(|_| ()),
         Schema::Union(u) => {
             let branch = usize::try_from(varint(bytes, pos)?).ok()?;
             skip(u.variants().get(branch)?, names, bytes, pos)
@@ -611,19 +612,12 @@ fn skip(
     }
 }
 
-/// Walks an array's or map's blocks, calling `item` once per element; answers the count.
-fn skip_blocks(
-    bytes: &[u8],
-    pos: &mut usize,
-    mut item: impl FnMut(&mut usize) -> Option<()>,
-) -> Option<()> {
-    walk_blocks(bytes, pos, |pos| item(pos)).map(|_| ())
-}
-
+/// Walks an array's or map's blocks, calling `items` with each block's element count (the
+/// closure moves `pos` past them); answers the total count.
 fn walk_blocks(
     bytes: &[u8],
     pos: &mut usize,
-    mut item: impl FnMut(&mut usize) -> Option<()>,
+    mut items: impl FnMut(&mut usize, usize) -> Option<()>,
 ) -> Option<u64> {
     let mut total = 0u64;
     loop {
@@ -640,11 +634,52 @@ fn walk_blocks(
         if n > bytes.len() as u64 + 1 {
             return None;
         }
-        for _ in 0..n {
-            item(pos)?;
-        }
+        items(pos, n as usize)?;
         total += n;
     }
+}
+
+/// Bytes of every datum of `schema`, when that is fixed.
+fn fixed_size(schema: &Schema) -> Option<usize> {
+    match schema {
+        Schema::Null => Some(0),
+        Schema::Boolean => Some(1),
+        Schema::Float => Some(4),
+        Schema::Double => Some(8),
+        Schema::Fixed(f) => Some(f.size),
+        Schema::Duration => Some(12),
+        _ => None,
+    }
+}
+
+/// Moves `pos` past `n` datums of `items`.
+fn skip_n(
+    items: &Schema,
+    names: &crate::avro_json::Names,
+    bytes: &[u8],
+    pos: &mut usize,
+    n: usize,
+) -> Option<()> {
+    let items = named(items, names)?;
+    match fixed_size(items) {
+        Some(size) => take(bytes, pos, size.checked_mul(n)?),
+        None => (0..n).try_for_each(|_| skip(items, names, bytes, pos)),
+    }
+}
+
+fn skip_map_entries(
+    values: &Schema,
+    names: &crate::avro_json::Names,
+    bytes: &[u8],
+    pos: &mut usize,
+    n: usize,
+) -> Option<()> {
+    for _ in 0..n {
+        let len = usize::try_from(varint(bytes, pos)?).ok()?;
+        take(bytes, pos, len)?;
+        skip(values, names, bytes, pos)?;
+    }
+    Some(())
 }
 
 /// The numbers of an array-of-numbers datum (through a union's non-null branch), widened to
@@ -664,23 +699,34 @@ fn read_numbers(
         return None;
     };
     let items = named(&a.items, names)?;
-    let mut out = Vec::new();
-    walk_blocks(bytes, &mut pos, |pos| {
-        let x = match items {
+    // Room for the elements the bytes can hold (each float takes 4).
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    walk_blocks(bytes, &mut pos, |pos, n| {
+        let at = *pos;
+        match items {
             Schema::Float => {
-                let at = *pos;
-                take(bytes, pos, 4)?;
-                f64::from(f32::from_le_bytes(bytes[at..at + 4].try_into().ok()?))
+                take(bytes, pos, n.checked_mul(4)?)?;
+                out.extend(
+                    bytes[at..*pos]
+                        .chunks_exact(4)
+                        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+                );
             }
             Schema::Double => {
-                let at = *pos;
-                take(bytes, pos, 8)?;
-                f64::from_le_bytes(bytes[at..at + 8].try_into().ok()?)
+                take(bytes, pos, n.checked_mul(8)?)?;
+                out.extend(
+                    bytes[at..*pos].chunks_exact(8).map(|c| {
+                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                    }),
+                );
             }
-            Schema::Int | Schema::Long => varint(bytes, pos)? as f64,
+            Schema::Int | Schema::Long => {
+                for _ in 0..n {
+                    out.push(varint(bytes, pos)? as f64);
+                }
+            }
             _ => return None,
-        };
-        out.push(x);
+        }
         Some(())
     })?;
     (pos == bytes.len()).then_some(out)
@@ -695,11 +741,11 @@ fn count_elements(schema: &Schema, names: &crate::avro_json::Names, bytes: &[u8]
         schema = named(u.variants().get(branch)?, names)?;
     }
     let n = match schema {
-        Schema::Array(a) => walk_blocks(bytes, &mut pos, |pos| skip(&a.items, names, bytes, pos))?,
-        Schema::Map(m) => walk_blocks(bytes, &mut pos, |pos| {
-            let n = usize::try_from(varint(bytes, pos)?).ok()?;
-            take(bytes, pos, n)?;
-            skip(&m.types, names, bytes, pos)
+        Schema::Array(a) => walk_blocks(bytes, &mut pos, |pos, n| {
+            skip_n(&a.items, names, bytes, pos, n)
+        })?,
+        Schema::Map(m) => walk_blocks(bytes, &mut pos, |pos, n| {
+            skip_map_entries(&m.types, names, bytes, pos, n)
         })?,
         _ => return None,
     };

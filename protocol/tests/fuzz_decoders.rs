@@ -122,6 +122,8 @@ proptest! {
         let codec = AvroCodec::parse(COMPUTE_SCHEMA).unwrap();
         let plan = Plan::new(&codec, request).unwrap();
         let _ = plan.decode_result(&codec, &bytes);
+        let mut out = Vec::new();
+        let _ = plan.evaluate_datum(&codec, &bytes, &mut out);
         let value = rialto_protocol::avro::Value::Record(vec![
             ("id".into(), rialto_protocol::avro::Value::Long(3)),
             ("emb".into(), rialto_protocol::avro::Value::Array(vec![rialto_protocol::avro::Value::Float(0.5)])),

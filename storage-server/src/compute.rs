@@ -7,6 +7,7 @@
 //! stores and versions follower keeps equal to etcd; a version's dictionary is read from a
 //! replica once and kept while the version exists.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -208,7 +209,7 @@ struct VersionDecoder {
 
 impl VersionDecoder {
     /// `(schema id, datum)` of a stored value, its checksum verified.
-    fn datum(&self, stored: &[u8]) -> Result<(u32, Vec<u8>), String> {
+    fn datum<'v>(&self, stored: &'v [u8]) -> Result<(u32, Cow<'v, [u8]>), String> {
         let (id, rest) = stored
             .split_first_chunk::<4>()
             .ok_or("a stored value shorter than its schema id")?;
@@ -228,7 +229,7 @@ impl VersionDecoder {
             }
         };
         let datum = match self.layout.compression {
-            Compression::None => payload.to_vec(),
+            Compression::None => Cow::Borrowed(payload),
             Compression::Zstd | Compression::ZstdDictionary => {
                 let pooled = self
                     .contexts
@@ -246,7 +247,7 @@ impl VersionDecoder {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(context);
-                result.map_err(|e| e.to_string())?
+                Cow::Owned(result.map_err(|e| e.to_string())?)
             }
         };
         if let Some(stored) = checksum {
