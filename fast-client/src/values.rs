@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use rialto_protocol::codec::{CodecError, DecompressionDictionary, ValueDecompressor};
+use rialto_protocol::codec::{CodecError, DecompressionDictionary, DecompressorPool};
 use rialto_protocol::envelope::DICTIONARY_BYTES_MAX;
 use rialto_protocol::meta::{Compression, ValueFormat};
 use rialto_protocol::stored::{value_checksum, CHECKSUM_BYTES, RESERVED_SCHEMA_IDS};
@@ -31,8 +31,7 @@ use crate::ClientError;
 pub(crate) struct VersionValues {
     version: u32,
     layout: ValueLayout,
-    dictionary: Option<Arc<DecompressionDictionary>>,
-    contexts: Mutex<Vec<ValueDecompressor>>,
+    decompressors: DecompressorPool,
 }
 
 /// Why a stored value could not be turned back into its datum.
@@ -90,8 +89,7 @@ impl VersionValues {
         VersionValues {
             version,
             layout,
-            dictionary,
-            contexts: Mutex::new(Vec::new()),
+            decompressors: DecompressorPool::new(dictionary),
         }
     }
 
@@ -151,22 +149,8 @@ impl VersionValues {
     }
 
     fn decompress(&self, payload: &[u8]) -> Result<Vec<u8>, CodecError> {
-        let pooled = self
-            .contexts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
-        let mut context = match pooled {
-            Some(c) => c,
-            None => ValueDecompressor::new(self.dictionary.clone())?,
-        };
         let max = usize::try_from(self.layout.max_value_bytes).unwrap_or(usize::MAX);
-        let result = context.decompress(payload, max);
-        self.contexts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(context);
-        result
+        self.decompressors.decompress(payload, max)
     }
 
     pub(crate) fn version(&self) -> u32 {

@@ -9,7 +9,9 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use std::sync::Arc;
 
-use rialto_fast_client::{BatchEvent, Client, ClientError, Compute, ComputeEvent, RawValue};
+use rialto_fast_client::{
+    BatchEvent, Client, ClientError, Completeness, Compute, ComputeEvent, RawValue,
+};
 use tokio::time::Instant;
 
 use crate::dataset::{encode_key, value_index};
@@ -168,23 +170,26 @@ async fn stream(client: Client, indices: Vec<u64>) -> Sample {
             }
             BatchEvent::Done(done) => {
                 s.fanout = Some(done.fanout);
-                s.keys_failed = done.failed.len() as u64;
-                if !done.is_complete() {
-                    s.error = Some(
-                        if done.timed_out {
-                            "timed_out"
-                        } else {
-                            "incomplete"
-                        }
-                        .into(),
-                    );
-                }
-                return s;
+                return completed(s, &done);
             }
         }
     }
     s.keys_failed = s.keys_requested - s.keys_found - s.keys_missing;
     s.error = Some("stream_ended_without_status".into());
+    s
+}
+
+/// `s` with a streaming call's completion status: its failed keys, and why it is incomplete.
+fn completed(mut s: Sample, done: &Completeness) -> Sample {
+    s.keys_failed = done.failed.len() as u64;
+    if !done.is_complete() {
+        let why = if done.timed_out {
+            "timed_out"
+        } else {
+            "incomplete"
+        };
+        s.error = Some(why.into());
+    }
     s
 }
 
@@ -219,20 +224,7 @@ async fn compute(client: Client, compute: Arc<Compute>, indices: Vec<u64>) -> Sa
                 }
                 None => s.keys_missing += 1,
             },
-            ComputeEvent::Done(done) => {
-                s.keys_failed = done.failed.len() as u64;
-                if !done.is_complete() {
-                    s.error = Some(
-                        if done.timed_out {
-                            "timed_out"
-                        } else {
-                            "incomplete"
-                        }
-                        .into(),
-                    );
-                }
-                return s;
-            }
+            ComputeEvent::Done(done) => return completed(s, &done),
         }
     }
     s.error = Some("stream_ended_without_status".into());

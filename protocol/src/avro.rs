@@ -9,6 +9,7 @@ pub use apache_avro::Schema;
 use thiserror::Error;
 
 use crate::avro_json::{names_of, AvroJson, Names};
+use crate::avro_skip::datum_len;
 use crate::json::Json;
 
 /// An Avro problem, phrased for the person who owns the data.
@@ -77,20 +78,8 @@ impl AvroCodec {
     }
 
     /// Decodes a binary datum written with this schema; the whole input must be consumed.
-    pub fn decode(&self, mut bytes: &[u8], what: &'static str) -> Result<Value, AvroError> {
-        let value = apache_avro::from_avro_datum(&self.schema, &mut bytes, None).map_err(|e| {
-            AvroError::Decode {
-                what,
-                detail: e.to_string(),
-            }
-        })?;
-        if !bytes.is_empty() {
-            return Err(AvroError::Decode {
-                what,
-                detail: format!("{} trailing bytes", bytes.len()),
-            });
-        }
-        Ok(value)
+    pub fn decode(&self, bytes: &[u8], what: &'static str) -> Result<Value, AvroError> {
+        self.decode_with(&self.schema, bytes, None, what)
     }
 
     /// Decodes a binary datum written with this schema and resolves it to `reader`'s schema
@@ -99,22 +88,11 @@ impl AvroCodec {
     /// consumed.
     pub fn decode_as(
         &self,
-        mut bytes: &[u8],
+        bytes: &[u8],
         reader: &AvroCodec,
         what: &'static str,
     ) -> Result<Value, AvroError> {
-        let value = apache_avro::from_avro_datum(&self.schema, &mut bytes, Some(&reader.schema))
-            .map_err(|e| AvroError::Decode {
-                what,
-                detail: e.to_string(),
-            })?;
-        if !bytes.is_empty() {
-            return Err(AvroError::Decode {
-                what,
-                detail: format!("{} trailing bytes", bytes.len()),
-            });
-        }
-        Ok(value)
+        self.decode_with(&self.schema, bytes, Some(&reader.schema), what)
     }
 
     /// Encodes `value` of `part`, a schema inside this codec's (a record field's): named types
@@ -131,20 +109,39 @@ impl AvroCodec {
 
     /// Decodes a datum of `part`, a schema inside this codec's (see
     /// [`encode_part`](Self::encode_part)); the whole input must be consumed.
-    pub fn decode_part(&self, part: &Schema, mut bytes: &[u8]) -> Result<Value, AvroError> {
-        let value =
-            apache_avro::from_avro_datum_schemata(part, vec![&self.schema], &mut bytes, None)
-                .map_err(|e| AvroError::Decode {
-                    what: "value",
-                    detail: e.to_string(),
-                })?;
-        if !bytes.is_empty() {
-            return Err(AvroError::Decode {
-                what: "value",
-                detail: format!("{} trailing bytes", bytes.len()),
-            });
+    pub fn decode_part(&self, part: &Schema, bytes: &[u8]) -> Result<Value, AvroError> {
+        self.decode_with(part, bytes, None, "value")
+    }
+
+    /// Decodes a datum of `schema` (this codec's, or a part of it) filling all of `bytes`,
+    /// resolved to `reader` if given. The datum's extent is checked first
+    /// ([`datum_len`]): apache_avro would reserve memory for whatever element count an array
+    /// or map block claims.
+    fn decode_with(
+        &self,
+        schema: &Schema,
+        mut bytes: &[u8],
+        reader: Option<&Schema>,
+        what: &'static str,
+    ) -> Result<Value, AvroError> {
+        let error = |detail: String| AvroError::Decode { what, detail };
+        match datum_len(schema, &self.names, bytes) {
+            Some(n) if n == bytes.len() => {}
+            Some(n) => return Err(error(format!("{} trailing bytes", bytes.len() - n))),
+            None => {
+                return Err(error(
+                    "not a datum of the schema: truncated, or an array or map claims more \
+                     elements than its bytes hold"
+                        .into(),
+                ))
+            }
         }
-        Ok(value)
+        let decoded = if std::ptr::eq(schema, &self.schema) {
+            apache_avro::from_avro_datum(schema, &mut bytes, reader)
+        } else {
+            apache_avro::from_avro_datum_schemata(schema, vec![&self.schema], &mut bytes, reader)
+        };
+        decoded.map_err(|e| error(e.to_string()))
     }
 
     /// Converts JSON (as found in newline-delimited JSON input) to a value of this schema,

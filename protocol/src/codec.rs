@@ -113,6 +113,47 @@ impl DecompressionDictionary {
     }
 }
 
+/// Decompressors for many threads: a zstd context per concurrent call, kept for reuse.
+pub struct DecompressorPool {
+    dictionary: Option<Arc<DecompressionDictionary>>,
+    contexts: std::sync::Mutex<Vec<ValueDecompressor>>,
+}
+
+impl std::fmt::Debug for DecompressorPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecompressorPool({:?})", self.dictionary)
+    }
+}
+
+impl DecompressorPool {
+    /// A pool decompressing with `dictionary` if given.
+    pub fn new(dictionary: Option<Arc<DecompressionDictionary>>) -> DecompressorPool {
+        DecompressorPool {
+            dictionary,
+            contexts: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// [`ValueDecompressor::decompress`] with a pooled context.
+    pub fn decompress(&self, frame: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
+        let pooled = self
+            .contexts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut context = match pooled {
+            Some(c) => c,
+            None => ValueDecompressor::new(self.dictionary.clone())?,
+        };
+        let result = context.decompress(frame, max);
+        self.contexts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(context);
+        result
+    }
+}
+
 /// Decompresses values, with or without a dictionary. One per thread (it holds a zstd context).
 pub struct ValueDecompressor {
     dctx: DCtx<'static>,

@@ -35,6 +35,9 @@ use apache_avro::schema::Schema;
 use apache_avro::types::Value;
 
 use crate::avro::{AvroCodec, AvroError};
+use crate::avro_skip::{
+    named, skip, skip_map_entries, skip_n, take, varint, walk_blocks, zero_size,
+};
 use crate::envelope::{EnvelopeError, Reader};
 
 /// Format byte of an encoded compute request.
@@ -534,154 +537,6 @@ fn norms(a: &[f64], b: &[f32]) -> (f64, f64) {
     (norm_a, norm_b)
 }
 
-/// Reads a zigzag varint (Avro `int`, `long`, lengths and counts) at `pos`.
-fn varint(bytes: &[u8], pos: &mut usize) -> Option<i64> {
-    let mut z = 0u64;
-    for shift in (0..64).step_by(7) {
-        let b = *bytes.get(*pos)?;
-        *pos += 1;
-        z |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Some((z >> 1) as i64 ^ -((z & 1) as i64));
-        }
-    }
-    None
-}
-
-fn take(bytes: &[u8], pos: &mut usize, n: usize) -> Option<()> {
-    let end = pos.checked_add(n)?;
-    (end <= bytes.len()).then(|| *pos = end)
-}
-
-fn named<'s>(schema: &'s Schema, names: &'s crate::avro_json::Names) -> Option<&'s Schema> {
-    match schema {
-        Schema::Ref { name } => names.get(name),
-        other => Some(other),
-    }
-}
-
-/// Moves `pos` past one datum of `schema`; `None` if the bytes do not hold one.
-fn skip(
-    schema: &Schema,
-    names: &crate::avro_json::Names,
-    bytes: &[u8],
-    pos: &mut usize,
-) -> Option<()> {
-    match named(schema, names)? {
-        Schema::Null => Some(()),
-        Schema::Boolean => take(bytes, pos, 1),
-        Schema::Int
-        | Schema::Long
-        | Schema::Enum(_)
-        | Schema::Date
-        | Schema::TimeMillis
-        | Schema::TimeMicros
-        | Schema::TimestampMillis
-        | Schema::TimestampMicros
-        | Schema::TimestampNanos
-        | Schema::LocalTimestampMillis
-        | Schema::LocalTimestampMicros
-        | Schema::LocalTimestampNanos => varint(bytes, pos).map(|_| ()),
-        Schema::Float => take(bytes, pos, 4),
-        Schema::Double => take(bytes, pos, 8),
-        Schema::Bytes | Schema::String | Schema::Uuid | Schema::BigDecimal => {
-            let n = usize::try_from(varint(bytes, pos)?).ok()?;
-            take(bytes, pos, n)
-        }
-        Schema::Fixed(f) => take(bytes, pos, f.size),
-        Schema::Duration => take(bytes, pos, 12),
-        Schema::Decimal(d) => skip(&d.inner, names, bytes, pos),
-        Schema::Array(a) => {
-            walk_blocks(bytes, pos, |pos, n| skip_n(&a.items, names, bytes, pos, n)).map(|_| ())
-        }
-        Schema::Map(m) => walk_blocks(bytes, pos, |pos, n| {
-            skip_map_entries(&m.types, names, bytes, pos, n)
-        })
-        .map(|_| ()),
-        Schema::Union(u) => {
-            let branch = usize::try_from(varint(bytes, pos)?).ok()?;
-            skip(u.variants().get(branch)?, names, bytes, pos)
-        }
-        Schema::Record(r) => {
-            for field in &r.fields {
-                skip(&field.schema, names, bytes, pos)?;
-            }
-            Some(())
-        }
-        Schema::Ref { .. } => None,
-    }
-}
-
-/// Walks an array's or map's blocks, calling `items` with each block's element count (the
-/// closure moves `pos` past them); answers the total count.
-fn walk_blocks(
-    bytes: &[u8],
-    pos: &mut usize,
-    mut items: impl FnMut(&mut usize, usize) -> Option<()>,
-) -> Option<u64> {
-    let mut total = 0u64;
-    loop {
-        let count = varint(bytes, pos)?;
-        if count == 0 {
-            return Some(total);
-        }
-        if count < 0 {
-            // A negative count is followed by the block's size in bytes.
-            varint(bytes, pos)?;
-        }
-        let n = count.unsigned_abs();
-        // Every element takes at least a byte, except nulls: bound the loop by the input.
-        if n > bytes.len() as u64 + 1 {
-            return None;
-        }
-        items(pos, n as usize)?;
-        total += n;
-    }
-}
-
-/// Bytes of every datum of `schema`, when that is fixed.
-fn fixed_size(schema: &Schema) -> Option<usize> {
-    match schema {
-        Schema::Null => Some(0),
-        Schema::Boolean => Some(1),
-        Schema::Float => Some(4),
-        Schema::Double => Some(8),
-        Schema::Fixed(f) => Some(f.size),
-        Schema::Duration => Some(12),
-        _ => None,
-    }
-}
-
-/// Moves `pos` past `n` datums of `items`.
-fn skip_n(
-    items: &Schema,
-    names: &crate::avro_json::Names,
-    bytes: &[u8],
-    pos: &mut usize,
-    n: usize,
-) -> Option<()> {
-    let items = named(items, names)?;
-    match fixed_size(items) {
-        Some(size) => take(bytes, pos, size.checked_mul(n)?),
-        None => (0..n).try_for_each(|_| skip(items, names, bytes, pos)),
-    }
-}
-
-fn skip_map_entries(
-    values: &Schema,
-    names: &crate::avro_json::Names,
-    bytes: &[u8],
-    pos: &mut usize,
-    n: usize,
-) -> Option<()> {
-    for _ in 0..n {
-        let len = usize::try_from(varint(bytes, pos)?).ok()?;
-        take(bytes, pos, len)?;
-        skip(values, names, bytes, pos)?;
-    }
-    Some(())
-}
-
 /// The numbers of an array-of-numbers datum (through a union's non-null branch), widened to
 /// `f64`; `None` for anything else (the general path then says why).
 fn read_numbers(
@@ -701,7 +556,7 @@ fn read_numbers(
     let items = named(&a.items, names)?;
     // Room for the elements the bytes can hold (each float takes 4).
     let mut out = Vec::with_capacity(bytes.len() / 4);
-    walk_blocks(bytes, &mut pos, |pos, n| {
+    walk_blocks(bytes, &mut pos, false, |pos, n| {
         let at = *pos;
         match items {
             Schema::Float => {
@@ -741,10 +596,10 @@ fn count_elements(schema: &Schema, names: &crate::avro_json::Names, bytes: &[u8]
         schema = named(u.variants().get(branch)?, names)?;
     }
     let n = match schema {
-        Schema::Array(a) => walk_blocks(bytes, &mut pos, |pos, n| {
+        Schema::Array(a) => walk_blocks(bytes, &mut pos, zero_size(&a.items, names), |pos, n| {
             skip_n(&a.items, names, bytes, pos, n)
         })?,
-        Schema::Map(m) => walk_blocks(bytes, &mut pos, |pos, n| {
+        Schema::Map(m) => walk_blocks(bytes, &mut pos, false, |pos, n| {
             skip_map_entries(&m.types, names, bytes, pos, n)
         })?,
         _ => return None,

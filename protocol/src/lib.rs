@@ -7,6 +7,7 @@
 //! * [`meta`]: the etcd key layout and the JSON metadata records stored under it.
 //! * [`error`]: stable error codes that cross the wire, and whether a client may retry.
 //! * [`avro`]: Avro key/value encoding shared by the push job and the client.
+//! * [`avro_skip`]: where an Avro datum ends, with every claimed count bounded by the input.
 //! * [`json`], [`avro_json`]: JSON that keeps numbers exact, and its exact conversion to and from
 //!   Avro values (push input, CLI output).
 //! * [`stored`]: a value at rest: its checksum, and chunking of large values.
@@ -23,6 +24,7 @@ pub mod acl;
 pub mod admin;
 pub mod avro;
 pub mod avro_json;
+pub mod avro_skip;
 pub mod codec;
 pub mod compute;
 pub mod envelope;

@@ -14,6 +14,8 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use rialto_protocol::avro::{AvroCodec, Schema};
+use rialto_protocol::avro_json::names_of;
+use rialto_protocol::avro_skip::datum_len;
 use rialto_protocol::envelope::KEY_BYTES_MAX;
 use rialto_protocol::json::Json;
 use rialto_protocol::partitioner::partition_for_key;
@@ -441,6 +443,7 @@ fn read_avro(
     } else {
         tracing::info!(schema_id, "the file's value schema is not registered: values are resolved to schema {schema_id} and encoded again");
     }
+    let row_names = names_of(&row).map_err(|e| b.bad(0, e))?;
     let mut record_no = 0u64;
     while let Some(block) = reader
         .next_block()
@@ -452,6 +455,17 @@ fn read_avro(
             let (mut key, mut value) = (None, None);
             for (i, field) in record.fields.iter().enumerate() {
                 let before = data;
+                // apache_avro reserves what an array or map block claims: bound it first.
+                datum_len(&field.schema, &row_names, data).ok_or_else(|| {
+                    b.bad(
+                        record_no,
+                        format!(
+                            "unreadable field `{}`: truncated, or an array or map claims more \
+                             elements than its bytes hold",
+                            field.name
+                        ),
+                    )
+                })?;
                 let decoded = apache_avro::from_avro_datum_schemata(
                     &field.schema,
                     vec![&row],

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rialto_backends::mirror::PrefixMap;
 use rialto_protocol::avro::{AvroCodec, Value};
-use rialto_protocol::codec::{DecompressionDictionary, ValueDecompressor};
+use rialto_protocol::codec::{DecompressionDictionary, DecompressorPool};
 use rialto_protocol::compute::{ComputeRequest, Plan};
 use rialto_protocol::meta::{Compression, StoreRecord, ValueFormat, VersionRecord};
 use rialto_protocol::stored::{value_checksum, CHECKSUM_BYTES, RESERVED_SCHEMA_IDS};
@@ -189,8 +189,7 @@ impl Catalog {
         };
         let decoder = Arc::new(VersionDecoder {
             layout,
-            dictionary,
-            contexts: Mutex::new(Vec::new()),
+            decompressors: DecompressorPool::new(dictionary),
         });
         self.decoders
             .lock()
@@ -203,8 +202,7 @@ impl Catalog {
 /// Turns one version's stored values back into datums.
 struct VersionDecoder {
     layout: VersionLayout,
-    dictionary: Option<Arc<DecompressionDictionary>>,
-    contexts: Mutex<Vec<ValueDecompressor>>,
+    decompressors: DecompressorPool,
 }
 
 impl VersionDecoder {
@@ -231,23 +229,9 @@ impl VersionDecoder {
         let datum = match self.layout.compression {
             Compression::None => Cow::Borrowed(payload),
             Compression::Zstd | Compression::ZstdDictionary => {
-                let pooled = self
-                    .contexts
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .pop();
-                let mut context = match pooled {
-                    Some(c) => c,
-                    None => ValueDecompressor::new(self.dictionary.clone())
-                        .map_err(|e| e.to_string())?,
-                };
                 let max = usize::try_from(self.layout.max_value_bytes).unwrap_or(usize::MAX);
-                let result = context.decompress(payload, max);
-                self.contexts
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(context);
-                Cow::Owned(result.map_err(|e| e.to_string())?)
+                let datum = self.decompressors.decompress(payload, max);
+                Cow::Owned(datum.map_err(|e| e.to_string())?)
             }
         };
         if let Some(stored) = checksum {

@@ -361,11 +361,15 @@ async fn handle(
                     .await
                 }
             }
-            Some(Route::BatchGet { store, version }) => {
+            Some(
+                route @ (Route::BatchGet { store, version } | Route::Compute { store, version }),
+            ) => {
+                let compute = matches!(route, Route::Compute { .. });
                 if parts.method != Method::POST {
+                    let what = if compute { "compute" } else { "batch-get" };
                     Err(Failure::new(
                         ErrorCode::BadRequest,
-                        "batch-get must be a POST",
+                        format!("{what} must be a POST"),
                     ))
                 } else {
                     batch_get(
@@ -375,26 +379,7 @@ async fn handle(
                         declared_len,
                         store,
                         version,
-                        false,
-                    )
-                    .await
-                }
-            }
-            Some(Route::Compute { store, version }) => {
-                if parts.method != Method::POST {
-                    Err(Failure::new(
-                        ErrorCode::BadRequest,
-                        "compute must be a POST",
-                    ))
-                } else {
-                    batch_get(
-                        &service,
-                        &mut respond,
-                        body,
-                        declared_len,
-                        store,
-                        version,
-                        true,
+                        compute,
                     )
                     .await
                 }

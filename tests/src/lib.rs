@@ -1164,6 +1164,22 @@ where
 
 /// Writes a newline-delimited JSON dataset of `count` records `{"key": "key-<i>", "value": …}`,
 /// where `value(i)` gives each value as JSON.
+/// A file of the test data set `set` (`tests/data/<set>/<file>`).
+pub fn test_data(set: &str, file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(set)
+        .join(file)
+}
+
+/// Bytes from lowercase hex (the test data sets' `*_hex` fields).
+pub fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
 pub fn write_json_dataset(
     path: &Path,
     count: usize,

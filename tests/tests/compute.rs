@@ -14,9 +14,7 @@ use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_tests::{Cluster, STRING_SCHEMA};
 
 fn foreign(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("data/foreign")
-        .join(file)
+    rialto_tests::test_data("foreign", file)
 }
 
 fn field<'v>(value: &'v Value, name: &str) -> &'v Value {

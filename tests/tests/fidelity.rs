@@ -15,19 +15,10 @@ use rialto_loadgen::oracle::{self, json_values::JsonOracle};
 use rialto_protocol::admin::CreateStoreRequest;
 use rialto_protocol::avro::{AvroCodec, Schema, Value};
 use rialto_protocol::meta::{Compression, StorageProfile};
-use rialto_tests::{key_of, write_json_dataset, Cluster, STRING_SCHEMA};
+use rialto_tests::{key_of, unhex, write_json_dataset, Cluster, STRING_SCHEMA};
 
 fn foreign(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("data/foreign")
-        .join(file)
-}
-
-fn unhex(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-        .collect()
+    rialto_tests::test_data("foreign", file)
 }
 
 /// `(key datum, value datum)` as fastavro wrote them, in record order.

@@ -15,19 +15,10 @@ use anyhow::{Context, Result};
 use rialto_fast_client::{Client, Compute, ReaderSchema};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::meta::{Compression, StorageProfile};
-use rialto_tests::{wait_until, Cluster, STRING_SCHEMA};
+use rialto_tests::{unhex, wait_until, Cluster, STRING_SCHEMA};
 
 fn data(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("data/evolution")
-        .join(file)
-}
-
-fn unhex(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-        .collect()
+    rialto_tests::test_data("evolution", file)
 }
 
 /// fastavro's resolutions: `(file, reader id)` → `(key, value bytes in the reader's schema)`.
