@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use rialto_controller::{AdminClient, ControllerError};
-use rialto_fast_client::{Client, ClientError, ClientIdentity};
+use rialto_fast_client::{Client, ClientError, ClientIdentity, Compute};
 use rialto_protocol::acl::Permission;
 use rialto_protocol::admin::{AclChangeRequest, UpdateStoreRequest};
 use rialto_protocol::avro::Value;
 use rialto_protocol::ErrorCode;
 use rialto_tests::{json_of, key_of, write_json_dataset, Cluster, ClusterOptions};
+
+const VALUE_SCHEMA: &str = r#"{"type":"record","name":"V","fields":[{"name":"n","type":"long"}]}"#;
 
 const STORE: &str = "guarded";
 const RECORDS: usize = 300;
@@ -61,8 +63,8 @@ fn keys() -> Vec<Value> {
 async fn read_all(client: &Client) -> Result<(), ClientError> {
     for (i, v) in client.batch_get(&keys()).await?.into_iter().enumerate() {
         assert_eq!(
-            v.map(|v| json_of(r#""long""#, &v)),
-            Some(serde_json::json!(i * 7)),
+            v.map(|v| json_of(VALUE_SCHEMA, &v)),
+            Some(serde_json::json!({"n": i * 7})),
             "key {i}"
         );
     }
@@ -79,11 +81,11 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
     .await?;
     let admin = cluster.admin();
     cluster
-        .create_store(STORE, r#""string""#, r#""long""#, 4, 2)
+        .create_store(STORE, r#""string""#, VALUE_SCHEMA, 4, 2)
         .await?;
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("d.jsonl");
-    write_json_dataset(&input, RECORDS, |i| serde_json::json!(i * 7))?;
+    write_json_dataset(&input, RECORDS, |i| serde_json::json!({"n": i * 7}))?;
 
     // etcd itself speaks TLS and requires a client certificate from the cluster CA.
     assert!(cluster.services.etcd_endpoint.starts_with("https://"));
@@ -215,6 +217,11 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
         Err(ClientError::Forbidden { .. }) => {}
         other => panic!("a single get must be refused too: {other:?}"),
     }
+    let compute = Compute::new().project(["n"]);
+    match alice_reads.compute(&compute, &keys()).await {
+        Err(ClientError::Forbidden { .. }) => {}
+        other => panic!("read compute must be refused too: {other:?}"),
+    }
     let server_refusals: u64 = (0..2)
         .filter_map(|i| cluster.server(i))
         .map(|s| s.metrics().errors(ErrorCode::Forbidden))
@@ -235,6 +242,11 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
         }
     }
     alice.describe_store(STORE).await?;
+    let computed = alice_reads.compute(&compute, &keys()).await?;
+    for (i, record) in computed.iter().enumerate() {
+        let n = record.as_ref().and_then(|r| r.get("n")).cloned();
+        assert_eq!(n, Some(Ok(Value::Long(i as i64 * 7))), "key {i}");
+    }
 
     // Revoking `read` takes effect on the connected client's next requests.
     admin
