@@ -86,6 +86,7 @@ pub async fn run(config: &FreshnessConfig, client: &Client) -> Result<FreshnessR
         kafka_bootstrap: None,
         kafka_options: Vec::new(),
         controller_tls: config.controller_tls.clone(),
+        value_schema_id: None,
     })
     .await
     .with_context(|| format!("open a real-time writer of {}", config.store))?;

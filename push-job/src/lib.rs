@@ -87,6 +87,10 @@ pub enum PushError {
     Codec(#[from] rialto_protocol::codec::CodecError),
     #[error("store `{store}` has no value schema; recreate it with one")]
     NoValueSchema { store: String },
+    #[error(
+        "value schema {id} is not registered for store `{store}`; see `rialto-admin schemas list {store}`"
+    )]
+    UnknownValueSchema { store: String, id: u32 },
     #[error("producing version {version} failed: {source}")]
     Produce { version: u32, source: PubSubError },
     #[error("version {version} of `{store}` failed and will not serve: {reason}")]

@@ -109,6 +109,9 @@ struct StreamArgs {
     /// e.g. `security.protocol=SASL_SSL`; see the README's security section.
     #[arg(long = "kafka-option", value_parser = rialto_backends::kafka::parse_option)]
     kafka_options: Vec<(String, String)>,
+    /// The registered value schema the values are written with (default: the latest).
+    #[arg(long)]
+    value_schema_id: Option<u32>,
 }
 
 #[tokio::main]
@@ -224,6 +227,7 @@ async fn stream(
         kafka_bootstrap: args.kafka,
         kafka_options: args.kafka_options,
         controller_tls: tls,
+        value_schema_id: args.value_schema_id,
     };
     let mut writer = match RealtimeWriter::connect(&config).await {
         Ok(w) => w,

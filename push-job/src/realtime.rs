@@ -133,6 +133,8 @@ pub struct RealtimeConfig {
     pub kafka_options: Vec<(String, String)>,
     /// TLS to an https:// controller (its CA, and this writer's certificate).
     pub controller_tls: Option<rialto_controller::ClientTlsFiles>,
+    /// The registered value schema values are written with (`None`: the latest).
+    pub value_schema_id: Option<u32>,
 }
 
 /// What a writer wrote (handed to the broker; all acknowledged once `close` returned it).
@@ -219,7 +221,7 @@ impl RealtimeWriter {
             topic: realtime_topic(&store.name),
             source,
         })?;
-        RealtimeWriter::new(&store, Arc::new(pubsub)).await
+        RealtimeWriter::with_schema(&store, Arc::new(pubsub), config.value_schema_id).await
     }
 
     /// A writer of `store` producing through `pubsub`. Refuses a store that is not hybrid and
@@ -228,13 +230,32 @@ impl RealtimeWriter {
         store: &StoreRecord,
         pubsub: Arc<dyn PubSub>,
     ) -> Result<RealtimeWriter, PushError> {
+        RealtimeWriter::with_schema(store, pubsub, None).await
+    }
+
+    /// Like [`new`](Self::new), writing values with the registered value schema
+    /// `value_schema_id` (`None`: the latest): an application built for an older schema keeps
+    /// writing with it after a newer one is registered.
+    pub async fn with_schema(
+        store: &StoreRecord,
+        pubsub: Arc<dyn PubSub>,
+        value_schema_id: Option<u32>,
+    ) -> Result<RealtimeWriter, PushError> {
         ensure_hybrid(store)?;
         let topic = realtime_topic(&store.name);
-        let value_schema = store
-            .latest_value_schema()
-            .ok_or_else(|| PushError::NoValueSchema {
-                store: store.name.clone(),
-            })?;
+        let value_schema = match value_schema_id {
+            Some(id) => store
+                .value_schema(id)
+                .ok_or_else(|| PushError::UnknownValueSchema {
+                    store: store.name.clone(),
+                    id,
+                })?,
+            None => store
+                .latest_value_schema()
+                .ok_or_else(|| PushError::NoValueSchema {
+                    store: store.name.clone(),
+                })?,
+        };
         let key_codec = AvroCodec::parse(&store.key_schema)?;
         let value_codec = AvroCodec::parse(&value_schema.schema)?;
         check_topic(pubsub.as_ref(), &topic, store.partition_count).await?;
@@ -958,6 +979,34 @@ mod tests {
                 ])
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_writer_keeps_an_older_registered_schema_when_asked() {
+        let store = store(1);
+        let fake = FakePubSub::with_topic("clicks_rt", store.partition_count);
+        let e = RealtimeWriter::with_schema(&store, fake.clone(), Some(9))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("value schema 9 is not registered"),
+            "{e}"
+        );
+        let mut w = RealtimeWriter::with_schema(&store, fake.clone(), Some(1))
+            .await
+            .unwrap();
+        let old = Value::Record(vec![("text".into(), Value::String("hi".into()))]);
+        w.put(&key(1), &old).await.unwrap();
+        w.close().await.unwrap();
+        let ids: Vec<u32> = fake
+            .envelopes("clicks_rt", 0)
+            .into_iter()
+            .filter_map(|e| match e.message {
+                Message::Put { schema_id, .. } => Some(schema_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, vec![1]);
     }
 
     #[tokio::test]
