@@ -801,6 +801,19 @@ impl Cluster {
         self.wait_for_version_failure(store, version).await
     }
 
+    /// Runs `rialto-admin` against the cluster's controller; returns (success, stdout, stderr).
+    pub fn admin_cli(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = std::process::Command::new(sibling_binary("rialto-admin")?)
+            .args(["--controller", &self.controller_url()])
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// Pushes a file through the real push job (in-process).
     pub async fn push(
         &self,

@@ -4,7 +4,6 @@
 //! read; rollback and roll-forward seen by a running client; versions and stores deleted with
 //! their topics and records.
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use rialto_protocol::meta::{
     version_topic, Layout, ReplicaRecord, ReplicaState, VersionRecord, DEFAULT_ROOT,
 };
 use rialto_server::FaultConfig;
-use rialto_tests::{key_of, sibling_binary, string_value, wait_until, Cluster, ClusterOptions};
+use rialto_tests::{key_of, string_value, wait_until, Cluster, ClusterOptions};
 use tokio::task::JoinHandle;
 
 const RECORDS: usize = 2_000;
@@ -300,7 +299,7 @@ async fn a_new_server_takes_a_share_and_a_drained_one_is_emptied_without_a_faile
     );
 
     // server-2 is drained: its replicas move away, it keeps serving until each move is done.
-    let (ok, out, err) = admin_cli(&cluster, &["nodes", "drain", "server-2"])?;
+    let (ok, out, err) = cluster.admin_cli(&["nodes", "drain", "server-2"])?;
     ensure!(ok, "drain failed: {out}{err}");
     wait_until(Duration::from_secs(60), "server-2 emptied", || {
         let c = &cluster;
@@ -320,7 +319,7 @@ async fn a_new_server_takes_a_share_and_a_drained_one_is_emptied_without_a_faile
         "version 2 placed on the drained node: {:?}",
         v2.assignment
     );
-    let (ok, text, err) = admin_cli(&cluster, &["nodes", "describe", "server-2"])?;
+    let (ok, text, err) = cluster.admin_cli(&["nodes", "describe", "server-2"])?;
     ensure!(ok && text.contains("draining  yes"), "{text}{err}");
     let metrics = cluster.admin().metrics().await?;
     for line in [
@@ -369,19 +368,6 @@ async fn a_rolling_restart_of_every_server_under_load_fails_no_read() -> Result<
     cluster.shutdown().await
 }
 
-/// Runs `rialto-admin` against the cluster; returns (success, stdout, stderr).
-fn admin_cli(cluster: &Cluster, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(sibling_binary("rialto-admin")?)
-        .args(["--controller", &cluster.controller_url()])
-        .args(args)
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
 /// Waits until `client` reads key 0 of store `rb` as a value of `value_bytes`; returns how long.
 async fn wait_for_value_size(client: &Client, value_bytes: usize) -> Result<Duration> {
     let started = Instant::now();
@@ -403,32 +389,32 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
     let client = cluster.client("rb").await?;
     wait_for_value_size(&client, 80).await?;
 
-    let (ok, out, err) = admin_cli(&cluster, &["stores", "rollback", "rb"])?;
+    let (ok, out, err) = cluster.admin_cli(&["stores", "rollback", "rb"])?;
     ensure!(
         ok && out.contains("current version 1, backup 2"),
         "{out}{err}"
     );
     let seen = wait_for_value_size(&client, 50).await?;
     eprintln!("rollback visible to a running client {seen:?} after the admin call returned");
-    let (ok, _, err) = admin_cli(&cluster, &["stores", "rollback", "rb"])?;
+    let (ok, _, err) = cluster.admin_cli(&["stores", "rollback", "rb"])?;
     ensure!(
         !ok && err.contains("roll-forward"),
         "second rollback: {err}"
     );
 
-    let (ok, out, err) = admin_cli(&cluster, &["stores", "roll-forward", "rb"])?;
+    let (ok, out, err) = cluster.admin_cli(&["stores", "roll-forward", "rb"])?;
     ensure!(
         ok && out.contains("current version 2, backup 1"),
         "{out}{err}"
     );
     wait_for_value_size(&client, 80).await?;
 
-    let (ok, _, err) = admin_cli(&cluster, &["versions", "delete", "rb", "2"])?;
+    let (ok, _, err) = cluster.admin_cli(&["versions", "delete", "rb", "2"])?;
     ensure!(
         !ok && err.contains("current version"),
         "deleting current: {err}"
     );
-    let (ok, out, err) = admin_cli(&cluster, &["versions", "delete", "rb", "1"])?;
+    let (ok, out, err) = cluster.admin_cli(&["versions", "delete", "rb", "1"])?;
     ensure!(ok, "{out}{err}");
     let r = wait_until(Duration::from_secs(60), "version 1 retired", || async {
         let d = cluster.admin().describe_store("rb").await?;
@@ -448,7 +434,7 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
         );
     }
     r?;
-    let (ok, _, err) = admin_cli(&cluster, &["stores", "rollback", "rb"])?;
+    let (ok, _, err) = cluster.admin_cli(&["stores", "rollback", "rb"])?;
     ensure!(
         !ok && err.contains("no backup"),
         "rollback with no backup: {err}"
@@ -457,19 +443,19 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
         client.get(&Value::String(key_of(0))).await? == Some(Value::String(string_value(0, 80))),
         "the current version stopped serving"
     );
-    let (ok, out, _) = admin_cli(&cluster, &["versions", "list", "rb"])?;
+    let (ok, out, _) = cluster.admin_cli(&["versions", "list", "rb"])?;
     ensure!(
         ok && out.contains("current") && !out.contains("backup"),
         "{out}"
     );
-    let (ok, out, err) = admin_cli(&cluster, &["replicas", "rb"])?;
+    let (ok, out, err) = cluster.admin_cli(&["replicas", "rb"])?;
     ensure!(ok && out.matches("ONLINE").count() == 4, "{out}{err}");
-    let (ok, _, err) = admin_cli(&cluster, &["replicas", "rb", "--version", "9"])?;
+    let (ok, _, err) = cluster.admin_cli(&["replicas", "rb", "--version", "9"])?;
     ensure!(!ok && err.contains("no version 9"), "{err}");
 
-    let (ok, _, err) = admin_cli(&cluster, &["stores", "delete", "rb"])?;
+    let (ok, _, err) = cluster.admin_cli(&["stores", "delete", "rb"])?;
     ensure!(!ok && err.contains("--yes"), "delete without --yes: {err}");
-    let (ok, out, err) = admin_cli(&cluster, &["stores", "delete", "rb", "--yes"])?;
+    let (ok, out, err) = cluster.admin_cli(&["stores", "delete", "rb", "--yes"])?;
     ensure!(ok, "{out}{err}");
     let layout = Layout::new(DEFAULT_ROOT);
     wait_until(Duration::from_secs(60), "store rb deleted", || async {
@@ -497,10 +483,8 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
     // The name is free again.
     cluster.create_string_store("rb", 2, 2, 100, 30).await?;
     // A push larger than the storage quota is refused before a version is allocated.
-    let (ok, out, err) = admin_cli(
-        &cluster,
-        &["stores", "update", "rb", "--storage-quota", "1000"],
-    )?;
+    let (ok, out, err) =
+        cluster.admin_cli(&["stores", "update", "rb", "--storage-quota", "1000"])?;
     ensure!(ok && out.contains("storage quota 1000 bytes"), "{out}{err}");
     let refused = cluster.push_string_records("rb", 100, 30).await;
     let message = format!(
@@ -515,18 +499,15 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
         d.store
     );
     // Three versions kept, then two: the oldest is retired.
-    let (ok, out, err) = admin_cli(
-        &cluster,
-        &[
-            "stores",
-            "update",
-            "rb",
-            "--storage-quota",
-            "0",
-            "--versions-to-keep",
-            "3",
-        ],
-    )?;
+    let (ok, out, err) = cluster.admin_cli(&[
+        "stores",
+        "update",
+        "rb",
+        "--storage-quota",
+        "0",
+        "--versions-to-keep",
+        "3",
+    ])?;
     ensure!(ok && out.contains("keeps 3 versions"), "{out}{err}");
     cluster.push_string_records("rb", 100, 31).await?;
     cluster.push_string_records("rb", 100, 32).await?;
@@ -541,15 +522,10 @@ async fn rollback_roll_forward_and_deletes_through_the_admin_cli() -> Result<()>
     tokio::time::sleep(Duration::from_secs(3)).await;
     let d = cluster.admin().describe_store("rb").await?;
     ensure!(online(&d) == [1, 2, 3], "{:?}", online(&d));
-    let (ok, _, err) = admin_cli(
-        &cluster,
-        &["stores", "update", "rb", "--versions-to-keep", "1"],
-    )?;
+    let (ok, _, err) = cluster.admin_cli(&["stores", "update", "rb", "--versions-to-keep", "1"])?;
     ensure!(!ok && err.contains("versions to keep must be 2"), "{err}");
-    let (ok, out, err) = admin_cli(
-        &cluster,
-        &["stores", "update", "rb", "--versions-to-keep", "2"],
-    )?;
+    let (ok, out, err) =
+        cluster.admin_cli(&["stores", "update", "rb", "--versions-to-keep", "2"])?;
     ensure!(ok, "{out}{err}");
     wait_until(Duration::from_secs(60), "version 1 retired", || async {
         Ok(online(&cluster.admin().describe_store("rb").await?) == [2, 3])
@@ -590,16 +566,13 @@ async fn a_store_over_its_read_quota_is_refused_and_its_neighbour_keeps_serving(
     cluster
         .create_string_store("noisy", 4, 2, 1_000, 100)
         .await?;
-    let (ok, out, err) = admin_cli(
-        &cluster,
-        &[
-            "stores",
-            "update",
-            "noisy",
-            "--read-quota",
-            &QUOTA.to_string(),
-        ],
-    )?;
+    let (ok, out, err) = cluster.admin_cli(&[
+        "stores",
+        "update",
+        "noisy",
+        "--read-quota",
+        &QUOTA.to_string(),
+    ])?;
     ensure!(ok && out.contains("read quota 2000 keys/s"), "{out}{err}");
     let calm = cluster.client("calm").await?;
     let noisy = cluster.client("noisy").await?;

@@ -126,11 +126,46 @@ async fn values_written_with_either_schema_read_as_either() -> Result<()> {
     assert!(e.to_string().contains("value schema"), "{e}");
     assert_eq!(admin.value_schemas(store).await?.len(), 1);
 
+    // Through the admin tool: an incompatible file is refused with its reason and a non-zero
+    // exit; the list shows what is registered.
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("bad.avsc");
+    std::fs::write(&bad, &no_default)?;
+    let (ok, _, stderr) = cluster.admin_cli(&[
+        "schemas",
+        "add",
+        store,
+        "--value-schema",
+        &format!("@{}", bad.display()),
+    ])?;
+    assert!(
+        !ok && stderr.contains("field `country` has no default"),
+        "{stderr}"
+    );
+    let (ok, stdout, _) = cluster.admin_cli(&["schemas", "list", store])?;
+    assert!(
+        ok && stdout.contains("\"legacy_score\"") && !stdout.contains("headline"),
+        "{stdout}"
+    );
+
     // Schema 2 registered; registering it again answers the same id.
+    let good = dir.path().join("v2.avsc");
+    std::fs::write(&good, &v2)?;
+    let (ok, stdout, stderr) = cluster.admin_cli(&[
+        "schemas",
+        "add",
+        store,
+        "--value-schema",
+        &format!("@{}", good.display()),
+    ])?;
+    assert!(
+        ok && stdout.contains("value schema 2 registered"),
+        "{stdout}{stderr}"
+    );
     let added = admin.add_value_schema(store, &v2).await?;
-    assert_eq!((added.id, added.added), (2, true));
-    let again = admin.add_value_schema(store, &v2).await?;
-    assert_eq!((again.id, again.added), (2, false));
+    assert_eq!((added.id, added.added), (2, false));
+    let (ok, stdout, _) = cluster.admin_cli(&["schemas", "list", store])?;
+    assert!(ok && stdout.contains("headline"), "{stdout}");
 
     // The connected client follows the store's latest schema through its watch.
     wait_until(
