@@ -14,6 +14,7 @@
 mod dataset;
 mod freshness;
 mod prepare;
+mod produce;
 mod report;
 mod run;
 mod schedule;
@@ -88,6 +89,9 @@ enum Command {
     /// Creates the store if missing and pushes N records of V-byte values (keys `key-{i:09}`),
     /// unless its current version already holds N records.
     Prepare(prepare::PrepareArgs),
+    /// Measures the broker's own produce rate with the push job's Kafka client and settings
+    /// (no push job, no etcd): what a push's produce phase is compared against.
+    Produce(produce::ProduceArgs),
     /// Drives an open-loop workload at a fixed rate and reports throughput and latency.
     Run {
         #[arg(long)]
@@ -188,6 +192,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let default_filter = match args.command {
         Command::Prepare(_) => "warn,rialto_push=info",
+        Command::Produce(_) => "warn,rialto_loadgen=info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -201,6 +206,9 @@ async fn main() -> Result<()> {
     if let Command::Prepare(prepare) = args.command {
         return prepare::prepare(&prepare, tls.as_ref()).await;
     }
+    if let Command::Produce(produce) = args.command {
+        return produce::produce(&produce).await;
+    }
     let meta: Arc<dyn MetaStore> = Arc::new(
         EtcdMetaStore::connect_tls(
             &args.etcd,
@@ -211,7 +219,7 @@ async fn main() -> Result<()> {
         .with_context(|| format!("connect to etcd at {}", args.etcd.join(",")))?,
     );
     match args.command {
-        Command::Prepare { .. } => unreachable!("handled above"),
+        Command::Prepare(_) | Command::Produce(_) => unreachable!("handled above"),
         Command::Get { store, key } => {
             let client = connect(&args.root, &store, meta.clone(), tls.as_ref()).await?;
             let codecs = store_codecs(meta.as_ref(), &args.root, &store).await?;

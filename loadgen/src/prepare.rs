@@ -66,6 +66,10 @@ pub struct PrepareArgs {
     /// Kafka bootstrap servers, overriding what the controller hands out.
     #[arg(long)]
     pub kafka: Option<String>,
+    /// A librdkafka property for the push's Kafka clients (repeatable; see `rialto-push
+    /// --kafka-option`).
+    #[arg(long = "kafka-option", value_parser = rialto_backends::kafka::parse_option)]
+    pub kafka_options: Vec<(String, String)>,
     /// How long to wait for the pushed version to go live.
     #[arg(long, value_parser = crate::run::parse_duration, default_value = "30m")]
     pub push_timeout: Duration,
@@ -304,6 +308,7 @@ async fn push(args: &PrepareArgs, tls: Option<&ClientTlsFiles>) -> Result<()> {
     );
     config.wait_timeout = args.push_timeout;
     config.kafka_bootstrap = args.kafka.clone();
+    config.kafka_options = args.kafka_options.clone();
     let report = rialto_push::push(&config)
         .await
         .with_context(|| format!("push to `{}`", args.store))?;

@@ -430,7 +430,23 @@ impl ValueStream<'_> {
     }
 }
 
+/// Records one partition sends before the next partition's turn (see [`produce`]).
+const PRODUCE_TURN_RECORDS: usize = 256;
+
+/// One partition's stream being produced: its producer state and its remaining records.
+struct PartitionStream {
+    partition: u32,
+    writer: PartitionWriter,
+    records: sort::RecordIter,
+}
+
 /// Produces every partition's stream and waits until the broker has acknowledged all of it.
+///
+/// Partitions take turns of [`PRODUCE_TURN_RECORDS`] records rather than going one after the
+/// other: each partition's records stay in key order, and the producer always has batches for
+/// many partitions to send. Produced one partition at a time, librdkafka's broker thread
+/// busy-polled while that partition's batches waited for the broker (a core of CPU taken from
+/// the broker on a shared machine; see benches/README.md, "Pushes against the broker").
 async fn produce(
     pubsub: &dyn PubSub,
     topic: &str,
@@ -444,36 +460,53 @@ async fn produce(
     let mut sent: u64 = 0;
     let started = Instant::now();
     let mut last_progress = Instant::now();
+    let mut streams = Vec::with_capacity(partitions.len());
     for (partition, records) in partitions.into_iter().enumerate() {
         let partition = partition as u32;
-        let mut w = PartitionWriter::new(producer_guid);
-        let mut envelopes = vec![
-            w.start_segment(),
-            w.control(ControlMessage::StartOfPush {
+        let mut writer = PartitionWriter::new(producer_guid);
+        let start = [
+            writer.start_segment(),
+            writer.control(ControlMessage::StartOfPush {
                 sorted: true,
                 codec: values.compression.codec(),
                 dictionary: values.dictionary.to_vec(),
             }),
         ];
-        for e in envelopes.drain(..) {
+        for e in start {
             in_flight
                 .send(pubsub, topic, partition, &e.encode())
                 .await?;
         }
-        for record in records.into_records().map_err(ProduceError::Read)? {
-            let (key, datum) = record.map_err(ProduceError::Read)?;
-            // The key travels inside the envelope; the Kafka record key stays empty (partitions
-            // are chosen explicitly, and compaction is never used on version topics).
-            for (key, schema_id, body) in values
-                .pieces(key, datum, &mut sizes)
-                .map_err(ProduceError::Read)?
-            {
-                let e = w.put(key, schema_id, body);
-                in_flight
-                    .send(pubsub, topic, partition, &e.encode())
-                    .await?;
+        streams.push(PartitionStream {
+            partition,
+            writer,
+            records: records.into_records().map_err(ProduceError::Read)?,
+        });
+    }
+    while !streams.is_empty() {
+        let mut finished = Vec::new();
+        for (i, stream) in streams.iter_mut().enumerate() {
+            let partition = stream.partition;
+            for _ in 0..PRODUCE_TURN_RECORDS {
+                let Some(record) = stream.records.next() else {
+                    finished.push(i);
+                    break;
+                };
+                let (key, datum) = record.map_err(ProduceError::Read)?;
+                // The key travels inside the envelope; the Kafka record key stays empty
+                // (partitions are chosen explicitly, and compaction is never used on version
+                // topics).
+                for (key, schema_id, body) in values
+                    .pieces(key, datum, &mut sizes)
+                    .map_err(ProduceError::Read)?
+                {
+                    let e = stream.writer.put(key, schema_id, body);
+                    in_flight
+                        .send(pubsub, topic, partition, &e.encode())
+                        .await?;
+                }
+                sent += 1;
             }
-            sent += 1;
             if last_progress.elapsed() >= PROGRESS_INTERVAL {
                 last_progress = Instant::now();
                 let rate = sent as f64 / started.elapsed().as_secs_f64().max(0.001);
@@ -483,10 +516,16 @@ async fn produce(
                 );
             }
         }
-        for e in [w.control(ControlMessage::EndOfPush), w.end_segment()] {
-            in_flight
-                .send(pubsub, topic, partition, &e.encode())
-                .await?;
+        for i in finished.into_iter().rev() {
+            let mut stream = streams.swap_remove(i);
+            for e in [
+                stream.writer.control(ControlMessage::EndOfPush),
+                stream.writer.end_segment(),
+            ] {
+                in_flight
+                    .send(pubsub, topic, stream.partition, &e.encode())
+                    .await?;
+            }
         }
     }
     let acked = in_flight.drain().await?;
