@@ -77,10 +77,10 @@ RUST_LOG=warn,rialto_push=info "$bin/rialto-loadgen" --etcd "$etcd" prepare --co
 run() { # name [args]
   local name=$1; shift
   echo "bench: Rialto $name"
-  "$bin/rialto-loadgen" --etcd "$etcd" run --store vsredis --keys "$KEYS" --duration "$DURATION" \
-    --warmup 3s --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log" >/dev/null
+  "$bin/rialto-loadgen" --etcd "$etcd" run --store vsredis --keys "$KEYS" \
+    --duration "${RUN_DURATION:-$DURATION}" --warmup 3s --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log" >/dev/null
 }
-run settle --mode batch --rate 20 --batch-keys "$BATCH" --duration 10s
+RUN_DURATION=10s run settle --mode batch --rate 20 --batch-keys "$BATCH"
 for rate in $BATCH_RATES; do run "batch-$rate" --mode batch --rate "$rate" --batch-keys "$BATCH" --tasks 4; done
 for rate in $GET_RATES; do run "get-$rate" --mode get --rate "$rate" --tasks 8; done
 

@@ -67,6 +67,9 @@ impl ConnectionPool {
 
     fn slot(&self, address: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slots.get(address) {
+            return slot.clone();
+        }
         slots.entry(address.to_string()).or_default().clone()
     }
 
@@ -77,6 +80,23 @@ impl ConnectionPool {
         tls: bool,
     ) -> Result<SendRequest<Bytes>, ClientError> {
         let slot = self.slot(address);
+        if let Ok(conn) = slot.conn.try_lock() {
+            if let Some((_, sender)) = conn.as_ref() {
+                return Ok(sender.clone());
+            }
+        }
+        // Out of line: the dial's state (TCP, TLS and HTTP/2 handshakes) is several kilobytes,
+        // which every request's future would otherwise carry and copy.
+        Box::pin(self.connect(&slot, address, tls)).await
+    }
+
+    /// The connection of `slot`, opened unless another request opened it meanwhile.
+    async fn connect(
+        &self,
+        slot: &Slot,
+        address: &str,
+        tls: bool,
+    ) -> Result<SendRequest<Bytes>, ClientError> {
         let mut conn = slot.conn.lock().await;
         if let Some((_, sender)) = conn.as_ref() {
             return Ok(sender.clone());

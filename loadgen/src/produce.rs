@@ -96,8 +96,11 @@ pub async fn produce(args: &ProduceArgs) -> Result<()> {
             }));
         }
     }
-    let value: Vec<u8> = (0..args.value_bytes).map(|i| (i * 31 % 251) as u8).collect();
-    let mut deliveries: FuturesUnordered<rialto_backends::pubsub::Delivery> = FuturesUnordered::new();
+    let value: Vec<u8> = (0..args.value_bytes)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let mut deliveries: FuturesUnordered<rialto_backends::pubsub::Delivery> =
+        FuturesUnordered::new();
     let started = Instant::now();
     let mut last_progress = Instant::now();
     for i in 0..args.records {
