@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
+use http::uri::{Authority, Scheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -37,7 +38,15 @@ struct Tls {
 /// One address's connection, opened lazily.
 #[derive(Default)]
 struct Slot {
-    conn: tokio::sync::Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    conn: tokio::sync::Mutex<Option<Connection>>,
+}
+
+/// A live connection: its id, its request handle, and the address parsed as a URI authority
+/// once (not per request).
+struct Connection {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    authority: Authority,
 }
 
 /// The shared connections of one client.
@@ -73,16 +82,17 @@ impl ConnectionPool {
         slots.entry(address.to_string()).or_default().clone()
     }
 
-    /// A request handle for `address`, connecting if there is no live connection.
+    /// A request handle for `address`, and the address as a URI authority, connecting if there
+    /// is no live connection.
     pub(crate) async fn sender(
         &self,
         address: &str,
         tls: bool,
-    ) -> Result<SendRequest<Bytes>, ClientError> {
+    ) -> Result<(SendRequest<Bytes>, Authority), ClientError> {
         let slot = self.slot(address);
         if let Ok(conn) = slot.conn.try_lock() {
-            if let Some((_, sender)) = conn.as_ref() {
-                return Ok(sender.clone());
+            if let Some(c) = conn.as_ref() {
+                return Ok((c.sender.clone(), c.authority.clone()));
             }
         }
         // Out of line: the dial's state (TCP, TLS and HTTP/2 handshakes) is several kilobytes,
@@ -96,11 +106,14 @@ impl ConnectionPool {
         slot: &Slot,
         address: &str,
         tls: bool,
-    ) -> Result<SendRequest<Bytes>, ClientError> {
+    ) -> Result<(SendRequest<Bytes>, Authority), ClientError> {
         let mut conn = slot.conn.lock().await;
-        if let Some((_, sender)) = conn.as_ref() {
-            return Ok(sender.clone());
+        if let Some(c) = conn.as_ref() {
+            return Ok((c.sender.clone(), c.authority.clone()));
         }
+        let authority = Authority::try_from(address).map_err(|e| {
+            ClientError::Protocol(format!("`{address}` is not a server address: {e}"))
+        })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sender = match tokio::time::timeout(CONNECT_TIMEOUT, self.dial(address, tls, id)).await
         {
@@ -124,8 +137,12 @@ impl ConnectionPool {
         self.counters
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
-        *conn = Some((id, sender.clone()));
-        Ok(sender)
+        *conn = Some(Connection {
+            id,
+            sender: sender.clone(),
+            authority: authority.clone(),
+        });
+        Ok((sender, authority))
     }
 
     /// Forgets the connection to `address` so the next request reconnects.
@@ -153,7 +170,7 @@ impl ConnectionPool {
             .cloned();
         if let Some(slot) = slot {
             let mut conn = slot.conn.lock().await;
-            if conn.as_ref().is_some_and(|(current, _)| *current == id) {
+            if conn.as_ref().is_some_and(|c| c.id == id) {
                 *conn = None;
             }
         }
@@ -177,15 +194,20 @@ impl ConnectionPool {
         body: Option<Bytes>,
     ) -> Result<(http::response::Parts, h2::RecvStream), ClientError> {
         Counters::add(&self.counters.requests, 1);
-        let sender = self.sender(address, tls).await?;
+        let (sender, authority) = self.sender(address, tls).await?;
         let mut sender = sender
             .ready()
             .await
             .map_err(|e| self.h2_failure(address, e))?;
-        let scheme = if tls { "https" } else { "http" };
+        let uri = http::Uri::builder()
+            .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
+            .authority(authority)
+            .path_and_query(path);
         let request = http::Request::builder()
             .method(method)
-            .uri(format!("{scheme}://{address}{path}"))
+            .uri(uri.build().map_err(|e| {
+                ClientError::Protocol(format!("could not build a request to {address}: {e}"))
+            })?)
             .body(())
             .map_err(|e| {
                 ClientError::Protocol(format!("could not build a request to {address}: {e}"))
