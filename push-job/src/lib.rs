@@ -14,6 +14,8 @@ pub mod avro_file;
 pub mod input;
 pub mod realtime;
 pub mod sort;
+#[cfg(test)]
+mod test_broker;
 /// The producer metadata of the push job's envelopes (shared with the other writers).
 pub mod writer {
     pub use rialto_protocol::producer::PartitionWriter;
@@ -368,6 +370,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
 }
 
 /// Why producing stopped.
+#[derive(Debug)]
 enum ProduceError {
     PubSub(PubSubError),
     /// Reading the sorted records back (from the sort's files) failed.
@@ -637,5 +640,93 @@ async fn wait_until_live(
             tracing::info!("waiting for version {version}: {online}/{} replicas ONLINE, {records} records ingested", v.replicas.len());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rialto_protocol::envelope::{Envelope, Message};
+
+    use super::*;
+    use crate::sort::ExternalSorter;
+    use crate::test_broker::FakePubSub;
+
+    /// Partitions take turns, yet each partition's stream is what a server expects: START_OF_SEGMENT,
+    /// START_OF_PUSH (sorted), every put in key order with contiguous sequence numbers,
+    /// END_OF_PUSH, END_OF_SEGMENT.
+    #[tokio::test]
+    async fn interleaved_partitions_each_keep_their_own_ordered_stream() {
+        const PARTITIONS: u32 = 3;
+        // Partition sizes around a turn's length: empty, one turn and a bit, several turns.
+        let sizes = [
+            0usize,
+            PRODUCE_TURN_RECORDS + 7,
+            3 * PRODUCE_TURN_RECORDS + 1,
+        ];
+        let mut sorter = ExternalSorter::new(PARTITIONS, 1 << 30, None);
+        let mut expected: Vec<Vec<Vec<u8>>> = vec![Vec::new(); PARTITIONS as usize];
+        let mut record = 0;
+        for (p, &n) in sizes.iter().enumerate() {
+            // Added in descending key order: the sort, not the input, orders them.
+            for i in (0..n).rev() {
+                let key = format!("p{p}-{i:06}").into_bytes();
+                sorter
+                    .add(p as u32, record, key.clone(), vec![p as u8; 10])
+                    .unwrap();
+                expected[p].push(key);
+                record += 1;
+            }
+            expected[p].sort();
+        }
+        let dataset = sorter.finish().unwrap().unwrap();
+        let broker = FakePubSub::with_topic("t_v1", PARTITIONS);
+        let values = ValueStream {
+            schema_id: 1,
+            format: ValueFormat::Checksummed,
+            compression: Compression::None,
+            dictionary: &[],
+            compressor: None,
+        };
+        produce(broker.as_ref(), "t_v1", values, dataset.partitions, record)
+            .await
+            .unwrap();
+        for p in 0..PARTITIONS {
+            let envelopes: Vec<Envelope> = broker.envelopes("t_v1", p);
+            let n = expected[p as usize].len();
+            assert_eq!(envelopes.len(), n + 4, "partition {p}");
+            assert!(matches!(
+                envelopes[0].message,
+                Message::Control(ControlMessage::StartOfSegment)
+            ));
+            assert!(matches!(
+                envelopes[1].message,
+                Message::Control(ControlMessage::StartOfPush { sorted: true, .. })
+            ));
+            let keys: Vec<Vec<u8>> = envelopes[2..2 + n]
+                .iter()
+                .map(|e| match &e.message {
+                    Message::Put { key, .. } => key.clone(),
+                    other => panic!("partition {p}: expected a put, got {other:?}"),
+                })
+                .collect();
+            assert_eq!(keys, expected[p as usize], "partition {p}");
+            assert!(matches!(
+                envelopes[n + 2].message,
+                Message::Control(ControlMessage::EndOfPush)
+            ));
+            assert!(matches!(
+                envelopes[n + 3].message,
+                Message::Control(ControlMessage::EndOfSegment { record_count, .. })
+                    if record_count as usize == n
+            ));
+            for (i, e) in envelopes.iter().enumerate() {
+                assert_eq!(e.producer.sequence as usize, i, "partition {p}");
+                assert_eq!(e.producer.segment, envelopes[0].producer.segment);
+            }
+        }
+        assert_eq!(
+            broker.records_sent(),
+            record as usize + 4 * PARTITIONS as usize
+        );
     }
 }

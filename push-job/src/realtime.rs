@@ -663,141 +663,19 @@ pub fn parse_stream_line(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
 
-    use async_trait::async_trait;
-    use rialto_backends::pubsub::{Delivery, PartitionConsumer};
     use rialto_protocol::envelope::{ControlMessage, Message, SegmentChecksum};
     use rialto_protocol::meta::{HybridConfig, ValueSchema, DEFAULT_MAX_VALUE_BYTES};
 
     use super::*;
+    use crate::test_broker::FakePubSub;
 
     const KEY_SCHEMA: &str =
         r#"{"type":"record","name":"K","fields":[{"name":"id","type":"long"}]}"#;
     const VALUE_SCHEMA_1: &str =
         r#"{"type":"record","name":"V","fields":[{"name":"text","type":"string"}]}"#;
     const VALUE_SCHEMA_2: &str = r#"{"type":"record","name":"V","fields":[{"name":"text","type":"string"},{"name":"n","type":"long","default":0}]}"#;
-
-    /// Record values sent, per (topic, partition), in order.
-    type Sent = HashMap<(String, u32), Vec<Vec<u8>>>;
-
-    /// A broker that keeps every record sent, per (topic, partition).
-    #[derive(Default)]
-    struct FakePubSub {
-        topics: Mutex<HashMap<String, u32>>,
-        sent: Mutex<Sent>,
-        /// Deliveries fail (the broker lost them).
-        fail_deliveries: AtomicBool,
-        /// `send` never returns (a full producer queue).
-        hang_sends: AtomicBool,
-    }
-
-    impl FakePubSub {
-        fn with_topic(topic: &str, partitions: u32) -> Arc<FakePubSub> {
-            let fake = FakePubSub::default();
-            fake.topics
-                .lock()
-                .unwrap()
-                .insert(topic.to_string(), partitions);
-            Arc::new(fake)
-        }
-
-        /// Every envelope sent to `topic`'s `partition`, decoded.
-        fn envelopes(&self, topic: &str, partition: u32) -> Vec<Envelope> {
-            self.sent
-                .lock()
-                .unwrap()
-                .get(&(topic.to_string(), partition))
-                .map(|records| {
-                    records
-                        .iter()
-                        .map(|r| Envelope::decode(r).expect("envelope decodes"))
-                        .collect()
-                })
-                .unwrap_or_default()
-        }
-
-        fn records_sent(&self) -> usize {
-            self.sent.lock().unwrap().values().map(Vec::len).sum()
-        }
-    }
-
-    #[async_trait]
-    impl PubSub for FakePubSub {
-        async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), PubSubError> {
-            self.topics
-                .lock()
-                .unwrap()
-                .insert(topic.to_string(), partitions);
-            Ok(())
-        }
-
-        async fn delete_topic(&self, topic: &str) -> Result<(), PubSubError> {
-            self.topics.lock().unwrap().remove(topic);
-            Ok(())
-        }
-
-        async fn partition_count(&self, topic: &str) -> Result<Option<u32>, PubSubError> {
-            Ok(self.topics.lock().unwrap().get(topic).copied())
-        }
-
-        async fn watermarks(&self, topic: &str, partition: u32) -> Result<(i64, i64), PubSubError> {
-            let sent = self.sent.lock().unwrap();
-            let n = sent
-                .get(&(topic.to_string(), partition))
-                .map_or(0, Vec::len);
-            Ok((0, n as i64))
-        }
-
-        async fn send(
-            &self,
-            topic: &str,
-            partition: u32,
-            key: &[u8],
-            value: &[u8],
-        ) -> Result<Delivery, PubSubError> {
-            assert!(key.is_empty(), "the Kafka record key stays empty");
-            if self.hang_sends.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
-            }
-            let count = self.topics.lock().unwrap().get(topic).copied();
-            assert!(
-                count.is_some_and(|n| partition < n),
-                "send to {topic}/{partition}"
-            );
-            if self.fail_deliveries.load(Ordering::SeqCst) {
-                return Ok(Box::pin(async {
-                    Err(PubSubError::Unavailable {
-                        context: "deliver".into(),
-                        detail: "test broker lost the record".into(),
-                    })
-                }));
-            }
-            let mut sent = self.sent.lock().unwrap();
-            let records = sent.entry((topic.to_string(), partition)).or_default();
-            records.push(value.to_vec());
-            let offset = records.len() as i64 - 1;
-            Ok(Box::pin(async move { Ok(offset) }))
-        }
-
-        async fn flush(&self, _timeout: Duration) -> Result<(), PubSubError> {
-            Ok(())
-        }
-
-        async fn consumer(
-            &self,
-            topic: &str,
-            _partition: u32,
-            _offset: i64,
-        ) -> Result<Box<dyn PartitionConsumer>, PubSubError> {
-            Err(PubSubError::Failed {
-                context: format!("consume {topic}"),
-                detail: "the test broker does not consume".into(),
-            })
-        }
-    }
 
     fn store(partitions: u32) -> StoreRecord {
         StoreRecord {
