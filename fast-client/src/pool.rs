@@ -199,20 +199,19 @@ impl ConnectionPool {
             .ready()
             .await
             .map_err(|e| self.h2_failure(address, e))?;
-        let unbuildable = |e: http::Error| {
-            ClientError::Protocol(format!("could not build a request to {address}: {e}"))
-        };
         let uri = http::Uri::builder()
             .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
             .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(unbuildable)?;
+            .path_and_query(path);
         let request = http::Request::builder()
             .method(method)
-            .uri(uri)
+            .uri(uri.build().map_err(|e| {
+                ClientError::Protocol(format!("could not build a request to {address}: {e}"))
+            })?)
             .body(())
-            .map_err(unbuildable)?;
+            .map_err(|e| {
+                ClientError::Protocol(format!("could not build a request to {address}: {e}"))
+            })?;
         let (response, mut stream) = sender
             .send_request(request, body.is_none())
             .map_err(|e| self.h2_failure(address, e))?;
