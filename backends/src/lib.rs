@@ -6,12 +6,17 @@
 //!   through `etcd-client` ([`etcd`]).
 //!
 //! Everything above these traits (controller, server, client, push job) is written against the
-//! traits, so an embedded implementation (one process, local files) can replace both.
+//! traits, so the in-memory implementations ([`memory`]) replace both in one process. The
+//! [`conformance`] cases hold every implementation to the same behaviour, and [`faults`] wraps
+//! any of them to inject failures.
 //!
 //! **API Boundary:** nothing outside this crate names `rdkafka` or `etcd_client` types.
 
+pub mod conformance;
 pub mod etcd;
+pub mod faults;
 pub mod kafka;
+pub mod memory;
 pub mod meta;
 pub mod mirror;
 pub mod pubsub;

@@ -1,16 +1,16 @@
-//! End-to-end: a real `Client` against in-process fake storage servers (h2, canned values) and an
+//! End-to-end: a real `Client` against in-process fake storage servers (h2, canned values) and the
 //! in-memory `MetaStore`. Covers get, batch-get, failover from a replica that answers
 //! PartitionNotServed, and a version swap picked up by a running client.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use rialto_backends::meta::{WatchEvent, WatchStream};
-use rialto_backends::{KeyValue, LeaseHandle, MetaError, MetaStore};
+use futures::FutureExt;
+use rialto_backends::memory::MemoryMetaStore;
+use rialto_backends::MetaStore;
 use rialto_fast_client::{Client, ClientConfig, ClientError, LongTailRetry};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::meta::{
@@ -21,176 +21,28 @@ use rialto_protocol::wire::{
     self, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer, ErrorBody, Route, StoredValue,
 };
 use rialto_protocol::ErrorCode;
-use tokio::sync::broadcast;
 
 // ---------------------------------------------------------------------------------------------
-// In-memory MetaStore with revisions and prefix watches.
+// Synchronous writes for fixtures: the memory store applies a write before its future returns.
 
-#[derive(Default)]
-struct MetaState {
-    map: BTreeMap<String, (Vec<u8>, i64)>,
-    revision: i64,
-    history: Vec<(i64, WatchEvent)>,
+trait WriteNow {
+    fn put_json<T: serde::Serialize>(&self, key: &str, value: &T);
+    fn remove(&self, key: &str);
 }
 
-struct FakeMeta {
-    state: Mutex<MetaState>,
-    events: broadcast::Sender<(i64, WatchEvent)>,
-}
-
-impl FakeMeta {
-    fn new() -> Arc<FakeMeta> {
-        Arc::new(FakeMeta {
-            state: Mutex::new(MetaState::default()),
-            events: broadcast::channel(4096).0,
-        })
-    }
-
-    fn apply(&self, key: &str, value: Option<Vec<u8>>) {
-        let mut s = self.state.lock().unwrap();
-        s.revision += 1;
-        let rev = s.revision;
-        let event = match value {
-            Some(v) => {
-                s.map.insert(key.to_string(), (v.clone(), rev));
-                WatchEvent::Put(KeyValue {
-                    key: key.to_string(),
-                    value: v,
-                    mod_revision: rev,
-                })
-            }
-            None => {
-                s.map.remove(key);
-                WatchEvent::Delete {
-                    key: key.to_string(),
-                    mod_revision: rev,
-                }
-            }
-        };
-        s.history.push((rev, event.clone()));
-        let _ = self.events.send((rev, event));
-    }
-
+impl WriteNow for MemoryMetaStore {
     fn put_json<T: serde::Serialize>(&self, key: &str, value: &T) {
-        self.apply(key, Some(serde_json::to_vec(value).unwrap()));
+        self.put(key, serde_json::to_vec(value).unwrap(), None)
+            .now_or_never()
+            .expect("the memory store writes at once")
+            .unwrap();
     }
-}
 
-fn event_key(e: &WatchEvent) -> &str {
-    match e {
-        WatchEvent::Put(kv) => &kv.key,
-        WatchEvent::Delete { key, .. } => key,
-    }
-}
-
-struct FakeWatch {
-    prefix: String,
-    replay: Vec<WatchEvent>,
-    rx: broadcast::Receiver<(i64, WatchEvent)>,
-}
-
-#[async_trait]
-impl WatchStream for FakeWatch {
-    async fn next(&mut self) -> Result<Option<Vec<WatchEvent>>, MetaError> {
-        if !self.replay.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.replay)));
-        }
-        loop {
-            match self.rx.recv().await {
-                Ok((_, e)) if event_key(&e).starts_with(&self.prefix) => return Ok(Some(vec![e])),
-                Ok(_) => continue,
-                Err(_) => return Ok(None),
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl MetaStore for FakeMeta {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
-        let s = self.state.lock().unwrap();
-        Ok(s.map.get(key).map(|(v, r)| KeyValue {
-            key: key.to_string(),
-            value: v.clone(),
-            mod_revision: *r,
-        }))
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), MetaError> {
-        let s = self.state.lock().unwrap();
-        let items = s
-            .map
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, (v, r))| KeyValue {
-                key: k.clone(),
-                value: v.clone(),
-                mod_revision: *r,
-            })
-            .collect();
-        Ok((items, s.revision))
-    }
-    async fn put(&self, key: &str, value: Vec<u8>, _lease: Option<i64>) -> Result<(), MetaError> {
-        self.apply(key, Some(value));
-        Ok(())
-    }
-    async fn delete(&self, key: &str) -> Result<(), MetaError> {
-        self.apply(key, None);
-        Ok(())
-    }
-    async fn delete_prefix(&self, prefix: &str) -> Result<(), MetaError> {
-        let keys: Vec<String> = self
-            .state
-            .lock()
-            .unwrap()
-            .map
-            .keys()
-            .filter(|k| k.starts_with(prefix))
-            .cloned()
-            .collect();
-        for k in keys {
-            self.apply(&k, None);
-        }
-        Ok(())
-    }
-    async fn compare_and_put(
-        &self,
-        _: &str,
-        _: Option<i64>,
-        _: Vec<u8>,
-        _: Option<i64>,
-    ) -> Result<bool, MetaError> {
-        Err(MetaError::Failed {
-            context: "fake".into(),
-            detail: "not supported".into(),
-        })
-    }
-    async fn watch(
-        &self,
-        prefix: &str,
-        start_revision: i64,
-    ) -> Result<Box<dyn WatchStream>, MetaError> {
-        let s = self.state.lock().unwrap();
-        let replay = s
-            .history
-            .iter()
-            .filter(|(rev, e)| *rev >= start_revision && event_key(e).starts_with(prefix))
-            .map(|(_, e)| e.clone())
-            .collect();
-        let rx = self.events.subscribe();
-        Ok(Box::new(FakeWatch {
-            prefix: prefix.to_string(),
-            replay,
-            rx,
-        }))
-    }
-    async fn grant_lease(&self, _: i64) -> Result<LeaseHandle, MetaError> {
-        Err(MetaError::Failed {
-            context: "fake".into(),
-            detail: "leases not supported".into(),
-        })
-    }
-    async fn revoke_lease(&self, _: i64) -> Result<(), MetaError> {
-        Ok(())
+    fn remove(&self, key: &str) {
+        self.delete(key)
+            .now_or_never()
+            .expect("the memory store writes at once")
+            .unwrap();
     }
 }
 
@@ -455,7 +307,7 @@ fn store_record(name: &str, current: Option<u32>, backup: Option<u32>) -> StoreR
     }
 }
 
-fn put_node(meta: &FakeMeta, layout: &Layout, id: &str, address: &str) {
+fn put_node(meta: &MemoryMetaStore, layout: &Layout, id: &str, address: &str) {
     let r = NodeRecord {
         node_id: id.into(),
         address: address.into(),
@@ -466,12 +318,17 @@ fn put_node(meta: &FakeMeta, layout: &Layout, id: &str, address: &str) {
     meta.put_json(&layout.node(id), &r);
 }
 
-fn put_version(meta: &FakeMeta, layout: &Layout, version: u32, assignment: Vec<Vec<String>>) {
+fn put_version(
+    meta: &MemoryMetaStore,
+    layout: &Layout,
+    version: u32,
+    assignment: Vec<Vec<String>>,
+) {
     put_version_compressed(meta, layout, version, assignment, Compression::None);
 }
 
 fn put_version_compressed(
-    meta: &FakeMeta,
+    meta: &MemoryMetaStore,
     layout: &Layout,
     version: u32,
     assignment: Vec<Vec<String>>,
@@ -488,7 +345,7 @@ fn put_version_compressed(
 }
 
 fn put_version_laid_out(
-    meta: &FakeMeta,
+    meta: &MemoryMetaStore,
     layout: &Layout,
     version: u32,
     assignment: Vec<Vec<String>>,
@@ -515,7 +372,7 @@ fn put_version_laid_out(
 }
 
 fn put_replica(
-    meta: &FakeMeta,
+    meta: &MemoryMetaStore,
     layout: &Layout,
     version: u32,
     partition: u32,
@@ -558,7 +415,7 @@ fn string(v: &str) -> Value {
 #[tokio::test]
 async fn reads_fail_over_and_follow_a_version_swap() {
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let bad = start_server(Behavior {
         version: 1,
         values: values(1, 50),
@@ -668,7 +525,7 @@ async fn reads_fail_over_and_follow_a_version_swap() {
     assert!(next.requests.load(Ordering::SeqCst) >= 2);
 
     // The only server of version 2 goes away: reads say no replica rather than hang.
-    meta.apply(&layout.node("c"), None);
+    meta.remove(&layout.node("c"));
     wait_until("the client to drop node c", || {
         client
             .routing_table()
@@ -686,7 +543,7 @@ async fn reads_fail_over_and_follow_a_version_swap() {
 #[tokio::test]
 async fn batch_get_reports_keys_that_no_replica_could_answer() {
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let bad = start_server(Behavior {
         version: 1,
         values: values(1, 10),
@@ -725,7 +582,7 @@ async fn batch_get_reports_keys_that_no_replica_could_answer() {
 #[tokio::test]
 async fn unreachable_replica_is_skipped() {
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let good = start_server(Behavior {
         version: 1,
         values: values(1, 10),
@@ -768,7 +625,7 @@ async fn unreachable_replica_is_skipped() {
 #[tokio::test]
 async fn unknown_store_and_store_without_version() {
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     meta.put_json(&layout.store("adsx"), &store_record("adsx", Some(1), None));
     let err = Client::connect(ClientConfig::new(STORE), meta.clone())
         .await
@@ -822,7 +679,7 @@ async fn reads_over_tls_verify_the_server_certificate() {
     .await;
 
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let node = NodeRecord {
         node_id: "t".into(),
         address: server.address.clone(),
@@ -894,7 +751,7 @@ async fn a_silent_server_times_out() {
         }
     });
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     put_node(&meta, &layout, "silent", &address);
     put_version(&meta, &layout, 1, vec![vec!["silent".into()]]);
     put_replica(&meta, &layout, 1, 0, "silent", ReplicaState::Online);
@@ -937,7 +794,10 @@ fn read_futures_are_send(client: &Client, key: &Value, keys: &[Value], raw: &[Ve
     is_send(client.get_raw(b"k"));
     is_send(client.batch_get(keys));
     is_send(client.batch_get_raw(raw));
-    is_send(Client::connect(ClientConfig::new(STORE), FakeMeta::new()));
+    is_send(Client::connect(
+        ClientConfig::new(STORE),
+        Arc::new(MemoryMetaStore::new()),
+    ));
     fn is_sync<T: Send + Sync + Clone>() {}
     is_sync::<Client>();
 }
@@ -949,7 +809,7 @@ fn read_futures_are_send(client: &Client, key: &Value, keys: &[Value], raw: &[Ve
 /// Fake servers `s0..s{n}` serving version 1 with `keys` keys, placed by `assignment` (node
 /// indexes per partition, position = group), and a store record pointing at them.
 async fn fleet(
-    meta: &Arc<FakeMeta>,
+    meta: &Arc<MemoryMetaStore>,
     servers: usize,
     assignment: &[Vec<usize>],
     keys: usize,
@@ -1003,7 +863,7 @@ fn requests(server: &FakeServer) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replica_is_hedged_and_the_first_answer_wins() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let fleet = fleet(&meta, 2, &[vec![0, 1], vec![0, 1]], 50).await;
     fleet[0].1.delay_ms.store(400, Ordering::SeqCst);
     let mut config = ClientConfig::new(STORE);
@@ -1039,7 +899,7 @@ async fn a_slow_replica_is_hedged_and_the_first_answer_wins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_hedges() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;
     for (_, b) in &fleet {
         b.delay_ms.store(60, Ordering::SeqCst);
@@ -1066,7 +926,7 @@ async fn the_retry_budget_caps_hedges() {
 /// is its own bottleneck, so the retry is dropped instead of adding load.
 #[tokio::test(flavor = "current_thread")]
 async fn a_late_retry_timer_drops_the_retry() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;
     for (_, b) in &fleet {
         b.delay_ms.store(150, Ordering::SeqCst);
@@ -1092,7 +952,7 @@ async fn a_late_retry_timer_drops_the_retry() {
 async fn streaming_yields_records_before_the_slowest_server_and_reports_timeouts() {
     use futures::StreamExt;
     use rialto_fast_client::BatchEvent;
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     // Two partitions, one replica each: nothing to hedge to.
     let fleet = fleet(&meta, 2, &[vec![0], vec![1]], 100).await;
     fleet[1].1.delay_ms.store(400, Ordering::SeqCst);
@@ -1169,7 +1029,7 @@ async fn streaming_yields_records_before_the_slowest_server_and_reports_timeouts
 async fn group_routing_serves_each_batch_from_one_group_and_falls_back_per_partition() {
     use futures::StreamExt;
     use rialto_fast_client::BatchEvent;
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     // Group 0 = {s0, s1}, group 1 = {s2, s3}; each group holds every partition.
     let assignment = [vec![0, 2], vec![1, 3], vec![0, 2], vec![1, 3]];
     let fleet = fleet(&meta, 4, &assignment, 200).await;
@@ -1247,7 +1107,7 @@ async fn group_routing_serves_each_batch_from_one_group_and_falls_back_per_parti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_group_routing_fanout_grows_with_replicas() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     // Per-partition least-loaded choice spreads partitions over all replicas.
     let assignment = [vec![0, 2], vec![1, 3], vec![2, 0], vec![3, 1]];
     let _fleet = fleet(&meta, 4, &assignment, 200).await;
@@ -1262,7 +1122,7 @@ async fn without_group_routing_fanout_grows_with_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_servers_share_goes_out_as_sub_requests_of_at_most_the_key_limit() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     // One server holds both partitions: every key of a batch-get goes to it.
     let fleet = fleet(&meta, 1, &[vec![0], vec![0]], 100).await;
     let keys = key_set(100);
@@ -1282,7 +1142,7 @@ async fn a_servers_share_goes_out_as_sub_requests_of_at_most_the_key_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_gets_receive_into_recycled_blocks() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let _fleet = fleet(&meta, 1, &[vec![0], vec![0]], 100).await;
     let keys = key_set(100);
     for (pool_bytes, reuses) in [(rialto_fast_client::RECEIVE_POOL_BYTES, true), (0, false)] {
@@ -1312,7 +1172,7 @@ async fn batch_gets_receive_into_recycled_blocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_loaded_selection_starves_a_slow_replica_until_it_recovers() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let fleet = fleet(&meta, 2, &[vec![0, 1]], 20).await;
     fleet[0].1.delay_ms.store(200, Ordering::SeqCst);
     let mut config = ClientConfig::new(STORE);
@@ -1352,7 +1212,7 @@ async fn least_loaded_selection_starves_a_slow_replica_until_it_recovers() {
 async fn avro_stream_yields_decoded_keys_and_values_like_batch_get() {
     use futures::StreamExt;
     use rialto_fast_client::ValueEvent;
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let _fleet = fleet(&meta, 2, &[vec![0, 1], vec![1, 0]], 30).await;
     let client = Client::connect(ClientConfig::new(STORE), meta.clone())
         .await
@@ -1382,7 +1242,7 @@ async fn avro_stream_yields_decoded_keys_and_values_like_batch_get() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_warmed_before_a_server_takes_traffic() {
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let layout = Layout::new("/rialto");
     let fleet = fleet(&meta, 2, &[vec![0], vec![1]], 20).await;
     let client = Client::connect(ClientConfig::new(STORE), meta.clone())
@@ -1411,7 +1271,7 @@ async fn connections_are_warmed_before_a_server_takes_traffic() {
 async fn compressed_versions_are_decompressed_and_wait_for_their_dictionary() {
     use rialto_protocol::codec::{train_dictionary, ValueCompressor};
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     // Version 2's values, compressed with a dictionary trained on them.
     let plain = values(2, 300);
     let samples: Vec<Vec<u8>> = plain.values().map(|v| v[4..].to_vec()).collect();
@@ -1525,7 +1385,7 @@ fn checksummed(datum: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn a_value_that_fails_its_checksum_is_retried_elsewhere_and_never_returned() {
     let layout = Layout::new("/rialto");
-    let meta = FakeMeta::new();
+    let meta = Arc::new(MemoryMetaStore::new());
     let codec = AvroCodec::parse(r#""string""#).unwrap();
     let good: HashMap<Vec<u8>, Vec<u8>> = (0..100)
         .map(|i| {

@@ -10,7 +10,6 @@
 //! * [`reconcile`]: pure planning ([`reconcile::plan`]) and the loop that applies it.
 //! * [`election`]: leader election under an etcd lease.
 //! * [`render`]: the tables `rialto-admin` prints.
-//! * [`testing`]: in-memory [`MetaStore`] and [`PubSub`] for tests.
 //!
 //! ```no_run
 //! # async fn demo(meta: std::sync::Arc<dyn rialto_backends::MetaStore>, pubsub: std::sync::Arc<dyn rialto_backends::PubSub>) -> Result<(), rialto_controller::ControllerError> {
@@ -33,7 +32,6 @@ pub mod reconcile;
 pub mod render;
 pub mod serve;
 pub mod store_ops;
-pub mod testing;
 pub mod versions;
 
 use std::net::SocketAddr;

@@ -5,8 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rialto_backends::MetaStore;
-use rialto_controller::testing::{MemoryMetaStore, MemoryPubSub};
+use rialto_backends::faults::{Faults, FaultyPubSub};
+use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
+use rialto_backends::{MetaStore, PubSub};
 use rialto_controller::{start, AdminClient, ControllerConfig, ControllerError, RunningController};
 use rialto_protocol::admin::{CreateStoreRequest, StartPushRequest};
 use rialto_protocol::meta::{
@@ -33,8 +34,10 @@ where
 }
 
 struct Fixture {
-    meta: Arc<MemoryMetaStore>,
-    pubsub: Arc<MemoryPubSub>,
+    meta: MemoryMetaStore,
+    pubsub: MemoryPubSub,
+    /// Switches of the wrapper the controller reaches `pubsub` through.
+    faults: Arc<Faults>,
     controller: RunningController,
     client: AdminClient,
     layout: Layout,
@@ -42,8 +45,8 @@ struct Fixture {
 
 async fn controller(
     id: &str,
-    meta: &Arc<MemoryMetaStore>,
-    pubsub: &Arc<MemoryPubSub>,
+    meta: &MemoryMetaStore,
+    pubsub: Arc<dyn PubSub>,
 ) -> RunningController {
     let config = ControllerConfig {
         controller_id: id.into(),
@@ -51,19 +54,22 @@ async fn controller(
         kafka_bootstrap: "kafka:9092".into(),
         ..ControllerConfig::default()
     };
-    start(config, meta.clone(), pubsub.clone()).await.unwrap()
+    start(config, Arc::new(meta.clone()), pubsub).await.unwrap()
 }
 
 async fn fixture() -> Fixture {
     let meta = MemoryMetaStore::new();
     let pubsub = MemoryPubSub::new();
-    let controller = controller("c1", &meta, &pubsub).await;
+    let faults = Faults::new();
+    let faulty = FaultyPubSub::new(Arc::new(pubsub.clone()), faults.clone());
+    let controller = controller("c1", &meta, Arc::new(faulty)).await;
     let client = AdminClient::new(controller.url());
     let c = &controller;
     wait_until("leadership", || async { c.is_leader() }).await;
     Fixture {
         meta,
         pubsub,
+        faults,
         controller,
         client,
         layout: Layout::new(DEFAULT_ROOT),
@@ -344,7 +350,6 @@ async fn versions_swap_then_retire() {
     })
     .await;
     assert!(!f.pubsub.has_topic("ads_v1"));
-    assert!(f.pubsub.deleted_topics().contains(&"ads_v1".to_string()));
     let (replicas, _) = f
         .meta
         .list(&f.layout.version_replicas_prefix("ads", 1))
@@ -554,7 +559,7 @@ async fn fail_push_and_topic_creation_failure() {
     })
     .await;
 
-    f.pubsub.set_fail_create(true);
+    f.faults.set_refuse_topic_creation(true);
     let e = f
         .client
         .start_push("ads", &StartPushRequest::default())
@@ -567,7 +572,7 @@ async fn fail_push_and_topic_creation_failure() {
         matches!(v3.status, VersionStatus::Failed { ref reason } if reason.contains("topic")),
         "{v3:?}"
     );
-    f.pubsub.set_fail_create(false);
+    f.faults.set_refuse_topic_creation(false);
     assert_eq!(
         f.client
             .start_push("ads", &StartPushRequest::default())
@@ -612,14 +617,14 @@ async fn nodes_are_listed_and_bad_paths_answer_api_errors() {
 async fn one_leader_at_a_time_and_standby_takes_over() {
     let meta = MemoryMetaStore::new();
     let pubsub = MemoryPubSub::new();
-    let a = controller("a", &meta, &pubsub).await;
-    let b = controller("b", &meta, &pubsub).await;
+    let a = controller("a", &meta, Arc::new(pubsub.clone())).await;
+    let b = controller("b", &meta, Arc::new(pubsub)).await;
     wait_until("a leader", || async { a.is_leader() || b.is_leader() }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(a.is_leader() ^ b.is_leader(), "exactly one leader");
     let layout = Layout::new(DEFAULT_ROOT);
     let (leader, standby) = if a.is_leader() { (a, b) } else { (b, a) };
-    let leader_id = meta.get_string(&layout.leader()).unwrap();
+    let leader_id = meta.value(&layout.leader()).unwrap();
 
     // Lease lost: the leader steps down, someone takes over.
     let lease = meta.lease_of(&layout.leader()).unwrap();
@@ -638,11 +643,11 @@ async fn one_leader_at_a_time_and_standby_takes_over() {
     };
     leader.shutdown().await.unwrap();
     wait_until("standby leads", || async { standby.is_leader() }).await;
-    assert!(meta.get_string(&layout.leader()).is_some());
+    assert!(meta.value(&layout.leader()).is_some());
     let _ = leader_id;
     standby.shutdown().await.unwrap();
     assert!(
-        meta.get_string(&layout.leader()).is_none(),
+        meta.value(&layout.leader()).is_none(),
         "shutdown revokes the lease"
     );
 }

@@ -649,7 +649,7 @@ mod tests {
 
     use super::*;
     use crate::sort::ExternalSorter;
-    use crate::test_broker::FakePubSub;
+    use crate::test_broker::TestBroker;
 
     /// Partitions take turns, yet each partition's stream is what a server expects: START_OF_SEGMENT,
     /// START_OF_PUSH (sorted), every put in key order with contiguous sequence numbers,
@@ -679,7 +679,7 @@ mod tests {
             expected[p].sort();
         }
         let dataset = sorter.finish().unwrap().unwrap();
-        let broker = FakePubSub::with_topic("t_v1", PARTITIONS);
+        let broker = TestBroker::with_topic("t_v1", PARTITIONS).await;
         let values = ValueStream {
             schema_id: 1,
             format: ValueFormat::Checksummed,
@@ -687,9 +687,15 @@ mod tests {
             dictionary: &[],
             compressor: None,
         };
-        produce(broker.as_ref(), "t_v1", values, dataset.partitions, record)
-            .await
-            .unwrap();
+        produce(
+            broker.pubsub.as_ref(),
+            "t_v1",
+            values,
+            dataset.partitions,
+            record,
+        )
+        .await
+        .unwrap();
         for p in 0..PARTITIONS {
             let envelopes: Vec<Envelope> = broker.envelopes("t_v1", p);
             let n = expected[p as usize].len();

@@ -663,13 +663,12 @@ pub fn parse_stream_line(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
 
     use rialto_protocol::envelope::{ControlMessage, Message, SegmentChecksum};
     use rialto_protocol::meta::{HybridConfig, ValueSchema, DEFAULT_MAX_VALUE_BYTES};
 
     use super::*;
-    use crate::test_broker::FakePubSub;
+    use crate::test_broker::TestBroker;
 
     const KEY_SCHEMA: &str =
         r#"{"type":"record","name":"K","fields":[{"name":"id","type":"long"}]}"#;
@@ -712,9 +711,11 @@ mod tests {
         }
     }
 
-    async fn writer(store: &StoreRecord) -> (RealtimeWriter, Arc<FakePubSub>) {
-        let fake = FakePubSub::with_topic("clicks_rt", store.partition_count);
-        let w = RealtimeWriter::new(store, fake.clone()).await.unwrap();
+    async fn writer(store: &StoreRecord) -> (RealtimeWriter, TestBroker) {
+        let fake = TestBroker::with_topic("clicks_rt", store.partition_count).await;
+        let w = RealtimeWriter::new(store, fake.pubsub.clone())
+            .await
+            .unwrap();
         (w, fake)
     }
 
@@ -862,15 +863,15 @@ mod tests {
     #[tokio::test]
     async fn a_writer_keeps_an_older_registered_schema_when_asked() {
         let store = store(1);
-        let fake = FakePubSub::with_topic("clicks_rt", store.partition_count);
-        let e = RealtimeWriter::with_schema(&store, fake.clone(), Some(9))
+        let fake = TestBroker::with_topic("clicks_rt", store.partition_count).await;
+        let e = RealtimeWriter::with_schema(&store, fake.pubsub.clone(), Some(9))
             .await
             .unwrap_err();
         assert!(
             e.to_string().contains("value schema 9 is not registered"),
             "{e}"
         );
-        let mut w = RealtimeWriter::with_schema(&store, fake.clone(), Some(1))
+        let mut w = RealtimeWriter::with_schema(&store, fake.pubsub.clone(), Some(1))
             .await
             .unwrap();
         let old = Value::Record(vec![("text".into(), Value::String("hi".into()))]);
@@ -1044,8 +1045,10 @@ mod tests {
     async fn a_store_that_is_not_hybrid_is_refused() {
         let mut batch = store(2);
         batch.hybrid = None;
-        let fake = FakePubSub::with_topic("clicks_rt", 2);
-        let err = RealtimeWriter::new(&batch, fake).await.unwrap_err();
+        let fake = TestBroker::with_topic("clicks_rt", 2).await;
+        let err = RealtimeWriter::new(&batch, fake.pubsub.clone())
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(
             matches!(err, PushError::Realtime(RealtimeError::NotHybrid { .. })),
@@ -1059,11 +1062,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_or_mismatched_topic_is_refused() {
-        let fake = FakePubSub::with_topic("other_rt", 2);
-        let err = RealtimeWriter::new(&store(2), fake).await.unwrap_err();
+        let fake = TestBroker::with_topic("other_rt", 2).await;
+        let err = RealtimeWriter::new(&store(2), fake.pubsub.clone())
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
-        let fake = FakePubSub::with_topic("clicks_rt", 3);
-        let err = RealtimeWriter::new(&store(2), fake).await.unwrap_err();
+        let fake = TestBroker::with_topic("clicks_rt", 3).await;
+        let err = RealtimeWriter::new(&store(2), fake.pubsub.clone())
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("3 partitions"), "{err}");
     }
 
@@ -1071,7 +1078,7 @@ mod tests {
     async fn a_broker_failure_names_the_topic_and_stops_the_writer() {
         let (mut w, fake) = writer(&store(2)).await;
         w.put(&key(1), &value("a")).await.unwrap();
-        fake.fail_deliveries.store(true, Ordering::SeqCst);
+        fake.faults.set_fail_deliveries(true);
         w.put(&key(2), &value("b")).await.unwrap();
         let err = w.flush().await.unwrap_err();
         assert!(
@@ -1079,7 +1086,7 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("clicks_rt"), "{err}");
-        fake.fail_deliveries.store(false, Ordering::SeqCst);
+        fake.faults.set_fail_deliveries(false);
         let err = w.put(&key(3), &value("c")).await.unwrap_err();
         assert!(
             matches!(&err, PushError::Realtime(RealtimeError::Unusable { .. })),
@@ -1091,11 +1098,11 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_write_stops_the_writer() {
         let (mut w, fake) = writer(&store(2)).await;
-        fake.hang_sends.store(true, Ordering::SeqCst);
+        fake.faults.set_stalled(true);
         let cancelled =
             tokio::time::timeout(Duration::from_millis(20), w.put(&key(1), &value("a"))).await;
         assert!(cancelled.is_err());
-        fake.hang_sends.store(false, Ordering::SeqCst);
+        fake.faults.set_stalled(false);
         let err = w.put(&key(2), &value("b")).await.unwrap_err();
         assert!(err.to_string().contains("cancelled"), "{err}");
     }

@@ -963,11 +963,10 @@ impl rialto_protocol::recycle::Recycle for BufferPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{
-        reported_state, version_record, wait_until, MemoryMetaStore, MemoryPubSub, PushRecords,
-    };
+    use crate::testing::{reported_state, version_record, wait_until, PushRecords};
     use crate::{start, FaultConfig, RunningServer, ServerConfig};
     use http::HeaderMap;
+    use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
     use rialto_backends::{MetaStore, PubSub};
     use rialto_protocol::meta::{Layout, ReplicaState};
     use rialto_protocol::wire::{decode_frame, BatchGetFrame, StoredValue, BATCH_GET_FORMAT};
@@ -1036,7 +1035,7 @@ mod tests {
         for i in 0..300 {
             push.put(format!("k{i}").as_bytes(), 1, &big_value(i));
         }
-        pubsub.append_all("s_v1", 0, push.finish());
+        pubsub.append_all("s_v1", 0, push.finish()).unwrap();
         let mut record = version_record("s", 1, &[&["n1"], &["n2"]]);
         // As START_OF_PUSH says (the values are not really compressed: the server never looks).
         record.compression = rialto_protocol::meta::Compression::ZstdDictionary;
@@ -1602,8 +1601,8 @@ mod tests {
 #[cfg(test)]
 mod tls_tests {
     use super::*;
-    use crate::testing::{MemoryMetaStore, MemoryPubSub};
     use crate::{start, ServerConfig, TlsFiles};
+    use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
 
     #[tokio::test]
     async fn serves_health_over_tls_with_alpn_h2() {

@@ -1127,7 +1127,9 @@ mod tests {
     use super::*;
     use crate::metrics::ServerMetrics;
     use crate::replica::{ReplicaId, ReplicaRegistry};
-    use crate::testing::{MemoryMetaStore, MemoryPubSub, PushRecords};
+    use crate::testing::PushRecords;
+    use rialto_backends::faults::{Faults, FaultyMetaStore};
+    use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
     use rialto_backends::{MetaStore, PubSub};
     use rialto_protocol::envelope::ControlMessage;
     use rialto_protocol::meta::{Layout, NodeRecord, ReplicaRecord};
@@ -1138,6 +1140,8 @@ mod tests {
         ctx: Arc<NodeContext>,
         meta: MemoryMetaStore,
         pubsub: MemoryPubSub,
+        /// Switches of the wrapper the node reaches `meta` through.
+        faults: Arc<Faults>,
         _lease: rialto_backends::LeaseHandle,
         _dir: tempfile::TempDir,
     }
@@ -1155,11 +1159,12 @@ mod tests {
         let meta = MemoryMetaStore::new();
         let pubsub = MemoryPubSub::new();
         pubsub.create_topic(TOPIC, 1).await.unwrap();
+        let faults = Faults::new();
         let ctx = Arc::new(NodeContext {
             node_id: "n1".into(),
             data_dir: dir.path().to_path_buf(),
             layout: Layout::new("/r"),
-            meta: Arc::new(meta.clone()),
+            meta: Arc::new(FaultyMetaStore::new(Arc::new(meta.clone()), faults.clone())),
             pubsub: Arc::new(pubsub.clone()),
             metrics: Arc::new(ServerMetrics::default()),
             engine: crate::store::Engine::new(1 << 20),
@@ -1182,6 +1187,7 @@ mod tests {
             ctx,
             meta,
             pubsub,
+            faults,
             _lease: lease,
             _dir: dir,
         }
@@ -1247,7 +1253,7 @@ mod tests {
     async fn clean_push_goes_online_with_data_readable() {
         let h = harness().await;
         let records = clean_push(2500);
-        let end = h.pubsub.append_all(TOPIC, 0, records);
+        let end = h.pubsub.append_all(TOPIC, 0, records).unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         let r = reported(&h).await;
@@ -1275,7 +1281,7 @@ mod tests {
         // Records: SOS(0) SOP(1) PUT k0(2) PUT k1(3) ...: corrupt offset 3.
         let last = records[3].len() - 1;
         records[3][last] ^= 0xff;
-        h.pubsub.append_all(TOPIC, 0, records);
+        h.pubsub.append_all(TOPIC, 0, records).unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         let r = reported(&h).await;
@@ -1302,7 +1308,7 @@ mod tests {
         let h = harness().await;
         let mut records = clean_push(5);
         records.remove(3);
-        h.pubsub.append_all(TOPIC, 0, records);
+        h.pubsub.append_all(TOPIC, 0, records).unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         let r = reported(&h).await;
@@ -1316,7 +1322,7 @@ mod tests {
         let mut records = clean_push(5);
         let dup = records[3].clone();
         records.insert(4, dup);
-        h.pubsub.append_all(TOPIC, 0, records);
+        h.pubsub.append_all(TOPIC, 0, records).unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         assert_eq!(reported(&h).await.state, ReplicaState::Online);
@@ -1329,7 +1335,7 @@ mod tests {
         let h = harness().await;
         let records = clean_push(10);
         let (first, rest) = records.split_at(6);
-        h.pubsub.append_all(TOPIC, 0, first.to_vec());
+        h.pubsub.append_all(TOPIC, 0, first.to_vec()).unwrap();
         let slot1 = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(
@@ -1358,7 +1364,7 @@ mod tests {
         drop(slot1.take_store());
         h.ctx.registry.remove(&slot1.id);
 
-        h.pubsub.append_all(TOPIC, 0, rest.to_vec());
+        h.pubsub.append_all(TOPIC, 0, rest.to_vec()).unwrap();
         let slot2 = slot(&h);
         run_to_end(&h, &slot2).await;
         let r = reported(&h).await;
@@ -1494,7 +1500,8 @@ mod tests {
         let keys = sorted_keys(2500);
         let end = h
             .pubsub
-            .append_all(TOPIC, 0, sorted_push(&keys, b"a dictionary"));
+            .append_all(TOPIC, 0, sorted_push(&keys, b"a dictionary"))
+            .unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         let r = reported(&h).await;
@@ -1523,7 +1530,9 @@ mod tests {
         h: &Harness,
     ) -> (Arc<ReplicaSlot>, Arc<ReplicaStore>, ReplicaRecord) {
         let keys = sorted_keys(5000);
-        h.pubsub.append_all(TOPIC, 0, sorted_push(&keys, b""));
+        h.pubsub
+            .append_all(TOPIC, 0, sorted_push(&keys, b""))
+            .unwrap();
         let slot = slot(h);
         let (_stop, stop_rx) = watch::channel(false);
         let in_memory = ReplicaPlan {
@@ -1595,11 +1604,12 @@ mod tests {
     async fn a_replica_closes_its_consumer_before_it_reports_online() {
         let h = harness().await;
         h.pubsub
-            .append_all(TOPIC, 0, sorted_push(&sorted_keys(100), b""));
+            .append_all(TOPIC, 0, sorted_push(&sorted_keys(100), b""))
+            .unwrap();
         // (state, consumers open) at every replica record written.
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (pubsub, log) = (h.pubsub.clone(), seen.clone());
-        h.meta.on_put(Arc::new(move |_, value| {
+        h.faults.on_put(Arc::new(move |_, value| {
             if let Ok(r) = serde_json::from_slice::<ReplicaRecord>(value) {
                 log.lock().unwrap().push((r.state, pubsub.open_consumers()));
             }
@@ -1629,7 +1639,10 @@ mod tests {
         })
         .await;
         let keys = sorted_keys(2500);
-        let end = h.pubsub.append_all(TOPIC, 0, sorted_push(&keys, b""));
+        let end = h
+            .pubsub
+            .append_all(TOPIC, 0, sorted_push(&keys, b""))
+            .unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         let r = reported(&h).await;
@@ -1660,7 +1673,9 @@ mod tests {
         let keys = sorted_keys(200);
         let records = sorted_push(&keys, b"");
         // SOS, SOP and 100 PUTs.
-        h.pubsub.append_all(TOPIC, 0, records[..102].to_vec());
+        h.pubsub
+            .append_all(TOPIC, 0, records[..102].to_vec())
+            .unwrap();
         let slot = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(
@@ -1687,7 +1702,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(h.ctx.metrics.sst_files_ingested.load(Ordering::Relaxed), 1);
-        h.pubsub.append_all(TOPIC, 0, records[102..].to_vec());
+        h.pubsub
+            .append_all(TOPIC, 0, records[102..].to_vec())
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(20), task)
             .await
             .expect("ingestion should finish")
@@ -1710,7 +1727,9 @@ mod tests {
         let h = harness().await;
         let mut keys = sorted_keys(50);
         keys.swap(20, 30);
-        h.pubsub.append_all(TOPIC, 0, sorted_push(&keys, b""));
+        h.pubsub
+            .append_all(TOPIC, 0, sorted_push(&keys, b""))
+            .unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         let r = reported(&h).await;
@@ -1728,7 +1747,7 @@ mod tests {
     #[tokio::test]
     async fn unsorted_push_goes_through_write_batches_and_is_sealed_too() {
         let h = harness().await;
-        h.pubsub.append_all(TOPIC, 0, clean_push(500));
+        h.pubsub.append_all(TOPIC, 0, clean_push(500)).unwrap();
         let slot = slot(&h);
         run_to_end(&h, &slot).await;
         assert_eq!(reported(&h).await.state, ReplicaState::Online);
@@ -1793,11 +1812,13 @@ mod tests {
         h.pubsub.create_topic("s_rt", 1).await.unwrap();
         // Real-time writes before the push ends are replayed on top of the batch data.
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
-        h.pubsub.append_all(
-            "s_rt",
-            0,
-            realtime(&mut writer, true, &[("k2", Some("rt-2")), ("k3", None)]),
-        );
+        h.pubsub
+            .append_all(
+                "s_rt",
+                0,
+                realtime(&mut writer, true, &[("k2", Some("rt-2")), ("k3", None)]),
+            )
+            .unwrap();
         let mut p = PushRecords::start([1; 16]);
         for i in 0..5 {
             p.put(
@@ -1806,7 +1827,7 @@ mod tests {
                 format!("batch-{i}").as_bytes(),
             );
         }
-        h.pubsub.append_all(TOPIC, 0, p.finish());
+        h.pubsub.append_all(TOPIC, 0, p.finish()).unwrap();
         let slot = slot(&h);
         let (stop, stop_rx) = watch::channel(false);
         let (follow, follow_rx) = watch::channel(true);
@@ -1836,19 +1857,21 @@ mod tests {
         assert_eq!(h.meta.get(&leader_key).await.unwrap().unwrap().value, b"n1");
 
         // Writes after the swap keep arriving, in order: the last write of a key wins.
-        h.pubsub.append_all(
-            "s_rt",
-            0,
-            realtime(
-                &mut writer,
-                false,
-                &[
-                    ("k4", Some("rt-4a")),
-                    ("k5", Some("new")),
-                    ("k4", Some("rt-4b")),
-                ],
-            ),
-        );
+        h.pubsub
+            .append_all(
+                "s_rt",
+                0,
+                realtime(
+                    &mut writer,
+                    false,
+                    &[
+                        ("k4", Some("rt-4a")),
+                        ("k5", Some("new")),
+                        ("k4", Some("rt-4b")),
+                    ],
+                ),
+            )
+            .unwrap();
         wait_for("the new writes", || {
             value_of(&h, "k4").as_deref() == Some(b"rt-4b")
         })
@@ -1888,7 +1911,8 @@ mod tests {
         let h = harness().await;
         h.pubsub.create_topic("s_rt", 1).await.unwrap();
         h.pubsub
-            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish());
+            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
+            .unwrap();
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let mut records = realtime(&mut writer, true, &[("a", Some("1")), ("b", Some("2"))]);
         // The third record's CRC is broken.
@@ -1896,7 +1920,7 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
         records.push(bad);
-        h.pubsub.append_all("s_rt", 0, records);
+        h.pubsub.append_all("s_rt", 0, records).unwrap();
         let slot = slot(&h);
         let (_stop, stop_rx) = watch::channel(false);
         let (_follow, follow_rx) = watch::channel(true);

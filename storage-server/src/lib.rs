@@ -407,9 +407,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::testing::{
-        reported_state, version_record, wait_until, MemoryMetaStore, MemoryPubSub, PushRecords,
-    };
+    use crate::testing::{reported_state, version_record, wait_until, PushRecords};
+    use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
     use rialto_protocol::meta::{ReplicaState, VersionStatus};
 
     const ROOT: &str = "/r";
@@ -430,7 +429,7 @@ mod tests {
         pubsub.create_topic(&record.topic, 1).await.unwrap();
         let mut p = PushRecords::start([9; 16]);
         p.put(b"key", 1, b"value");
-        pubsub.append_all(&record.topic, 0, p.finish());
+        pubsub.append_all(&record.topic, 0, p.finish()).unwrap();
         let key = Layout::new(ROOT).version(store, version);
         meta.put(&key, serde_json::to_vec(&record).unwrap(), None)
             .await
