@@ -199,19 +199,20 @@ impl ConnectionPool {
             .ready()
             .await
             .map_err(|e| self.h2_failure(address, e))?;
+        let unbuildable = |e: http::Error| {
+            ClientError::Protocol(format!("could not build a request to {address}: {e}"))
+        };
         let uri = http::Uri::builder()
             .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
             .authority(authority)
-            .path_and_query(path);
+            .path_and_query(path)
+            .build()
+            .map_err(unbuildable)?;
         let request = http::Request::builder()
             .method(method)
-            .uri(uri.build().map_err(|e| {
-                ClientError::Protocol(format!("could not build a request to {address}: {e}"))
-            })?)
+            .uri(uri)
             .body(())
-            .map_err(|e| {
-                ClientError::Protocol(format!("could not build a request to {address}: {e}"))
-            })?;
+            .map_err(unbuildable)?;
         let (response, mut stream) = sender
             .send_request(request, body.is_none())
             .map_err(|e| self.h2_failure(address, e))?;
