@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# The main job on one machine: installs what is missing, builds, starts a local cluster (etcd,
-# tansu, one controller, three storage servers in three zones, all on 127.0.0.1), creates a
-# store, pushes a sample dataset of 20,000 records, reads every record back through the fast
-# client, prints what happened, and stops everything it started (by PID).
-# RIALTO_DEMO_TLS=1 runs the same with TLS and authorization everywhere: a local CA
-# (`rialto-admin certs init`), mutual TLS on the controller's API and the servers' reads, and
-# ACLs (`admin` is a cluster administrator; `reader` is refused until granted `read`).
+# The main job on one machine: installs what is missing, builds, starts a local cluster (one
+# controller, three storage servers in three zones, all on 127.0.0.1), creates a store, pushes a
+# sample dataset of 20,000 records, reads every record back through the fast client and checks
+# it against the input, writes to a hybrid store in real time and reads that back.
+#
+# By default the cluster is the embedded one (`rialto-local demo`): one process on the
+# in-memory backends, no etcd and no broker to install or start.
+# RIALTO_DEMO_BACKENDS=etcd-kafka runs the same on the production backends: etcd and tansu
+# (a Kafka-protocol broker, built once per machine), a controller and three servers as
+# separate processes, driven by rialto-admin, rialto-push and rialto-loadgen, all stopped (by
+# PID) at the end.
+# RIALTO_DEMO_TLS=1 (production backends) runs with TLS and authorization everywhere: a local
+# CA (`rialto-admin certs init`), mutual TLS on the controller's API and the servers' reads,
+# and ACLs (`admin` is a cluster administrator; `reader` is refused until granted `read`).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
 . scripts/env.sh
-bash scripts/provision.sh
+backends="${RIALTO_DEMO_BACKENDS:-memory}"
+[ "${RIALTO_DEMO_TLS:-0}" = 1 ] && backends=etcd-kafka
+case "$backends" in
+  memory) bash scripts/provision.sh --without-broker ;;
+  etcd-kafka) bash scripts/provision.sh ;;
+  *) echo "demo: RIALTO_DEMO_BACKENDS must be memory or etcd-kafka, not $backends" >&2; exit 2 ;;
+esac
 bash scripts/prune-cache.sh
 echo "demo: building binaries (target dir $CARGO_TARGET_DIR)"
 # The same package and target selection and profile as scripts/test.sh (and `cargo test`): a
@@ -20,6 +33,11 @@ cargo build --workspace --all-targets --profile test -q
 bin="$CARGO_TARGET_DIR/debug"
 
 RECORDS="${RIALTO_DEMO_RECORDS:-20000}"
+if [ "$backends" = memory ]; then
+  "$bin/rialto-local" demo --records "$RECORDS"
+  echo "demo: OK"
+  exit 0
+fi
 work="$(mktemp -d /tmp/rialto-demo.XXXXXX)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 etcd_port=$(free_port); peer_port=$(free_port); kafka_port=$(free_port); controller_port=$(free_port)

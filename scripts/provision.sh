@@ -4,11 +4,16 @@
 #   - the Kafka-protocol test broker `tansu` $TANSU_VERSION (built from crates.io into
 #     $RIALTO_TOOLS, about 9 minutes the first time).
 # Safe to run again: it only installs what is missing.
+# --without-broker installs only what building needs (no etcd, no tansu): enough for the
+# embedded default (`rialto-local`), which runs on the in-memory backends.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/env.sh"
 
-packages=(libclang-dev protobuf-compiler libprotobuf-dev etcd-server etcd-client build-essential)
+with_broker=1
+[ "${1:-}" = --without-broker ] && with_broker=0
+packages=(libclang-dev protobuf-compiler libprotobuf-dev build-essential)
+((with_broker)) && packages+=(etcd-server etcd-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,6 +28,10 @@ else
   echo "provision: Debian packages present"
 fi
 
+if ((!with_broker)); then
+  echo "provision: done (without etcd and the broker)"
+  exit 0
+fi
 if [ -x "$RIALTO_TOOLS/bin/tansu" ] && "$RIALTO_TOOLS/bin/tansu" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
   echo "provision: tansu $TANSU_VERSION present"
 else

@@ -5,3 +5,4 @@
 //! input through a path that does not share the code under test.
 
 pub mod oracle;
+pub mod verify;

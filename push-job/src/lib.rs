@@ -139,6 +139,19 @@ pub struct PushConfig {
     /// TLS to an https:// controller (its CA, and this job's certificate, whose principal
     /// needs `write` on the store when the controller authorizes calls).
     pub controller_tls: Option<rialto_controller::ClientTlsFiles>,
+    /// Writes to this broker instead of the Kafka cluster the controller names (a cluster
+    /// embedded in the same process, on the memory backends).
+    pub broker: Option<InProcessBroker>,
+}
+
+/// A broker handed to the push job directly (see [`PushConfig::broker`]).
+#[derive(Clone)]
+pub struct InProcessBroker(pub Arc<dyn PubSub>);
+
+impl std::fmt::Debug for InProcessBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InProcessBroker")
+    }
 }
 
 impl PushConfig {
@@ -157,6 +170,7 @@ impl PushConfig {
             sort: SortConfig::default(),
             value_schema_id: None,
             controller_tls: None,
+            broker: None,
         }
     }
 }
@@ -305,14 +319,19 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
                 ),
             });
         }
-        let bootstrap = config.kafka_bootstrap.clone().unwrap_or_else(|| start.kafka_bootstrap.clone());
-        let pubsub: Arc<dyn PubSub> = Arc::new(
-            KafkaPubSub::new(KafkaConfig {
-                bootstrap_servers: bootstrap,
-                options: config.kafka_options.clone(),
-            })
-                .map_err(|source| PushError::Produce { version, source })?,
-        );
+        let pubsub: Arc<dyn PubSub> = match &config.broker {
+            Some(InProcessBroker(broker)) => broker.clone(),
+            None => {
+                let bootstrap = config.kafka_bootstrap.clone().unwrap_or_else(|| start.kafka_bootstrap.clone());
+                Arc::new(
+                    KafkaPubSub::new(KafkaConfig {
+                        bootstrap_servers: bootstrap,
+                        options: config.kafka_options.clone(),
+                    })
+                    .map_err(|source| PushError::Produce { version, source })?,
+                )
+            }
+        };
         let produce_started = Instant::now();
         let partitions = std::mem::take(&mut dataset.partitions);
         let values = ValueStream {

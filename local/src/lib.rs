@@ -1,0 +1,200 @@
+//! Rialto in one process: the controller and N storage servers, on the in-memory backends
+//! (`rialto_backends::memory`) instead of etcd and Kafka.
+//!
+//! Everything else is the production code: the controller serves its admin API over HTTP on
+//! loopback (so `rialto-admin --controller` works against it), the servers serve reads over
+//! HTTP/2 and keep their replicas in RocksDB under the data directory, pushes go through the
+//! push job, reads through the fast client. What the memory backends cannot give is another
+//! process's view: the metadata and the topics live in this process, so pushes, real-time
+//! writes and clients run here too ([`LocalCluster::push_config`], [`LocalCluster::client`],
+//! [`LocalCluster::realtime_writer`]), and nothing survives a restart.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let cluster = rialto_local::LocalCluster::start(rialto_local::LocalOptions::new(dir.path())).await?;
+//! println!("admin API at {}", cluster.controller_url());
+//! cluster.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
+use rialto_backends::{MetaStore, PubSub};
+use rialto_controller::{AdminClient, ControllerConfig, ControllerError, RunningController};
+use rialto_fast_client::{Client, ClientConfig, ClientError};
+use rialto_push::realtime::RealtimeWriter;
+use rialto_push::{InProcessBroker, PushConfig, PushError};
+use rialto_server::{RunningServer, ServerConfig, ServerError};
+use thiserror::Error;
+
+/// How long [`LocalCluster::start`] waits for every server to register.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(30);
+
+/// A failure to start or use the local cluster.
+#[derive(Debug, Error)]
+pub enum LocalError {
+    #[error("controller: {0}")]
+    Controller(#[from] ControllerError),
+    #[error("storage server {node}: {source}")]
+    Server { node: String, source: ServerError },
+    #[error("only {registered} of {wanted} storage servers registered within {waited:?}")]
+    Registration {
+        registered: usize,
+        wanted: usize,
+        waited: Duration,
+    },
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Storage servers (each a node with its own data directory under `data_dir`).
+    pub servers: usize,
+    /// Zones the servers are spread over (server `i` is in zone `i % zones`).
+    pub zones: usize,
+    /// Where the servers keep their replicas.
+    pub data_dir: PathBuf,
+    /// The admin API's address; port 0 picks a free one.
+    pub controller_listen: SocketAddr,
+}
+
+impl LocalOptions {
+    /// Three servers in three zones, the admin API on a free loopback port.
+    pub fn new(data_dir: impl Into<PathBuf>) -> LocalOptions {
+        LocalOptions {
+            servers: 3,
+            zones: 3,
+            data_dir: data_dir.into(),
+            controller_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+/// A running one-process cluster. [`shutdown`](Self::shutdown) stops it in order; dropping it
+/// aborts its tasks.
+pub struct LocalCluster {
+    meta: MemoryMetaStore,
+    broker: MemoryPubSub,
+    controller: RunningController,
+    servers: Vec<RunningServer>,
+}
+
+impl LocalCluster {
+    /// Starts the controller and the servers, and waits until every server registered.
+    pub async fn start(options: LocalOptions) -> Result<LocalCluster, LocalError> {
+        let meta = MemoryMetaStore::new();
+        let broker = MemoryPubSub::new();
+        let config = ControllerConfig {
+            controller_id: "local".into(),
+            listen: options.controller_listen,
+            // Never dialled: pushes started here are handed the in-process broker.
+            kafka_bootstrap: "in-process".into(),
+            ..ControllerConfig::default()
+        };
+        let controller =
+            rialto_controller::start(config, Arc::new(meta.clone()), Arc::new(broker.clone()))
+                .await?;
+        let mut servers = Vec::with_capacity(options.servers);
+        for i in 0..options.servers {
+            let node = format!("server-{i}");
+            let zone = format!("zone-{}", (b'a' + (i % options.zones.max(1)) as u8) as char);
+            let config = ServerConfig::new(&node, zone, server_dir(&options.data_dir, i));
+            let server =
+                rialto_server::start(config, Arc::new(meta.clone()), Arc::new(broker.clone()))
+                    .await
+                    .map_err(|source| LocalError::Server { node, source })?;
+            servers.push(server);
+        }
+        let cluster = LocalCluster {
+            meta,
+            broker,
+            controller,
+            servers,
+        };
+        cluster.wait_for_registration(options.servers).await?;
+        Ok(cluster)
+    }
+
+    async fn wait_for_registration(&self, wanted: usize) -> Result<(), LocalError> {
+        let admin = self.admin();
+        let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
+        loop {
+            let registered = admin.list_nodes().await.map(|n| n.len()).unwrap_or(0);
+            if registered >= wanted {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LocalError::Registration {
+                    registered,
+                    wanted,
+                    waited: REGISTRATION_WAIT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The admin API's URL (`http://127.0.0.1:PORT`).
+    pub fn controller_url(&self) -> String {
+        self.controller.url()
+    }
+
+    /// A client of the admin API.
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::new(self.controller.url())
+    }
+
+    /// The cluster's metadata store.
+    pub fn meta(&self) -> Arc<dyn MetaStore> {
+        Arc::new(self.meta.clone())
+    }
+
+    /// The cluster's broker.
+    pub fn broker(&self) -> Arc<dyn PubSub> {
+        Arc::new(self.broker.clone())
+    }
+
+    /// The address each server serves reads on.
+    pub fn server_addresses(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(RunningServer::address).collect()
+    }
+
+    /// A push of `input` into `store` that writes to this cluster's broker.
+    pub fn push_config(&self, store: &str, input: impl Into<PathBuf>) -> PushConfig {
+        let mut config = PushConfig::new(&self.controller_url(), store, input);
+        config.broker = Some(InProcessBroker(self.broker()));
+        config
+    }
+
+    /// A fast client of `store`, following this cluster's metadata.
+    pub async fn client(&self, store: &str) -> Result<Client, ClientError> {
+        Client::connect(ClientConfig::new(store), self.meta()).await
+    }
+
+    /// A writer of real-time puts and deletes to the hybrid store `store`.
+    pub async fn realtime_writer(&self, store: &str) -> Result<RealtimeWriter, PushError> {
+        let record = self.admin().describe_store(store).await?.store;
+        RealtimeWriter::new(&record, self.broker()).await
+    }
+
+    /// Stops the servers, then the controller.
+    pub async fn shutdown(self) {
+        for server in self.servers {
+            if let Err(e) = server.shutdown().await {
+                tracing::warn!(error = %e, "a storage server did not stop cleanly");
+            }
+        }
+        if let Err(e) = self.controller.shutdown().await {
+            tracing::warn!(error = %e, "the controller did not stop cleanly");
+        }
+    }
+}
+
+fn server_dir(data_dir: &Path, i: usize) -> PathBuf {
+    data_dir.join(format!("server-{i}"))
+}
