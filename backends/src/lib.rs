@@ -13,8 +13,10 @@
 //! **API Boundary:** nothing outside this crate names `rdkafka` or `etcd_client` types.
 
 pub mod conformance;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod faults;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
 pub mod meta;

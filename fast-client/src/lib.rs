@@ -41,6 +41,10 @@ mod values;
 use std::time::Duration;
 
 pub use client::Client;
+/// The metadata store a client follows: etcd in production.
+#[cfg(feature = "etcd")]
+pub use rialto_backends::etcd::EtcdMetaStore;
+pub use rialto_backends::MetaStore;
 pub use compute::{Compute, ComputeEvent, ComputeRecord};
 pub use error::ClientError;
 pub use hedge::LongTailRetry;
