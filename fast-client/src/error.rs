@@ -73,6 +73,15 @@ pub enum ClientError {
     )]
     Timeout { address: String, after: Duration },
 
+    /// A key or value did not convert between the application's type and the store's schema
+    /// ([`Client::get_as`](crate::Client::get_as) and the other typed reads).
+    #[error("the {what} does not fit {type_name}: {detail}")]
+    Typed {
+        what: &'static str,
+        type_name: &'static str,
+        detail: String,
+    },
+
     /// A key or value did not match the store's schemas.
     #[error("schema problem: {0}")]
     Schema(#[from] AvroError),

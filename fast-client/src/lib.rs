@@ -12,15 +12,22 @@
 //! ([`stream`]).
 //!
 //! ```no_run
-//! # async fn example(meta: std::sync::Arc<dyn rialto_backends::MetaStore>) -> Result<(), rialto_fast_client::ClientError> {
-//! use rialto_fast_client::{Client, ClientConfig};
+//! # async fn example() -> Result<(), rialto_fast_client::ClientError> {
+//! use rialto_fast_client::Client;
 //! use rialto_protocol::avro::Value;
-//! let client = Client::connect(ClientConfig::new("ads"), meta).await?;
+//! let client = Client::builder("ads")
+//!     .etcd(["http://127.0.0.1:2379"])
+//!     .connect()
+//!     .await?;
+//! // In the application's own types, through serde (see `ClientBuilder` and `get_as`)...
+//! let score: Option<f64> = client.get_as(&"member-42").await?;
+//! // ...or as Avro values, for dynamic use.
 //! let value = client.get(&Value::String("member-42".into())).await?;
+//! # let _ = (score, value);
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`routing`] (the pure routing-table builder), `metadata` (following etcd),
+//! Modules: `typed` ([`Client::builder`], reads through serde), [`routing`] (the pure routing-table builder), `metadata` (following etcd),
 //! `pool` (HTTP/2 connections), `response` (incremental batch-get decoding), `client` (single get
 //! and the entry points), [`stream`] (the batch-get engine), [`hedge`] (long-tail retry),
 //! [`instances`] (load and health), [`error`] and `stats`.
@@ -36,26 +43,28 @@ mod response;
 pub mod routing;
 mod stats;
 pub mod stream;
+mod typed;
 mod values;
 
 use std::time::Duration;
 
 pub use client::Client;
-/// The metadata store a client follows: etcd in production.
-#[cfg(feature = "etcd")]
-pub use rialto_backends::etcd::EtcdMetaStore;
-pub use rialto_backends::MetaStore;
 pub use compute::{Compute, ComputeEvent, ComputeRecord};
 pub use error::ClientError;
 pub use hedge::LongTailRetry;
 pub use instances::HealthConfig;
 pub use pool::{CONNECTION_WINDOW_BYTES, CONNECT_TIMEOUT, FRAME_BYTES_MAX, STREAM_WINDOW_BYTES};
 pub use response::RawValue;
+/// The metadata store a client follows: etcd in production.
+#[cfg(feature = "etcd")]
+pub use rialto_backends::etcd::EtcdMetaStore;
+pub use rialto_backends::MetaStore;
 pub use routing::{Replica, RoutingTable};
 pub use stats::ClientStats;
 pub use stream::{
     BatchEvent, BatchStream, Completeness, KeyFailure, RawBatchStream, Refusal, ValueEvent,
 };
+pub use typed::ClientBuilder;
 
 /// Most keys one `batch_get` call accepts (the servers' default limit per request).
 pub const BATCH_GET_KEYS_MAX: usize = rialto_protocol::wire::BATCH_GET_KEYS_MAX;

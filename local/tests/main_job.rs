@@ -67,3 +67,79 @@ async fn a_second_push_swaps_and_the_admin_api_answers_over_http() {
     );
     cluster.shutdown().await;
 }
+
+#[derive(Debug, PartialEq, serde::Deserialize)]
+struct Recommendation {
+    member: i64,
+    items: Vec<i64>,
+    score: f64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_reads_return_the_applications_structs_and_name_a_type_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(LocalOptions::new(dir.path()))
+        .await
+        .unwrap();
+    let value_schema = serde_json::json!({"type": "record", "name": "Recommendation", "fields": [
+        {"name": "member", "type": "long"},
+        {"name": "items", "type": {"type": "array", "items": "long"}},
+        {"name": "score", "type": "double"}]});
+    let request: rialto_protocol::admin::CreateStoreRequest =
+        serde_json::from_value(serde_json::json!({
+            "name": "recs", "key_schema": "\"string\"", "value_schema": value_schema.to_string(),
+            "partition_count": 2, "replication_factor": 1
+        }))
+        .unwrap();
+    cluster.admin().create_store(&request).await.unwrap();
+    let input = dir.path().join("recs.jsonl");
+    let lines: String = (0..100)
+        .map(|i| {
+            format!(
+                "{{\"key\": \"m{i}\", \"value\": {{\"member\": {i}, \"items\": [{i}, 7], \"score\": 0.5}}}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    rialto_push::push(&cluster.push_config("recs", &input))
+        .await
+        .unwrap();
+
+    let client = rialto_fast_client::Client::builder("recs")
+        .meta(cluster.meta())
+        .connect()
+        .await
+        .unwrap();
+    let one: Option<Recommendation> = client.get_as(&"m42").await.unwrap();
+    assert_eq!(
+        one,
+        Some(Recommendation {
+            member: 42,
+            items: vec![42, 7],
+            score: 0.5
+        })
+    );
+    let many: Vec<Option<Recommendation>> =
+        client.batch_get_as(&["m1", "nope", "m99"]).await.unwrap();
+    let members: Vec<Option<i64>> = many.iter().map(|r| r.as_ref().map(|r| r.member)).collect();
+    assert_eq!(members, [Some(1), None, Some(99)]);
+
+    let wrong = client.get_as::<_, String>(&"m1").await.unwrap_err();
+    assert!(
+        matches!(
+            wrong,
+            rialto_fast_client::ClientError::Typed { what: "value", .. }
+        ),
+        "{wrong}"
+    );
+    assert!(wrong.to_string().contains("String"), "{wrong}");
+    let bad_key = client.get_as::<_, Recommendation>(&17i64).await;
+    assert!(bad_key.is_err(), "a long is not a string key");
+
+    let no_store = rialto_fast_client::Client::builder("recs").connect().await;
+    assert!(matches!(
+        no_store,
+        Err(rialto_fast_client::ClientError::Config(_))
+    ));
+    cluster.shutdown().await;
+}

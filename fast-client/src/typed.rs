@@ -1,0 +1,181 @@
+//! The client as a Rust library: [`Client::builder`] to connect, and reads in the application's
+//! own types through serde ([`Client::get_as`], [`Client::batch_get_as`]) next to the Avro
+//! [`Value`] API kept for dynamic use.
+//!
+//! A key is converted to an Avro value with `apache_avro::to_value` and encoded with the store's
+//! key schema (resolved to it when the shapes differ, e.g. a struct for a record); a value is
+//! decoded with its writer schema, resolved to the client's reader schema, and converted with
+//! `apache_avro::from_value`. A type that does not fit the schema fails that call with
+//! [`ClientError::Typed`] naming the type; nothing is read or cached wrongly.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), rialto_fast_client::ClientError> {
+//! use rialto_fast_client::Client;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Recommendation {
+//!     member: i64,
+//!     items: Vec<i64>,
+//!     score: f64,
+//! }
+//!
+//! let client = Client::builder("demo")
+//!     .etcd(["http://127.0.0.1:2379"])
+//!     .connect()
+//!     .await?;
+//! let one: Option<Recommendation> = client.get_as(&"member-42").await?;
+//! let many: Vec<Option<Recommendation>> =
+//!     client.batch_get_as(&["member-1", "member-2"]).await?;
+//! # let _ = (one, many);
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use rialto_backends::MetaStore;
+use rialto_protocol::avro::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{Client, ClientConfig, ClientError, ClientTls, ReaderSchema};
+
+/// How long [`ClientBuilder::connect`] waits for etcd to answer.
+#[cfg(feature = "etcd")]
+const ETCD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn to_avro<K: Serialize>(key: &K) -> Result<Value, ClientError> {
+    apache_avro::to_value(key).map_err(|e| ClientError::Typed {
+        what: "key",
+        type_name: std::any::type_name::<K>(),
+        detail: e.to_string(),
+    })
+}
+
+fn from_avro<V: DeserializeOwned>(value: &Value) -> Result<V, ClientError> {
+    apache_avro::from_value(value).map_err(|e| ClientError::Typed {
+        what: "value",
+        type_name: std::any::type_name::<V>(),
+        detail: e.to_string(),
+    })
+}
+
+impl Client {
+    /// A builder: name the store, where its metadata is, optionally TLS and the reader schema.
+    pub fn builder(store: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            config: ClientConfig::new(store),
+            meta: None,
+            #[cfg(feature = "etcd")]
+            etcd: None,
+        }
+    }
+
+    /// Reads one key as the application's types; `None` when the key has no value.
+    pub async fn get_as<K: Serialize, V: DeserializeOwned>(
+        &self,
+        key: &K,
+    ) -> Result<Option<V>, ClientError> {
+        match self.get(&to_avro(key)?).await? {
+            Some(value) => Ok(Some(from_avro(&value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads many keys as the application's types, in the order asked.
+    pub async fn batch_get_as<K: Serialize, V: DeserializeOwned>(
+        &self,
+        keys: &[K],
+    ) -> Result<Vec<Option<V>>, ClientError> {
+        let keys = keys.iter().map(to_avro).collect::<Result<Vec<_>, _>>()?;
+        self.batch_get(&keys)
+            .await?
+            .iter()
+            .map(|v| v.as_ref().map(from_avro).transpose())
+            .collect()
+    }
+}
+
+/// Builds a [`Client`]; see [`Client::builder`].
+pub struct ClientBuilder {
+    config: ClientConfig,
+    meta: Option<Arc<dyn MetaStore>>,
+    #[cfg(feature = "etcd")]
+    etcd: Option<(Vec<String>, Option<rialto_security::tls::ClientTlsFiles>)>,
+}
+
+impl ClientBuilder {
+    /// Follows the metadata in etcd at these endpoints (`http://` or, with
+    /// [`etcd_tls`](Self::etcd_tls), `https://`).
+    #[cfg(feature = "etcd")]
+    pub fn etcd<S: Into<String>>(mut self, endpoints: impl IntoIterator<Item = S>) -> Self {
+        let tls = self.etcd.take().and_then(|(_, tls)| tls);
+        self.etcd = Some((endpoints.into_iter().map(Into::into).collect(), tls));
+        self
+    }
+
+    /// TLS to etcd: its CA, and this client's certificate when etcd requires one.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_tls(mut self, files: rialto_security::tls::ClientTlsFiles) -> Self {
+        let endpoints = self.etcd.take().map(|(e, _)| e).unwrap_or_default();
+        self.etcd = Some((endpoints, Some(files)));
+        self
+    }
+
+    /// Follows the metadata in this store (a cluster embedded in the process, a test's).
+    pub fn meta(mut self, meta: Arc<dyn MetaStore>) -> Self {
+        self.meta = Some(meta);
+        self
+    }
+
+    /// TLS to the storage servers.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
+    /// The value schema reads are resolved to (default: the latest registered).
+    pub fn reader_schema(mut self, schema: ReaderSchema) -> Self {
+        self.config.reader_schema = schema;
+        self
+    }
+
+    /// Any other setting of [`ClientConfig`].
+    pub fn configure(mut self, change: impl FnOnce(&mut ClientConfig)) -> Self {
+        change(&mut self.config);
+        self
+    }
+
+    /// Connects (see [`Client::connect`]).
+    pub async fn connect(self) -> Result<Client, ClientError> {
+        let meta = match self.meta {
+            Some(meta) => meta,
+            None => self.connect_etcd().await?,
+        };
+        Client::connect(self.config, meta).await
+    }
+
+    #[cfg(feature = "etcd")]
+    async fn connect_etcd(&self) -> Result<Arc<dyn MetaStore>, ClientError> {
+        let Some((endpoints, tls)) = &self.etcd else {
+            return Err(no_metadata());
+        };
+        let store = rialto_backends::etcd::EtcdMetaStore::connect_tls(
+            endpoints,
+            ETCD_CONNECT_TIMEOUT,
+            tls.as_ref(),
+        )
+        .await?;
+        Ok(Arc::new(store))
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    async fn connect_etcd(&self) -> Result<Arc<dyn MetaStore>, ClientError> {
+        Err(no_metadata())
+    }
+}
+
+fn no_metadata() -> ClientError {
+    ClientError::Config(
+        "no metadata store: call .etcd(endpoints) (feature `etcd`) or .meta(store)".into(),
+    )
+}
