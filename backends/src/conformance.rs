@@ -269,10 +269,10 @@ async fn leases(store: &dyn MetaStore, p: &str) {
 /// the weaker promise Rialto's code relies on.
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerDivergence {
-    /// `offset_for_time` may answer an earlier offset than Kafka would (tansu 0.6 answers the
-    /// partition's start for every time). Rialto then replays more of a real-time topic than
-    /// its rewind asks for, which is correct but slower; the case only checks the answer is a
-    /// valid offset no later than Kafka's.
+    /// `offset_for_time` may answer an earlier offset than Kafka would (tansu 0.6 answers a
+    /// time later than every record with the partition's start, not its end). Rialto then
+    /// replays more of a real-time topic than its rewind asks for, which is correct but slower;
+    /// the case only checks the answer is a valid offset no later than Kafka's.
     pub offset_for_time_may_be_earlier: bool,
 }
 

@@ -11,10 +11,13 @@
 //! * [`usage`]: re-measures the ONLINE replicas' bytes while they serve.
 //! * `http`: the HTTP/2 read endpoint (get, streamed batch-get, health, metrics).
 //! * [`faults`]: delays and errors injected into reads, for tests and benchmarks (off by default).
-//! * [`testing`]: in-memory `MetaStore` / `PubSub` fakes and a push-record builder for tests.
+//! * [`testing`]: a push-record builder and waits on replica states, for tests that drive a
+//!   server over the memory backends (`rialto_backends::memory`).
 //!
 //! **Invariant:** a replica never serves before it consumed END_OF_PUSH.
-//! **Invariant:** a replica's checkpoint and the data it covers are written in one write batch.
+//! **Invariant:** a replica's checkpoint never covers data that is not written: the memtable
+//! path writes both in one write batch, the sorted path ingests its SST file before writing the
+//! checkpoint that covers it.
 //! **Invariant:** the server never panics on input from the network or from a topic.
 
 mod assignments;

@@ -20,9 +20,11 @@
 //!   PlainTable this needs a comparator whose *name* matches what PlainTable files record (see
 //!   [`data_options`]).
 //!
-//! Ingestion writes without a WAL: data and checkpoint live in memtables until a flush, and
-//! `atomic_flush` persists all column families together, so after a crash the data on disk and
-//! the checkpoint always match (the lost tail is consumed again). Closing the database flushes.
+//! The memtable path writes without a WAL: data and checkpoint live in memtables until a flush,
+//! and `atomic_flush` persists all column families together, so after a crash the data on disk
+//! and the checkpoint always match (the lost tail is consumed again). The sorted path's data is
+//! durable once its file is ingested, and the checkpoint that covers it is then written through
+//! the WAL, synced. Closing the database flushes.
 //!
 //! No automatic compactions while a replica is written (and no write stalls for its level-0
 //! files): nothing reads it before it is sealed, and sealing compacts it once. An unsorted

@@ -18,7 +18,7 @@ async fn etcd_and_the_test_broker_pass_the_conformance_cases() -> Result<()> {
         EtcdMetaStore::connect(&[services.etcd_endpoint.clone()], Duration::from_secs(10)).await?;
     conformance::meta_store(&etcd, "/conformance/").await;
     let kafka = KafkaPubSub::new(KafkaConfig::new(services.kafka_bootstrap.clone()))?;
-    // tansu answers every offset-for-time lookup with the partition's start.
+    // tansu answers a time later than every record with the partition's start, not its end.
     let tansu = conformance::BrokerDivergence {
         offset_for_time_may_be_earlier: true,
     };
