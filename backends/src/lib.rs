@@ -22,6 +22,8 @@ pub mod memory;
 pub mod meta;
 pub mod mirror;
 pub mod pubsub;
+#[cfg(feature = "remote")]
+pub mod remote;
 
 pub use meta::{KeyValue, LeaseHandle, MetaError, MetaStore};
 pub use mirror::PrefixMirror;

@@ -27,6 +27,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rialto_backends::etcd::EtcdMetaStore;
+use rialto_backends::remote::{gateway_address, RemoteMetaStore};
 use rialto_backends::MetaStore;
 use rialto_controller::{ClientTlsFiles, ControllerTlsArgs};
 use rialto_fast_client::{Client, ClientConfig};
@@ -205,15 +206,21 @@ async fn main() -> Result<()> {
     if let Command::Produce(produce) = args.command {
         return produce::produce(&produce).await;
     }
-    let meta: Arc<dyn MetaStore> = Arc::new(
-        EtcdMetaStore::connect_tls(
-            &args.etcd,
-            Duration::from_secs(10),
-            args.etcd_tls.files()?.as_ref(),
-        )
-        .await
-        .with_context(|| format!("connect to etcd at {}", args.etcd.join(",")))?,
-    );
+    let meta: Arc<dyn MetaStore> = match args.etcd.as_slice() {
+        // An embedded cluster's gateway (`rialto-local serve`).
+        [one] if gateway_address(one).is_some() => Arc::new(RemoteMetaStore::new(
+            gateway_address(one).unwrap_or_default(),
+        )),
+        endpoints => Arc::new(
+            EtcdMetaStore::connect_tls(
+                endpoints,
+                Duration::from_secs(10),
+                args.etcd_tls.files()?.as_ref(),
+            )
+            .await
+            .with_context(|| format!("connect to etcd at {}", endpoints.join(",")))?,
+        ),
+    };
     match args.command {
         Command::Prepare(_) | Command::Produce(_) => unreachable!("handled above"),
         Command::Get { store, key } => {

@@ -42,6 +42,11 @@ pub enum LocalError {
     Controller(#[from] ControllerError),
     #[error("storage server {node}: {source}")]
     Server { node: String, source: ServerError },
+    #[error("cannot serve the gateway on {address}: {source}")]
+    Gateway {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("only {registered} of {wanted} storage servers registered within {waited:?}")]
     Registration {
         registered: usize,
@@ -61,6 +66,11 @@ pub struct LocalOptions {
     pub data_dir: PathBuf,
     /// The admin API's address; port 0 picks a free one.
     pub controller_listen: SocketAddr,
+    /// Serve the metadata store and the broker to other processes on this address (the
+    /// gateway, `rialto_backends::remote`): `rialto-push`, `rialto-loadgen` and applications'
+    /// clients then reach the cluster at `rialto-local://ADDRESS`. Loopback only: it has no
+    /// TLS and no authorization.
+    pub gateway_listen: Option<SocketAddr>,
 }
 
 impl LocalOptions {
@@ -71,6 +81,7 @@ impl LocalOptions {
             zones: 3,
             data_dir: data_dir.into(),
             controller_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            gateway_listen: None,
         }
     }
 }
@@ -82,6 +93,13 @@ pub struct LocalCluster {
     broker: MemoryPubSub,
     controller: RunningController,
     servers: Vec<RunningServer>,
+    gateway: Option<Gateway>,
+}
+
+struct Gateway {
+    address: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl LocalCluster {
@@ -89,11 +107,19 @@ impl LocalCluster {
     pub async fn start(options: LocalOptions) -> Result<LocalCluster, LocalError> {
         let meta = MemoryMetaStore::new();
         let broker = MemoryPubSub::new();
+        let gateway = match options.gateway_listen {
+            Some(address) => Some(start_gateway(address, &meta, &broker).await?),
+            None => None,
+        };
         let config = ControllerConfig {
             controller_id: "local".into(),
             listen: options.controller_listen,
-            // Never dialled: pushes started here are handed the in-process broker.
-            kafka_bootstrap: "in-process".into(),
+            // What push jobs in other processes are told to produce to; without a gateway only
+            // pushes in this process (handed the broker) can write.
+            kafka_bootstrap: match &gateway {
+                Some(g) => format!("{}{}", rialto_backends::remote::SCHEME, g.address),
+                None => "in-process-only".into(),
+            },
             ..ControllerConfig::default()
         };
         let controller =
@@ -115,6 +141,7 @@ impl LocalCluster {
             broker,
             controller,
             servers,
+            gateway,
         };
         cluster.wait_for_registration(options.servers).await?;
         Ok(cluster)
@@ -137,6 +164,14 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The gateway's endpoint (`rialto-local://127.0.0.1:PORT`) when it runs: what other
+    /// processes name as their etcd endpoint and Kafka bootstrap.
+    pub fn gateway_endpoint(&self) -> Option<String> {
+        self.gateway
+            .as_ref()
+            .map(|g| format!("{}{}", rialto_backends::remote::SCHEME, g.address))
     }
 
     /// The admin API's URL (`http://127.0.0.1:PORT`).
@@ -192,7 +227,40 @@ impl LocalCluster {
         if let Err(e) = self.controller.shutdown().await {
             tracing::warn!(error = %e, "the controller did not stop cleanly");
         }
+        if let Some(gateway) = self.gateway {
+            let _ = gateway.stop.send(true);
+            match gateway.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the gateway failed"),
+                Err(e) => tracing::warn!(error = %e, "the gateway task failed"),
+            }
+        }
     }
+}
+
+async fn start_gateway(
+    address: SocketAddr,
+    meta: &MemoryMetaStore,
+    broker: &MemoryPubSub,
+) -> Result<Gateway, LocalError> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| LocalError::Gateway { address, source })?;
+    let address = listener
+        .local_addr()
+        .map_err(|source| LocalError::Gateway { address, source })?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(rialto_backends::remote::gateway::serve(
+        listener,
+        meta.clone(),
+        broker.clone(),
+        stopped,
+    ));
+    Ok(Gateway {
+        address,
+        stop,
+        task,
+    })
 }
 
 fn server_dir(data_dir: &Path, i: usize) -> PathBuf {

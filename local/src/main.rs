@@ -43,6 +43,14 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         records: usize,
     },
+    /// Run a cluster until interrupted, reachable from other processes: `rialto-admin
+    /// --controller URL`, `rialto-push --controller URL` and `rialto-loadgen --etcd ENDPOINT`
+    /// with the URL and endpoint it prints.
+    Serve {
+        /// Address of the gateway to the metadata store and broker (loopback only).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        gateway_listen: SocketAddr,
+    },
 }
 
 const DEMO_VALUE_SCHEMA: &str = r#"{"type":"record","name":"Recommendation","fields":[{"name":"member","type":"long"},{"name":"items","type":{"type":"array","items":"long"}},{"name":"score","type":"double"}]}"#;
@@ -67,7 +75,35 @@ async fn main() -> Result<()> {
     options.controller_listen = args.controller_listen;
     match args.command {
         Command::Demo { records } => demo(options, &data_dir, records).await,
+        Command::Serve { gateway_listen } => {
+            options.gateway_listen = Some(gateway_listen);
+            serve(options, &data_dir).await
+        }
     }
+}
+
+async fn serve(options: LocalOptions, data_dir: &Path) -> Result<()> {
+    let servers = options.servers;
+    let cluster = LocalCluster::start(options)
+        .await
+        .context("start the local cluster")?;
+    println!("local: controller {}", cluster.controller_url());
+    println!(
+        "local: backends {} (the etcd endpoint and Kafka bootstrap of other processes)",
+        cluster.gateway_endpoint().unwrap_or_default()
+    );
+    println!(
+        "local: {servers} storage servers, data in {}; ready (Ctrl-C or SIGTERM stops)",
+        data_dir.display()
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    cluster.shutdown().await;
+    println!("local: stopped");
+    Ok(())
 }
 
 async fn demo(options: LocalOptions, data_dir: &Path, records: usize) -> Result<()> {

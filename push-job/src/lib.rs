@@ -144,6 +144,23 @@ pub struct PushConfig {
     pub broker: Option<InProcessBroker>,
 }
 
+/// The broker a bootstrap list names: Kafka, or the gateway of an embedded cluster
+/// (`rialto-local://host:port`, see `rialto_backends::remote`).
+pub fn connect_broker(
+    bootstrap: String,
+    options: Vec<(String, String)>,
+) -> Result<Arc<dyn PubSub>, PubSubError> {
+    if let Some(address) = rialto_backends::remote::gateway_address(&bootstrap) {
+        return Ok(Arc::new(rialto_backends::remote::RemotePubSub::new(
+            address,
+        )));
+    }
+    Ok(Arc::new(KafkaPubSub::new(KafkaConfig {
+        bootstrap_servers: bootstrap,
+        options,
+    })?))
+}
+
 /// A broker handed to the push job directly (see [`PushConfig::broker`]).
 #[derive(Clone)]
 pub struct InProcessBroker(pub Arc<dyn PubSub>);
@@ -323,13 +340,8 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             Some(InProcessBroker(broker)) => broker.clone(),
             None => {
                 let bootstrap = config.kafka_bootstrap.clone().unwrap_or_else(|| start.kafka_bootstrap.clone());
-                Arc::new(
-                    KafkaPubSub::new(KafkaConfig {
-                        bootstrap_servers: bootstrap,
-                        options: config.kafka_options.clone(),
-                    })
-                    .map_err(|source| PushError::Produce { version, source })?,
-                )
+                connect_broker(bootstrap, config.kafka_options.clone())
+                    .map_err(|source| PushError::Produce { version, source })?
             }
         };
         let produce_started = Instant::now();

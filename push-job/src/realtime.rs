@@ -44,7 +44,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_backends::{PubSub, PubSubError};
 use rialto_controller::AdminClient;
 use rialto_protocol::avro::{AvroCodec, AvroError, Value};
@@ -213,15 +212,14 @@ impl RealtimeWriter {
             .ok_or_else(|| RealtimeError::NoBootstrap {
                 store: store.name.clone(),
             })?;
-        let pubsub = KafkaPubSub::new(KafkaConfig {
-            bootstrap_servers: bootstrap,
-            options: config.kafka_options.clone(),
-        })
-        .map_err(|source| RealtimeError::Broker {
-            topic: realtime_topic(&store.name),
-            source,
-        })?;
-        RealtimeWriter::with_schema(&store, Arc::new(pubsub), config.value_schema_id).await
+        let pubsub =
+            crate::connect_broker(bootstrap, config.kafka_options.clone()).map_err(|source| {
+                RealtimeError::Broker {
+                    topic: realtime_topic(&store.name),
+                    source,
+                }
+            })?;
+        RealtimeWriter::with_schema(&store, pubsub, config.value_schema_id).await
     }
 
     /// A writer of `store` producing through `pubsub`. Refuses a store that is not hybrid and

@@ -248,6 +248,18 @@ impl MemoryMetaStore {
         ids
     }
 
+    /// Refreshes a lease as its keep-alive does (for a holder in another process); returns
+    /// whether the lease is still alive.
+    pub fn keep_alive(&self, id: i64) -> bool {
+        match self.shared.lock().leases.get_mut(&id) {
+            Some(lease) => {
+                lease.deadline = Instant::now() + lease.ttl;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The lease a key is attached to.
     pub fn lease_of(&self, key: &str) -> Option<i64> {
         self.shared.lock().data.get(key).and_then(|e| e.lease)
@@ -424,7 +436,8 @@ impl MetaStore for MemoryMetaStore {
         if start <= s.compacted {
             watcher.end();
         } else {
-            for (_, events) in s.history.iter().filter(|(rev, _)| *rev >= start) {
+            let first = s.history.partition_point(|(rev, _)| *rev < start);
+            for (_, events) in s.history.range(first..) {
                 watcher.offer(events);
             }
             s.watchers.push(Arc::downgrade(&watcher));
