@@ -60,6 +60,26 @@ impl Shared {
     fn topics(&self) -> MutexGuard<'_, HashMap<String, Topic>> {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Runs `f` on a partition's log, after applying the topic's retention to it.
+    fn with_log<T>(
+        &self,
+        topic: &str,
+        partition: u32,
+        f: impl FnOnce(&mut Log) -> T,
+    ) -> Result<T, PubSubError> {
+        let mut topics = self.topics();
+        let t = topics
+            .get_mut(topic)
+            .ok_or_else(|| unknown(topic, partition))?;
+        let retention = t.retention;
+        let log = t
+            .partitions
+            .get_mut(partition as usize)
+            .ok_or_else(|| unknown(topic, partition))?;
+        log.expire(retention, Instant::now());
+        Ok(f(log))
+    }
 }
 
 fn unknown(topic: &str, partition: u32) -> PubSubError {
@@ -98,26 +118,15 @@ impl MemoryPubSub {
         key: &[u8],
         value: &[u8],
     ) -> Result<i64, PubSubError> {
-        let offset = {
-            let mut topics = self.shared.topics();
-            let t = topics
-                .get_mut(topic)
-                .ok_or_else(|| unknown(topic, partition))?;
-            let retention = t.retention;
-            let log = t
-                .partitions
-                .get_mut(partition as usize)
-                .ok_or_else(|| unknown(topic, partition))?;
-            let now = Instant::now();
-            log.expire(retention, now);
+        let offset = self.shared.with_log(topic, partition, |log| {
             log.records.push_back(Stored {
                 key: key.to_vec(),
                 value: value.to_vec(),
                 timestamp_ms: wall_clock_ms(),
-                appended: now,
+                appended: Instant::now(),
             });
             log.end() - 1
-        };
+        })?;
         self.shared.appended.notify_waiters();
         Ok(offset)
     }
@@ -179,17 +188,8 @@ impl MemoryPubSub {
     }
 
     fn watermarks_now(&self, topic: &str, partition: u32) -> Result<(i64, i64), PubSubError> {
-        let mut topics = self.shared.topics();
-        let t = topics
-            .get_mut(topic)
-            .ok_or_else(|| unknown(topic, partition))?;
-        let retention = t.retention;
-        let log = t
-            .partitions
-            .get_mut(partition as usize)
-            .ok_or_else(|| unknown(topic, partition))?;
-        log.expire(retention, Instant::now());
-        Ok((log.start, log.end()))
+        self.shared
+            .with_log(topic, partition, |log| (log.start, log.end()))
     }
 
     fn create(
@@ -341,31 +341,24 @@ impl MemoryConsumer {
     /// Up to `max` records from the consumer's position. A position before the low watermark
     /// (records removed by retention) moves to it, as `auto.offset.reset=earliest` does.
     fn take(&mut self, max: usize) -> Result<Vec<ConsumedRecord>, PubSubError> {
-        let mut topics = self.shared.topics();
-        let t = topics
-            .get_mut(&self.topic)
-            .ok_or_else(|| unknown(&self.topic, self.partition))?;
-        let retention = t.retention;
-        let log = t
-            .partitions
-            .get_mut(self.partition as usize)
-            .ok_or_else(|| unknown(&self.topic, self.partition))?;
-        log.expire(retention, Instant::now());
-        self.next = self.next.max(log.start);
-        let skip = (self.next - log.start) as usize;
-        let out: Vec<ConsumedRecord> = log
-            .records
-            .iter()
-            .skip(skip)
-            .take(max.max(1))
-            .enumerate()
-            .map(|(i, r)| ConsumedRecord {
-                offset: self.next + i as i64,
-                key: Some(r.key.clone()),
-                value: Some(r.value.clone()),
-            })
-            .collect();
-        self.next += out.len() as i64;
+        let from = self.next;
+        let out = self.shared.with_log(&self.topic, self.partition, |log| {
+            let from = from.max(log.start);
+            log.records
+                .iter()
+                .skip((from - log.start) as usize)
+                .take(max.max(1))
+                .enumerate()
+                .map(|(i, r)| ConsumedRecord {
+                    offset: from + i as i64,
+                    key: Some(r.key.clone()),
+                    value: Some(r.value.clone()),
+                })
+                .collect::<Vec<_>>()
+        })?;
+        if let Some(last) = out.last() {
+            self.next = last.offset + 1;
+        }
         Ok(out)
     }
 }
