@@ -64,7 +64,7 @@ pub use stats::ClientStats;
 pub use stream::{
     BatchEvent, BatchStream, Completeness, KeyFailure, RawBatchStream, Refusal, ValueEvent,
 };
-pub use typed::ClientBuilder;
+pub use typed::{ClientBuilder, TypedBatchStream, TypedEvent};
 
 /// Most keys one `batch_get` call accepts (the servers' default limit per request).
 pub const BATCH_GET_KEYS_MAX: usize = rialto_protocol::wire::BATCH_GET_KEYS_MAX;

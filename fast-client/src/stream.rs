@@ -120,6 +120,16 @@ impl Completeness {
     }
 }
 
+impl Completeness {
+    /// Counts keys that were answered but whose value could not be used (undecodable, or not
+    /// the application's type) as failed.
+    pub(crate) fn fail_answered(&mut self, failures: Vec<KeyFailure>) {
+        self.keys_answered -= failures.len().min(self.keys_answered);
+        self.failed.extend(failures);
+        self.failed.sort_by_key(|f| f.index);
+    }
+}
+
 /// The stream returned by [`Client::batch_get_stream_raw`](crate::Client::batch_get_stream_raw).
 /// Dropping it cancels the call and its requests.
 pub struct RawBatchStream {
@@ -219,10 +229,7 @@ impl Stream for BatchStream {
                     }
                 }
                 BatchEvent::Done(mut done) => {
-                    let undecodable = std::mem::take(&mut self.undecodable);
-                    done.keys_answered -= undecodable.len().min(done.keys_answered);
-                    done.failed.extend(undecodable);
-                    done.failed.sort_by_key(|f| f.index);
+                    done.fail_answered(std::mem::take(&mut self.undecodable));
                     return Poll::Ready(Some(ValueEvent::Done(done)));
                 }
             }

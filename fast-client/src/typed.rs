@@ -30,13 +30,19 @@
 //! # Ok(()) }
 //! ```
 
+use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
 
 use rialto_backends::MetaStore;
 use rialto_protocol::avro::Value;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::stream::{BatchStream, Completeness, KeyFailure, ValueEvent};
 use crate::{Client, ClientConfig, ClientError, ClientTls, ReaderSchema};
 
 /// How long [`ClientBuilder::connect`] waits for etcd to answer.
@@ -81,6 +87,21 @@ impl Client {
         }
     }
 
+    /// Streaming batch-get in the application's types: records as the servers send them, then
+    /// [`TypedEvent::Done`] with the call's completeness. A value that does not fit `V` is
+    /// reported there as a failed key (with the conversion error), never as a record.
+    pub fn batch_get_stream_as<K: Serialize, V: DeserializeOwned>(
+        &self,
+        keys: &[K],
+    ) -> Result<TypedBatchStream<V>, ClientError> {
+        let keys = keys.iter().map(to_avro).collect::<Result<Vec<_>, _>>()?;
+        Ok(TypedBatchStream {
+            inner: self.batch_get_stream(&keys)?,
+            unusable: Vec::new(),
+            _value: PhantomData,
+        })
+    }
+
     /// Reads many keys as the application's types, in the order asked.
     pub async fn batch_get_as<K: Serialize, V: DeserializeOwned>(
         &self,
@@ -92,6 +113,51 @@ impl Client {
             .iter()
             .map(|v| v.as_ref().map(from_avro).transpose())
             .collect()
+    }
+}
+
+/// One item of [`Client::batch_get_stream_as`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum TypedEvent<V> {
+    /// The value of the key at `index` of the request (`None`: the store has no value for it).
+    Record { index: usize, value: Option<V> },
+    /// The call ended; always the last item.
+    Done(Completeness),
+}
+
+/// The stream returned by [`Client::batch_get_stream_as`]; dropping it cancels the call.
+pub struct TypedBatchStream<V> {
+    inner: BatchStream,
+    unusable: Vec<KeyFailure>,
+    _value: PhantomData<fn() -> V>,
+}
+
+impl<V: DeserializeOwned> Stream for TypedBatchStream<V> {
+    type Item = TypedEvent<V>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TypedEvent<V>>> {
+        loop {
+            let event = match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(event)) => event,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            match event {
+                ValueEvent::Record { index, value, .. } => {
+                    match value.as_ref().map(from_avro::<V>).transpose() {
+                        Ok(value) => return Poll::Ready(Some(TypedEvent::Record { index, value })),
+                        Err(e) => self.unusable.push(KeyFailure {
+                            index,
+                            error: e.to_string(),
+                        }),
+                    }
+                }
+                ValueEvent::Done(mut done) => {
+                    done.fail_answered(std::mem::take(&mut self.unusable));
+                    return Poll::Ready(Some(TypedEvent::Done(done)));
+                }
+            }
+        }
     }
 }
 

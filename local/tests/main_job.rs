@@ -136,6 +136,40 @@ async fn typed_reads_return_the_applications_structs_and_name_a_type_that_does_n
     let bad_key = client.get_as::<_, Recommendation>(&17i64).await;
     assert!(bad_key.is_err(), "a long is not a string key");
 
+    // Streaming, typed: records as they come, then completeness; a value that does not fit the
+    // type is a failed key there, never a record.
+    use futures::StreamExt;
+    use rialto_fast_client::TypedEvent;
+    let mut stream = client
+        .batch_get_stream_as::<_, Recommendation>(&["m3", "m4", "none"])
+        .unwrap();
+    let (mut found, mut done) = (std::collections::BTreeMap::new(), None);
+    while let Some(event) = stream.next().await {
+        match event {
+            TypedEvent::Record { index, value } => {
+                found.insert(index, value.map(|r| r.member));
+            }
+            TypedEvent::Done(completeness) => done = Some(completeness),
+        }
+    }
+    assert_eq!(
+        found.into_iter().collect::<Vec<_>>(),
+        [(0, Some(3)), (1, Some(4)), (2, None)]
+    );
+    assert!(done.unwrap().failed.is_empty());
+    let mut stream = client.batch_get_stream_as::<_, String>(&["m3"]).unwrap();
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        events.push(event);
+    }
+    match events.as_slice() {
+        [TypedEvent::Done(done)] => {
+            assert_eq!((done.keys_answered, done.failed.len()), (0, 1), "{done:?}");
+            assert!(done.failed[0].error.contains("String"), "{done:?}");
+        }
+        other => panic!("a value of the wrong type came as a record: {other:?}"),
+    }
+
     let no_store = rialto_fast_client::Client::builder("recs").connect().await;
     assert!(matches!(
         no_store,

@@ -1,6 +1,7 @@
 //! [`RemoteMetaStore`] and [`RemotePubSub`]: the traits over a gateway's HTTP API.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,10 +12,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::wire::{
     ErrorKind, MetaRequest, PubSubRequest, Reply, WireError, WireEvent, WireKeyValue, WireRecord,
+    WireSend,
 };
 use crate::meta::{KeyValue, LeaseHandle, MetaError, MetaStore, WatchEvent, WatchStream};
 use crate::pubsub::{ConsumedRecord, Delivery, PartitionConsumer, PubSub, PubSubError};
@@ -23,6 +25,9 @@ use crate::pubsub::{ConsumedRecord, Delivery, PartitionConsumer, PubSub, PubSubE
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one watch request waits for a change before asking again.
 const WATCH_WAIT: Duration = Duration::from_secs(10);
+/// Most records, and about the most bytes, one send request carries.
+const SEND_BATCH_RECORDS: usize = 2048;
+const SEND_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// The HTTP side shared by both clients.
 #[derive(Clone)]
@@ -257,10 +262,22 @@ impl MetaStore for RemoteMetaStore {
 }
 
 /// A [`PubSub`] whose topics live in another process's memory broker, reached through its
-/// gateway (`rialto-local serve`). Each send is one request, acknowledged when it returns.
+/// gateway (`rialto-local serve`). Sends are queued and carried in batches by one task, in the
+/// order they were made, so each partition's records keep their order; a delivery completes
+/// when its batch was appended.
 #[derive(Clone)]
 pub struct RemotePubSub {
     gateway: Gateway,
+    outgoing: Arc<OnceLock<mpsc::UnboundedSender<Outgoing>>>,
+}
+
+enum Outgoing {
+    Record {
+        record: WireSend,
+        delivered: oneshot::Sender<Result<i64, PubSubError>>,
+    },
+    /// Answered once every record queued before it is delivered.
+    Flush(oneshot::Sender<()>),
 }
 
 impl RemotePubSub {
@@ -268,6 +285,81 @@ impl RemotePubSub {
     pub fn new(address: &str) -> RemotePubSub {
         RemotePubSub {
             gateway: Gateway::new(address),
+            outgoing: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The queue of the sending task, started by the first send.
+    fn queue(&self) -> &mpsc::UnboundedSender<Outgoing> {
+        self.outgoing.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(send_batches(self.gateway.clone(), rx));
+            tx
+        })
+    }
+}
+
+/// Carries queued records to the gateway, as many as are waiting per request.
+async fn send_batches(gateway: Gateway, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(first) = queue.recv().await {
+        let (mut records, mut waiting, mut flushes, mut bytes) = (Vec::new(), Vec::new(), None, 0);
+        let mut item = Some(first);
+        while let Some(next) = item.take() {
+            match next {
+                Outgoing::Record { record, delivered } => {
+                    bytes += record.value.len();
+                    records.push(record);
+                    waiting.push(delivered);
+                }
+                Outgoing::Flush(flushed) => {
+                    flushes = Some(flushed);
+                    break;
+                }
+            }
+            if records.len() < SEND_BATCH_RECORDS && bytes < SEND_BATCH_BYTES {
+                item = queue.try_recv().ok();
+            }
+        }
+        if !records.is_empty() {
+            deliver(&gateway, records, waiting).await;
+        }
+        if let Some(flushed) = flushes {
+            let _ = flushed.send(());
+        }
+    }
+}
+
+/// Sends one batch and completes each record's delivery with its offset or error.
+async fn deliver(
+    gateway: &Gateway,
+    records: Vec<WireSend>,
+    waiting: Vec<oneshot::Sender<Result<i64, PubSubError>>>,
+) {
+    let count = records.len();
+    let answer: Result<Vec<Result<i64, WireError>>, WireError> = gateway
+        .call("/pubsub", &PubSubRequest::Send { records })
+        .await;
+    let answer = answer.and_then(|offsets| {
+        if offsets.len() == count {
+            Ok(offsets)
+        } else {
+            Err(WireError {
+                kind: ErrorKind::Failed,
+                context: "gateway send".into(),
+                detail: format!("{} offsets for {count} records", offsets.len()),
+            })
+        }
+    });
+    match answer {
+        Ok(offsets) => {
+            for (delivered, offset) in waiting.into_iter().zip(offsets) {
+                let _ = delivered.send(offset.map_err(PubSubError::from));
+            }
+        }
+        Err(e) => {
+            for delivered in waiting {
+                let _ = delivered.send(Err(e.clone().into()));
+            }
         }
     }
 }
@@ -377,20 +469,50 @@ impl PubSub for RemotePubSub {
         key: &[u8],
         value: &[u8],
     ) -> Result<Delivery, PubSubError> {
-        let offset: i64 = self
-            .gateway
-            .pubsub(PubSubRequest::Send {
-                topic: topic.to_string(),
-                partition,
-                key: key.to_vec(),
-                value: value.to_vec(),
+        let (delivered, delivery) = oneshot::channel();
+        let record = WireSend {
+            topic: topic.to_string(),
+            partition,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        };
+        let context = format!("send to {topic}/{partition}");
+        self.queue()
+            .send(Outgoing::Record { record, delivered })
+            .map_err(|_| PubSubError::Unavailable {
+                context: context.clone(),
+                detail: "the sending task stopped".into(),
+            })?;
+        Ok(Box::pin(async move {
+            delivery.await.unwrap_or_else(|_| {
+                Err(PubSubError::Unavailable {
+                    context,
+                    detail: "the sending task stopped".into(),
+                })
             })
-            .await?;
-        Ok(Box::pin(async move { Ok(offset) }))
+        }))
     }
 
-    async fn flush(&self, _timeout: Duration) -> Result<(), PubSubError> {
-        Ok(()) // every send is acknowledged when it returns
+    async fn flush(&self, timeout: Duration) -> Result<(), PubSubError> {
+        let Some(queue) = self.outgoing.get() else {
+            return Ok(()); // nothing was ever sent
+        };
+        let stopped = || PubSubError::Unavailable {
+            context: "flush".into(),
+            detail: "the sending task stopped".into(),
+        };
+        let (flushed, done) = oneshot::channel();
+        queue
+            .send(Outgoing::Flush(flushed))
+            .map_err(|_| stopped())?;
+        match tokio::time::timeout(timeout, done).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(PubSubError::Unavailable {
+                context: "flush".into(),
+                detail: format!("records still unacknowledged after {timeout:?}"),
+            }),
+        }
     }
 
     async fn consumer(

@@ -165,12 +165,16 @@ async fn pubsub_op(
             partition,
             timestamp_ms,
         } => reply(p.offset_for_time(&topic, partition, timestamp_ms).await).into_response(),
-        PubSubRequest::Send {
-            topic,
-            partition,
-            key,
-            value,
-        } => reply(p.append(&topic, partition, &key, &value)).into_response(),
+        PubSubRequest::Send { records } => {
+            let offsets: Vec<Result<i64, WireError>> = records
+                .iter()
+                .map(|r| {
+                    p.append(&r.topic, r.partition, &r.key, &r.value)
+                        .map_err(WireError::from)
+                })
+                .collect();
+            reply(Ok::<_, WireError>(offsets)).into_response()
+        }
         PubSubRequest::Fetch {
             topic,
             partition,

@@ -5,9 +5,10 @@
 //! [`RemoteMetaStore`] and [`RemotePubSub`] implement the traits against it, so the tools and an
 //! application's client work against the embedded cluster as against etcd and Kafka. They are
 //! named by endpoints of the form `rialto-local://host:port` wherever an etcd endpoint or a
-//! Kafka bootstrap list is taken ([`gateway_address`]). Every operation is one JSON request;
-//! a watch or a fetch waits on the gateway for something to return. No TLS and no
-//! authorization: the gateway is for one machine, bound to loopback.
+//! Kafka bootstrap list is taken ([`gateway_address`]). Every operation is one JSON request
+//! (sends are queued and carried in batches); a watch or a fetch waits on the gateway for
+//! something to return. No TLS and no authorization: the gateway is for one machine, bound to
+//! loopback.
 //!
 //! The remote backends pass the conformance cases over a gateway (this module's tests).
 

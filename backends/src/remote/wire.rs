@@ -191,6 +191,15 @@ impl From<WireRecord> for ConsumedRecord {
     }
 }
 
+/// One record of a [`PubSubRequest::Send`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireSend {
+    pub topic: String,
+    pub partition: u32,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
 /// The metadata operations, each a `POST /meta/<op>` with this body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum MetaRequest {
@@ -257,11 +266,9 @@ pub enum PubSubRequest {
         partition: u32,
         timestamp_ms: i64,
     },
+    /// Records appended in order; one offset or error per record, in the same order.
     Send {
-        topic: String,
-        partition: u32,
-        key: Vec<u8>,
-        value: Vec<u8>,
+        records: Vec<WireSend>,
     },
     /// Up to `max` records from `offset`, waiting up to `wait_ms` for the first.
     Fetch {
