@@ -13,6 +13,8 @@ use crate::meta::{KeyValue, LeaseHandle, MetaError, MetaStore, WatchEvent, Watch
 /// Revisions of history kept for watches that start in the past; older ones are compacted
 /// away, as etcd's auto-compaction does, and a watch from before them ends at once.
 pub const DEFAULT_HISTORY_REVISIONS: usize = 100_000;
+/// Longest lease TTL granted (a day); longer requests get this.
+pub const LEASE_TTL_S_MAX: i64 = 24 * 3600;
 /// Revisions a watcher may have undelivered before its watch ends (it must re-list).
 pub const WATCH_QUEUE_REVISIONS: usize = 10_000;
 
@@ -446,7 +448,8 @@ impl MetaStore for MemoryMetaStore {
     }
 
     async fn grant_lease(&self, ttl_s: i64) -> Result<LeaseHandle, MetaError> {
-        let ttl = Duration::from_secs(ttl_s.max(1) as u64);
+        // Clamped: a TTL from the network (the gateway) must not overflow the clock.
+        let ttl = Duration::from_secs(ttl_s.clamp(1, LEASE_TTL_S_MAX) as u64);
         let (tx, lost) = watch::channel(false);
         let id = {
             let mut s = self.shared.lock();

@@ -80,6 +80,19 @@ async fn a_lease_expires_one_ttl_after_its_last_keep_alive() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_huge_ttl_or_retention_from_a_caller_does_not_overflow_the_clock() {
+    let m = MemoryMetaStore::new();
+    let lease = m.grant_lease(i64::MAX).await.unwrap();
+    m.put("/k", vec![], Some(lease.id)).await.unwrap();
+    let p = MemoryPubSub::new();
+    p.create_retained_topic("t", 1, Duration::MAX)
+        .await
+        .unwrap();
+    p.append("t", 0, b"", b"v").unwrap();
+    assert_eq!(p.watermarks("t", 0).await.unwrap(), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn deleting_a_prefix_and_expiring_a_lease_are_one_revision_each() {
     let m = MemoryMetaStore::new();
     let lease = m.grant_lease(5).await.unwrap();
