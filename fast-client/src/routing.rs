@@ -399,6 +399,7 @@ pub(crate) mod tests {
                 hybrid: None,
                 moves: vec![],
                 pushed_by: None,
+                sealed: false,
             };
             self.versions.insert(
                 self.layout.version("ads", v),

@@ -367,6 +367,7 @@ fn put_version_laid_out(
         hybrid: None,
         moves: vec![],
         pushed_by: None,
+        sealed: false,
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }

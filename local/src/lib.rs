@@ -120,6 +120,8 @@ impl LocalCluster {
                 Some(g) => format!("{}{}", rialto_backends::remote::SCHEME, g.address),
                 None => "in-process-only".into(),
             },
+            // The memory broker serves other topics through a deletion.
+            topic_deletion: rialto_controller::TopicDeletion::Immediate,
             ..ControllerConfig::default()
         };
         let controller =

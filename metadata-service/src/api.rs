@@ -257,6 +257,7 @@ async fn create_realtime_topic(
 ) -> Result<(), ControllerError> {
     hybrid.validate().map_err(ControllerError::BadRequest)?;
     let topic = realtime_topic(store);
+    crate::store_ops::clear_deferred_deletion(&*st.meta, &*st.pubsub, &st.layout, &topic).await?;
     st.pubsub
         .create_retained_topic(&topic, partitions, hybrid.retention())
         .await
@@ -1079,6 +1080,7 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, Controller
     let (replicas, _) = st.meta.list(&st.layout.replicas_prefix()).await?;
     let (nodes, _) = st.meta.list(&st.layout.nodes_prefix()).await?;
     let (drains, _) = st.meta.list(&st.layout.drains_prefix()).await?;
+    let (deferred, _) = st.meta.list(&st.layout.topic_deletions_prefix()).await?;
     let mut by_status: BTreeMap<&str, u64> = BTreeMap::new();
     let mut moves: BTreeMap<&str, u64> = BTreeMap::new();
     let mut pushing_ages = Vec::new();
@@ -1140,6 +1142,20 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, Controller
         out,
         "rialto_controller_nodes{{state=\"draining\"}} {}",
         drains.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP rialto_controller_topics_awaiting_deletion Topics of retired versions and \
+         deleted stores whose deletion waits until no replica fetches (--topic-deletion when-idle)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE rialto_controller_topics_awaiting_deletion gauge"
+    );
+    let _ = writeln!(
+        out,
+        "rialto_controller_topics_awaiting_deletion {}",
+        deferred.len()
     );
     let _ = writeln!(out, "# TYPE rialto_controller_versions gauge");
     for status in ["pushing", "push_written", "online", "failed"] {

@@ -63,6 +63,7 @@ pub(crate) async fn run(
                         &mut shutdown,
                         config.rebalance,
                         config.push_timeout,
+                        config.topic_deletion,
                     )
                     .await;
                     break;
@@ -111,12 +112,14 @@ async fn lead(
     shutdown: &mut watch::Receiver<bool>,
     rebalance: RebalanceConfig,
     push_timeout: std::time::Duration,
+    topic_deletion: crate::TopicDeletion,
 ) {
     tracing::info!(controller = id, "became leader");
     leader.store(true, Ordering::SeqCst);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reconciler = Reconciler::new(layout.clone(), meta.clone(), pubsub.clone(), rebalance)
-        .with_push_timeout(push_timeout);
+        .with_push_timeout(push_timeout)
+        .with_topic_deletion(topic_deletion);
     let reconcile = async move {
         // The mirrors need etcd; retry their start while leading.
         loop {

@@ -48,6 +48,7 @@ pub use client::{AdminClient, ControllerTlsArgs};
 pub use error::ControllerError;
 pub use placement::{place, PlacementError};
 pub use rebalance::RebalanceConfig;
+pub use reconcile::TopicDeletion;
 
 /// Default TTL of the leader lease, in seconds.
 pub const LEASE_TTL_S_DEFAULT: i64 = 10;
@@ -73,6 +74,8 @@ pub struct ControllerConfig {
     /// A version not live this long after its push started is failed (the push job died, or
     /// its replicas cannot catch up); zero never.
     pub push_timeout: std::time::Duration,
+    /// When topics of retired versions and deleted stores are deleted.
+    pub topic_deletion: TopicDeletion,
     /// HTTPS for the admin API; with a client CA every caller must present a certificate it
     /// signed. `None` serves plaintext HTTP, for local use only.
     pub tls: Option<ServerTlsFiles>,
@@ -92,6 +95,7 @@ impl Default for ControllerConfig {
             lease_ttl_s: LEASE_TTL_S_DEFAULT,
             rebalance: RebalanceConfig::default(),
             push_timeout: PUSH_TIMEOUT_DEFAULT,
+            topic_deletion: TopicDeletion::default(),
             tls: None,
             authorize: false,
             admin_principals: Vec::new(),

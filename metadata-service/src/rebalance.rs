@@ -512,6 +512,7 @@ mod tests {
             hybrid: None,
             moves: vec![],
             pushed_by: None,
+            sealed: false,
         };
         for (p, n) in record.replicas() {
             set_state(&mut v, p, n, ReplicaState::Online);

@@ -221,20 +221,48 @@ impl ClusterView {
     /// "current leader" for an unknown topic, and librdkafka's leader update then looks up a
     /// topic with no name (`rd_kafka_metadata_update_op`, a NULL `strcmp`).
     pub fn consuming(&self, store: &str, version: u32) -> bool {
-        let wait_ms = TOPIC_RELEASE_WAIT.as_millis() as i64;
         self.replicas
             .range((store.to_string(), version, 0, String::new())..)
             .take_while(|((s, n, _, _), _)| s == store && *n == version)
-            .any(|(id, r)| {
-                let reported = self.reported_ms.get(id).copied().unwrap_or(self.now_ms);
-                // An ONLINE replica of a hybrid version that still follows real-time writes
-                // consumes its topic for as long as its record exists (under its server's
-                // lease); it re-reports only when something changes.
-                (matches!(r.state, ReplicaState::Offline | ReplicaState::Bootstrap)
-                    && self.now_ms.saturating_sub(reported) < wait_ms)
-                    || (r.state == ReplicaState::Online && r.following)
-            })
+            .any(|(id, r)| self.may_fetch(id, r))
     }
+
+    /// Whether no replica in the cluster may be fetching from the broker (the test of
+    /// [`ClusterView::consuming`] over every replica). tansu 0.6 answers a fetch of a live topic
+    /// made while another topic is deleted with "unknown topic" and a current leader, and
+    /// librdkafka 2.12 crashes on that answer (`rd_kafka_metadata_update_op`, a topic without a
+    /// name): a deletion then takes down every server fetching at that moment. With
+    /// [`TopicDeletion::WhenIdle`] topics are deleted only while this holds.
+    pub fn quiet(&self) -> bool {
+        // A version being pushed has replicas about to fetch, reported or not.
+        !self.versions.values().any(|v| in_progress(&v.status))
+            && !self.replicas.iter().any(|(id, r)| self.may_fetch(id, r))
+    }
+
+    fn may_fetch(&self, id: &(String, u32, u32, String), r: &ReplicaRecord) -> bool {
+        let wait_ms = TOPIC_RELEASE_WAIT.as_millis() as i64;
+        let reported = self.reported_ms.get(id).copied().unwrap_or(self.now_ms);
+        // An ONLINE replica of a hybrid version that still follows real-time writes consumes its
+        // topic for as long as its record exists (under its server's lease); it re-reports only
+        // when something changes.
+        (matches!(r.state, ReplicaState::Offline | ReplicaState::Bootstrap)
+            && self.now_ms.saturating_sub(reported) < wait_ms)
+            || (r.state == ReplicaState::Online && r.following)
+    }
+}
+
+/// When the controller deletes the topic of a retired version, a failed version or a deleted
+/// store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopicDeletion {
+    /// Only while no replica in the cluster fetches ([`ClusterView::quiet`]); until then the
+    /// topic is recorded under `topic-deletions/` and the rest of the retirement goes ahead.
+    /// Needed with tansu, where a deletion crashes the processes fetching at that moment; a
+    /// cluster whose hybrid stores always follow real-time writes never deletes then.
+    #[default]
+    WhenIdle,
+    /// At once. Apache Kafka serves other topics through a deletion.
+    Immediate,
 }
 
 /// One thing the reconciler must do.
@@ -257,6 +285,9 @@ pub enum Action {
         version: u32,
         topic: String,
     },
+    /// Stop an ONLINE hybrid version that is neither current nor backup following real-time
+    /// writes: its servers seal its replicas ([`VersionRecord::sealed`]).
+    Seal { store: String, version: u32 },
     /// Delete topic, replica records and version record (once no server consumes the topic).
     Retire {
         store: String,
@@ -445,6 +476,14 @@ pub fn plan_store(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
             }
             VersionStatus::Online if backup == Some(n) => {}
             VersionStatus::Online if current != Some(n) && backup != Some(n) => {
+                if v.hybrid.is_some() && !v.sealed {
+                    // It stops following real-time writes; retired (or kept) once it has.
+                    actions.push(Action::Seal {
+                        store: name.clone(),
+                        version: n,
+                    });
+                    continue;
+                }
                 if kept.contains(&n) || view.consuming(name, n) {
                     continue; // retired once no server consumes its topic
                 }
@@ -551,6 +590,9 @@ pub struct Reconciler {
     absences: NodeClock,
     rebalance: RebalanceConfig,
     push_timeout: std::time::Duration,
+    topic_deletion: TopicDeletion,
+    /// Whether the last view had no replica fetching ([`ClusterView::quiet`]).
+    quiet: bool,
 }
 
 impl Reconciler {
@@ -570,7 +612,15 @@ impl Reconciler {
             absences: NodeClock::default(),
             rebalance,
             push_timeout: std::time::Duration::ZERO,
+            topic_deletion: TopicDeletion::default(),
+            quiet: true,
         }
+    }
+
+    /// When topics are deleted (see [`TopicDeletion`]).
+    pub fn with_topic_deletion(mut self, deletion: TopicDeletion) -> Reconciler {
+        self.topic_deletion = deletion;
+        self
     }
 
     /// Fails a version still being pushed (or waiting for its replicas) this long after it was
@@ -590,6 +640,8 @@ impl Reconciler {
             PrefixMirror::start(self.meta.clone(), self.layout.replicas_prefix()).await?;
         let nodes = PrefixMirror::start(self.meta.clone(), self.layout.nodes_prefix()).await?;
         let drains = PrefixMirror::start(self.meta.clone(), self.layout.drains_prefix()).await?;
+        let deferred =
+            PrefixMirror::start(self.meta.clone(), self.layout.topic_deletions_prefix()).await?;
         let (mut s_rx, mut v_rx, mut r_rx, mut n_rx, mut d_rx) = (
             stores.subscribe(),
             versions.subscribe(),
@@ -616,6 +668,7 @@ impl Reconciler {
                 &drains.snapshot().await,
                 &mut self.absences,
             );
+            self.quiet = view.quiet();
             let actions = plan(&view)
                 .into_iter()
                 .chain(plan_moves(&view, &self.rebalance));
@@ -625,6 +678,12 @@ impl Reconciler {
                 }
                 if let Err(e) = self.apply(&action).await {
                     tracing::warn!(?action, error = %e, "reconcile action failed; retrying on the next pass");
+                }
+            }
+            let waiting = deferred.snapshot().await;
+            if self.quiet && !waiting.is_empty() {
+                if let Err(e) = self.delete_deferred_topics(waiting.keys()).await {
+                    tracing::warn!(error = %e, "deferred topic deletion failed; retrying on the next pass");
                 }
             }
             tokio::select! {
@@ -675,13 +734,22 @@ impl Reconciler {
                     tracing::info!(%store, version, "current version marked online");
                 }
             }
+            Action::Seal { store, version } => {
+                let changed = update_version(&*self.meta, &self.layout, store, *version, |v| {
+                    Ok(!std::mem::replace(&mut v.sealed, true))
+                })
+                .await?;
+                if changed.is_some() {
+                    tracing::info!(%store, version, "neither current nor backup: sealed, no longer following real-time writes");
+                }
+            }
             Action::DeleteTopic {
                 store,
                 version,
                 topic,
             } => {
                 if !self.deleted_topics.contains(topic) {
-                    self.pubsub.delete_topic(topic).await?;
+                    self.delete_topic(topic).await?;
                     self.deleted_topics.insert(topic.clone());
                     tracing::info!(%store, version, %topic, "deleted topic of failed version");
                 }
@@ -692,7 +760,7 @@ impl Reconciler {
                 topic,
             } => {
                 if !self.deleted_topics.contains(topic) {
-                    self.pubsub.delete_topic(topic).await?;
+                    self.delete_topic(topic).await?;
                 }
                 self.meta
                     .delete_prefix(&self.layout.version_replicas_prefix(store, *version))
@@ -723,7 +791,7 @@ impl Reconciler {
                     .chain([rialto_protocol::meta::realtime_topic(store)])
                 {
                     if !self.deleted_topics.contains(&topic) {
-                        self.pubsub.delete_topic(&topic).await?;
+                        self.delete_topic(&topic).await?;
                         self.deleted_topics.insert(topic);
                     }
                 }
@@ -833,6 +901,40 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Deletes `topic` now, or, when replicas may be fetching and deletions wait for a quiet
+    /// cluster ([`TopicDeletion::WhenIdle`]), records it under `topic-deletions/` for
+    /// [`Reconciler::delete_deferred_topics`].
+    async fn delete_topic(&self, topic: &str) -> Result<(), ControllerError> {
+        if self.quiet || self.topic_deletion == TopicDeletion::Immediate {
+            return Ok(self.pubsub.delete_topic(topic).await?);
+        }
+        let key = self.layout.topic_deletion(topic);
+        if self.meta.get(&key).await?.is_none() {
+            self.meta
+                .put(&key, now_ms().to_string().into_bytes(), None)
+                .await?;
+            tracing::info!(%topic, "replicas are fetching: the topic is deleted once none is (--topic-deletion when-idle)");
+        }
+        Ok(())
+    }
+
+    /// Deletes the topics whose deletion was deferred (keys of the `topic-deletions/` prefix).
+    async fn delete_deferred_topics(
+        &self,
+        keys: impl Iterator<Item = &String>,
+    ) -> Result<(), ControllerError> {
+        let prefix = self.layout.topic_deletions_prefix();
+        for key in keys {
+            let Some(topic) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            self.pubsub.delete_topic(topic).await?;
+            self.meta.delete(key).await?;
+            tracing::info!(%topic, "deleted a topic whose deletion waited for no replica to fetch");
+        }
+        Ok(())
+    }
+
     /// Makes `version` current: first marks the version record ONLINE (a compare-and-put that
     /// a concurrent fail call cannot interleave with: both change the same record, and fail only
     /// moves an in-progress version), then moves the store's current version to it (a
@@ -927,6 +1029,7 @@ mod tests {
             hybrid: None,
             moves: vec![],
             pushed_by: None,
+            sealed: false,
         }
     }
 
@@ -1451,5 +1554,99 @@ mod tests {
                 topic: "s_v1".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_hybrid_version_follows_while_current_or_backup_and_is_sealed_before_retiring() {
+        let hybrid = |n: u32| VersionRecord {
+            hybrid: Some(rialto_protocol::meta::HybridConfig {
+                rewind_seconds: 60,
+                lag_records_max: 10,
+            }),
+            ..version(n, VersionStatus::Online)
+        };
+        let mut v = view(
+            StoreRecord {
+                hybrid: Some(rialto_protocol::meta::HybridConfig {
+                    rewind_seconds: 60,
+                    lag_records_max: 10,
+                }),
+                ..store(Some(3), Some(2), 3)
+            },
+            vec![hybrid(1), hybrid(2), hybrid(3)],
+        );
+        let following = ReplicaRecord {
+            following: true,
+            ..replica(ReplicaState::Online, None)
+        };
+        for n in 1..=3 {
+            for p in 0..2 {
+                for node in ["a", "b"] {
+                    v.replicas
+                        .insert(("s".into(), n, p, node.into()), following.clone());
+                }
+            }
+        }
+        // The backup (2) keeps following, so a rollback serves every write; 1 is sealed first.
+        assert_eq!(
+            plan(&v),
+            vec![Action::Seal {
+                store: "s".into(),
+                version: 1
+            }]
+        );
+        v.versions.get_mut(&("s".into(), 1)).unwrap().sealed = true;
+        assert_eq!(plan(&v), vec![], "its servers have not sealed it yet");
+        set_all(&mut v, 1, ReplicaState::Online);
+        assert_eq!(
+            plan(&v),
+            vec![Action::Retire {
+                store: "s".into(),
+                version: 1,
+                topic: "s_v1".into()
+            }]
+        );
+        // Rolled back: the same two versions, both following; nothing to seal.
+        let rolled = view(
+            StoreRecord {
+                hybrid: Some(rialto_protocol::meta::HybridConfig {
+                    rewind_seconds: 60,
+                    lag_records_max: 10,
+                }),
+                ..store(Some(2), Some(3), 3)
+            },
+            vec![hybrid(2), hybrid(3)],
+        );
+        assert_eq!(plan(&rolled), vec![]);
+    }
+
+    #[test]
+    fn a_cluster_is_quiet_only_when_no_replica_may_fetch() {
+        let mut v = view(
+            store(Some(1), None, 2),
+            vec![version(1, VersionStatus::Online)],
+        );
+        set_all(&mut v, 1, ReplicaState::Online);
+        assert!(v.quiet(), "ONLINE batch replicas do not fetch");
+        let following = ReplicaRecord {
+            following: true,
+            ..replica(ReplicaState::Online, None)
+        };
+        v.replicas
+            .insert(("s".into(), 1, 0, "a".into()), following.clone());
+        assert!(!v.quiet(), "a replica following real-time writes fetches");
+        set_all(&mut v, 1, ReplicaState::Online);
+        v.versions
+            .insert(("s".into(), 2), version(2, VersionStatus::Pushing));
+        assert!(
+            !v.quiet(),
+            "a version being pushed has replicas about to fetch"
+        );
+        v.versions
+            .insert(("s".into(), 2), version(2, VersionStatus::Online));
+        set_all(&mut v, 2, ReplicaState::Bootstrap);
+        assert!(!v.quiet(), "bootstrapping replicas fetch");
+        set_all(&mut v, 2, ReplicaState::Online);
+        assert!(v.quiet());
     }
 }

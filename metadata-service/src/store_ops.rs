@@ -176,3 +176,22 @@ pub(crate) async fn grant_cluster_admins(
     .await
     .map(|_| ())
 }
+
+/// Before a topic is created: if a topic of that name awaits a deferred deletion (a store
+/// deleted and created again under its name), that topic is deleted now, so the new one starts
+/// empty and the deferred deletion cannot remove it later.
+pub(crate) async fn clear_deferred_deletion(
+    meta: &dyn MetaStore,
+    pubsub: &dyn rialto_backends::PubSub,
+    layout: &Layout,
+    topic: &str,
+) -> Result<(), ControllerError> {
+    let key = layout.topic_deletion(topic);
+    if meta.get(&key).await?.is_none() {
+        return Ok(());
+    }
+    tracing::warn!(%topic, "a topic of this name awaited deletion; deleting it before creating the new one");
+    pubsub.delete_topic(topic).await?;
+    meta.delete(&key).await?;
+    Ok(())
+}

@@ -130,8 +130,10 @@ pub(crate) async fn start_version(
         hybrid: updated.hybrid,
         moves: vec![],
         pushed_by: pushed_by.map(str::to_string),
+        sealed: false,
     };
     let key = layout.version(store, version);
+    crate::store_ops::clear_deferred_deletion(meta, pubsub, layout, &topic).await?;
     // The topic exists before the record: servers start consuming as soon as they see it.
     if let Err(e) = pubsub.create_topic(&topic, updated.partition_count).await {
         version_record.status = VersionStatus::Failed {

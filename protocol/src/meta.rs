@@ -93,6 +93,14 @@ impl Layout {
         )
     }
 
+    pub fn topic_deletions_prefix(&self) -> String {
+        format!("{}/topic-deletions/", self.root)
+    }
+    /// A topic the controller is to delete once no replica may be fetching (its value: when
+    /// the deletion was deferred, milliseconds since the Unix epoch).
+    pub fn topic_deletion(&self, topic: &str) -> String {
+        format!("{}/topic-deletions/{topic}", self.root)
+    }
     pub fn drains_prefix(&self) -> String {
         format!("{}/drains/", self.root)
     }
@@ -387,6 +395,12 @@ pub struct VersionRecord {
     /// administrator of the store, may report the push written or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pushed_by: Option<String>,
+    /// Set by the controller once an ONLINE hybrid version is neither the store's current nor
+    /// its backup version: its replicas stop following real-time writes and are sealed
+    /// read-only. The current and backup versions keep following, so a rollback serves every
+    /// real-time write made before it; a sealed version never becomes either again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sealed: bool,
 }
 
 impl VersionRecord {
@@ -625,6 +639,7 @@ mod tests {
                 started_ms: 2,
             }],
             pushed_by: Some("spiffe://example.org/feed-job".into()),
+            sealed: true,
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);

@@ -40,8 +40,8 @@ pub(crate) struct DesiredReplicas {
     pub replicas: BTreeMap<ReplicaId, ReplicaPlan>,
     /// (store, version) of records that could not be parsed: their data is left alone.
     pub unparsed: BTreeSet<(String, u32)>,
-    /// (store, version) of hybrid versions with a newer ONLINE version: they no longer follow
-    /// the real-time writes (they serve what they have, sealed).
+    /// (store, version) of hybrid versions the controller sealed (neither current nor backup
+    /// any more): they no longer follow the real-time writes (they serve what they have).
     pub superseded: BTreeSet<(String, u32)>,
 }
 
@@ -65,16 +65,6 @@ pub(crate) fn desired_replicas(
     node_id: &str,
 ) -> DesiredReplicas {
     let mut desired = DesiredReplicas::default();
-    // The newest ONLINE version of each store.
-    let mut newest_online: BTreeMap<String, u32> = BTreeMap::new();
-    for value in versions.values() {
-        if let Ok(r) = serde_json::from_slice::<VersionRecord>(value) {
-            if r.status == VersionStatus::Online {
-                let newest = newest_online.entry(r.store.clone()).or_insert(r.version);
-                *newest = (*newest).max(r.version);
-            }
-        }
-    }
     for (key, value) in versions {
         let record: VersionRecord = match serde_json::from_slice(value) {
             Ok(r) => r,
@@ -97,11 +87,7 @@ pub(crate) fn desired_replicas(
         if matches!(record.status, VersionStatus::Failed { .. }) {
             continue;
         }
-        if record.hybrid.is_some()
-            && newest_online
-                .get(&record.store)
-                .is_some_and(|&n| n > record.version)
-        {
+        if record.hybrid.is_some() && record.sealed {
             desired
                 .superseded
                 .insert((record.store.clone(), record.version));
@@ -361,6 +347,7 @@ mod tests {
             hybrid: None,
             moves: vec![],
             pushed_by: None,
+            sealed: false,
         };
         serde_json::to_vec(&r).unwrap()
     }
@@ -406,6 +393,35 @@ mod tests {
             Some(("a_v1", StorageProfile::OnDisk))
         );
         assert!(d.unparsed.contains(&("b".to_string(), 7)));
+    }
+
+    #[test]
+    fn only_versions_the_controller_sealed_stop_following_real_time_writes() {
+        let l = Layout::new("/r");
+        let hybrid = |n: u32, status: VersionStatus, sealed: bool| {
+            let mut r: VersionRecord =
+                serde_json::from_slice(&version("h", n, vec![vec!["n1"]], status)).unwrap();
+            r.hybrid = Some(rialto_protocol::meta::HybridConfig {
+                rewind_seconds: 60,
+                lag_records_max: 10,
+            });
+            r.sealed = sealed;
+            serde_json::to_vec(&r).unwrap()
+        };
+        let mut map = PrefixMap::new();
+        // 1: retired from being the backup; 2: backup (older than the current 3, yet following,
+        // so a rollback serves every write); 3: current; 4: being pushed.
+        map.insert(l.version("h", 1), hybrid(1, VersionStatus::Online, true));
+        map.insert(l.version("h", 2), hybrid(2, VersionStatus::Online, false));
+        map.insert(l.version("h", 3), hybrid(3, VersionStatus::Online, false));
+        map.insert(l.version("h", 4), hybrid(4, VersionStatus::Pushing, false));
+        let d = desired_replicas(&map, &l.versions_prefix(), "n1");
+        assert_eq!(d.replicas.len(), 4);
+        assert_eq!(
+            d.superseded,
+            BTreeSet::from([("h".to_string(), 1)]),
+            "a newer ONLINE version alone does not stop a version following"
+        );
     }
 
     #[test]

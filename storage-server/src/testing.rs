@@ -117,6 +117,7 @@ pub fn version_record(
         hybrid: None,
         moves: vec![],
         pushed_by: None,
+        sealed: false,
     }
 }
 

@@ -326,6 +326,8 @@ impl Cluster {
                 lease_ttl_s: 10,
                 rebalance: opts.rebalance,
                 push_timeout: rialto_controller::PUSH_TIMEOUT_DEFAULT,
+                // tansu: a deletion must not meet a fetch.
+                topic_deletion: rialto_controller::TopicDeletion::WhenIdle,
                 tls: certs.as_ref().map(|dir| rialto_controller::ServerTlsFiles {
                     cert: dir.join("controller.crt"),
                     key: dir.join("controller.key"),

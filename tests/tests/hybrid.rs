@@ -1,7 +1,8 @@
 //! Hybrid stores end to end on real etcd and a real Kafka-protocol broker: real-time writes
 //! before, during and after a push survive the swap; a streaming-only store serves writes; a
 //! lag above the store's bound holds a version back; a killed partition leader is replaced
-//! without losing a write; the stream CLI refuses a bad line and writes nothing after it.
+//! without losing a write; a rollback serves every write made since the swap; the stream CLI
+//! refuses a bad line and writes nothing after it.
 //!
 //! The oracle is a model of the writes: the batch data, then every real-time put and delete in
 //! the order one writer made them (rewind windows here cover the whole test, so the replay
@@ -209,7 +210,7 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
     )
     .await?;
 
-    // After the swap, writes reach the new version; the old one no longer follows.
+    // After the swap, writes reach the new version, and the old one, now the backup, too.
     for i in 0..100 {
         put(&mut writer, &mut model, &key_of(i), &format!("after-{i}")).await?;
         delete(&mut writer, &mut model, &format!("rt-{i}")).await?;
@@ -231,8 +232,8 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
     );
     let v1 = replicas_of(&d, 1);
     assert!(
-        !v1.is_empty() && v1.iter().all(|r| !r.following && !r.leader),
-        "{v1:?}"
+        !v1.is_empty() && v1.iter().all(|r| r.following),
+        "the backup keeps following: {v1:?}"
     );
 
     // Every server exports the lag of its v2 replicas and which of them lead; 4 leaders in all.
@@ -298,6 +299,181 @@ async fn real_time_writes_before_during_and_after_a_push_survive_the_swap() -> R
         .collect();
     assert_eq!(lags.len(), 8, "{json}");
     writer.close().await?;
+    cluster.shutdown().await
+}
+
+/// Whether every replica of `version` follows real-time writes and each of its partitions has
+/// one leader.
+fn follows_with_leaders(d: &rialto_protocol::admin::StoreDescription, version: u32) -> bool {
+    let replicas = replicas_of(d, version);
+    let partitions = d.store.partition_count;
+    !replicas.is_empty()
+        && replicas.iter().all(|r| r.following)
+        && (0..partitions).all(|p| {
+            replicas
+                .iter()
+                .filter(|r| r.partition == p && r.leader)
+                .count()
+                == 1
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolled_back_hybrid_store_serves_every_write_made_since_the_swap() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    cluster
+        .create_hybrid_string_store("roll", 2, 2, HOUR)
+        .await?;
+    let admin = cluster.admin();
+    let client = cluster.client("roll").await?;
+    let mut writer = cluster.realtime_writer("roll").await?;
+    // Every real-time write, which every live version must apply, and the batch data of the
+    // versions pushed (the same records each time).
+    let mut streamed = Model::new();
+    let records = 300;
+    let batch: Model = (0..records)
+        .map(|i| (key_of(i), Some(string_value(i, 16))))
+        .collect();
+    let on_pushed = |streamed: &Model| {
+        let mut m = batch.clone();
+        m.extend(streamed.clone());
+        m
+    };
+    // Version 1 is the empty first version of a streaming store: the batch keys are absent.
+    let on_empty = |streamed: &Model| {
+        let mut m: Model = batch.keys().map(|k| (k.clone(), None)).collect();
+        m.extend(streamed.clone());
+        m
+    };
+
+    for i in 0..50 {
+        put(
+            &mut writer,
+            &mut streamed,
+            &key_of(i),
+            &format!("first-{i}"),
+        )
+        .await?;
+    }
+    writer.flush().await?;
+    wait_for_model(&client, &on_empty(&streamed), "the streaming-only version").await?;
+    assert_eq!(
+        cluster
+            .push_string_records("roll", records, 16)
+            .await?
+            .version,
+        2
+    );
+    for i in 25..75 {
+        put(
+            &mut writer,
+            &mut streamed,
+            &key_of(i),
+            &format!("after-swap-{i}"),
+        )
+        .await?;
+    }
+    delete(&mut writer, &mut streamed, &key_of(0)).await?;
+    delete(&mut writer, &mut streamed, &key_of(200)).await?;
+    writer.flush().await?;
+    wait_for_model(&client, &on_pushed(&streamed), "version 2 after the swap").await?;
+    wait_until(
+        Duration::from_secs(30),
+        "both versions following, each partition led",
+        || async {
+            let d = admin.describe_store("roll").await?;
+            Ok(follows_with_leaders(&d, 1) && follows_with_leaders(&d, 2))
+        },
+    )
+    .await?;
+
+    // Rolled back, the backup has every write made since it was replaced, and takes new ones.
+    let rolled = admin.rollback("roll").await?;
+    assert_eq!(
+        (rolled.current_version, rolled.backup_version),
+        (Some(1), Some(2))
+    );
+    wait_for_model(&client, &on_empty(&streamed), "rolled back to version 1").await?;
+    for i in 60..90 {
+        put(
+            &mut writer,
+            &mut streamed,
+            &key_of(i),
+            &format!("rolled-back-{i}"),
+        )
+        .await?;
+    }
+    delete(&mut writer, &mut streamed, &key_of(30)).await?;
+    writer.flush().await?;
+    wait_for_model(&client, &on_empty(&streamed), "writes while rolled back").await?;
+    admin.roll_forward("roll").await?;
+    wait_for_model(
+        &client,
+        &on_pushed(&streamed),
+        "rolled forward to version 2",
+    )
+    .await?;
+
+    // A third version makes 2 the backup: 1, neither current nor backup, is sealed (it stops
+    // following) and then retired.
+    assert_eq!(
+        cluster
+            .push_string_records("roll", records, 16)
+            .await?
+            .version,
+        3
+    );
+    wait_for_model(&client, &on_pushed(&streamed), "version 3").await?;
+    wait_until(Duration::from_secs(30), "version 1 retired", || async {
+        let d = admin.describe_store("roll").await?;
+        Ok(d.versions.iter().all(|v| v.record.version != 1))
+    })
+    .await?;
+    // Its topic waits: the replicas of 2 and 3 fetch real-time writes, and a topic deleted on
+    // tansu meanwhile crashes them (`TopicDeletion::WhenIdle`).
+    assert!(
+        cluster.pubsub.partition_count("roll_v1").await?.is_some(),
+        "the topic of version 1 is kept while replicas fetch"
+    );
+    let metrics = admin.metrics().await?;
+    assert!(
+        metrics.contains("rialto_controller_topics_awaiting_deletion 1"),
+        "{metrics}"
+    );
+    let d = admin.describe_store("roll").await?;
+    assert_eq!(
+        (d.store.current_version, d.store.backup_version),
+        (Some(3), Some(2))
+    );
+    assert!(follows_with_leaders(&d, 2), "the new backup follows: {d:?}");
+    put(&mut writer, &mut streamed, &key_of(1), "last").await?;
+    writer.close().await?;
+    wait_for_model(
+        &client,
+        &on_pushed(&streamed),
+        "a write after the third push",
+    )
+    .await?;
+    admin.rollback("roll").await?;
+    wait_for_model(&client, &on_pushed(&streamed), "rolled back to version 2").await?;
+
+    // Once the store is deleted nothing fetches: every topic goes, the deferred one too.
+    admin.delete_store("roll").await?;
+    wait_until(
+        Duration::from_secs(60),
+        "the store's topics deleted",
+        || async {
+            let mut left = Vec::new();
+            for topic in ["roll_v1", "roll_v2", "roll_v3", "roll_rt"] {
+                if cluster.pubsub.partition_count(topic).await?.is_some() {
+                    left.push(topic);
+                }
+            }
+            let metrics = admin.metrics().await?;
+            Ok(left.is_empty() && metrics.contains("rialto_controller_topics_awaiting_deletion 0"))
+        },
+    )
+    .await?;
     cluster.shutdown().await
 }
 

@@ -11,7 +11,7 @@ use rialto_backends::etcd::EtcdMetaStore;
 use rialto_backends::kafka::{KafkaConfig, KafkaPubSub};
 use rialto_controller::rebalance::{MOVES_MAX_DEFAULT, REBALANCE_DELAY_DEFAULT};
 use rialto_controller::{
-    start, ControllerConfig, RebalanceConfig, ServerTlsFiles, LEASE_TTL_S_DEFAULT,
+    start, ControllerConfig, RebalanceConfig, ServerTlsFiles, TopicDeletion, LEASE_TTL_S_DEFAULT,
     PUSH_TIMEOUT_DEFAULT,
 };
 use rialto_protocol::meta::DEFAULT_ROOT;
@@ -63,6 +63,11 @@ struct Args {
     /// A version not live this many seconds after its push started is failed (0: never).
     #[arg(long, default_value_t = PUSH_TIMEOUT_DEFAULT.as_secs())]
     push_timeout_seconds: u64,
+    /// When the topics of retired versions and deleted stores are deleted: `when-idle` waits
+    /// until no replica fetches (tansu crashes the clients fetching during a deletion);
+    /// `immediate` suits Apache Kafka.
+    #[arg(long, value_enum, default_value_t = TopicDeletion::WhenIdle)]
+    topic_deletion: TopicDeletion,
     #[command(flatten)]
     etcd_tls: rialto_security::tls::EtcdTlsArgs,
     /// TLS certificate chain (PEM) of the admin API; with --tls-key serves HTTPS.
@@ -122,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
                 client_ca: args.tls_client_ca,
             }),
         push_timeout: Duration::from_secs(args.push_timeout_seconds),
+        topic_deletion: args.topic_deletion,
         authorize: args.authorize,
         admin_principals: args.admin_principals,
         ..ControllerConfig::default()
