@@ -341,19 +341,84 @@ pub fn read_dataset(
     Ok(dataset)
 }
 
+/// The longest line of JSON read, for values of at most `max_value_bytes`: the value written as
+/// JSON (a byte as a `\u00XX` escape takes six characters) and a megabyte for its key and the
+/// punctuation. A longer line (a binary file given as JSON, a missing newline) is refused
+/// before it is held in memory.
+pub fn json_line_bytes_max(max_value_bytes: u64) -> usize {
+    usize::try_from(max_value_bytes.saturating_mul(6).saturating_add(1 << 20)).unwrap_or(usize::MAX)
+}
+
+/// Why a line could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("cannot read it: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("longer than {max} bytes, the most a record of this store can take as JSON")]
+    TooLong { max: usize },
+    #[error("not UTF-8 text")]
+    NotUtf8,
+}
+
+/// Reads the next line (without its `\n` or `\r\n`) of at most `max` bytes; `None` at the end
+/// of the input. A longer line is an error once `max` bytes of it were read, whatever its length.
+pub fn read_bounded_line(
+    reader: &mut impl BufRead,
+    max: usize,
+) -> Option<Result<String, LineError>> {
+    let mut line = Vec::new();
+    loop {
+        let buffer = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Some(Err(e.into())),
+        };
+        if buffer.is_empty() {
+            if line.is_empty() {
+                return None;
+            }
+            break;
+        }
+        let (taken, ended) = match buffer.iter().position(|&c| c == b'\n') {
+            Some(at) => (at, true),
+            None => (buffer.len(), false),
+        };
+        if line.len() + taken > max {
+            return Some(Err(LineError::TooLong { max }));
+        }
+        line.extend_from_slice(&buffer[..taken]);
+        reader.consume(taken + usize::from(ended));
+        if ended {
+            break;
+        }
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Some(String::from_utf8(line).map_err(|_| LineError::NotUtf8))
+}
+
 fn read_json(
     b: &mut Builder<'_>,
     file: std::fs::File,
     shape: &InputShape,
     value_codec: &AvroCodec,
 ) -> Result<(), PushError> {
-    let reader = std::io::BufReader::new(file);
-    for (i, line) in reader.lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.map_err(|e| PushError::Io {
-            path: b.path.clone(),
-            detail: e.to_string(),
-        })?;
+    let mut reader = std::io::BufReader::new(file);
+    let max = json_line_bytes_max(b.limits.max_value_bytes);
+    let mut line_no = 0u64;
+    while let Some(line) = read_bounded_line(&mut reader, max) {
+        line_no += 1;
+        let line = match line {
+            Ok(line) => line,
+            Err(LineError::Io(e)) => {
+                return Err(PushError::Io {
+                    path: b.path.clone(),
+                    detail: e.to_string(),
+                })
+            }
+            Err(e) => return Err(b.bad(line_no, e.to_string())),
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -702,6 +767,60 @@ mod tests {
                 && msg.contains("\"big\"")
                 && msg.contains("1002 bytes")
                 && msg.contains("999"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn lines_are_read_up_to_their_bound_and_no_further() {
+        let read_all = |input: &[u8], max: usize| {
+            // A small buffer: a line spans many fills.
+            let mut reader = std::io::BufReader::with_capacity(4, input);
+            let mut out = Vec::new();
+            while let Some(line) = read_bounded_line(&mut reader, max) {
+                let stop = line.is_err();
+                out.push(line.map_err(|e| e.to_string()));
+                if stop {
+                    break;
+                }
+            }
+            out
+        };
+        assert_eq!(
+            read_all(b"one\r\n\ntwo and more\nlast", 12),
+            vec![
+                Ok("one".to_string()),
+                Ok(String::new()),
+                Ok("two and more".to_string()),
+                Ok("last".to_string())
+            ]
+        );
+        let long = format!("ok\n{}\nafter\n", "x".repeat(10_000));
+        let read = read_all(long.as_bytes(), 12);
+        assert_eq!(read[0], Ok("ok".to_string()));
+        assert_eq!(
+            read[1],
+            Err("longer than 12 bytes, the most a record of this store can take as JSON".into())
+        );
+        assert_eq!(read.len(), 2, "reading stops at the long line");
+        assert_eq!(
+            read_all(b"\xff\xfe\n", 12),
+            vec![Err("not UTF-8 text".into())]
+        );
+        assert!(read_all(b"", 12).is_empty());
+    }
+
+    #[test]
+    fn a_line_longer_than_any_record_of_the_store_is_refused_by_number() {
+        let limits = RecordLimits {
+            max_value_bytes: 10,
+        };
+        let max = json_line_bytes_max(limits.max_value_bytes);
+        let input = format!("{{\"key\":\"a\",\"value\":\"x\"}}\n{}", "y".repeat(max + 1));
+        let err = read_json_lines(r#""string""#, &input, limits).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("record 2") && msg.contains(&format!("longer than {max} bytes")),
             "{msg}"
         );
     }

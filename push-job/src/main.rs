@@ -214,8 +214,8 @@ async fn stream(
         .input
         .as_ref()
         .map_or_else(|| "standard input".to_string(), |p| p.display().to_string());
-    let lines = match spawn_line_reader(args.input.clone()) {
-        Ok(lines) => lines,
+    let input = match open_input(args.input.as_deref()) {
+        Ok(input) => input,
         Err(e) => {
             eprintln!("stream failed: {e:#}");
             std::process::exit(1);
@@ -237,6 +237,14 @@ async fn stream(
         }
     };
     let topic = writer.topic().to_string();
+    let max = rialto_push::input::json_line_bytes_max(writer.max_value_bytes());
+    let lines = match spawn_line_reader(input, max) {
+        Ok(lines) => lines,
+        Err(e) => {
+            eprintln!("stream failed: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let stopped = write_lines(&mut writer, lines).await;
     let closed = writer.close().await;
     match (stopped, closed) {
@@ -282,24 +290,33 @@ fn count(n: u64, thing: &str) -> String {
     }
 }
 
-/// Reads the input on its own thread (standard input blocks), a bounded number of lines ahead.
-/// A plain thread, not `spawn_blocking`: a runtime waits for its blocking tasks when it shuts
-/// down, and a read of an idle standard input never ends.
-fn spawn_line_reader(input: Option<PathBuf>) -> anyhow::Result<mpsc::Receiver<Line>> {
-    let reader: Box<dyn BufRead + Send> = match &input {
+/// The stream's input: the file, or standard input.
+fn open_input(input: Option<&std::path::Path>) -> anyhow::Result<Box<dyn BufRead + Send>> {
+    Ok(match input {
         Some(path) => Box::new(std::io::BufReader::new(
             std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?,
         )),
         None => Box::new(std::io::BufReader::new(std::io::stdin())),
-    };
+    })
+}
+
+/// Reads the input on its own thread (standard input blocks), a bounded number of lines ahead,
+/// each of at most `max` bytes. A plain thread, not `spawn_blocking`: a runtime waits for its
+/// blocking tasks when it shuts down, and a read of an idle standard input never ends.
+fn spawn_line_reader(
+    mut reader: Box<dyn BufRead + Send>,
+    max: usize,
+) -> anyhow::Result<mpsc::Receiver<Line>> {
     let (tx, rx) = mpsc::channel(LINES_AHEAD);
     std::thread::Builder::new()
         .name("stream-reader".into())
         .spawn(move || {
-            for (i, line) in reader.lines().enumerate() {
-                let line = line.map_err(|e| format!("cannot read it: {e}"));
+            let mut line_no = 0u64;
+            while let Some(line) = rialto_push::input::read_bounded_line(&mut reader, max) {
+                line_no += 1;
+                let line = line.map_err(|e| e.to_string());
                 let last = line.is_err();
-                if tx.blocking_send((i as u64 + 1, line)).is_err() || last {
+                if tx.blocking_send((line_no, line)).is_err() || last {
                     break;
                 }
             }

@@ -296,6 +296,11 @@ impl RealtimeWriter {
         &self.topic
     }
 
+    /// The largest value the store takes (serialized), as its record says.
+    pub fn max_value_bytes(&self) -> u64 {
+        self.max_value_bytes
+    }
+
     /// The store's key schema.
     pub fn key_codec(&self) -> &AvroCodec {
         &self.key_codec
