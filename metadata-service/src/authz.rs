@@ -41,8 +41,6 @@ pub enum Requirement {
 #[derive(Debug, Default)]
 pub struct AuthzConfig {
     pub enabled: bool,
-    /// Cluster administrators named on the command line.
-    pub admin_principals: Vec<String>,
     /// Refused requests since start.
     pub refused: AtomicU64,
 }
@@ -104,7 +102,8 @@ pub fn requirement(method: &Method, path: &str) -> Requirement {
 }
 
 /// The ACLs that decide a requirement: the cluster record plus, for a store requirement, that
-/// store's record, with the command-line administrators added.
+/// store's record. Administrators named on the command line are in the cluster record (granted
+/// at start), so the controller and the servers read one source: a revoke in etcd holds at both.
 pub(crate) async fn acls_for(
     state: &ApiState,
     requirement: &Requirement,
@@ -113,9 +112,6 @@ pub(crate) async fn acls_for(
     let cluster_key = state.layout.cluster_acl();
     if let Some(kv) = state.meta.get(&cluster_key).await? {
         acls.cluster = parse_record::<AclRecord>(&cluster_key, &kv.value)?;
-    }
-    for admin in &state.authz.admin_principals {
-        acls.cluster.grant(admin, &[Permission::Admin]);
     }
     if let Requirement::Store(store, _) | Requirement::StoreAny(store) = requirement {
         let key = state.layout.store_acl(store);

@@ -81,7 +81,7 @@ pub struct ControllerConfig {
     pub tls: Option<ServerTlsFiles>,
     /// Check every admin call against the ACLs (see [`authz`]); needs mutual TLS.
     pub authorize: bool,
-    /// Principals that are cluster administrators whatever the ACLs say.
+    /// Principals granted cluster `admin` in etcd at start (revocable there like any grant).
     pub admin_principals: Vec<String>,
 }
 
@@ -193,7 +193,6 @@ pub async fn start(
         leader: leader.clone(),
         authz: Arc::new(authz::AuthzConfig {
             enabled: config.authorize,
-            admin_principals: config.admin_principals.clone(),
             refused: Default::default(),
         }),
     });

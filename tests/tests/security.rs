@@ -295,5 +295,17 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
 
     // The cluster administrator reads everything.
     read_all(&cluster.client(STORE).await?).await?;
+
+    // An administrator named on the controller's command line is a grant in etcd like any
+    // other: revoked there, the controller refuses it too (until a controller start grants it
+    // again).
+    admin
+        .change_acl(None, true, &change("alice", &[Permission::Admin]))
+        .await?;
+    let alice = cluster.admin_as("alice");
+    alice
+        .change_acl(None, false, &change("admin", &[Permission::Admin]))
+        .await?;
+    forbidden(admin.acl(None).await, "admin", "admin");
     cluster.shutdown().await
 }

@@ -83,7 +83,8 @@ struct Args {
     /// Check every admin call against the ACLs in etcd (default deny). Needs --tls-client-ca.
     #[arg(long, requires = "tls_client_ca")]
     authorize: bool,
-    /// A principal that is a cluster administrator whatever the ACLs say; repeatable.
+    /// A principal granted cluster `admin` in etcd when this controller starts (as `rialto-admin
+    /// acl grant --cluster` would; a later revoke holds until the next start); repeatable.
     #[arg(long = "admin-principal")]
     admin_principals: Vec<String>,
 }
