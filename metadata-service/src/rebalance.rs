@@ -23,7 +23,9 @@
 //! first. Targets keep the group rule (see [`crate::placement`]): a replacement goes to another
 //! node of the same group when one is usable, else to the least loaded node that does not
 //! already hold the partition, preferring one whose zone the partition's other replicas do not
-//! use.
+//! use. A move whose target replica fails is cancelled, and that node is not chosen again for
+//! that replica for [`FAILED_TARGET_COOLDOWN`] (remembered by the leader only: a new leader may
+//! try it once more).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -39,6 +41,9 @@ use crate::reconcile::{kept_older_versions, Action, ClusterView};
 pub const REBALANCE_DELAY_DEFAULT: Duration = Duration::from_secs(300);
 /// Default bound on moves in flight across the cluster.
 pub const MOVES_MAX_DEFAULT: usize = 8;
+/// How long a node whose replica failed as a move's target is not chosen again for that
+/// replica (it was planned again every few seconds, and failed the same way).
+pub const FAILED_TARGET_COOLDOWN: Duration = Duration::from_secs(600);
 
 /// How the controller moves replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +264,7 @@ fn move_outcome(
     v: &VersionRecord,
     m: &ReplicaMove,
 ) -> Option<Action> {
-    let cancel = |reason: String| {
+    let cancel = |reason: String, target_failed: bool| {
         Some(Action::CancelMove {
             store: v.store.clone(),
             version: v.version,
@@ -267,6 +272,7 @@ fn move_outcome(
             group: m.group,
             to: m.to.clone(),
             reason,
+            target_failed,
         })
     };
     let from_now = v
@@ -274,13 +280,16 @@ fn move_outcome(
         .get(m.partition as usize)
         .and_then(|nodes| nodes.get(m.group as usize));
     if from_now != Some(&m.from) {
-        return cancel(format!(
-            "the replica it replaces ({}) is no longer assigned there",
-            m.from
-        ));
+        return cancel(
+            format!(
+                "the replica it replaces ({}) is no longer assigned there",
+                m.from
+            ),
+            false,
+        );
     }
     if !nodes.live(&m.to) {
-        return cancel(format!("target node {} is not registered", m.to));
+        return cancel(format!("target node {} is not registered", m.to), false);
     }
     match view.replica(&v.store, v.version, m.partition, &m.to) {
         Some(r) if r.state == ReplicaState::Online => Some(Action::CommitMove {
@@ -291,10 +300,13 @@ fn move_outcome(
             from: m.from.clone(),
             to: m.to.clone(),
         }),
-        Some(r) if r.state == ReplicaState::Error => cancel(format!(
-            "target replica failed: {}",
-            r.error.as_deref().unwrap_or("ERROR")
-        )),
+        Some(r) if r.state == ReplicaState::Error => cancel(
+            format!(
+                "target replica failed: {}",
+                r.error.as_deref().unwrap_or("ERROR")
+            ),
+            true,
+        ),
         _ => None,
     }
 }
@@ -345,7 +357,16 @@ fn choose_target(
         .view
         .nodes
         .keys()
-        .filter(|n| nodes.usable(n) && !placement.holds(partition, n))
+        .filter(|n| {
+            nodes.usable(n)
+                && !placement.holds(partition, n)
+                && !nodes.view.failed_targets.contains_key(&(
+                    placement.record.store.clone(),
+                    placement.record.version,
+                    partition,
+                    n.to_string(),
+                ))
+        })
         .min_by_key(|n| {
             let outside_group = !members.contains(n.as_str());
             let zone_clash = nodes.zone(n).is_some_and(|z| other_zones.contains(z));
@@ -616,17 +637,54 @@ mod tests {
         set_state(&mut v, 2, "c", ReplicaState::Error);
         let actions = plan_moves(&v, &config(8));
         assert!(actions.iter().any(|a| matches!(a, Action::CommitMove { partition: 0, from, to, .. } if from == "a" && to == "c")));
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::CancelMove { partition: 2, .. })));
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::CancelMove {
+                partition: 2,
+                target_failed: true,
+                ..
+            }
+        )));
         v.nodes.remove("c");
         let actions = plan_moves(&v, &config(8));
         assert_eq!(
             actions
                 .iter()
-                .filter(|a| matches!(a, Action::CancelMove { .. }))
+                .filter(|a| matches!(
+                    a,
+                    Action::CancelMove {
+                        target_failed: false,
+                        ..
+                    }
+                ))
                 .count(),
-            2
+            2,
+            "a target gone is not a target that failed"
+        );
+    }
+
+    #[test]
+    fn a_target_whose_replica_failed_is_not_chosen_again_for_that_replica() {
+        let mut v = four_nodes(&ALL[1..]);
+        v.missing_ms.insert("a".into(), 0);
+        v.failed_targets
+            .insert(("s".into(), 1, 0, "c".into()), NOW - 1_000);
+        let planned = starts(&plan_moves(&v, &config(8)));
+        assert_eq!(
+            planned,
+            vec![
+                (0, 0, "a".into(), "d".into(), MoveReason::NodeLost),
+                (2, 0, "a".into(), "c".into(), MoveReason::NodeLost),
+            ],
+            "partition 0 goes elsewhere; partition 2 may still use c"
+        );
+        v.failed_targets
+            .insert(("s".into(), 1, 0, "d".into()), NOW - 1_000);
+        let planned = starts(&plan_moves(&v, &config(8)));
+        assert_eq!(
+            planned,
+            vec![(2, 0, "a".into(), "c".into(), MoveReason::NodeLost)],
+            "with every candidate failed, partition 0 waits"
         );
     }
 

@@ -57,6 +57,10 @@ pub struct ClusterView {
     /// Node hosting a replica but not registered → when this controller first saw it missing
     /// ([`NodeClock`]).
     pub missing_ms: BTreeMap<String, i64>,
+    /// (store, version, partition, node) → when a move of that replica to that node failed
+    /// (its replica went to ERROR), within [`crate::rebalance::FAILED_TARGET_COOLDOWN`] by this
+    /// controller's clock: the node is not chosen again for it meanwhile.
+    pub failed_targets: BTreeMap<(String, u32, u32, String), i64>,
     /// A version in progress longer than this (milliseconds since its creation) fails; 0: never.
     pub push_timeout_ms: i64,
 }
@@ -327,6 +331,8 @@ pub enum Action {
         group: u32,
         to: String,
         reason: String,
+        /// The target's replica failed: it is not chosen again for a while.
+        target_failed: bool,
     },
 }
 
@@ -593,6 +599,8 @@ pub struct Reconciler {
     topic_deletion: TopicDeletion,
     /// Whether the last view had no replica fetching ([`ClusterView::quiet`]).
     quiet: bool,
+    /// Moves whose target failed, and when ([`ClusterView::failed_targets`]).
+    failed_targets: BTreeMap<(String, u32, u32, String), i64>,
 }
 
 impl Reconciler {
@@ -614,6 +622,7 @@ impl Reconciler {
             push_timeout: std::time::Duration::ZERO,
             topic_deletion: TopicDeletion::default(),
             quiet: true,
+            failed_targets: BTreeMap::new(),
         }
     }
 
@@ -669,6 +678,10 @@ impl Reconciler {
                 &mut self.absences,
             );
             self.quiet = view.quiet();
+            let cooldown_ms = crate::rebalance::FAILED_TARGET_COOLDOWN.as_millis() as i64;
+            self.failed_targets
+                .retain(|_, at| view.now_ms.saturating_sub(*at) < cooldown_ms);
+            view.failed_targets = self.failed_targets.clone();
             let actions = plan(&view)
                 .into_iter()
                 .chain(plan_moves(&view, &self.rebalance));
@@ -875,7 +888,12 @@ impl Reconciler {
                 group,
                 to,
                 reason,
+                target_failed,
             } => {
+                if *target_failed {
+                    self.failed_targets
+                        .insert((store.clone(), *version, *partition, to.clone()), now_ms());
+                }
                 let cancelled = update_version(&*self.meta, &self.layout, store, *version, |v| {
                     let before = v.moves.len();
                     v.moves.retain(|m| {
