@@ -19,6 +19,7 @@ use rialto_protocol::admin::{ReplicaView, UpdateStoreRequest};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::envelope::{Envelope, Message};
 use rialto_protocol::meta::{HybridConfig, Layout, ReplicaState, DEFAULT_ROOT};
+use rialto_protocol::stored::CHECKSUM_BYTES;
 use rialto_push::realtime::RealtimeWriter;
 use rialto_tests::{
     key_of, sibling_binary, string_value, wait_until, Cluster, ClusterOptions, STRING_SCHEMA,
@@ -849,24 +850,104 @@ async fn the_stream_cli_stops_at_a_bad_line_having_written_nothing_after_it() ->
         .iter()
         .map(|k| codec.encode(&Value::String(k.to_string()), "key"))
         .collect::<Result<_, _>>()?;
-    let mut keys = Vec::new();
-    for partition in 0..2 {
-        let (low, high) = cluster.pubsub.watermarks("cli_rt", partition).await?;
-        let mut consumer = cluster.pubsub.consumer("cli_rt", partition, low).await?;
+    let mut keys: Vec<Vec<u8>> = realtime_log(&cluster, "cli", 2)
+        .await?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys, written, "keys on the real-time topic");
+    cluster.shutdown().await
+}
+
+/// The puts and deletes on a store's real-time topic, each partition in the broker's order:
+/// (key, value body (`checksum ‖ datum`), or `None` for a delete).
+async fn realtime_log(
+    cluster: &Cluster,
+    store: &str,
+    partitions: u32,
+) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>> {
+    let topic = rialto_protocol::meta::realtime_topic(store);
+    let mut log = Vec::new();
+    for partition in 0..partitions {
+        let (low, high) = cluster.pubsub.watermarks(&topic, partition).await?;
+        let mut consumer = cluster.pubsub.consumer(&topic, partition, low).await?;
         let mut next = low;
         while next < high {
             for record in consumer.poll(1000, Duration::from_millis(500)).await? {
                 next = record.offset + 1;
                 let envelope = Envelope::decode(&record.value.context("a value")?)?;
                 match envelope.message {
-                    Message::Put { key, .. } | Message::Delete { key } => keys.push(key),
+                    Message::Put { key, value, .. } => log.push((key, Some(value))),
+                    Message::Delete { key } => log.push((key, None)),
                     Message::Control(_) => {}
                 }
             }
         }
     }
-    keys.sort();
-    keys.dedup();
-    assert_eq!(keys, written, "keys on the real-time topic");
+    Ok(log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_on_shared_keys_end_as_the_broker_ordered_them() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    cluster
+        .create_hybrid_string_store("many", 2, 2, HOUR)
+        .await?;
+    let client = cluster.client("many").await?;
+    // Three writers, each with its own producer identity, interleave puts and deletes on 40
+    // shared keys.
+    let writes = |w: usize| {
+        let cluster = &cluster;
+        async move {
+            let mut writer = cluster.realtime_writer("many").await?;
+            for i in 0..400 {
+                let key = Value::String(key_of((i * 7 + w * 3) % 40));
+                if i % 13 == w {
+                    writer.delete(&key).await?;
+                } else {
+                    writer
+                        .put(&key, &Value::String(format!("writer-{w}-{i}")))
+                        .await?;
+                }
+                if i % 25 == 0 {
+                    writer.flush().await?;
+                    tokio::task::yield_now().await;
+                }
+            }
+            writer.close().await?;
+            anyhow::Ok(())
+        }
+    };
+    futures::try_join!(writes(0), writes(1), writes(2))?;
+
+    // The oracle is the real-time topic itself, read back: per key, its last record there.
+    let codec = AvroCodec::parse(STRING_SCHEMA)?;
+    let mut model = Model::new();
+    for (key, value) in realtime_log(&cluster, "many", 2).await? {
+        let Value::String(key) = codec.decode(&key, "key")? else {
+            anyhow::bail!("a key that is not a string");
+        };
+        let value = match value {
+            Some(body) => match codec.decode(&body[CHECKSUM_BYTES..], "value")? {
+                Value::String(s) => Some(s),
+                other => anyhow::bail!("a value that is not a string: {other:?}"),
+            },
+            None => None,
+        };
+        model.insert(key, value);
+    }
+    assert_eq!(model.len(), 40);
+    let writers: std::collections::BTreeSet<&str> = model
+        .values()
+        .flatten()
+        .filter_map(|v| v.split('-').nth(1))
+        .collect();
+    assert!(
+        writers.len() > 1,
+        "the last writes come from one writer only: {model:?}"
+    );
+    wait_for_model(&client, &model, "three writers' interleaved writes").await?;
     cluster.shutdown().await
 }
