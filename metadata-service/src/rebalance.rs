@@ -16,8 +16,8 @@
 //!   commits.
 //! * A node that hosts less than its group's share of the current version (a new node) receives
 //!   replicas from the most loaded node of its group, until the counts differ by at most one.
-//!   Only current versions are balanced (a backup is replaced by the next push anyway), and only
-//!   when no replica anywhere is waiting to be replaced.
+//!   Current and backup versions are balanced (older kept versions are not), and only when no
+//!   replica anywhere is waiting to be replaced.
 //!
 //! At most [`RebalanceConfig::moves_max`] moves are in flight across the cluster, replacements
 //! first. Targets keep the group rule (see [`crate::placement`]): a replacement goes to another
@@ -234,14 +234,15 @@ pub fn plan_moves(view: &ClusterView, config: &RebalanceConfig) -> Vec<Action> {
         return actions;
     }
 
-    // A fair share for every node of the current versions' groups.
-    for store in view.stores.values() {
-        let Some(v) = store
-            .current_version
-            .and_then(|c| view.versions.get(&(store.name.clone(), c)))
-        else {
-            continue;
-        };
+    // A fair share for every node of the current and backup versions' groups (the backup is
+    // what a rollback serves, and a hybrid one follows real-time writes like the current).
+    let serving = view.stores.values().flat_map(|store| {
+        [store.current_version, store.backup_version]
+            .into_iter()
+            .flatten()
+            .filter_map(|n| view.versions.get(&(store.name.clone(), n)))
+    });
+    for v in serving {
         if v.status != VersionStatus::Online {
             continue;
         }
@@ -743,6 +744,43 @@ mod tests {
                 (0, 1, "b".into(), "e".into(), MoveReason::Balance),
                 (1, 1, "d".into(), "e".into(), MoveReason::Balance),
             ]
+        );
+    }
+
+    #[test]
+    fn the_backup_is_balanced_onto_a_new_node_too() {
+        let mut live = ALL.to_vec();
+        live.push(("e", "z2"));
+        let mut v = view(
+            vec![
+                vec!["a", "b"],
+                vec!["c", "d"],
+                vec!["a", "b"],
+                vec!["c", "d"],
+            ],
+            &live,
+        );
+        let mut backup = v.versions[&("s".to_string(), 1)].clone();
+        backup.version = 2;
+        backup.topic = version_topic("s", 2);
+        v.versions.insert(("s".into(), 2), backup);
+        let store = v.stores.get_mut("s").unwrap();
+        (store.current_version, store.backup_version) = (Some(2), Some(1));
+        let moved: Vec<(u32, String)> = plan_moves(&v, &config(8))
+            .iter()
+            .filter_map(|a| match a {
+                Action::StartMove {
+                    version,
+                    replica_move,
+                    ..
+                } => Some((*version, replica_move.to.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            moved,
+            vec![(2, "e".to_string()), (1, "e".to_string())],
+            "the current version, then the backup"
         );
     }
 
