@@ -18,6 +18,7 @@ pub(crate) struct Counters {
     pub(crate) connections_opened: AtomicU64,
     pub(crate) connection_failures: AtomicU64,
     pub(crate) batch_gets: AtomicU64,
+    pub(crate) computes: AtomicU64,
     pub(crate) fanout_total: AtomicU64,
     pub(crate) fanout_max: AtomicU64,
     pub(crate) long_tail_retries: AtomicU64,
@@ -32,6 +33,8 @@ pub(crate) struct Counters {
     pub(crate) get_latency: LatencyHistogram,
     /// Duration of batch-get calls, from the call to its last key.
     pub(crate) batch_get_latency: LatencyHistogram,
+    /// Duration of read-compute calls, from the call to its last key.
+    pub(crate) compute_latency: LatencyHistogram,
 }
 
 /// A snapshot of the client's counters since it connected.
@@ -57,9 +60,12 @@ pub struct ClientStats {
     pub connection_failures: u64,
     /// Batch-get calls (plain and streaming) that sent at least one request.
     pub batch_gets: u64,
-    /// Sum over batch-get calls of their fanout (distinct servers of the initial plan).
+    /// Read-compute calls (plain and streaming) that sent at least one request.
+    pub computes: u64,
+    /// Sum over batch-get and compute calls of their fanout (distinct servers of the initial
+    /// plan).
     pub fanout_total: u64,
-    /// Largest fanout of one batch-get call.
+    /// Largest fanout of one batch-get or compute call.
     pub fanout_max: u64,
     /// Long-tail retries sent (requests hedged to another replica after their threshold).
     pub long_tail_retries: u64,
@@ -101,6 +107,7 @@ impl Counters {
             connections_opened: load(&self.connections_opened),
             connection_failures: load(&self.connection_failures),
             batch_gets: load(&self.batch_gets),
+            computes: load(&self.computes),
             fanout_total: load(&self.fanout_total),
             fanout_max: load(&self.fanout_max),
             long_tail_retries: load(&self.long_tail_retries),
@@ -123,9 +130,15 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts one batch-get call that fanned out to `fanout` servers.
-    pub(crate) fn batch_fanout(&self, fanout: u64) {
-        Counters::add(&self.batch_gets, 1);
+    /// Counts one batch-get (or, with `compute`, read-compute) call that fanned out to `fanout`
+    /// servers.
+    pub(crate) fn batch_fanout(&self, fanout: u64, compute: bool) {
+        let calls = if compute {
+            &self.computes
+        } else {
+            &self.batch_gets
+        };
+        Counters::add(calls, 1);
         Counters::add(&self.fanout_total, fanout);
         self.fanout_max.fetch_max(fanout, Ordering::Relaxed);
     }
@@ -133,7 +146,7 @@ impl Counters {
 
 impl ClientStats {
     /// Every counter as `(name, help, value, is_gauge)`, for [`render_prometheus`].
-    fn series(&self) -> [(&'static str, &'static str, u64, bool); 24] {
+    fn series(&self) -> [(&'static str, &'static str, u64, bool); 25] {
         [
             (
                 "requests_total",
@@ -195,15 +208,16 @@ impl ClientStats {
                 self.batch_gets,
                 false,
             ),
+            ("computes_total", "Read-compute calls", self.computes, false),
             (
                 "fanout_servers_total",
-                "Sum of batch-get fanouts",
+                "Sum of batch-get and compute fanouts",
                 self.fanout_total,
                 false,
             ),
             (
                 "fanout_max",
-                "Largest fanout of one batch-get",
+                "Largest fanout of one batch-get or compute call",
                 self.fanout_max,
                 true,
             ),
@@ -303,6 +317,11 @@ pub(crate) fn render_prometheus(stats: &ClientStats, counters: &Counters, store:
             "batch_get_seconds",
             "Batch-get call duration",
             &counters.batch_get_latency,
+        ),
+        (
+            "compute_seconds",
+            "Read-compute call duration",
+            &counters.compute_latency,
         ),
     ] {
         let _ = writeln!(out, "# HELP rialto_client_{name} {help}.");

@@ -486,7 +486,9 @@ impl Call {
             .map(|(p, r, _)| self.table.partitions[*p][*r].address.clone())
             .collect();
         if !batches.is_empty() {
-            self.shared.counters.batch_fanout(batches.len() as u64);
+            self.shared
+                .counters
+                .batch_fanout(batches.len() as u64, self.compute.is_some());
         }
         for (p, r, indices) in batches {
             self.send(p, r, indices, false);
@@ -980,7 +982,12 @@ impl Call {
         self.done.servers_contacted = self.contacted.len();
         self.done.elapsed = self.started.elapsed();
         let counters = &self.shared.counters;
-        counters.batch_get_latency.observe(self.done.elapsed);
+        let latency = if self.compute.is_some() {
+            &counters.compute_latency
+        } else {
+            &counters.batch_get_latency
+        };
+        latency.observe(self.done.elapsed);
         if self.done.quota_exceeded.is_some() {
             Counters::add(&counters.quota_refusals, 1);
         }

@@ -187,7 +187,18 @@ async fn compute_results_equal_the_same_computation_on_batch_get_values() -> Res
         );
         // The values the servers computed on were the stored ones: a batch-get still agrees
         // with fastavro's bytes (see fidelity.rs) and nothing was counted as a mismatch.
-        assert_eq!(client.stats().checksum_mismatches, 0);
+        let stats = client.stats();
+        assert_eq!(stats.checksum_mismatches, 0);
+        // One batch-get and two compute calls were sent (the refused two never were), each
+        // counted as what it is, with its own latency histogram.
+        assert_eq!((stats.batch_gets, stats.computes), (1, 2), "{stats:?}");
+        let metrics = client.metrics_prometheus();
+        assert!(
+            metrics.contains(&format!(
+                "rialto_client_compute_seconds_count{{store=\"{store}\"}} 2"
+            )),
+            "{metrics}"
+        );
     }
     cluster.shutdown().await
 }
