@@ -335,6 +335,12 @@ async fn main() -> Result<()> {
                     report.keys.wrong_values
                 );
             }
+            if report.keys.compute_errors > 0 {
+                bail!(
+                    "{} keys' computations failed (is --embedding-dims the length `prepare --embedding-dims` gave the stored vectors?)",
+                    report.keys.compute_errors
+                );
+            }
         }
     }
     Ok(())

@@ -89,6 +89,9 @@ pub struct KeyCounts {
     pub failed: u64,
     /// Values whose index field did not match their key (should always be 0).
     pub wrong_values: u64,
+    /// Keys whose compute result held an operation's error (a vector of another length than
+    /// the stored one, a field the value lacks); compute mode only.
+    pub compute_errors: u64,
     pub value_bytes: u64,
 }
 
@@ -192,6 +195,7 @@ pub fn stats_delta(before: &[ClientStats], after: &[ClientStats]) -> ClientStats
         d.connections_opened += sub(a.connections_opened, b.connections_opened);
         d.connection_failures += sub(a.connection_failures, b.connection_failures);
         d.batch_gets += sub(a.batch_gets, b.batch_gets);
+        d.computes += sub(a.computes, b.computes);
         d.fanout_total += sub(a.fanout_total, b.fanout_total);
         d.fanout_max = d.fanout_max.max(a.fanout_max);
         d.long_tail_retries += sub(a.long_tail_retries, b.long_tail_retries);
@@ -312,8 +316,17 @@ impl Report {
         let k = &self.keys;
         let _ = writeln!(
             out,
-            "  keys: {} requested, {} found, {} missing, {} failed, {} wrong values",
-            k.requested, k.found, k.missing, k.failed, k.wrong_values
+            "  keys: {} requested, {} found, {} missing, {} failed, {} wrong values{}",
+            k.requested,
+            k.found,
+            k.missing,
+            k.failed,
+            k.wrong_values,
+            if k.compute_errors > 0 {
+                format!(", {} compute errors", k.compute_errors)
+            } else {
+                String::new()
+            }
         );
         line(&mut out, "latency:", &self.latency);
         if let Some(ttfr) = &self.time_to_first_record {

@@ -208,12 +208,16 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
             mean: tally.fanout_total as f64 / tally.fanout_calls.max(1) as f64,
             max: tally.fanout_max,
         }),
-        Mode::Batch | Mode::Compute => Some(Fanout {
-            source: "client_stats".into(),
-            calls: delta.batch_gets,
-            mean: delta.fanout_total as f64 / delta.batch_gets.max(1) as f64,
-            max: delta.fanout_max,
-        }),
+        Mode::Batch | Mode::Compute => {
+            // A run is of one mode: its calls are batch-gets or computes, not both.
+            let calls = delta.batch_gets + delta.computes;
+            Some(Fanout {
+                source: "client_stats".into(),
+                calls,
+                mean: delta.fanout_total as f64 / calls.max(1) as f64,
+                max: delta.fanout_max,
+            })
+        }
     };
     let report = Report {
         config: run_config,
@@ -230,6 +234,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
             missing: tally.keys_missing,
             failed: tally.keys_failed,
             wrong_values: tally.wrong_values,
+            compute_errors: tally.compute_errors,
             value_bytes: tally.value_bytes,
         },
         throughput: Throughput::of(

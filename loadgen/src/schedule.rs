@@ -111,6 +111,8 @@ pub struct Sample {
     pub keys_missing: u64,
     pub keys_failed: u64,
     pub wrong_values: u64,
+    /// Keys whose compute result held an operation's error.
+    pub compute_errors: u64,
     pub value_bytes: u64,
     /// Servers of the call's initial plan (streaming).
     pub fanout: Option<usize>,
@@ -153,6 +155,7 @@ pub struct Tally {
     pub keys_missing: u64,
     pub keys_failed: u64,
     pub wrong_values: u64,
+    pub compute_errors: u64,
     pub value_bytes: u64,
     pub fanout_calls: u64,
     pub fanout_total: u64,
@@ -176,6 +179,7 @@ impl Default for Tally {
             keys_missing: 0,
             keys_failed: 0,
             wrong_values: 0,
+            compute_errors: 0,
             value_bytes: 0,
             fanout_calls: 0,
             fanout_total: 0,
@@ -215,6 +219,7 @@ impl Tally {
         self.keys_missing += s.keys_missing;
         self.keys_failed += s.keys_failed;
         self.wrong_values += s.wrong_values;
+        self.compute_errors += s.compute_errors;
         self.value_bytes += s.value_bytes;
         if let Some(f) = s.fanout {
             self.fanout_calls += 1;
@@ -240,6 +245,7 @@ impl Tally {
         self.keys_missing += other.keys_missing;
         self.keys_failed += other.keys_failed;
         self.wrong_values += other.wrong_values;
+        self.compute_errors += other.compute_errors;
         self.value_bytes += other.value_bytes;
         self.fanout_calls += other.fanout_calls;
         self.fanout_total += other.fanout_total;

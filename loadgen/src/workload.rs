@@ -219,7 +219,7 @@ async fn compute(client: Client, compute: Arc<Compute>, indices: Vec<u64>) -> Sa
                     s.keys_found += 1;
                     s.value_bytes += result_bytes as u64;
                     if record.results.iter().any(|(_, r)| r.is_err()) {
-                        s.wrong_values += 1;
+                        s.compute_errors += 1;
                     }
                 }
                 None => s.keys_missing += 1,
