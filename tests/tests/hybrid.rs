@@ -1,8 +1,9 @@
 //! Hybrid stores end to end on real etcd and a real Kafka-protocol broker: real-time writes
 //! before, during and after a push survive the swap; a streaming-only store serves writes; a
-//! lag above the store's bound holds a version back; a killed partition leader is replaced
-//! without losing a write; a rollback serves every write made since the swap; the stream CLI
-//! refuses a bad line and writes nothing after it.
+//! lag above the store's bound holds a version back; a partition leader killed (serving, or in
+//! the middle of a new version's replay) is replaced without losing a write; a rollback serves
+//! every write made since the swap; concurrent writers end as the broker ordered them; the
+//! stream CLI refuses a bad line and writes nothing after it.
 //!
 //! The oracle is a model of the writes: the batch data, then every real-time put and delete in
 //! the order one writer made them (rewind windows here cover the whole test, so the replay
@@ -858,6 +859,120 @@ async fn the_stream_cli_stops_at_a_bad_line_having_written_nothing_after_it() ->
     keys.sort();
     keys.dedup();
     assert_eq!(keys, written, "keys on the real-time topic");
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_killed_while_a_new_version_replays_is_replaced_and_no_write_is_lost() -> Result<()>
+{
+    let cluster = Cluster::start_opts(ClusterOptions {
+        servers: 0,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let zones = ["zone-a", "zone-b", "zone-c"];
+    let mut processes = Vec::new();
+    for (i, zone) in zones.iter().enumerate() {
+        processes.push(cluster.start_server_process(i, zone)?);
+    }
+    cluster.wait_for_server_count(3).await?;
+    cluster
+        .create_hybrid_string_store("replay", 2, 3, HOUR)
+        .await?;
+    let client = cluster.client("replay").await?;
+    let mut writer = cluster.realtime_writer("replay").await?;
+    // Enough real-time writes that the next version's replay takes a while.
+    let mut model = Model::new();
+    for i in 0..20_000 {
+        put(
+            &mut writer,
+            &mut model,
+            &format!("k-{}", i % 3000),
+            &format!("a-{i}"),
+        )
+        .await?;
+        if i % 1000 == 999 {
+            writer.flush().await?;
+        }
+    }
+    writer.flush().await?;
+    wait_for_model(&client, &model, "writes on the streaming-only version").await?;
+
+    let records = 2000;
+    let push = cluster.push_string_records("replay", records, 16);
+    let layout = Layout::new(DEFAULT_ROOT);
+    let leadership = layout.partition_leader("replay", 2, 0);
+    let kill = async {
+        // The first leader of version 2's partition 0 starts the replay after END_OF_PUSH.
+        let leader = loop {
+            if let Some(kv) = cluster.meta.get(&leadership).await? {
+                break String::from_utf8(kv.value)?;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // Killed once it has copied some of the replay into the version topic.
+        let (_, started) = cluster.pubsub.watermarks("replay_v2", 0).await?;
+        let mut copied = 0;
+        for _ in 0..6000 {
+            copied = cluster.pubsub.watermarks("replay_v2", 0).await?.1 - started;
+            if copied >= 500 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let index: usize = leader.trim_start_matches("server-").parse()?;
+        processes[index].kill()?;
+        let (_, at_kill) = cluster.pubsub.watermarks("replay_v2", 0).await?;
+        eprintln!(
+            "killed {leader}, leader of version 2's partition 0, {copied} records into its replay \
+             (version topic end {at_kill})"
+        );
+        for i in 0..2000 {
+            let key = format!("k-{}", i % 3000);
+            if i % 10 == 9 {
+                delete(&mut writer, &mut model, &key).await?;
+            } else {
+                put(&mut writer, &mut model, &key, &format!("b-{i}")).await?;
+            }
+            if i % 200 == 199 {
+                writer.flush().await?;
+            }
+        }
+        writer.flush().await?;
+        wait_until(
+            Duration::from_secs(60),
+            "a new leader of partition 0",
+            || async {
+                Ok(cluster
+                    .meta
+                    .get(&leadership)
+                    .await?
+                    .is_some_and(|kv| kv.value != leader.as_bytes()))
+            },
+        )
+        .await?;
+        // The version goes live only with every replica ONLINE: the killed server comes back
+        // on its data and catches up.
+        processes[index] = cluster.start_server_process(index, zones[index])?;
+        anyhow::Ok(())
+    };
+    let (report, killed) = futures::join!(push, kill);
+    killed?;
+    assert_eq!(report?.version, 2);
+    let mut expected: Model = (0..records)
+        .map(|i| (key_of(i), Some(string_value(i, 16))))
+        .collect();
+    expected.extend(model);
+    wait_for_model(
+        &client,
+        &expected,
+        "the batch data with every real-time write replayed on it",
+    )
+    .await?;
+    writer.close().await?;
+    for process in processes.iter_mut() {
+        process.kill()?;
+    }
     cluster.shutdown().await
 }
 
