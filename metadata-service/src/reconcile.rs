@@ -1574,21 +1574,20 @@ mod tests {
         );
     }
 
+    const HYBRID: rialto_protocol::meta::HybridConfig = rialto_protocol::meta::HybridConfig {
+        rewind_seconds: 60,
+        lag_records_max: 10,
+    };
+
     #[test]
     fn a_hybrid_version_follows_while_current_or_backup_and_is_sealed_before_retiring() {
         let hybrid = |n: u32| VersionRecord {
-            hybrid: Some(rialto_protocol::meta::HybridConfig {
-                rewind_seconds: 60,
-                lag_records_max: 10,
-            }),
+            hybrid: Some(HYBRID),
             ..version(n, VersionStatus::Online)
         };
         let mut v = view(
             StoreRecord {
-                hybrid: Some(rialto_protocol::meta::HybridConfig {
-                    rewind_seconds: 60,
-                    lag_records_max: 10,
-                }),
+                hybrid: Some(HYBRID),
                 ..store(Some(3), Some(2), 3)
             },
             vec![hybrid(1), hybrid(2), hybrid(3)],
@@ -1627,10 +1626,7 @@ mod tests {
         // Rolled back: the same two versions, both following; nothing to seal.
         let rolled = view(
             StoreRecord {
-                hybrid: Some(rialto_protocol::meta::HybridConfig {
-                    rewind_seconds: 60,
-                    lag_records_max: 10,
-                }),
+                hybrid: Some(HYBRID),
                 ..store(Some(2), Some(3), 3)
             },
             vec![hybrid(2), hybrid(3)],

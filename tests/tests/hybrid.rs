@@ -23,7 +23,8 @@ use rialto_protocol::meta::{HybridConfig, Layout, ReplicaState, DEFAULT_ROOT};
 use rialto_protocol::stored::CHECKSUM_BYTES;
 use rialto_push::realtime::RealtimeWriter;
 use rialto_tests::{
-    key_of, sibling_binary, string_value, wait_until, Cluster, ClusterOptions, STRING_SCHEMA,
+    key_of, sibling_binary, string_value, wait_until, ChildProcess, Cluster, ClusterOptions,
+    STRING_SCHEMA,
 };
 
 /// Expected contents: key → value (`None`: deleted).
@@ -45,6 +46,45 @@ async fn delete(w: &mut RealtimeWriter, model: &mut Model, key: &str) -> Result<
     w.delete(&Value::String(key.into())).await?;
     model.insert(key.into(), None);
     Ok(())
+}
+
+/// Puts `k-{i % keys}` = `{tag}-{i}` for `i` in `0..writes`, flushing every thousand and at the
+/// end.
+async fn put_all(
+    w: &mut RealtimeWriter,
+    model: &mut Model,
+    writes: usize,
+    keys: usize,
+    tag: &str,
+) -> Result<()> {
+    for i in 0..writes {
+        put(w, model, &format!("k-{}", i % keys), &format!("{tag}-{i}")).await?;
+        if i % 1000 == 999 {
+            w.flush().await?;
+        }
+    }
+    Ok(w.flush().await?)
+}
+
+const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
+
+/// A cluster whose three storage servers run as processes (so a kill is a crash), with a hybrid
+/// store `store` of two partitions on all three.
+async fn process_cluster(store: &str) -> Result<(Cluster, Vec<ChildProcess>)> {
+    let cluster = Cluster::start_opts(ClusterOptions {
+        servers: 0,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let mut processes = Vec::new();
+    for (i, zone) in ZONES.iter().enumerate() {
+        processes.push(cluster.start_server_process(i, zone)?);
+    }
+    cluster.wait_for_server_count(3).await?;
+    cluster
+        .create_hybrid_string_store(store, 2, 3, HOUR)
+        .await?;
+    Ok((cluster, processes))
 }
 
 /// Keys of `model` whose value read through `client` differs from the model, with both.
@@ -686,32 +726,11 @@ async fn a_version_lagging_past_its_bound_is_held_back_until_it_catches_up() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<()> {
-    let cluster = Cluster::start_opts(ClusterOptions {
-        servers: 0,
-        ..ClusterOptions::default()
-    })
-    .await?;
-    let mut processes = Vec::new();
-    for (i, zone) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
-        processes.push(cluster.start_server_process(i, zone)?);
-    }
-    cluster.wait_for_server_count(3).await?;
-    cluster
-        .create_hybrid_string_store("kill", 2, 3, HOUR)
-        .await?;
+    let (cluster, mut processes) = process_cluster("kill").await?;
     let client = cluster.client("kill").await?;
     let mut writer = cluster.realtime_writer("kill").await?;
     let mut model = Model::new();
-    for i in 0..500 {
-        put(
-            &mut writer,
-            &mut model,
-            &format!("k-{}", i % 200),
-            &format!("a-{i}"),
-        )
-        .await?;
-    }
-    writer.flush().await?;
+    put_all(&mut writer, &mut model, 500, 200, "a").await?;
     wait_for_model(&client, &model, "writes before the kill").await?;
 
     let layout = Layout::new(DEFAULT_ROOT);
@@ -756,8 +775,7 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
 
     // The killed server comes back on its data (its replicas' unflushed writes were lost with
     // it), resumes from its checkpoints and catches up; then it is the only one left.
-    let zones = ["zone-a", "zone-b", "zone-c"];
-    processes[index] = cluster.start_server_process(index, zones[index])?;
+    processes[index] = cluster.start_server_process(index, ZONES[index])?;
     for i in 0..50 {
         put(
             &mut writer,
@@ -865,37 +883,12 @@ async fn the_stream_cli_stops_at_a_bad_line_having_written_nothing_after_it() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_killed_while_a_new_version_replays_is_replaced_and_no_write_is_lost() -> Result<()>
 {
-    let cluster = Cluster::start_opts(ClusterOptions {
-        servers: 0,
-        ..ClusterOptions::default()
-    })
-    .await?;
-    let zones = ["zone-a", "zone-b", "zone-c"];
-    let mut processes = Vec::new();
-    for (i, zone) in zones.iter().enumerate() {
-        processes.push(cluster.start_server_process(i, zone)?);
-    }
-    cluster.wait_for_server_count(3).await?;
-    cluster
-        .create_hybrid_string_store("replay", 2, 3, HOUR)
-        .await?;
+    let (cluster, mut processes) = process_cluster("replay").await?;
     let client = cluster.client("replay").await?;
     let mut writer = cluster.realtime_writer("replay").await?;
     // Enough real-time writes that the next version's replay takes a while.
     let mut model = Model::new();
-    for i in 0..20_000 {
-        put(
-            &mut writer,
-            &mut model,
-            &format!("k-{}", i % 3000),
-            &format!("a-{i}"),
-        )
-        .await?;
-        if i % 1000 == 999 {
-            writer.flush().await?;
-        }
-    }
-    writer.flush().await?;
+    put_all(&mut writer, &mut model, 20_000, 3000, "a").await?;
     wait_for_model(&client, &model, "writes on the streaming-only version").await?;
 
     let records = 2000;
@@ -953,7 +946,7 @@ async fn a_leader_killed_while_a_new_version_replays_is_replaced_and_no_write_is
         .await?;
         // The version goes live only with every replica ONLINE: the killed server comes back
         // on its data and catches up.
-        processes[index] = cluster.start_server_process(index, zones[index])?;
+        processes[index] = cluster.start_server_process(index, ZONES[index])?;
         anyhow::Ok(())
     };
     let (report, killed) = futures::join!(push, kill);
