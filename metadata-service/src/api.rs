@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
-use rialto_protocol::admin::{AclChangeRequest, NodeDescription, NodeReplica};
+use rialto_protocol::admin::{AclChangeRequest, NodeDescription, NodeReplica, RealtimeTarget};
 use rialto_protocol::admin::{
     AddValueSchemaRequest, AddValueSchemaResponse, CreateStoreRequest, FailPushRequest,
     ReplicaView, StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest,
@@ -108,6 +108,7 @@ pub(crate) fn router(state: ApiState) -> Router {
             "/v1/stores/{store}/value-schemas",
             get(list_value_schemas).post(add_value_schema),
         )
+        .route("/v1/stores/{store}/realtime", get(realtime_target))
         .route("/v1/stores/{store}/rollback", post(rollback))
         .route("/v1/stores/{store}/roll-forward", post(roll_forward))
         .route("/v1/nodes", get(list_nodes))
@@ -519,6 +520,23 @@ async fn describe_store(
         Json(StoreDescription {
             store: record,
             versions,
+            kafka_bootstrap: st.kafka_bootstrap.clone(),
+        }),
+    ))
+}
+
+/// `GET /v1/stores/{store}/realtime`: the store and where its real-time writes go, for a writer
+/// (authorized as `write`: the controller's check before the broker's own ACLs).
+async fn realtime_target(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<RealtimeTarget> {
+    let record = get_store(&st, &store).await?;
+    Ok((
+        StatusCode::OK,
+        Json(RealtimeTarget {
+            topic: realtime_topic(&record.name),
+            store: record,
             kafka_bootstrap: st.kafka_bootstrap.clone(),
         }),
     ))

@@ -92,6 +92,7 @@ pub fn requirement(method: &Method, path: &str) -> Requirement {
         ["v1", "stores", store, "versions"] if *method == Method::POST => {
             Store(store.to_string(), Permission::Write)
         }
+        ["v1", "stores", store, "realtime"] if read => Store(store.to_string(), Permission::Write),
         ["v1", "stores", store, "versions", _, "written" | "fail"] => {
             Store(store.to_string(), Permission::Write)
         }

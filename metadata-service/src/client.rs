@@ -17,8 +17,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rialto_protocol::admin::{
     AclChangeRequest, AclRecord, AddValueSchemaRequest, AddValueSchemaResponse, ApiError,
-    CreateStoreRequest, FailPushRequest, NodeDescription, StartPushRequest, StartPushResponse,
-    StoreDescription, UpdateStoreRequest, VersionDescription,
+    CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeTarget, StartPushRequest,
+    StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord, ValueSchema};
 use serde::de::DeserializeOwned;
@@ -246,6 +246,16 @@ impl AdminClient {
     pub async fn describe_store(&self, store: &str) -> Result<StoreDescription, ControllerError> {
         self.call(Method::GET, &format!("/v1/stores/{}", segment(store)), None)
             .await
+    }
+
+    /// `GET /v1/stores/{store}/realtime`: what a real-time writer needs (needs `write`).
+    pub async fn realtime_target(&self, store: &str) -> Result<RealtimeTarget, ControllerError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/stores/{}/realtime", segment(store)),
+            None,
+        )
+        .await
     }
 
     /// `GET /v1/stores/{store}/value-schemas`.

@@ -223,6 +223,17 @@ pub struct StoreDescription {
     pub kafka_bootstrap: String,
 }
 
+/// Answer of `GET /v1/stores/{store}/realtime`: what a real-time writer needs, given only to a
+/// caller with `write` on the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeTarget {
+    pub store: StoreRecord,
+    /// The store's real-time topic.
+    pub topic: String,
+    /// Kafka bootstrap servers to produce to.
+    pub kafka_bootstrap: String,
+}
+
 /// Body of the ACL grant and revoke calls.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AclChangeRequest {

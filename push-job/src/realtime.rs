@@ -197,11 +197,12 @@ impl std::fmt::Debug for RealtimeWriter {
 }
 
 impl RealtimeWriter {
-    /// Fetches the store from the controller and connects to its broker (the controller's
-    /// bootstrap servers, or `config.kafka_bootstrap`). Refuses a store that is not hybrid.
+    /// Fetches the store from the controller (which, with authorization on, checks the caller
+    /// may `write` it) and connects to its broker (the controller's bootstrap servers, or
+    /// `config.kafka_bootstrap`). Refuses a store that is not hybrid.
     pub async fn connect(config: &RealtimeConfig) -> Result<RealtimeWriter, PushError> {
         let admin = AdminClient::connect(&config.controller_url, config.controller_tls.as_ref())?;
-        let description = admin.describe_store(&config.store).await?;
+        let description = admin.realtime_target(&config.store).await?;
         let store = description.store;
         ensure_hybrid(&store)?;
         let bootstrap = config

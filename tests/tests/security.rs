@@ -242,6 +242,35 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
         }
     }
     alice.describe_store(STORE).await?;
+
+    // A real-time writer needs `write`: the controller checks it before naming the topic (the
+    // broker's own ACLs guard the topic itself).
+    let writer_as = |name: &str| rialto_push::realtime::RealtimeConfig {
+        controller_url: cluster.controller_url(),
+        store: STORE.into(),
+        kafka_bootstrap: None,
+        kafka_options: vec![],
+        controller_tls: cluster.client_tls_files(name),
+        value_schema_id: None,
+    };
+    let refused = rialto_push::realtime::RealtimeWriter::connect(&writer_as("alice"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("principal `alice` lacks `write`"),
+        "{refused}"
+    );
+    // `pusher` may write: it gets as far as the store's kind (a batch store takes no
+    // real-time writes).
+    let allowed = rialto_push::realtime::RealtimeWriter::connect(&writer_as("pusher"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        allowed.contains("hybrid") && !allowed.contains("lacks"),
+        "{allowed}"
+    );
     let computed = alice_reads.compute(&compute, &keys()).await?;
     for (i, record) in computed.iter().enumerate() {
         let n = record.as_ref().and_then(|r| r.get("n")).cloned();
