@@ -173,7 +173,7 @@ pub(crate) fn remove_orphan_dirs(
 struct HostedReplica {
     slot: Arc<ReplicaSlot>,
     stop: watch::Sender<bool>,
-    /// Whether a hybrid replica follows real-time writes (false once superseded).
+    /// Whether a hybrid replica follows real-time writes (false once its version is sealed).
     follow: watch::Sender<bool>,
     task: JoinHandle<()>,
 }

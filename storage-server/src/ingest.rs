@@ -352,8 +352,9 @@ struct Following {
 /// A hybrid replica after END_OF_PUSH: keeps consuming the version topic (the real-time
 /// records its partition leader copies) through write batches, measures its lag against the
 /// real-time topic, reports ONLINE once the lag is within the store's bound, and runs its
-/// candidacy for the partition's leadership (`hybrid::lead`). Once a newer version supersedes
-/// it (`follow` turns false) it stops consuming and is sealed like a batch version.
+/// candidacy for the partition's leadership (`hybrid::lead`). It goes on as the store's backup;
+/// once the controller seals its version (neither current nor backup: `follow` turns false) it
+/// stops consuming and is sealed like a batch version.
 async fn follow_realtime(
     ctx: &Arc<NodeContext>,
     slot: &Arc<ReplicaSlot>,
@@ -521,7 +522,7 @@ async fn follow_realtime(
     close_consumer(consumer).await;
     match result {
         Ok(()) => {
-            tracing::info!(replica = %id, "superseded by a newer version: no longer following real-time writes");
+            tracing::info!(replica = %id, "version sealed (neither current nor backup): no longer following real-time writes");
             slot.update(&ctx.metrics, |r| {
                 r.following = false;
                 r.lag = None;
