@@ -354,19 +354,20 @@ fn choose_target(
         .filter(|(g, n)| *g as u32 != group && nodes.live(n))
         .filter_map(|(_, n)| nodes.zone(n))
         .collect();
+    let (store, version) = (&placement.record.store, placement.record.version);
+    let failed: BTreeSet<&str> = nodes
+        .view
+        .failed_targets
+        .keys()
+        .filter(|(s, v, p, _)| s == store && *v == version && *p == partition)
+        .map(|(_, _, _, n)| n.as_str())
+        .collect();
     nodes
         .view
         .nodes
         .keys()
         .filter(|n| {
-            nodes.usable(n)
-                && !placement.holds(partition, n)
-                && !nodes.view.failed_targets.contains_key(&(
-                    placement.record.store.clone(),
-                    placement.record.version,
-                    partition,
-                    n.to_string(),
-                ))
+            nodes.usable(n) && !placement.holds(partition, n) && !failed.contains(n.as_str())
         })
         .min_by_key(|n| {
             let outside_group = !members.contains(n.as_str());

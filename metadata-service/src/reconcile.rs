@@ -713,6 +713,13 @@ impl Reconciler {
 
     /// Applies one action. Every step re-reads the record it changes and is idempotent.
     pub async fn apply(&mut self, action: &Action) -> Result<(), ControllerError> {
+        if matches!(
+            action,
+            Action::StartMove { .. } | Action::StartEmptyVersion { .. }
+        ) {
+            // Replicas start fetching: no deletion in the rest of this pass.
+            self.quiet = false;
+        }
         match action {
             Action::Fail {
                 store,
