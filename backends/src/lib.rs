@@ -8,7 +8,8 @@
 //! Everything above these traits (controller, server, client, push job) is written against the
 //! traits, so the in-memory implementations ([`memory`]) replace both in one process. The
 //! [`conformance`] cases hold every implementation to the same behaviour, and [`faults`] wraps
-//! any of them to inject failures.
+//! any of them to inject failures. [`net`] is the third: the network every process listens and
+//! connects on, the operating system's or a simulated one.
 //!
 //! **API Boundary:** nothing outside this crate names `rdkafka` or `etcd_client` types.
 
@@ -21,10 +22,12 @@ pub mod kafka;
 pub mod memory;
 pub mod meta;
 pub mod mirror;
+pub mod net;
 pub mod pubsub;
 #[cfg(feature = "remote")]
 pub mod remote;
 
 pub use meta::{KeyValue, LeaseHandle, MetaError, MetaStore};
 pub use mirror::PrefixMirror;
+pub use net::Network;
 pub use pubsub::{ConsumedRecord, PartitionConsumer, PubSub, PubSubError};

@@ -34,6 +34,9 @@ const GET_RESPONSE_BYTES_MAX: usize = rialto_protocol::stored::STORED_VALUE_BYTE
 pub(crate) const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
 /// How long the client waits for connections to new servers before routing to them.
 const WARM_WAIT: Duration = Duration::from_secs(1);
+/// Longest a read waits for this client's routing to catch up once a server said the version
+/// it was routed to is gone (see `Client::rerouted`).
+const ROUTING_CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 
 /// State shared by the client handles, the metadata follower and the health prober.
 pub(crate) struct Shared {
@@ -144,7 +147,11 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let layout = Layout::new(&config.meta_root);
         let counters = Arc::new(Counters::default());
-        let pool = ConnectionPool::new(config.tls.as_ref(), counters.clone())?;
+        let pool = ConnectionPool::new(
+            config.tls.as_ref(),
+            config.network.clone(),
+            counters.clone(),
+        )?;
         let mirrors = Mirrors::start(meta, &layout, &config.store).await?;
         let record = mirrors
             .store_record()
@@ -214,7 +221,15 @@ impl Client {
     pub async fn get_raw(&self, key_bytes: &[u8]) -> Result<Option<RawValue>, ClientError> {
         Counters::add(&self.shared.counters.keys_requested, 1);
         let started = std::time::Instant::now();
-        let result = self.get_raw_inner(key_bytes).await;
+        let table = self.shared.table();
+        let mut result = self.get_raw_inner(key_bytes, &table).await;
+        let failure = result
+            .as_ref()
+            .err()
+            .map(|e| (e.is_retryable(), e.is_version_gone()));
+        if let Some(fresh) = self.rerouted(&table, failure).await {
+            result = self.get_raw_inner(key_bytes, &fresh).await;
+        }
         self.shared.counters.get_latency.observe(started.elapsed());
         if let Err(e) = &result {
             self.count_error(e);
@@ -243,7 +258,63 @@ impl Client {
         &self,
         keys: &[Vec<u8>],
     ) -> Result<Vec<Option<RawValue>>, ClientError> {
-        let mut stream = self.batch_get_stream_raw(keys)?;
+        Counters::add(&self.shared.counters.keys_requested, keys.len() as u64);
+        let table = self.shared.table();
+        let (result, version_gone) = self.batch_get_raw_on(keys, table.clone()).await;
+        let failure = result.as_ref().err().map(|e| {
+            let retryable = matches!(e, ClientError::Incomplete { .. }) || e.is_retryable();
+            (retryable, version_gone || e.is_version_gone())
+        });
+        match self.rerouted(&table, failure).await {
+            // Every key again, so the answer still comes from one version.
+            Some(fresh) => self.batch_get_raw_on(keys, fresh).await.0,
+            None => result,
+        }
+    }
+
+    /// The fresh routing table to try a failed read on once more: when the read failed in a
+    /// way another replica or version may not, and the store's current version changed since
+    /// the read was routed (its version may have been retired while the read was in flight,
+    /// say on a link that stalled across a swap and the old version's removal). When a server
+    /// said the routed version is gone and this client still routes to it, its routing lags
+    /// (a metadata watch being re-established): it waits for it, at most
+    /// [`ROUTING_CATCH_UP_WAIT`].
+    async fn rerouted(
+        &self,
+        routed: &RoutingTable,
+        failure: Option<(bool, bool)>,
+    ) -> Option<Arc<RoutingTable>> {
+        let (retryable, version_gone) = failure?;
+        if !retryable {
+            return None;
+        }
+        let mut routing = self.shared.routing.subscribe();
+        if version_gone && routing.borrow().version == routed.version {
+            let changed = routing.wait_for(|t| t.version != routed.version);
+            let _ = tokio::time::timeout(ROUTING_CATCH_UP_WAIT, changed).await;
+        }
+        let fresh = self.shared.table();
+        if fresh.version.is_none() || fresh.version == routed.version {
+            return None;
+        }
+        Counters::add(&self.shared.counters.reroutes, 1);
+        tracing::debug!(store = %self.shared.store, from = ?routed.version, to = ?fresh.version, "read failed on a replaced version; reading the current one");
+        Some(fresh)
+    }
+
+    /// One batch-get on `table`, and whether a server said the version is gone.
+    async fn batch_get_raw_on(
+        &self,
+        keys: &[Vec<u8>],
+        table: Arc<RoutingTable>,
+    ) -> (Result<Vec<Option<RawValue>>, ClientError>, bool) {
+        let mut stream = match self.stream_on(keys, table) {
+            Ok(stream) => stream,
+            Err(e) => {
+                self.count_error(&e);
+                return (Err(e), false);
+            }
+        };
         let mut values: Vec<Option<RawValue>> = vec![None; keys.len()];
         while let Some(event) = stream.next().await {
             match event {
@@ -252,12 +323,15 @@ impl Client {
                         *slot = value;
                     }
                 }
-                BatchEvent::Done(done) => return complete(values, done),
+                BatchEvent::Done(done) => {
+                    let gone = done.version_gone;
+                    return (complete(values, done), gone);
+                }
             }
         }
-        Err(ClientError::Protocol(
-            "batch-get stream ended without its completion status".into(),
-        ))
+        let ended =
+            ClientError::Protocol("batch-get stream ended without its completion status".into());
+        (Err(ended), false)
     }
 
     /// Streaming batch-get of serialized Avro keys: a [`Stream`](futures::Stream) of
@@ -293,9 +367,16 @@ impl Client {
     }
 
     fn start_stream(&self, keys: &[Vec<u8>]) -> Result<RawBatchStream, ClientError> {
-        check_batch_size(keys.len())?;
         Counters::add(&self.shared.counters.keys_requested, keys.len() as u64);
-        let table = self.shared.table();
+        self.stream_on(keys, self.shared.table())
+    }
+
+    fn stream_on(
+        &self,
+        keys: &[Vec<u8>],
+        table: Arc<RoutingTable>,
+    ) -> Result<RawBatchStream, ClientError> {
+        check_batch_size(keys.len())?;
         let version = self.version_of(&table)?;
         Ok(stream::start(
             self.shared.clone(),
@@ -397,11 +478,14 @@ impl Client {
     /// One get: the least-loaded replica first; a retryable error moves to the next untried
     /// replica at once; a request still pending after the long-tail threshold is hedged to
     /// another replica (within the retry budget, unless the timer fired late); first answer wins.
-    async fn get_raw_inner(&self, key: &[u8]) -> Result<Option<RawValue>, ClientError> {
+    async fn get_raw_inner(
+        &self,
+        key: &[u8],
+        table: &Arc<RoutingTable>,
+    ) -> Result<Option<RawValue>, ClientError> {
         let shared = &self.shared;
-        let table = shared.table();
-        let route = self.route(&table, key)?;
-        let values = shared.values.for_table(shared, &table).await?;
+        let route = self.route(table, key)?;
+        let values = shared.values.for_table(shared, table).await?;
         let deadline = Instant::now() + shared.request_timeout;
         let path = wire::get_path(&shared.store, route.version, route.partition);
         let body = Bytes::copy_from_slice(key);

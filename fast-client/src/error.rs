@@ -170,6 +170,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether a server answered that it does not host the version the read was routed to.
+    pub fn is_version_gone(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Server {
+                code: ErrorCode::UnknownVersion,
+                ..
+            }
+        )
+    }
+
     /// Whether the same read may succeed on another replica (or later).
     pub fn is_retryable(&self) -> bool {
         match self {

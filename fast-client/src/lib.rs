@@ -145,6 +145,9 @@ pub struct ClientConfig {
     /// decoded with the schema it was written with and resolved to this one: fields it lacks
     /// take their defaults, fields this schema lacks are dropped.
     pub reader_schema: ReaderSchema,
+    /// The network servers are reached on (default the operating system's; a simulation gives
+    /// its simulated one).
+    pub network: rialto_backends::Network,
 }
 
 /// Which schema a client returns values in.
@@ -176,6 +179,7 @@ impl ClientConfig {
             health: HealthConfig::default(),
             verify_checksums: true,
             reader_schema: ReaderSchema::Latest,
+            network: rialto_backends::Network::Os,
         }
     }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use http::uri::{Authority, Scheme};
+use rialto_backends::Network;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use crate::error::ClientError;
 use crate::stats::Counters;
@@ -52,6 +52,7 @@ struct Connection {
 /// The shared connections of one client.
 pub(crate) struct ConnectionPool {
     tls: Option<Tls>,
+    network: Network,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     next_id: AtomicU64,
     counters: Arc<Counters>,
@@ -62,11 +63,13 @@ impl ConnectionPool {
     /// A pool; fails when the TLS settings are unusable.
     pub(crate) fn new(
         tls: Option<&ClientTls>,
+        network: Network,
         counters: Arc<Counters>,
     ) -> Result<Arc<ConnectionPool>, ClientError> {
         let tls = tls.map(build_tls).transpose()?;
         Ok(Arc::new_cyclic(|this| ConnectionPool {
             tls,
+            network,
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             counters,
@@ -276,7 +279,9 @@ impl ConnectionPool {
             address: address.to_string(),
             detail,
         };
-        let tcp = TcpStream::connect(address)
+        let tcp = self
+            .network
+            .connect(address)
             .await
             .map_err(|e| unreachable(format!("TCP connect failed: {e}")))?;
         let _ = tcp.set_nodelay(true);
@@ -380,7 +385,7 @@ mod tests {
             server_name: None,
             identity: None,
         };
-        let err = ConnectionPool::new(Some(&tls), Arc::default())
+        let err = ConnectionPool::new(Some(&tls), Network::Os, Arc::default())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

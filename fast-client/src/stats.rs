@@ -11,6 +11,7 @@ pub(crate) struct Counters {
     pub(crate) requests: AtomicU64,
     pub(crate) keys_requested: AtomicU64,
     pub(crate) retries: AtomicU64,
+    pub(crate) reroutes: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) timeouts: AtomicU64,
     pub(crate) version_swaps: AtomicU64,
@@ -46,6 +47,9 @@ pub struct ClientStats {
     pub keys_requested: u64,
     /// Requests re-sent to another replica after a retryable failure (not long-tail retries).
     pub retries: u64,
+    /// Reads sent again, whole, to a newer current version after failing on the version they
+    /// were routed to (which was replaced, and may be gone, while they were in flight).
+    pub reroutes: u64,
     /// Calls that returned an error to the application.
     pub errors: u64,
     /// Calls that ran out of `request_timeout`.
@@ -100,6 +104,7 @@ impl Counters {
             requests: load(&self.requests),
             keys_requested: load(&self.keys_requested),
             retries: load(&self.retries),
+            reroutes: load(&self.reroutes),
             errors: load(&self.errors),
             timeouts: load(&self.timeouts),
             version_swaps: load(&self.version_swaps),
@@ -146,7 +151,7 @@ impl Counters {
 
 impl ClientStats {
     /// Every counter as `(name, help, value, is_gauge)`, for [`render_prometheus`].
-    fn series(&self) -> [(&'static str, &'static str, u64, bool); 25] {
+    fn series(&self) -> [(&'static str, &'static str, u64, bool); 26] {
         [
             (
                 "requests_total",
@@ -164,6 +169,12 @@ impl ClientStats {
                 "retries_total",
                 "Requests re-sent to another replica after a retryable failure",
                 self.retries,
+                false,
+            ),
+            (
+                "reroutes_total",
+                "Reads sent again to a newer current version after failing on a replaced one",
+                self.reroutes,
                 false,
             ),
             (

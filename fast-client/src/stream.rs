@@ -104,6 +104,9 @@ pub struct Completeness {
     /// Set when a server refused keys because this client's principal may not read the store
     /// (those keys are in `failed`; they are not retried elsewhere).
     pub forbidden: Option<Refusal>,
+    /// Set when a server answered that it does not host the version the call was routed to:
+    /// the version was retired while this client still routed to it.
+    pub version_gone: bool,
 }
 
 /// A server's refusal of a read that another replica would refuse too (over quota, forbidden).
@@ -790,6 +793,7 @@ impl Call {
             }
             Err(e) => {
                 tracing::debug!(address = instance.address, error = %e, "batch-get request failed");
+                self.done.version_gone |= e.is_version_gone();
                 let refusal = match e {
                     ClientError::QuotaExceeded { address, message } => {
                         Some((&mut self.done.quota_exceeded, address, message))

@@ -188,6 +188,7 @@ pub fn stats_delta(before: &[ClientStats], after: &[ClientStats]) -> ClientStats
         d.requests += sub(a.requests, b.requests);
         d.keys_requested += sub(a.keys_requested, b.keys_requested);
         d.retries += sub(a.retries, b.retries);
+        d.reroutes += sub(a.reroutes, b.reroutes);
         d.errors += sub(a.errors, b.errors);
         d.timeouts += sub(a.timeouts, b.timeouts);
         d.version_swaps += sub(a.version_swaps, b.version_swaps);

@@ -14,7 +14,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rialto_backends::Network;
 use rialto_protocol::admin::{
     AclChangeRequest, AclRecord, AddValueSchemaRequest, AddValueSchemaResponse, ApiError,
     CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeTarget, StartPushRequest,
@@ -32,12 +33,51 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer the client reads (a store description with thousands of replicas fits).
 pub const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
 
+/// Sends `req` on a fresh HTTP/1.1 connection over `network`.
+async fn direct_call(
+    network: &Network,
+    mut req: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| format!("no host in `{}`", req.uri()))?
+        .to_string();
+    // A connection of its own takes the origin form, with the host in its header.
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = path.parse().map_err(|e| format!("invalid path: {e}"))?;
+    let host = http::HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
+    req.headers_mut().insert(http::header::HOST, host);
+    let conn = network
+        .connect(&authority)
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+        .await
+        .map_err(|e| error_chain(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "admin connection ended");
+        }
+    });
+    sender.send_request(req).await.map_err(|e| error_chain(&e))
+}
+
 /// A client of one controller's admin API. Cheap to clone; connections are pooled.
 #[derive(Clone)]
 pub struct AdminClient {
     base_url: String,
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Transport,
     tls: bool,
+}
+
+/// How calls reach the controller.
+#[derive(Clone)]
+enum Transport {
+    /// hyper-util's pooled client over the operating system's TCP (and TLS).
+    Pooled(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+    /// A plaintext connection per call over the given network (a simulated one).
+    Direct(Network),
 }
 
 impl std::fmt::Debug for AdminClient {
@@ -75,7 +115,17 @@ impl AdminClient {
         let http = Client::builder(TokioExecutor::new()).build(connector);
         AdminClient {
             base_url,
-            http,
+            http: Transport::Pooled(http),
+            tls: false,
+        }
+    }
+
+    /// A plaintext client of the controller at `base_url` (`http://host:port`) reached over
+    /// `network`, one connection per call: how a simulation's processes reach its controller.
+    pub fn over(network: Network, base_url: impl Into<String>) -> AdminClient {
+        AdminClient {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            http: Transport::Direct(network),
             tls: false,
         }
     }
@@ -98,7 +148,7 @@ impl AdminClient {
         let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(AdminClient {
             base_url,
-            http,
+            http: Transport::Pooled(http),
             tls: true,
         })
     }
@@ -159,11 +209,15 @@ impl AdminClient {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| unreachable(format!("invalid URL: {e}")))?;
         let call = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| unreachable(error_chain(&e)))?;
+            let resp = match &self.http {
+                Transport::Pooled(http) => http
+                    .request(req)
+                    .await
+                    .map_err(|e| unreachable(error_chain(&e)))?,
+                Transport::Direct(network) => {
+                    direct_call(network, req).await.map_err(unreachable)?
+                }
+            };
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
                 .collect()

@@ -38,7 +38,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rialto_backends::{MetaStore, PubSub};
+use rialto_backends::{MetaStore, Network, PubSub};
 use rialto_protocol::meta::{Layout, DEFAULT_ROOT};
 pub use rialto_security::tls::{ClientTlsFiles, ServerTlsFiles};
 use tokio::sync::watch;
@@ -83,6 +83,8 @@ pub struct ControllerConfig {
     pub authorize: bool,
     /// Principals granted cluster `admin` in etcd at start (revocable there like any grant).
     pub admin_principals: Vec<String>,
+    /// The network the admin API listens on: the operating system's, or a simulated one.
+    pub network: Network,
 }
 
 impl Default for ControllerConfig {
@@ -99,6 +101,7 @@ impl Default for ControllerConfig {
             tls: None,
             authorize: false,
             admin_principals: Vec::new(),
+            network: Network::Os,
         }
     }
 }
@@ -128,6 +131,13 @@ impl RunningController {
     /// Whether this controller currently leads (and reconciles).
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Stops as a crash would: the admin API and the reconcile loop end at once and the lease
+    /// is left to expire, so a standby takes over only after the lease TTL.
+    pub fn kill(self) {
+        self.server.abort();
+        self.election.abort();
     }
 
     /// Stops serving, stops reconciling and gives up leadership (revoking the lease).
@@ -172,7 +182,9 @@ pub async fn start(
     if !config.authorize {
         tracing::warn!("admin API authorization is off: anyone who reaches it may change the cluster (use --authorize)");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = config
+        .network
+        .bind(config.listen)
         .await
         .map_err(|e| ControllerError::Bind {
             addr: config.listen.to_string(),

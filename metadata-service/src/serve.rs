@@ -12,9 +12,9 @@ use std::time::Duration;
 use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use rialto_backends::net::Listener;
 use rialto_security::Principal;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -34,7 +34,7 @@ pub struct Caller(pub Option<Principal>);
 
 /// Serves `app` on `listener` until `shutdown` becomes true.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     tls: Option<TlsAcceptor>,
     app: Router,
     mut shutdown: watch::Receiver<bool>,

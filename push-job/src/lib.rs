@@ -142,6 +142,9 @@ pub struct PushConfig {
     /// Writes to this broker instead of the Kafka cluster the controller names (a cluster
     /// embedded in the same process, on the memory backends).
     pub broker: Option<InProcessBroker>,
+    /// The network the controller is reached on (default the operating system's; a simulation
+    /// gives its simulated one, with no TLS).
+    pub network: rialto_backends::Network,
 }
 
 /// The broker a bootstrap list names: Kafka, or the gateway of an embedded cluster
@@ -188,6 +191,7 @@ impl PushConfig {
             value_schema_id: None,
             controller_tls: None,
             broker: None,
+            network: rialto_backends::Network::Os,
         }
     }
 }
@@ -223,7 +227,12 @@ pub struct PushReport {
 
 /// Runs a whole push. Progress goes to the `tracing` log (target `rialto_push`).
 pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
-    let admin = AdminClient::connect(&config.controller_url, config.controller_tls.as_ref())?;
+    let admin = match &config.network {
+        rialto_backends::Network::Os => {
+            AdminClient::connect(&config.controller_url, config.controller_tls.as_ref())?
+        }
+        simulated => AdminClient::over(simulated.clone(), &config.controller_url),
+    };
     let started = Instant::now();
     let store = admin.describe_store(&config.store).await?.store;
     if store.value_schemas.is_empty() {

@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
+use rialto_backends::net::Listener;
 use rialto_protocol::acl::Permission;
 use rialto_protocol::compute::ComputeRequest;
 use rialto_protocol::envelope::KEY_BYTES_MAX;
@@ -38,7 +39,6 @@ use rialto_protocol::wire::{
 use rialto_protocol::ErrorCode;
 use rialto_security::Principal;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -120,7 +120,7 @@ pub(crate) struct ReadService {
 /// Accepts connections until `shutdown` leaves [`Stop::Running`]. On [`Stop::Drain`] (or a
 /// dropped sender) open connections drain (bounded); on [`Stop::Kill`] they are dropped at once.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     tls: Option<TlsAcceptor>,
     service: Arc<ReadService>,
     mut shutdown: watch::Receiver<Stop>,

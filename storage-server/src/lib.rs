@@ -42,10 +42,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rialto_backends::{MetaStore, PrefixMirror, PubSub};
+use rialto_backends::{MetaStore, Network, PrefixMirror, PubSub};
 use rialto_protocol::meta::{now_ms, Layout, NodeRecord, DEFAULT_ROOT};
 use rialto_protocol::wire::BATCH_GET_KEYS_MAX;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -109,6 +108,8 @@ pub struct ServerConfig {
     pub read_in_flight_max: usize,
     /// Connections at once, idle connections, slow request bodies.
     pub connection_limits: ConnectionLimits,
+    /// The network the read endpoint listens on: the operating system's, or a simulated one.
+    pub network: Network,
 }
 
 impl ServerConfig {
@@ -137,6 +138,7 @@ impl ServerConfig {
             realtime_fetch_wait: hybrid::DEFAULT_REALTIME_FETCH_WAIT,
             read_in_flight_max: limits::IN_FLIGHT_MAX_DEFAULT,
             connection_limits: ConnectionLimits::default(),
+            network: Network::Os,
         }
     }
 }
@@ -282,12 +284,15 @@ pub async fn start(
     .map_err(|e| ServerError::Tls(e.to_string()))?
     .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let listener =
+        config
+            .network
+            .bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
     let address = listener.local_addr().map_err(|e| {
         ServerError::io(
             "read the bound address",

@@ -167,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(cli.idle_timeout_seconds),
             body_read_timeout: Duration::from_secs(cli.body_read_timeout_seconds),
         },
+        network: rialto_backends::Network::Os,
     };
     let meta = EtcdMetaStore::connect_tls(
         &cli.etcd,

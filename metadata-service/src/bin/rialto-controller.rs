@@ -131,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         topic_deletion: args.topic_deletion,
         authorize: args.authorize,
         admin_principals: args.admin_principals,
+        network: rialto_backends::Network::Os,
         ..ControllerConfig::default()
     };
     if let Some(id) = args.id {
