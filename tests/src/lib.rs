@@ -38,6 +38,8 @@ use rialto_protocol::meta::{Compression, StorageProfile, VersionStatus, DEFAULT_
 use rialto_push::{PushConfig, PushReport};
 use rialto_server::{FaultConfig, Faults, RunningServer, ServerConfig};
 
+pub mod sim;
+
 /// Installs a test log subscriber once (`RUST_LOG` controls it; default warnings only).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
@@ -339,6 +341,7 @@ impl Cluster {
                 } else {
                     Vec::new()
                 },
+                network: Default::default(),
             },
             meta.clone(),
             pubsub.clone(),
@@ -417,6 +420,7 @@ impl Cluster {
             realtime_fetch_wait: rialto_server::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
             read_in_flight_max: rialto_server::limits::IN_FLIGHT_MAX_DEFAULT,
             connection_limits: self.connection_limits,
+            network: Default::default(),
         };
         self.servers.push(ServerSlot {
             config,
