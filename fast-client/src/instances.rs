@@ -103,10 +103,11 @@ pub(crate) struct Instance {
     health: Mutex<Health>,
 }
 
-/// The time origin of `slow_until_ms`.
-fn epoch() -> std::time::Instant {
-    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    *EPOCH.get_or_init(std::time::Instant::now)
+/// The time origin of `slow_until_ms`: tokio's clock, so that a paused runtime (a simulation)
+/// ages penalties in its own time.
+fn epoch() -> tokio::time::Instant {
+    static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(tokio::time::Instant::now)
 }
 
 fn now_ms() -> u64 {

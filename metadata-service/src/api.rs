@@ -3,6 +3,7 @@
 //! Every controller serves it, leader or not: each write is a compare-and-put on one etcd key, so
 //! concurrent controllers cannot corrupt a record. Every error answers with an [`ApiError`] body.
 
+use crate::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -22,7 +23,7 @@ use rialto_protocol::admin::{
 };
 use rialto_protocol::avro::{AvroCodec, Schema};
 use rialto_protocol::meta::{
-    now_ms, realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
+    realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
     ReplicaRecord, ReplicaState, StoreRecord, ValueSchema, VersionRecord, VersionStatus,
     DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP, PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
     VERSIONS_TO_KEEP_MAX,

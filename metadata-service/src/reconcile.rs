@@ -8,6 +8,7 @@
 //!   on a safety tick), and applies each action with compare-and-put, re-reading the record first
 //!   so a stale mirror can never make it swap to an older version or revive a failed one.
 
+use crate::clock::now_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::{MetaStore, PrefixMirror, PubSub};
 use rialto_protocol::meta::{
-    now_ms, DrainRecord, Layout, NodeRecord, ReplicaMove, ReplicaRecord, ReplicaState, StoreRecord,
+    DrainRecord, Layout, NodeRecord, ReplicaMove, ReplicaRecord, ReplicaState, StoreRecord,
     VersionRecord, VersionStatus,
 };
 use tokio::sync::watch;

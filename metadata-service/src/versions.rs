@@ -2,12 +2,13 @@
 //! reconciler does for a streaming-only hybrid store (an empty version that then only receives
 //! real-time writes).
 
+use crate::clock::now_ms;
 use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::admin::StartPushResponse;
 use rialto_protocol::envelope::ControlMessage;
 use rialto_protocol::meta::{
-    now_ms, version_topic, Compression, Layout, NodeRecord, StoreRecord, ValueFormat,
-    VersionRecord, VersionStatus,
+    version_topic, Compression, Layout, NodeRecord, StoreRecord, ValueFormat, VersionRecord,
+    VersionStatus,
 };
 use rialto_protocol::producer::PartitionWriter;
 

@@ -24,7 +24,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use rialto_backends::PubSubError;
 use rialto_protocol::codec::{self, ValueCompressor};

@@ -29,7 +29,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use rialto_backends::{ConsumedRecord, PartitionConsumer};
 use rialto_protocol::envelope::{CompressionCodec, ControlMessage, Envelope, Message};

@@ -1,25 +1,28 @@
 //! A deterministic simulation of a whole cluster: two controllers, three storage servers, two
-//! reading applications and a push job, all the production code, in one single-threaded tokio
-//! runtime on a paused clock, on the memory backends and a simulated network
-//! (`rialto_backends::net::SimNetwork`).
+//! reading applications, a push job and a real-time writer, all the production code, in one
+//! single-threaded tokio runtime on a paused clock, on the memory backends and a simulated
+//! network (`rialto_backends::net::SimNetwork`).
 //!
-//! A seed decides everything the scenario does: when each of three pushes starts, which keys
-//! each read asks for, and a schedule of faults — a server crashed and restarted (during a
-//! push or during reads, as the timing falls), a partition between a client and a server, a
-//! slow link, the metadata watches of a server or a client ended, the leading controller
-//! killed and started again. Every read is checked as it completes:
+//! The store is hybrid. A seed decides everything the scenario does: when each of three pushes
+//! starts, which real-time puts and deletes are written when, which keys each read asks for,
+//! and a schedule of faults — a server crashed and restarted (during a push, a replay or reads,
+//! as the timing falls; some come back with an empty disk, some stay away past the rebalance
+//! delay), a partition between a client and a server, a slow link, the metadata watches of a
+//! server or a client ended, the leading controller killed and started again.
+//! Every read is checked as it completes:
 //!
-//! * a value is the value pushed for its key by one push attempt (never another key's, never
-//!   one nobody pushed), and that attempt's version had become current before the read ended;
-//! * a batch-get answers from one version: every key of that version present, every other
-//!   absent;
+//! * a pushed key's value is the value one push attempt wrote for that key (never another
+//!   key's, never one nobody pushed), and that attempt's version had become current before the
+//!   read ended; a real-time key's value is one a real-time put wrote for that key;
+//! * a batch-get answers from one version: every pushed key of that version present;
 //! * a client never goes back to an older version once it read a newer one (a swap is atomic
 //!   for each client);
 //! * reads succeed: at most one replica of each partition is unreachable at any time;
 //!
 //! and at the end, with every fault healed, a fresh client finds every record of the last push
-//! (nothing lost across a crash). A run returns its violations and a trace of what happened,
-//! with simulated times; `RIALTO_SIM_SEED=N` replays one seed.
+//! and every real-time key holding its last write (nothing lost across a crash or a leader
+//! change). A run returns its violations and a trace of what happened, with simulated times;
+//! `RIALTO_SIM_SEED=N` replays one seed.
 //!
 //! What is simulated and what is not: time (tokio's paused clock: every timeout, lease and
 //! retry delay in the code), the network (bytes in memory pipes, with cuts and delays), etcd
@@ -35,17 +38,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use apache_avro::types::Value;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rialto_backends::faults::{Faults, FaultyMetaStore};
 use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
 use rialto_backends::net::SimNetwork;
-use rialto_backends::MetaStore;
+use rialto_backends::{MetaStore, PubSub};
 use rialto_controller::{AdminClient, ControllerConfig, RunningController};
 use rialto_fast_client::{Client, ClientConfig};
 use rialto_protocol::admin::CreateStoreRequest;
-use rialto_protocol::meta::{Compression, Layout, StorageProfile, StoreRecord, DEFAULT_ROOT};
+use rialto_protocol::meta::{
+    Compression, HybridConfig, Layout, StorageProfile, StoreRecord, DEFAULT_ROOT,
+};
+use rialto_push::realtime::RealtimeWriter;
 use rialto_push::{InProcessBroker, PushConfig};
 use rialto_server::{RunningServer, ServerConfig};
 use tokio::time::Instant;
@@ -62,6 +69,12 @@ const GENERATIONS: u32 = 3;
 /// Attempts per generation before the run gives up on it.
 const ATTEMPTS_MAX: u32 = 6;
 const LEASE_TTL_S: i64 = 3;
+/// How long a crashed server may stay away before its replicas move (crashes last 0.5–8 s).
+const REBALANCE_DELAY: Duration = Duration::from_secs(4);
+/// Keys only real-time writes touch (`r{i}`).
+const REALTIME_KEYS: usize = 40;
+/// Real-time writes (puts and deletes) per run.
+const REALTIME_WRITES: u32 = 400;
 const CONTROLLER_PORT: u16 = 7070;
 const SERVER_PORT: u16 = 7000;
 
@@ -158,6 +171,23 @@ fn parse_value(value: &str) -> Option<(u32, &str)> {
     Some((attempt.parse().ok()?, key))
 }
 
+fn realtime_key(i: usize) -> String {
+    format!("r{i}")
+}
+
+/// The value real-time write `n` puts for `key`.
+fn realtime_value(n: u32, key: &str) -> String {
+    format!("w{n}:{key}:{}", "r".repeat(32))
+}
+
+/// The write and key a real-time value names.
+fn parse_realtime_value(value: &str) -> Option<(u32, &str)> {
+    let rest = value.strip_prefix('w')?;
+    let (n, rest) = rest.split_once(':')?;
+    let (key, _) = rest.split_once(':')?;
+    Some((n.parse().ok()?, key))
+}
+
 /// Shared state of a run: the trace, the violations, what was pushed and what went live.
 struct Book {
     started: Instant,
@@ -167,6 +197,13 @@ struct Book {
     attempts: BTreeMap<u32, (u32, u32)>,
     /// Versions seen current, ever.
     ever_live: BTreeSet<u32>,
+    /// The store's current version after each change, in order (a rollback names an older
+    /// version again).
+    current_history: Vec<u32>,
+    /// Real-time write number → its key (puts only).
+    realtime_puts: BTreeMap<u32, String>,
+    /// Each real-time key's last write: the put's number, or `None` for a delete.
+    realtime_last: BTreeMap<String, Option<u32>>,
     reads_ok: u64,
     reads_failed: u64,
 }
@@ -221,6 +258,11 @@ impl World {
             lease_ttl_s: LEASE_TTL_S,
             kafka_bootstrap: "in-process-only".into(),
             topic_deletion: rialto_controller::TopicDeletion::Immediate,
+            // A server down longer than this has its replicas moved to the others.
+            rebalance: rialto_controller::RebalanceConfig {
+                delay: REBALANCE_DELAY,
+                ..Default::default()
+            },
             network: self.net.host(controller_ip(i)),
             ..ControllerConfig::default()
         };
@@ -273,9 +315,12 @@ impl World {
 /// One fault of the schedule.
 #[derive(Debug, Clone)]
 enum Fault {
+    /// A crash; with `disk_lost`, the server comes back with an empty data directory and
+    /// bootstraps its replicas from their topics.
     CrashServer {
         server: usize,
         down: Duration,
+        disk_lost: bool,
     },
     Partition {
         client: usize,
@@ -297,6 +342,10 @@ enum Fault {
     KillLeader {
         down: Duration,
     },
+    /// `stores rollback`, then `stores roll-forward` after `back_for`.
+    Rollback {
+        back_for: Duration,
+    },
 }
 
 fn schedule(rng: &mut StdRng) -> Vec<(Duration, Fault)> {
@@ -304,10 +353,11 @@ fn schedule(rng: &mut StdRng) -> Vec<(Duration, Fault)> {
     (0..count)
         .map(|_| {
             let gap = Duration::from_millis(rng.gen_range(200..4_000));
-            let fault = match rng.gen_range(0..6) {
+            let fault = match rng.gen_range(0..7) {
                 0 => Fault::CrashServer {
                     server: rng.gen_range(0..SERVERS),
                     down: Duration::from_millis(rng.gen_range(500..8_000)),
+                    disk_lost: rng.gen_bool(0.3),
                 },
                 1 => Fault::Partition {
                     client: rng.gen_range(0..CLIENTS),
@@ -326,6 +376,9 @@ fn schedule(rng: &mut StdRng) -> Vec<(Duration, Fault)> {
                 4 => Fault::EndClientWatches {
                     client: rng.gen_range(0..CLIENTS),
                 },
+                5 => Fault::Rollback {
+                    back_for: Duration::from_millis(rng.gen_range(500..5_000)),
+                },
                 _ => Fault::KillLeader {
                     down: Duration::from_millis(rng.gen_range(500..6_000)),
                 },
@@ -343,6 +396,9 @@ async fn scenario(seed: u64, dir: &Path) -> SimReport {
         violations: Vec::new(),
         attempts: BTreeMap::new(),
         ever_live: BTreeSet::new(),
+        current_history: Vec::new(),
+        realtime_puts: BTreeMap::new(),
+        realtime_last: BTreeMap::new(),
         reads_ok: 0,
         reads_failed: 0,
     })));
@@ -415,7 +471,11 @@ async fn run_scenario(
                 storage: StorageProfile::default(),
                 compression: Compression::None,
                 max_value_bytes: None,
-                hybrid: None,
+                // Every real-time write is replayed into every new version.
+                hybrid: Some(HybridConfig {
+                    rewind_seconds: 24 * 3600,
+                    lag_records_max: 10,
+                }),
                 read_quota_keys_per_s: None,
                 storage_quota_bytes: None,
                 versions_to_keep: None,
@@ -429,6 +489,7 @@ async fn run_scenario(
         .map(|_| Duration::from_millis(rng.gen_range(0..8_000)))
         .collect();
     let reader_seeds: Vec<u64> = (0..CLIENTS).map(|_| rng.gen()).collect();
+    let writer_seed: u64 = rng.gen();
 
     let stop = Arc::new(AtomicBool::new(false));
     let live_watch = tokio::spawn(follow_live_versions(
@@ -437,6 +498,7 @@ async fn run_scenario(
         stop.clone(),
     ));
     let pusher = tokio::spawn(push_generations(world.clone(), book.clone(), push_gaps));
+    let writer = tokio::spawn(write_realtime(world.clone(), book.clone(), writer_seed));
     let mut readers = Vec::new();
     for (i, seed) in reader_seeds.into_iter().enumerate() {
         readers.push(tokio::spawn(read_loop(
@@ -450,6 +512,7 @@ async fn run_scenario(
     inject(world, book, faults).await?;
     let pushed = pusher.await?;
     book.log(format!("pushes done: {pushed:?}"));
+    writer.await??;
     heal(world, book).await?;
     // Reads go on a moment on the healed cluster, then stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -481,7 +544,16 @@ async fn note_current(world: &tokio::sync::Mutex<World>, book: &Shared) {
         .await
         .and_then(|s| s.current_version);
     if let Some(v) = current {
-        if book.lock().ever_live.insert(v) {
+        let changed = {
+            let mut b = book.lock();
+            b.ever_live.insert(v);
+            let changed = b.current_history.last() != Some(&v);
+            if changed {
+                b.current_history.push(v);
+            }
+            changed
+        };
+        if changed {
             book.log(format!("v{v} is current"));
         }
     }
@@ -496,6 +568,17 @@ async fn push_generations(
 ) -> Vec<u32> {
     let mut live = Vec::new();
     let mut attempt = 0u32;
+    // A hybrid store starts with an empty version the controller creates; pushes come after.
+    while world
+        .lock()
+        .await
+        .store_record()
+        .await
+        .and_then(|s| s.current_version)
+        .is_none()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for (g, gap) in (1..=GENERATIONS).zip(gaps) {
         tokio::time::sleep(gap).await;
         for _ in 0..ATTEMPTS_MAX {
@@ -556,6 +639,52 @@ async fn push_generations(
     live
 }
 
+/// Writes [`REALTIME_WRITES`] puts and deletes of the `r*` keys to the real-time topic.
+async fn write_realtime(
+    world: Arc<tokio::sync::Mutex<World>>,
+    book: Shared,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (record, broker) = {
+        let w = world.lock().await;
+        let record = w.store_record().await.context("no store record")?;
+        (record, Arc::new(w.broker.clone()) as Arc<dyn PubSub>)
+    };
+    let mut writer = RealtimeWriter::new(&record, broker).await?;
+    for n in 1..=REALTIME_WRITES {
+        let key = realtime_key(rng.gen_range(0..REALTIME_KEYS));
+        let delete = rng.gen_bool(0.1);
+        {
+            let mut b = book.lock();
+            if delete {
+                b.realtime_last.insert(key.clone(), None);
+            } else {
+                b.realtime_puts.insert(n, key.clone());
+                b.realtime_last.insert(key.clone(), Some(n));
+            }
+        }
+        let k = Value::String(key.clone());
+        if delete {
+            writer.delete(&k).await?;
+        } else {
+            writer
+                .put(&k, &Value::String(realtime_value(n, &key)))
+                .await?;
+        }
+        if n % 10 == 0 {
+            writer.flush().await?;
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(50..1_000))).await;
+        }
+    }
+    let report = writer.close().await?;
+    book.log(format!(
+        "real-time writes done: {} puts, {} deletes",
+        report.puts, report.deletes
+    ));
+    Ok(())
+}
+
 /// Reads until `stop`, checking every answer.
 async fn read_loop(
     i: usize,
@@ -586,11 +715,15 @@ async fn read_loop(
         }
     };
     book.log(format!("client {i} connected"));
-    let mut newest_seen = 0u32;
+    // Where in the history of current versions this client's last read was.
+    let mut newest_seen = 0usize;
     while !stop.load(Ordering::Relaxed) {
+        let realtime = rng.gen_bool(0.25);
         let keys: Vec<String> = (0..rng.gen_range(1..40))
             .map(|_| {
-                if rng.gen_bool(0.8) {
+                if realtime {
+                    realtime_key(rng.gen_range(0..REALTIME_KEYS))
+                } else if rng.gen_bool(0.8) {
                     base_key(rng.gen_range(0..BASE_KEYS))
                 } else {
                     extra_key(rng.gen_range(1..=GENERATIONS), rng.gen_range(0..EXTRA_KEYS))
@@ -611,6 +744,7 @@ async fn read_loop(
             client.batch_get(&values).await
         };
         match answer {
+            Ok(values) if realtime => check_realtime_read(i, &keys, &values, &book),
             Ok(values) => {
                 note_current(&world, &book).await;
                 check_read(i, &keys, &values, &book, &mut newest_seen);
@@ -628,13 +762,51 @@ async fn read_loop(
     }
 }
 
+/// Checks an answer for real-time keys: each value is one a real-time write put for its key.
+fn check_realtime_read(client: usize, keys: &[String], values: &[Option<Value>], book: &Shared) {
+    let problems: Vec<String> = {
+        let mut b = book.lock();
+        b.reads_ok += 1;
+        keys.iter()
+            .zip(values)
+            .filter_map(|(key, value)| {
+                let value = value.as_ref()?;
+                let Value::String(text) = value else {
+                    return Some(format!("`{key}` read as {value:?}, not a string"));
+                };
+                match parse_realtime_value(text) {
+                    Some((n, named))
+                        if named == key
+                            && *text == realtime_value(n, key)
+                            && b.realtime_puts.get(&n) == Some(key) =>
+                    {
+                        None
+                    }
+                    _ => Some(format!(
+                        "`{key}` read as {text:?}, which no write put there"
+                    )),
+                }
+            })
+            .collect()
+    };
+    for problem in &problems {
+        book.violation(format!("client {client}: real-time read: {problem}"));
+    }
+    if problems.is_empty() {
+        book.log(format!(
+            "client {client}: real-time read of {} keys",
+            keys.len()
+        ));
+    }
+}
+
 /// Checks one answer against what was pushed and what went live.
 fn check_read(
     client: usize,
     keys: &[String],
     values: &[Option<Value>],
     book: &Shared,
-    newest_seen: &mut u32,
+    newest_seen: &mut usize,
 ) {
     let mut book_guard = book.lock();
     book_guard.reads_ok += 1;
@@ -680,12 +852,17 @@ fn check_read(
                 _ => {}
             }
         }
-        if version < *newest_seen {
-            problems.push(format!("went back from v{} to v{version}", *newest_seen));
+        // The latest time this version became current; reading it after a version that became
+        // current later is going back (a rollback makes an older version current again, later).
+        let history = &book_guard.current_history;
+        match history.iter().rposition(|v| *v == version) {
+            Some(at) if at < *newest_seen => problems.push(format!(
+                "went back from v{} to v{version} (current versions in order: {history:?})",
+                history[*newest_seen]
+            )),
+            Some(at) => *newest_seen = at,
+            None => {}
         }
-        *newest_seen = (*newest_seen).max(version);
-    } else if keys.iter().any(|k| k.starts_with('k')) && !book_guard.ever_live.is_empty() {
-        problems.push(format!("every key of {keys:?} missing"));
     }
     drop(book_guard);
     let ops = if keys.len() == 1 { "get" } else { "batch-get" };
@@ -710,10 +887,18 @@ async fn inject(
         tokio::time::sleep(gap).await;
         book.log(format!("fault: {fault:?}"));
         match fault {
-            Fault::CrashServer { server, down } => {
+            Fault::CrashServer {
+                server,
+                down,
+                disk_lost,
+            } => {
                 let running = world.lock().await.servers[server].take();
                 if let Some(s) = running {
                     s.kill().await?;
+                }
+                if disk_lost {
+                    let dir = world.lock().await.dir.join(format!("server-{server}"));
+                    std::fs::remove_dir_all(&dir)?;
                 }
                 tokio::time::sleep(down).await;
                 world.lock().await.start_server(server).await?;
@@ -747,6 +932,27 @@ async fn inject(
             }
             Fault::EndClientWatches { client } => {
                 world.lock().await.client_watches[client].end_watches();
+            }
+            Fault::Rollback { back_for } => {
+                let admins: Vec<AdminClient> = {
+                    let w = world.lock().await;
+                    (0..CONTROLLERS)
+                        .filter(|i| w.controllers[*i].is_some())
+                        .map(|i| w.admin(i))
+                        .collect()
+                };
+                let Some(admin) = admins.first() else {
+                    continue;
+                };
+                match admin.rollback(STORE).await {
+                    Ok(s) => book.log(format!("rolled back to {:?}", s.current_version)),
+                    Err(e) => book.log(format!("rollback refused: {e}")),
+                }
+                tokio::time::sleep(back_for).await;
+                match admin.roll_forward(STORE).await {
+                    Ok(s) => book.log(format!("rolled forward to {:?}", s.current_version)),
+                    Err(e) => book.log(format!("roll-forward refused: {e}")),
+                }
             }
             Fault::KillLeader { down } => {
                 let killed = {
@@ -837,5 +1043,40 @@ async fn final_check(world: &Arc<tokio::sync::Mutex<World>>, book: &Shared) -> a
             keys.len()
         ));
     }
-    Ok(())
+    // Every real-time write reached the current version: each key holds its last write.
+    let expected: BTreeMap<String, Option<Value>> = book
+        .lock()
+        .realtime_last
+        .iter()
+        .map(|(k, last)| (k.clone(), last.map(|n| Value::String(realtime_value(n, k)))))
+        .collect();
+    let keys: Vec<Value> = expected.keys().cloned().map(Value::String).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = client.batch_get(&keys).await;
+        let stale = match &got {
+            Ok(values) => expected
+                .iter()
+                .zip(values)
+                .filter(|((_, want), got)| *want != *got)
+                .map(|((k, _), _)| k.clone())
+                .collect::<Vec<_>>(),
+            Err(e) => vec![format!("error: {e}")],
+        };
+        if stale.is_empty() {
+            book.log(format!(
+                "final read: all {} real-time keys hold their last write",
+                keys.len()
+            ));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            book.violation(format!(
+                "final read of v{current}: {} real-time keys without their last write: {stale:?}",
+                stale.len()
+            ));
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
