@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -96,22 +96,15 @@ pub(crate) struct Instance {
     pub(crate) tls: bool,
     pending: AtomicU32,
     blocked: AtomicBool,
-    /// Until when (ms since [`epoch`]) the instance is avoided as slow.
+    /// Until when (ms since `epoch`) the instance is avoided as slow.
     slow_until_ms: AtomicU64,
+    /// The time origin of `slow_until_ms`, on tokio's clock (so that a paused runtime, a
+    /// simulation, ages penalties in its own time); one per instance, since runtimes with
+    /// different clocks may share the process.
+    epoch: tokio::time::Instant,
     /// Consecutive times it was outpaced by a long-tail retry.
     outpaced: AtomicU32,
     health: Mutex<Health>,
-}
-
-/// The time origin of `slow_until_ms`: tokio's clock, so that a paused runtime (a simulation)
-/// ages penalties in its own time.
-fn epoch() -> tokio::time::Instant {
-    static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
-    *EPOCH.get_or_init(tokio::time::Instant::now)
-}
-
-fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
 }
 
 /// Decrements an instance's pending count when the request ends (or is cancelled).
@@ -124,6 +117,10 @@ impl Drop for PendingGuard {
 }
 
 impl Instance {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn new(address: &str, tls: bool) -> Instance {
         Instance {
             address: address.to_string(),
@@ -131,6 +128,7 @@ impl Instance {
             pending: AtomicU32::new(0),
             blocked: AtomicBool::new(false),
             slow_until_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
             outpaced: AtomicU32::new(0),
             health: Mutex::new(Health {
                 failures: 0,
@@ -172,7 +170,7 @@ impl Instance {
     /// Whether the instance is being avoided because long-tail retries outpaced it.
     pub(crate) fn is_slow(&self) -> bool {
         let until = self.slow_until_ms.load(Ordering::Relaxed);
-        until != 0 && now_ms() < until
+        until != 0 && self.now_ms() < until
     }
 
     /// A long-tail retry sent elsewhere answered before this instance did (or it shed a
@@ -183,8 +181,10 @@ impl Instance {
             .slow_penalty
             .saturating_mul(1 << streak)
             .min(config.slow_penalty_max);
-        self.slow_until_ms
-            .store(now_ms() + penalty.as_millis() as u64, Ordering::Relaxed);
+        self.slow_until_ms.store(
+            self.now_ms() + penalty.as_millis() as u64,
+            Ordering::Relaxed,
+        );
         tracing::debug!(
             address = self.address,
             ?penalty,

@@ -644,8 +644,9 @@ async fn wait_until_live(
     version: u32,
     timeout: Duration,
 ) -> Result<(), PushError> {
-    let started = Instant::now();
-    let mut last_progress = Instant::now();
+    // tokio's clock: the real one, or a simulation's.
+    let started = tokio::time::Instant::now();
+    let mut last_progress = tokio::time::Instant::now();
     loop {
         let v = admin.describe_version(store, version).await?;
         match &v.record.status {
@@ -670,7 +671,7 @@ async fn wait_until_live(
             });
         }
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
-            last_progress = Instant::now();
+            last_progress = tokio::time::Instant::now();
             let online = v
                 .replicas
                 .iter()

@@ -1183,6 +1183,7 @@ mod tests {
             sorted_chunk,
             lock_in_memory_stores,
             realtime_fetch_wait: crate::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
+            reports_pending: Default::default(),
         });
         let lease = ctx.register().await.unwrap();
         Harness {

@@ -324,6 +324,7 @@ pub async fn start(
         sorted_chunk: ingest::ChunkLimits::default(),
         lock_in_memory_stores: config.lock_in_memory_stores,
         realtime_fetch_wait: config.realtime_fetch_wait,
+        reports_pending: Default::default(),
     });
 
     let mirror = PrefixMirror::start(meta.clone(), layout.versions_prefix()).await?;

@@ -9,6 +9,7 @@
 //! latest record, so no interleaving leaves a stale record in etcd.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,15 +46,20 @@ pub(crate) struct NodeContext {
     /// Fetch wait of real-time consumers
     /// ([`ServerConfig::realtime_fetch_wait`](crate::ServerConfig::realtime_fetch_wait)).
     pub realtime_fetch_wait: std::time::Duration,
+    /// A replica report failed (the metadata store was unreachable): every replica record is
+    /// written again on the next retry tick, since a replica that stays in its state would
+    /// never report again, and a blip shorter than the lease TTL does not re-register.
+    pub reports_pending: std::sync::atomic::AtomicBool,
 }
 
 impl NodeContext {
-    /// Writes the slot's latest record under the current lease. Failures are logged: the record
-    /// is re-written on the next report or lease renewal.
+    /// Writes the slot's latest record under the current lease. A failure is logged and every
+    /// record is written again on the next retry tick (`retry_reports`) or re-registration.
     pub async fn report(&self, slot: &ReplicaSlot) {
         let lease = self.lease_id.lock().await;
         if let Err(e) = self.put_replica(slot, *lease).await {
-            tracing::warn!(replica = %slot.id, error = %e, "cannot report replica state; will retry on the next report");
+            self.reports_pending.store(true, Ordering::SeqCst);
+            tracing::warn!(replica = %slot.id, error = %e, "cannot report replica state; retrying");
         }
     }
 
@@ -65,7 +71,8 @@ impl NodeContext {
             return;
         }
         if let Err(e) = self.put_replica(slot, *lease).await {
-            tracing::warn!(replica = %slot.id, error = %e, "cannot report replica bytes; will retry on the next change");
+            self.reports_pending.store(true, Ordering::SeqCst);
+            tracing::warn!(replica = %slot.id, error = %e, "cannot report replica bytes; retrying");
         }
     }
 
@@ -107,6 +114,22 @@ impl NodeContext {
         self.meta.put(&key, value, Some(lease)).await
     }
 
+    /// Writes every replica record again after a failed report (see `reports_pending`).
+    async fn retry_reports(&self) {
+        if !self.reports_pending.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let lease = self.lease_id.lock().await;
+        for slot in self.registry.all() {
+            if let Err(e) = self.put_replica(&slot, *lease).await {
+                self.reports_pending.store(true, Ordering::SeqCst);
+                tracing::debug!(replica = %slot.id, error = %e, "replica report still failing");
+                return;
+            }
+        }
+        tracing::info!(node = %self.node_id, "replica reports written again after a metadata outage");
+    }
+
     /// Grants the first lease and registers the node under it.
     pub async fn register(&self) -> Result<LeaseHandle, MetaError> {
         let lease = self.meta.grant_lease(self.lease_ttl_s).await?;
@@ -139,9 +162,14 @@ pub(crate) async fn keep_registered(
 ) -> LeaseHandle {
     loop {
         let mut lost = lease.lost.clone();
-        tokio::select! {
+        let lease_lost = tokio::select! {
             _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => return lease,
-            _ = lost.wait_for(|l| *l) => {}
+            _ = lost.wait_for(|l| *l) => true,
+            _ = tokio::time::sleep(LEASE_RETRY_BACKOFF) => false,
+        };
+        if !lease_lost {
+            ctx.retry_reports().await;
+            continue;
         }
         tracing::warn!(node = %ctx.node_id, lease = lease.id, "lease lost; registering again");
         loop {

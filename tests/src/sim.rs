@@ -8,7 +8,8 @@
 //! and a schedule of faults — a server crashed and restarted (during a push, a replay or reads,
 //! as the timing falls; some come back with an empty disk, some stay away past the rebalance
 //! delay), a partition between a client and a server, a slow link, the metadata watches of a
-//! server or a client ended, the leading controller killed and started again.
+//! server or a client ended, a server cut off from the metadata store or stalled by the broker,
+//! the leading controller killed and started again, a rollback and roll-forward.
 //! Every read is checked as it completes:
 //!
 //! * a pushed key's value is the value one push attempt wrote for that key (never another
@@ -42,7 +43,7 @@ use anyhow::Context as _;
 use apache_avro::types::Value;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rialto_backends::faults::{Faults, FaultyMetaStore};
+use rialto_backends::faults::{Faults, FaultyMetaStore, FaultyPubSub};
 use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
 use rialto_backends::net::SimNetwork;
 use rialto_backends::{MetaStore, PubSub};
@@ -239,8 +240,8 @@ struct World {
     dir: PathBuf,
     controllers: Vec<Option<RunningController>>,
     servers: Vec<Option<RunningServer>>,
-    server_watches: Vec<Arc<Faults>>,
-    client_watches: Vec<Arc<Faults>>,
+    server_faults: Vec<Arc<Faults>>,
+    client_faults: Vec<Arc<Faults>>,
 }
 
 impl World {
@@ -287,8 +288,10 @@ impl World {
         config.lease_ttl_s = LEASE_TTL_S;
         config.block_cache_bytes = 8 * 1024 * 1024;
         config.network = self.net.host(server_ip(i));
-        let meta = self.faulty_meta(&self.server_watches[i]);
-        let server = rialto_server::start(config, meta, Arc::new(self.broker.clone())).await?;
+        let faults = &self.server_faults[i];
+        let meta = self.faulty_meta(faults);
+        let broker = FaultyPubSub::new(Arc::new(self.broker.clone()), faults.clone());
+        let server = rialto_server::start(config, meta, Arc::new(broker)).await?;
         self.servers[i] = Some(server);
         Ok(())
     }
@@ -298,7 +301,7 @@ impl World {
         let mut config = ClientConfig::new(STORE);
         config.network = self.net.host(client_ip(i));
         config.routing_wait = Duration::from_secs(30);
-        (config, self.faulty_meta(&self.client_watches[i]))
+        (config, self.faulty_meta(&self.client_faults[i]))
     }
 
     fn admin(&self, controller: usize) -> AdminClient {
@@ -342,6 +345,16 @@ enum Fault {
     KillLeader {
         down: Duration,
     },
+    /// A server cannot reach the metadata store (its lease expires; it serves on).
+    MetaUnreachable {
+        server: usize,
+        lasting: Duration,
+    },
+    /// The broker stops answering one server (fetches return nothing, sends hang).
+    BrokerStall {
+        server: usize,
+        lasting: Duration,
+    },
     /// `stores rollback`, then `stores roll-forward` after `back_for`.
     Rollback {
         back_for: Duration,
@@ -353,7 +366,7 @@ fn schedule(rng: &mut StdRng) -> Vec<(Duration, Fault)> {
     (0..count)
         .map(|_| {
             let gap = Duration::from_millis(rng.gen_range(200..4_000));
-            let fault = match rng.gen_range(0..7) {
+            let fault = match rng.gen_range(0..9) {
                 0 => Fault::CrashServer {
                     server: rng.gen_range(0..SERVERS),
                     down: Duration::from_millis(rng.gen_range(500..8_000)),
@@ -375,6 +388,14 @@ fn schedule(rng: &mut StdRng) -> Vec<(Duration, Fault)> {
                 },
                 4 => Fault::EndClientWatches {
                     client: rng.gen_range(0..CLIENTS),
+                },
+                6 => Fault::MetaUnreachable {
+                    server: rng.gen_range(0..SERVERS),
+                    lasting: Duration::from_millis(rng.gen_range(500..8_000)),
+                },
+                7 => Fault::BrokerStall {
+                    server: rng.gen_range(0..SERVERS),
+                    lasting: Duration::from_millis(rng.gen_range(500..8_000)),
                 },
                 5 => Fault::Rollback {
                     back_for: Duration::from_millis(rng.gen_range(500..5_000)),
@@ -409,8 +430,8 @@ async fn scenario(seed: u64, dir: &Path) -> SimReport {
         dir: dir.to_path_buf(),
         controllers: (0..CONTROLLERS).map(|_| None).collect(),
         servers: (0..SERVERS).map(|_| None).collect(),
-        server_watches: (0..SERVERS).map(|_| Faults::new()).collect(),
-        client_watches: (0..CLIENTS).map(|_| Faults::new()).collect(),
+        server_faults: (0..SERVERS).map(|_| Faults::new()).collect(),
+        client_faults: (0..CLIENTS).map(|_| Faults::new()).collect(),
     };
     let world = Arc::new(tokio::sync::Mutex::new(world));
     if let Err(e) = run_scenario(&mut rng, &world, &book).await {
@@ -928,10 +949,24 @@ async fn inject(
                 book.log(format!("link client {client} - server {server} fast again"));
             }
             Fault::EndServerWatches { server } => {
-                world.lock().await.server_watches[server].end_watches();
+                world.lock().await.server_faults[server].end_watches();
             }
             Fault::EndClientWatches { client } => {
-                world.lock().await.client_watches[client].end_watches();
+                world.lock().await.client_faults[client].end_watches();
+            }
+            Fault::MetaUnreachable { server, lasting } => {
+                let faults = world.lock().await.server_faults[server].clone();
+                faults.set_meta_down(true);
+                tokio::time::sleep(lasting).await;
+                faults.set_meta_down(false);
+                book.log(format!("server {server} reaches the metadata store again"));
+            }
+            Fault::BrokerStall { server, lasting } => {
+                let faults = world.lock().await.server_faults[server].clone();
+                faults.set_stalled(true);
+                tokio::time::sleep(lasting).await;
+                faults.set_stalled(false);
+                book.log(format!("the broker answers server {server} again"));
             }
             Fault::Rollback { back_for } => {
                 let admins: Vec<AdminClient> = {
