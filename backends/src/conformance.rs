@@ -424,4 +424,13 @@ mod tests {
         )
         .await;
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn persistent_memory_backends_conform() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemoryMetaStore::open(&dir.path().join("meta")).unwrap();
+        super::meta_store(&meta, "/conformance/").await;
+        let broker = MemoryPubSub::open(&dir.path().join("topics")).unwrap();
+        super::pub_sub(&broker, "conformance-", super::BrokerDivergence::NONE).await;
+    }
 }

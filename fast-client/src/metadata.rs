@@ -169,11 +169,11 @@ impl Mirrors {
         let Some(bytes) = self.store.with(|m| m.get(&self.store_key).cloned()).await else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
+        rialto_protocol::meta::decode_record(&bytes)
             .map(Some)
             .map_err(|e| MetaError::Failed {
                 context: format!("reading store record `{}`", self.store_key),
-                detail: format!("the record is not valid JSON of a store ({e})"),
+                detail: format!("cannot read the store record: {e}"),
             })
     }
 

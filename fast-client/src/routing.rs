@@ -220,7 +220,7 @@ fn parse_nodes<'a>(layout: &Layout, nodes: &'a RecordMap) -> HashMap<&'a str, No
         let Some(node_id) = key.strip_prefix(&prefix) else {
             continue;
         };
-        match serde_json::from_slice::<NodeRecord>(value) {
+        match rialto_protocol::meta::decode_record::<NodeRecord>(value) {
             Ok(record) => {
                 out.insert(node_id, record);
             }
@@ -243,7 +243,7 @@ fn version_routes(
     // Without its record, a version's value layout is unknown: its values cannot be read.
     let (partition_count, record, values) = match versions
         .get(&version_key)
-        .map(|v| serde_json::from_slice::<VersionRecord>(v))
+        .map(|v| rialto_protocol::meta::decode_record::<VersionRecord>(v))
     {
         Some(Ok(v)) => {
             let values = ValueLayout::of(&v);
@@ -291,7 +291,7 @@ fn version_routes(
             );
             continue;
         };
-        let state = match serde_json::from_slice::<ReplicaRecord>(value) {
+        let state = match rialto_protocol::meta::decode_record::<ReplicaRecord>(value) {
             Ok(r) => r.state,
             Err(e) => {
                 tracing::warn!(key, error = %e, "ignoring unparsable replica record");

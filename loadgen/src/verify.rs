@@ -42,7 +42,7 @@ pub async fn store_codecs(meta: &dyn MetaStore, root: &str, store: &str) -> Resu
         .get(&Layout::new(root).store(store))
         .await?
         .with_context(|| format!("store `{store}` does not exist"))?;
-    let record: StoreRecord = serde_json::from_slice(&kv.value)?;
+    let record: StoreRecord = rialto_protocol::meta::decode_record(&kv.value)?;
     let latest = record
         .latest_value_schema()
         .context("store has no value schema")?

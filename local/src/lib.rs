@@ -7,7 +7,13 @@
 //! push job, reads through the fast client. What the memory backends cannot give is another
 //! process's view: the metadata and the topics live in this process, so pushes, real-time
 //! writes and clients run here too ([`LocalCluster::push_config`], [`LocalCluster::client`],
-//! [`LocalCluster::realtime_writer`]), and nothing survives a restart.
+//! [`LocalCluster::realtime_writer`]), or in other processes through the gateway.
+//!
+//! The data directory holds everything: the metadata store's journal (`metadata.journal`),
+//! the broker's topics (`topics/`) and each server's replicas (`server-N/`). Started again on
+//! the same directory, the cluster comes back with its stores, versions and real-time writes:
+//! servers resume their replicas from their checkpoints, as after a restart of every process
+//! of a production cluster whose etcd and Kafka stayed up.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,6 +38,11 @@ use rialto_push::{InProcessBroker, PushConfig, PushError};
 use rialto_server::{RunningServer, ServerConfig, ServerError};
 use thiserror::Error;
 
+/// The metadata store's journal, in the data directory.
+pub const METADATA_JOURNAL: &str = "metadata.journal";
+/// The broker's topics, in the data directory.
+pub const TOPICS_DIR: &str = "topics";
+
 /// How long [`LocalCluster::start`] waits for every server to register.
 const REGISTRATION_WAIT: Duration = Duration::from_secs(30);
 
@@ -42,6 +53,12 @@ pub enum LocalError {
     Controller(#[from] ControllerError),
     #[error("storage server {node}: {source}")]
     Server { node: String, source: ServerError },
+    #[error("cannot open the {what} in {path}: {source}")]
+    Storage {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot serve the gateway on {address}: {source}")]
     Gateway {
         address: SocketAddr,
@@ -62,7 +79,8 @@ pub struct LocalOptions {
     pub servers: usize,
     /// Zones the servers are spread over (server `i` is in zone `i % zones`).
     pub zones: usize,
-    /// Where the servers keep their replicas.
+    /// Where the cluster keeps its metadata, topics and replicas; a later start on the same
+    /// directory carries on from them.
     pub data_dir: PathBuf,
     /// The admin API's address; port 0 picks a free one.
     pub controller_listen: SocketAddr,
@@ -103,10 +121,18 @@ struct Gateway {
 }
 
 impl LocalCluster {
-    /// Starts the controller and the servers, and waits until every server registered.
+    /// Starts the controller and the servers on the metadata, topics and replicas kept in the
+    /// data directory (empty at first), and waits until every server registered.
     pub async fn start(options: LocalOptions) -> Result<LocalCluster, LocalError> {
-        let meta = MemoryMetaStore::new();
-        let broker = MemoryPubSub::new();
+        let storage =
+            |what, path: PathBuf| move |source| LocalError::Storage { what, path, source };
+        std::fs::create_dir_all(&options.data_dir)
+            .map_err(storage("data directory", options.data_dir.clone()))?;
+        let meta_path = options.data_dir.join(METADATA_JOURNAL);
+        let meta = MemoryMetaStore::open(&meta_path)
+            .map_err(storage("metadata journal", meta_path.clone()))?;
+        let topics = options.data_dir.join(TOPICS_DIR);
+        let broker = MemoryPubSub::open(&topics).map_err(storage("topics", topics.clone()))?;
         let gateway = match options.gateway_listen {
             Some(address) => Some(start_gateway(address, &meta, &broker).await?),
             None => None,

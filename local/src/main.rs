@@ -22,7 +22,8 @@ use rialto_protocol::meta::{HybridConfig, DEFAULT_ROOT};
     about = "Rialto in one process, on the in-memory backends"
 )]
 struct Args {
-    /// Where the servers keep their replicas (default: a temporary directory, removed at exit).
+    /// Where the cluster keeps its metadata, topics and replicas, reused by the next run on
+    /// the same directory (default: a temporary directory, removed at exit).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Storage servers to run.
@@ -123,15 +124,10 @@ async fn demo(options: LocalOptions, data_dir: &Path, records: usize) -> Result<
         rialto_controller::render::nodes(&admin.list_nodes().await?)
     );
 
-    admin
-        .create_store(&store_request(
-            "demo",
-            DEMO_VALUE_SCHEMA,
-            8,
-            2.min(servers as u32),
-        ))
-        .await?;
-    println!("local: created store demo (8 partitions, replication factor 2)");
+    let demo = store_request("demo", DEMO_VALUE_SCHEMA, 8, 2.min(servers as u32));
+    if create_store(&admin, &demo).await? {
+        println!("local: created store demo (8 partitions, replication factor 2)");
+    }
     let input = data_dir.join("demo.jsonl");
     write_dataset(&input, records)?;
     println!("local: pushing {records} records");
@@ -172,7 +168,7 @@ async fn hybrid(cluster: &LocalCluster) -> Result<()> {
         rewind_seconds: 3600,
         lag_records_max: 1000,
     });
-    admin.create_store(&feed).await?;
+    create_store(&admin, &feed).await?;
     wait_for(
         "the feed store's first version",
         Duration::from_secs(30),
@@ -213,6 +209,27 @@ async fn hybrid(cluster: &LocalCluster) -> Result<()> {
     }
     println!("local: get member-7 from feed -> (deleted)");
     Ok(())
+}
+
+/// Creates a store unless the data directory already holds it (a demo run again on the same
+/// `--data-dir`); returns whether it was created.
+async fn create_store(
+    admin: &rialto_controller::AdminClient,
+    request: &CreateStoreRequest,
+) -> Result<bool> {
+    if let Ok(existing) = admin.describe_store(&request.name).await {
+        println!(
+            "local: store {} exists (current version {}), kept from an earlier run",
+            request.name,
+            existing
+                .store
+                .current_version
+                .map_or("none".to_string(), |v| v.to_string())
+        );
+        return Ok(false);
+    }
+    admin.create_store(request).await?;
+    Ok(true)
 }
 
 /// A store with string keys, stored on disk, uncompressed, without quotas.

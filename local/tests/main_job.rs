@@ -29,6 +29,151 @@ fn the_demo_pushes_reads_back_every_record_and_writes_in_real_time() {
     for i in 0..3 {
         assert!(dir.path().join(format!("server-{i}/demo/v1")).is_dir());
     }
+
+    // Run again on the same directory: the stores are there, a second version goes live.
+    let out = Command::new(env!("CARGO_BIN_EXE_rialto-local"))
+        .args(["demo", "--records", "3000", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("store demo exists (current version 1), kept from an earlier run")
+            && stdout.contains("local: version 2 live")
+            && stdout.contains("0 missing, 0 wrong"),
+        "{stdout}"
+    );
+}
+
+fn string_store(name: &str) -> rialto_protocol::admin::CreateStoreRequest {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "key_schema": "\"string\"", "value_schema": "\"string\"",
+        "partition_count": 4, "replication_factor": 2
+    }))
+    .unwrap()
+}
+
+fn write_input(path: &std::path::Path, word: &str, keys: usize) {
+    let lines: String = (0..keys)
+        .map(|i| format!("{{\"key\": \"k{i}\", \"value\": \"{word}-{i}\"}}\n"))
+        .collect();
+    std::fs::write(path, lines).unwrap();
+}
+
+/// Reads `keys` until each has its expected value (None: absent), for up to 30 s; panics
+/// naming the first key that never did.
+async fn await_values(client: &rialto_fast_client::Client, expected: &[(String, Option<String>)]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for (key, want) in expected {
+        loop {
+            let got = client.get(&Value::String(key.clone())).await.ok().flatten();
+            let want = want.clone().map(Value::String);
+            if got == want {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key}: read {got:?}, expected {want:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_the_same_data_directory_keeps_every_store_version_and_real_time_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("v1.jsonl");
+    write_input(&input, "batch", 300);
+    let mut expected_batch: Vec<(String, Option<String>)> = (0..300)
+        .map(|i| (format!("k{i}"), Some(format!("batch-{i}"))))
+        .collect();
+    let mut expected_rt: Vec<(String, Option<String>)> = Vec::new();
+
+    let cluster = LocalCluster::start(LocalOptions::new(dir.path()))
+        .await
+        .unwrap();
+    let admin = cluster.admin();
+    admin.create_store(&string_store("s")).await.unwrap();
+    rialto_push::push(&cluster.push_config("s", &input))
+        .await
+        .unwrap();
+    let mut hybrid = string_store("h");
+    hybrid.hybrid = Some(rialto_protocol::meta::HybridConfig {
+        rewind_seconds: 3600,
+        lag_records_max: 1000,
+    });
+    admin.create_store(&hybrid).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while admin
+        .describe_store("h")
+        .await
+        .unwrap()
+        .store
+        .current_version
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h never got a version"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut writer = cluster.realtime_writer("h").await.unwrap();
+    for i in 0..50 {
+        let (key, value) = (format!("r{i}"), format!("before-{i}"));
+        writer
+            .put(&Value::String(key.clone()), &Value::String(value.clone()))
+            .await
+            .unwrap();
+        expected_rt.push((key, Some(value)));
+    }
+    writer.delete(&Value::String("r7".into())).await.unwrap();
+    expected_rt[7].1 = None;
+    writer.close().await.unwrap();
+    await_values(&cluster.client("h").await.unwrap(), &expected_rt).await;
+    cluster.shutdown().await;
+
+    let cluster = LocalCluster::start(LocalOptions::new(dir.path()))
+        .await
+        .unwrap();
+    let admin = cluster.admin();
+    let s = admin.describe_store("s").await.unwrap().store;
+    assert_eq!(s.current_version, Some(1));
+    await_values(&cluster.client("s").await.unwrap(), &expected_batch).await;
+    let h_client = cluster.client("h").await.unwrap();
+    await_values(&h_client, &expected_rt).await;
+
+    // The cluster goes on: a new version of the batch store, more real-time writes.
+    let input = dir.path().join("v2.jsonl");
+    write_input(&input, "second", 300);
+    let report = rialto_push::push(&cluster.push_config("s", &input))
+        .await
+        .unwrap();
+    assert_eq!(report.version, 2);
+    for (i, (_, value)) in expected_batch.iter_mut().enumerate() {
+        *value = Some(format!("second-{i}"));
+    }
+    await_values(&cluster.client("s").await.unwrap(), &expected_batch).await;
+    let mut writer = cluster.realtime_writer("h").await.unwrap();
+    for i in 40..60 {
+        let (key, value) = (format!("r{i}"), format!("after-{i}"));
+        writer
+            .put(&Value::String(key.clone()), &Value::String(value.clone()))
+            .await
+            .unwrap();
+        match expected_rt.get_mut(i) {
+            Some(slot) => slot.1 = Some(value),
+            None => expected_rt.push((key, Some(value))),
+        }
+    }
+    writer.close().await.unwrap();
+    await_values(&h_client, &expected_rt).await;
+    let s = admin.describe_store("s").await.unwrap().store;
+    assert_eq!((s.current_version, s.backup_version), (Some(2), Some(1)));
+    cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

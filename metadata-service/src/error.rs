@@ -99,19 +99,19 @@ impl ControllerError {
     }
 }
 
-/// Parses a JSON metadata record, naming the key when it is corrupt.
+/// Parses a metadata record, naming the key when it is corrupt or of a newer format.
 pub(crate) fn parse_record<T: serde::de::DeserializeOwned>(
     key: &str,
     bytes: &[u8],
 ) -> Result<T, ControllerError> {
-    serde_json::from_slice(bytes).map_err(|e| ControllerError::Corrupt {
+    rialto_protocol::meta::decode_record(bytes).map_err(|e| ControllerError::Corrupt {
         key: key.to_string(),
         detail: e.to_string(),
     })
 }
 
-/// Serializes a metadata record as JSON.
+/// Serializes a metadata record (JSON, with its format).
 pub(crate) fn encode_record<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, ControllerError> {
-    serde_json::to_vec(record)
+    rialto_protocol::meta::encode_record(record)
         .map_err(|e| ControllerError::Internal(format!("cannot encode record: {e}")))
 }

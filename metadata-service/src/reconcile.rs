@@ -16,8 +16,8 @@ use std::time::Duration;
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::{MetaStore, PrefixMirror, PubSub};
 use rialto_protocol::meta::{
-    DrainRecord, Layout, NodeRecord, ReplicaMove, ReplicaRecord, ReplicaState, StoreRecord,
-    VersionRecord, VersionStatus,
+    decode_record, DrainRecord, Layout, NodeRecord, RecordError, ReplicaMove, ReplicaRecord,
+    ReplicaState, StoreRecord, VersionRecord, VersionStatus, RECORD_FORMAT,
 };
 use tokio::sync::watch;
 
@@ -64,6 +64,32 @@ pub struct ClusterView {
     pub failed_targets: BTreeMap<(String, u32, u32, String), i64>,
     /// A version in progress longer than this (milliseconds since its creation) fails; 0: never.
     pub push_timeout_ms: i64,
+    /// Keys of records in a newer format than this controller reads: a newer Rialto wrote
+    /// them, and this controller plans nothing until it is upgraded (acting on a view with
+    /// records missing could retire what they describe).
+    pub newer_records: Vec<String>,
+}
+
+/// Reads one mirrored record; a corrupt one is logged and skipped, one of a newer format is
+/// noted in `newer` (see [`ClusterView::newer_records`]).
+fn read_record<T: serde::de::DeserializeOwned>(
+    newer: &mut Vec<String>,
+    key: &str,
+    value: &[u8],
+    what: &str,
+) -> Option<T> {
+    match decode_record(value) {
+        Ok(record) => Some(record),
+        Err(RecordError::NewerFormat { found }) => {
+            newer.push(key.to_string());
+            tracing::debug!(%key, found, "a {what} record of a newer format");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "skipping corrupt {what} record");
+            None
+        }
+    }
 }
 
 /// When this controller first saw each node that hosts replicas go missing, by its own clock.
@@ -110,19 +136,16 @@ impl ClusterView {
     /// absence of every node that hosts a replica but is not registered.
     pub fn add_nodes(&mut self, nodes: &PrefixMap, drains: &PrefixMap, clock: &mut NodeClock) {
         for (key, value) in nodes {
-            match serde_json::from_slice::<NodeRecord>(value) {
-                Ok(n) => {
-                    self.nodes.insert(n.node_id.clone(), n);
-                }
-                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt node record"),
+            if let Some(n) = read_record::<NodeRecord>(&mut self.newer_records, key, value, "node")
+            {
+                self.nodes.insert(n.node_id.clone(), n);
             }
         }
         for (key, value) in drains {
-            match serde_json::from_slice::<DrainRecord>(value) {
-                Ok(d) => {
-                    self.draining.insert(d.node_id);
-                }
-                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt drain record"),
+            if let Some(d) =
+                read_record::<DrainRecord>(&mut self.newer_records, key, value, "drain")
+            {
+                self.draining.insert(d.node_id);
             }
         }
         let hosting: BTreeSet<&str> = self
@@ -158,19 +181,17 @@ impl ClusterView {
             ..ClusterView::default()
         };
         for (key, value) in stores {
-            match serde_json::from_slice::<StoreRecord>(value) {
-                Ok(s) => {
-                    view.stores.insert(s.name.clone(), s);
-                }
-                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt store record"),
+            if let Some(s) =
+                read_record::<StoreRecord>(&mut view.newer_records, key, value, "store")
+            {
+                view.stores.insert(s.name.clone(), s);
             }
         }
         for (key, value) in versions {
-            match serde_json::from_slice::<VersionRecord>(value) {
-                Ok(v) => {
-                    view.versions.insert((v.store.clone(), v.version), v);
-                }
-                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt version record"),
+            if let Some(v) =
+                read_record::<VersionRecord>(&mut view.newer_records, key, value, "version")
+            {
+                view.versions.insert((v.store.clone(), v.version), v);
             }
         }
         for (key, value) in replicas {
@@ -178,14 +199,13 @@ impl ClusterView {
                 tracing::warn!(%key, "skipping replica record with an unexpected key");
                 continue;
             };
-            match serde_json::from_slice::<ReplicaRecord>(value) {
-                Ok(r) => {
-                    let id = (store.to_string(), version, partition, node.to_string());
-                    view.reported_ms
-                        .insert(id.clone(), clock.seen_at(key, value, view.now_ms));
-                    view.replicas.insert(id, r);
-                }
-                Err(e) => tracing::warn!(%key, error = %e, "skipping corrupt replica record"),
+            if let Some(r) =
+                read_record::<ReplicaRecord>(&mut view.newer_records, key, value, "replica")
+            {
+                let id = (store.to_string(), version, partition, node.to_string());
+                view.reported_ms
+                    .insert(id.clone(), clock.seen_at(key, value, view.now_ms));
+                view.replicas.insert(id, r);
             }
         }
         clock.retain(replicas);
@@ -578,8 +598,17 @@ fn plan_deletion(view: &ClusterView, store: &StoreRecord) -> Vec<Action> {
     }]
 }
 
-/// Decides what to do for every store.
+/// Decides what to do for every store; nothing while the view holds records of a newer format.
 pub fn plan(view: &ClusterView) -> Vec<Action> {
+    if let Some(key) = view.newer_records.first() {
+        tracing::error!(
+            records = view.newer_records.len(),
+            first = %key,
+            "records of a newer format than this controller reads (record format {RECORD_FORMAT}): \
+             a newer Rialto wrote them; this controller acts on nothing until it is upgraded"
+        );
+        return Vec::new();
+    }
     view.stores
         .values()
         .flat_map(|s| plan_store(view, s))
@@ -1517,6 +1546,38 @@ mod tests {
         assert_eq!(v.versions.len(), 1);
         assert_eq!(v.replica_state("s", 1, 0, "a"), ReplicaState::Online);
         assert_eq!(v.replica_state("s", 1, 1, "a"), ReplicaState::Offline);
+        assert!(v.newer_records.is_empty());
+    }
+
+    #[test]
+    fn a_record_of_a_newer_format_stops_all_planning() {
+        let layout = Layout::new("/r");
+        let mut stores = PrefixMap::new();
+        // A hybrid store without versions: planning would create one.
+        let hybrid = StoreRecord {
+            hybrid: Some(rialto_protocol::meta::HybridConfig {
+                rewind_seconds: 60,
+                lag_records_max: 10,
+            }),
+            ..store(None, None, 0)
+        };
+        stores.insert(
+            layout.store("s"),
+            rialto_protocol::meta::encode_record(&hybrid).unwrap(),
+        );
+        let empty = PrefixMap::new();
+        let parse = |stores: &PrefixMap| {
+            ClusterView::parse(&layout, stores, &empty, &empty, &mut ReportClock::default())
+        };
+        assert!(!plan(&parse(&stores)).is_empty());
+
+        let mut newer: serde_json::Value = serde_json::to_value(store(None, None, 0)).unwrap();
+        newer["name"] = "t".into();
+        newer["format"] = (RECORD_FORMAT + 1).into();
+        stores.insert(layout.store("t"), serde_json::to_vec(&newer).unwrap());
+        let v = parse(&stores);
+        assert_eq!(v.newer_records, [layout.store("t")]);
+        assert_eq!(plan(&v), vec![], "an older controller acts on nothing");
     }
 
     #[test]

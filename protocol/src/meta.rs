@@ -16,8 +16,62 @@
 //! Version numbers and partitions are zero-padded so that etcd's lexical order is numeric order.
 //! Replica records live under the server's lease: when a server dies its replicas vanish and no
 //! client routes to it.
+//!
+//! Every record is written with [`encode_record`] and read with [`decode_record`]: it carries
+//! its format (`"format": 1`, [`RECORD_FORMAT`]), and a process meeting a record of a newer
+//! format than it knows refuses it ([`RecordError::NewerFormat`]) rather than misreading it.
+//! Fields added with a default keep the format; a change an older reader would misread bumps
+//! it, and a cluster is then upgraded readers first: every process learns the new format
+//! before any writes it. A record without the field predates it and is format 1.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// The format of the metadata records this build writes, and the newest it reads.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// A metadata record that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(
+        "the record is in format {found}, newer than this process knows ({RECORD_FORMAT}): \
+         a newer Rialto wrote it; upgrade this process"
+    )]
+    NewerFormat { found: u32 },
+    #[error("the record is not valid: {0}")]
+    Invalid(#[from] serde_json::Error),
+}
+
+/// A metadata record as stored: its JSON with the `format` field.
+pub fn encode_record<T: Serialize>(record: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut value = serde_json::to_value(record)?;
+    if let serde_json::Value::Object(fields) = &mut value {
+        fields.insert("format".into(), RECORD_FORMAT.into());
+    }
+    serde_json::to_vec(&value)
+}
+
+/// Reads a stored metadata record, refusing one of a newer format than [`RECORD_FORMAT`].
+pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    #[derive(Deserialize)]
+    struct Format {
+        #[serde(default)]
+        format: Option<serde_json::Value>,
+    }
+    // Only objects carry a format; anything else is left to `T` to accept or refuse.
+    if let Ok(Format {
+        format: Some(found),
+    }) = serde_json::from_slice::<Format>(bytes)
+    {
+        let found = found
+            .as_u64()
+            .map_or(u32::MAX, |n| n.min(u32::MAX as u64) as u32);
+        if found > RECORD_FORMAT {
+            return Err(RecordError::NewerFormat { found });
+        }
+    }
+    Ok(serde_json::from_slice(bytes)?)
+}
 
 /// Default root prefix of a Rialto cluster in etcd.
 pub const DEFAULT_ROOT: &str = "/rialto";
@@ -584,6 +638,42 @@ pub fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn records_carry_their_format_and_a_newer_one_is_refused() {
+        let record = super::DrainRecord {
+            node_id: "n1".into(),
+            requested_ms: 5,
+        };
+        let bytes = super::encode_record(&record).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["format"], 1);
+        let back: super::DrainRecord = super::decode_record(&bytes).unwrap();
+        assert_eq!(back, record);
+
+        let older = serde_json::to_vec(&record).unwrap();
+        assert!(
+            super::decode_record::<super::DrainRecord>(&older).is_ok(),
+            "a record from before formats is format 1"
+        );
+
+        let mut newer = json.clone();
+        newer["format"] = 2.into();
+        let err = super::decode_record::<super::DrainRecord>(&serde_json::to_vec(&newer).unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(err, super::RecordError::NewerFormat { found: 2 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade this process"), "{err}");
+        newer["format"] = "two".into();
+        assert!(
+            super::decode_record::<super::DrainRecord>(&serde_json::to_vec(&newer).unwrap())
+                .is_err(),
+            "a format that is not a number is not a format this process knows"
+        );
+        assert!(super::decode_record::<super::DrainRecord>(b"{not json").is_err());
+    }
+
     use super::*;
 
     #[test]

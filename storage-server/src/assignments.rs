@@ -66,7 +66,7 @@ pub(crate) fn desired_replicas(
 ) -> DesiredReplicas {
     let mut desired = DesiredReplicas::default();
     for (key, value) in versions {
-        let record: VersionRecord = match serde_json::from_slice(value) {
+        let record: VersionRecord = match rialto_protocol::meta::decode_record(value) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "ignoring a version record that does not parse");

@@ -98,7 +98,7 @@ pub fn acls_from(layout: &Layout, map: &PrefixMap) -> Acls {
     let mut acls = Acls::default();
     let cluster_key = layout.cluster_acl();
     for (key, value) in map {
-        let record = match serde_json::from_slice::<AclRecord>(value) {
+        let record = match rialto_protocol::meta::decode_record::<AclRecord>(value) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "unreadable ACL record grants nothing");

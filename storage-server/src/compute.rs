@@ -50,7 +50,7 @@ impl Catalog {
         let mut known = self.stores.write().unwrap_or_else(|e| e.into_inner());
         let mut next = HashMap::with_capacity(stores.len());
         for value in stores.values() {
-            let Ok(store) = serde_json::from_slice::<StoreRecord>(value) else {
+            let Ok(store) = rialto_protocol::meta::decode_record::<StoreRecord>(value) else {
                 continue;
             };
             let text: Vec<(u32, String)> = store
@@ -84,7 +84,7 @@ impl Catalog {
 
         let mut layouts = HashMap::with_capacity(versions.len());
         for value in versions.values() {
-            let Ok(v) = serde_json::from_slice::<VersionRecord>(value) else {
+            let Ok(v) = rialto_protocol::meta::decode_record::<VersionRecord>(value) else {
                 continue;
             };
             layouts.insert(

@@ -1613,7 +1613,7 @@ mod tests {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (pubsub, log) = (h.pubsub.clone(), seen.clone());
         h.faults.on_put(Arc::new(move |_, value| {
-            if let Ok(r) = serde_json::from_slice::<ReplicaRecord>(value) {
+            if let Ok(r) = rialto_protocol::meta::decode_record::<ReplicaRecord>(value) {
                 log.lock().unwrap().push((r.state, pubsub.open_consumers()));
             }
         }));

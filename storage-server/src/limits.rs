@@ -160,7 +160,7 @@ pub fn quota_rates(
 ) -> HashMap<String, f64> {
     let mut rates = HashMap::new();
     for value in stores.values() {
-        let Ok(store) = serde_json::from_slice::<StoreRecord>(value) else {
+        let Ok(store) = rialto_protocol::meta::decode_record::<StoreRecord>(value) else {
             continue;
         };
         let (Some(quota), Some(current)) = (store.read_quota_keys_per_s, store.current_version)
@@ -169,7 +169,7 @@ pub fn quota_rates(
         };
         let Some(Ok(version)) = versions
             .get(&layout.version(&store.name, current))
-            .map(|v| serde_json::from_slice::<VersionRecord>(v))
+            .map(|v| rialto_protocol::meta::decode_record::<VersionRecord>(v))
         else {
             continue;
         };

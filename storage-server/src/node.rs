@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rialto_backends::{LeaseHandle, MetaError, MetaStore, PubSub};
-use rialto_protocol::meta::{Layout, NodeRecord, ReplicaRecord, ReplicaState};
+use rialto_protocol::meta::{encode_record, Layout, NodeRecord, ReplicaRecord, ReplicaState};
 use tokio::sync::{watch, Mutex};
 
 use crate::metrics::ServerMetrics;
@@ -84,7 +84,7 @@ impl NodeContext {
             slot.id.partition,
             &self.node_id,
         );
-        let value = serde_json::to_vec(&record).map_err(|e| MetaError::Failed {
+        let value = encode_record(&record).map_err(|e| MetaError::Failed {
             context: format!("encode replica record {key}"),
             detail: e.to_string(),
         })?;
@@ -107,7 +107,7 @@ impl NodeContext {
 
     async fn put_node(&self, lease: i64) -> Result<(), MetaError> {
         let key = self.layout.node(&self.node_id);
-        let value = serde_json::to_vec(&self.node_record).map_err(|e| MetaError::Failed {
+        let value = encode_record(&self.node_record).map_err(|e| MetaError::Failed {
             context: format!("encode node record {key}"),
             detail: e.to_string(),
         })?;

@@ -195,7 +195,12 @@ mod tests {
 
         let mut buf = Vec::new();
         File::open(&path).unwrap().read_to_end(&mut buf).unwrap();
-        assert_eq!(resident_bytes(&path).unwrap(), len as u64);
+        // Every page, but on a shared machine the kernel may already have reclaimed a few.
+        let warm = resident_bytes(&path).unwrap();
+        assert!(
+            warm <= len as u64 && warm >= len as u64 / 100 * 99,
+            "warm: {warm} of {len}"
+        );
 
         drop_from_page_cache(&path).unwrap();
         let dropped = resident_bytes(&path).unwrap();

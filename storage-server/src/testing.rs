@@ -150,5 +150,5 @@ pub async fn reported_state(
 ) -> Option<rialto_protocol::meta::ReplicaRecord> {
     let key = rialto_protocol::meta::Layout::new(root).replica(store, version, partition, node_id);
     let kv = meta.get(&key).await.ok()??;
-    serde_json::from_slice(&kv.value).ok()
+    rialto_protocol::meta::decode_record(&kv.value).ok()
 }

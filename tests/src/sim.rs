@@ -217,18 +217,23 @@ impl Shared {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Adds a line to the trace, stamped with the simulated time.
     fn log(&self, line: impl AsRef<str>) {
-        let mut book = self.lock();
-        let ms = book.started.elapsed().as_millis();
-        book.trace.push(format!("{ms:>7} ms  {}", line.as_ref()));
+        self.stamp(line);
     }
 
     fn violation(&self, line: impl AsRef<str>) {
+        let line = self.stamp(format!("VIOLATION {}", line.as_ref()));
+        self.lock().violations.push(line);
+    }
+
+    /// Adds a line to the trace, stamped with the simulated time; returns it as traced.
+    fn stamp(&self, line: impl AsRef<str>) -> String {
         let mut book = self.lock();
         let ms = book.started.elapsed().as_millis();
-        let line = format!("{ms:>7} ms  VIOLATION {}", line.as_ref());
+        let line = format!("{ms:>7} ms  {}", line.as_ref());
         book.trace.push(line.clone());
-        book.violations.push(line);
+        line
     }
 }
 
@@ -867,10 +872,9 @@ fn check_read(
         let (generation, version) = book_guard.attempts[&attempt];
         let expected = keys_of(generation);
         for (key, value) in keys.iter().zip(values) {
-            match (expected.contains(key), value.is_some()) {
-                (true, false) => problems.push(format!("`{key}` missing from v{version}")),
-                (false, true) => {}
-                _ => {}
+            // A key present but not expected was caught above (another attempt's value).
+            if expected.contains(key) && value.is_none() {
+                problems.push(format!("`{key}` missing from v{version}"));
             }
         }
         // The latest time this version became current; reading it after a version that became

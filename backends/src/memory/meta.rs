@@ -1,6 +1,7 @@
 //! [`MemoryMetaStore`]: etcd's semantics, in one process.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use super::journal::{put_bytes, Fields, Journal};
 use crate::meta::{KeyValue, LeaseHandle, MetaError, MetaStore, WatchEvent, WatchStream};
 
 /// Revisions of history kept for watches that start in the past; older ones are compacted
@@ -17,6 +19,9 @@ pub const DEFAULT_HISTORY_REVISIONS: usize = 100_000;
 pub const LEASE_TTL_S_MAX: i64 = 24 * 3600;
 /// Revisions a watcher may have undelivered before its watch ends (it must re-list).
 pub const WATCH_QUEUE_REVISIONS: usize = 10_000;
+/// A persistent store's journal is compacted once it holds this many bytes and four times
+/// what its live keys take.
+const JOURNAL_COMPACTION_MIN_BYTES: u64 = 16 << 20;
 
 struct Entry {
     value: Vec<u8>,
@@ -94,9 +99,119 @@ struct State {
     watchers: Vec<Weak<Watcher>>,
     leases: HashMap<i64, Lease>,
     next_lease: i64,
+    /// Where a persistent store writes every change before applying it.
+    journal: Option<Journal>,
+    /// The journal's size at which compaction is next considered.
+    compaction_at: u64,
+}
+
+/// Journal record kinds of the metadata store.
+const PUT: u8 = 1;
+const DELETE: u8 = 2;
+/// The store's revision (written by compaction: deleted keys' revisions are not kept).
+const REVISION: u8 = 3;
+
+fn journal_error(context: String, e: std::io::Error) -> MetaError {
+    MetaError::Failed {
+        context,
+        detail: format!("cannot write the metadata journal: {e}"),
+    }
+}
+
+fn put_record(revision: i64, key: &str, value: &[u8], leased: bool) -> Vec<u8> {
+    let mut r = Vec::with_capacity(22 + key.len() + value.len());
+    r.push(PUT);
+    r.extend_from_slice(&revision.to_le_bytes());
+    r.push(leased as u8);
+    put_bytes(&mut r, key.as_bytes());
+    r.extend_from_slice(value);
+    r
+}
+
+fn delete_record(revision: i64, key: &str) -> Vec<u8> {
+    let mut r = vec![DELETE];
+    r.extend_from_slice(&revision.to_le_bytes());
+    put_bytes(&mut r, key.as_bytes());
+    r
+}
+
+fn revision_record(revision: i64) -> Vec<u8> {
+    let mut r = vec![REVISION];
+    r.extend_from_slice(&revision.to_le_bytes());
+    r
+}
+
+/// What a journal's records leave: the keys not bound to a lease (leases do not outlive the
+/// process that held them) with their mod revisions, and the last revision.
+fn replay(records: &[Vec<u8>]) -> std::io::Result<(BTreeMap<String, Entry>, i64)> {
+    let mut data = BTreeMap::new();
+    let mut revision = 1;
+    for record in records {
+        let mut f = Fields::new(record);
+        let kind = f.u8()?;
+        let rev = f.i64()?;
+        revision = revision.max(rev);
+        match kind {
+            PUT => {
+                let leased = f.u8()? != 0;
+                let key = String::from_utf8_lossy(f.bytes()?).into_owned();
+                if leased {
+                    data.remove(&key);
+                } else {
+                    let value = f.rest().to_vec();
+                    let entry = Entry {
+                        value,
+                        mod_revision: rev,
+                        lease: None,
+                    };
+                    data.insert(key, entry);
+                }
+            }
+            DELETE => {
+                data.remove(String::from_utf8_lossy(f.bytes()?).as_ref());
+            }
+            REVISION => {}
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("unknown metadata journal record kind {other}"),
+                ))
+            }
+        }
+    }
+    Ok((data, revision))
 }
 
 impl State {
+    /// Writes one change to the journal (a persistent store), compacting it when it has grown.
+    fn journal(&mut self, record: impl FnOnce() -> Vec<u8>) -> std::io::Result<()> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        journal.append(&record())?;
+        if journal.bytes() >= self.compaction_at {
+            self.compact_journal()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the journal as one put per live key not bound to a lease.
+    fn compact_journal(&mut self) -> std::io::Result<()> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let mut records: Vec<Vec<u8>> = self
+            .data
+            .iter()
+            .filter(|(_, e)| e.lease.is_none())
+            .map(|(k, e)| put_record(e.mod_revision, k, &e.value, false))
+            .collect();
+        records.push(revision_record(self.revision));
+        journal.rewrite(records.iter().map(Vec::as_slice))?;
+        self.compaction_at = JOURNAL_COMPACTION_MIN_BYTES.max(4 * journal.bytes());
+        Ok(())
+    }
+
     /// Records one revision made of `events` and hands them to the watchers.
     fn commit(&mut self, events: Vec<WatchEvent>) {
         self.watchers.retain(|w| match w.upgrade() {
@@ -123,8 +238,10 @@ impl State {
                 });
             }
         }
-        self.revision += 1;
-        let mod_revision = self.revision;
+        let mod_revision = self.revision + 1;
+        self.journal(|| put_record(mod_revision, key, &value, lease.is_some()))
+            .map_err(|e| journal_error(format!("put {key}"), e))?;
+        self.revision = mod_revision;
         self.data.insert(
             key.to_string(),
             Entry {
@@ -142,16 +259,23 @@ impl State {
     }
 
     /// Deletes `keys` in one revision (as etcd's range delete and lease revocation do).
-    fn delete(&mut self, keys: Vec<String>) {
+    fn delete(&mut self, keys: Vec<String>) -> Result<(), MetaError> {
         let keys: Vec<String> = keys
             .into_iter()
             .filter(|k| self.data.contains_key(k))
             .collect();
         if keys.is_empty() {
-            return;
+            return Ok(());
         }
-        self.revision += 1;
-        let mod_revision = self.revision;
+        let mod_revision = self.revision + 1;
+        for key in &keys {
+            // Keys of a lease are not replayed anyway.
+            if self.data.get(key).is_some_and(|e| e.lease.is_none()) {
+                self.journal(|| delete_record(mod_revision, key))
+                    .map_err(|e| journal_error(format!("delete {key}"), e))?;
+            }
+        }
+        self.revision = mod_revision;
         let events = keys
             .into_iter()
             .map(|key| {
@@ -160,6 +284,7 @@ impl State {
             })
             .collect();
         self.commit(events);
+        Ok(())
     }
 
     fn keys_under(&self, prefix: &str) -> Vec<String> {
@@ -181,7 +306,8 @@ impl State {
             .filter(|(_, e)| e.lease == Some(id))
             .map(|(k, _)| k.clone())
             .collect();
-        self.delete(keys);
+        // Only a lease's keys: nothing is journaled, nothing can fail.
+        let _ = self.delete(keys);
         true
     }
 }
@@ -232,9 +358,40 @@ impl MemoryMetaStore {
                     watchers: Vec::new(),
                     leases: HashMap::new(),
                     next_lease: 1,
+                    journal: None,
+                    compaction_at: u64::MAX,
                 }),
             }),
         }
+    }
+
+    /// A store kept in the journal file at `path` (created if missing): every change is
+    /// written there before it is applied, and opening replays it. What survives is what
+    /// etcd keeps across a restart of every process: the keys not bound to a lease, with their
+    /// mod revisions, and the revision counter. Leases, and their keys, do not survive (their
+    /// holders are gone); nor does watch history (a watch from before the restart ends at once
+    /// and its watcher re-lists, as after etcd's compaction). The journal is compacted on
+    /// opening and whenever it grows to four times its live content.
+    pub fn open(path: &Path) -> std::io::Result<MemoryMetaStore> {
+        let (journal, records) = Journal::open(path)?;
+        let (data, revision) = replay(&records)?;
+        let keys = data.len();
+        let store = MemoryMetaStore::new();
+        {
+            let mut s = store.shared.lock();
+            s.data = data;
+            s.revision = revision;
+            s.compacted = revision;
+            s.journal = Some(journal);
+            s.compact_journal()?;
+        }
+        tracing::info!(
+            journal = %path.display(),
+            keys,
+            revision,
+            "metadata store opened from its journal"
+        );
+        Ok(store)
     }
 
     /// Expires a lease now, as if its TTL ran out: its keys vanish and its handle reports it
@@ -393,15 +550,13 @@ impl MetaStore for MemoryMetaStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), MetaError> {
-        self.shared.lock().delete(vec![key.to_string()]);
-        Ok(())
+        self.shared.lock().delete(vec![key.to_string()])
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<(), MetaError> {
         let mut s = self.shared.lock();
         let keys = s.keys_under(prefix);
-        s.delete(keys);
-        Ok(())
+        s.delete(keys)
     }
 
     async fn compare_and_put(

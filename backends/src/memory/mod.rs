@@ -4,7 +4,11 @@
 //! conformance suite ([`crate::conformance`]) holds them to it on the same cases as etcd and
 //! Kafka. Time is tokio's clock, so a test on a paused runtime sees leases expire and retention
 //! pass without waiting. Faults are injected by wrapping them ([`crate::faults`]).
+//!
+//! Both can be kept on disk ([`MemoryMetaStore::open`], [`MemoryPubSub::open`]): every change
+//! is written to a journal before it is applied, so the embedded default survives a restart.
 
+mod journal;
 mod meta;
 mod pubsub;
 

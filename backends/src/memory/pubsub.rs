@@ -1,6 +1,7 @@
 //! [`MemoryPubSub`]: Kafka's semantics for what Rialto uses, in one process.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -9,7 +10,18 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::journal::{put_bytes, Fields, Journal};
 use crate::pubsub::{ConsumedRecord, Delivery, PartitionConsumer, PubSub, PubSubError};
+
+/// Partition journal record kinds: the offset of the next record (first in every file), and a
+/// record.
+const START: u8 = 0;
+const RECORD: u8 = 1;
+/// Records removed by retention that a partition's journal may still hold before it is
+/// rewritten without them (at least as many as it keeps, so rewrites stay rare).
+const RETENTION_REWRITE_MIN: usize = 10_000;
+/// The file in a topic's directory that holds its partition count and retention.
+const TOPIC_FILE: &str = "topic";
 
 struct Stored {
     key: Vec<u8>,
@@ -23,6 +35,25 @@ struct Log {
     /// Offset of the first record kept (the low watermark).
     start: i64,
     records: VecDeque<Stored>,
+    /// Where a persistent broker writes each record before appending it.
+    journal: Option<Journal>,
+    /// Records retention removed that the journal still holds.
+    expired_on_disk: usize,
+}
+
+fn start_record(start: i64) -> Vec<u8> {
+    let mut r = vec![START];
+    r.extend_from_slice(&start.to_le_bytes());
+    r
+}
+
+fn stored_record(timestamp_ms: i64, key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(13 + key.len() + value.len());
+    r.push(RECORD);
+    r.extend_from_slice(&timestamp_ms.to_le_bytes());
+    put_bytes(&mut r, key);
+    r.extend_from_slice(value);
+    r
 }
 
 impl Log {
@@ -30,8 +61,99 @@ impl Log {
         self.start + self.records.len() as i64
     }
 
+    /// A partition kept in the journal at `path`: its records replayed, those older than
+    /// `retention` (by their wall-clock timestamps) left out.
+    fn open(path: &Path, retention: Option<Duration>) -> std::io::Result<Log> {
+        let (journal, payloads) = Journal::open(path)?;
+        let mut log = Log {
+            journal: Some(journal),
+            ..Log::default()
+        };
+        let now_ms = wall_clock_ms();
+        let now = Instant::now();
+        for payload in &payloads {
+            let mut f = Fields::new(payload);
+            match f.u8()? {
+                START => {
+                    log.start = f.i64()?;
+                    log.records.clear();
+                }
+                RECORD => {
+                    let timestamp_ms = f.i64()?;
+                    let key = f.bytes()?.to_vec();
+                    let age =
+                        Duration::from_millis(now_ms.saturating_sub(timestamp_ms).max(0) as u64);
+                    log.records.push_back(Stored {
+                        key,
+                        value: f.rest().to_vec(),
+                        timestamp_ms,
+                        appended: now.checked_sub(age).unwrap_or(now),
+                    });
+                }
+                other => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "unknown partition journal record kind {other} in {}",
+                            path.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        log.drop_expired(retention, now);
+        log.rewrite()?;
+        Ok(log)
+    }
+
+    /// Appends a record, written to the journal first when the broker is persistent.
+    fn push(&mut self, key: &[u8], value: &[u8]) -> std::io::Result<i64> {
+        let timestamp_ms = wall_clock_ms();
+        if let Some(journal) = self.journal.as_mut() {
+            journal.append(&stored_record(timestamp_ms, key, value))?;
+        }
+        self.records.push_back(Stored {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            timestamp_ms,
+            appended: Instant::now(),
+        });
+        Ok(self.end() - 1)
+    }
+
+    /// Rewrites the journal with the records kept now.
+    fn rewrite(&mut self) -> std::io::Result<()> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let records: Vec<Vec<u8>> = std::iter::once(start_record(self.start))
+            .chain(
+                self.records
+                    .iter()
+                    .map(|r| stored_record(r.timestamp_ms, &r.key, &r.value)),
+            )
+            .collect();
+        journal.rewrite(records.iter().map(Vec::as_slice))?;
+        self.expired_on_disk = 0;
+        Ok(())
+    }
+
     /// Drops records older than `retention`, as the broker's log cleaner does.
     fn expire(&mut self, retention: Option<Duration>, now: Instant) {
+        let before = self.start;
+        self.drop_expired(retention, now);
+        self.expired_on_disk += (self.start - before) as usize;
+        if self.journal.is_some()
+            && self.expired_on_disk >= RETENTION_REWRITE_MIN.max(self.records.len())
+        {
+            if let Err(e) = self.rewrite() {
+                // Retention on disk waits for the next try; nothing kept is lost.
+                tracing::warn!(error = %e, "cannot rewrite a partition journal after retention");
+            }
+        }
+    }
+
+    fn drop_expired(&mut self, retention: Option<Duration>, now: Instant) {
         let Some(retention) = retention else { return };
         while self
             .records
@@ -60,6 +182,8 @@ struct Shared {
     topics: Mutex<HashMap<String, Topic>>,
     appended: Notify,
     open_consumers: AtomicUsize,
+    /// Where a persistent broker keeps its topics, one directory each.
+    dir: Option<PathBuf>,
 }
 
 impl Shared {
@@ -92,6 +216,86 @@ fn unknown(topic: &str, partition: u32) -> PubSubError {
     PubSubError::UnknownTopic(format!("{topic}/{partition}"))
 }
 
+fn partition_path(topic_dir: &Path, partition: u32) -> PathBuf {
+    topic_dir.join(format!("{partition}.log"))
+}
+
+/// Whether Kafka would accept `name` as a topic name (and so it is safe as a directory name).
+fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Creates a topic's directory: empty partition journals, then the topic file (written last,
+/// atomically: a directory without it is not a topic).
+fn create_topic_files(
+    dir: &Path,
+    topic: &str,
+    partitions: u32,
+    retention: Option<Duration>,
+) -> Result<Vec<Log>, String> {
+    if !valid_topic_name(topic) {
+        return Err(format!(
+            "invalid topic name {topic:?}: use ASCII letters, digits, '.', '_' and '-' (at most 249)"
+        ));
+    }
+    let topic_dir = dir.join(topic);
+    let io = |e: std::io::Error| format!("cannot write its files in {}: {e}", topic_dir.display());
+    if topic_dir.exists() {
+        std::fs::remove_dir_all(&topic_dir).map_err(io)?; // an unfinished creation
+    }
+    std::fs::create_dir_all(&topic_dir).map_err(io)?;
+    let logs = (0..partitions)
+        .map(|p| {
+            let journal =
+                Journal::create(&partition_path(&topic_dir, p), [start_record(0).as_slice()])?;
+            Ok(Log {
+                journal: Some(journal),
+                ..Log::default()
+            })
+        })
+        .collect::<std::io::Result<Vec<Log>>>()
+        .map_err(io)?;
+    let description = match retention {
+        Some(r) => format!("partitions {partitions}\nretention_ms {}\n", r.as_millis()),
+        None => format!("partitions {partitions}\n"),
+    };
+    let temporary = topic_dir.join("topic.new");
+    std::fs::write(&temporary, description).map_err(io)?;
+    std::fs::rename(&temporary, topic_dir.join(TOPIC_FILE)).map_err(io)?;
+    Ok(logs)
+}
+
+fn read_topic_file(path: &Path) -> std::io::Result<(u32, Option<Duration>)> {
+    let text = std::fs::read_to_string(path)?;
+    let invalid = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a topic description", path.display()),
+        )
+    };
+    let mut partitions = None;
+    let mut retention = None;
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("partitions", n)) => partitions = Some(n.parse::<u32>().map_err(|_| invalid())?),
+            Some(("retention_ms", ms)) => {
+                retention = Some(Duration::from_millis(ms.parse().map_err(|_| invalid())?))
+            }
+            _ => return Err(invalid()),
+        }
+    }
+    match partitions {
+        Some(n) if n > 0 => Ok((n, retention)),
+        _ => Err(invalid()),
+    }
+}
+
 fn wall_clock_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -115,6 +319,54 @@ impl MemoryPubSub {
         MemoryPubSub::default()
     }
 
+    /// A broker that keeps its topics in `dir` (created if missing), one directory per topic
+    /// holding its partition count and retention and a journal per partition: every record is
+    /// written there before it is appended (and so before any consumer sees it), and opening
+    /// replays them, leaving out records older than their topic's retention. Offsets continue
+    /// where they were, so a consumer's checkpoint stays valid across a restart. Topic names
+    /// must then be what Kafka allows (ASCII letters, digits, `.`, `_`, `-`).
+    pub fn open(dir: &Path) -> std::io::Result<MemoryPubSub> {
+        std::fs::create_dir_all(dir)?;
+        let mut topics = HashMap::new();
+        let mut records = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let topic_dir = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !topic_dir.join(TOPIC_FILE).is_file() {
+                // A topic whose creation did not finish (or a stray file): not a topic.
+                continue;
+            }
+            let (partitions, retention) = read_topic_file(&topic_dir.join(TOPIC_FILE))?;
+            let logs = (0..partitions)
+                .map(|p| Log::open(&partition_path(&topic_dir, p), retention))
+                .collect::<std::io::Result<Vec<Log>>>()?;
+            records += logs.iter().map(|l| l.records.len()).sum::<usize>();
+            topics.insert(
+                name,
+                Topic {
+                    retention,
+                    partitions: logs,
+                },
+            );
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            topics = topics.len(),
+            records,
+            "broker opened from its journals"
+        );
+        Ok(MemoryPubSub {
+            shared: Arc::new(Shared {
+                topics: Mutex::new(topics),
+                dir: Some(dir.to_path_buf()),
+                ..Shared::default()
+            }),
+        })
+    }
+
     /// Appends a record to an existing topic partition without going through a producer;
     /// returns its offset.
     pub fn append(
@@ -124,15 +376,13 @@ impl MemoryPubSub {
         key: &[u8],
         value: &[u8],
     ) -> Result<i64, PubSubError> {
-        let offset = self.shared.with_log(topic, partition, |log| {
-            log.records.push_back(Stored {
-                key: key.to_vec(),
-                value: value.to_vec(),
-                timestamp_ms: wall_clock_ms(),
-                appended: Instant::now(),
-            });
-            log.end() - 1
-        })?;
+        let offset = self
+            .shared
+            .with_log(topic, partition, |log| log.push(key, value))?
+            .map_err(|e| PubSubError::Failed {
+                context: format!("send to {topic}/{partition}"),
+                detail: format!("cannot write the partition's journal: {e}"),
+            })?;
         self.shared.appended.notify_waiters();
         Ok(offset)
     }
@@ -214,11 +464,20 @@ impl MemoryPubSub {
         let mut topics = self.shared.topics();
         match topics.get(topic) {
             None => {
+                let partitions =
+                    match &self.shared.dir {
+                        Some(dir) => create_topic_files(dir, topic, partitions, retention)
+                            .map_err(|detail| PubSubError::Failed {
+                                context: context.clone(),
+                                detail,
+                            })?,
+                        None => (0..partitions).map(|_| Log::default()).collect(),
+                    };
                 topics.insert(
                     topic.to_string(),
                     Topic {
                         retention,
-                        partitions: (0..partitions).map(|_| Log::default()).collect(),
+                        partitions,
                     },
                 );
                 Ok(())
@@ -280,7 +539,17 @@ impl PubSub for MemoryPubSub {
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<(), PubSubError> {
-        self.shared.topics().remove(topic);
+        {
+            let mut topics = self.shared.topics();
+            if let (Some(dir), true) = (&self.shared.dir, topics.contains_key(topic)) {
+                // The files go first: a topic still listed is never missing its journals.
+                std::fs::remove_dir_all(dir.join(topic)).map_err(|e| PubSubError::Failed {
+                    context: format!("delete topic {topic}"),
+                    detail: format!("cannot remove its journals: {e}"),
+                })?;
+            }
+            topics.remove(topic);
+        }
         // Consumers waiting on it learn at once.
         self.shared.appended.notify_waiters();
         Ok(())

@@ -232,3 +232,162 @@ async fn clones_share_one_store_and_one_broker() {
     broker.create_topic("t", 1).await.unwrap();
     assert!(p.has_topic("t"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_persistent_meta_store_keeps_its_keys_and_revisions_but_not_leases_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.journal");
+    let before = {
+        let m = MemoryMetaStore::open(&path).unwrap();
+        m.put("/s/a", b"1".to_vec(), None).await.unwrap();
+        m.put("/s/b", b"2".to_vec(), None).await.unwrap();
+        m.put("/s/a", b"3".to_vec(), None).await.unwrap();
+        m.delete("/s/b").await.unwrap();
+        m.put("/s/c", vec![0, 255, 7], None).await.unwrap();
+        m.delete_prefix("/gone/").await.unwrap();
+        let lease = m.grant_lease(60).await.unwrap();
+        m.put("/live/node", b"x".to_vec(), Some(lease.id))
+            .await
+            .unwrap();
+        // A key that was persistent and is now bound to a lease goes with the lease.
+        m.put("/s/c2", b"p".to_vec(), None).await.unwrap();
+        m.put("/s/c2", b"q".to_vec(), Some(lease.id)).await.unwrap();
+        let (items, revision) = m.list("/").await.unwrap();
+        assert_eq!(items.len(), 4);
+        (m.get("/s/a").await.unwrap().unwrap(), revision)
+    };
+
+    let m = MemoryMetaStore::open(&path).unwrap();
+    let (items, revision) = m.list("/").await.unwrap();
+    let keys: Vec<&str> = items.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["/s/a", "/s/c"],
+        "leased keys and deleted keys are gone"
+    );
+    assert_eq!(items[0], before.0, "value and mod revision kept");
+    assert_eq!(items[1].value, vec![0, 255, 7]);
+    assert_eq!(revision, before.1, "the revision counter continues");
+    m.put("/s/d", vec![], None).await.unwrap();
+    assert_eq!(
+        m.get("/s/d").await.unwrap().unwrap().mod_revision,
+        revision + 1
+    );
+    let mut old = m.watch("/s/", revision - 1).await.unwrap();
+    assert!(
+        matches!(old.next().await, Err(MetaError::WatchEnded(_))),
+        "history before the reopen is compacted"
+    );
+    // A compare-and-put against the revision read before the reopen still holds.
+    assert!(m
+        .compare_and_put("/s/a", Some(before.0.mod_revision), b"4".to_vec(), None)
+        .await
+        .unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_persistent_meta_store_compacts_its_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.journal");
+    let m = MemoryMetaStore::open(&path).unwrap();
+    let value = vec![7u8; 64 << 10];
+    for i in 0..400 {
+        let mut v = value.clone();
+        v[0] = i as u8;
+        m.put(&format!("/k/{}", i % 4), v, None).await.unwrap();
+    }
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        size < 20 << 20,
+        "400 × 64 KiB over 4 keys compacted: {size} bytes"
+    );
+    let revision = m.revision();
+    drop(m);
+    let m = MemoryMetaStore::open(&path).unwrap();
+    assert_eq!(m.revision(), revision);
+    assert_eq!(m.value("/k/3").unwrap()[0], (399 % 256) as u8);
+    assert!(std::fs::metadata(&path).unwrap().len() < (4 * (64 << 10) + 4096) as u64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_persistent_broker_keeps_topics_offsets_and_records_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = MemoryPubSub::open(dir.path()).unwrap();
+        b.create_topic("v1", 2).await.unwrap();
+        b.create_retained_topic("rt", 1, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        b.create_topic("doomed", 1).await.unwrap();
+        for i in 0..5u8 {
+            b.send("v1", (i % 2) as u32, &[i], &[i; 3])
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        b.send("rt", 0, b"k", b"").await.unwrap().await.unwrap();
+        b.send("doomed", 0, b"k", b"v")
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        b.delete_topic("doomed").await.unwrap();
+        let refused = b.create_topic("../escape", 1).await;
+        assert!(
+            matches!(&refused, Err(PubSubError::Failed { detail, .. }) if detail.contains("invalid topic name")),
+            "{refused:?}"
+        );
+    }
+
+    let b = MemoryPubSub::open(dir.path()).unwrap();
+    assert_eq!(b.topic_names(), ["rt", "v1"]);
+    assert_eq!(b.partition_count("v1").await.unwrap(), Some(2));
+    assert_eq!(b.watermarks("v1", 0).await.unwrap(), (0, 3));
+    assert_eq!(
+        b.records("v1", 1),
+        vec![(vec![1], vec![1; 3]), (vec![3], vec![3; 3])]
+    );
+    assert_eq!(b.records("rt", 0), vec![(b"k".to_vec(), vec![])]);
+    let offset = b.send("v1", 1, b"n", b"new").await.unwrap().await.unwrap();
+    assert_eq!(offset, 2, "offsets continue");
+    let mut c = b.consumer("v1", 1, 1).await.unwrap();
+    let got = c.poll(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        [1, 2],
+        "a checkpoint from before the reopen resumes in place"
+    );
+    assert!(
+        b.create_retained_topic("rt", 1, Duration::from_secs(7200))
+            .await
+            .is_err(),
+        "the retention was kept"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_persistent_broker_drops_expired_records_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = MemoryPubSub::open(dir.path()).unwrap();
+    b.create_retained_topic("rt", 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    for i in 0..20_000u32 {
+        b.append("rt", 0, b"", &i.to_le_bytes()).unwrap();
+    }
+    let full = std::fs::metadata(dir.path().join("rt/0.log"))
+        .unwrap()
+        .len();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    b.append("rt", 0, b"", b"last").unwrap();
+    assert_eq!(b.watermarks("rt", 0).await.unwrap(), (20_000, 20_001));
+    let after = std::fs::metadata(dir.path().join("rt/0.log"))
+        .unwrap()
+        .len();
+    assert!(after < full / 100, "{after} of {full} bytes kept");
+    drop(b);
+    let b = MemoryPubSub::open(dir.path()).unwrap();
+    assert_eq!(b.watermarks("rt", 0).await.unwrap(), (20_000, 20_001));
+    assert_eq!(b.records("rt", 0), vec![(vec![], b"last".to_vec())]);
+}
