@@ -400,6 +400,7 @@ pub(crate) mod tests {
                 moves: vec![],
                 pushed_by: None,
                 sealed: false,
+                producer: None,
             };
             self.versions.insert(
                 self.layout.version("ads", v),

@@ -368,6 +368,7 @@ fn put_version_laid_out(
         moves: vec![],
         pushed_by: None,
         sealed: false,
+        producer: None,
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }

@@ -5,17 +5,23 @@ use std::process::Command;
 use rialto_local::{LocalCluster, LocalOptions};
 use rialto_protocol::avro::Value;
 
+/// Runs `rialto-local demo` of 3,000 records on `dir`; its standard output, once it succeeded.
+fn demo(dir: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_rialto-local"))
+        .args(["demo", "--records", "3000", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
 #[test]
 fn the_demo_pushes_reads_back_every_record_and_writes_in_real_time() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_rialto-local"))
-        .args(["demo", "--records", "3000", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = demo(dir.path());
     assert!(
         stdout.contains("verified 3000 keys") && stdout.contains("0 missing, 0 wrong"),
         "{stdout}"
@@ -31,14 +37,7 @@ fn the_demo_pushes_reads_back_every_record_and_writes_in_real_time() {
     }
 
     // Run again on the same directory: the stores are there, a second version goes live.
-    let out = Command::new(env!("CARGO_BIN_EXE_rialto-local"))
-        .args(["demo", "--records", "3000", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = demo(dir.path());
     assert!(
         stdout.contains("store demo exists (current version 1), kept from an earlier run")
             && stdout.contains("local: version 2 live")
@@ -320,5 +319,84 @@ async fn typed_reads_return_the_applications_structs_and_name_a_type_that_does_n
         no_store,
         Err(rialto_fast_client::ClientError::Config(_))
     ));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_written_by_another_producer_than_the_one_named_never_goes_live() {
+    use rialto_protocol::meta::VersionStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(LocalOptions::new(dir.path()))
+        .await
+        .unwrap();
+    let admin = cluster.admin();
+    admin.create_store(&string_store("s")).await.unwrap();
+    let input = dir.path().join("v1.jsonl");
+    write_input(&input, "good", 50);
+    rialto_push::push(&cluster.push_config("s", &input))
+        .await
+        .unwrap();
+    let named = admin
+        .describe_version("s", 1)
+        .await
+        .unwrap()
+        .record
+        .producer;
+    assert!(
+        named.as_deref().is_some_and(|p| p.len() == 32),
+        "the push job names its producer: {named:?}"
+    );
+
+    // A push that named producer 01…01, whose topic someone else (02…02) writes.
+    let start = admin
+        .start_push(
+            "s",
+            &rialto_protocol::admin::StartPushRequest {
+                producer: Some(rialto_protocol::producer::guid_hex(&[1; 16])),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let broker = cluster.broker();
+    for partition in 0..start.partition_count {
+        let mut forged = rialto_server::testing::PushRecords::start([2; 16]);
+        forged.put(b"\x04k1", 1, b"forged");
+        for record in forged.finish() {
+            broker
+                .send(&start.topic, partition, &[], &record)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    admin.push_written("s", start.version).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let reason = loop {
+        let record = admin
+            .describe_version("s", start.version)
+            .await
+            .unwrap()
+            .record;
+        if let VersionStatus::Failed { reason } = record.status {
+            break reason;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "version {} is {:?}",
+            start.version,
+            record.status
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(reason.contains("another writer"), "{reason}");
+    let store = admin.describe_store("s").await.unwrap().store;
+    assert_eq!(store.current_version, Some(1));
+    let client = cluster.client("s").await.unwrap();
+    assert_eq!(
+        client.get(&Value::String("k1".into())).await.unwrap(),
+        Some(Value::String("good-1".into()))
+    );
     cluster.shutdown().await;
 }

@@ -28,6 +28,7 @@ use rialto_protocol::meta::{
     DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP, PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
     VERSIONS_TO_KEEP_MAX,
 };
+use rialto_protocol::producer::{guid_hex, parse_guid_hex};
 use rialto_protocol::schema_compat::check_full;
 use rialto_protocol::stored::VALUE_BYTES_LIMIT;
 use serde::de::DeserializeOwned;
@@ -590,6 +591,14 @@ async fn start_push(
             )));
         }
     }
+    let producer = match &req.producer {
+        Some(text) => Some(guid_hex(&parse_guid_hex(text).ok_or_else(|| {
+            ControllerError::BadRequest(format!(
+                "producer `{text}` is not a producer GUID (32 hexadecimal digits)"
+            ))
+        })?)),
+        None => None,
+    };
     let started = start_version(
         &st.layout,
         &*st.meta,
@@ -601,6 +610,7 @@ async fn start_push(
             empty: false,
             pushed_by: caller.0.as_ref().map(|p| p.as_str()),
             value_schema_id: req.value_schema_id,
+            producer: producer.as_deref(),
         },
     )
     .await?;

@@ -536,6 +536,7 @@ mod tests {
             moves: vec![],
             pushed_by: None,
             sealed: false,
+            producer: None,
         };
         for (p, n) in record.replicas() {
             set_state(&mut v, p, n, ReplicaState::Online);

@@ -1085,6 +1085,7 @@ mod tests {
             moves: vec![],
             pushed_by: None,
             sealed: false,
+            producer: None,
         }
     }
 

@@ -10,7 +10,7 @@ use rialto_protocol::meta::{
     version_topic, Compression, Layout, NodeRecord, StoreRecord, ValueFormat, VersionRecord,
     VersionStatus,
 };
-use rialto_protocol::producer::PartitionWriter;
+use rialto_protocol::producer::{guid_hex, PartitionWriter};
 
 use crate::error::{encode_record, parse_record, ControllerError};
 use crate::placement::place;
@@ -43,6 +43,8 @@ pub(crate) struct PushStart<'a> {
     pub pushed_by: Option<&'a str>,
     /// The registered value schema it writes with; `None`: the latest.
     pub value_schema_id: Option<u32>,
+    /// The producer GUID (hex) the push writes as; its replicas take the push from it only.
+    pub producer: Option<&'a str>,
 }
 
 /// Allocates the next version of `store`, places its replicas on the live nodes, creates its
@@ -62,6 +64,7 @@ pub(crate) async fn start_version(
         empty,
         pushed_by,
         value_schema_id,
+        producer,
     } = push;
     let key = layout.store(store);
     let record: StoreRecord = match meta.get(&key).await? {
@@ -132,6 +135,7 @@ pub(crate) async fn start_version(
         moves: vec![],
         pushed_by: pushed_by.map(str::to_string),
         sealed: false,
+        producer: producer.map(str::to_string),
     };
     let key = layout.version(store, version);
     crate::store_ops::clear_deferred_deletion(meta, pubsub, layout, &topic).await?;
@@ -185,6 +189,7 @@ pub(crate) async fn start_empty_version(
     pubsub: &dyn PubSub,
     store: &str,
 ) -> Result<u32, ControllerError> {
+    let producer = *uuid::Uuid::new_v4().as_bytes();
     let started = start_version(
         layout,
         meta,
@@ -194,6 +199,7 @@ pub(crate) async fn start_empty_version(
         PushStart {
             push_id: "empty version of a streaming-only store",
             empty: true,
+            producer: Some(&guid_hex(&producer)),
             ..PushStart::default()
         },
     )
@@ -205,7 +211,7 @@ pub(crate) async fn start_empty_version(
         .await?
         .ok_or_else(|| ControllerError::Internal(format!("version record `{key}` vanished")))?;
     let compression = parse_record::<VersionRecord>(&key, &kv.value)?.compression;
-    if let Err(e) = write_empty_push(pubsub, &started, compression).await {
+    if let Err(e) = write_empty_push(pubsub, &started, compression, producer).await {
         // The version never goes live: an operator pushes (or retries the store) instead.
         update_version(meta, layout, store, version, |v| {
             if v.status == VersionStatus::Pushing {
@@ -236,8 +242,8 @@ async fn write_empty_push(
     pubsub: &dyn PubSub,
     started: &StartPushResponse,
     compression: Compression,
+    producer: [u8; 16],
 ) -> Result<(), ControllerError> {
-    let producer = *uuid::Uuid::new_v4().as_bytes();
     let mut deliveries = Vec::new();
     for partition in 0..started.partition_count {
         let mut w = PartitionWriter::new(producer);

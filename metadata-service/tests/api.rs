@@ -303,8 +303,43 @@ async fn start_push_allocates_a_version_with_placement_and_topic() {
         .await
         .unwrap();
     assert_eq!(r2.version, 2);
+    assert_eq!(v.record.producer, None, "a push that named no producer");
     let e = f.client.describe_version("ads", 99).await.unwrap_err();
     assert_eq!(api_status(&e), (404, "not_found"));
+
+    // A push names the producer it writes as; the version record keeps it, in lowercase.
+    let r3 = f
+        .client
+        .start_push(
+            "ads",
+            &StartPushRequest {
+                producer: Some("00112233445566778899AABBCCDDEEFF".into()),
+                ..StartPushRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        version_record(&f, "ads", r3.version)
+            .await
+            .unwrap()
+            .producer
+            .as_deref(),
+        Some("00112233445566778899aabbccddeeff")
+    );
+    let e = f
+        .client
+        .start_push(
+            "ads",
+            &StartPushRequest {
+                producer: Some("not-a-guid".into()),
+                ..StartPushRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), (400, "bad_request"), "{e}");
+    assert!(e.to_string().contains("not a producer GUID"), "{e}");
     f.controller.shutdown().await.unwrap();
 }
 

@@ -119,6 +119,11 @@ pub struct StartPushRequest {
     /// The registered value schema the push writes with (`None`: the latest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_schema_id: Option<u32>,
+    /// The GUID the push writes the version topic as (32 hexadecimal digits,
+    /// [`crate::producer::guid_hex`]): the version's replicas take the push's records from this
+    /// producer only. `None` (an older push job): any producer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
 }
 
 /// What a push job needs to write a new version.

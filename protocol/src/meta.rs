@@ -455,6 +455,11 @@ pub struct VersionRecord {
     /// real-time write made before it; a sealed version never becomes either again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sealed: bool,
+    /// The producer GUID of the version's push (hex, from the push's start): replicas refuse
+    /// a record of the push (before END_OF_PUSH) from any other producer, so whoever can write
+    /// the version topic cannot slip records into it. `None`: unchecked (an older push job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
 }
 
 impl VersionRecord {
@@ -730,6 +735,7 @@ mod tests {
             }],
             pushed_by: Some("spiffe://example.org/feed-job".into()),
             sealed: true,
+            producer: None,
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);

@@ -7,6 +7,29 @@ use crate::envelope::{
 };
 use crate::meta::now_ms;
 
+/// A producer GUID as 32 lowercase hexadecimal digits (how records and logs name producers).
+pub fn guid_hex(guid: &[u8; 16]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(32);
+    for b in guid {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Reads a producer GUID written by [`guid_hex`] (either case); `None` if it is not one.
+pub fn parse_guid_hex(text: &str) -> Option<[u8; 16]> {
+    // Digits only: `from_str_radix` alone would take a sign ("+0").
+    if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut guid = [0u8; 16];
+    for (i, b) in guid.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(guid)
+}
+
 /// Builds the envelopes of one producer on one partition, in order.
 ///
 /// A partition's stream is: START_OF_SEGMENT (sequence 0), START_OF_PUSH, data…, END_OF_PUSH,
@@ -106,6 +129,25 @@ impl PartitionWriter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn guids_print_and_parse_as_hex() {
+        let guid: [u8; 16] = std::array::from_fn(|i| (i * 17) as u8);
+        let hex = super::guid_hex(&guid);
+        assert_eq!(hex, "00112233445566778899aabbccddeeff");
+        assert_eq!(super::parse_guid_hex(&hex), Some(guid));
+        assert_eq!(super::parse_guid_hex(&hex.to_uppercase()), Some(guid));
+        for bad in [
+            "",
+            "00",
+            &hex[1..],
+            "zz112233445566778899aabbccddeeff",
+            "+0112233445566778899aabbccddeeff",
+            "é0112233445566778899aabbccddee",
+        ] {
+            assert_eq!(super::parse_guid_hex(bad), None, "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -320,6 +320,8 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
         )?),
     };
 
+    // The version's replicas take records from this producer only (named at the start).
+    let producer_guid = *uuid::Uuid::new_v4().as_bytes();
     let start = admin
         .start_push(
             &store.name,
@@ -327,6 +329,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
                 push_id: config.push_id.clone(),
                 data_bytes: Some(dataset.bytes),
                 value_schema_id: Some(dataset.value_schema_id),
+                producer: Some(rialto_protocol::producer::guid_hex(&producer_guid)),
             },
         )
         .await?;
@@ -362,7 +365,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             dictionary: &dictionary,
             compressor: compressor.as_mut(),
         };
-        produce(pubsub.as_ref(), &start.topic, values, partitions, dataset.records)
+        produce(pubsub.as_ref(), &start.topic, producer_guid, values, partitions, dataset.records)
             .await
             .map_err(|e| match e {
                 ProduceError::PubSub(source) => PushError::Produce { version, source },
@@ -493,12 +496,12 @@ struct PartitionStream {
 async fn produce(
     pubsub: &dyn PubSub,
     topic: &str,
+    producer_guid: [u8; 16],
     mut values: ValueStream<'_>,
     partitions: Vec<SortedPartition>,
     records_total: u64,
 ) -> Result<ValueSizes, ProduceError> {
     let mut sizes = ValueSizes::default();
-    let producer_guid = *uuid::Uuid::new_v4().as_bytes();
     let mut in_flight = InFlight::default();
     let mut sent: u64 = 0;
     let started = Instant::now();
@@ -731,6 +734,7 @@ mod tests {
         produce(
             broker.pubsub.as_ref(),
             "t_v1",
+            [7; 16],
             values,
             dataset.partitions,
             record,

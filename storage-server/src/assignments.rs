@@ -56,6 +56,9 @@ pub(crate) struct ReplicaPlan {
     pub compression: Compression,
     /// Of a hybrid version: it follows real-time writes after END_OF_PUSH.
     pub hybrid: Option<HybridConfig>,
+    /// The push's producer GUID (hex) when the version names one: the push's records from
+    /// any other producer put the replica in ERROR.
+    pub producer: Option<String>,
 }
 
 /// Computes the replicas assigned to `node_id` in a snapshot of the versions prefix.
@@ -105,6 +108,7 @@ pub(crate) fn desired_replicas(
                     storage: record.storage,
                     compression: record.compression,
                     hybrid: record.hybrid,
+                    producer: record.producer.clone(),
                 },
             );
         }
@@ -348,6 +352,7 @@ mod tests {
             moves: vec![],
             pushed_by: None,
             sealed: false,
+            producer: None,
         };
         serde_json::to_vec(&r).unwrap()
     }
@@ -442,6 +447,7 @@ mod tests {
                 storage: StorageProfile::InMemory,
                 compression: Compression::None,
                 hybrid: None,
+                producer: None,
             },
         );
         desired.unparsed.insert(("b".into(), 7));

@@ -42,7 +42,7 @@ use crate::assignments::ReplicaPlan;
 use crate::node::NodeContext;
 use crate::replica::ReplicaSlot;
 use crate::store::{Layout, ReplicaStore, WriteOp};
-use crate::validator::{Admission, Checkpoint, ReplayState, Verdict};
+use crate::validator::{guid_hex, Admission, Checkpoint, ReplayState, Verdict};
 
 /// Most records taken from the consumer per poll (and so per write batch).
 pub const POLL_RECORDS_MAX: usize = 1000;
@@ -234,14 +234,7 @@ async fn ingest(
 
         // A hybrid version's push ends at END_OF_PUSH; what follows is applied by
         // `follow_realtime`, through write batches.
-        let batch = validate_batch(
-            &checkpoint,
-            records,
-            topic,
-            id.partition,
-            plan.compression.codec(),
-            Hybrid::from(plan),
-        );
+        let batch = validate_batch(&checkpoint, records, topic, id.partition, Rules::of(plan));
         if let Some(dictionary) = batch.dictionary {
             let s = store.clone();
             blocking(move || s.set_dictionary(&dictionary))
@@ -442,14 +435,11 @@ async fn follow_realtime(
             }
         };
         if !records.is_empty() {
-            let batch = validate_batch(
-                &checkpoint,
-                records,
-                &plan.topic,
-                id.partition,
-                plan.compression.codec(),
-                Hybrid::Following,
-            );
+            let rules = Rules {
+                hybrid: Hybrid::Following,
+                ..Rules::of(&plan)
+            };
+            let batch = validate_batch(&checkpoint, records, &plan.topic, id.partition, rules);
             if batch.next != checkpoint {
                 let applied = batch.next.records - checkpoint.records;
                 let (s, ops, cp) = (store.clone(), batch.ops, batch.next.clone());
@@ -810,6 +800,38 @@ pub(crate) enum Hybrid {
     Following,
 }
 
+/// What a version's topic must hold, from its record: the checks [`validate_batch`] makes
+/// beyond producer metadata and envelope integrity.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rules<'a> {
+    /// The codec START_OF_PUSH must announce (the version's compression).
+    pub codec: CompressionCodec,
+    pub hybrid: Hybrid,
+    /// The only producer the push's records may come from (hex GUID); `None`: any.
+    pub producer: Option<&'a str>,
+}
+
+impl Rules<'_> {
+    /// The rules of a version's push.
+    pub(crate) fn of(plan: &ReplicaPlan) -> Rules<'_> {
+        Rules {
+            codec: plan.compression.codec(),
+            hybrid: Hybrid::from(plan),
+            producer: plan.producer.as_deref(),
+        }
+    }
+
+    /// A version without a named producer, compressed with `codec`.
+    #[cfg(test)]
+    fn batch(codec: CompressionCodec) -> Rules<'static> {
+        Rules {
+            codec,
+            hybrid: Hybrid::No,
+            producer: None,
+        }
+    }
+}
+
 impl From<&ReplicaPlan> for Hybrid {
     fn from(plan: &ReplicaPlan) -> Hybrid {
         if plan.hybrid.is_some() {
@@ -828,8 +850,7 @@ pub(crate) fn validate_batch(
     records: Vec<ConsumedRecord>,
     topic: &str,
     partition: u32,
-    codec: CompressionCodec,
-    hybrid: Hybrid,
+    rules: Rules<'_>,
 ) -> Validated {
     let mut out = Validated {
         next: checkpoint.clone(),
@@ -840,12 +861,12 @@ pub(crate) fn validate_batch(
     };
     for record in records {
         let offset = record.offset;
-        if let Err(message) = validate_record(&mut out, record, topic, partition, codec, hybrid) {
+        if let Err(message) = validate_record(&mut out, record, topic, partition, rules) {
             out.failure = Some(message);
             return out;
         }
         out.next.next_offset = offset + 1;
-        if hybrid == Hybrid::UntilEndOfPush && out.next.validation.end_of_push {
+        if rules.hybrid == Hybrid::UntilEndOfPush && out.next.validation.end_of_push {
             // What follows is consumed again by `follow_realtime`.
             return out;
         }
@@ -858,9 +879,13 @@ fn validate_record(
     record: ConsumedRecord,
     topic: &str,
     partition: u32,
-    codec: CompressionCodec,
-    hybrid: Hybrid,
+    rules: Rules<'_>,
 ) -> Result<(), String> {
+    let Rules {
+        codec,
+        hybrid,
+        producer,
+    } = rules;
     let offset = record.offset;
     let Some(value) = record.value else {
         return Err(format!(
@@ -886,6 +911,16 @@ fn validate_record(
             return Err(format!(
                 "START_OF_PUSH at offset {offset} of {topic}/{partition} announces \
                  {codec:?} but carries no dictionary"
+            ));
+        }
+    }
+    // The push (everything before END_OF_PUSH) comes from the producer the version names;
+    // after it, a hybrid version's partition leaders write as producers of their own.
+    if let Some(expected) = producer.filter(|_| !out.next.validation.end_of_push) {
+        let found = guid_hex(&envelope.producer.producer_guid);
+        if !found.eq_ignore_ascii_case(expected) {
+            return Err(format!(
+                "record at offset {offset} of {topic}/{partition} comes from producer {found},                  but the version's push is producer {expected}: another writer on the version                  topic; nothing from it is applied"
             ));
         }
     }
@@ -1213,6 +1248,7 @@ mod tests {
             storage: StorageProfile::OnDisk,
             compression: rialto_protocol::meta::Compression::None,
             hybrid: None,
+            producer: None,
         }
     }
 
@@ -1395,8 +1431,7 @@ mod tests {
             bad,
             "t",
             0,
-            CompressionCodec::None,
-            Hybrid::No,
+            Rules::batch(CompressionCodec::None),
         );
         assert_eq!(v.next.next_offset, 104);
         assert_eq!(v.ops.len(), 2);
@@ -1408,12 +1443,66 @@ mod tests {
             records,
             "t",
             0,
-            CompressionCodec::None,
-            Hybrid::No,
+            Rules::batch(CompressionCodec::None),
         );
         assert!(v.failure.is_none());
         assert!(v.next.validation.end_of_push && v.next.validation.all_segments_closed());
         assert_eq!(v.ops.len(), 4);
+    }
+
+    #[test]
+    fn the_push_is_taken_only_from_the_producer_the_version_names() {
+        let named = guid_hex(&[1; 16]);
+        fn rules(producer: &str) -> Rules<'_> {
+            Rules {
+                producer: Some(producer),
+                ..Rules::batch(CompressionCodec::None)
+            }
+        }
+        for producer in [named.clone(), named.to_uppercase()] {
+            let v = validate_batch(
+                &Checkpoint::default(),
+                consumed(clean_push(3), 0),
+                "t",
+                0,
+                rules(&producer),
+            );
+            assert!(v.failure.is_none() && v.ops.len() == 4, "{:?}", v.failure);
+        }
+
+        let other = guid_hex(&[2; 16]);
+        let v = validate_batch(
+            &Checkpoint::default(),
+            consumed(clean_push(3), 0),
+            "t",
+            0,
+            rules(&other),
+        );
+        let failure = v.failure.expect("another producer's push");
+        assert!(
+            failure.contains(&format!("comes from producer {named}"))
+                && failure.contains(&format!("push is producer {other}"))
+                && failure.contains("another writer"),
+            "{failure}"
+        );
+        assert!(
+            v.ops.is_empty() && v.next.next_offset == 0,
+            "nothing taken in"
+        );
+
+        // A record slipped into the push by another writer stops the replica there.
+        let mut mixed = clean_push(3);
+        let intruder = PushRecords::start([9; 16]).finish();
+        mixed.insert(3, intruder[0].clone());
+        let v = validate_batch(
+            &Checkpoint::default(),
+            consumed(mixed, 0),
+            "t",
+            0,
+            rules(&named),
+        );
+        assert!(v.failure.expect("intruder").contains("offset 3"));
+        assert_eq!(v.ops.len(), 1, "the named producer's records before it");
     }
 
     /// `push` as a consumer returns it, from offset `first`.
@@ -1437,8 +1526,7 @@ mod tests {
             consumed(sorted_push(&keys, b""), 0),
             "t",
             0,
-            CompressionCodec::Zstd,
-            Hybrid::No,
+            Rules::batch(CompressionCodec::Zstd),
         );
         let failure = v.failure.expect("codec mismatch");
         assert!(
@@ -1462,8 +1550,7 @@ mod tests {
             consumed(p.finish(), 0),
             "t",
             0,
-            CompressionCodec::ZstdWithDictionary,
-            Hybrid::No,
+            Rules::batch(CompressionCodec::ZstdWithDictionary),
         );
         assert!(v.failure.expect("no dictionary").contains("no dictionary"));
         // The same codec passes.
@@ -1472,8 +1559,7 @@ mod tests {
             consumed(sorted_push(&keys, b""), 0),
             "t",
             0,
-            CompressionCodec::None,
-            Hybrid::No,
+            Rules::batch(CompressionCodec::None),
         );
         assert!(v.failure.is_none() && v.ops.len() == 3);
     }
@@ -1768,6 +1854,8 @@ mod tests {
                 rewind_seconds: 3600,
                 lag_records_max,
             }),
+            // The pushes below are producer [1; 16]; the leaders copy as producers of their own.
+            producer: Some(guid_hex(&[1; 16])),
             ..plan()
         }
     }

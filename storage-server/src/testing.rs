@@ -118,6 +118,7 @@ pub fn version_record(
         moves: vec![],
         pushed_by: None,
         sealed: false,
+        producer: None,
     }
 }
 

@@ -222,15 +222,7 @@ pub enum ValidationError {
     CopiedBeforeEndOfPush,
 }
 
-/// Lowercase hex of a producer GUID.
-pub fn guid_hex(guid: &[u8; 16]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(32);
-    for b in guid {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+pub use rialto_protocol::producer::guid_hex;
 
 fn kind_name(message: &Message) -> &'static str {
     match message {
