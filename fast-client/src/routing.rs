@@ -401,6 +401,7 @@ pub(crate) mod tests {
                 pushed_by: None,
                 sealed: false,
                 producer: None,
+                failed_targets: Vec::new(),
             };
             self.versions.insert(
                 self.layout.version("ads", v),

@@ -369,6 +369,7 @@ fn put_version_laid_out(
         pushed_by: None,
         sealed: false,
         producer: None,
+        failed_targets: Vec::new(),
     };
     meta.put_json(&layout.version(STORE, version), &r);
 }

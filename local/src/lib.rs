@@ -33,6 +33,7 @@ use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
 use rialto_backends::{MetaStore, PubSub};
 use rialto_controller::{AdminClient, ControllerConfig, ControllerError, RunningController};
 use rialto_fast_client::{Client, ClientConfig, ClientError};
+use rialto_protocol::meta::ReplicaState;
 use rialto_push::realtime::RealtimeWriter;
 use rialto_push::{InProcessBroker, PushConfig, PushError};
 use rialto_server::{RunningServer, ServerConfig, ServerError};
@@ -45,6 +46,9 @@ pub const TOPICS_DIR: &str = "topics";
 
 /// How long [`LocalCluster::start`] waits for every server to register.
 const REGISTRATION_WAIT: Duration = Duration::from_secs(30);
+/// How long [`LocalCluster::start`] waits for the current versions' replicas to be ONLINE
+/// again (a restart).
+const REOPEN_WAIT: Duration = Duration::from_secs(60);
 
 /// A failure to start or use the local cluster.
 #[derive(Debug, Error)]
@@ -122,7 +126,8 @@ struct Gateway {
 
 impl LocalCluster {
     /// Starts the controller and the servers on the metadata, topics and replicas kept in the
-    /// data directory (empty at first), and waits until every server registered.
+    /// data directory (empty at first), and waits until every server registered and every
+    /// replica of the stores' current versions is ONLINE.
     pub async fn start(options: LocalOptions) -> Result<LocalCluster, LocalError> {
         let storage =
             |what, path: PathBuf| move |source| LocalError::Storage { what, path, source };
@@ -172,7 +177,35 @@ impl LocalCluster {
             gateway,
         };
         cluster.wait_for_registration(options.servers).await?;
+        cluster.wait_for_current_versions().await;
         Ok(cluster)
+    }
+
+    /// Waits until every replica of every store's current version is ONLINE: after a restart
+    /// the servers reopen their replicas and report them again, and reads need them. Gives up
+    /// with a warning after [`REOPEN_WAIT`] (reads then go to the replicas that are back).
+    async fn wait_for_current_versions(&self) {
+        let admin = self.admin();
+        let deadline = tokio::time::Instant::now() + REOPEN_WAIT;
+        loop {
+            let pending = replicas_not_online(&admin).await;
+            if matches!(pending, Ok(0)) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                match pending {
+                    Ok(replicas) => tracing::warn!(
+                        replicas,
+                        "replicas of current versions still not ONLINE; serving without them"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list the current versions' replicas")
+                    }
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn wait_for_registration(&self, wanted: usize) -> Result<(), LocalError> {
@@ -289,6 +322,23 @@ async fn start_gateway(
         stop,
         task,
     })
+}
+
+/// Replicas of the stores' current versions that are not ONLINE.
+async fn replicas_not_online(admin: &AdminClient) -> Result<usize, ControllerError> {
+    let mut pending = 0;
+    for store in admin.list_stores().await? {
+        let Some(current) = store.current_version else {
+            continue;
+        };
+        let version = admin.describe_version(&store.name, current).await?;
+        pending += version
+            .replicas
+            .iter()
+            .filter(|r| r.state != ReplicaState::Online)
+            .count();
+    }
+    Ok(pending)
 }
 
 fn server_dir(data_dir: &Path, i: usize) -> PathBuf {

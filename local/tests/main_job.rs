@@ -141,6 +141,23 @@ async fn a_restart_on_the_same_data_directory_keeps_every_store_version_and_real
     let admin = cluster.admin();
     let s = admin.describe_store("s").await.unwrap().store;
     assert_eq!(s.current_version, Some(1));
+    // Started means readable: the replicas are back before `start` returns.
+    let replicas = admin.describe_version("s", 1).await.unwrap().replicas;
+    assert!(
+        replicas.len() == 8
+            && replicas
+                .iter()
+                .all(|r| r.state == rialto_protocol::meta::ReplicaState::Online),
+        "{replicas:?}"
+    );
+    let first = cluster
+        .client("s")
+        .await
+        .unwrap()
+        .get(&Value::String("k299".into()))
+        .await
+        .unwrap();
+    assert_eq!(first, Some(Value::String("batch-299".into())));
     await_values(&cluster.client("s").await.unwrap(), &expected_batch).await;
     let h_client = cluster.client("h").await.unwrap();
     await_values(&h_client, &expected_rt).await;

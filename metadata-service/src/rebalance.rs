@@ -24,8 +24,8 @@
 //! node of the same group when one is usable, else to the least loaded node that does not
 //! already hold the partition, preferring one whose zone the partition's other replicas do not
 //! use. A move whose target replica fails is cancelled, and that node is not chosen again for
-//! that replica for [`FAILED_TARGET_COOLDOWN`] (remembered by the leader only: a new leader may
-//! try it once more).
+//! that replica for [`FAILED_TARGET_COOLDOWN`] (recorded in the version record, so a new
+//! leader keeps to it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -537,6 +537,7 @@ mod tests {
             pushed_by: None,
             sealed: false,
             producer: None,
+            failed_targets: Vec::new(),
         };
         for (p, n) in record.replicas() {
             set_state(&mut v, p, n, ReplicaState::Online);

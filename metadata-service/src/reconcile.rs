@@ -16,8 +16,8 @@ use std::time::Duration;
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::{MetaStore, PrefixMirror, PubSub};
 use rialto_protocol::meta::{
-    decode_record, DrainRecord, Layout, NodeRecord, RecordError, ReplicaMove, ReplicaRecord,
-    ReplicaState, StoreRecord, VersionRecord, VersionStatus, RECORD_FORMAT,
+    decode_record, DrainRecord, FailedTarget, Layout, NodeRecord, RecordError, ReplicaMove,
+    ReplicaRecord, ReplicaState, StoreRecord, VersionRecord, VersionStatus, RECORD_FORMAT,
 };
 use tokio::sync::watch;
 
@@ -59,8 +59,9 @@ pub struct ClusterView {
     /// ([`NodeClock`]).
     pub missing_ms: BTreeMap<String, i64>,
     /// (store, version, partition, node) → when a move of that replica to that node failed
-    /// (its replica went to ERROR), within [`crate::rebalance::FAILED_TARGET_COOLDOWN`] by this
-    /// controller's clock: the node is not chosen again for it meanwhile.
+    /// (its replica went to ERROR; `VersionRecord::failed_targets`), within
+    /// [`crate::rebalance::FAILED_TARGET_COOLDOWN`] by this controller's clock: the node is not
+    /// chosen again for it meanwhile.
     pub failed_targets: BTreeMap<(String, u32, u32, String), i64>,
     /// A version in progress longer than this (milliseconds since its creation) fails; 0: never.
     pub push_timeout_ms: i64,
@@ -191,6 +192,13 @@ impl ClusterView {
             if let Some(v) =
                 read_record::<VersionRecord>(&mut view.newer_records, key, value, "version")
             {
+                let cooldown_ms = crate::rebalance::FAILED_TARGET_COOLDOWN.as_millis() as i64;
+                for f in &v.failed_targets {
+                    if view.now_ms.saturating_sub(f.failed_ms) < cooldown_ms {
+                        let id = (v.store.clone(), v.version, f.partition, f.node.clone());
+                        view.failed_targets.insert(id, f.failed_ms);
+                    }
+                }
                 view.versions.insert((v.store.clone(), v.version), v);
             }
         }
@@ -629,8 +637,6 @@ pub struct Reconciler {
     topic_deletion: TopicDeletion,
     /// Whether the last view had no replica fetching ([`ClusterView::quiet`]).
     quiet: bool,
-    /// Moves whose target failed, and when ([`ClusterView::failed_targets`]).
-    failed_targets: BTreeMap<(String, u32, u32, String), i64>,
 }
 
 impl Reconciler {
@@ -652,7 +658,6 @@ impl Reconciler {
             push_timeout: std::time::Duration::ZERO,
             topic_deletion: TopicDeletion::default(),
             quiet: true,
-            failed_targets: BTreeMap::new(),
         }
     }
 
@@ -708,10 +713,6 @@ impl Reconciler {
                 &mut self.absences,
             );
             self.quiet = view.quiet();
-            let cooldown_ms = crate::rebalance::FAILED_TARGET_COOLDOWN.as_millis() as i64;
-            self.failed_targets
-                .retain(|_, at| view.now_ms.saturating_sub(*at) < cooldown_ms);
-            view.failed_targets = self.failed_targets.clone();
             let actions = plan(&view)
                 .into_iter()
                 .chain(plan_moves(&view, &self.rebalance));
@@ -927,16 +928,29 @@ impl Reconciler {
                 reason,
                 target_failed,
             } => {
-                if *target_failed {
-                    self.failed_targets
-                        .insert((store.clone(), *version, *partition, to.clone()), now_ms());
-                }
+                let now = now_ms();
+                let cooldown_ms = crate::rebalance::FAILED_TARGET_COOLDOWN.as_millis() as i64;
                 let cancelled = update_version(&*self.meta, &self.layout, store, *version, |v| {
                     let before = v.moves.len();
                     v.moves.retain(|m| {
                         !(m.partition == *partition && m.group == *group && m.to == *to)
                     });
-                    Ok(v.moves.len() != before)
+                    if v.moves.len() == before {
+                        return Ok(false);
+                    }
+                    // Remembered in the record: a new leader does not try that node again.
+                    v.failed_targets.retain(|f| {
+                        now.saturating_sub(f.failed_ms) < cooldown_ms
+                            && !(f.partition == *partition && f.node == *to)
+                    });
+                    if *target_failed {
+                        v.failed_targets.push(FailedTarget {
+                            partition: *partition,
+                            node: to.clone(),
+                            failed_ms: now,
+                        });
+                    }
+                    Ok(true)
                 })
                 .await?;
                 if cancelled.is_some() {
@@ -1086,6 +1100,7 @@ mod tests {
             pushed_by: None,
             sealed: false,
             producer: None,
+            failed_targets: Vec::new(),
         }
     }
 
@@ -1548,6 +1563,74 @@ mod tests {
         assert_eq!(v.replica_state("s", 1, 0, "a"), ReplicaState::Online);
         assert_eq!(v.replica_state("s", 1, 1, "a"), ReplicaState::Offline);
         assert!(v.newer_records.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_move_target_is_kept_in_the_version_record_for_the_next_leader() {
+        use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
+        let layout = Layout::new("/r");
+        let meta = Arc::new(MemoryMetaStore::new());
+        let mut record = version(1, VersionStatus::Online);
+        let started_ms = now_ms();
+        let stale = FailedTarget {
+            partition: 1,
+            node: "old".into(),
+            failed_ms: started_ms - 2 * crate::rebalance::FAILED_TARGET_COOLDOWN.as_millis() as i64,
+        };
+        record.failed_targets = vec![stale];
+        record.moves = vec![ReplicaMove {
+            partition: 0,
+            group: 0,
+            from: "a".into(),
+            to: "d".into(),
+            reason: rialto_protocol::meta::MoveReason::NodeLost,
+            started_ms,
+        }];
+        meta.put(
+            &layout.version("s", 1),
+            rialto_protocol::meta::encode_record(&record).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        let mut leader = Reconciler::new(
+            layout.clone(),
+            meta.clone(),
+            Arc::new(MemoryPubSub::new()),
+            RebalanceConfig::default(),
+        );
+        leader
+            .apply(&Action::CancelMove {
+                store: "s".into(),
+                version: 1,
+                partition: 0,
+                group: 0,
+                to: "d".into(),
+                reason: "its replica failed".into(),
+                target_failed: true,
+            })
+            .await
+            .unwrap();
+
+        // Another controller, reading only etcd, keeps away from `d` for that partition.
+        let (versions, _) = meta.list(&layout.versions_prefix()).await.unwrap();
+        let versions: PrefixMap = versions.into_iter().map(|kv| (kv.key, kv.value)).collect();
+        let empty = PrefixMap::new();
+        let v = ClusterView::parse(
+            &layout,
+            &empty,
+            &versions,
+            &empty,
+            &mut ReportClock::default(),
+        );
+        let record = &v.versions[&("s".to_string(), 1)];
+        assert!(record.moves.is_empty(), "the move is cancelled");
+        assert_eq!(
+            v.failed_targets.keys().collect::<Vec<_>>(),
+            [&("s".to_string(), 1, 0, "d".to_string())],
+            "the failure is known; the one past the cooldown is gone"
+        );
+        assert_eq!(record.failed_targets.len(), 1, "the stale entry was pruned");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rialto_backends::net::Listener;
+use rialto_security::principal::accept_tls;
 use rialto_security::Principal;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
@@ -66,13 +67,10 @@ pub(crate) async fn serve(
             match tls {
                 None => connection(tcp, Caller(None), app, shutdown).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let caller = Caller(Principal::of_peer(stream.get_ref().1));
-                            connection(stream, caller, app, shutdown).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    if let Some((stream, principal)) =
+                        accept_tls(&acceptor, tcp, peer, HANDSHAKE_TIMEOUT).await
+                    {
+                        connection(stream, Caller(principal), app, shutdown).await
                     }
                 }
             }

@@ -136,6 +136,7 @@ pub(crate) async fn start_version(
         pushed_by: pushed_by.map(str::to_string),
         sealed: false,
         producer: producer.map(str::to_string),
+        failed_targets: Vec::new(),
     };
     let key = layout.version(store, version);
     crate::store_ops::clear_deferred_deletion(meta, pubsub, layout, &topic).await?;

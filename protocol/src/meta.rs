@@ -460,6 +460,19 @@ pub struct VersionRecord {
     /// the version topic cannot slip records into it. `None`: unchecked (an older push job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub producer: Option<String>,
+    /// Nodes whose replica failed as a move's target, and when: the controller does not
+    /// choose them again for that partition for a while (kept here, so a new leader knows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_targets: Vec<FailedTarget>,
+}
+
+/// A node whose replica of a partition failed as the target of a move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedTarget {
+    pub partition: u32,
+    pub node: String,
+    /// When the move was cancelled (milliseconds since the Unix epoch, the controller's clock).
+    pub failed_ms: i64,
 }
 
 impl VersionRecord {
@@ -736,6 +749,7 @@ mod tests {
             pushed_by: Some("spiffe://example.org/feed-job".into()),
             sealed: true,
             producer: None,
+            failed_targets: Vec::new(),
         };
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<VersionRecord>(&json).unwrap(), v);

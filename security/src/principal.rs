@@ -56,6 +56,36 @@ impl fmt::Display for Principal {
     }
 }
 
+/// Completes a server's TLS handshake with a caller within `timeout`: the encrypted stream
+/// and the caller's principal, from the certificate it presented (if any). A handshake that
+/// fails or is too slow gives `None`, logged at debug level: a scanner or a misconfigured
+/// client, not an error of this process.
+#[cfg(feature = "accept")]
+pub async fn accept_tls<IO>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: IO,
+    peer: impl fmt::Display,
+    timeout: std::time::Duration,
+) -> Option<(tokio_rustls::server::TlsStream<IO>, Option<Principal>)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => {
+            let principal = Principal::of_peer(stream.get_ref().1);
+            Some((stream, principal))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// How a caller is named in errors and logs when it has no principal.
 pub const ANONYMOUS: &str = "anonymous";
 

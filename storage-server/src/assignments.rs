@@ -353,6 +353,7 @@ mod tests {
             pushed_by: None,
             sealed: false,
             producer: None,
+            failed_targets: Vec::new(),
         };
         serde_json::to_vec(&r).unwrap()
     }

@@ -37,6 +37,7 @@ use rialto_protocol::wire::{
     ErrorBody, Route, ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
 };
 use rialto_protocol::ErrorCode;
+use rialto_security::principal::accept_tls;
 use rialto_security::Principal;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -165,13 +166,10 @@ pub(crate) async fn serve(
             match tls {
                 None => serve_connection(tcp, peer, None, service, shutdown).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let principal = Principal::of_peer(stream.get_ref().1);
-                            serve_connection(stream, peer, principal, service, shutdown).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    if let Some((stream, principal)) =
+                        accept_tls(&acceptor, tcp, peer, HANDSHAKE_TIMEOUT).await
+                    {
+                        serve_connection(stream, peer, principal, service, shutdown).await
                     }
                 }
             }

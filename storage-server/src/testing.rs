@@ -119,6 +119,7 @@ pub fn version_record(
         pushed_by: None,
         sealed: false,
         producer: None,
+        failed_targets: Vec::new(),
     }
 }
 
