@@ -182,6 +182,11 @@ impl<'a> Fields<'a> {
         self.take(n)
     }
 
+    /// Whether every field was read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     /// Everything not read yet.
     pub(crate) fn rest(self) -> &'a [u8] {
         self.rest

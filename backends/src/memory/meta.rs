@@ -128,10 +128,13 @@ fn put_record(revision: i64, key: &str, value: &[u8], leased: bool) -> Vec<u8> {
     r
 }
 
-fn delete_record(revision: i64, key: &str) -> Vec<u8> {
+/// One revision's deletes, in one record: a failed write leaves none of them on disk.
+fn delete_record<'a>(revision: i64, keys: impl IntoIterator<Item = &'a String>) -> Vec<u8> {
     let mut r = vec![DELETE];
     r.extend_from_slice(&revision.to_le_bytes());
-    put_bytes(&mut r, key.as_bytes());
+    for key in keys {
+        put_bytes(&mut r, key.as_bytes());
+    }
     r
 }
 
@@ -168,7 +171,9 @@ fn replay(records: &[Vec<u8>]) -> std::io::Result<(BTreeMap<String, Entry>, i64)
                 }
             }
             DELETE => {
-                data.remove(String::from_utf8_lossy(f.bytes()?).as_ref());
+                while !f.is_empty() {
+                    data.remove(String::from_utf8_lossy(f.bytes()?).as_ref());
+                }
             }
             REVISION => {}
             other => {
@@ -268,12 +273,15 @@ impl State {
             return Ok(());
         }
         let mod_revision = self.revision + 1;
-        for key in &keys {
-            // Keys of a lease are not replayed anyway.
-            if self.data.get(key).is_some_and(|e| e.lease.is_none()) {
-                self.journal(|| delete_record(mod_revision, key))
-                    .map_err(|e| journal_error(format!("delete {key}"), e))?;
-            }
+        // Keys of a lease are not replayed anyway.
+        let persistent: Vec<&String> = keys
+            .iter()
+            .filter(|k| self.data.get(*k).is_some_and(|e| e.lease.is_none()))
+            .collect();
+        if !persistent.is_empty() {
+            let record = delete_record(mod_revision, persistent.iter().copied());
+            self.journal(|| record)
+                .map_err(|e| journal_error(format!("delete {}", persistent[0]), e))?;
         }
         self.revision = mod_revision;
         let events = keys
