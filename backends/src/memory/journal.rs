@@ -2,9 +2,10 @@
 //!
 //! A journal is a sequence of frames `[length: u32 LE][crc32c of payload: u32 LE][payload]`.
 //! Every append is one `write` of a whole frame before the change it records is applied, so a
-//! process killed at any point leaves every applied change on disk (in the OS's page cache:
-//! a machine crash may lose the last writes, as a broker with Kafka's default flush policy
-//! does). Opening reads every whole frame and cuts the file after the last one: a torn or
+//! process killed at any point leaves every applied change in the file; [`Journal::sync`]
+//! forces it to the disk, which the backends do before anything relies on a change (the
+//! metadata store before it answers, the broker before a consumer sees a record or a send is
+//! acknowledged), so a machine crash loses nothing that was acknowledged. Opening reads every whole frame and cuts the file after the last one: a torn or
 //! corrupt tail (a crash in the middle of a write) is dropped with a warning, never replayed.
 //! [`Journal::rewrite`] replaces a file's content atomically (a temporary file, synced, then
 //! renamed over it), which the backends use to compact.
@@ -27,34 +28,74 @@ impl Journal {
     /// Opens the journal at `path` (created if missing) and returns it with every payload it
     /// holds, in order. A torn or corrupt tail is cut off.
     pub(crate) fn open(path: &Path) -> io::Result<(Journal, Vec<Vec<u8>>)> {
+        let mut payloads = Vec::new();
+        let journal = Journal::scan(path, |_, payload| {
+            payloads.push(payload.to_vec());
+            Ok(())
+        })?;
+        Ok((journal, payloads))
+    }
+
+    /// Opens the journal at `path` (created if missing), calling `each` with the position and
+    /// payload of every frame in order (reading the file once, a frame at a time, so a large
+    /// journal is never held in memory). A torn or corrupt tail is cut off.
+    pub(crate) fn scan(
+        path: &Path,
+        mut each: impl FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<Journal> {
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(path)?;
-        let mut content = Vec::new();
-        file.read_to_end(&mut content)?;
-        let (payloads, whole) = frames(&content);
-        if whole < content.len() {
+        if created {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                sync_dir(dir)?;
+            }
+        }
+        let length = file.metadata()?.len();
+        let mut reader = io::BufReader::with_capacity(1 << 20, &file);
+        let mut at = 0u64;
+        let mut kept = 0usize;
+        let mut payload = Vec::new();
+        loop {
+            let mut header = [0u8; HEADER];
+            if read_full(&mut reader, &mut header)? < HEADER {
+                break;
+            }
+            let (size, crc) = parse_header(&header);
+            if size > PAYLOAD_MAX {
+                break;
+            }
+            payload.resize(size, 0);
+            if read_full(&mut reader, &mut payload)? < size || crc32c::crc32c(&payload) != crc {
+                break;
+            }
+            each(at, &payload)?;
+            at += frame_bytes(size);
+            kept += 1;
+        }
+        drop(reader);
+        if at < length {
             tracing::warn!(
                 journal = %path.display(),
-                dropped_bytes = content.len() - whole,
-                kept_records = payloads.len(),
+                dropped_bytes = length - at,
+                kept_records = kept,
                 "the journal ends in a torn or corrupt record (a crash during a write?): cutting it off"
             );
-            file.set_len(whole as u64)?;
-            file.seek(SeekFrom::End(0))?;
+            file.set_len(at)?;
         }
-        let journal = Journal {
+        file.seek(SeekFrom::End(0))?;
+        Ok(Journal {
             file,
             path: path.to_path_buf(),
-            bytes: whole as u64,
-        };
-        Ok((journal, payloads))
+            bytes: at,
+        })
     }
 
-    /// Appends one record.
-    pub(crate) fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+    /// Appends one record; returns where its frame starts (for [`Journal::read`]).
+    pub(crate) fn append(&mut self, payload: &[u8]) -> io::Result<u64> {
         if payload.len() > PAYLOAD_MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -66,13 +107,50 @@ impl Journal {
         }
         let frame = frame(payload);
         self.file.write_all(&frame)?;
+        let at = self.bytes;
         self.bytes += frame.len() as u64;
-        Ok(())
+        Ok(at)
+    }
+
+    /// Reads back the payload of the frame at `at` holding `size` bytes, checking its length
+    /// and checksum again (the disk may have changed since it was written).
+    pub(crate) fn read(&self, at: u64, size: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut frame = vec![0u8; HEADER + size];
+        self.file.read_exact_at(&mut frame, at)?;
+        let (stored_size, crc) = parse_header(&frame[..HEADER]);
+        let payload = frame.split_off(HEADER);
+        if stored_size != size || crc32c::crc32c(&payload) != crc {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the record at byte {at} of {} is corrupt (its length or checksum changed on \
+                     disk)",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(payload)
+    }
+
+    /// Forces what was appended to the disk (data, and the length that makes it readable).
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// A second handle on the file, to sync it without holding whatever guards the journal.
+    pub(crate) fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Bytes in the file.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Replaces the journal's content with `payloads`, atomically: a reader (or a restart) sees
@@ -81,30 +159,32 @@ impl Journal {
         &mut self,
         payloads: impl IntoIterator<Item = &'a [u8]>,
     ) -> io::Result<()> {
-        *self = Journal::create(&self.path, payloads)?;
+        *self = Journal::create(&self.path, payloads.into_iter().map(Ok))?;
         Ok(())
     }
 
-    /// Writes a new journal at `path` holding `payloads`, replacing any file there atomically.
-    pub(crate) fn create<'a>(
+    /// Writes a new journal at `path` holding `payloads` (frames in order from byte 0, each
+    /// [`frame_bytes`] long), replacing any file there atomically. The first error of the
+    /// payloads leaves the old file in place.
+    pub(crate) fn create<P: AsRef<[u8]>>(
         path: &Path,
-        payloads: impl IntoIterator<Item = &'a [u8]>,
+        payloads: impl IntoIterator<Item = io::Result<P>>,
     ) -> io::Result<Journal> {
         let temporary = path.with_extension("rewrite");
         let mut out = io::BufWriter::new(File::create(&temporary)?);
         let mut bytes = 0u64;
         for payload in payloads {
-            let frame = frame(payload);
+            let frame = frame(payload?.as_ref());
             out.write_all(&frame)?;
             bytes += frame.len() as u64;
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&temporary, path)?;
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // The rename itself must reach the disk before the old content is relied on gone.
-            File::open(dir)?.sync_all()?;
+            sync_dir(dir)?;
         }
-        let file = OpenOptions::new().append(true).open(path)?;
+        let file = OpenOptions::new().read(true).append(true).open(path)?;
         Ok(Journal {
             file,
             path: path.to_path_buf(),
@@ -113,34 +193,42 @@ impl Journal {
     }
 }
 
+/// Bytes a frame of a `size`-byte payload takes in the file.
+pub(crate) fn frame_bytes(size: usize) -> u64 {
+    (HEADER + size) as u64
+}
+
+fn parse_header(header: &[u8]) -> (usize, u32) {
+    let size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    (size, crc)
+}
+
+/// Reads until `buf` is full or the input ends; the bytes read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Forces a directory's entries (files created, renamed or removed in it) to the disk.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 fn frame(payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(HEADER + payload.len());
     frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     frame.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     frame.extend_from_slice(payload);
     frame
-}
-
-/// The payloads of the whole, intact frames at the start of `content`, and where they end.
-fn frames(content: &[u8]) -> (Vec<Vec<u8>>, usize) {
-    let mut payloads = Vec::new();
-    let mut at = 0;
-    while let Some(header) = content.get(at..at + HEADER) {
-        let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if length > PAYLOAD_MAX {
-            break;
-        }
-        let Some(payload) = content.get(at + HEADER..at + HEADER + length) else {
-            break;
-        };
-        if crc32c::crc32c(payload) != crc {
-            break;
-        }
-        payloads.push(payload.to_vec());
-        at += HEADER + length;
-    }
-    (payloads, at)
 }
 
 /// Reads the fields of a payload in order; every read checks the bounds, so a payload that

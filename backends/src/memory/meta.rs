@@ -194,6 +194,8 @@ impl State {
             return Ok(());
         };
         journal.append(&record())?;
+        // Like etcd, a change is on the disk before it is applied and answered.
+        journal.sync()?;
         if journal.bytes() >= self.compaction_at {
             self.compact_journal()?;
         }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::journal::{put_bytes, Fields, Journal};
+use super::journal::{frame_bytes, put_bytes, sync_dir, Fields, Journal};
 use crate::pubsub::{ConsumedRecord, Delivery, PartitionConsumer, PubSub, PubSubError};
 
 /// Partition journal record kinds: the offset of the next record (first in every file), and a
@@ -24,10 +24,23 @@ const RETENTION_REWRITE_MIN: usize = 10_000;
 const TOPIC_FILE: &str = "topic";
 
 struct Stored {
-    key: Vec<u8>,
-    value: Vec<u8>,
+    body: Body,
     timestamp_ms: i64,
     appended: Instant,
+}
+
+/// Where a record's key and value are: in memory, or (a persistent broker) only in its
+/// partition's journal, so the broker's memory holds an index, not the data.
+enum Body {
+    Memory {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// The journal frame at byte `at` with a `size`-byte payload ([`stored_record`]).
+    Journal {
+        at: u64,
+        size: u32,
+    },
 }
 
 #[derive(Default)]
@@ -39,6 +52,8 @@ struct Log {
     journal: Option<Journal>,
     /// Records retention removed that the journal still holds.
     expired_on_disk: usize,
+    /// A persistent log's records below this offset are on the disk (the journal synced).
+    durable_end: i64,
 }
 
 fn start_record(start: i64) -> Vec<u8> {
@@ -61,31 +76,52 @@ impl Log {
         self.start + self.records.len() as i64
     }
 
-    /// A partition kept in the journal at `path`: its records replayed, those older than
-    /// `retention` (by their wall-clock timestamps) left out.
+    /// The end of what consumers may read: a persistent log's records once they are on the disk
+    /// (so no consumer's checkpoint can be ahead of what a restart after a machine crash finds).
+    fn visible_end(&self) -> i64 {
+        match self.journal {
+            Some(_) => self.durable_end.clamp(self.start, self.end()),
+            None => self.end(),
+        }
+    }
+
+    /// What syncing the journal would make durable, if anything below `upto` is not yet: a
+    /// handle on the file and the end it would cover.
+    fn unsynced(&self, upto: i64) -> std::io::Result<Option<(std::fs::File, i64)>> {
+        match &self.journal {
+            Some(journal) if self.durable_end < upto.min(self.end()) => {
+                Ok(Some((journal.sync_handle()?, self.end())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A partition kept in the journal at `path`: its records indexed (their keys and values
+    /// stay on disk), those older than `retention` (by their wall-clock timestamps) left out.
     fn open(path: &Path, retention: Option<Duration>) -> std::io::Result<Log> {
-        let (journal, payloads) = Journal::open(path)?;
-        let mut log = Log {
-            journal: Some(journal),
-            ..Log::default()
-        };
         let now_ms = wall_clock_ms();
         let now = Instant::now();
-        for payload in &payloads {
+        let mut start = 0;
+        let mut records = VecDeque::new();
+        let mut frames = 0usize;
+        let journal = Journal::scan(path, |at, payload| {
+            frames += 1;
             let mut f = Fields::new(payload);
             match f.u8()? {
                 START => {
-                    log.start = f.i64()?;
-                    log.records.clear();
+                    start = f.i64()?;
+                    records.clear();
                 }
                 RECORD => {
                     let timestamp_ms = f.i64()?;
-                    let key = f.bytes()?.to_vec();
+                    f.bytes()?; // the key: the record must parse
                     let age =
                         Duration::from_millis(now_ms.saturating_sub(timestamp_ms).max(0) as u64);
-                    log.records.push_back(Stored {
-                        key,
-                        value: f.rest().to_vec(),
+                    records.push_back(Stored {
+                        body: Body::Journal {
+                            at,
+                            size: payload.len() as u32,
+                        },
                         timestamp_ms,
                         appended: now.checked_sub(age).unwrap_or(now),
                     });
@@ -100,41 +136,93 @@ impl Log {
                     ))
                 }
             }
-        }
+            Ok(())
+        })?;
+        let mut log = Log {
+            start,
+            records,
+            journal: Some(journal),
+            ..Log::default()
+        };
         log.drop_expired(retention, now);
-        log.rewrite()?;
+        log.durable_end = log.end();
+        // Every frame but one START and the records kept is on disk for nothing.
+        log.expired_on_disk = frames.saturating_sub(1 + log.records.len());
+        if log.expired_on_disk >= RETENTION_REWRITE_MIN.max(log.records.len()) {
+            log.rewrite()?;
+        }
         Ok(log)
     }
 
     /// Appends a record, written to the journal first when the broker is persistent.
     fn push(&mut self, key: &[u8], value: &[u8]) -> std::io::Result<i64> {
         let timestamp_ms = wall_clock_ms();
-        if let Some(journal) = self.journal.as_mut() {
-            journal.append(&stored_record(timestamp_ms, key, value))?;
-        }
+        let body = match self.journal.as_mut() {
+            Some(journal) => {
+                let payload = stored_record(timestamp_ms, key, value);
+                let at = journal.append(&payload)?;
+                Body::Journal {
+                    at,
+                    size: payload.len() as u32,
+                }
+            }
+            None => Body::Memory {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            },
+        };
         self.records.push_back(Stored {
-            key: key.to_vec(),
-            value: value.to_vec(),
+            body,
             timestamp_ms,
             appended: Instant::now(),
         });
         Ok(self.end() - 1)
     }
 
-    /// Rewrites the journal with the records kept now.
+    /// A record's key and value, read from the journal when they are kept there.
+    fn read(&self, record: &Stored) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+        match (&record.body, &self.journal) {
+            (Body::Memory { key, value }, _) => Ok((key.clone(), value.clone())),
+            (Body::Journal { at, size }, Some(journal)) => {
+                let payload = journal.read(*at, *size as usize)?;
+                let mut f = Fields::new(&payload);
+                f.u8()?;
+                f.i64()?;
+                let key = f.bytes()?.to_vec();
+                Ok((key, f.rest().to_vec()))
+            }
+            (Body::Journal { .. }, None) => Err(std::io::Error::other(
+                "a record kept in a journal of a log without one",
+            )),
+        }
+    }
+
+    /// Rewrites the journal with the records kept now, a record at a time.
     fn rewrite(&mut self) -> std::io::Result<()> {
-        let Some(journal) = self.journal.as_mut() else {
+        let Some(old) = self.journal.as_ref() else {
             return Ok(());
         };
-        let records: Vec<Vec<u8>> = std::iter::once(start_record(self.start))
-            .chain(
-                self.records
-                    .iter()
-                    .map(|r| stored_record(r.timestamp_ms, &r.key, &r.value)),
-            )
-            .collect();
-        journal.rewrite(records.iter().map(Vec::as_slice))?;
+        let path = old.path().to_path_buf();
+        let mut placed = Vec::with_capacity(self.records.len());
+        let mut at = 0u64;
+        let payloads = std::iter::once(Ok(start_record(self.start)))
+            .chain(self.records.iter().map(|r| -> std::io::Result<Vec<u8>> {
+                let (key, value) = self.read(r)?;
+                Ok(stored_record(r.timestamp_ms, &key, &value))
+            }))
+            .map(|payload: std::io::Result<Vec<u8>>| {
+                let payload = payload?;
+                placed.push((at, payload.len() as u32));
+                at += frame_bytes(payload.len());
+                Ok(payload)
+            });
+        let journal = Journal::create(&path, payloads)?;
+        for (record, (at, size)) in self.records.iter_mut().zip(placed.into_iter().skip(1)) {
+            record.body = Body::Journal { at, size };
+        }
+        self.journal = Some(journal);
         self.expired_on_disk = 0;
+        self.durable_end = self.end(); // a rewrite is synced
         Ok(())
     }
 
@@ -212,6 +300,42 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Makes a partition's records below `upto` durable (every record appended so far when
+    /// `upto` is past its end). One sync covers everything appended before it, so concurrent
+    /// senders and consumers share syncs; the disk is waited for off the async threads.
+    async fn make_durable(
+        self: &Arc<Self>,
+        topic: &str,
+        partition: u32,
+        upto: i64,
+    ) -> Result<(), PubSubError> {
+        let pending = self
+            .with_log(topic, partition, |log| log.unsynced(upto))?
+            .map_err(|e| journal_failed(topic, partition, e))?;
+        let Some((file, end)) = pending else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| journal_failed(topic, partition, std::io::Error::other(e)))?
+            .map_err(|e| journal_failed(topic, partition, e))?;
+        // A topic deleted meanwhile has nothing left to mark.
+        let _ = self.with_log(topic, partition, |log| {
+            log.durable_end = log.durable_end.max(end);
+        });
+        self.appended.notify_waiters();
+        Ok(())
+    }
+}
+
+fn journal_failed(topic: &str, partition: u32, e: std::io::Error) -> PubSubError {
+    PubSubError::Failed {
+        context: format!("send to {topic}/{partition}"),
+        detail: format!("cannot write the partition's journal: {e}"),
+    }
+}
+
 fn unknown(topic: &str, partition: u32) -> PubSubError {
     PubSubError::UnknownTopic(format!("{topic}/{partition}"))
 }
@@ -252,8 +376,7 @@ fn create_topic_files(
     std::fs::create_dir_all(&topic_dir).map_err(io)?;
     let logs = (0..partitions)
         .map(|p| {
-            let journal =
-                Journal::create(&partition_path(&topic_dir, p), [start_record(0).as_slice()])?;
+            let journal = Journal::create(&partition_path(&topic_dir, p), [Ok(start_record(0))])?;
             Ok(Log {
                 journal: Some(journal),
                 ..Log::default()
@@ -268,6 +391,9 @@ fn create_topic_files(
     let temporary = topic_dir.join("topic.new");
     std::fs::write(&temporary, description).map_err(io)?;
     std::fs::rename(&temporary, topic_dir.join(TOPIC_FILE)).map_err(io)?;
+    sync_dir(&topic_dir)
+        .and_then(|()| sync_dir(dir))
+        .map_err(io)?;
     Ok(logs)
 }
 
@@ -368,7 +494,8 @@ impl MemoryPubSub {
     }
 
     /// Appends a record to an existing topic partition without going through a producer;
-    /// returns its offset.
+    /// returns its offset. A persistent broker has written it to the journal, not yet synced it
+    /// to the disk: consumers see it once it is, and [`PubSub::flush`] waits for that.
     pub fn append(
         &self,
         topic: &str,
@@ -379,12 +506,15 @@ impl MemoryPubSub {
         let offset = self
             .shared
             .with_log(topic, partition, |log| log.push(key, value))?
-            .map_err(|e| PubSubError::Failed {
-                context: format!("send to {topic}/{partition}"),
-                detail: format!("cannot write the partition's journal: {e}"),
-            })?;
+            .map_err(|e| journal_failed(topic, partition, e))?;
         self.shared.appended.notify_waiters();
         Ok(offset)
+    }
+
+    /// Waits until every record appended to a partition so far is on the disk (at once without
+    /// a data directory).
+    pub async fn sync(&self, topic: &str, partition: u32) -> Result<(), PubSubError> {
+        self.shared.make_durable(topic, partition, i64::MAX).await
     }
 
     /// Appends every value (with an empty key) in order; returns the offset after the last.
@@ -401,7 +531,8 @@ impl MemoryPubSub {
         Ok(end)
     }
 
-    /// The `(key, value)` records a partition keeps now, in offset order.
+    /// The `(key, value)` records a partition keeps now, in offset order (for tests and
+    /// tools: a record whose journal frame cannot be read back is left out with a warning).
     pub fn records(&self, topic: &str, partition: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.shared
             .topics()
@@ -410,7 +541,11 @@ impl MemoryPubSub {
             .map(|log| {
                 log.records
                     .iter()
-                    .map(|r| (r.key.clone(), r.value.clone()))
+                    .filter_map(|r| {
+                        log.read(r)
+                            .inspect_err(|e| tracing::warn!(%topic, partition, error = %e, "unreadable record"))
+                            .ok()
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -575,11 +710,29 @@ impl PubSub for MemoryPubSub {
         value: &[u8],
     ) -> Result<Delivery, PubSubError> {
         let offset = self.append(topic, partition, key, value)?;
-        Ok(Box::pin(async move { Ok(offset) }))
+        // Acknowledged once on the disk (at once without a data directory).
+        let shared = self.shared.clone();
+        let topic = topic.to_string();
+        Ok(Box::pin(async move {
+            shared.make_durable(&topic, partition, offset + 1).await?;
+            Ok(offset)
+        }))
     }
 
     async fn flush(&self, _timeout: Duration) -> Result<(), PubSubError> {
-        Ok(()) // every send is durable when it returns
+        let partitions: Vec<(String, u32)> = self
+            .shared
+            .topics()
+            .iter()
+            .flat_map(|(name, t)| (0..t.partitions.len() as u32).map(|p| (name.clone(), p)))
+            .collect();
+        for (topic, partition) in partitions {
+            match self.shared.make_durable(&topic, partition, i64::MAX).await {
+                Ok(()) | Err(PubSubError::UnknownTopic(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     async fn consumer(
@@ -617,20 +770,29 @@ impl MemoryConsumer {
     /// (records removed by retention) moves to it, as `auto.offset.reset=earliest` does.
     fn take(&mut self, max: usize) -> Result<Vec<ConsumedRecord>, PubSubError> {
         let from = self.next;
-        let out = self.shared.with_log(&self.topic, self.partition, |log| {
+        let (topic, partition) = (&self.topic, self.partition);
+        let out = self.shared.with_log(topic, partition, |log| {
             let from = from.max(log.start);
+            let visible = (log.visible_end() - from).max(0) as usize;
             log.records
                 .iter()
                 .skip((from - log.start) as usize)
-                .take(max.max(1))
+                .take(max.max(1).min(visible))
                 .enumerate()
-                .map(|(i, r)| ConsumedRecord {
-                    offset: from + i as i64,
-                    key: Some(r.key.clone()),
-                    value: Some(r.value.clone()),
+                .map(|(i, r)| {
+                    let offset = from + i as i64;
+                    let (key, value) = log.read(r).map_err(|e| PubSubError::Failed {
+                        context: format!("fetch {topic}/{partition} at offset {offset}"),
+                        detail: format!("cannot read the partition's journal: {e}"),
+                    })?;
+                    Ok(ConsumedRecord {
+                        offset,
+                        key: Some(key),
+                        value: Some(value),
+                    })
                 })
-                .collect::<Vec<_>>()
-        })?;
+                .collect::<Result<Vec<_>, PubSubError>>()
+        })??;
         if let Some(last) = out.last() {
             self.next = last.offset + 1;
         }
@@ -651,6 +813,9 @@ impl PartitionConsumer for MemoryConsumer {
             let appended = shared.appended.notified();
             tokio::pin!(appended);
             appended.as_mut().enable();
+            self.shared
+                .make_durable(&self.topic, self.partition, i64::MAX)
+                .await?;
             let out = self.take(max_records)?;
             if !out.is_empty() {
                 return Ok(out);
@@ -659,5 +824,94 @@ impl PartitionConsumer for MemoryConsumer {
                 return Ok(Vec::new());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(broker: &MemoryPubSub) -> (i64, i64) {
+        broker
+            .shared
+            .with_log("t", 0, |log| (log.visible_end(), log.end()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_persistent_broker_shows_and_acknowledges_a_record_once_it_is_on_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = MemoryPubSub::open(dir.path()).unwrap();
+        b.create_topic("t", 1).await.unwrap();
+        b.append("t", 0, b"k", b"v").unwrap();
+        assert_eq!(ends(&b), (0, 1), "written, not synced: not visible yet");
+        let mut c = b.consumer("t", 0, 0).await.unwrap();
+        let got = c.poll(10, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(ends(&b), (1, 1), "the poll synced the journal first");
+
+        let delivery = b.send("t", 0, b"k2", b"v2").await.unwrap();
+        assert_eq!(ends(&b), (1, 2));
+        assert_eq!(delivery.await.unwrap(), 1);
+        assert_eq!(ends(&b), (2, 2), "acknowledged once synced");
+
+        b.append("t", 0, b"k3", b"v3").unwrap();
+        b.flush(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(ends(&b), (3, 3), "a flush syncs what was appended");
+
+        let m = MemoryPubSub::new();
+        m.create_topic("t", 1).await.unwrap();
+        m.append("t", 0, b"k", b"v").unwrap();
+        assert_eq!(
+            ends(&m),
+            (1, 1),
+            "without a data directory: visible at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_persistent_broker_keeps_values_on_disk_and_refuses_one_changed_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = MemoryPubSub::open(dir.path()).unwrap();
+        b.create_topic("t", 1).await.unwrap();
+        for i in 0..3u8 {
+            b.send("t", 0, &[i], &[i; 100])
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let on_disk = b
+            .shared
+            .with_log("t", 0, |log| {
+                log.records
+                    .iter()
+                    .all(|r| matches!(r.body, Body::Journal { .. }))
+            })
+            .unwrap();
+        assert!(on_disk, "only an index of the records is in memory");
+
+        // A byte of the last value changes on disk.
+        let path = dir.path().join("t").join("0.log");
+        let mut content = std::fs::read(&path).unwrap();
+        let last = content.len() - 1;
+        content[last] ^= 1;
+        std::fs::write(&path, &content).unwrap();
+        let mut c = b.consumer("t", 0, 0).await.unwrap();
+        let got = c.poll(2, Duration::from_secs(1)).await.unwrap();
+        let values: Vec<_> = got.into_iter().map(|r| r.value.unwrap()).collect();
+        assert_eq!(values, [vec![0u8; 100], vec![1u8; 100]]);
+        let e = c.poll(10, Duration::from_secs(1)).await.unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
+        drop(c);
+        drop(b);
+
+        // Reopened, the journal ends before the changed record.
+        let b = MemoryPubSub::open(dir.path()).unwrap();
+        assert_eq!(b.watermarks("t", 0).await.unwrap(), (0, 2));
+        assert_eq!(
+            b.records("t", 0),
+            vec![(vec![0], vec![0u8; 100]), (vec![1], vec![1u8; 100])]
+        );
     }
 }

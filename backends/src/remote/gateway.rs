@@ -166,13 +166,32 @@ async fn pubsub_op(
             timestamp_ms,
         } => reply(p.offset_for_time(&topic, partition, timestamp_ms).await).into_response(),
         PubSubRequest::Send { records } => {
-            let offsets: Vec<Result<i64, WireError>> = records
+            let mut offsets: Vec<Result<i64, WireError>> = records
                 .iter()
                 .map(|r| {
                     p.append(&r.topic, r.partition, &r.key, &r.value)
                         .map_err(WireError::from)
                 })
                 .collect();
+            // Acknowledged once on the disk, as a send's delivery is.
+            let mut written: Vec<(&str, u32)> = records
+                .iter()
+                .zip(&offsets)
+                .filter(|(_, o)| o.is_ok())
+                .map(|(r, _)| (r.topic.as_str(), r.partition))
+                .collect();
+            written.sort_unstable();
+            written.dedup();
+            for (topic, partition) in written {
+                if let Err(e) = p.sync(topic, partition).await {
+                    let e = WireError::from(e);
+                    for (r, offset) in records.iter().zip(offsets.iter_mut()) {
+                        if offset.is_ok() && r.topic == topic && r.partition == partition {
+                            *offset = Err(e.clone());
+                        }
+                    }
+                }
+            }
             reply(Ok::<_, WireError>(offsets)).into_response()
         }
         PubSubRequest::Fetch {
