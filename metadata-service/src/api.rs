@@ -65,6 +65,8 @@ pub(crate) struct ApiState {
     pub leader: Arc<std::sync::atomic::AtomicBool>,
     /// Whether and how calls are authorized (see [`crate::authz`]).
     pub authz: Arc<AuthzConfig>,
+    /// Calls per caller (see [`crate::throttle`]).
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 impl IntoResponse for ControllerError {
@@ -74,7 +76,17 @@ impl IntoResponse for ControllerError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "admin request failed");
         }
-        (status, Json(self.to_api_error())).into_response()
+        let mut response = (status, Json(self.to_api_error())).into_response();
+        if let ControllerError::Throttled { retry_after, .. } = &self {
+            // Whole seconds, rounded up, as the header wants.
+            let seconds = retry_after.as_millis().div_ceil(1000).max(1);
+            if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, value);
+            }
+        }
+        response
     }
 }
 
@@ -129,6 +141,11 @@ pub(crate) fn router(state: ApiState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::authz::check,
+        ))
+        // Outside authorization: a throttled call costs no ACL lookup.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::throttle::limit,
         ))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
         .with_state(state)
@@ -1158,6 +1175,18 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, Controller
         out,
         "rialto_controller_forbidden_total {}",
         st.authz.refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP rialto_controller_throttled_total Admin calls refused for their caller's rate."
+    );
+    let _ = writeln!(out, "# TYPE rialto_controller_throttled_total counter");
+    let _ = writeln!(
+        out,
+        "rialto_controller_throttled_total {}",
+        st.throttle
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     let _ = writeln!(out, "# TYPE rialto_controller_stores gauge");
     let _ = writeln!(out, "rialto_controller_stores {}", stores.len());

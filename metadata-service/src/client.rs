@@ -32,6 +32,10 @@ use crate::ClientTlsFiles;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer the client reads (a store description with thousands of replicas fits).
 pub const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Tries of a call the controller throttles (`429`), each after the wait it names.
+pub const THROTTLED_ATTEMPTS: u32 = 8;
+/// Longest wait before trying a throttled call again.
+pub const THROTTLED_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Sends `req` on a fresh HTTP/1.1 connection over `network`.
 async fn direct_call(
@@ -201,35 +205,26 @@ impl AdminClient {
                     .into(),
             ));
         }
-        let mut req = Request::builder().method(method).uri(&url);
-        if body.is_some() {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| unreachable(format!("invalid URL: {e}")))?;
-        let call = async {
-            let resp = match &self.http {
-                Transport::Pooled(http) => http
-                    .request(req)
-                    .await
-                    .map_err(|e| unreachable(error_chain(&e)))?,
-                Transport::Direct(network) => {
-                    direct_call(network, req).await.map_err(unreachable)?
-                }
-            };
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
-                .collect()
-                .await
-                .map_err(|e| unreachable(format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok::<_, ControllerError>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, call)
-            .await
-            .map_err(|_| unreachable(format!("no answer within {REQUEST_TIMEOUT:?}")))??;
-        if !status.is_success() {
+        let body = Bytes::from(body.unwrap_or_default());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (status, retry_after, bytes) = self
+                .exchange(&method, &url, body.clone(), &unreachable)
+                .await?;
+            if status.is_success() {
+                return Ok(bytes);
+            }
+            // Throttled: nothing was done, so the same call goes again once the controller
+            // says it may.
+            if status == http::StatusCode::TOO_MANY_REQUESTS && attempt < THROTTLED_ATTEMPTS {
+                let wait = retry_after
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(THROTTLED_WAIT_MAX);
+                tracing::debug!(%url, ?wait, attempt, "admin call throttled; trying again");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             let (kind, message) = match serde_json::from_slice::<ApiError>(&bytes) {
                 Ok(e) => (e.kind, e.message),
                 Err(_) => (
@@ -246,7 +241,49 @@ impl AdminClient {
                 message,
             });
         }
-        Ok(bytes)
+    }
+
+    /// One request and its answer: status, `Retry-After` and body.
+    async fn exchange(
+        &self,
+        method: &Method,
+        url: &str,
+        body: Bytes,
+        unreachable: &impl Fn(String) -> ControllerError,
+    ) -> Result<(http::StatusCode, Option<Duration>, Bytes), ControllerError> {
+        let mut req = Request::builder().method(method.clone()).uri(url);
+        if !body.is_empty() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| unreachable(format!("invalid URL: {e}")))?;
+        let call = async {
+            let resp = match &self.http {
+                Transport::Pooled(http) => http
+                    .request(req)
+                    .await
+                    .map_err(|e| unreachable(error_chain(&e)))?,
+                Transport::Direct(network) => {
+                    direct_call(network, req).await.map_err(unreachable)?
+                }
+            };
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let bytes = Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok::<_, ControllerError>((status, retry_after, bytes))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, call)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {REQUEST_TIMEOUT:?}")))?
     }
 
     async fn call<T: DeserializeOwned>(

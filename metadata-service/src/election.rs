@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rialto_backends::{LeaseHandle, MetaStore, PubSub};
-use rialto_protocol::meta::Layout;
+use rialto_protocol::meta::{Layout, LeadershipRecord};
 use tokio::sync::watch;
 
 use crate::rebalance::RebalanceConfig;
@@ -48,7 +48,12 @@ pub(crate) async fn run(
                 break;
             }
             match meta
-                .compare_and_put(&key, None, id.clone().into_bytes(), Some(lease.id))
+                .compare_and_put(
+                    &key,
+                    None,
+                    LeadershipRecord::new(&id).encode(),
+                    Some(lease.id),
+                )
                 .await
             {
                 Ok(true) => {
@@ -148,7 +153,7 @@ async fn lead(
                 }
                 _ = tokio::time::sleep(LEADER_CHECK) => {
                     match meta.get(key).await {
-                        Ok(Some(kv)) if kv.value == id.as_bytes() => {}
+                        Ok(Some(kv)) if LeadershipRecord::is_held_by(&kv.value, id) => {}
                         Ok(_) => {
                             tracing::warn!(controller = id, "leader key no longer names this controller; stepping down");
                             return;

@@ -57,6 +57,13 @@ pub enum ControllerError {
     /// The controller could not be reached or answered garbage (admin client side).
     #[error("controller at {url} unreachable: {detail}; check --controller / RIALTO_CONTROLLER and that rialto-controller runs")]
     Unreachable { url: String, detail: String },
+    /// The caller is over its rate of admin calls; nothing was done, the same call may be
+    /// sent again after `retry_after`.
+    #[error("{message}")]
+    Throttled {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// A bug or an unexpected internal failure.
     #[error("internal controller error: {0}")]
     Internal(String),
@@ -70,6 +77,7 @@ impl ControllerError {
             ControllerError::NotFound(_) => (404, "not_found"),
             ControllerError::Forbidden(_) => (403, "forbidden"),
             ControllerError::Conflict(_) => (409, "conflict"),
+            ControllerError::Throttled { .. } => (429, "throttled"),
             ControllerError::Unavailable(_)
             | ControllerError::Placement(_)
             | ControllerError::Contended { .. } => (503, "unavailable"),
@@ -93,8 +101,8 @@ impl ControllerError {
     /// Whether retrying the same call later may succeed.
     pub fn retryable(&self) -> bool {
         match self {
-            ControllerError::Api { kind, .. } => kind == "unavailable",
-            other => other.status_and_kind().1 == "unavailable",
+            ControllerError::Api { kind, .. } => kind == "unavailable" || kind == "throttled",
+            other => matches!(other.status_and_kind().1, "unavailable" | "throttled"),
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod reconcile;
 pub mod render;
 pub mod serve;
 pub mod store_ops;
+pub mod throttle;
 pub mod versions;
 
 use std::net::SocketAddr;
@@ -50,6 +51,7 @@ pub use error::ControllerError;
 pub use placement::{place, PlacementError};
 pub use rebalance::RebalanceConfig;
 pub use reconcile::TopicDeletion;
+pub use throttle::CallRate;
 
 /// Default TTL of the leader lease, in seconds.
 pub const LEASE_TTL_S_DEFAULT: i64 = 10;
@@ -86,6 +88,8 @@ pub struct ControllerConfig {
     pub admin_principals: Vec<String>,
     /// The network the admin API listens on: the operating system's, or a simulated one.
     pub network: Network,
+    /// Admin calls per caller (see [`throttle`]).
+    pub call_rate: CallRate,
 }
 
 impl Default for ControllerConfig {
@@ -103,6 +107,7 @@ impl Default for ControllerConfig {
             authorize: false,
             admin_principals: Vec::new(),
             network: Network::Os,
+            call_rate: CallRate::default(),
         }
     }
 }
@@ -208,6 +213,7 @@ pub async fn start(
             enabled: config.authorize,
             refused: Default::default(),
         }),
+        throttle: Arc::new(throttle::Throttle::new(config.call_rate)),
     });
     let https = tls.is_some();
     let server = tokio::spawn(serve::serve(listener, tls, app, shutdown_rx.clone()));

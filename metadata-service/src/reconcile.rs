@@ -17,11 +17,12 @@ use rialto_backends::mirror::PrefixMap;
 use rialto_backends::{MetaStore, PrefixMirror, PubSub};
 use rialto_protocol::meta::{
     decode_record, DrainRecord, FailedTarget, Layout, NodeRecord, RecordError, ReplicaMove,
-    ReplicaRecord, ReplicaState, StoreRecord, VersionRecord, VersionStatus, RECORD_FORMAT,
+    ReplicaRecord, ReplicaState, StoreRecord, TopicDeletionRecord, VersionRecord, VersionStatus,
+    RECORD_FORMAT,
 };
 use tokio::sync::watch;
 
-use crate::error::ControllerError;
+use crate::error::{encode_record, ControllerError};
 use crate::rebalance::{plan_moves, RebalanceConfig};
 use crate::store_ops::{fail_version, update_store, update_version};
 
@@ -979,9 +980,10 @@ impl Reconciler {
         }
         let key = self.layout.topic_deletion(topic);
         if self.meta.get(&key).await?.is_none() {
-            self.meta
-                .put(&key, now_ms().to_string().into_bytes(), None)
-                .await?;
+            let record = TopicDeletionRecord {
+                deferred_ms: now_ms(),
+            };
+            self.meta.put(&key, encode_record(&record)?, None).await?;
             tracing::info!(%topic, "replicas are fetching: the topic is deleted once none is (--topic-deletion when-idle)");
         }
         Ok(())

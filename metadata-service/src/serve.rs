@@ -29,6 +29,10 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// How long open connections may finish at shutdown before they are closed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The address a connection comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::IpAddr);
+
 /// Who is calling: the principal of the connection's client certificate, if any.
 #[derive(Debug, Clone, Default)]
 pub struct Caller(pub Option<Principal>);
@@ -65,12 +69,12 @@ pub(crate) async fn serve(
         connections.spawn(async move {
             let _permit = permit;
             match tls {
-                None => connection(tcp, Caller(None), app, shutdown).await,
+                None => connection(tcp, Caller(None), peer, app, shutdown).await,
                 Some(acceptor) => {
                     if let Some((stream, principal)) =
                         accept_tls(&acceptor, tcp, peer, HANDSHAKE_TIMEOUT).await
                     {
-                        connection(stream, Caller(principal), app, shutdown).await
+                        connection(stream, Caller(principal), peer, app, shutdown).await
                     }
                 }
             }
@@ -88,11 +92,19 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-async fn connection<I>(io: I, caller: Caller, app: Router, mut shutdown: watch::Receiver<bool>)
-where
+async fn connection<I>(
+    io: I,
+    caller: Caller,
+    peer: std::net::SocketAddr,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(app.layer(Extension(caller)));
+    let service = TowerToHyperService::new(
+        app.layer(Extension(caller))
+            .layer(Extension(Peer(peer.ip()))),
+    );
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -660,6 +660,9 @@ async fn one_leader_at_a_time_and_standby_takes_over() {
     let layout = Layout::new(DEFAULT_ROOT);
     let (leader, standby) = if a.is_leader() { (a, b) } else { (b, a) };
     let leader_id = meta.value(&layout.leader()).unwrap();
+    let record = rialto_protocol::meta::LeadershipRecord::decode(&leader_id).unwrap();
+    assert!(record.holder == "a" || record.holder == "b", "{record:?}");
+    assert!(record.since_ms > 0);
 
     // Lease lost: the leader steps down, someone takes over.
     let lease = meta.lease_of(&layout.leader()).unwrap();
@@ -685,4 +688,85 @@ async fn one_leader_at_a_time_and_standby_takes_over() {
         meta.value(&layout.leader()).is_none(),
         "shutdown revokes the lease"
     );
+}
+
+/// One HTTP/1.1 call by hand (no retries): status line, headers and body of the answer.
+async fn raw_call(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: rialto\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn a_caller_over_its_call_rate_is_throttled_before_any_work_and_the_client_waits() {
+    let meta = MemoryMetaStore::new();
+    let config = ControllerConfig {
+        controller_id: "c1".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        kafka_bootstrap: "kafka:9092".into(),
+        call_rate: rialto_controller::CallRate {
+            per_second: 1.0,
+            burst: 3.0,
+        },
+        ..ControllerConfig::default()
+    };
+    let controller = start(
+        config,
+        Arc::new(meta.clone()),
+        Arc::new(MemoryPubSub::new()),
+    )
+    .await
+    .unwrap();
+    let addr = controller.address();
+    for _ in 0..3 {
+        let answer = raw_call(addr, "GET", "/v1/stores", "").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let body = serde_json::to_string(&create_req("late")).unwrap();
+    let answer = raw_call(addr, "POST", "/v1/stores", &body).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(r#""kind":"throttled""#) && answer.contains("address 127.0.0.1"),
+        "the answer names the caller: {answer}"
+    );
+    let layout = Layout::new(DEFAULT_ROOT);
+    assert!(
+        meta.get(&layout.store("late")).await.unwrap().is_none(),
+        "a throttled call changes nothing"
+    );
+    let health = raw_call(addr, "GET", "/health", "").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200"),
+        "/health is never throttled: {health}"
+    );
+
+    // The admin client waits as told and goes through.
+    let client = AdminClient::new(controller.url());
+    let started = std::time::Instant::now();
+    client.create_store(&create_req("ads")).await.unwrap();
+    assert!(meta.get(&layout.store("ads")).await.unwrap().is_some());
+    let metrics = client.metrics().await.unwrap();
+    let throttled: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rialto_controller_throttled_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("the throttled counter");
+    assert!(throttled >= 1, "{metrics}");
+    eprintln!(
+        "{throttled} calls throttled; the client's took {:?}",
+        started.elapsed()
+    );
+    controller.shutdown().await.unwrap();
 }

@@ -34,6 +34,7 @@ pub mod meta;
 pub mod metrics;
 pub mod partitioner;
 pub mod producer;
+pub mod rate;
 pub mod recycle;
 pub mod schema_compat;
 pub mod stored;

@@ -73,6 +73,57 @@ pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError
     Ok(serde_json::from_slice(bytes)?)
 }
 
+/// The value of a leadership key (the controller's, a hybrid partition's), written under the
+/// holder's lease so it goes when the holder does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadershipRecord {
+    /// The controller id or node id that leads.
+    pub holder: String,
+    /// When it took the leadership, milliseconds since the Unix epoch.
+    pub since_ms: i64,
+}
+
+impl LeadershipRecord {
+    pub fn new(holder: &str) -> LeadershipRecord {
+        LeadershipRecord {
+            holder: holder.to_string(),
+            since_ms: now_ms(),
+        }
+    }
+
+    /// The record as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        // Two plain fields: serializing cannot fail.
+        encode_record(self).unwrap_or_default()
+    }
+
+    /// Reads a leadership value. A bare holder id (how leaderships were written before they
+    /// had a format) is read as that holder, so a cluster can be upgraded one process at a
+    /// time; an older process reading a new record sees someone else's leadership, which it
+    /// is.
+    pub fn decode(bytes: &[u8]) -> Result<LeadershipRecord, RecordError> {
+        if bytes.first() == Some(&b'{') {
+            return decode_record(bytes);
+        }
+        Ok(LeadershipRecord {
+            holder: String::from_utf8_lossy(bytes).into_owned(),
+            since_ms: 0,
+        })
+    }
+
+    /// Whether `bytes` say that `holder` leads.
+    pub fn is_held_by(bytes: &[u8], holder: &str) -> bool {
+        LeadershipRecord::decode(bytes).is_ok_and(|r| r.holder == holder)
+    }
+}
+
+/// The value of a deferred topic deletion's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicDeletionRecord {
+    /// When the deletion was deferred, milliseconds since the Unix epoch.
+    pub deferred_ms: i64,
+}
+
 /// Default root prefix of a Rialto cluster in etcd.
 pub const DEFAULT_ROOT: &str = "/rialto";
 /// Longest store name; names are `[a-zA-Z0-9_-]`, so they are safe in paths, topics and keys.
@@ -133,10 +184,12 @@ impl Layout {
             self.root
         )
     }
+    /// The leading controller: a [`LeadershipRecord`] under its lease.
     pub fn leader(&self) -> String {
         format!("{}/controller/leader", self.root)
     }
-    /// The partition leader of a hybrid version: a server's node id, under its lease.
+    /// The partition leaders of a hybrid version: [`LeadershipRecord`]s of servers, under
+    /// their leases.
     pub fn version_leaders_prefix(&self, store: &str, version: u32) -> String {
         format!("{}/partition-leaders/{store}/{version:010}/", self.root)
     }
@@ -150,8 +203,8 @@ impl Layout {
     pub fn topic_deletions_prefix(&self) -> String {
         format!("{}/topic-deletions/", self.root)
     }
-    /// A topic the controller is to delete once no replica may be fetching (its value: when
-    /// the deletion was deferred, milliseconds since the Unix epoch).
+    /// A topic the controller is to delete once no replica may be fetching (its value: a
+    /// [`TopicDeletionRecord`]).
     pub fn topic_deletion(&self, topic: &str) -> String {
         format!("{}/topic-deletions/{topic}", self.root)
     }
@@ -656,6 +709,26 @@ pub fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_leadership_is_a_record_and_a_bare_holder_id_still_reads() {
+        use super::LeadershipRecord;
+        let stored = LeadershipRecord::new("server-2").encode();
+        let text = String::from_utf8(stored.clone()).unwrap();
+        assert!(
+            text.contains(r#""format":1"#) && text.contains(r#""holder":"server-2""#),
+            "{text}"
+        );
+        assert!(LeadershipRecord::is_held_by(&stored, "server-2"));
+        assert!(!LeadershipRecord::is_held_by(&stored, "server-20"));
+        // Written before leaderships had a format.
+        assert!(LeadershipRecord::is_held_by(b"server-2", "server-2"));
+        assert_eq!(LeadershipRecord::decode(b"c1").unwrap().holder, "c1");
+        // A newer format is nobody's leadership here.
+        let newer = text.replace(r#""format":1"#, r#""format":99"#);
+        assert!(LeadershipRecord::decode(newer.as_bytes()).is_err());
+        assert!(!LeadershipRecord::is_held_by(newer.as_bytes(), "server-2"));
+    }
+
     #[test]
     fn records_carry_their_format_and_a_newer_one_is_refused() {
         let record = super::DrainRecord {

@@ -9,12 +9,34 @@ use crate::meta::now_ms;
 
 /// A producer GUID as 32 lowercase hexadecimal digits (how records and logs name producers).
 pub fn guid_hex(guid: &[u8; 16]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(32);
-    for b in guid {
-        let _ = write!(s, "{b:02x}");
+    GuidHex::new(guid).as_str().to_owned()
+}
+
+/// [`guid_hex`] without allocating, for the checks made on every record.
+#[derive(Clone, Copy)]
+pub struct GuidHex([u8; 32]);
+
+impl GuidHex {
+    pub fn new(guid: &[u8; 16]) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 32];
+        for (i, b) in guid.iter().enumerate() {
+            hex[2 * i] = DIGITS[usize::from(b >> 4)];
+            hex[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+        }
+        GuidHex(hex)
     }
-    s
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for GuidHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Reads a producer GUID written by [`guid_hex`] (either case); `None` if it is not one.

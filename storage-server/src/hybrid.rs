@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use rialto_backends::PubSubError;
 use rialto_protocol::codec::{self, ValueCompressor};
 use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum, Upstream};
-use rialto_protocol::meta::{now_ms, realtime_topic, Compression, ReplicaState};
+use rialto_protocol::meta::{now_ms, realtime_topic, Compression, LeadershipRecord, ReplicaState};
 use rialto_protocol::producer::PartitionWriter;
 use rialto_protocol::stored::CHECKSUM_BYTES;
 use tokio::sync::watch;
@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use crate::assignments::ReplicaPlan;
 use crate::node::NodeContext;
 use crate::replica::ReplicaSlot;
-use crate::validator::{guid_hex, ReplayState};
+use crate::validator::{guid_hex, GuidHex, ReplayState};
 
 /// How often a leader checks that it still holds its partition, and a candidate retries.
 pub const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
@@ -128,14 +128,21 @@ async fn acquire(ctx: &NodeContext, key: &str) -> Result<Option<u64>, String> {
     let lease = *ctx.lease_id.lock().await;
     let won = ctx
         .meta
-        .compare_and_put(key, None, ctx.node_id.clone().into_bytes(), Some(lease))
+        .compare_and_put(
+            key,
+            None,
+            LeadershipRecord::new(&ctx.node_id).encode(),
+            Some(lease),
+        )
         .await
         .map_err(|e| e.to_string())?;
     if !won {
         return Ok(None);
     }
     match ctx.meta.get(key).await.map_err(|e| e.to_string())? {
-        Some(kv) if kv.value == ctx.node_id.as_bytes() => Ok(Some(kv.mod_revision as u64)),
+        Some(kv) if LeadershipRecord::is_held_by(&kv.value, &ctx.node_id) => {
+            Ok(Some(kv.mod_revision as u64))
+        }
         _ => Ok(None),
     }
 }
@@ -143,7 +150,9 @@ async fn acquire(ctx: &NodeContext, key: &str) -> Result<Option<u64>, String> {
 /// Whether the leadership is still this term's.
 async fn holds(ctx: &NodeContext, key: &str, epoch: u64) -> bool {
     match ctx.meta.get(key).await {
-        Ok(Some(kv)) => kv.value == ctx.node_id.as_bytes() && kv.mod_revision as u64 == epoch,
+        Ok(Some(kv)) => {
+            LeadershipRecord::is_held_by(&kv.value, &ctx.node_id) && kv.mod_revision as u64 == epoch
+        }
         Ok(None) => false,
         // Unknown: keep going; the next check decides (a stale leader is fenced off anyway).
         Err(_) => true,
@@ -481,7 +490,7 @@ impl RealtimeValidation {
     pub fn check(&mut self, envelope: &Envelope) -> Result<RealtimeVerdict, String> {
         let guid = envelope.producer.producer_guid;
         let (segment, sequence) = (envelope.producer.segment, envelope.producer.sequence);
-        let producer = guid_hex(&guid);
+        let producer = GuidHex::new(&guid);
         let is_sos = matches!(
             envelope.message,
             Message::Control(ControlMessage::StartOfSegment)

@@ -42,7 +42,7 @@ use crate::assignments::ReplicaPlan;
 use crate::node::NodeContext;
 use crate::replica::ReplicaSlot;
 use crate::store::{Layout, ReplicaStore, WriteOp};
-use crate::validator::{guid_hex, Admission, Checkpoint, ReplayState, Verdict};
+use crate::validator::{Admission, Checkpoint, GuidHex, ReplayState, Verdict};
 
 /// Most records taken from the consumer per poll (and so per write batch).
 pub const POLL_RECORDS_MAX: usize = 1000;
@@ -917,10 +917,12 @@ fn validate_record(
     // The push (everything before END_OF_PUSH) comes from the producer the version names;
     // after it, a hybrid version's partition leaders write as producers of their own.
     if let Some(expected) = producer.filter(|_| !out.next.validation.end_of_push) {
-        let found = guid_hex(&envelope.producer.producer_guid);
-        if !found.eq_ignore_ascii_case(expected) {
+        let found = GuidHex::new(&envelope.producer.producer_guid);
+        if !found.as_str().eq_ignore_ascii_case(expected) {
             return Err(format!(
-                "record at offset {offset} of {topic}/{partition} comes from producer {found},                  but the version's push is producer {expected}: another writer on the version                  topic; nothing from it is applied"
+                "record at offset {offset} of {topic}/{partition} comes from producer {found}, \
+                 but the version's push is producer {expected}: another writer on the version \
+                 topic; nothing from it is applied"
             ));
         }
     }
@@ -1165,11 +1167,12 @@ mod tests {
     use crate::metrics::ServerMetrics;
     use crate::replica::{ReplicaId, ReplicaRegistry};
     use crate::testing::PushRecords;
+    use crate::validator::guid_hex;
     use rialto_backends::faults::{Faults, FaultyMetaStore};
     use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
     use rialto_backends::{MetaStore, PubSub};
     use rialto_protocol::envelope::ControlMessage;
-    use rialto_protocol::meta::{Layout, NodeRecord, ReplicaRecord};
+    use rialto_protocol::meta::{Layout, LeadershipRecord, NodeRecord, ReplicaRecord};
 
     const TOPIC: &str = "s_v1";
 
@@ -1945,7 +1948,8 @@ mod tests {
         );
         assert_eq!(value_of(&h, "k3"), None, "deleted in real time");
         let leader_key = h.ctx.layout.partition_leader("s", 1, 0);
-        assert_eq!(h.meta.get(&leader_key).await.unwrap().unwrap().value, b"n1");
+        let holder = h.meta.get(&leader_key).await.unwrap().unwrap().value;
+        assert!(LeadershipRecord::is_held_by(&holder, "n1"));
 
         // Writes after the swap keep arriving, in order: the last write of a key wins.
         h.pubsub
@@ -2039,6 +2043,7 @@ mod tests {
         assert!(store.get(b"c").unwrap().is_none());
         // The failed leader keeps the leadership, so the other replicas do not fail in turn.
         let leader_key = h.ctx.layout.partition_leader("s", 1, 0);
-        assert_eq!(h.meta.get(&leader_key).await.unwrap().unwrap().value, b"n1");
+        let holder = h.meta.get(&leader_key).await.unwrap().unwrap().value;
+        assert!(LeadershipRecord::is_held_by(&holder, "n1"));
     }
 }

@@ -13,11 +13,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::PrefixMirror;
 use rialto_protocol::meta::{Layout, StoreRecord, VersionRecord};
+use rialto_protocol::rate::TokenBucket;
 use rialto_protocol::ErrorCode;
 use std::time::Instant;
 use tokio::sync::watch;
@@ -27,41 +28,6 @@ use crate::Stop;
 
 /// Default bound on reads in flight on one server.
 pub const IN_FLIGHT_MAX_DEFAULT: usize = 512;
-
-/// A token bucket refilled at `rate` tokens per second up to `burst`.
-#[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    /// (tokens, when last refilled); tokens may be negative (debt).
-    state: Mutex<(f64, Instant)>,
-}
-
-impl TokenBucket {
-    fn new(rate: f64) -> TokenBucket {
-        let burst = rate.max(1.0);
-        TokenBucket {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
-    }
-
-    /// Takes `cost` tokens at `now` if any are left (possibly going into debt); false when
-    /// empty.
-    fn take(&self, cost: f64, now: Instant) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, last) = &mut *state;
-        let refill = now.saturating_duration_since(*last).as_secs_f64() * self.rate;
-        *tokens = (*tokens + refill).min(self.burst);
-        *last = now;
-        if *tokens <= 0.0 {
-            return false;
-        }
-        *tokens -= cost;
-        true
-    }
-}
 
 /// A read in flight; ends when dropped.
 pub(crate) struct InFlight<'a>(&'a AtomicUsize);
@@ -119,12 +85,12 @@ impl ReadLimits {
             .get(store)
             .cloned();
         match bucket {
-            Some(b) if !b.take(keys as f64, now) => Err((
+            Some(b) if b.take(keys as f64, now).is_err() => Err((
                 ErrorCode::QuotaExceeded,
                 format!(
                     "store `{store}` is over its read quota on this server ({:.0} keys/s share); \
                      slow down or ask its owner to raise the quota (`rialto-admin stores update`)",
-                    b.rate
+                    b.rate()
                 ),
             )),
             _ => Ok(()),
@@ -135,11 +101,11 @@ impl ReadLimits {
     /// keeps its bucket (and its tokens).
     pub fn set_rates(&self, rates: HashMap<String, f64>) {
         let mut quotas = self.quotas.write().unwrap_or_else(|e| e.into_inner());
-        quotas.retain(|store, b| rates.get(store).is_some_and(|r| *r == b.rate));
+        quotas.retain(|store, b| rates.get(store).is_some_and(|r| *r == b.rate()));
         for (store, rate) in rates {
             quotas
                 .entry(store)
-                .or_insert_with(|| Arc::new(TokenBucket::new(rate)));
+                .or_insert_with(|| Arc::new(TokenBucket::new(rate, rate.max(1.0), Instant::now())));
         }
     }
 

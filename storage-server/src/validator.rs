@@ -222,7 +222,7 @@ pub enum ValidationError {
     CopiedBeforeEndOfPush,
 }
 
-pub use rialto_protocol::producer::guid_hex;
+pub use rialto_protocol::producer::{guid_hex, GuidHex};
 
 fn kind_name(message: &Message) -> &'static str {
     match message {
@@ -235,7 +235,8 @@ fn kind_name(message: &Message) -> &'static str {
 impl PushValidation {
     /// Checks one record and, if it is valid, advances the state. On error the state is unchanged.
     pub fn check(&mut self, envelope: &Envelope) -> Result<Verdict, ValidationError> {
-        let producer = guid_hex(&envelope.producer.producer_guid);
+        let hex = GuidHex::new(&envelope.producer.producer_guid);
+        let producer = hex.as_str();
         let segment = envelope.producer.segment;
         let sequence = envelope.producer.sequence;
         let is_sos = matches!(
@@ -243,11 +244,11 @@ impl PushValidation {
             Message::Control(ControlMessage::StartOfSegment)
         );
 
-        let mut state = match self.producers.get(&producer).copied() {
+        let mut state = match self.producers.get(producer).copied() {
             None => {
                 if !is_sos {
                     return Err(ValidationError::BeforeStartOfSegment {
-                        producer,
+                        producer: producer.to_owned(),
                         kind: kind_name(&envelope.message),
                         segment,
                         sequence,
@@ -255,7 +256,7 @@ impl PushValidation {
                 }
                 if sequence != 0 {
                     return Err(ValidationError::BadStartOfSegment {
-                        producer,
+                        producer: producer.to_owned(),
                         segment,
                         sequence,
                     });
@@ -275,7 +276,7 @@ impl PushValidation {
                 }
                 if sequence > s.next_sequence {
                     return Err(ValidationError::SequenceGap {
-                        producer,
+                        producer: producer.to_owned(),
                         segment,
                         expected: s.next_sequence,
                         got: sequence,
@@ -283,7 +284,7 @@ impl PushValidation {
                 }
                 if s.closed {
                     return Err(ValidationError::AfterEndOfSegment {
-                        producer,
+                        producer: producer.to_owned(),
                         segment,
                         sequence,
                     });
@@ -293,7 +294,7 @@ impl PushValidation {
             Some(s) if segment == s.segment.wrapping_add(1) => {
                 if !is_sos {
                     return Err(ValidationError::BeforeStartOfSegment {
-                        producer,
+                        producer: producer.to_owned(),
                         kind: kind_name(&envelope.message),
                         segment,
                         sequence,
@@ -301,7 +302,7 @@ impl PushValidation {
                 }
                 if sequence != 0 {
                     return Err(ValidationError::BadStartOfSegment {
-                        producer,
+                        producer: producer.to_owned(),
                         segment,
                         sequence,
                     });
@@ -319,7 +320,7 @@ impl PushValidation {
             }
             Some(s) => {
                 return Err(ValidationError::SegmentGap {
-                    producer,
+                    producer: producer.to_owned(),
                     current: s.segment,
                     got: segment,
                 })
@@ -352,7 +353,7 @@ impl PushValidation {
                         if sequence != 0 {
                             // An SOS in the middle of an open segment at the expected sequence.
                             return Err(ValidationError::BadStartOfSegment {
-                                producer,
+                                producer: producer.to_owned(),
                                 segment,
                                 sequence,
                             });
@@ -364,7 +365,7 @@ impl PushValidation {
                     } => {
                         if *checksum != state.checksum || *record_count != state.record_count {
                             return Err(ValidationError::ChecksumMismatch {
-                                producer,
+                                producer: producer.to_owned(),
                                 segment,
                                 expected_crc: *checksum,
                                 expected_count: *record_count,
@@ -395,7 +396,12 @@ impl PushValidation {
             }
         };
         state.next_sequence = sequence.wrapping_add(1);
-        self.producers.insert(producer, state);
+        match self.producers.get_mut(producer) {
+            Some(known) => *known = state,
+            None => {
+                self.producers.insert(producer.to_owned(), state);
+            }
+        }
         Ok(verdict)
     }
 

@@ -34,7 +34,9 @@ use rialto_backends::{MetaStore, PubSub};
 use rialto_controller::{AdminClient, ControllerConfig, RebalanceConfig, RunningController};
 use rialto_fast_client::{Client, ClientConfig};
 use rialto_protocol::admin::CreateStoreRequest;
-use rialto_protocol::meta::{Compression, StorageProfile, VersionStatus, DEFAULT_ROOT};
+use rialto_protocol::meta::{
+    Compression, LeadershipRecord, StorageProfile, VersionStatus, DEFAULT_ROOT,
+};
 use rialto_push::{PushConfig, PushReport};
 use rialto_server::{FaultConfig, Faults, RunningServer, ServerConfig};
 
@@ -342,6 +344,7 @@ impl Cluster {
                     Vec::new()
                 },
                 network: Default::default(),
+                call_rate: Default::default(),
             },
             meta.clone(),
             pubsub.clone(),
@@ -1055,7 +1058,9 @@ impl Cluster {
             .meta
             .get(&key)
             .await?
-            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+            .map(|kv| LeadershipRecord::decode(&kv.value))
+            .transpose()?
+            .map(|r| r.holder))
     }
 
     /// Waits until `count` storage servers are registered.

@@ -19,7 +19,7 @@ use rialto_fast_client::Client;
 use rialto_protocol::admin::{ReplicaView, UpdateStoreRequest};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::envelope::{Envelope, Message};
-use rialto_protocol::meta::{HybridConfig, Layout, ReplicaState, DEFAULT_ROOT};
+use rialto_protocol::meta::{HybridConfig, Layout, LeadershipRecord, ReplicaState, DEFAULT_ROOT};
 use rialto_protocol::stored::CHECKSUM_BYTES;
 use rialto_push::realtime::RealtimeWriter;
 use rialto_tests::{
@@ -715,11 +715,8 @@ async fn a_version_lagging_past_its_bound_is_held_back_until_it_catches_up() -> 
     let client = cluster.client("lagged").await?;
     wait_for_model(&client, &expected, "the caught-up version").await?;
     let holder = cluster.meta.get(&leadership).await?.context("a leader")?;
-    assert!(
-        holder.value.starts_with(b"server-"),
-        "{:?}",
-        String::from_utf8_lossy(&holder.value)
-    );
+    let holder = LeadershipRecord::decode(&holder.value)?.holder;
+    assert!(holder.starts_with("server-"), "{holder:?}");
     writer.close().await?;
     cluster.shutdown().await
 }
@@ -740,7 +737,7 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
         .get(&leadership)
         .await?
         .context("partition 0 has a leader")?;
-    let leader = String::from_utf8(leader.value)?;
+    let leader = LeadershipRecord::decode(&leader.value)?.holder;
     let index: usize = leader.trim_start_matches("server-").parse()?;
     processes[index].kill()?;
     eprintln!("killed {leader}, the leader of partition 0");
@@ -770,7 +767,7 @@ async fn a_killed_partition_leader_is_replaced_and_no_write_is_lost() -> Result<
         .get(&leadership)
         .await?
         .context("a new leader")?;
-    let new_leader = String::from_utf8(new_leader.value)?;
+    let new_leader = LeadershipRecord::decode(&new_leader.value)?.holder;
     assert_ne!(new_leader, leader);
 
     // The killed server comes back on its data (its replicas' unflushed writes were lost with
@@ -899,7 +896,7 @@ async fn a_leader_killed_while_a_new_version_replays_is_replaced_and_no_write_is
         // The first leader of version 2's partition 0 starts the replay after END_OF_PUSH.
         let leader = loop {
             if let Some(kv) = cluster.meta.get(&leadership).await? {
-                break String::from_utf8(kv.value)?;
+                break LeadershipRecord::decode(&kv.value)?.holder;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };

@@ -68,6 +68,13 @@ struct Args {
     /// `immediate` suits Apache Kafka.
     #[arg(long, value_enum, default_value_t = TopicDeletion::WhenIdle)]
     topic_deletion: TopicDeletion,
+    /// Admin calls per second per caller (its certificate's principal, else its address);
+    /// over it a call is answered 429 with Retry-After. 0: unlimited.
+    #[arg(long, default_value_t = rialto_controller::throttle::CALLS_PER_SECOND_DEFAULT)]
+    admin_calls_per_second: f64,
+    /// Admin calls a caller may make at once above its rate.
+    #[arg(long, default_value_t = rialto_controller::throttle::CALLS_BURST_DEFAULT)]
+    admin_calls_burst: f64,
     #[command(flatten)]
     etcd_tls: rialto_security::tls::EtcdTlsArgs,
     /// TLS certificate chain (PEM) of the admin API; with --tls-key serves HTTPS.
@@ -129,6 +136,10 @@ async fn main() -> anyhow::Result<()> {
             }),
         push_timeout: Duration::from_secs(args.push_timeout_seconds),
         topic_deletion: args.topic_deletion,
+        call_rate: rialto_controller::CallRate {
+            per_second: args.admin_calls_per_second,
+            burst: args.admin_calls_burst,
+        },
         authorize: args.authorize,
         admin_principals: args.admin_principals,
         network: rialto_backends::Network::Os,
