@@ -38,20 +38,22 @@ fn floats(value: &Value) -> Vec<f64> {
 }
 
 /// The reference computations, element by element in f64.
+/// The dot product as `rialto_protocol::compute` defines its sums: element `i` into partial
+/// sum `i mod 4`, then `(s0 + s1) + (s2 + s3)`.
 fn reference_dot(a: &[f64], q: &[f32]) -> f64 {
-    let mut sum = 0.0;
+    let mut s = [0.0f64; 4];
     for i in 0..a.len() {
-        sum += a[i] * f64::from(q[i]);
+        s[i % 4] += a[i] * f64::from(q[i]);
     }
-    sum
+    (s[0] + s[1]) + (s[2] + s[3])
 }
 
 fn norm(a: impl Iterator<Item = f64>) -> f64 {
-    let mut sum = 0.0;
-    for x in a {
-        sum += x * x;
+    let mut s = [0.0f64; 4];
+    for (i, x) in a.enumerate() {
+        s[i % 4] += x * x;
     }
-    sum.sqrt()
+    ((s[0] + s[1]) + (s[2] + s[3])).sqrt()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
