@@ -300,6 +300,8 @@ pub struct Plan {
     fields: Vec<(usize, Schema)>,
     /// The norm of each operation's vector (zero for operations without one).
     vector_norms: Vec<f64>,
+    /// The fields' positions in the reader schema's own values.
+    own: WriterLayout,
 }
 
 impl Plan {
@@ -331,10 +333,14 @@ impl Plan {
             .iter()
             .map(|op| op.vector().map_or(0.0, norm_f32))
             .collect();
+        let own = WriterLayout {
+            positions: fields.iter().map(|(p, _)| *p).collect(),
+        };
         Ok(Plan {
             request,
             fields,
             vector_norms,
+            own,
         })
     }
 
@@ -373,8 +379,57 @@ impl Plan {
     /// bytes are copied and arrays of numbers read in place. `false` when the datum needs the
     /// general path (an operation fails on it, or it does not parse): `out` is then as it was.
     pub fn evaluate_datum(&self, reader: &AvroCodec, datum: &[u8], out: &mut Vec<u8>) -> bool {
+        self.evaluate_in_place(reader, &self.own.positions, datum, out)
+    }
+
+    /// Where each operation's field is in values written with `writer` (another registered
+    /// schema), when every one is there with exactly the schema the reader gives it, naming
+    /// no other type: such values are evaluated in place too ([`Plan::evaluate_written`]),
+    /// since resolving them to the reader schema would not change those fields' bytes.
+    /// `None`: values of that schema take the general path (decode, resolve, evaluate).
+    pub fn layout_of(&self, writer: &AvroCodec) -> Option<WriterLayout> {
+        let Schema::Record(record) = writer.schema() else {
+            return None;
+        };
+        let positions = self
+            .request
+            .operations
+            .iter()
+            .zip(&self.fields)
+            .map(|(op, (_, reader_schema))| {
+                let position = *record.lookup.get(op.field())?;
+                let written = &record.fields[position].schema;
+                (self_contained(reader_schema) && written == reader_schema).then_some(position)
+            })
+            .collect::<Option<Vec<usize>>>()?;
+        Some(WriterLayout { positions })
+    }
+
+    /// Like [`evaluate_datum`](Self::evaluate_datum), on a datum written with `writer`, whose
+    /// [`layout_of`](Self::layout_of) is `layout`.
+    pub fn evaluate_written(
+        &self,
+        writer: &AvroCodec,
+        layout: &WriterLayout,
+        datum: &[u8],
+        out: &mut Vec<u8>,
+    ) -> bool {
+        self.evaluate_in_place(writer, &layout.positions, datum, out)
+    }
+
+    /// Evaluates in place a datum of `codec`'s record whose fields the operations read are at
+    /// `positions` (one per operation).
+    fn evaluate_in_place(
+        &self,
+        codec: &AvroCodec,
+        positions: &[usize],
+        datum: &[u8],
+        out: &mut Vec<u8>,
+    ) -> bool {
         let start = out.len();
-        let ok = self.try_evaluate_datum(reader, datum, out).is_some();
+        let ok = self
+            .try_evaluate_datum(codec, positions, datum, out)
+            .is_some();
         if !ok || out.len() - start > RESULT_BYTES_MAX {
             out.truncate(start);
             return false;
@@ -384,16 +439,17 @@ impl Plan {
 
     fn try_evaluate_datum(
         &self,
-        reader: &AvroCodec,
+        codec: &AvroCodec,
+        positions: &[usize],
         datum: &[u8],
         out: &mut Vec<u8>,
     ) -> Option<()> {
-        let Schema::Record(record) = reader.schema() else {
+        let Schema::Record(record) = codec.schema() else {
             return None;
         };
-        let names = reader.names();
+        let names = codec.names();
         // The byte range of each field an operation reads (on the stack for the first 16).
-        let last = self.fields.iter().map(|(p, _)| *p).max()?;
+        let last = positions.iter().copied().max()?;
         let mut inline = [(0usize, 0usize); 16];
         let mut spilled = Vec::new();
         let ranges: &mut [(usize, usize)] = if last < inline.len() {
@@ -408,8 +464,8 @@ impl Plan {
             skip(&field.schema, names, datum, &mut pos)?;
             ranges[i] = (begin, pos);
         }
-        let planned = self.fields.iter().zip(&self.vector_norms);
-        for (op, ((position, schema), norm_b)) in self.request.operations.iter().zip(planned) {
+        let planned = self.fields.iter().zip(&self.vector_norms).zip(positions);
+        for (op, (((_, schema), norm_b), position)) in self.request.operations.iter().zip(planned) {
             let (begin, end) = ranges[*position];
             let bytes = &datum[begin..end];
             out.push(0);
@@ -545,6 +601,25 @@ fn same_length(field: &str, a: &[f64], b: &[f32]) -> Result<(), String> {
             a.len(),
             b.len()
         ))
+    }
+}
+
+/// Where a plan's fields are in values of one writer schema ([`Plan::layout_of`]).
+#[derive(Debug, Clone)]
+pub struct WriterLayout {
+    positions: Vec<usize>,
+}
+
+/// Whether a schema names no type defined elsewhere (a reference could mean different
+/// definitions in the writer's schema and the reader's).
+fn self_contained(schema: &Schema) -> bool {
+    match schema {
+        Schema::Ref { .. } => false,
+        Schema::Array(a) => self_contained(&a.items),
+        Schema::Map(m) => self_contained(&m.types),
+        Schema::Union(u) => u.variants().iter().all(self_contained),
+        Schema::Record(r) => r.fields.iter().all(|f| self_contained(&f.schema)),
+        _ => true,
     }
 }
 
@@ -1032,6 +1107,80 @@ mod tests {
             in_place > 100 && declined > 100,
             "{in_place} in place, {declined} declined"
         );
+    }
+
+    #[test]
+    fn values_of_an_older_schema_holding_the_fields_unchanged_are_evaluated_in_place() {
+        // Version 2 added `tag` between the fields and `extra`, a reference to a named type.
+        let v1 = AvroCodec::parse(
+            r#"{"type":"record","name":"E","fields":[
+                {"name":"id","type":"long"},
+                {"name":"gone","type":"string"},
+                {"name":"embedding","type":{"type":"array","items":"float"}},
+                {"name":"n","type":"int"}]}"#,
+        )
+        .unwrap();
+        let v2 = AvroCodec::parse(
+            r#"{"type":"record","name":"E","fields":[
+                {"name":"id","type":"long"},
+                {"name":"tag","type":"string","default":"none"},
+                {"name":"embedding","type":{"type":"array","items":"float"}},
+                {"name":"n","type":"long"},
+                {"name":"extra","type":["null",{"type":"record","name":"X","fields":[{"name":"x","type":"int"}]}],"default":null},
+                {"name":"again","type":["null","X"],"default":null}]}"#,
+        )
+        .unwrap();
+        let q: Vec<f32> = (0..9).map(|i| i as f32 * 0.75 - 2.0).collect();
+        let dot = |field: &str| Operation::DotProduct {
+            field: field.into(),
+            vector: q.clone(),
+            result: "dot".into(),
+        };
+        let project = |field: &str| Operation::Project {
+            field: field.into(),
+        };
+        let plan = Plan::new(&v2, request(vec![dot("embedding"), project("id")])).unwrap();
+        let layout = plan
+            .layout_of(&v1)
+            .expect("both fields unchanged in version 1");
+        for k in 0..50i64 {
+            let len = if k % 5 == 0 { 4 } else { q.len() };
+            let value = Value::Record(vec![
+                ("id".into(), Value::Long(k * 1_000_003)),
+                ("gone".into(), Value::String("x".repeat(k as usize))),
+                (
+                    "embedding".into(),
+                    Value::Array(
+                        (0..len)
+                            .map(|i| Value::Float((k as f32 + i as f32).sin()))
+                            .collect(),
+                    ),
+                ),
+                ("n".into(), Value::Int(k as i32)),
+            ]);
+            let datum = v1.encode(&value, "value").unwrap();
+            let resolved = v1.decode_as(&datum, &v2, "value").unwrap();
+            let mut general = Vec::new();
+            plan.evaluate(&v2, &resolved, &mut general);
+            let mut fast = Vec::new();
+            if plan.evaluate_written(&v1, &layout, &datum, &mut fast) {
+                assert_eq!(len, q.len(), "a length mismatch goes the general way");
+                assert_eq!(
+                    plan.decode_result(&v2, &fast).unwrap(),
+                    plan.decode_result(&v2, &general).unwrap(),
+                    "key {k}"
+                );
+            } else {
+                assert_ne!(len, q.len());
+                assert!(fast.is_empty());
+            }
+        }
+        // A field the writer lacks (its default), one whose type was promoted, one naming a
+        // type: those values need resolving.
+        for op in [project("tag"), project("n"), project("again")] {
+            let plan = Plan::new(&v2, request(vec![op.clone()])).unwrap();
+            assert!(plan.layout_of(&v1).is_none(), "{op:?}");
+        }
     }
 
     #[test]

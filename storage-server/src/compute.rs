@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rialto_backends::mirror::PrefixMap;
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::codec::{DecompressionDictionary, DecompressorPool};
-use rialto_protocol::compute::{ComputeRequest, Plan};
+use rialto_protocol::compute::{ComputeRequest, Plan, WriterLayout};
 use rialto_protocol::meta::{Compression, StoreRecord, ValueFormat, VersionRecord};
 use rialto_protocol::stored::{value_checksum, CHECKSUM_BYTES, RESERVED_SCHEMA_IDS};
 use rialto_protocol::ErrorCode;
@@ -134,11 +134,17 @@ impl Catalog {
         let plan =
             Plan::new(&reader, request).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
         let decoder = self.decoder(store, version, replica)?;
+        let layouts = codecs
+            .iter()
+            .filter(|(id, _)| **id != reader_id)
+            .filter_map(|(id, writer)| Some((*id, plan.layout_of(writer)?)))
+            .collect();
         Ok(ComputeJob {
             plan,
             reader_id,
             reader,
             writers: codecs,
+            layouts,
             decoder,
         })
     }
@@ -248,13 +254,17 @@ impl VersionDecoder {
 
 /// One compute request, ready to run on values. A value written with the request's own schema
 /// is evaluated in place (`Plan::evaluate_datum`: skipping what is not read, about 5× faster
-/// than decoding 256-float embeddings); any other, or one the fast path declines, is decoded,
-/// resolved and evaluated (`Plan::evaluate`), which also words the per-key errors.
+/// than decoding 256-float embeddings), and so is one written with another schema that holds
+/// the fields read unchanged (`Plan::evaluate_written`); any other, or one the fast path
+/// declines, is decoded, resolved and evaluated (`Plan::evaluate`), which also words the
+/// per-key errors.
 pub(crate) struct ComputeJob {
     plan: Plan,
     reader_id: u32,
     reader: AvroCodec,
     writers: Arc<HashMap<u32, AvroCodec>>,
+    /// Writer schemas whose values the plan can evaluate in place, and where.
+    layouts: HashMap<u32, WriterLayout>,
     decoder: Arc<VersionDecoder>,
 }
 
@@ -273,8 +283,16 @@ impl ComputeJob {
             .map_err(|e| (ErrorCode::CorruptValue, e))?;
         out.clear();
         out.extend_from_slice(&self.reader_id.to_be_bytes());
-        if schema_id == self.reader_id && self.plan.evaluate_datum(&self.reader, &datum, out) {
-            return Ok(());
+        if schema_id == self.reader_id {
+            if self.plan.evaluate_datum(&self.reader, &datum, out) {
+                return Ok(());
+            }
+        } else if let (Some(layout), Some(writer)) =
+            (self.layouts.get(&schema_id), self.writers.get(&schema_id))
+        {
+            if self.plan.evaluate_written(writer, layout, &datum, out) {
+                return Ok(());
+            }
         }
         let writer = self.writers.get(&schema_id).ok_or_else(|| {
             (
