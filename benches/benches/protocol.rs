@@ -1,9 +1,12 @@
-//! Micro-benchmarks of the protocol hot paths: the partitioner, and batch-get framing on both
-//! sides (client request encoding, server response writing, client response decoding).
+//! Micro-benchmarks of the protocol hot paths: the partitioner, batch-get framing on both sides
+//! (client request encoding, server response writing, client response decoding), value
+//! checksums, and read compute's evaluation of one value.
 //!
 //! Run: `cargo bench -p rialto-benches --bench protocol`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rialto_protocol::avro::{AvroCodec, Value};
+use rialto_protocol::compute::{ComputeRequest, Operation, Plan};
 use rialto_protocol::partitioner::partition_for_key;
 use rialto_protocol::stored::value_checksum;
 use rialto_protocol::wire::{
@@ -121,5 +124,78 @@ fn checksums(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, partitioner, batch_get_framing, checksums);
+/// One value's dot product with a 256-float vector, as a server evaluates it: on a value of the
+/// request's schema (in place), on one of an older schema that holds the field unchanged (in
+/// place, through its layout), and through the general path (decode, resolve, evaluate).
+fn compute(c: &mut Criterion) {
+    const DIMS: usize = 256;
+    let v1 = AvroCodec::parse(
+        r#"{"type":"record","name":"E","fields":[{"name":"index","type":"long"},
+            {"name":"embedding","type":{"type":"array","items":"float"}}]}"#,
+    )
+    .unwrap();
+    let v2 = AvroCodec::parse(
+        r#"{"type":"record","name":"E","fields":[{"name":"index","type":"long"},
+            {"name":"label","type":"string","default":""},
+            {"name":"embedding","type":{"type":"array","items":"float"}}]}"#,
+    )
+    .unwrap();
+    let embedding = Value::Array((0..DIMS).map(|i| Value::Float((i as f32).sin())).collect());
+    let own = v2
+        .encode(
+            &Value::Record(vec![
+                ("index".into(), Value::Long(7)),
+                ("label".into(), Value::String("member".into())),
+                ("embedding".into(), embedding.clone()),
+            ]),
+            "value",
+        )
+        .unwrap();
+    let older = v1
+        .encode(
+            &Value::Record(vec![
+                ("index".into(), Value::Long(7)),
+                ("embedding".into(), embedding),
+            ]),
+            "value",
+        )
+        .unwrap();
+    let plan = Plan::new(
+        &v2,
+        ComputeRequest {
+            reader_schema_id: 2,
+            operations: vec![Operation::DotProduct {
+                field: "embedding".into(),
+                vector: (0..DIMS).map(|i| (i as f32).cos()).collect(),
+                result: "dot".into(),
+            }],
+        },
+    )
+    .unwrap();
+    let layout = plan.layout_of(&v1).expect("the embedding is unchanged");
+    let mut g = c.benchmark_group("compute_dot_256");
+    let mut out = Vec::with_capacity(64);
+    g.bench_function("own_schema_in_place", |b| {
+        b.iter(|| {
+            out.clear();
+            assert!(plan.evaluate_datum(&v2, black_box(&own), &mut out));
+        })
+    });
+    g.bench_function("older_schema_in_place", |b| {
+        b.iter(|| {
+            out.clear();
+            assert!(plan.evaluate_written(&v1, &layout, black_box(&older), &mut out));
+        })
+    });
+    g.bench_function("older_schema_decoded_and_resolved", |b| {
+        b.iter(|| {
+            out.clear();
+            let value = v1.decode_as(black_box(&older), &v2, "value").unwrap();
+            plan.evaluate(&v2, &value, &mut out);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, partitioner, batch_get_framing, checksums, compute);
 criterion_main!(benches);
