@@ -1166,27 +1166,22 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, Controller
     );
     let _ = writeln!(out, "# TYPE rialto_controller_leader gauge");
     let _ = writeln!(out, "rialto_controller_leader {}", u8::from(leader));
-    let _ = writeln!(
-        out,
-        "# HELP rialto_controller_forbidden_total Admin calls refused by authorization."
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    };
+    counter(
+        "rialto_controller_forbidden_total",
+        "Admin calls refused by authorization.",
+        st.authz.refused.load(std::sync::atomic::Ordering::Relaxed),
     );
-    let _ = writeln!(out, "# TYPE rialto_controller_forbidden_total counter");
-    let _ = writeln!(
-        out,
-        "rialto_controller_forbidden_total {}",
-        st.authz.refused.load(std::sync::atomic::Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP rialto_controller_throttled_total Admin calls refused for their caller's rate."
-    );
-    let _ = writeln!(out, "# TYPE rialto_controller_throttled_total counter");
-    let _ = writeln!(
-        out,
-        "rialto_controller_throttled_total {}",
+    counter(
+        "rialto_controller_throttled_total",
+        "Admin calls refused for their caller's rate.",
         st.throttle
             .throttled
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     let _ = writeln!(out, "# TYPE rialto_controller_stores gauge");
     let _ = writeln!(out, "rialto_controller_stores {}", stores.len());

@@ -709,6 +709,25 @@ fn float_at(floats: &[u8], i: usize) -> f64 {
     f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
+/// The item schema of an array datum (through a union's branch, whose index is read from
+/// `bytes` at `pos`); `None` if the datum is not an array.
+fn array_items<'s>(
+    schema: &'s Schema,
+    names: &'s crate::avro_json::Names,
+    bytes: &[u8],
+    pos: &mut usize,
+) -> Option<&'s Schema> {
+    let mut schema = named(schema, names)?;
+    if let Schema::Union(u) = schema {
+        let branch = usize::try_from(varint(bytes, pos)?).ok()?;
+        schema = named(u.variants().get(branch)?, names)?;
+    }
+    match schema {
+        Schema::Array(a) => named(&a.items, names),
+        _ => None,
+    }
+}
+
 /// The element bytes of an array-of-floats datum written as one block (through a union's
 /// branch); `None` for anything else.
 fn float_block<'a>(
@@ -717,15 +736,7 @@ fn float_block<'a>(
     bytes: &'a [u8],
 ) -> Option<&'a [u8]> {
     let mut pos = 0;
-    let mut schema = named(schema, names)?;
-    if let Schema::Union(u) = schema {
-        let branch = usize::try_from(varint(bytes, &mut pos)?).ok()?;
-        schema = named(u.variants().get(branch)?, names)?;
-    }
-    let Schema::Array(a) = schema else {
-        return None;
-    };
-    if !matches!(named(&a.items, names)?, Schema::Float) {
+    if !matches!(array_items(schema, names, bytes, &mut pos)?, Schema::Float) {
         return None;
     }
     let mut count = varint(bytes, &mut pos)?;
@@ -755,15 +766,7 @@ fn read_numbers(
     bytes: &[u8],
 ) -> Option<Vec<f64>> {
     let mut pos = 0;
-    let mut schema = named(schema, names)?;
-    if let Schema::Union(u) = schema {
-        let branch = usize::try_from(varint(bytes, &mut pos)?).ok()?;
-        schema = named(u.variants().get(branch)?, names)?;
-    }
-    let Schema::Array(a) = schema else {
-        return None;
-    };
-    let items = named(&a.items, names)?;
+    let items = array_items(schema, names, bytes, &mut pos)?;
     // Room for the elements the bytes can hold (each float takes 4).
     let mut out = Vec::with_capacity(bytes.len() / 4);
     walk_blocks(bytes, &mut pos, false, |pos, n| {
