@@ -54,6 +54,14 @@ struct Log {
     expired_on_disk: usize,
     /// A persistent log's records below this offset are on the disk (the journal synced).
     durable_end: i64,
+    /// Which log this is (a topic deleted and created again has a new one), so that a sync
+    /// finishing late marks only the log it synced.
+    id: u64,
+}
+
+fn next_log_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn start_record(start: i64) -> Vec<u8> {
@@ -86,11 +94,11 @@ impl Log {
     }
 
     /// What syncing the journal would make durable, if anything below `upto` is not yet: a
-    /// handle on the file and the end it would cover.
-    fn unsynced(&self, upto: i64) -> std::io::Result<Option<(std::fs::File, i64)>> {
+    /// handle on the file, the end it would cover and the log's id.
+    fn unsynced(&self, upto: i64) -> std::io::Result<Option<(std::fs::File, i64, u64)>> {
         match &self.journal {
             Some(journal) if self.durable_end < upto.min(self.end()) => {
-                Ok(Some((journal.sync_handle()?, self.end())))
+                Ok(Some((journal.sync_handle()?, self.end(), self.id)))
             }
             _ => Ok(None),
         }
@@ -142,6 +150,7 @@ impl Log {
             start,
             records,
             journal: Some(journal),
+            id: next_log_id(),
             ..Log::default()
         };
         log.drop_expired(retention, now);
@@ -313,16 +322,18 @@ impl Shared {
         let pending = self
             .with_log(topic, partition, |log| log.unsynced(upto))?
             .map_err(|e| journal_failed(topic, partition, e))?;
-        let Some((file, end)) = pending else {
+        let Some((file, end, id)) = pending else {
             return Ok(());
         };
         tokio::task::spawn_blocking(move || file.sync_data())
             .await
             .map_err(|e| journal_failed(topic, partition, std::io::Error::other(e)))?
             .map_err(|e| journal_failed(topic, partition, e))?;
-        // A topic deleted meanwhile has nothing left to mark.
+        // A topic deleted meanwhile (and perhaps created again) has nothing to mark.
         let _ = self.with_log(topic, partition, |log| {
-            log.durable_end = log.durable_end.max(end);
+            if log.id == id {
+                log.durable_end = log.durable_end.max(end);
+            }
         });
         self.appended.notify_waiters();
         Ok(())
@@ -379,6 +390,7 @@ fn create_topic_files(
             let journal = Journal::create(&partition_path(&topic_dir, p), [Ok(start_record(0))])?;
             Ok(Log {
                 journal: Some(journal),
+                id: next_log_id(),
                 ..Log::default()
             })
         })
