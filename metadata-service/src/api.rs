@@ -15,7 +15,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
-use rialto_protocol::admin::{AclChangeRequest, NodeDescription, NodeReplica, RealtimeTarget};
+use rialto_protocol::admin::{
+    AclChangeRequest, ControllersView, NodeDescription, NodeReplica, RealtimeTarget,
+};
 use rialto_protocol::admin::{
     AddValueSchemaRequest, AddValueSchemaResponse, CreateStoreRequest, FailPushRequest,
     ReplicaView, StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest,
@@ -23,10 +25,10 @@ use rialto_protocol::admin::{
 };
 use rialto_protocol::avro::{AvroCodec, Schema};
 use rialto_protocol::meta::{
-    realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, NodeRecord,
-    ReplicaRecord, ReplicaState, StoreRecord, ValueSchema, VersionRecord, VersionStatus,
-    DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP, PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX,
-    VERSIONS_TO_KEEP_MAX,
+    realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, LeadershipRecord,
+    NodeRecord, ReplicaRecord, ReplicaState, StoreRecord, ValueSchema, VersionRecord,
+    VersionStatus, DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP, PARTITION_COUNT_MAX,
+    REPLICATION_FACTOR_MAX, VERSIONS_TO_KEEP_MAX,
 };
 use rialto_protocol::producer::{guid_hex, parse_guid_hex};
 use rialto_protocol::schema_compat::check_full;
@@ -67,6 +69,8 @@ pub(crate) struct ApiState {
     pub authz: Arc<AuthzConfig>,
     /// Calls per caller (see [`crate::throttle`]).
     pub throttle: Arc<crate::throttle::Throttle>,
+    /// This controller's id.
+    pub controller_id: String,
 }
 
 impl IntoResponse for ControllerError {
@@ -125,6 +129,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/stores/{store}/realtime", get(realtime_target))
         .route("/v1/stores/{store}/rollback", post(rollback))
         .route("/v1/stores/{store}/roll-forward", post(roll_forward))
+        .route("/v1/controllers", get(controllers))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}", get(describe_node))
         .route(
@@ -764,6 +769,29 @@ async fn fail_push(
     Ok((
         StatusCode::OK,
         Json(version_description(&st, &store, version).await?),
+    ))
+}
+
+async fn controllers(State(st): State<Arc<ApiState>>) -> ApiResult<ControllersView> {
+    let key = st.layout.leader();
+    let leader = match st.meta.get(&key).await? {
+        Some(kv) => {
+            Some(
+                LeadershipRecord::decode(&kv.value).map_err(|e| ControllerError::Corrupt {
+                    key: key.clone(),
+                    detail: e.to_string(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    Ok((
+        StatusCode::OK,
+        Json(ControllersView {
+            leader_since_ms: leader.as_ref().map(|r| r.since_ms).filter(|ms| *ms > 0),
+            leader: leader.map(|r| r.holder),
+            answered_by: st.controller_id.clone(),
+        }),
     ))
 }
 

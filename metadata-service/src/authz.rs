@@ -80,6 +80,7 @@ pub fn requirement(method: &Method, path: &str) -> Requirement {
     match s.as_slice() {
         ["health"] => Public,
         ["metrics"] => Authenticated,
+        ["v1", "controllers"] if read => Authenticated,
         ["v1", "stores"] if read => Authenticated,
         ["v1", "stores"] => ClusterAdmin,
         ["v1", "stores", store]
@@ -208,6 +209,7 @@ mod tests {
         assert_eq!(requirement(&Method::GET, "/health"), Public);
         assert_eq!(requirement(&Method::POST, "/v1/stores"), ClusterAdmin);
         assert_eq!(requirement(&Method::GET, "/v1/stores"), Authenticated);
+        assert_eq!(requirement(&Method::GET, "/v1/controllers"), Authenticated);
         assert_eq!(
             requirement(&Method::GET, "/v1/stores/feed"),
             StoreAny("feed".into())

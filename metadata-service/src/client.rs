@@ -18,8 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rialto_backends::Network;
 use rialto_protocol::admin::{
     AclChangeRequest, AclRecord, AddValueSchemaRequest, AddValueSchemaResponse, ApiError,
-    CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeTarget, StartPushRequest,
-    StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
+    ControllersView, CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeTarget,
+    StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord, ValueSchema};
 use serde::de::DeserializeOwned;
@@ -434,6 +434,11 @@ impl AdminClient {
             body,
         )
         .await
+    }
+
+    /// `GET /v1/controllers`: which controller leads.
+    pub async fn controllers(&self) -> Result<ControllersView, ControllerError> {
+        self.call(Method::GET, "/v1/controllers", None).await
     }
 
     /// `GET /v1/nodes`.

@@ -214,6 +214,7 @@ pub async fn start(
             refused: Default::default(),
         }),
         throttle: Arc::new(throttle::Throttle::new(config.call_rate)),
+        controller_id: config.controller_id.clone(),
     });
     let https = tls.is_some();
     let server = tokio::spawn(serve::serve(listener, tls, app, shutdown_rx.clone()));

@@ -299,6 +299,19 @@ pub fn nodes(nodes: &[NodeRecord]) -> String {
     t.render()
 }
 
+/// `controllers`.
+pub fn controllers(v: &rialto_protocol::admin::ControllersView) -> String {
+    let leader = match (&v.leader, v.leader_since_ms) {
+        (Some(id), Some(since)) => {
+            let held_s = (rialto_protocol::meta::now_ms() - since).max(0) / 1000;
+            format!("{id} (leading for {held_s} s)")
+        }
+        (Some(id), None) => id.clone(),
+        (None, _) => "none (an election is under way)".to_string(),
+    };
+    format!("leader: {leader}\nanswered by: {}\n", v.answered_by)
+}
+
 /// `nodes describe`.
 pub fn node_description(d: &NodeDescription) -> String {
     let mut t = Table::new(["node", d.node_id.as_str()]);

@@ -663,6 +663,13 @@ async fn one_leader_at_a_time_and_standby_takes_over() {
     let record = rialto_protocol::meta::LeadershipRecord::decode(&leader_id).unwrap();
     assert!(record.holder == "a" || record.holder == "b", "{record:?}");
     assert!(record.since_ms > 0);
+    // Either controller names the leader.
+    for (c, leads) in [(&leader, true), (&standby, false)] {
+        let view = AdminClient::new(c.url()).controllers().await.unwrap();
+        assert_eq!(view.leader.as_deref(), Some(record.holder.as_str()));
+        assert_eq!(view.leader_since_ms, Some(record.since_ms));
+        assert_eq!(view.answered_by == record.holder, leads, "{view:?}");
+    }
 
     // Lease lost: the leader steps down, someone takes over.
     let lease = meta.lease_of(&layout.leader()).unwrap();
@@ -682,6 +689,8 @@ async fn one_leader_at_a_time_and_standby_takes_over() {
     leader.shutdown().await.unwrap();
     wait_until("standby leads", || async { standby.is_leader() }).await;
     assert!(meta.value(&layout.leader()).is_some());
+    let view = AdminClient::new(standby.url()).controllers().await.unwrap();
+    assert_eq!(view.leader.as_ref(), Some(&view.answered_by), "{view:?}");
     let _ = leader_id;
     standby.shutdown().await.unwrap();
     assert!(

@@ -199,6 +199,19 @@ pub struct NodeReplica {
     pub moving_to: Option<String>,
 }
 
+/// `GET /v1/controllers`: which controller leads, as the answering one reads it from etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllersView {
+    /// The leading controller's id; `None` while none holds the leadership (an election is
+    /// under way, or every controller is down but this one, which is campaigning).
+    pub leader: Option<String>,
+    /// When the leader took the leadership, milliseconds since the Unix epoch (`None` when
+    /// unknown: no leader, or one that wrote no time).
+    pub leader_since_ms: Option<i64>,
+    /// The controller that answered.
+    pub answered_by: String,
+}
+
 /// A node: its registration (absent when it is down), whether it is drained, and what it hosts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDescription {

@@ -321,6 +321,12 @@ async fn a_new_server_takes_a_share_and_a_drained_one_is_emptied_without_a_faile
     );
     let (ok, text, err) = cluster.admin_cli(&["nodes", "describe", "server-2"])?;
     ensure!(ok && text.contains("draining  yes"), "{text}{err}");
+    let (ok, text, err) = cluster.admin_cli(&["controllers"])?;
+    ensure!(
+        ok && text.contains("leader: controller-1 (leading for")
+            && text.contains("answered by: controller-1"),
+        "{text}{err}"
+    );
     let metrics = cluster.admin().metrics().await?;
     for line in [
         "rialto_controller_leader 1",

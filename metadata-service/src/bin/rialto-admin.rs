@@ -46,6 +46,8 @@ enum Command {
     /// Storage nodes: list, describe, drain.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// Which controller leads (and which one answered).
+    Controllers,
     /// The replicas of a store's version (default: the current one): state, offset, records,
     /// bytes, lag, leader and moves, per partition.
     Replicas {
@@ -513,6 +515,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     )
                 })?;
             print(args.json, &v.replicas, |_| render::replicas(v))
+        }
+        Command::Controllers => {
+            let view = client.controllers().await?;
+            print(args.json, &view, render::controllers)
         }
         Command::Nodes(NodesCommand::List) => {
             let nodes = client.list_nodes().await?;
