@@ -119,8 +119,7 @@ impl Journal {
         let mut frame = vec![0u8; HEADER + size];
         self.file.read_exact_at(&mut frame, at)?;
         let (stored_size, crc) = parse_header(&frame[..HEADER]);
-        let payload = frame.split_off(HEADER);
-        if stored_size != size || crc32c::crc32c(&payload) != crc {
+        if stored_size != size || crc32c::crc32c(&frame[HEADER..]) != crc {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -130,7 +129,8 @@ impl Journal {
                 ),
             ));
         }
-        Ok(payload)
+        frame.drain(..HEADER); // in place: the payload keeps the buffer
+        Ok(frame)
     }
 
     /// Forces what was appended to the disk (data, and the length that makes it readable).

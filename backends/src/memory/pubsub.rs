@@ -193,12 +193,15 @@ impl Log {
         match (&record.body, &self.journal) {
             (Body::Memory { key, value }, _) => Ok((key.clone(), value.clone())),
             (Body::Journal { at, size }, Some(journal)) => {
-                let payload = journal.read(*at, *size as usize)?;
+                let mut payload = journal.read(*at, *size as usize)?;
                 let mut f = Fields::new(&payload);
                 f.u8()?;
                 f.i64()?;
                 let key = f.bytes()?.to_vec();
-                Ok((key, f.rest().to_vec()))
+                // The value is the payload's tail: it keeps the buffer.
+                let value_at = payload.len() - f.rest().len();
+                payload.drain(..value_at);
+                Ok((key, payload))
             }
             (Body::Journal { .. }, None) => Err(std::io::Error::other(
                 "a record kept in a journal of a log without one",
