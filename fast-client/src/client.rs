@@ -1,8 +1,7 @@
 //! The read paths: single get (with least-loaded replica choice and long-tail retry) and the
 //! batch-get entry points, which run on the streaming engine in [`crate::stream`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,100 +10,32 @@ use rialto_backends::MetaStore;
 use rialto_protocol::avro::Value;
 use rialto_protocol::meta::Layout;
 use rialto_protocol::partitioner::partition_for_key;
-use rialto_protocol::wire::{self, ErrorBody, StoredValue};
+use rialto_protocol::wire::{self, StoredValue};
 use rialto_protocol::ErrorCode;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::ClientError;
-use crate::hedge::{Hedger, RequestKind};
-use crate::instances::{count_block, Instances};
-use crate::metadata::{self, Codecs, Mirrors};
+use crate::call::health_failure;
+use crate::codecs::Codecs;
+use crate::error::{error_response, ClientError, ERROR_BODY_BYTES_MAX};
+use crate::hedge::RequestKind;
+use crate::instances::count_block;
+use crate::metadata::{self, Mirrors};
 use crate::pool::ConnectionPool;
-use crate::response::{RawValue, ReceivePool};
+use crate::response::RawValue;
 use crate::routing::{Replica, RoutingTable};
+use crate::shared::Shared;
 use crate::stats::{ClientStats, Counters};
 use crate::stream::{self, BatchEvent, BatchStream, Completeness, RawBatchStream};
-use crate::values::{ValueCodecs, ValueFault};
+use crate::values::ValueFault;
 use crate::{ClientConfig, BATCH_GET_KEYS_MAX};
 
 /// Largest single-get response body the client accepts: a value, its schema id, and slack.
 const GET_RESPONSE_BYTES_MAX: usize = rialto_protocol::stored::STORED_VALUE_BYTES_MAX;
-/// Largest error-response body the client reads.
-pub(crate) const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
 /// How long the client waits for connections to new servers before routing to them.
 const WARM_WAIT: Duration = Duration::from_secs(1);
 /// Longest a read waits for this client's routing to catch up once a server said the version
 /// it was routed to is gone (see `Client::rerouted`).
 const ROUTING_CATCH_UP_WAIT: Duration = Duration::from_secs(1);
-
-/// State shared by the client handles, the metadata follower and the health prober.
-pub(crate) struct Shared {
-    pub(crate) store: String,
-    pub(crate) layout: Layout,
-    pub(crate) request_timeout: Duration,
-    pub(crate) group_routing: bool,
-    pub(crate) sub_request_keys_max: usize,
-    /// Memory batch-get responses are received into.
-    pub(crate) receive_pool: Arc<ReceivePool>,
-    pub(crate) routing: watch::Sender<Arc<RoutingTable>>,
-    pub(crate) codecs: RwLock<Arc<Codecs>>,
-    /// The schema values are returned in (`ClientConfig::reader_schema`).
-    pub(crate) reader_schema: crate::ReaderSchema,
-    pub(crate) pool: Arc<ConnectionPool>,
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) instances: Instances,
-    pub(crate) hedger: Hedger,
-    /// Checksums and decompression of the values of the versions routed to.
-    pub(crate) values: ValueCodecs,
-    pub(crate) verify_checksums: bool,
-    rotation: AtomicUsize,
-}
-
-impl Shared {
-    /// The routing table in force now.
-    pub(crate) fn table(&self) -> Arc<RoutingTable> {
-        self.routing.borrow().clone()
-    }
-
-    /// The schemas in force now.
-    pub(crate) fn codecs(&self) -> Arc<Codecs> {
-        self.codecs
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// A key datum as JSON for messages (hex when it does not decode).
-    pub(crate) fn show_key(&self, key: &[u8]) -> String {
-        let codecs = self.codecs();
-        codecs
-            .key
-            .decode(key, "key")
-            .map(|v| codecs.key.to_json_text(&v))
-            .unwrap_or_else(|_| {
-                format!(
-                    "0x{}",
-                    key.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                )
-            })
-    }
-
-    /// Counts values decoded with (`verified`) and against (`mismatches`) their checksums.
-    pub(crate) fn count_checksums(&self, verified: u64, mismatches: u64) {
-        if verified > 0 {
-            Counters::add(&self.counters.checksums_verified, verified);
-        }
-        if mismatches > 0 {
-            Counters::add(&self.counters.checksum_mismatches, mismatches);
-        }
-    }
-
-    /// A rotating number that spreads ties between equally loaded replicas and groups.
-    pub(crate) fn next_rotation(&self) -> usize {
-        self.rotation.fetch_add(1, Ordering::Relaxed)
-    }
-}
 
 /// Aborts the background tasks (metadata follower, health prober) when the last handle drops.
 struct Background(Vec<tokio::task::JoinHandle<()>>);
@@ -165,27 +96,13 @@ impl Client {
             .build(&layout, &config.store, Some(&record), None)
             .await;
         let addresses = table.addresses();
-        let (routing, _) = watch::channel(Arc::new(table));
-        let shared = Arc::new(Shared {
-            store: config.store.clone(),
-            layout,
-            request_timeout: config.request_timeout,
-            group_routing: config.group_routing,
-            sub_request_keys_max: config.sub_request_keys_max.max(1),
-            receive_pool: ReceivePool::new(config.receive_pool_bytes),
-            routing,
-            codecs: RwLock::new(Arc::new(codecs)),
-            reader_schema: config.reader_schema.clone(),
-            pool,
-            counters,
-            instances: Instances::new(config.health.clone()),
-            hedger: Hedger::new(config.long_tail.clone()),
-            values: ValueCodecs::default(),
-            verify_checksums: config.verify_checksums,
-            rotation: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared::new(&config, layout, pool, counters, codecs, table));
         metadata::warm(&shared, addresses, WARM_WAIT).await;
-        if let Err(e) = shared.values.for_table(&shared, &shared.table()).await {
+        if let Err(e) = shared
+            .values
+            .for_table(&shared.pool, &shared.store, &shared.table())
+            .await
+        {
             tracing::warn!(store = shared.store, error = %e, "reads of the current version fail until its dictionary can be fetched");
         }
         let follower = tokio::spawn(metadata::follow(shared.clone(), mirrors));
@@ -485,7 +402,10 @@ impl Client {
     ) -> Result<Option<RawValue>, ClientError> {
         let shared = &self.shared;
         let route = self.route(table, key)?;
-        let values = shared.values.for_table(shared, table).await?;
+        let values = shared
+            .values
+            .for_table(&shared.pool, &shared.store, table)
+            .await?;
         let deadline = Instant::now() + shared.request_timeout;
         let path = wire::get_path(&shared.store, route.version, route.partition);
         let body = Bytes::copy_from_slice(key);
@@ -544,7 +464,7 @@ impl Client {
                         return Ok(value);
                     }
                     Err(e) => {
-                        if let Some(failure) = stream::health_failure(&e) {
+                        if let Some(failure) = health_failure(&e) {
                             let newly = instance.failed(failure, &shared.instances.config);
                             count_block(&shared.counters, newly);
                         }
@@ -702,90 +622,9 @@ pub(crate) fn check_batch_size(count: usize) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// The error a non-200 response stands for.
-pub(crate) fn error_response(
-    address: &str,
-    parts: &http::response::Parts,
-    body: &[u8],
-) -> ClientError {
-    if let Ok(error) = ErrorBody::decode(body) {
-        let address = address.to_string();
-        let message = error.message;
-        return match error.code {
-            ErrorCode::QuotaExceeded => ClientError::QuotaExceeded { address, message },
-            ErrorCode::Forbidden => ClientError::Forbidden { address, message },
-            code => ClientError::Server {
-                address,
-                code,
-                message,
-            },
-        };
-    }
-    let header_code = parts
-        .headers
-        .get(wire::ERROR_CODE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u16>().ok())
-        .and_then(ErrorCode::from_u16);
-    match header_code {
-        Some(code) => ClientError::Server {
-            address: address.to_string(),
-            code,
-            message: format!("HTTP {}", parts.status),
-        },
-        None => ClientError::Protocol(format!(
-            "{address} answered HTTP {} without a Rialto error body",
-            parts.status
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_responses_map_to_codes() {
-        let (parts, _) = http::Response::builder()
-            .status(503)
-            .body(())
-            .unwrap()
-            .into_parts();
-        let body = ErrorBody {
-            code: ErrorCode::PartitionNotServed,
-            message: "p3 bootstrapping".into(),
-        }
-        .encode();
-        match error_response("s:1", &parts, &body) {
-            ClientError::Server { code, message, .. } => {
-                assert_eq!(code, ErrorCode::PartitionNotServed);
-                assert_eq!(message, "p3 bootstrapping");
-            }
-            e => panic!("unexpected {e}"),
-        }
-        let (parts, _) = http::Response::builder()
-            .status(503)
-            .header(wire::ERROR_CODE_HEADER, "9")
-            .body(())
-            .unwrap()
-            .into_parts();
-        assert!(matches!(
-            error_response("s:1", &parts, b""),
-            ClientError::Server {
-                code: ErrorCode::Overloaded,
-                ..
-            }
-        ));
-        let (parts, _) = http::Response::builder()
-            .status(502)
-            .body(())
-            .unwrap()
-            .into_parts();
-        assert!(matches!(
-            error_response("s:1", &parts, b""),
-            ClientError::Protocol(_)
-        ));
-    }
 
     #[test]
     fn key_partitioning_agrees_with_the_shared_partitioner() {

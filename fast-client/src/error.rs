@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rialto_backends::MetaError;
 use rialto_protocol::avro::AvroError;
+use rialto_protocol::wire::{self, ErrorBody};
 use rialto_protocol::ErrorCode;
 
 /// A failed read or a failed client start-up.
@@ -196,9 +197,93 @@ impl ClientError {
     }
 }
 
+/// Largest error-response body the client reads.
+pub(crate) const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// The error a non-200 response stands for.
+pub(crate) fn error_response(
+    address: &str,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> ClientError {
+    if let Ok(error) = ErrorBody::decode(body) {
+        let address = address.to_string();
+        let message = error.message;
+        return match error.code {
+            ErrorCode::QuotaExceeded => ClientError::QuotaExceeded { address, message },
+            ErrorCode::Forbidden => ClientError::Forbidden { address, message },
+            code => ClientError::Server {
+                address,
+                code,
+                message,
+            },
+        };
+    }
+    let header_code = parts
+        .headers
+        .get(wire::ERROR_CODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok())
+        .and_then(ErrorCode::from_u16);
+    match header_code {
+        Some(code) => ClientError::Server {
+            address: address.to_string(),
+            code,
+            message: format!("HTTP {}", parts.status),
+        },
+        None => ClientError::Protocol(format!(
+            "{address} answered HTTP {} without a Rialto error body",
+            parts.status
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_responses_map_to_codes() {
+        let (parts, _) = http::Response::builder()
+            .status(503)
+            .body(())
+            .unwrap()
+            .into_parts();
+        let body = ErrorBody {
+            code: ErrorCode::PartitionNotServed,
+            message: "p3 bootstrapping".into(),
+        }
+        .encode();
+        match error_response("s:1", &parts, &body) {
+            ClientError::Server { code, message, .. } => {
+                assert_eq!(code, ErrorCode::PartitionNotServed);
+                assert_eq!(message, "p3 bootstrapping");
+            }
+            e => panic!("unexpected {e}"),
+        }
+        let (parts, _) = http::Response::builder()
+            .status(503)
+            .header(wire::ERROR_CODE_HEADER, "9")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(matches!(
+            error_response("s:1", &parts, b""),
+            ClientError::Server {
+                code: ErrorCode::Overloaded,
+                ..
+            }
+        ));
+        let (parts, _) = http::Response::builder()
+            .status(502)
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(matches!(
+            error_response("s:1", &parts, b""),
+            ClientError::Protocol(_)
+        ));
+    }
 
     #[test]
     fn retryability_follows_error_codes() {

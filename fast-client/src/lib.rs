@@ -32,7 +32,9 @@
 //! and the entry points), [`stream`] (the batch-get engine), [`hedge`] (long-tail retry),
 //! [`instances`] (load and health), [`error`] and `stats`.
 
+mod call;
 mod client;
+mod codecs;
 mod compute;
 pub mod error;
 pub mod hedge;
@@ -41,6 +43,7 @@ mod metadata;
 mod pool;
 mod response;
 pub mod routing;
+mod shared;
 mod stats;
 pub mod stream;
 mod typed;

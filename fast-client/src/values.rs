@@ -22,7 +22,7 @@ use rialto_protocol::stored::{value_checksum, CHECKSUM_BYTES, RESERVED_SCHEMA_ID
 use rialto_protocol::wire;
 use tokio::sync::OnceCell;
 
-use crate::client::Shared;
+use crate::pool::ConnectionPool;
 use crate::response::RawValue;
 use crate::routing::{RoutingTable, ValueLayout};
 use crate::ClientError;
@@ -81,7 +81,7 @@ impl ValueFault {
 }
 
 impl VersionValues {
-    fn new(
+    pub(crate) fn new(
         version: u32,
         layout: ValueLayout,
         dictionary: Option<Arc<DecompressionDictionary>>,
@@ -168,7 +168,8 @@ impl ValueCodecs {
     /// The values of `table`'s version, fetching its dictionary from its servers if needed.
     pub(crate) async fn for_table(
         &self,
-        shared: &Shared,
+        pool: &ConnectionPool,
+        store: &str,
         table: &RoutingTable,
     ) -> Result<Arc<VersionValues>, ClientError> {
         let (Some(version), layout) = (table.version, table.values) else {
@@ -185,7 +186,7 @@ impl ValueCodecs {
         cell.get_or_try_init(|| async {
             let dictionary = match compression {
                 Compression::ZstdDictionary => {
-                    Some(fetch_dictionary(shared, table, version).await?)
+                    Some(fetch_dictionary(pool, store, table, version).await?)
                 }
                 Compression::None | Compression::Zstd => None,
             };
@@ -206,26 +207,25 @@ impl ValueCodecs {
 
 /// Asks the servers of `table` for `version`'s dictionary, one after the other.
 async fn fetch_dictionary(
-    shared: &Shared,
+    pool: &ConnectionPool,
+    store: &str,
     table: &RoutingTable,
     version: u32,
 ) -> Result<Arc<DecompressionDictionary>, ClientError> {
-    let path = wire::dictionary_path(&shared.store, version);
+    let path = wire::dictionary_path(store, version);
     let mut last = String::from("no server hosts the version");
     let mut addresses: Vec<(String, bool)> = table.addresses().into_iter().collect();
     addresses.sort();
     for (address, tls) in addresses {
         let answer = async {
-            let (parts, mut body) = shared
-                .pool
+            let (parts, mut body) = pool
                 .send(&address, tls, http::Method::GET, &path, None)
                 .await?;
-            let bytes = shared
-                .pool
+            let bytes = pool
                 .read_body(&address, &mut body, DICTIONARY_BYTES_MAX)
                 .await?;
             if parts.status != http::StatusCode::OK {
-                return Err(crate::client::error_response(&address, &parts, &bytes));
+                return Err(crate::error::error_response(&address, &parts, &bytes));
             }
             DecompressionDictionary::new(&bytes).map_err(|e| ClientError::Dictionary {
                 version,
@@ -235,11 +235,11 @@ async fn fetch_dictionary(
         .await;
         match answer {
             Ok(dictionary) => {
-                tracing::info!(store = shared.store, version, %address, bytes = dictionary.len(), "compression dictionary fetched");
+                tracing::info!(store, version, %address, bytes = dictionary.len(), "compression dictionary fetched");
                 return Ok(Arc::new(dictionary));
             }
             Err(e) => {
-                tracing::warn!(store = shared.store, version, %address, error = %e, "could not fetch the compression dictionary");
+                tracing::warn!(store, version, %address, error = %e, "could not fetch the compression dictionary");
                 last = e.to_string();
             }
         }
