@@ -26,7 +26,7 @@ use std::time::Instant;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_protocol::wire::StoredValue;
-use rialto_server::ingest::SORTED_CHUNK_BYTES;
+use rialto_server::store::SORTED_CHUNK_BYTES;
 use rialto_server::store::{Engine, Layout, ReplicaStore, Served, SortedFile, WriteOp};
 use rialto_server::validator::Checkpoint;
 

@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -36,95 +35,13 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::call::{Action, Call};
+pub use crate::call::{BatchEvent, Completeness, KeyFailure, Refusal};
 use crate::codecs::Codecs;
 use crate::error::{error_response, ClientError, ERROR_BODY_BYTES_MAX};
 use crate::instances::Instance;
-use crate::response::{BatchResponseDecoder, KeyAnswer, RawValue};
+use crate::response::{BatchResponseDecoder, KeyAnswer};
 use crate::routing::RoutingTable;
 use crate::shared::Shared;
-
-/// One item of a streaming batch-get.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BatchEvent {
-    /// The answer for the key at `index` of the request: its value, or `None` when the store has
-    /// no value for it. Each index is answered at most once, in no particular order.
-    Record {
-        index: usize,
-        key: Bytes,
-        value: Option<RawValue>,
-    },
-    /// The call ended; always the last item.
-    Done(Completeness),
-}
-
-/// A key a batch-get could not read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyFailure {
-    /// Index of the key in the request.
-    pub index: usize,
-    /// Why (the last error seen for it).
-    pub error: String,
-}
-
-/// How a batch-get call ended.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Completeness {
-    /// Keys in the request.
-    pub keys_total: usize,
-    /// Keys answered (found or missing).
-    pub keys_answered: usize,
-    /// Keys not answered, with the reason; sorted by index.
-    pub failed: Vec<KeyFailure>,
-    /// Whether the call hit `request_timeout` (the failed keys then include the timed-out ones).
-    pub timed_out: bool,
-    /// Distinct servers of the initial plan (the call's fanout).
-    pub fanout: usize,
-    /// Addresses of those servers.
-    pub servers: Vec<String>,
-    /// Distinct servers sent any request, retries included.
-    pub servers_contacted: usize,
-    /// Long-tail retries (hedges) sent.
-    pub long_tail_retries: u32,
-    /// Hedges that delivered the first answer for at least one key.
-    pub long_tail_retries_won: u32,
-    /// Requests re-sent after an error.
-    pub error_retries: u32,
-    /// Time from the call to its end.
-    pub elapsed: Duration,
-    /// Set when a server refused keys because the store's read quota was used up (those keys
-    /// are in `failed`; they are not retried elsewhere).
-    pub quota_exceeded: Option<Refusal>,
-    /// Set when a server refused keys because this client's principal may not read the store
-    /// (those keys are in `failed`; they are not retried elsewhere).
-    pub forbidden: Option<Refusal>,
-    /// Set when a server answered that it does not host the version the call was routed to:
-    /// the version was retired while this client still routed to it.
-    pub version_gone: bool,
-}
-
-/// A server's refusal of a read that another replica would refuse too (over quota, forbidden).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub address: String,
-    pub message: String,
-}
-
-impl Completeness {
-    /// Whether every key was answered.
-    pub fn is_complete(&self) -> bool {
-        self.failed.is_empty() && self.keys_answered == self.keys_total
-    }
-}
-
-impl Completeness {
-    /// Counts keys that were answered but whose value could not be used (undecodable, or not
-    /// the application's type) as failed.
-    pub(crate) fn fail_answered(&mut self, failures: Vec<KeyFailure>) {
-        self.keys_answered -= failures.len().min(self.keys_answered);
-        self.failed.extend(failures);
-        self.failed.sort_by_key(|f| f.index);
-    }
-}
 
 /// The stream returned by [`Client::batch_get_stream_raw`](crate::Client::batch_get_stream_raw).
 /// Dropping it cancels the call and its requests.

@@ -292,6 +292,9 @@ impl ComputeRequest {
     }
 }
 
+/// One key's compute results, decoded: `(result name, value or error)` per operation.
+pub type DecodedResults = Vec<(String, Result<Value, String>)>;
+
 /// A request checked against its reader schema: each operation's field position and schema.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -512,7 +515,7 @@ impl Plan {
         &self,
         reader: &AvroCodec,
         bytes: &[u8],
-    ) -> Result<Vec<(String, Result<Value, String>)>, ComputeError> {
+    ) -> Result<DecodedResults, ComputeError> {
         let mut r = Reader::new(bytes);
         let mut out = Vec::with_capacity(self.request.operations.len());
         for (op, (_, schema)) in self.request.operations.iter().zip(&self.fields) {
@@ -1040,7 +1043,7 @@ mod tests {
             let inner = |n: u64| {
                 Value::Record(vec![(
                     "x".into(),
-                    if n % 3 == 0 {
+                    if n.is_multiple_of(3) {
                         Value::Union(0, Box::new(Value::Null))
                     } else {
                         Value::Union(1, Box::new(Value::Int(n as i32 % 1000)))

@@ -15,15 +15,12 @@ use std::time::Duration;
 
 use rialto_backends::mirror::PrefixMap;
 use rialto_backends::PrefixMirror;
-use rialto_protocol::meta::{
-    validate_store_name, Compression, HybridConfig, ReplicaState, StorageProfile, VersionRecord,
-    VersionStatus,
-};
+use rialto_protocol::meta::{validate_store_name, ReplicaState, VersionRecord, VersionStatus};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::node::NodeContext;
-use crate::replica::{ReplicaId, ReplicaSlot};
+use crate::replica::{ReplicaId, ReplicaPlan, ReplicaSlot};
 use crate::store::remove_replica_dir;
 use crate::{ingest, ServerError};
 
@@ -43,22 +40,6 @@ pub(crate) struct DesiredReplicas {
     /// (store, version) of hybrid versions the controller sealed (neither current nor backup
     /// any more): they no longer follow the real-time writes (they serve what they have).
     pub superseded: BTreeSet<(String, u32)>,
-}
-
-/// What a hosted replica is built from, out of its version record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ReplicaPlan {
-    /// The version topic.
-    pub topic: String,
-    /// The version's storage profile.
-    pub storage: StorageProfile,
-    /// The version's value compression (START_OF_PUSH must announce the same codec).
-    pub compression: Compression,
-    /// Of a hybrid version: it follows real-time writes after END_OF_PUSH.
-    pub hybrid: Option<HybridConfig>,
-    /// The push's producer GUID (hex) when the version names one: the push's records from
-    /// any other producer put the replica in ERROR.
-    pub producer: Option<String>,
 }
 
 /// Computes the replicas assigned to `node_id` in a snapshot of the versions prefix.
@@ -330,7 +311,7 @@ async fn wait_until_unique<T>(store: &Arc<T>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rialto_protocol::meta::Layout;
+    use rialto_protocol::meta::{Compression, Layout, StorageProfile};
 
     fn version(store: &str, n: u32, assignment: Vec<Vec<&str>>, status: VersionStatus) -> Vec<u8> {
         let r = VersionRecord {

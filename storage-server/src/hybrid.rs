@@ -35,8 +35,8 @@ use rialto_protocol::producer::PartitionWriter;
 use rialto_protocol::stored::CHECKSUM_BYTES;
 use tokio::sync::watch;
 
-use crate::assignments::ReplicaPlan;
 use crate::node::NodeContext;
+use crate::replica::ReplicaPlan;
 use crate::replica::ReplicaSlot;
 use crate::validator::{guid_hex, GuidHex, ReplayState};
 

@@ -1,24 +1,16 @@
-//! The ingestion task of one replica: version topic partition → validated write batches.
+//! The ingestion task of one replica: version topic partition → validated writes.
 //!
 //! Life cycle reported to etcd: OFFLINE → BOOTSTRAP (engine open, consumer created) → ONLINE
 //! (END_OF_PUSH consumed and applied), or ERROR with a message on any failure.
 //!
-//! Each poll's validated records go into one write batch together with the new checkpoint
-//! (next offset and validation state). On a bad record the records before it are applied with
-//! a checkpoint pointing *at* it, nothing from it onward is, and the replica goes to ERROR.
+//! Each poll's valid records are written with the checkpoint that follows them (next offset and
+//! validation state). On a bad record the records before it are written with a checkpoint
+//! pointing *at* it, nothing from it onward is, and the replica goes to ERROR.
 //!
-//! Two write paths, chosen by START_OF_PUSH: an unsorted push goes through write batches (data
-//! and checkpoint in one batch, see above); a sorted push collects validated records into chunks
-//! of up to [`SORTED_CHUNK_BYTES`] or [`SORTED_CHUNK_AGE`], whichever comes first, that are
-//! written as SST files (PlainTable or block-based) and ingested, the checkpoint following each
-//! ingested chunk (synced; a replay after a crash in between skips the keys already ingested,
-//! see `ReplicaStore::write_sorted`). One chunk is written and ingested on blocking threads while
-//! the task consumes the next, so the file building overlaps the broker and is spread over the
-//! push instead of piling up at END_OF_PUSH; and a chunk's file is written while the chunk before
-//! is ingested (RocksDB reads a whole PlainTable file back to ingest it). A replica holds at most
-//! two chunks in memory. A sorted push whose keys are not
-//! strictly ascending (checked record by record against the last key, kept in the checkpoint)
-//! sends the replica to ERROR.
+//! What a poll's records may be is decided by [`validate_batch`] (`ingest/validate.rs`, pure);
+//! where the valid ones go by the push's write path, write batches or SST chunks
+//! (`ingest/writes.rs`). Either way the progress reported is a checkpoint in the database. A
+//! sorted push whose keys are not strictly ascending sends the replica to ERROR.
 //!
 //! After END_OF_PUSH the task waits a little for the producers' END_OF_SEGMENT (which the push
 //! job writes right after END_OF_PUSH) so that the last segment's checksum is verified before
@@ -32,17 +24,21 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use rialto_backends::{ConsumedRecord, PartitionConsumer};
-use rialto_protocol::envelope::{CompressionCodec, ControlMessage, Envelope, Message};
+use rialto_backends::PartitionConsumer;
 use rialto_protocol::meta::{realtime_topic, ReplicaState, StorageProfile};
-use rialto_protocol::wire::StoredValue;
 use tokio::sync::watch;
 
-use crate::assignments::ReplicaPlan;
 use crate::node::NodeContext;
+use crate::replica::ReplicaPlan;
 use crate::replica::ReplicaSlot;
-use crate::store::{Layout, ReplicaStore, WriteOp};
-use crate::validator::{Admission, Checkpoint, GuidHex, ReplayState, Verdict};
+use crate::store::{Layout, ReplicaStore};
+use crate::validator::Checkpoint;
+
+mod validate;
+mod writes;
+
+pub(crate) use validate::{validate_batch, Hybrid, Rules};
+use writes::{ingests_sst_files, Writes};
 
 /// Most records taken from the consumer per poll (and so per write batch).
 pub const POLL_RECORDS_MAX: usize = 1000;
@@ -54,27 +50,6 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub const END_OF_SEGMENT_WAIT: Duration = Duration::from_secs(2);
 /// Consecutive non-retryable consumer failures tolerated before the replica goes to ERROR.
 pub const CONSUMER_FAILURES_MAX: u32 = 20;
-/// A sorted push is ingested in SST files of at most about this many bytes of keys and values.
-pub const SORTED_CHUNK_BYTES: usize = 32 * 1024 * 1024;
-/// A chunk of a sorted push is ingested once it is this old, full or not: a slow push still makes
-/// durable progress, and the last chunk (built after END_OF_PUSH) holds a few seconds of records.
-pub const SORTED_CHUNK_AGE: Duration = Duration::from_secs(5);
-
-/// When a chunk of a sorted push is written: at `bytes` of keys and values or at `age`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ChunkLimits {
-    pub bytes: usize,
-    pub age: Duration,
-}
-
-impl Default for ChunkLimits {
-    fn default() -> Self {
-        ChunkLimits {
-            bytes: SORTED_CHUNK_BYTES,
-            age: SORTED_CHUNK_AGE,
-        }
-    }
-}
 /// Pause after a failed poll or consumer creation.
 const CONSUMER_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -159,10 +134,10 @@ async fn ingest(
     let mut end_of_push_at: Option<Instant> = None;
     let mut poll_failures = 0u32;
     let mut reported_offset = consumed_from;
-    // Records of a sorted push not yet ingested, and the checkpoint that covers them.
-    let mut chunk = SortedChunk::default();
-    // The checkpoint in the database (`checkpoint` runs ahead of it by the chunk). Progress is
-    // reported from it: a reported offset is always one a restart would resume from.
+    // Where the validated records go: write batches or SST chunks.
+    let mut writes = Writes::new(&checkpoint);
+    // The checkpoint in the database (`checkpoint` runs ahead of it by a pending chunk).
+    // Progress is reported from it: a reported offset is always one a restart would resume from.
     let mut durable = checkpoint.clone();
     loop {
         if let Some(at) = end_of_push_at {
@@ -180,10 +155,10 @@ async fn ingest(
         };
         let Some(polled) = polled else {
             // A graceful stop keeps what was consumed.
-            chunk.ingest(ctx, &store).await?;
+            writes.flush(ctx, &store).await?;
             return Err(Ended::Stopped);
         };
-        if let Some(cp) = chunk.written(ctx).await? {
+        if let Some(cp) = writes.written(ctx).await? {
             durable = cp;
         }
         let records = match polled {
@@ -195,7 +170,7 @@ async fn ingest(
                 if !e.retryable() {
                     poll_failures += 1;
                     if poll_failures >= CONSUMER_FAILURES_MAX {
-                        chunk.abandon().await;
+                        writes.abandon().await;
                         return Err(Ended::Failed(format!(
                             "cannot consume {topic}/{}: {e}",
                             id.partition
@@ -209,17 +184,15 @@ async fn ingest(
                 };
                 if stopped {
                     // A graceful stop keeps what was consumed.
-                    chunk.ingest(ctx, &store).await?;
+                    writes.flush(ctx, &store).await?;
                     return Err(Ended::Stopped);
                 }
                 continue;
             }
         };
         if records.is_empty() {
-            if chunk.is_due(&ctx.sorted_chunk) {
-                if let Some(cp) = chunk.start(ctx, &store).await? {
-                    durable = cp;
-                }
+            if let Some(cp) = writes.idle(ctx, &store).await? {
+                durable = cp;
             }
             // Idle: still publish progress the last busy poll did not get to report.
             if reported_offset != durable.next_offset
@@ -244,28 +217,10 @@ async fn ingest(
                 })?;
         }
         if batch.next != checkpoint {
-            if ingests_sst_files(&batch.next) {
-                chunk.add(batch.ops, batch.next.clone());
-                let written = if batch.next.validation.end_of_push || batch.failure.is_some() {
-                    chunk.ingest(ctx, &store).await?
-                } else if chunk.is_due(&ctx.sorted_chunk) {
-                    chunk.start(ctx, &store).await?
-                } else {
-                    None
-                };
-                if let Some(cp) = written {
-                    durable = cp;
-                }
-            } else {
-                let applied = batch.next.records - checkpoint.records;
-                let (s, ops, cp) = (store.clone(), batch.ops, batch.next.clone());
-                blocking(move || s.apply(&ops, &cp)).await.map_err(|e| {
-                    Ended::Failed(format!("cannot write to the replica database: {e}"))
-                })?;
-                ctx.metrics
-                    .records_ingested
-                    .fetch_add(applied, Ordering::Relaxed);
-                durable = batch.next.clone();
+            let flush = batch.next.validation.end_of_push || batch.failure.is_some();
+            let next = batch.next.clone();
+            if let Some(cp) = writes.write(ctx, &store, batch.ops, next, flush).await? {
+                durable = cp;
             }
             checkpoint = batch.next;
         }
@@ -273,7 +228,7 @@ async fn ingest(
             .duplicates_skipped
             .fetch_add(batch.duplicates, Ordering::Relaxed);
         if let Some(message) = batch.failure {
-            if let Some(cp) = chunk.ingest(ctx, &store).await? {
+            if let Some(cp) = writes.flush(ctx, &store).await? {
                 durable = cp;
             }
             slot.update(&ctx.metrics, |r| {
@@ -286,7 +241,7 @@ async fn ingest(
             tracing::info!(replica = %id, offset = checkpoint.next_offset, "END_OF_PUSH consumed");
             end_of_push_at = Some(Instant::now());
             if plan.hybrid.is_some() {
-                chunk.ingest(ctx, &store).await?;
+                writes.flush(ctx, &store).await?;
                 persist_checkpoint(&store, &checkpoint).await?;
                 // What this poll returned after END_OF_PUSH is read again by the consumer
                 // `follow_realtime` opens.
@@ -309,7 +264,7 @@ async fn ingest(
     // a topic once no replica of it reports OFFLINE or BOOTSTRAP).
     close_consumer(consumer).await;
     // Records consumed after END_OF_PUSH (END_OF_SEGMENT) only move the checkpoint.
-    chunk.ingest(ctx, &store).await?;
+    writes.flush(ctx, &store).await?;
     persist_checkpoint(&store, &checkpoint).await?;
     go_online(ctx, slot, store, &checkpoint, consumed_from).await
 }
@@ -437,7 +392,7 @@ async fn follow_realtime(
         if !records.is_empty() {
             let rules = Rules {
                 hybrid: Hybrid::Following,
-                ..Rules::of(&plan)
+                ..Rules::of(plan)
             };
             let batch = validate_batch(&checkpoint, records, &plan.topic, id.partition, rules);
             if batch.next != checkpoint {
@@ -580,166 +535,6 @@ async fn go_online_following(
     Ok(())
 }
 
-/// Whether this replica's push goes through SST ingestion (START_OF_PUSH says sorted).
-fn ingests_sst_files(checkpoint: &Checkpoint) -> bool {
-    checkpoint
-        .validation
-        .start_of_push
-        .is_some_and(|sop| sop.sorted)
-}
-
-/// Validated records of a sorted push waiting to be written as one SST file, and the chunk before
-/// them being written (at most one: writes stay in order).
-struct SortedChunk {
-    ops: Vec<WriteOp>,
-    bytes: usize,
-    /// The checkpoint after the last record in `ops`.
-    checkpoint: Option<Checkpoint>,
-    started: Instant,
-    writing: Option<ChunkWrite>,
-}
-
-/// A chunk being written and ingested on a blocking thread.
-struct ChunkWrite {
-    task: tokio::task::JoinHandle<Result<(), crate::ServerError>>,
-    /// The checkpoint written with it.
-    checkpoint: Checkpoint,
-    records: u64,
-}
-
-impl Default for SortedChunk {
-    fn default() -> Self {
-        SortedChunk {
-            ops: Vec::new(),
-            bytes: 0,
-            checkpoint: None,
-            started: Instant::now(),
-            writing: None,
-        }
-    }
-}
-
-impl SortedChunk {
-    fn is_empty(&self) -> bool {
-        self.checkpoint.is_none()
-    }
-
-    /// Whether the chunk is full or old enough to be written.
-    fn is_due(&self, limits: &ChunkLimits) -> bool {
-        !self.is_empty() && (self.bytes >= limits.bytes || self.started.elapsed() >= limits.age)
-    }
-
-    fn add(&mut self, ops: Vec<WriteOp>, checkpoint: Checkpoint) {
-        if self.is_empty() {
-            self.started = Instant::now();
-        }
-        self.bytes += ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Put { key, value } => key.len() + value.len(),
-                WriteOp::Delete { key } => key.len(),
-            })
-            .sum::<usize>();
-        self.ops.extend(ops);
-        self.checkpoint = Some(checkpoint);
-    }
-
-    /// Waits for the chunk being written, if any; returns the checkpoint it made durable.
-    async fn wait(&mut self, ctx: &NodeContext) -> Result<Option<Checkpoint>, Ended> {
-        let Some(write) = self.writing.take() else {
-            return Ok(None);
-        };
-        match write.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(Ended::Failed(format!("cannot ingest a sorted chunk: {e}")));
-            }
-            Err(e) => {
-                return Err(Ended::Failed(format!(
-                    "ingesting a sorted chunk panicked: {e}"
-                )));
-            }
-        }
-        ctx.metrics
-            .records_ingested
-            .fetch_add(write.records, Ordering::Relaxed);
-        if write.records > 0 {
-            ctx.metrics
-                .sst_files_ingested
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Some(write.checkpoint))
-    }
-
-    /// The checkpoint of the chunk being written if it is done, without waiting.
-    async fn written(&mut self, ctx: &NodeContext) -> Result<Option<Checkpoint>, Ended> {
-        match &self.writing {
-            Some(write) if write.task.is_finished() => self.wait(ctx).await,
-            _ => Ok(None),
-        }
-    }
-
-    /// Starts writing the chunk in the background, waits for the chunk before it (whose
-    /// ingestion overlaps this chunk's file being written), then leaves this chunk's ingestion
-    /// running, and empties it. Returns the checkpoint the previous chunk made durable, if any.
-    async fn start(
-        &mut self,
-        ctx: &NodeContext,
-        store: &Arc<ReplicaStore>,
-    ) -> Result<Option<Checkpoint>, Ended> {
-        let Some(checkpoint) = self.checkpoint.take() else {
-            return self.wait(ctx).await;
-        };
-        let ops = std::mem::take(&mut self.ops);
-        self.bytes = 0;
-        let records = ops.len() as u64;
-        let (s, chunk) = (store.clone(), checkpoint.next_offset);
-        let written = tokio::task::spawn_blocking(move || s.write_sorted(&ops, chunk));
-        let previous = match self.wait(ctx).await {
-            Ok(previous) => previous,
-            Err(e) => {
-                // Nothing writes to the replica after its task ends.
-                let _ = written.await;
-                return Err(e);
-            }
-        };
-        let (s, cp) = (store.clone(), checkpoint.clone());
-        let task = tokio::spawn(async move {
-            let file = written
-                .await
-                .map_err(|e| crate::ServerError::Task("write a sorted chunk", e.to_string()))??;
-            tokio::task::spawn_blocking(move || s.ingest_written(file, &cp))
-                .await
-                .map_err(|e| crate::ServerError::Task("ingest a sorted chunk", e.to_string()))?
-        });
-        self.writing = Some(ChunkWrite {
-            task,
-            checkpoint,
-            records,
-        });
-        Ok(previous)
-    }
-
-    /// Writes and ingests the chunk (after the one being written), then its checkpoint; empties
-    /// it. Returns the last checkpoint written, `None` if nothing was.
-    async fn ingest(
-        &mut self,
-        ctx: &NodeContext,
-        store: &Arc<ReplicaStore>,
-    ) -> Result<Option<Checkpoint>, Ended> {
-        let previous = self.start(ctx, store).await?;
-        Ok(self.wait(ctx).await?.or(previous))
-    }
-
-    /// Waits for the chunk being written, whatever its outcome: nothing writes to the replica
-    /// after its task ends.
-    async fn abandon(&mut self) {
-        if let Some(write) = self.writing.take() {
-            let _ = write.task.await;
-        }
-    }
-}
-
 /// Runs a blocking database call off the runtime threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::ServerError> + Send + 'static,
@@ -772,251 +567,6 @@ async fn seal(
     let sealed = Arc::new(sealed);
     slot.set_store(sealed.clone());
     Ok(sealed)
-}
-
-/// One poll's records after validation.
-pub(crate) struct Validated {
-    /// The checkpoint after the last valid record (its offset points at the bad record, if any).
-    pub next: Checkpoint,
-    /// The writes of the valid data records.
-    pub ops: Vec<WriteOp>,
-    /// Redelivered records skipped.
-    pub duplicates: u64,
-    /// Why processing stopped at a bad record.
-    pub failure: Option<String>,
-    /// The compression dictionary of a START_OF_PUSH in this poll.
-    pub dictionary: Option<Vec<u8>>,
-}
-
-/// What a version's topic may hold after END_OF_PUSH.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hybrid {
-    /// A batch version: nothing but the push's END_OF_SEGMENT.
-    No,
-    /// A hybrid version still in its push: validation stops after END_OF_PUSH.
-    UntilEndOfPush,
-    /// A hybrid version past END_OF_PUSH: START_OF_BUFFER_REPLAY and records its partition
-    /// leaders copied from the real-time topic.
-    Following,
-}
-
-/// What a version's topic must hold, from its record: the checks [`validate_batch`] makes
-/// beyond producer metadata and envelope integrity.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Rules<'a> {
-    /// The codec START_OF_PUSH must announce (the version's compression).
-    pub codec: CompressionCodec,
-    pub hybrid: Hybrid,
-    /// The only producer the push's records may come from (hex GUID); `None`: any.
-    pub producer: Option<&'a str>,
-}
-
-impl Rules<'_> {
-    /// The rules of a version's push.
-    pub(crate) fn of(plan: &ReplicaPlan) -> Rules<'_> {
-        Rules {
-            codec: plan.compression.codec(),
-            hybrid: Hybrid::from(plan),
-            producer: plan.producer.as_deref(),
-        }
-    }
-
-    /// A version without a named producer, compressed with `codec`.
-    #[cfg(test)]
-    fn batch(codec: CompressionCodec) -> Rules<'static> {
-        Rules {
-            codec,
-            hybrid: Hybrid::No,
-            producer: None,
-        }
-    }
-}
-
-impl From<&ReplicaPlan> for Hybrid {
-    fn from(plan: &ReplicaPlan) -> Hybrid {
-        if plan.hybrid.is_some() {
-            Hybrid::UntilEndOfPush
-        } else {
-            Hybrid::No
-        }
-    }
-}
-
-/// Validates one poll's records against `checkpoint`: producer metadata, envelope integrity,
-/// the START_OF_PUSH codec against the version's (`codec`), and, for a push announced as
-/// sorted, strictly ascending keys.
-pub(crate) fn validate_batch(
-    checkpoint: &Checkpoint,
-    records: Vec<ConsumedRecord>,
-    topic: &str,
-    partition: u32,
-    rules: Rules<'_>,
-) -> Validated {
-    let mut out = Validated {
-        next: checkpoint.clone(),
-        ops: Vec::with_capacity(records.len()),
-        duplicates: 0,
-        failure: None,
-        dictionary: None,
-    };
-    for record in records {
-        let offset = record.offset;
-        if let Err(message) = validate_record(&mut out, record, topic, partition, rules) {
-            out.failure = Some(message);
-            return out;
-        }
-        out.next.next_offset = offset + 1;
-        if rules.hybrid == Hybrid::UntilEndOfPush && out.next.validation.end_of_push {
-            // What follows is consumed again by `follow_realtime`.
-            return out;
-        }
-    }
-    out
-}
-
-fn validate_record(
-    out: &mut Validated,
-    record: ConsumedRecord,
-    topic: &str,
-    partition: u32,
-    rules: Rules<'_>,
-) -> Result<(), String> {
-    let Rules {
-        codec,
-        hybrid,
-        producer,
-    } = rules;
-    let offset = record.offset;
-    let Some(value) = record.value else {
-        return Err(format!(
-            "record without a value at offset {offset} of {topic}/{partition}"
-        ));
-    };
-    let envelope = Envelope::decode(&value)
-        .map_err(|e| format!("corrupt record at offset {offset} of {topic}/{partition}: {e}"))?;
-    // Before the validator takes it in: a push whose values the client would decode wrongly.
-    if let Message::Control(ControlMessage::StartOfPush {
-        codec: announced,
-        dictionary,
-        ..
-    }) = &envelope.message
-    {
-        if *announced != codec {
-            return Err(format!(
-                "START_OF_PUSH at offset {offset} of {topic}/{partition} announces values \
-                 compressed with {announced:?}, but the version's compression is {codec:?}"
-            ));
-        }
-        if codec == CompressionCodec::ZstdWithDictionary && dictionary.is_empty() {
-            return Err(format!(
-                "START_OF_PUSH at offset {offset} of {topic}/{partition} announces \
-                 {codec:?} but carries no dictionary"
-            ));
-        }
-    }
-    // The push (everything before END_OF_PUSH) comes from the producer the version names;
-    // after it, a hybrid version's partition leaders write as producers of their own.
-    if let Some(expected) = producer.filter(|_| !out.next.validation.end_of_push) {
-        let found = GuidHex::new(&envelope.producer.producer_guid);
-        if !found.as_str().eq_ignore_ascii_case(expected) {
-            return Err(format!(
-                "record at offset {offset} of {topic}/{partition} comes from producer {found}, \
-                 but the version's push is producer {expected}: another writer on the version \
-                 topic; nothing from it is applied"
-            ));
-        }
-    }
-    let copied = envelope.upstream.is_some()
-        || matches!(
-            envelope.message,
-            Message::Control(ControlMessage::StartOfBufferReplay { .. })
-        );
-    if copied && hybrid == Hybrid::No {
-        return Err(format!(
-            "record at offset {offset} of {topic}/{partition} belongs to a hybrid version \
-             (real-time replay), but this version is batch-only"
-        ));
-    }
-    let verdict =
-        out.next.validation.check(&envelope).map_err(|e| {
-            format!("invalid record at offset {offset} of {topic}/{partition}: {e}")
-        })?;
-    if let Message::Control(ControlMessage::StartOfBufferReplay { rt_offsets }) = &envelope.message
-    {
-        // The first START_OF_BUFFER_REPLAY counts; a second leader's (a race) is ignored.
-        if out.next.replay.is_none() {
-            let realtime_start = *rt_offsets.first().ok_or_else(|| {
-                format!("START_OF_BUFFER_REPLAY at offset {offset} of {topic}/{partition} names no real-time offset")
-            })?;
-            out.next.replay = Some(ReplayState {
-                start_of_buffer_replay_offset: offset,
-                realtime_start,
-                ..ReplayState::default()
-            });
-        }
-    }
-    if let (Verdict::Apply, Some(upstream)) = (verdict, envelope.upstream) {
-        let replay = out.next.replay.as_mut().ok_or_else(|| {
-            format!(
-                "record at offset {offset} of {topic}/{partition} was copied from the real-time \
-                 topic before any START_OF_BUFFER_REPLAY"
-            )
-        })?;
-        if replay.admit(upstream) == Admission::Skip {
-            out.duplicates += 1;
-            return Ok(());
-        }
-    }
-    match verdict {
-        Verdict::Apply => {}
-        Verdict::Duplicate => {
-            out.duplicates += 1;
-            return Ok(());
-        }
-        Verdict::Control => {
-            if let Message::Control(ControlMessage::StartOfPush { dictionary, .. }) =
-                envelope.message
-            {
-                if !dictionary.is_empty() {
-                    out.dictionary = Some(dictionary);
-                }
-            }
-            return Ok(());
-        }
-    }
-    let op = match envelope.message {
-        Message::Put {
-            key,
-            schema_id,
-            value,
-        } => WriteOp::Put {
-            key,
-            value: StoredValue::encode(schema_id, &value),
-        },
-        Message::Delete { key } => WriteOp::Delete { key },
-        Message::Control(_) => return Ok(()),
-    };
-    let sorted = !out.next.validation.end_of_push
-        && out
-            .next
-            .validation
-            .start_of_push
-            .is_some_and(|sop| sop.sorted);
-    if sorted {
-        if let Some(last) = &out.next.last_key {
-            if op.key() <= last.as_slice() {
-                return Err(format!(
-                    "START_OF_PUSH announced sorted keys, but the key at offset {offset} of \
-                     {topic}/{partition} does not sort after the previous key; push unsorted \
-                     data without the sorted flag"
-                ));
-            }
-        }
-        out.next.last_key = Some(op.key().to_vec());
-    }
-    out.next.records += 1;
-    out.ops.push(op);
-    Ok(())
 }
 
 /// Publishes the replica's consumed offset and record count while it bootstraps.
@@ -1166,13 +716,17 @@ mod tests {
     use super::*;
     use crate::metrics::ServerMetrics;
     use crate::replica::{ReplicaId, ReplicaRegistry};
+    use crate::store::ChunkLimits;
     use crate::testing::PushRecords;
     use crate::validator::guid_hex;
     use rialto_backends::faults::{Faults, FaultyMetaStore};
     use rialto_backends::memory::{MemoryMetaStore, MemoryPubSub};
+    use rialto_backends::ConsumedRecord;
     use rialto_backends::{MetaStore, PubSub};
+    use rialto_protocol::envelope::CompressionCodec;
     use rialto_protocol::envelope::ControlMessage;
     use rialto_protocol::meta::{Layout, LeadershipRecord, NodeRecord, ReplicaRecord};
+    use rialto_protocol::wire::StoredValue;
 
     const TOPIC: &str = "s_v1";
 

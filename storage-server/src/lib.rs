@@ -321,7 +321,7 @@ pub async fn start(
         },
         lease_ttl_s: config.lease_ttl_s,
         lease_id: tokio::sync::Mutex::new(0),
-        sorted_chunk: ingest::ChunkLimits::default(),
+        sorted_chunk: store::ChunkLimits::default(),
         lock_in_memory_stores: config.lock_in_memory_stores,
         realtime_fetch_wait: config.realtime_fetch_wait,
         reports_pending: Default::default(),

@@ -39,7 +39,7 @@ pub(crate) struct NodeContext {
     /// The current lease id; held while writing anything under it.
     pub lease_id: Mutex<i64>,
     /// When a sorted push's chunk is written as an SST file.
-    pub sorted_chunk: crate::ingest::ChunkLimits,
+    pub sorted_chunk: crate::store::ChunkLimits,
     /// Lock in-memory stores' data in memory when they go ONLINE
     /// ([`ServerConfig::lock_in_memory_stores`](crate::ServerConfig::lock_in_memory_stores)).
     pub lock_in_memory_stores: bool,

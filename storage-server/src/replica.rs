@@ -8,11 +8,29 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rialto_protocol::meta::{now_ms, ReplicaRecord, ReplicaState};
+use rialto_protocol::meta::{
+    now_ms, Compression, HybridConfig, ReplicaRecord, ReplicaState, StorageProfile,
+};
 use rialto_protocol::ErrorCode;
 
 use crate::metrics::ServerMetrics;
 use crate::store::ReplicaStore;
+
+/// What a hosted replica is built from, out of its version record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReplicaPlan {
+    /// The version topic.
+    pub topic: String,
+    /// The version's storage profile.
+    pub storage: StorageProfile,
+    /// The version's value compression (START_OF_PUSH must announce the same codec).
+    pub compression: Compression,
+    /// Of a hybrid version: it follows real-time writes after END_OF_PUSH.
+    pub hybrid: Option<HybridConfig>,
+    /// The push's producer GUID (hex) when the version names one: the push's records from
+    /// any other producer put the replica in ERROR.
+    pub producer: Option<String>,
+}
 
 /// One replica: a partition of a store version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

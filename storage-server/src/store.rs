@@ -97,6 +97,28 @@ pub const DEFAULT_BLOCK_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// Read size when warming files into the page cache.
 const WARM_READ_BYTES: usize = 1024 * 1024;
 
+/// A sorted push is ingested in SST files of at most about this many bytes of keys and values.
+pub const SORTED_CHUNK_BYTES: usize = 32 * 1024 * 1024;
+/// A chunk of a sorted push is ingested once it is this old, full or not: a slow push still makes
+/// durable progress, and the last chunk (built after END_OF_PUSH) holds a few seconds of records.
+pub const SORTED_CHUNK_AGE: Duration = Duration::from_secs(5);
+
+/// When a chunk of a sorted push is written: at `bytes` of keys and values or at `age`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkLimits {
+    pub bytes: usize,
+    pub age: Duration,
+}
+
+impl Default for ChunkLimits {
+    fn default() -> Self {
+        ChunkLimits {
+            bytes: SORTED_CHUNK_BYTES,
+            age: SORTED_CHUNK_AGE,
+        }
+    }
+}
+
 /// One change to a replica's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
