@@ -1410,4 +1410,165 @@ mod tests {
         assert_eq!(done.failed.len(), KEYS);
         assert!(done.failed[0].error.contains("no server answered"));
     }
+
+    /// A seeded random source for the schedule test (xorshift: no dependency, same on every
+    /// machine).
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// Whether the store has a value for key `index` (the servers' data, as the schedule test's
+    /// servers answer it).
+    fn stored(index: usize) -> bool {
+        index % 5 != 0
+    }
+
+    /// One randomly interleaved call: servers answer parts of sub-requests in any order, with
+    /// per-key errors, broken connections and late duplicates, while time jumps to the call's
+    /// next wake-up, checking the invariants. Returns how the call ended.
+    fn run_schedule(seed: u64) -> Completeness {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let (mut call, actions, mut now) = started(LongTailRetry::default());
+        let mut in_flight: Vec<usize> = Vec::new();
+        let mut sent_per_key = vec![0usize; KEYS];
+        let mut emitted_keys: Vec<Option<Option<Bytes>>> = vec![None; KEYS];
+        let mut sent = 0usize;
+        let mut apply = |actions: Vec<Action>,
+                         call: &Call,
+                         in_flight: &mut Vec<usize>,
+                         emitted_keys: &mut Vec<Option<Option<Bytes>>>| {
+            for action in actions {
+                match action {
+                    Action::Send { sub, keys, .. } => {
+                        assert_eq!(
+                            sub, sent,
+                            "sub-requests are numbered in order (seed {seed})"
+                        );
+                        sent += 1;
+                        assert_eq!(keys as usize, call.sub_keys(sub).len());
+                        for index in call.sub_keys(sub) {
+                            sent_per_key[index] += 1;
+                        }
+                        in_flight.push(sub);
+                    }
+                    Action::Cancel { sub } => {
+                        assert!(sub < sent, "seed {seed}: cancelled an unsent sub-request");
+                        in_flight.retain(|s| *s != sub);
+                    }
+                    Action::Emit(records) => {
+                        for record in records {
+                            let BatchEvent::Record { index, key, value } = record else {
+                                panic!("seed {seed}: Done inside a record batch");
+                            };
+                            assert_eq!(key, Bytes::from(keys()[index].clone()), "seed {seed}");
+                            let slot = &mut emitted_keys[index];
+                            assert!(slot.is_none(), "seed {seed}: key {index} passed on twice");
+                            *slot = Some(value.map(|v| v.bytes));
+                        }
+                    }
+                }
+            }
+        };
+        apply(actions, &call, &mut in_flight, &mut emitted_keys);
+        let mut steps = 0;
+        while !call.is_over() {
+            steps += 1;
+            assert!(steps < 10_000, "seed {seed}: the call never ends");
+            now += Duration::from_micros(rng.below(3_000) as u64);
+            let choice = rng.below(12);
+            let actions = if in_flight.is_empty() || choice == 0 {
+                // Nothing to hear from, or time passes: jump to the next wake-up.
+                now = now.max(call.wake_at());
+                call.on_time(now)
+            } else {
+                let sub = in_flight[rng.below(in_flight.len())];
+                let keys = call.sub_keys(sub);
+                if choice == 1 {
+                    in_flight.retain(|s| *s != sub);
+                    let result = if rng.below(4) != 0 {
+                        Ok(())
+                    } else {
+                        Err(ClientError::Unreachable {
+                            address: "x".into(),
+                            detail: "connection reset".into(),
+                        })
+                    };
+                    call.on_finished(sub, result, now)
+                } else {
+                    // Some of its keys, in any order, possibly again.
+                    let answers = (0..1 + rng.below(keys.len()))
+                        .map(|_| {
+                            let pos = rng.below(keys.len());
+                            let index = keys[pos];
+                            let answer = match rng.below(40) {
+                                0 => KeyAnswer::Failed(rialto_protocol::ErrorCode::Overloaded),
+                                _ if stored(index) => KeyAnswer::Found(RawValue {
+                                    schema_id: 1,
+                                    bytes: value(index),
+                                }),
+                                _ => KeyAnswer::Missing,
+                            };
+                            (pos as u32, answer)
+                        })
+                        .collect();
+                    call.on_answers(sub, answers, now)
+                }
+            };
+            apply(actions, &call, &mut in_flight, &mut emitted_keys);
+        }
+        let done = call.finish(now);
+        // Every key is either passed on, with exactly the servers' value, or failed.
+        let failed: BTreeSet<usize> = done.failed.iter().map(|f| f.index).collect();
+        assert_eq!(
+            failed.len(),
+            done.failed.len(),
+            "seed {seed}: a key failed twice"
+        );
+        for (index, record) in emitted_keys.iter().enumerate() {
+            match record {
+                Some(value) => {
+                    assert!(
+                        !failed.contains(&index),
+                        "seed {seed}: key {index} both ways"
+                    );
+                    let expected = stored(index).then(|| value_of(index));
+                    assert_eq!(*value, expected, "seed {seed}: key {index}");
+                }
+                None => assert!(failed.contains(&index), "seed {seed}: key {index} lost"),
+            }
+        }
+        let passed = emitted_keys.iter().filter(|r| r.is_some()).count();
+        assert_eq!(done.keys_answered, passed, "seed {seed}");
+        assert_eq!(done.keys_total, KEYS);
+        assert!(
+            sent_per_key.iter().all(|&n| n <= ATTEMPTS_PER_KEY),
+            "seed {seed}: a key sent more than {ATTEMPTS_PER_KEY} times: {sent_per_key:?}"
+        );
+        done
+    }
+
+    fn value_of(index: usize) -> Bytes {
+        value(index)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn random_interleavings_pass_every_key_on_once_with_its_value_or_fail_it() {
+        let ends: Vec<Completeness> = (0..300).map(run_schedule).collect();
+        // The schedules reach every path: hedges (won or not), error retries, keys failed,
+        // timeouts, and calls that read every key.
+        let count = |f: &dyn Fn(&Completeness) -> bool| ends.iter().filter(|d| f(d)).count();
+        assert!(count(&|d| d.long_tail_retries > 0) > 10);
+        assert!(count(&|d| d.long_tail_retries_won > 0) > 0);
+        assert!(count(&|d| d.error_retries > 0) > 10);
+        assert!(count(&|d| !d.failed.is_empty()) > 10);
+        assert!(count(&|d| d.timed_out) > 0);
+        assert!(count(&|d| d.is_complete()) > 10);
+    }
 }
