@@ -51,6 +51,9 @@ mod values;
 
 use std::time::Duration;
 
+/// Avro for the application's own types: `#[derive(apache_avro::AvroSchema)]` gives a type the
+/// schema [`ClientBuilder::connect_typed`] checks.
+pub use apache_avro;
 pub use client::Client;
 pub use compute::{Compute, ComputeEvent, ComputeRecord};
 pub use error::ClientError;
@@ -67,7 +70,7 @@ pub use stats::ClientStats;
 pub use stream::{
     BatchEvent, BatchStream, Completeness, KeyFailure, RawBatchStream, Refusal, ValueEvent,
 };
-pub use typed::{ClientBuilder, TypedBatchStream, TypedEvent};
+pub use typed::{ClientBuilder, KeyOf, TypedBatchStream, TypedClient, TypedEvent};
 
 /// Most keys one `batch_get` call accepts (the servers' default limit per request).
 pub const BATCH_GET_KEYS_MAX: usize = rialto_protocol::wire::BATCH_GET_KEYS_MAX;

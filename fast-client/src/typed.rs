@@ -2,7 +2,36 @@
 //! own types through serde ([`Client::get_as`], [`Client::batch_get_as`]) next to the Avro
 //! [`Value`] API kept for dynamic use.
 //!
-//! A key is converted to an Avro value with `apache_avro::to_value` and encoded with the store's
+//! With types that carry their Avro schema (`#[derive(AvroSchema)]`, re-exported here as
+//! [`apache_avro`](crate::apache_avro)), [`ClientBuilder::connect_typed`] checks them against the
+//! store once, when it connects: the value type's schema becomes the client's reader schema
+//! (so it must read every registered value schema) and the key type's schema must read as the
+//! store's key schema. The [`TypedClient`] it returns reads in those types only.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), rialto_fast_client::ClientError> {
+//! use rialto_fast_client::apache_avro::{self, AvroSchema};
+//! use rialto_fast_client::Client;
+//!
+//! #[derive(serde::Deserialize, AvroSchema)]
+//! struct Recommendation {
+//!     member: i64,
+//!     items: Vec<i64>,
+//!     score: f64,
+//! }
+//!
+//! let recs = Client::builder("demo")
+//!     .etcd(["http://127.0.0.1:2379"])
+//!     .connect_typed::<String, Recommendation>()
+//!     .await?;
+//! let one: Option<Recommendation> = recs.get("member-42").await?;
+//! let many = recs.batch_get(&["member-1", "member-2"]).await?;
+//! # let _ = (one, many);
+//! # Ok(()) }
+//! ```
+//!
+//! Without schemas on the types, any serde type can be read per call ([`Client::get_as`]):
+//! a key is converted to an Avro value with `apache_avro::to_value` and encoded with the store's
 //! key schema (resolved to it when the shapes differ, e.g. a struct for a record); a value is
 //! decoded with its writer schema, resolved to the client's reader schema, and converted with
 //! `apache_avro::from_value`. A type that does not fit the schema fails that call with
@@ -37,8 +66,10 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 
+use apache_avro::AvroSchema;
 use rialto_backends::MetaStore;
 use rialto_protocol::avro::Value;
+use rialto_protocol::schema_compat::can_read;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -49,7 +80,7 @@ use crate::{Client, ClientConfig, ClientError, ClientTls, ReaderSchema};
 #[cfg(feature = "etcd")]
 const ETCD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn to_avro<K: Serialize>(key: &K) -> Result<Value, ClientError> {
+fn to_avro<K: Serialize + ?Sized>(key: &K) -> Result<Value, ClientError> {
     apache_avro::to_value(key).map_err(|e| ClientError::Typed {
         what: "key",
         type_name: std::any::type_name::<K>(),
@@ -220,6 +251,40 @@ impl ClientBuilder {
         Client::connect(self.config, meta).await
     }
 
+    /// Connects a client that reads the store as `K` → `V`, both checked here, once: `V`'s Avro
+    /// schema becomes the reader schema, so it must read every registered value schema (values
+    /// are resolved to it, defaults filled, fields it lacks dropped), and `K`'s schema must read
+    /// as the store's key schema. A type that does not fit fails here with
+    /// [`ClientError::Typed`] naming it and the reason, before any read.
+    pub async fn connect_typed<K, V>(self) -> Result<TypedClient<K, V>, ClientError>
+    where
+        K: AvroSchema + Serialize,
+        V: AvroSchema + DeserializeOwned,
+    {
+        let value_schema = serde_json::to_string(&V::get_schema()).map_err(|e| {
+            typed_error::<V>("value", format!("its Avro schema does not serialize: {e}"))
+        })?;
+        let client = self
+            .reader_schema(ReaderSchema::Schema(value_schema))
+            .connect()
+            .await
+            .map_err(|e| match e {
+                ClientError::Schema(e) => typed_error::<V>("value", e.to_string()),
+                e => e,
+            })?;
+        let key_schema = client.shared.codecs().key.schema().clone();
+        can_read(&K::get_schema(), &key_schema).map_err(|e| {
+            typed_error::<K>(
+                "key",
+                format!("its Avro schema does not read as the store's key schema: {e}"),
+            )
+        })?;
+        Ok(TypedClient {
+            client,
+            _types: PhantomData,
+        })
+    }
+
     #[cfg(feature = "etcd")]
     async fn connect_etcd(&self) -> Result<Arc<dyn MetaStore>, ClientError> {
         let Some((endpoints, tls)) = &self.etcd else {
@@ -237,6 +302,67 @@ impl ClientBuilder {
     #[cfg(not(feature = "etcd"))]
     async fn connect_etcd(&self) -> Result<Arc<dyn MetaStore>, ClientError> {
         Err(no_metadata())
+    }
+}
+
+fn typed_error<T>(what: &'static str, detail: String) -> ClientError {
+    ClientError::Typed {
+        what,
+        type_name: std::any::type_name::<T>(),
+        detail,
+    }
+}
+
+/// What may stand for a key of type `K` in a [`TypedClient`]'s reads: `K`, a reference to it,
+/// and a string slice for a `String` key.
+pub trait KeyOf<K>: Serialize {}
+
+impl<K: Serialize> KeyOf<K> for K {}
+impl<K: Serialize> KeyOf<K> for &K {}
+impl KeyOf<String> for str {}
+impl KeyOf<String> for &str {}
+
+/// A client reading one store as the application's key and value types, checked against the
+/// store's schemas when it connected ([`ClientBuilder::connect_typed`]). Cheap to clone.
+pub struct TypedClient<K, V> {
+    client: Client,
+    _types: PhantomData<fn(&K) -> V>,
+}
+
+impl<K, V> Clone for TypedClient<K, V> {
+    fn clone(&self) -> Self {
+        TypedClient {
+            client: self.client.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K: Serialize, V: DeserializeOwned> TypedClient<K, V> {
+    /// Reads one key; `None` when the store has no value for it.
+    pub async fn get<Q: KeyOf<K> + ?Sized>(&self, key: &Q) -> Result<Option<V>, ClientError> {
+        match self.client.get(&to_avro(key)?).await? {
+            Some(value) => Ok(Some(from_avro(&value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads many keys, in the order asked.
+    pub async fn batch_get<Q: KeyOf<K>>(&self, keys: &[Q]) -> Result<Vec<Option<V>>, ClientError> {
+        self.client.batch_get_as(keys).await
+    }
+
+    /// Streaming batch-get: records as the servers send them, then [`TypedEvent::Done`].
+    pub fn batch_get_stream<Q: KeyOf<K>>(
+        &self,
+        keys: &[Q],
+    ) -> Result<TypedBatchStream<V>, ClientError> {
+        self.client.batch_get_stream_as(keys)
+    }
+
+    /// The untyped client underneath (statistics, the `Value` API, read compute).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+use rialto_fast_client::apache_avro::{self, AvroSchema};
 use rialto_local::{LocalCluster, LocalOptions};
 use rialto_protocol::avro::Value;
 
@@ -229,11 +230,25 @@ async fn a_second_push_swaps_and_the_admin_api_answers_over_http() {
     cluster.shutdown().await;
 }
 
-#[derive(Debug, PartialEq, serde::Deserialize)]
+#[derive(Debug, PartialEq, serde::Deserialize, AvroSchema)]
 struct Recommendation {
     member: i64,
     items: Vec<i64>,
     score: f64,
+}
+
+/// Reads one field of the stored records.
+#[derive(Debug, PartialEq, serde::Deserialize, AvroSchema)]
+#[avro(name = "Recommendation")]
+struct Score {
+    score: f64,
+}
+
+/// Its `member` cannot be read from the stored long.
+#[derive(Debug, PartialEq, serde::Deserialize, AvroSchema)]
+#[avro(name = "Recommendation")]
+struct Recommendation2 {
+    member: String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,6 +345,63 @@ async fn typed_reads_return_the_applications_structs_and_name_a_type_that_does_n
         }
         other => panic!("a value of the wrong type came as a record: {other:?}"),
     }
+
+    // Types that carry their schema are checked once, at connect.
+    let typed = rialto_fast_client::Client::builder("recs")
+        .meta(cluster.meta())
+        .connect_typed::<String, Recommendation>()
+        .await
+        .unwrap();
+    assert_eq!(
+        typed.get("m42").await.unwrap(),
+        Some(Recommendation {
+            member: 42,
+            items: vec![42, 7],
+            score: 0.5
+        })
+    );
+    let many = typed.batch_get(&["m1", "nope", "m99"]).await.unwrap();
+    let members: Vec<Option<i64>> = many.iter().map(|r| r.as_ref().map(|r| r.member)).collect();
+    assert_eq!(members, [Some(1), None, Some(99)]);
+    // A type that reads only some of the fields is a projection of the stored values.
+    let scores = rialto_fast_client::Client::builder("recs")
+        .meta(cluster.meta())
+        .connect_typed::<String, Score>()
+        .await
+        .unwrap();
+    assert_eq!(
+        scores.get(&"m3".to_string()).await.unwrap(),
+        Some(Score { score: 0.5 })
+    );
+    // A value type the store's values cannot be read as fails at connect, naming it.
+    let wrong = rialto_fast_client::Client::builder("recs")
+        .meta(cluster.meta())
+        .connect_typed::<String, Recommendation2>()
+        .await
+        .err()
+        .expect("a member that is a string cannot read a long");
+    assert!(
+        matches!(
+            wrong,
+            rialto_fast_client::ClientError::Typed { what: "value", .. }
+        ),
+        "{wrong}"
+    );
+    assert!(wrong.to_string().contains("Recommendation2"), "{wrong}");
+    // So does a key type the store's keys are not.
+    let wrong_key = rialto_fast_client::Client::builder("recs")
+        .meta(cluster.meta())
+        .connect_typed::<i64, Recommendation>()
+        .await
+        .err()
+        .expect("a long is not a string key");
+    assert!(
+        matches!(
+            wrong_key,
+            rialto_fast_client::ClientError::Typed { what: "key", .. }
+        ),
+        "{wrong_key}"
+    );
 
     let no_store = rialto_fast_client::Client::builder("recs").connect().await;
     assert!(matches!(
