@@ -1,6 +1,7 @@
-//! Streaming batch-get: the engine behind [`Client::batch_get_stream_raw`] and `batch_get`.
+//! Streaming batch-get: the engine behind
+//! [`Client::batch_get_stream_raw`](crate::Client::batch_get_stream_raw) and `batch_get`.
 //!
-//! One call runs as one task ([`drive`]) around the call's state machine ([`crate::call::Call`]):
+//! One call runs as one task (`drive`) around the call's state machine (`call::Call`):
 //! the task carries out what the machine decides and feeds it what happens. Each request to a
 //! server (a *sub-request*) runs as its own task and reports back through the call's inbox as
 //! response chunks arrive, so records reach the application while the rest is still on the wire.

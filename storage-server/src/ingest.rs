@@ -7,7 +7,7 @@
 //! validation state). On a bad record the records before it are written with a checkpoint
 //! pointing *at* it, nothing from it onward is, and the replica goes to ERROR.
 //!
-//! What a poll's records may be is decided by [`validate_batch`] (`ingest/validate.rs`, pure);
+//! What a poll's records may be is decided by `validate_batch` (`ingest/validate.rs`, pure);
 //! where the valid ones go by the push's write path, write batches or SST chunks
 //! (`ingest/writes.rs`). Either way the progress reported is a checkpoint in the database. A
 //! sorted push whose keys are not strictly ascending sends the replica to ERROR.

@@ -4,9 +4,15 @@
 //!
 //! * `node`: registration under an etcd lease, replica reports, re-registration.
 //! * `assignments`: follows the versions prefix, starts and drops replicas.
-//! * [`ingest`]: one task per replica, version topic → validated write batches.
+//! * [`replica`]: a hosted replica's identity, plan, slot and record; the registry reads use.
+//! * [`ingest`]: one task per replica, version topic → validated writes (write batches for an
+//!   unsorted push, SST chunks for a sorted one: `ingest/writes.rs`; what records may be:
+//!   `ingest/validate.rs`).
+//! * [`hybrid`]: a hybrid replica's partition leadership, replay and real-time copy, and lag.
 //! * [`validator`]: producer-metadata rules and the checkpoint that carries their state.
 //! * [`store`]: one RocksDB instance per replica ([`ReplicaStore`]).
+//! * [`authz`], [`limits`]: who may read a store; load shedding and read quotas.
+//! * `compute`: read compute on stored values.
 //! * [`residency`]: how much of a file is in the page cache (`mincore`).
 //! * [`usage`]: re-measures the ONLINE replicas' bytes while they serve.
 //! * `http`: the HTTP/2 read endpoint (get, streamed batch-get, health, metrics).
