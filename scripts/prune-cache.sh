@@ -2,7 +2,8 @@
 # Keeps the shared cargo target dir from growing without bound: every clone and every edit leaves
 # incremental-compilation sessions and test executables behind (the dir reached 66 GB once).
 # Removes incremental sessions and test/bench executables untouched for PRUNE_DAYS (default 2),
-# and every incremental session once they take more than PRUNE_INCREMENTAL_GB;
+# every incremental session once they take more than PRUNE_INCREMENTAL_GB, and all but the
+# newest PRUNE_KEEP_EXECUTABLES executables of each test or bench;
 # never touches compiled dependencies (.rlib/.rmeta/.so) or build-script outputs, so RocksDB's
 # C++ is never rebuilt because of this.
 set -euo pipefail
@@ -23,8 +24,19 @@ if [ -d "$debug/incremental" ]; then
 fi
 if [ -d "$debug/deps" ]; then
     # Test and bench executables: hashed names without an extension.
-    find "$debug/deps" -maxdepth 1 -type f -perm -u+x -regextype posix-extended -regex '.*-[0-9a-f]{16}' \
-        -mtime +"$days" -delete
+    executables() {
+        find "$debug/deps" -maxdepth 1 -type f -perm -u+x -regextype posix-extended \
+            -regex '.*-[0-9a-f]{16}' "$@"
+    }
+    executables -mtime +"$days" -delete
+    # An edit of a crate many tests link leaves a new executable of each (300-500 MB with debug
+    # info), and a day of edits and clones outgrows the age rule (37 GB of them filled the disk
+    # once): of each name only the newest PRUNE_KEEP_EXECUTABLES (default 2: this checkout's and
+    # a CI clone's) stay.
+    executables -printf '%T@ %p\n' | sort -rn \
+        | awk -v keep="${PRUNE_KEEP_EXECUTABLES:-2}" \
+            '{ name = $2; sub(/-[0-9a-f]+$/, "", name); if (++seen[name] > keep) print $2 }' \
+        | xargs -r rm -f
 fi
 after=$(du -sm "$debug" | cut -f1)
 echo "prune-cache: $debug ${before} MB -> ${after} MB"
