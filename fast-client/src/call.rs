@@ -1533,13 +1533,13 @@ mod tests {
         );
         for (index, record) in emitted_keys.iter().enumerate() {
             match record {
-                Some(value) => {
+                Some(read) => {
                     assert!(
                         !failed.contains(&index),
                         "seed {seed}: key {index} both ways"
                     );
-                    let expected = stored(index).then(|| value_of(index));
-                    assert_eq!(*value, expected, "seed {seed}: key {index}");
+                    let expected = stored(index).then(|| value(index));
+                    assert_eq!(*read, expected, "seed {seed}: key {index}");
                 }
                 None => assert!(failed.contains(&index), "seed {seed}: key {index} lost"),
             }
@@ -1552,10 +1552,6 @@ mod tests {
             "seed {seed}: a key sent more than {ATTEMPTS_PER_KEY} times: {sent_per_key:?}"
         );
         done
-    }
-
-    fn value_of(index: usize) -> Bytes {
-        value(index)
     }
 
     #[tokio::test(start_paused = true)]

@@ -108,7 +108,7 @@ impl Client {
     }
 
     /// Reads one key as the application's types; `None` when the key has no value.
-    pub async fn get_as<K: Serialize, V: DeserializeOwned>(
+    pub async fn get_as<K: Serialize + ?Sized, V: DeserializeOwned>(
         &self,
         key: &K,
     ) -> Result<Option<V>, ClientError> {
@@ -341,10 +341,7 @@ impl<K, V> Clone for TypedClient<K, V> {
 impl<K: Serialize, V: DeserializeOwned> TypedClient<K, V> {
     /// Reads one key; `None` when the store has no value for it.
     pub async fn get<Q: KeyOf<K> + ?Sized>(&self, key: &Q) -> Result<Option<V>, ClientError> {
-        match self.client.get(&to_avro(key)?).await? {
-            Some(value) => Ok(Some(from_avro(&value)?)),
-            None => Ok(None),
-        }
+        self.client.get_as(key).await
     }
 
     /// Reads many keys, in the order asked.
