@@ -16,7 +16,8 @@ use axum::{Json, Router};
 use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
 use rialto_protocol::admin::{
-    AclChangeRequest, ControllersView, NodeDescription, NodeReplica, RealtimeTarget,
+    AclChangeRequest, ControllersView, NodeDescription, NodeReplica, RealtimeDecisionRequest,
+    RealtimeTarget,
 };
 use rialto_protocol::admin::{
     AddValueSchemaRequest, AddValueSchemaResponse, CreateStoreRequest, FailPushRequest,
@@ -26,9 +27,9 @@ use rialto_protocol::admin::{
 use rialto_protocol::avro::{AvroCodec, Schema};
 use rialto_protocol::meta::{
     realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, LeadershipRecord,
-    NodeRecord, ReplicaRecord, ReplicaState, StoreRecord, ValueSchema, VersionRecord,
-    VersionStatus, DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP, PARTITION_COUNT_MAX,
-    REPLICATION_FACTOR_MAX, VERSIONS_TO_KEEP_MAX,
+    NodeRecord, RealtimeDecision, ReplicaRecord, ReplicaState, StoreRecord, ValueSchema,
+    VersionRecord, VersionStatus, DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP,
+    PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX, VERSIONS_TO_KEEP_MAX,
 };
 use rialto_protocol::producer::{guid_hex, parse_guid_hex};
 use rialto_protocol::schema_compat::check_full;
@@ -127,6 +128,10 @@ pub(crate) fn router(state: ApiState) -> Router {
             get(list_value_schemas).post(add_value_schema),
         )
         .route("/v1/stores/{store}/realtime", get(realtime_target))
+        .route(
+            "/v1/stores/{store}/realtime/decisions",
+            get(list_realtime_decisions).post(decide_realtime_record),
+        )
         .route("/v1/stores/{store}/rollback", post(rollback))
         .route("/v1/stores/{store}/roll-forward", post(roll_forward))
         .route("/v1/controllers", get(controllers))
@@ -564,6 +569,80 @@ async fn realtime_target(
             kafka_bootstrap: st.kafka_bootstrap.clone(),
         }),
     ))
+}
+
+/// `GET /v1/stores/{store}/realtime/decisions`: the operator's decisions about refused
+/// real-time records, by partition and offset.
+async fn list_realtime_decisions(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<Vec<RealtimeDecision>> {
+    get_store(&st, &store).await?;
+    let (items, _) = st
+        .meta
+        .list(&st.layout.realtime_decisions_prefix(&store))
+        .await?;
+    let decisions = items
+        .iter()
+        .map(|kv| parse_record(&kv.key, &kv.value))
+        .collect::<Result<Vec<RealtimeDecision>, _>>()?;
+    Ok((StatusCode::OK, Json(decisions)))
+}
+
+/// `POST /v1/stores/{store}/realtime/decisions`: tells the partition leader halted on a refused
+/// real-time record what to do with it (a later decision about the same record replaces it).
+async fn decide_realtime_record(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+    Extension(caller): Extension<Caller>,
+    raw: Bytes,
+) -> ApiResult<RealtimeDecision> {
+    let request: RealtimeDecisionRequest = body(&raw, "real-time decision")?;
+    let record = get_store(&st, &store).await?;
+    if record.deleting {
+        return Err(being_deleted(&store));
+    }
+    if record.hybrid.is_none() {
+        return Err(ControllerError::Conflict(format!(
+            "store `{store}` is not hybrid: it has no real-time topic"
+        )));
+    }
+    if request.partition >= record.partition_count {
+        return Err(ControllerError::BadRequest(format!(
+            "store `{store}` has {} partitions; there is no partition {}",
+            record.partition_count, request.partition
+        )));
+    }
+    if request.offset < 0 {
+        return Err(ControllerError::BadRequest(format!(
+            "offset {} is negative",
+            request.offset
+        )));
+    }
+    let decision = RealtimeDecision {
+        partition: request.partition,
+        offset: request.offset,
+        action: request.action,
+        decided_by: caller
+            .0
+            .as_ref()
+            .map_or(rialto_security::principal::ANONYMOUS, |p| p.as_str())
+            .to_string(),
+        decided_ms: now_ms(),
+    };
+    let key = st
+        .layout
+        .realtime_decision(&store, request.partition, request.offset);
+    st.meta.put(&key, encode_record(&decision)?, None).await?;
+    tracing::warn!(
+        %store,
+        partition = decision.partition,
+        offset = decision.offset,
+        action = decision.action.name(),
+        by = %decision.decided_by,
+        "real-time record decision recorded"
+    );
+    Ok((StatusCode::OK, Json(decision)))
 }
 
 async fn version_description(

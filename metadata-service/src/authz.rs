@@ -238,6 +238,13 @@ mod tests {
             requirement(&Method::POST, "/v1/acls/stores/feed/grant"),
             store(Permission::Admin)
         );
+        for method in [Method::GET, Method::POST] {
+            assert_eq!(
+                requirement(&method, "/v1/stores/feed/realtime/decisions"),
+                store(Permission::Admin),
+                "deciding what becomes of real-time records is the store's administrators'"
+            );
+        }
         assert_eq!(requirement(&Method::GET, "/v1/acls/cluster"), ClusterAdmin);
         assert_eq!(
             requirement(&Method::POST, "/v1/nodes/n1/drain"),

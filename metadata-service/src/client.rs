@@ -18,8 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rialto_backends::Network;
 use rialto_protocol::admin::{
     AclChangeRequest, AclRecord, AddValueSchemaRequest, AddValueSchemaResponse, ApiError,
-    ControllersView, CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeTarget,
-    StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
+    ControllersView, CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeDecision,
+    RealtimeDecisionRequest, RealtimeTarget, StartPushRequest, StartPushResponse, StoreDescription,
+    UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord, ValueSchema};
 use serde::de::DeserializeOwned;
@@ -344,6 +345,34 @@ impl AdminClient {
         self.call(
             Method::GET,
             &format!("/v1/stores/{}/realtime", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/stores/{store}/realtime/decisions`: what the halted partition leader does with
+    /// the real-time record it refused at `offset` of `partition` (needs `admin`).
+    pub async fn decide_realtime_record(
+        &self,
+        store: &str,
+        request: &RealtimeDecisionRequest,
+    ) -> Result<RealtimeDecision, ControllerError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/stores/{}/realtime/decisions", segment(store)),
+            Self::json(request)?,
+        )
+        .await
+    }
+
+    /// `GET /v1/stores/{store}/realtime/decisions` (needs `admin`).
+    pub async fn realtime_decisions(
+        &self,
+        store: &str,
+    ) -> Result<Vec<RealtimeDecision>, ControllerError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/stores/{}/realtime/decisions", segment(store)),
             None,
         )
         .await

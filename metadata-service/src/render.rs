@@ -299,6 +299,22 @@ pub fn nodes(nodes: &[NodeRecord]) -> String {
     t.render()
 }
 
+/// `realtime decisions`.
+pub fn realtime_decisions(decisions: &[rialto_protocol::meta::RealtimeDecision]) -> String {
+    let mut t = Table::new(["PARTITION", "OFFSET", "ACTION", "BY", "AGE"]);
+    let now = rialto_protocol::meta::now_ms();
+    for d in decisions {
+        t.row([
+            d.partition.to_string(),
+            d.offset.to_string(),
+            d.action.name().to_string(),
+            d.decided_by.clone(),
+            format!("{} s", (now - d.decided_ms).max(0) / 1000),
+        ]);
+    }
+    t.render()
+}
+
 /// `controllers`.
 pub fn controllers(v: &rialto_protocol::admin::ControllersView) -> String {
     let leader = match (&v.leader, v.leader_since_ms) {

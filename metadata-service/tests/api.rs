@@ -779,3 +779,101 @@ async fn a_caller_over_its_call_rate_is_throttled_before_any_work_and_the_client
     );
     controller.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn realtime_decisions_are_checked_recorded_replaced_and_deleted_with_their_store() {
+    use rialto_protocol::admin::{RealtimeAction, RealtimeDecisionRequest};
+    let f = fixture().await;
+    add_node(&f, "n1", "a").await;
+    add_node(&f, "n2", "b").await;
+    let decide = |partition, offset, action| RealtimeDecisionRequest {
+        partition,
+        offset,
+        action,
+    };
+    f.client.create_store(&create_req("batch")).await.unwrap();
+    let e = f
+        .client
+        .decide_realtime_record("batch", &decide(0, 0, RealtimeAction::Skip))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), (409, "conflict"));
+    assert!(e.to_string().contains("not hybrid"), "{e}");
+    let e = f
+        .client
+        .decide_realtime_record("nope", &decide(0, 0, RealtimeAction::Skip))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), (404, "not_found"));
+
+    let mut hybrid = create_req("feed");
+    hybrid.hybrid = Some(rialto_protocol::meta::HybridConfig {
+        rewind_seconds: 60,
+        lag_records_max: 10,
+    });
+    f.client.create_store(&hybrid).await.unwrap();
+    for bad in [
+        decide(2, 0, RealtimeAction::Skip),
+        decide(0, -1, RealtimeAction::Skip),
+    ] {
+        let e = f
+            .client
+            .decide_realtime_record("feed", &bad)
+            .await
+            .unwrap_err();
+        assert_eq!(api_status(&e), (400, "bad_request"), "{bad:?}");
+    }
+    let d = f
+        .client
+        .decide_realtime_record("feed", &decide(1, 7, RealtimeAction::Skip))
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.partition, d.offset, d.action),
+        (1, 7, RealtimeAction::Skip)
+    );
+    assert_eq!(d.decided_by, "anonymous");
+    // A later decision about the same record replaces it.
+    f.client
+        .decide_realtime_record("feed", &decide(1, 7, RealtimeAction::Accept))
+        .await
+        .unwrap();
+    f.client
+        .decide_realtime_record("feed", &decide(0, 3, RealtimeAction::Skip))
+        .await
+        .unwrap();
+    let listed: Vec<_> = f
+        .client
+        .realtime_decisions("feed")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.partition, d.offset, d.action))
+        .collect();
+    assert_eq!(
+        listed,
+        [(0, 3, RealtimeAction::Skip), (1, 7, RealtimeAction::Accept)]
+    );
+    // The servers read the decision where the layout says.
+    let kv = f
+        .meta
+        .get(&f.layout.realtime_decision("feed", 1, 7))
+        .await
+        .unwrap()
+        .expect("stored");
+    let stored: rialto_protocol::meta::RealtimeDecision =
+        rialto_protocol::meta::decode_record(&kv.value).unwrap();
+    assert_eq!(stored.action, RealtimeAction::Accept);
+
+    f.client.delete_store("feed").await.unwrap();
+    let (meta, layout) = (&f.meta, &f.layout);
+    wait_until("the store's decisions deleted", || async move {
+        let (left, _) = meta
+            .list(&layout.realtime_decisions_prefix("feed"))
+            .await
+            .unwrap();
+        left.is_empty() && meta.get(&layout.store("feed")).await.unwrap().is_none()
+    })
+    .await;
+    f.controller.shutdown().await.unwrap();
+}

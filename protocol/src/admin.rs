@@ -17,6 +17,8 @@
 //! | `POST /v1/stores/{store}/rollback` | – | 200 [`StoreRecord`] |
 //! | `POST /v1/stores/{store}/roll-forward` | – | 200 [`StoreRecord`] |
 //! | `DELETE /v1/stores/{store}/versions/{version}` | – | 200 [`VersionDescription`] |
+//! | `GET /v1/stores/{store}/realtime/decisions` | – | 200 `[RealtimeDecision]` |
+//! | `POST /v1/stores/{store}/realtime/decisions` | [`RealtimeDecisionRequest`] | 200 [`RealtimeDecision`] |
 //! | `GET /v1/nodes` | – | 200 `[NodeRecord]` |
 //! | `GET /v1/nodes/{node}` | – | 200 [`NodeDescription`] |
 //! | `POST /v1/nodes/{node}/drain` | – | 200 [`NodeDescription`] |
@@ -37,6 +39,7 @@ use crate::meta::{
     Compression, HybridConfig, NodeRecord, ReplicaState, StorageProfile, StoreRecord, ValueFormat,
     VersionRecord,
 };
+pub use crate::meta::{RealtimeAction, RealtimeDecision};
 
 /// Body of `POST /v1/stores`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +253,15 @@ pub struct RealtimeTarget {
     pub topic: String,
     /// Kafka bootstrap servers to produce to.
     pub kafka_bootstrap: String,
+}
+
+/// Body of `POST /v1/stores/{store}/realtime/decisions`: what the partition leader does with the
+/// real-time record it refused at `offset` of `partition` (the replica's error names both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeDecisionRequest {
+    pub partition: u32,
+    pub offset: i64,
+    pub action: RealtimeAction,
 }
 
 /// Body of the ACL grant and revoke calls.

@@ -11,6 +11,9 @@
 //! {root}/partition-leaders/{store}/{version:010}/{partition:05}
 //!                                                    node id          a hybrid version's partition leader, under its lease
 //! {root}/drains/{node_id}                            DrainRecord      written by the admin API: move this node's replicas away
+//! {root}/realtime-decisions/{store}/{partition:05}/{offset:020}
+//!                                                    RealtimeDecision written by the admin API: what a partition leader does
+//!                                                                     with a real-time record it refused
 //! ```
 //!
 //! Version numbers and partitions are zero-padded so that etcd's lexical order is numeric order.
@@ -214,6 +217,19 @@ impl Layout {
     /// A node an operator asked to empty before maintenance.
     pub fn drain(&self, node_id: &str) -> String {
         format!("{}/drains/{node_id}", self.root)
+    }
+
+    /// An operator's decisions about real-time records a partition leader refused.
+    pub fn realtime_decisions_prefix(&self, store: &str) -> String {
+        format!("{}/realtime-decisions/{store}/", self.root)
+    }
+    /// The decision about the record at `offset` of partition `partition` of the store's
+    /// real-time topic (a [`RealtimeDecision`]).
+    pub fn realtime_decision(&self, store: &str, partition: u32, offset: i64) -> String {
+        format!(
+            "{}/realtime-decisions/{store}/{partition:05}/{offset:020}",
+            self.root
+        )
     }
 
     /// Every ACL record: the cluster's and each store's (see [`crate::acl`]).
@@ -609,6 +625,42 @@ pub struct DrainRecord {
     pub requested_ms: i64,
 }
 
+/// What a halted partition leader does with the real-time record it refused (a record that does
+/// not decode, or whose producer metadata shows lost, corrupted or foreign records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RealtimeAction {
+    /// Drop the record: it is never copied into the version topic.
+    Skip,
+    /// Copy the record although its producer metadata was refused (a gap before it, a segment
+    /// whose checksum did not match): only a record that decodes can be accepted.
+    Accept,
+}
+
+impl RealtimeAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            RealtimeAction::Skip => "skip",
+            RealtimeAction::Accept => "accept",
+        }
+    }
+}
+
+/// An operator's decision about one refused real-time record (`rialto-admin realtime skip` or
+/// `accept`). It holds for every version of the store: a later version whose leader replays the
+/// same record decides the same way. After it the leader checks producer metadata afresh, as a
+/// new leader starting after that record would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeDecision {
+    pub partition: u32,
+    /// The record's offset in the real-time topic's partition.
+    pub offset: i64,
+    pub action: RealtimeAction,
+    /// Who decided (the caller's principal, or `anonymous` without authentication).
+    pub decided_by: String,
+    pub decided_ms: i64,
+}
+
 /// A storage server, registered under its lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -633,7 +685,9 @@ pub enum ReplicaState {
 }
 
 impl ReplicaState {
-    /// Whether the transition `self -> to` is allowed.
+    /// Whether the transition `self -> to` is allowed. A hybrid replica whose partition leader
+    /// halts on a refused real-time record goes from ONLINE (or BOOTSTRAP) to ERROR, and back
+    /// to BOOTSTRAP once an operator has decided about the record.
     pub fn can_become(self, to: ReplicaState) -> bool {
         use ReplicaState::*;
         matches!(
@@ -642,6 +696,8 @@ impl ReplicaState {
                 | (Bootstrap, Online)
                 | (Bootstrap, Offline)
                 | (Online, Offline)
+                | (Online, Error)
+                | (Error, Bootstrap)
                 | (Bootstrap, Error)
                 | (Offline, Error)
                 | (Offline, Dropped)

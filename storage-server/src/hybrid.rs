@@ -17,10 +17,13 @@
 //! `validator::ReplayState` for the rules), so all replicas apply the same sequence; a stale
 //! leader still writing is fenced off by its epoch. The leader validates the real-time topic's
 //! producer metadata ([`RealtimeValidation`]): a redelivered record is not copied; a gap, a
-//! corrupt record or a segment checksum mismatch stops the copy and puts the leader's replica in
-//! ERROR (it never copies a record it cannot vouch for). It keeps the leadership then, so the
-//! partition's other replicas do not meet the same record and fail in turn: they go on serving
-//! what they have, with a growing lag, until the server's lease ends.
+//! corrupt record or a segment checksum mismatch *halts* the copy (it never copies a record it
+//! cannot vouch for): the leader's replica reports ERROR with the record's partition and offset
+//! and the commands that settle it, and the leader waits, keeping the leadership (so the
+//! partition's other replicas do not meet the same record and halt in turn; they go on serving
+//! what they have, with a growing lag), for an operator's decision in etcd: `rialto-admin
+//! realtime skip` drops the record, `accept` copies it anyway. A decision holds for every
+//! version of the store, so a later version replaying the record does not halt on it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,7 +33,10 @@ use tokio::time::Instant;
 use rialto_backends::PubSubError;
 use rialto_protocol::codec::{self, ValueCompressor};
 use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum, Upstream};
-use rialto_protocol::meta::{now_ms, realtime_topic, Compression, LeadershipRecord, ReplicaState};
+use rialto_protocol::meta::{
+    decode_record, now_ms, realtime_topic, Compression, LeadershipRecord, RealtimeAction,
+    RealtimeDecision, ReplicaState,
+};
 use rialto_protocol::producer::PartitionWriter;
 use rialto_protocol::stored::CHECKSUM_BYTES;
 use tokio::sync::watch;
@@ -66,12 +72,14 @@ pub(crate) struct Progress {
 enum TermEnd {
     /// Stopped, or the leadership went to someone else: try again (or stop).
     Yielded,
-    /// The real-time topic holds a record the leader cannot copy: the replica goes to ERROR.
+    /// This replica cannot copy at all (no compressor for the version's codec): it goes to
+    /// ERROR and leaves the leadership to another replica.
     Fatal(String),
 }
 
 /// Runs the replica's candidacy and leadership until `stop`. A fatal problem is sent on
-/// `failure` (the ingestion task puts the replica in ERROR).
+/// `failure` (the ingestion task puts the replica in ERROR); while halted on a refused
+/// real-time record, `halted` holds why (the replica reports ERROR until an operator decides).
 pub(crate) async fn lead(
     ctx: Arc<NodeContext>,
     slot: Arc<ReplicaSlot>,
@@ -79,6 +87,7 @@ pub(crate) async fn lead(
     progress: watch::Receiver<Progress>,
     mut stop: watch::Receiver<bool>,
     failure: watch::Sender<Option<String>>,
+    halted: watch::Sender<Option<String>>,
 ) {
     let key = ctx
         .layout
@@ -91,14 +100,21 @@ pub(crate) async fn lead(
             Ok(Some(epoch)) => {
                 tracing::info!(replica = %slot.id, epoch, "partition leader");
                 set_leader(&ctx, &slot, true).await;
-                let end =
-                    lead_term(&ctx, &slot, &plan, &key, epoch, progress.clone(), &mut stop).await;
+                let term = Term { key: &key, epoch };
+                let end = lead_term(
+                    &ctx,
+                    &slot,
+                    &plan,
+                    term,
+                    progress.clone(),
+                    &mut stop,
+                    &halted,
+                )
+                .await;
                 if let TermEnd::Fatal(message) = end {
-                    // The leadership is kept (until this server's lease ends): another replica
-                    // would meet the same record and fail too, while the partition's other
-                    // replicas can go on serving what they have, their lag growing.
+                    release(&ctx, &key, epoch).await;
                     set_leader(&ctx, &slot, false).await;
-                    tracing::error!(replica = %slot.id, error = %message, "leader stops: the real-time topic cannot be copied; the partition takes no more real-time writes until an operator acts");
+                    tracing::error!(replica = %slot.id, error = %message, "this replica cannot lead its partition; another one may");
                     let _ = failure.send(Some(message));
                     return;
                 }
@@ -172,11 +188,12 @@ async fn lead_term(
     ctx: &NodeContext,
     slot: &ReplicaSlot,
     plan: &ReplicaPlan,
-    key: &str,
-    epoch: u64,
+    term: Term<'_>,
     mut progress: watch::Receiver<Progress>,
     stop: &mut watch::Receiver<bool>,
+    halted: &watch::Sender<Option<String>>,
 ) -> TermEnd {
+    let Term { key, epoch } = term;
     let Some(hybrid) = plan.hybrid else {
         return TermEnd::Yielded;
     };
@@ -255,7 +272,7 @@ async fn lead_term(
         }
     };
     let mut validation = RealtimeValidation::default();
-    let end = loop {
+    let end = 'copy: loop {
         if last_check.elapsed() >= LEADERSHIP_CHECK {
             last_check = Instant::now();
             if !holds(ctx, key, epoch).await {
@@ -278,32 +295,42 @@ async fn lead_term(
         };
         for record in records {
             let offset = record.offset;
-            let Some(value) = record.value else {
-                return TermEnd::Fatal(format!(
-                    "record without a value at offset {offset} of {rt_topic}/{partition}"
-                ));
-            };
-            let envelope = match Envelope::decode(&value) {
-                Ok(e) => e,
-                Err(e) => {
-                    return TermEnd::Fatal(format!(
-                        "corrupt record at offset {offset} of {rt_topic}/{partition}: {e}"
-                    ))
+            let at = format!("offset {offset} of {rt_topic}/{partition}");
+            let upstream = Upstream { epoch, offset };
+            let mut attempt = examine(record.value.as_deref(), &at, &mut validation);
+            loop {
+                let refusal = match attempt {
+                    Ok(None) => break,
+                    Ok(Some(message)) => match copier.copy(message, upstream) {
+                        Ok(()) => break,
+                        Err(e) => Refusal {
+                            reason: format!("the record at {at} cannot be copied: {e}"),
+                            envelope: None,
+                        },
+                    },
+                    Err(refusal) => refusal,
+                };
+                // What was copied before the refused record reaches every replica first.
+                if let Err(e) = copier.flush(ctx).await {
+                    tracing::warn!(replica = %slot.id, error = %e, "cannot write to the version topic; yielding the leadership");
+                    break 'copy TermEnd::Yielded;
                 }
-            };
-            match validation.check(&envelope) {
-                Ok(RealtimeVerdict::Copy) => {}
-                Ok(RealtimeVerdict::Skip) => continue,
-                Err(e) => {
-                    return TermEnd::Fatal(format!(
-                        "invalid record at offset {offset} of {rt_topic}/{partition}: {e}"
-                    ))
-                }
-            }
-            if let Err(e) = copier.copy(envelope.message, Upstream { epoch, offset }) {
-                return TermEnd::Fatal(format!(
-                    "record at offset {offset} of {rt_topic}/{partition}: {e}"
-                ));
+                attempt = match resolve(
+                    ctx,
+                    slot,
+                    term,
+                    stop,
+                    halted,
+                    offset,
+                    refusal,
+                    &mut validation,
+                )
+                .await
+                {
+                    Resolved::Skip => break,
+                    Resolved::Copy(message) => Ok(Some(message)),
+                    Resolved::Yield => break 'copy TermEnd::Yielded,
+                };
             }
         }
         if let Err(e) = copier.flush(ctx).await {
@@ -333,6 +360,143 @@ async fn wait(stop: &mut watch::Receiver<bool>, pause: Duration) -> bool {
 
 async fn close_consumer(consumer: Box<dyn rialto_backends::PartitionConsumer>) {
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+}
+
+/// A real-time record the leader does not copy on its own.
+struct Refusal {
+    reason: String,
+    /// The record, when it decodes: only such a record can be accepted.
+    envelope: Option<Envelope>,
+}
+
+/// Decodes and checks one real-time record: the message to copy, `None` for a record that is
+/// not copied (a control record, a redelivery), or why it is refused.
+fn examine(
+    value: Option<&[u8]>,
+    at: &str,
+    validation: &mut RealtimeValidation,
+) -> Result<Option<Message>, Refusal> {
+    let Some(value) = value else {
+        return Err(Refusal {
+            reason: format!("the record at {at} has no value"),
+            envelope: None,
+        });
+    };
+    let envelope = Envelope::decode(value).map_err(|e| Refusal {
+        reason: format!("corrupt record at {at}: {e}"),
+        envelope: None,
+    })?;
+    match validation.check(&envelope) {
+        Ok(RealtimeVerdict::Copy) => Ok(Some(envelope.message)),
+        Ok(RealtimeVerdict::Skip) => Ok(None),
+        Err(e) => Err(Refusal {
+            reason: format!("invalid record at {at}: {e}"),
+            envelope: Some(envelope),
+        }),
+    }
+}
+
+/// The leadership a term holds.
+#[derive(Clone, Copy)]
+struct Term<'a> {
+    key: &'a str,
+    epoch: u64,
+}
+
+/// What becomes of a refused record.
+enum Resolved {
+    /// Dropped by an operator's decision.
+    Skip,
+    /// Accepted by an operator's decision: copy it.
+    Copy(Message),
+    /// Stopped or dethroned while waiting for a decision.
+    Yield,
+}
+
+/// Settles a refused real-time record through the operator's decision about it (an etcd record,
+/// see [`rialto_protocol::meta::RealtimeDecision`]), halting the copy until there is one: the
+/// replica reports ERROR with the reason and the commands that resume it, and serves on what it
+/// has. Producer metadata is checked afresh after a decision, as a new leader starting after
+/// the record would.
+#[allow(clippy::too_many_arguments)]
+async fn resolve(
+    ctx: &NodeContext,
+    slot: &ReplicaSlot,
+    term: Term<'_>,
+    stop: &mut watch::Receiver<bool>,
+    halted: &watch::Sender<Option<String>>,
+    offset: i64,
+    mut refusal: Refusal,
+    validation: &mut RealtimeValidation,
+) -> Resolved {
+    let (store, partition) = (&slot.id.store, slot.id.partition);
+    let decision_key = ctx.layout.realtime_decision(store, partition, offset);
+    let mut announced = false;
+    let resolved = loop {
+        match decision(ctx, &decision_key).await {
+            Ok(Some(RealtimeAction::Skip)) => {
+                tracing::warn!(replica = %slot.id, offset, reason = %refusal.reason, "real-time record skipped, as an operator decided");
+                *validation = RealtimeValidation::default();
+                break Resolved::Skip;
+            }
+            Ok(Some(RealtimeAction::Accept)) => {
+                if let Some(envelope) = refusal.envelope.take() {
+                    let mut fresh = RealtimeValidation::default();
+                    match fresh.check(&envelope) {
+                        Ok(verdict) => {
+                            tracing::warn!(replica = %slot.id, offset, reason = %refusal.reason, "real-time record accepted, as an operator decided");
+                            *validation = fresh;
+                            break match verdict {
+                                RealtimeVerdict::Copy => Resolved::Copy(envelope.message),
+                                RealtimeVerdict::Skip => Resolved::Skip,
+                            };
+                        }
+                        Err(e) => {
+                            refusal.reason =
+                                format!("{}; it cannot be accepted: {e}", refusal.reason)
+                        }
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(replica = %slot.id, key = %decision_key, error = %e, "cannot read the operator's decision; retrying")
+            }
+        }
+        let accept = if refusal.envelope.is_some() {
+            format!("; `rialto-admin realtime accept {store} --partition {partition} --offset {offset}` copies it")
+        } else {
+            String::new()
+        };
+        let message = format!(
+            "{}. The partition takes no real-time writes until an operator decides: \
+             `rialto-admin realtime skip {store} --partition {partition} --offset {offset}` \
+             drops the record{accept}",
+            refusal.reason
+        );
+        if halted.borrow().as_ref() != Some(&message) {
+            tracing::error!(replica = %slot.id, error = %message, "leader halted on a real-time record");
+            let _ = halted.send(Some(message));
+            announced = true;
+        }
+        if wait(stop, LEADERSHIP_CHECK).await || !holds(ctx, term.key, term.epoch).await {
+            break Resolved::Yield;
+        }
+    };
+    if announced {
+        let _ = halted.send(None);
+    }
+    resolved
+}
+
+/// The operator's decision about one real-time record, if any.
+async fn decision(ctx: &NodeContext, key: &str) -> Result<Option<RealtimeAction>, String> {
+    match ctx.meta.get(key).await.map_err(|e| e.to_string())? {
+        None => Ok(None),
+        Some(kv) => decode_record::<RealtimeDecision>(&kv.value)
+            .map(|d| Some(d.action))
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// The first real-time offset written at or after `since_ms`: where a new version's replay

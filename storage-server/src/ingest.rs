@@ -340,6 +340,7 @@ async fn follow_realtime(
     let (progress_tx, progress_rx) = watch::channel(progress_of(&checkpoint));
     let (leader_stop, leader_stop_rx) = watch::channel(false);
     let (failure_tx, mut failure) = watch::channel(None);
+    let (halted_tx, mut halted) = watch::channel(None);
     let leader = tokio::spawn(crate::hybrid::lead(
         ctx.clone(),
         slot.clone(),
@@ -347,6 +348,7 @@ async fn follow_realtime(
         progress_rx,
         leader_stop_rx,
         failure_tx,
+        halted_tx,
     ));
     let stop_leader = |leader: tokio::task::JoinHandle<()>| async {
         let _ = leader_stop.send(true);
@@ -377,6 +379,26 @@ async fn follow_realtime(
                     if let Some(message) = message {
                         break Err(Ended::Failed(message));
                     }
+                    continue;
+                }
+                Ok(()) = halted.changed() => {
+                    // The leader waits for an operator's decision about a real-time record: the
+                    // replica reports ERROR meanwhile (it still applies what reaches its version
+                    // topic, so it resumes as soon as the leader does).
+                    let message = halted.borrow().clone();
+                    slot.update(&ctx.metrics, |r| match message {
+                        Some(message) => {
+                            r.state = ReplicaState::Error;
+                            r.error = Some(message);
+                        }
+                        None => {
+                            r.state = ReplicaState::Bootstrap;
+                            r.error = None;
+                        }
+                    });
+                    ctx.report(slot).await;
+                    reported = None;
+                    last_lag = Instant::now() - LAG_INTERVAL;
                     continue;
                 }
                 polled = consumer.poll(POLL_RECORDS_MAX, POLL_TIMEOUT) => match polled {
@@ -449,7 +471,7 @@ async fn follow_realtime(
         }
         if reported != Some((lag, checkpoint.next_offset)) {
             reported = Some((lag, checkpoint.next_offset));
-            if slot.state() != ReplicaState::Online {
+            if !matches!(slot.state(), ReplicaState::Online | ReplicaState::Error) {
                 slot.update(&ctx.metrics, |r| r.state = ReplicaState::Bootstrap);
                 if last_progress.elapsed() >= PROGRESS_INTERVAL {
                     last_progress = Instant::now();
@@ -1555,8 +1577,46 @@ mod tests {
         drop(stop);
     }
 
+    /// The replica's reported record, once `check` holds for it.
+    async fn reported_when(
+        h: &Harness,
+        what: &str,
+        check: impl Fn(&ReplicaRecord) -> bool,
+    ) -> ReplicaRecord {
+        for _ in 0..400 {
+            let key = h.ctx.layout.replica("s", 1, 0, "n1");
+            if let Some(kv) = h.meta.get(&key).await.unwrap() {
+                let r: ReplicaRecord = serde_json::from_slice(&kv.value).unwrap();
+                if check(&r) {
+                    return r;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting for {what}: {:?}", reported(h).await);
+    }
+
+    async fn decide(h: &Harness, offset: i64, action: rialto_protocol::meta::RealtimeAction) {
+        let decision = rialto_protocol::meta::RealtimeDecision {
+            partition: 0,
+            offset,
+            action,
+            decided_by: "operator".into(),
+            decided_ms: 0,
+        };
+        let key = h.ctx.layout.realtime_decision("s", 0, offset);
+        let value = rialto_protocol::meta::encode_record(&decision).unwrap();
+        h.meta.put(&key, value, None).await.unwrap();
+    }
+
+    fn stored(slot: &ReplicaSlot, key: &str) -> Option<Vec<u8>> {
+        let store = slot.store().unwrap();
+        let v = store.get(key.as_bytes()).unwrap();
+        v.map(|v| v[4..].to_vec())
+    }
+
     #[tokio::test]
-    async fn a_lagging_replica_stays_out_and_a_corrupt_real_time_record_is_an_error() {
+    async fn a_corrupt_real_time_record_halts_the_copy_until_an_operator_skips_it() {
         let h = harness().await;
         h.pubsub.create_topic("s_rt", 1).await.unwrap();
         h.pubsub
@@ -1569,9 +1629,10 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
         records.push(bad);
+        records.extend(realtime(&mut writer, false, &[("d", Some("4"))]));
         h.pubsub.append_all("s_rt", 0, records).unwrap();
         let slot = slot(&h);
-        let (_stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
         let (_follow, follow_rx) = watch::channel(true);
         let task = tokio::spawn(run(
             h.ctx.clone(),
@@ -1580,24 +1641,104 @@ mod tests {
             stop_rx,
             follow_rx,
         ));
+        let r = reported_when(&h, "ERROR", |r| r.state == ReplicaState::Error).await;
+        let error = r.error.unwrap();
+        assert!(
+            error.contains("corrupt record at offset 3 of s_rt/0")
+                && error.contains("`rialto-admin realtime skip s --partition 0 --offset 3`")
+                && !error.contains("accept"),
+            "a record that does not decode can only be skipped: {error}"
+        );
+        // Halted: nothing from the corrupt record on is copied, what was copied stays.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(stored(&slot, "b").as_deref(), Some(&b"2"[..]));
+        assert_eq!((stored(&slot, "c"), stored(&slot, "d")), (None, None));
+        // The halted leader keeps the leadership, so the other replicas do not halt in turn.
+        let leader_key = h.ctx.layout.partition_leader("s", 1, 0);
+        let holder = h.meta.get(&leader_key).await.unwrap().unwrap().value;
+        assert!(LeadershipRecord::is_held_by(&holder, "n1"));
+
+        // The operator skips it: the copy resumes after it, and the replica goes ONLINE.
+        decide(&h, 3, rialto_protocol::meta::RealtimeAction::Skip).await;
+        let r = reported_when(&h, "ONLINE", |r| r.state == ReplicaState::Online).await;
+        assert_eq!((r.error, r.lag), (None, Some(0)));
+        assert_eq!(stored(&slot, "d").as_deref(), Some(&b"4"[..]));
+        assert_eq!(
+            stored(&slot, "c"),
+            None,
+            "the skipped record is never applied"
+        );
+        // And its writer's later records are copied (its sequence is checked afresh).
+        h.pubsub
+            .append_all("s_rt", 0, realtime(&mut writer, false, &[("e", Some("5"))]))
+            .unwrap();
+        wait_for("the write after the skip", || {
+            stored(&slot, "e").as_deref() == Some(b"5")
+        })
+        .await;
+        stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(20), task)
             .await
             .unwrap()
             .unwrap();
-        let r = reported(&h).await;
-        assert_eq!(r.state, ReplicaState::Error, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_real_time_record_after_a_gap_is_copied_once_an_operator_accepts_it() {
+        let h = harness().await;
+        h.pubsub.create_topic("s_rt", 1).await.unwrap();
+        h.pubsub
+            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
+            .unwrap();
+        let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
+        let mut records = realtime(&mut writer, true, &[("a", Some("1"))]);
+        // Sequence 2 is lost: the record after it is refused.
+        let _lost = realtime(&mut writer, false, &[("b", Some("2"))]);
+        records.extend(realtime(
+            &mut writer,
+            false,
+            &[("c", Some("3")), ("a", Some("4"))],
+        ));
+        h.pubsub.append_all("s_rt", 0, records).unwrap();
+        let slot = slot(&h);
+        let (stop, stop_rx) = watch::channel(false);
+        let (_follow, follow_rx) = watch::channel(true);
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot.clone(),
+            hybrid_plan(0),
+            stop_rx,
+            follow_rx,
+        ));
+        let r = reported_when(&h, "ERROR", |r| r.state == ReplicaState::Error).await;
         let error = r.error.unwrap();
         assert!(
-            error.contains("corrupt record at offset 3 of s_rt/0"),
+            error.contains("invalid record at offset 2 of s_rt/0")
+                && error.contains("gap in segment")
+                && error.contains("`rialto-admin realtime accept s --partition 0 --offset 2`"),
             "{error}"
         );
-        // It never served: with a lag bound of 0 it was never ONLINE, and nothing after the
-        // corrupt record was copied.
-        let store = slot.store().unwrap();
-        assert!(store.get(b"c").unwrap().is_none());
-        // The failed leader keeps the leadership, so the other replicas do not fail in turn.
-        let leader_key = h.ctx.layout.partition_leader("s", 1, 0);
-        let holder = h.meta.get(&leader_key).await.unwrap().unwrap().value;
-        assert!(LeadershipRecord::is_held_by(&holder, "n1"));
+        assert_eq!(stored(&slot, "a").as_deref(), Some(&b"1"[..]));
+        assert_eq!(stored(&slot, "c"), None);
+        // A decision about another record changes nothing.
+        decide(&h, 1, rialto_protocol::meta::RealtimeAction::Skip).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(reported(&h).await.state, ReplicaState::Error);
+        assert_eq!(stored(&slot, "c"), None);
+
+        decide(&h, 2, rialto_protocol::meta::RealtimeAction::Accept).await;
+        let r = reported_when(&h, "ONLINE", |r| r.state == ReplicaState::Online).await;
+        assert_eq!(r.error, None);
+        assert_eq!(stored(&slot, "c").as_deref(), Some(&b"3"[..]), "accepted");
+        assert_eq!(
+            stored(&slot, "a").as_deref(),
+            Some(&b"4"[..]),
+            "and what follows it"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

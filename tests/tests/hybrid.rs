@@ -1060,3 +1060,116 @@ async fn concurrent_writers_on_shared_keys_end_as_the_broker_ordered_them() -> R
     wait_for_model(&client, &model, "three writers' interleaved writes").await?;
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_real_time_record_halts_its_partition_until_an_operator_skips_it() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    cluster
+        .create_hybrid_string_store("halting", 1, 2, HOUR)
+        .await?;
+    let client = cluster.client("halting").await?;
+    let mut writer = cluster.realtime_writer("halting").await?;
+    let mut model = Model::new();
+    put_all(&mut writer, &mut model, 200, 100, "before").await?;
+    wait_for_model(&client, &model, "the writes before the corrupt record").await?;
+
+    // Bytes that are no record, among the writer's records.
+    let offset = cluster
+        .pubsub
+        .send("halting_rt", 0, &[], b"not an envelope")
+        .await?
+        .await?;
+    let mut later = model.clone();
+    put_all(&mut writer, &mut later, 100, 100, "after").await?;
+
+    // The leader halts: its replica reports ERROR naming the record and the way out; the other
+    // replica serves on what it had, and nothing written after the record is applied.
+    let admin = cluster.admin();
+    let skip = format!("rialto-admin realtime skip halting --partition 0 --offset {offset}");
+    let in_error = |d: &rialto_protocol::admin::StoreDescription| {
+        replicas_of(d, 1)
+            .into_iter()
+            .find(|r| r.state == ReplicaState::Error)
+    };
+    wait_until(Duration::from_secs(60), "a replica in ERROR", || {
+        let admin = admin.clone();
+        async move { Ok(in_error(&admin.describe_store("halting").await?).is_some()) }
+    })
+    .await?;
+    let halted = in_error(&admin.describe_store("halting").await?).context("in ERROR")?;
+    let error = halted.error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "corrupt record at offset {offset} of halting_rt/0"
+        )) && error.contains(&skip),
+        "{error}"
+    );
+    assert!(
+        halted.leader,
+        "the halted replica keeps the leadership: {halted:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = admin.describe_store("halting").await?;
+    let v1 = replicas_of(&d, 1);
+    assert!(
+        v1.iter()
+            .any(|r| r.state == ReplicaState::Online && !r.leader),
+        "{v1:?}"
+    );
+    assert!(
+        differences(&client, &model).await?.is_empty(),
+        "served as before"
+    );
+    assert_eq!(
+        differences(&client, &later).await?.len(),
+        100,
+        "nothing after the corrupt record is applied"
+    );
+
+    // The operator skips it (the command the error names): every later write arrives.
+    let args: Vec<&str> = skip.split(' ').skip(1).collect();
+    let (ok, stdout, stderr) = cluster.admin_cli(&args)?;
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("will skip the real-time record"),
+        "{stdout}"
+    );
+    wait_for_model(&client, &later, "the writes after the skipped record").await?;
+    wait_until(Duration::from_secs(30), "both replicas ONLINE", || {
+        let admin = admin.clone();
+        async move {
+            let d = admin.describe_store("halting").await?;
+            let v1 = replicas_of(&d, 1);
+            Ok(v1
+                .iter()
+                .all(|r| r.state == ReplicaState::Online && r.error.is_none()))
+        }
+    })
+    .await?;
+    let (ok, stdout, _) = cluster.admin_cli(&["realtime", "decisions", "halting", "--json"])?;
+    assert!(ok);
+    let decisions: Vec<rialto_protocol::meta::RealtimeDecision> = serde_json::from_str(&stdout)?;
+    assert_eq!(
+        decisions
+            .iter()
+            .map(|d| (d.partition, d.offset, d.action))
+            .collect::<Vec<_>>(),
+        [(0, offset, rialto_protocol::meta::RealtimeAction::Skip)]
+    );
+    // A decision about a store without real-time writes, or a partition it lacks, is refused.
+    let (ok, _, stderr) = cluster.admin_cli(&[
+        "realtime",
+        "skip",
+        "halting",
+        "--partition",
+        "1",
+        "--offset",
+        "0",
+    ])?;
+    assert!(
+        !ok && stderr.contains("there is no partition 1"),
+        "{stderr}"
+    );
+    writer.close().await?;
+    cluster.shutdown().await
+}

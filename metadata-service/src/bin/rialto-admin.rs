@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rialto_controller::{render, AdminClient, ControllerTlsArgs};
 use rialto_protocol::acl::Permission;
-use rialto_protocol::admin::AclChangeRequest;
+use rialto_protocol::admin::{AclChangeRequest, RealtimeAction, RealtimeDecisionRequest};
 use rialto_protocol::admin::{CreateStoreRequest, UpdateStoreRequest};
 use rialto_protocol::meta::{Compression, HybridConfig, StorageProfile};
 use serde::Serialize;
@@ -55,6 +55,10 @@ enum Command {
         #[arg(long)]
         version: Option<u32>,
     },
+    /// A hybrid store's real-time records its partition leaders refused: skip one, accept one,
+    /// list the decisions.
+    #[command(subcommand)]
+    Realtime(RealtimeCommand),
     /// Who may read, write and administer a store (or, with --cluster, every store).
     #[command(subcommand)]
     Acl(AclCommand),
@@ -99,6 +103,30 @@ struct AclChange {
     /// The principal as its certificate names it (SAN URI, else subject CN).
     #[arg(long)]
     principal: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum RealtimeCommand {
+    /// Drops the real-time record a partition leader refused (the replica's error names its
+    /// partition and offset): it is never copied, and copying resumes after it.
+    Skip(RealtimeRecord),
+    /// Copies the refused record although its producer metadata failed the check (records
+    /// lost before it, a segment checksum that does not match); a record that does not decode
+    /// can only be skipped.
+    Accept(RealtimeRecord),
+    /// The decisions taken about a store's real-time records.
+    Decisions { store: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct RealtimeRecord {
+    store: String,
+    /// The partition of the real-time topic.
+    #[arg(long)]
+    partition: u32,
+    /// The record's offset in that partition.
+    #[arg(long)]
+    offset: i64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,6 +350,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client = AdminClient::connect(args.controller.clone(), args.tls.files()?.as_ref())?;
     match args.command {
         Command::Certs(_) => unreachable!("handled above"),
+        Command::Realtime(RealtimeCommand::Skip(record)) => {
+            decide(&client, args.json, record, RealtimeAction::Skip).await
+        }
+        Command::Realtime(RealtimeCommand::Accept(record)) => {
+            decide(&client, args.json, record, RealtimeAction::Accept).await
+        }
+        Command::Realtime(RealtimeCommand::Decisions { store }) => {
+            let decisions = client.realtime_decisions(&store).await?;
+            print(args.json, &decisions, |d| render::realtime_decisions(d))
+        }
         Command::Acl(AclCommand::List { target }) => {
             let record = client.acl(target.store.as_deref()).await?;
             print(args.json, &record, render::acl)
@@ -564,6 +602,32 @@ fn switched(s: &rialto_protocol::meta::StoreRecord, what: &str) -> String {
         v(s.current_version),
         v(s.backup_version)
     )
+}
+
+async fn decide(
+    client: &AdminClient,
+    json: bool,
+    record: RealtimeRecord,
+    action: RealtimeAction,
+) -> anyhow::Result<()> {
+    let request = RealtimeDecisionRequest {
+        partition: record.partition,
+        offset: record.offset,
+        action,
+    };
+    let decision = client
+        .decide_realtime_record(&record.store, &request)
+        .await?;
+    print(json, &decision, |d| {
+        format!(
+            "{}: the leader of partition {} will {} the real-time record at offset {} (it \
+             resumes within a second if it is halted there)\n",
+            record.store,
+            d.partition,
+            d.action.name(),
+            d.offset
+        )
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]
