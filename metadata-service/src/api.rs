@@ -17,7 +17,7 @@ use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
 use rialto_protocol::admin::{
     AclChangeRequest, ControllersView, NodeDescription, NodeReplica, RealtimeDecisionRequest,
-    RealtimeTarget,
+    RealtimeTarget, RealtimeWriterGrant,
 };
 use rialto_protocol::admin::{
     AddValueSchemaRequest, AddValueSchemaResponse, CreateStoreRequest, FailPushRequest,
@@ -27,8 +27,8 @@ use rialto_protocol::admin::{
 use rialto_protocol::avro::{AvroCodec, Schema};
 use rialto_protocol::meta::{
     realtime_topic, validate_store_name, DrainRecord, HybridConfig, Layout, LeadershipRecord,
-    NodeRecord, RealtimeDecision, ReplicaRecord, ReplicaState, StoreRecord, ValueSchema,
-    VersionRecord, VersionStatus, DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP,
+    NodeRecord, RealtimeDecision, RealtimeWriterRecord, ReplicaRecord, ReplicaState, StoreRecord,
+    ValueSchema, VersionRecord, VersionStatus, DEFAULT_MAX_VALUE_BYTES, DEFAULT_VERSIONS_TO_KEEP,
     PARTITION_COUNT_MAX, REPLICATION_FACTOR_MAX, VERSIONS_TO_KEEP_MAX,
 };
 use rialto_protocol::producer::{guid_hex, parse_guid_hex};
@@ -131,6 +131,10 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route(
             "/v1/stores/{store}/realtime/decisions",
             get(list_realtime_decisions).post(decide_realtime_record),
+        )
+        .route(
+            "/v1/stores/{store}/realtime/writers",
+            post(register_realtime_writer),
         )
         .route("/v1/stores/{store}/rollback", post(rollback))
         .route("/v1/stores/{store}/roll-forward", post(roll_forward))
@@ -567,6 +571,47 @@ async fn realtime_target(
             topic: realtime_topic(&record.name),
             store: record,
             kafka_bootstrap: st.kafka_bootstrap.clone(),
+        }),
+    ))
+}
+
+/// `POST /v1/stores/{store}/realtime/writers` (authorized as `write`): registers a real-time
+/// writer, a fresh producer GUID with its own signing secret; servers with authorization on copy
+/// only real-time records signed by a registered writer.
+async fn register_realtime_writer(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<RealtimeWriterGrant> {
+    let record = get_store(&st, &store).await?;
+    if record.deleting {
+        return Err(being_deleted(&store));
+    }
+    if record.hybrid.is_none() {
+        return Err(ControllerError::Conflict(format!(
+            "store `{store}` is not hybrid: it takes no real-time writes"
+        )));
+    }
+    let secret = rialto_security::signing::generate_secret()
+        .map_err(|e| ControllerError::Internal(e.to_string()))?;
+    let writer = RealtimeWriterRecord {
+        producer: guid_hex(uuid::Uuid::new_v4().as_bytes()),
+        secret: rialto_security::signing::secret_hex(&secret),
+        registered_by: caller
+            .0
+            .as_ref()
+            .map_or(rialto_security::principal::ANONYMOUS, |p| p.as_str())
+            .to_string(),
+        registered_ms: now_ms(),
+    };
+    let key = st.layout.realtime_writer(&store, &writer.producer);
+    st.meta.put(&key, encode_record(&writer)?, None).await?;
+    tracing::info!(%store, producer = %writer.producer, by = %writer.registered_by, "real-time writer registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(RealtimeWriterGrant {
+            producer: writer.producer,
+            secret: writer.secret,
         }),
     ))
 }

@@ -94,6 +94,9 @@ pub fn requirement(method: &Method, path: &str) -> Requirement {
             Store(store.to_string(), Permission::Write)
         }
         ["v1", "stores", store, "realtime"] if read => Store(store.to_string(), Permission::Write),
+        ["v1", "stores", store, "realtime", "writers"] if *method == Method::POST => {
+            Store(store.to_string(), Permission::Write)
+        }
         ["v1", "stores", store, "versions", _, "written" | "fail"] => {
             Store(store.to_string(), Permission::Write)
         }
@@ -237,6 +240,10 @@ mod tests {
         assert_eq!(
             requirement(&Method::POST, "/v1/acls/stores/feed/grant"),
             store(Permission::Admin)
+        );
+        assert_eq!(
+            requirement(&Method::POST, "/v1/stores/feed/realtime/writers"),
+            store(Permission::Write)
         );
         for method in [Method::GET, Method::POST] {
             assert_eq!(

@@ -19,8 +19,8 @@ use rialto_backends::Network;
 use rialto_protocol::admin::{
     AclChangeRequest, AclRecord, AddValueSchemaRequest, AddValueSchemaResponse, ApiError,
     ControllersView, CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeDecision,
-    RealtimeDecisionRequest, RealtimeTarget, StartPushRequest, StartPushResponse, StoreDescription,
-    UpdateStoreRequest, VersionDescription,
+    RealtimeDecisionRequest, RealtimeTarget, RealtimeWriterGrant, StartPushRequest,
+    StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord, ValueSchema};
 use serde::de::DeserializeOwned;
@@ -361,6 +361,19 @@ impl AdminClient {
             Method::POST,
             &format!("/v1/stores/{}/realtime/decisions", segment(store)),
             Self::json(request)?,
+        )
+        .await
+    }
+
+    /// `POST /v1/stores/{store}/realtime/writers`: registers a real-time writer (needs `write`).
+    pub async fn register_realtime_writer(
+        &self,
+        store: &str,
+    ) -> Result<RealtimeWriterGrant, ControllerError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/stores/{}/realtime/writers", segment(store)),
+            None,
         )
         .await
     }

@@ -851,6 +851,7 @@ impl Reconciler {
                     self.layout.store_replicas_prefix(store),
                     format!("{}/partition-leaders/{store}/", self.layout.root()),
                     self.layout.realtime_decisions_prefix(store),
+                    self.layout.realtime_writers_prefix(store),
                     self.layout.store_versions_prefix(store),
                 ] {
                     self.meta.delete_prefix(&prefix).await?;
@@ -858,7 +859,7 @@ impl Reconciler {
                 // A store created later under the same name starts with no grants.
                 self.meta.delete(&self.layout.store_acl(store)).await?;
                 self.meta.delete(&self.layout.store(store)).await?;
-                tracing::warn!(%store, "store deleted (topics, versions, replicas, decisions, ACL and record)");
+                tracing::warn!(%store, "store deleted (topics, versions, replicas, real-time decisions and writers, ACL and record)");
             }
             Action::StartMove {
                 store,

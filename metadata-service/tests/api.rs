@@ -781,7 +781,7 @@ async fn a_caller_over_its_call_rate_is_throttled_before_any_work_and_the_client
 }
 
 #[tokio::test]
-async fn realtime_decisions_are_checked_recorded_replaced_and_deleted_with_their_store() {
+async fn realtime_decisions_and_writers_are_checked_recorded_and_deleted_with_their_store() {
     use rialto_protocol::admin::{RealtimeAction, RealtimeDecisionRequest};
     let f = fixture().await;
     add_node(&f, "n1", "a").await;
@@ -865,14 +865,46 @@ async fn realtime_decisions_are_checked_recorded_replaced_and_deleted_with_their
         rialto_protocol::meta::decode_record(&kv.value).unwrap();
     assert_eq!(stored.action, RealtimeAction::Accept);
 
+    // Real-time writers: each registration is a fresh producer with a secret of its own, kept
+    // where the servers look for it; a batch store takes none.
+    let e = f.client.register_realtime_writer("batch").await.unwrap_err();
+    assert_eq!(api_status(&e), (409, "conflict"));
+    let one = f.client.register_realtime_writer("feed").await.unwrap();
+    let two = f.client.register_realtime_writer("feed").await.unwrap();
+    assert_ne!(one.producer, two.producer);
+    assert_ne!(one.secret, two.secret);
+    assert_eq!((one.producer.len(), one.secret.len()), (32, 64));
+    let kv = f
+        .meta
+        .get(&f.layout.realtime_writer("feed", &one.producer))
+        .await
+        .unwrap()
+        .expect("registered");
+    let registered: rialto_protocol::meta::RealtimeWriterRecord =
+        rialto_protocol::meta::decode_record(&kv.value).unwrap();
+    assert_eq!(
+        (&registered.producer, &registered.secret, registered.registered_by.as_str()),
+        (&one.producer, &one.secret, "anonymous")
+    );
+    assert!(
+        !format!("{registered:?}{one:?}").contains(&one.secret),
+        "secrets stay out of debug output (and so out of logs)"
+    );
+
     f.client.delete_store("feed").await.unwrap();
     let (meta, layout) = (&f.meta, &f.layout);
-    wait_until("the store's decisions deleted", || async move {
-        let (left, _) = meta
+    wait_until("the store's decisions and writers deleted", || async move {
+        let (decisions, _) = meta
             .list(&layout.realtime_decisions_prefix("feed"))
             .await
             .unwrap();
-        left.is_empty() && meta.get(&layout.store("feed")).await.unwrap().is_none()
+        let (writers, _) = meta
+            .list(&layout.realtime_writers_prefix("feed"))
+            .await
+            .unwrap();
+        decisions.is_empty()
+            && writers.is_empty()
+            && meta.get(&layout.store("feed")).await.unwrap().is_none()
     })
     .await;
     f.controller.shutdown().await.unwrap();

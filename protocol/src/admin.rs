@@ -19,6 +19,7 @@
 //! | `DELETE /v1/stores/{store}/versions/{version}` | – | 200 [`VersionDescription`] |
 //! | `GET /v1/stores/{store}/realtime/decisions` | – | 200 `[RealtimeDecision]` |
 //! | `POST /v1/stores/{store}/realtime/decisions` | [`RealtimeDecisionRequest`] | 200 [`RealtimeDecision`] |
+//! | `POST /v1/stores/{store}/realtime/writers` | – | 201 [`RealtimeWriterGrant`] |
 //! | `GET /v1/nodes` | – | 200 `[NodeRecord]` |
 //! | `GET /v1/nodes/{node}` | – | 200 [`NodeDescription`] |
 //! | `POST /v1/nodes/{node}/drain` | – | 200 [`NodeDescription`] |
@@ -262,6 +263,25 @@ pub struct RealtimeDecisionRequest {
     pub partition: u32,
     pub offset: i64,
     pub action: RealtimeAction,
+}
+
+/// Answer of `POST /v1/stores/{store}/realtime/writers` (needs `write`): a new real-time
+/// writer's identity, registered with the store. The writer produces as `producer` and signs
+/// each record with `secret` (`rialto_security::signing`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeWriterGrant {
+    /// The producer GUID, 32 hexadecimal digits.
+    pub producer: String,
+    /// The signing secret, 64 hexadecimal digits: keep it to the writer.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for RealtimeWriterGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealtimeWriterGrant")
+            .field("producer", &self.producer)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Body of the ACL grant and revoke calls.

@@ -14,6 +14,8 @@
 //! {root}/realtime-decisions/{store}/{partition:05}/{offset:020}
 //!                                                    RealtimeDecision written by the admin API: what a partition leader does
 //!                                                                     with a real-time record it refused
+//! {root}/realtime-writers/{store}/{producer}         RealtimeWriterRecord written by the admin API: a registered real-time
+//!                                                                     writer's producer GUID and signing secret
 //! ```
 //!
 //! Version numbers and partitions are zero-padded so that etcd's lexical order is numeric order.
@@ -230,6 +232,16 @@ impl Layout {
             "{}/realtime-decisions/{store}/{partition:05}/{offset:020}",
             self.root
         )
+    }
+
+    /// The real-time writers registered for a store.
+    pub fn realtime_writers_prefix(&self, store: &str) -> String {
+        format!("{}/realtime-writers/{store}/", self.root)
+    }
+    /// A registered real-time writer, by its producer GUID in hexadecimal (a
+    /// [`RealtimeWriterRecord`]).
+    pub fn realtime_writer(&self, store: &str, producer: &str) -> String {
+        format!("{}/realtime-writers/{store}/{producer}", self.root)
     }
 
     /// Every ACL record: the cluster's and each store's (see [`crate::acl`]).
@@ -659,6 +671,29 @@ pub struct RealtimeDecision {
     /// Who decided (the caller's principal, or `anonymous` without authentication).
     pub decided_by: String,
     pub decided_ms: i64,
+}
+
+/// A real-time writer registered by a caller with `write` on the store: the producer GUID its
+/// records carry and the secret it signs them with (`rialto_security::signing`). Servers with
+/// authorization on copy only real-time records signed this way.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeWriterRecord {
+    /// The producer GUID, 32 hexadecimal digits.
+    pub producer: String,
+    /// The signing secret, 64 hexadecimal digits.
+    pub secret: String,
+    pub registered_by: String,
+    pub registered_ms: i64,
+}
+
+impl std::fmt::Debug for RealtimeWriterRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealtimeWriterRecord")
+            .field("producer", &self.producer)
+            .field("registered_by", &self.registered_by)
+            .field("registered_ms", &self.registered_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A storage server, registered under its lease.

@@ -520,7 +520,7 @@ async fn produce(
         ];
         for e in start {
             in_flight
-                .send(pubsub, topic, partition, &e.encode())
+                .send(pubsub, topic, partition, &[], &e.encode())
                 .await?;
         }
         streams.push(PartitionStream {
@@ -548,7 +548,7 @@ async fn produce(
                 {
                     let e = stream.writer.put(key, schema_id, body);
                     in_flight
-                        .send(pubsub, topic, partition, &e.encode())
+                        .send(pubsub, topic, partition, &[], &e.encode())
                         .await?;
                 }
                 sent += 1;
@@ -569,7 +569,7 @@ async fn produce(
                 stream.writer.end_segment(),
             ] {
                 in_flight
-                    .send(pubsub, topic, stream.partition, &e.encode())
+                    .send(pubsub, topic, stream.partition, &[], &e.encode())
                     .await?;
             }
         }
@@ -602,12 +602,14 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
-    /// Sends one envelope, first waiting for acknowledgements while over either bound.
+    /// Sends one envelope (with `key` as the record's key), first waiting for acknowledgements
+    /// while over either bound.
     pub(crate) async fn send(
         &mut self,
         pubsub: &dyn PubSub,
         topic: &str,
         partition: u32,
+        key: &[u8],
         envelope: &[u8],
     ) -> Result<(), PubSubError> {
         while self.deliveries.len() >= IN_FLIGHT_RECORDS_MAX
@@ -615,7 +617,7 @@ impl InFlight {
         {
             self.settle_one().await?;
         }
-        let delivery = pubsub.send(topic, partition, &[], envelope).await?;
+        let delivery = pubsub.send(topic, partition, key, envelope).await?;
         let len = envelope.len();
         self.bytes += len;
         self.deliveries

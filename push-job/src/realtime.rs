@@ -46,15 +46,17 @@ use std::time::{Duration, Instant};
 
 use rialto_backends::{PubSub, PubSubError};
 use rialto_controller::AdminClient;
+use rialto_protocol::admin::RealtimeWriterGrant;
 use rialto_protocol::avro::{AvroCodec, AvroError, Value};
 use rialto_protocol::envelope::{Envelope, KEY_BYTES_MAX};
 use rialto_protocol::json::Json;
 use rialto_protocol::meta::{realtime_topic, StoreRecord};
 use rialto_protocol::partitioner::partition_for_key;
-use rialto_protocol::producer::PartitionWriter;
+use rialto_protocol::producer::{parse_guid_hex, PartitionWriter};
 use rialto_protocol::stored::{
     value_checksum, CHECKSUM_BYTES, CHUNK_BODY_BYTES, CHUNK_KEY_SUFFIX_BYTES,
 };
+use rialto_security::signing::WriterSecret;
 
 use crate::{InFlight, PushError};
 
@@ -175,6 +177,8 @@ pub struct RealtimeWriter {
     partition_count: u32,
     max_value_bytes: u64,
     producer_guid: [u8; 16],
+    /// The secret of the writer's registration, signing every record it sends.
+    signer: Option<WriterSecret>,
     /// One producer stream per partition, created by the partition's first write.
     partitions: Vec<Option<PartitionWriter>>,
     in_flight: InFlight,
@@ -198,13 +202,16 @@ impl std::fmt::Debug for RealtimeWriter {
 
 impl RealtimeWriter {
     /// Fetches the store from the controller (which, with authorization on, checks the caller
-    /// may `write` it) and connects to its broker (the controller's bootstrap servers, or
-    /// `config.kafka_bootstrap`). Refuses a store that is not hybrid.
+    /// may `write` it), registers as one of its writers (the records are signed with the
+    /// registration's secret, so servers with authorization on copy them) and connects to its
+    /// broker (the controller's bootstrap servers, or `config.kafka_bootstrap`). Refuses a store
+    /// that is not hybrid.
     pub async fn connect(config: &RealtimeConfig) -> Result<RealtimeWriter, PushError> {
         let admin = AdminClient::connect(&config.controller_url, config.controller_tls.as_ref())?;
         let description = admin.realtime_target(&config.store).await?;
         let store = description.store;
         ensure_hybrid(&store)?;
+        let grant = admin.register_realtime_writer(&store.name).await?;
         let bootstrap = config
             .kafka_bootstrap
             .clone()
@@ -220,7 +227,37 @@ impl RealtimeWriter {
                     source,
                 }
             })?;
-        RealtimeWriter::with_schema(&store, pubsub, config.value_schema_id).await
+        let mut writer =
+            RealtimeWriter::with_schema(&store, pubsub, config.value_schema_id).await?;
+        writer.sign_as(&grant)?;
+        Ok(writer)
+    }
+
+    /// Produces as the registered writer `grant` names and signs every record with its secret
+    /// (done by [`connect`](Self::connect)); only before the first write.
+    pub fn sign_as(&mut self, grant: &RealtimeWriterGrant) -> Result<(), PushError> {
+        let unusable = |detail: String| RealtimeError::Unusable {
+            topic: self.topic.clone(),
+            detail,
+        };
+        if self.partitions.iter().any(Option::is_some) {
+            return Err(unusable(
+                "it has written already: a writer signs from its first record".into(),
+            )
+            .into());
+        }
+        let guid = parse_guid_hex(&grant.producer).ok_or_else(|| {
+            unusable(format!(
+                "the controller's registration names producer `{}`, not a GUID",
+                grant.producer
+            ))
+        })?;
+        let secret = WriterSecret::from_hex(&grant.secret)
+            .map_err(|e| unusable(format!("the controller's registration: {e}")))?;
+        self.producer_guid = guid;
+        self.signer = Some(secret);
+        tracing::info!(store = %self.store, producer = %grant.producer, "real-time writer registered; its records are signed");
+        Ok(())
     }
 
     /// A writer of `store` producing through `pubsub`. Refuses a store that is not hybrid and
@@ -277,6 +314,7 @@ impl RealtimeWriter {
             partition_count: store.partition_count,
             max_value_bytes: store.max_value_bytes,
             producer_guid,
+            signer: None,
             partitions: (0..store.partition_count).map(|_| None).collect(),
             in_flight: InFlight::default(),
             puts: 0,
@@ -513,9 +551,11 @@ impl RealtimeWriter {
     /// Hands one envelope to the broker (waiting while too much is in flight).
     async fn send(&mut self, partition: u32, envelope: &Envelope) -> Result<(), RealtimeError> {
         let bytes = envelope.encode();
+        let signature = self.signer.as_ref().map(|s| s.sign(&bytes));
+        let key = signature.as_ref().map_or(&[][..], |s| &s[..]);
         let sent = self
             .in_flight
-            .send(self.pubsub.as_ref(), &self.topic, partition, &bytes)
+            .send(self.pubsub.as_ref(), &self.topic, partition, key, &bytes)
             .await;
         sent.map_err(|source| self.broker_failure(source))
     }

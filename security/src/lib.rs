@@ -7,6 +7,8 @@
 //!   `spiffe://…`, else the subject CN).
 //! * [`certs`]: a local CA and certificates for servers, controllers and named clients
 //!   (`rialto-admin certs init`), for development and tests.
+//! * [`signing`]: the secret a registered real-time writer signs its records with, and the
+//!   check a partition leader makes before copying one.
 //!
 //! Authorization itself (the ACL records and the check) is in `rialto_protocol::acl`: it is
 //! data every process reads from etcd.
@@ -15,6 +17,8 @@
 pub mod certs;
 #[cfg(feature = "principal")]
 pub mod principal;
+#[cfg(feature = "signing")]
+pub mod signing;
 pub mod tls;
 
 #[cfg(feature = "principal")]

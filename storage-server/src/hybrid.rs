@@ -16,8 +16,10 @@
 //! Every replica, the leader's included, applies records only from the version topic (see
 //! `validator::ReplayState` for the rules), so all replicas apply the same sequence; a stale
 //! leader still writing is fenced off by its epoch. The leader validates the real-time topic's
-//! producer metadata ([`RealtimeValidation`]): a redelivered record is not copied; a gap, a
-//! corrupt record or a segment checksum mismatch *halts* the copy (it never copies a record it
+//! producer metadata ([`RealtimeValidation`]) and, on a server with authorization on, each
+//! record's signature by a writer registered at the controller ([`Signers`]): a redelivered
+//! record is not copied; a gap, a corrupt or unauthenticated record or a segment checksum
+//! mismatch *halts* the copy (it never copies a record it
 //! cannot vouch for): the leader's replica reports ERROR with the record's partition and offset
 //! and the commands that settle it, and the leader waits, keeping the leadership (so the
 //! partition's other replicas do not meet the same record and halt in turn; they go on serving
@@ -30,15 +32,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use rialto_backends::PubSubError;
+use rialto_backends::{ConsumedRecord, PubSubError};
 use rialto_protocol::codec::{self, ValueCompressor};
 use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum, Upstream};
 use rialto_protocol::meta::{
     decode_record, now_ms, realtime_topic, Compression, LeadershipRecord, RealtimeAction,
-    RealtimeDecision, ReplicaState,
+    RealtimeDecision, RealtimeWriterRecord, ReplicaState,
 };
 use rialto_protocol::producer::PartitionWriter;
 use rialto_protocol::stored::CHECKSUM_BYTES;
+use rialto_security::signing::WriterSecret;
 use tokio::sync::watch;
 
 use crate::node::NodeContext;
@@ -272,6 +275,7 @@ async fn lead_term(
         }
     };
     let mut validation = RealtimeValidation::default();
+    let mut signers = ctx.verify_realtime_writers.then(Signers::default);
     let end = 'copy: loop {
         if last_check.elapsed() >= LEADERSHIP_CHECK {
             last_check = Instant::now();
@@ -297,7 +301,21 @@ async fn lead_term(
             let offset = record.offset;
             let at = format!("offset {offset} of {rt_topic}/{partition}");
             let upstream = Upstream { epoch, offset };
-            let mut attempt = examine(record.value.as_deref(), &at, &mut validation);
+            let mut attempt = match decode(record.value.as_deref(), &at) {
+                Ok(envelope) => match signers.as_mut() {
+                    None => validate(envelope, &at, &mut validation),
+                    Some(signers) => match signers.check(ctx, slot, stop, &envelope, &record).await
+                    {
+                        Signed::Valid => validate(envelope, &at, &mut validation),
+                        Signed::Refused(why) => Err(Refusal {
+                            reason: format!("unauthenticated record at {at}: {why}"),
+                            envelope: Some(envelope),
+                        }),
+                        Signed::Stopped => break 'copy TermEnd::Yielded,
+                    },
+                },
+                Err(refusal) => Err(refusal),
+            };
             loop {
                 let refusal = match attempt {
                     Ok(None) => break,
@@ -369,23 +387,27 @@ struct Refusal {
     envelope: Option<Envelope>,
 }
 
-/// Decodes and checks one real-time record: the message to copy, `None` for a record that is
-/// not copied (a control record, a redelivery), or why it is refused.
-fn examine(
-    value: Option<&[u8]>,
-    at: &str,
-    validation: &mut RealtimeValidation,
-) -> Result<Option<Message>, Refusal> {
+/// Decodes one real-time record.
+fn decode(value: Option<&[u8]>, at: &str) -> Result<Envelope, Refusal> {
     let Some(value) = value else {
         return Err(Refusal {
             reason: format!("the record at {at} has no value"),
             envelope: None,
         });
     };
-    let envelope = Envelope::decode(value).map_err(|e| Refusal {
+    Envelope::decode(value).map_err(|e| Refusal {
         reason: format!("corrupt record at {at}: {e}"),
         envelope: None,
-    })?;
+    })
+}
+
+/// Checks a decoded record's producer metadata: the message to copy, `None` for a record that is
+/// not copied (a control record, a redelivery), or why it is refused.
+fn validate(
+    envelope: Envelope,
+    at: &str,
+    validation: &mut RealtimeValidation,
+) -> Result<Option<Message>, Refusal> {
     match validation.check(&envelope) {
         Ok(RealtimeVerdict::Copy) => Ok(Some(envelope.message)),
         Ok(RealtimeVerdict::Skip) => Ok(None),
@@ -393,6 +415,80 @@ fn examine(
             reason: format!("invalid record at {at}: {e}"),
             envelope: Some(envelope),
         }),
+    }
+}
+
+/// Whether a real-time record is signed by a registered writer.
+enum Signed {
+    Valid,
+    Refused(String),
+    /// Stopped while etcd could not be read.
+    Stopped,
+}
+
+/// The secrets of the store's registered real-time writers a leader has met, read from etcd
+/// on first sight of each producer (`rialto_security::signing`).
+#[derive(Default)]
+struct Signers {
+    secrets: std::collections::HashMap<[u8; 16], WriterSecret>,
+}
+
+impl Signers {
+    async fn check(
+        &mut self,
+        ctx: &NodeContext,
+        slot: &ReplicaSlot,
+        stop: &mut watch::Receiver<bool>,
+        envelope: &Envelope,
+        record: &ConsumedRecord,
+    ) -> Signed {
+        let guid = envelope.producer.producer_guid;
+        let producer = guid_hex(&guid);
+        let store = &slot.id.store;
+        if !self.secrets.contains_key(&guid) {
+            let key = ctx.layout.realtime_writer(store, &producer);
+            let kv = loop {
+                match ctx.meta.get(&key).await {
+                    Ok(kv) => break kv,
+                    Err(e) => {
+                        tracing::warn!(replica = %slot.id, error = %e, "cannot read a real-time writer's registration; retrying");
+                        if wait(stop, LEADERSHIP_CHECK).await {
+                            return Signed::Stopped;
+                        }
+                    }
+                }
+            };
+            let Some(kv) = kv else {
+                return Signed::Refused(format!(
+                    "producer {producer} is not a registered writer of store `{store}` (writers \
+                     register through the controller: `RealtimeWriter::connect`, `rialto-push stream`)"
+                ));
+            };
+            let secret = decode_record::<RealtimeWriterRecord>(&kv.value)
+                .map_err(|e| e.to_string())
+                .and_then(|r| WriterSecret::from_hex(&r.secret).map_err(|e| e.to_string()));
+            match secret {
+                Ok(secret) => self.secrets.insert(guid, secret),
+                Err(e) => {
+                    return Signed::Refused(format!(
+                        "the registration of producer {producer} at `{key}` is unusable: {e}"
+                    ))
+                }
+            };
+        }
+        let (value, signature) = (
+            record.value.as_deref().unwrap_or_default(),
+            record.key.as_deref().unwrap_or_default(),
+        );
+        match self.secrets.get(&guid) {
+            Some(secret) if secret.verifies(value, signature) => Signed::Valid,
+            _ if signature.is_empty() => Signed::Refused(format!(
+                "it is not signed, though it names registered producer {producer}"
+            )),
+            _ => Signed::Refused(format!(
+                "its signature does not verify with the secret of producer {producer}"
+            )),
+        }
     }
 }
 

@@ -767,10 +767,14 @@ mod tests {
     }
 
     async fn harness_with(sorted_chunk: ChunkLimits) -> Harness {
-        harness_of(sorted_chunk, false).await
+        harness_of(sorted_chunk, false, false).await
     }
 
-    async fn harness_of(sorted_chunk: ChunkLimits, lock_in_memory_stores: bool) -> Harness {
+    async fn harness_of(
+        sorted_chunk: ChunkLimits,
+        lock_in_memory_stores: bool,
+        verify_realtime_writers: bool,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemoryMetaStore::new();
         let pubsub = MemoryPubSub::new();
@@ -797,6 +801,7 @@ mod tests {
             sorted_chunk,
             lock_in_memory_stores,
             realtime_fetch_wait: crate::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
+            verify_realtime_writers,
             reports_pending: Default::default(),
         });
         let lease = ctx.register().await.unwrap();
@@ -1257,7 +1262,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_locks_in_memory_stores_keeps_their_data_resident() {
-        let h = harness_of(ChunkLimits::default(), true).await;
+        let h = harness_of(ChunkLimits::default(), true, false).await;
         let (slot, store, online) = in_memory_replica_online(&h).await;
         let data_bytes = store.usage().unwrap().data_bytes;
         assert_eq!(store.locked_bytes(), data_bytes);
@@ -1676,6 +1681,120 @@ mod tests {
             stored(&slot, "e").as_deref() == Some(b"5")
         })
         .await;
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_authorization_only_records_signed_by_registered_writers_are_copied() {
+        use rialto_security::signing::{generate_secret, secret_hex, WriterSecret};
+        let h = harness_of(ChunkLimits::default(), false, true).await;
+        h.pubsub.create_topic("s_rt", 1).await.unwrap();
+        h.pubsub
+            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
+            .unwrap();
+        let secret = generate_secret().unwrap();
+        let registration = rialto_protocol::meta::RealtimeWriterRecord {
+            producer: guid_hex(&[9; 16]),
+            secret: secret_hex(&secret),
+            registered_by: "pusher".into(),
+            registered_ms: 0,
+        };
+        let key = h.ctx.layout.realtime_writer("s", &registration.producer);
+        let value = rialto_protocol::meta::encode_record(&registration).unwrap();
+        h.meta.put(&key, value, None).await.unwrap();
+        let signer = WriterSecret::new(&secret).unwrap();
+        let send = |records: Vec<Vec<u8>>, signer: Option<WriterSecret>| {
+            let pubsub = h.pubsub.clone();
+            async move {
+                for bytes in records {
+                    let key = signer
+                        .as_ref()
+                        .map(|s| s.sign(&bytes).to_vec())
+                        .unwrap_or_default();
+                    pubsub
+                        .send("s_rt", 0, &key, &bytes)
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                }
+            }
+        };
+        let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
+        let signed = realtime(&mut writer, true, &[("a", Some("1")), ("b", Some("2"))]);
+        send(signed, Some(signer.clone())).await;
+        // Its next record, written by someone without the secret.
+        let forged = realtime(&mut writer, false, &[("c", Some("forged"))]);
+        send(forged, None).await;
+        send(
+            realtime(&mut writer, false, &[("d", Some("4"))]),
+            Some(signer.clone()),
+        )
+        .await;
+
+        let slot = slot(&h);
+        let (stop, stop_rx) = watch::channel(false);
+        let (_follow, follow_rx) = watch::channel(true);
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot.clone(),
+            hybrid_plan(0),
+            stop_rx,
+            follow_rx,
+        ));
+        let r = reported_when(&h, "ERROR", |r| r.state == ReplicaState::Error).await;
+        let error = r.error.unwrap();
+        assert!(
+            error.contains("unauthenticated record at offset 3 of s_rt/0")
+                && error.contains("not signed"),
+            "{error}"
+        );
+        assert_eq!(stored(&slot, "b").as_deref(), Some(&b"2"[..]));
+        assert_eq!(stored(&slot, "c"), None);
+        decide(&h, 3, rialto_protocol::meta::RealtimeAction::Skip).await;
+        wait_for("the signed record after the skipped one", || {
+            stored(&slot, "d").as_deref() == Some(b"4")
+        })
+        .await;
+
+        // A producer nobody registered, signing with a secret of its own.
+        let intruder = WriterSecret::new(&generate_secret().unwrap()).unwrap();
+        let mut other = rialto_protocol::producer::PartitionWriter::new([7; 16]);
+        send(
+            realtime(&mut other, true, &[("e", Some("intruder"))]),
+            Some(intruder),
+        )
+        .await;
+        let r = reported_when(&h, "ERROR again", |r| r.state == ReplicaState::Error).await;
+        let error = r.error.unwrap();
+        assert!(
+            error.contains("unauthenticated record at offset 5 of s_rt/0")
+                && error.contains(&format!(
+                    "producer {} is not a registered writer",
+                    guid_hex(&[7; 16])
+                )),
+            "{error}"
+        );
+        // The operator may still take its records (their call), one decision per record: its
+        // START_OF_SEGMENT, then its put, which is copied.
+        decide(&h, 5, rialto_protocol::meta::RealtimeAction::Accept).await;
+        let r = reported_when(&h, "a halt on the next record", |r| {
+            r.error
+                .as_ref()
+                .is_some_and(|e| e.contains("offset 6 of s_rt/0"))
+        })
+        .await;
+        assert_eq!(r.state, ReplicaState::Error);
+        decide(&h, 6, rialto_protocol::meta::RealtimeAction::Accept).await;
+        wait_for("the accepted record", || {
+            stored(&slot, "e").as_deref() == Some(b"intruder")
+        })
+        .await;
+        assert_eq!(stored(&slot, "c"), None);
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(20), task)
             .await

@@ -89,7 +89,9 @@ pub struct ServerConfig {
     /// CA every client must present a certificate it signed (mutual TLS).
     pub tls: Option<TlsFiles>,
     /// Check every read against the ACLs in etcd (`read` on the store); needs mutual TLS, so
-    /// that callers have principals. Off: anyone who can connect may read.
+    /// that callers have principals. Off: anyone who can connect may read. On, partition
+    /// leaders also copy only real-time records signed by a writer registered with the
+    /// controller (`rialto_security::signing`).
     pub authorize: bool,
     /// Most keys accepted in one batch-get.
     pub batch_get_keys_max: usize,
@@ -330,6 +332,7 @@ pub async fn start(
         sorted_chunk: store::ChunkLimits::default(),
         lock_in_memory_stores: config.lock_in_memory_stores,
         realtime_fetch_wait: config.realtime_fetch_wait,
+        verify_realtime_writers: config.authorize,
         reports_pending: Default::default(),
     });
 

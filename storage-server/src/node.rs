@@ -46,6 +46,9 @@ pub(crate) struct NodeContext {
     /// Fetch wait of real-time consumers
     /// ([`ServerConfig::realtime_fetch_wait`](crate::ServerConfig::realtime_fetch_wait)).
     pub realtime_fetch_wait: std::time::Duration,
+    /// Partition leaders copy only real-time records signed by a writer registered with the
+    /// controller (on with authorization, [`ServerConfig::authorize`](crate::ServerConfig::authorize)).
+    pub verify_realtime_writers: bool,
     /// A replica report failed (the metadata store was unreachable): every replica record is
     /// written again on the next retry tick, since a replica that stays in its state would
     /// never report again, and a blip shorter than the lease TTL does not re-register.

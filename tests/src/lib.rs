@@ -663,13 +663,29 @@ impl Cluster {
         .await
     }
 
-    /// A real-time writer of hybrid store `store`, producing to this cluster's broker.
+    /// A real-time writer of hybrid store `store`, registered (as `admin`) and signing, producing
+    /// to this cluster's broker.
     pub async fn realtime_writer(
         &self,
         store: &str,
     ) -> Result<rialto_push::realtime::RealtimeWriter> {
-        let record = self.admin().describe_store(store).await?.store;
-        Ok(rialto_push::realtime::RealtimeWriter::new(&record, self.pubsub.clone()).await?)
+        self.realtime_writer_as(store, "admin").await
+    }
+
+    /// A real-time writer registered with the controller by `name` (one of [`SECURE_CLIENTS`]
+    /// in a secure cluster), signing its records, producing through the cluster's broker.
+    pub async fn realtime_writer_as(
+        &self,
+        store: &str,
+        name: &str,
+    ) -> Result<rialto_push::realtime::RealtimeWriter> {
+        let admin = self.admin_as(name);
+        let record = admin.realtime_target(store).await?.store;
+        let grant = admin.register_realtime_writer(store).await?;
+        let mut writer =
+            rialto_push::realtime::RealtimeWriter::new(&record, self.pubsub.clone()).await?;
+        writer.sign_as(&grant)?;
+        Ok(writer)
     }
 
     /// Pushes a version by writing envelopes straight to the topic, bypassing the push job's

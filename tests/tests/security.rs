@@ -338,3 +338,128 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
     forbidden(admin.acl(None).await, "admin", "admin");
     cluster.shutdown().await
 }
+
+/// The offset of the real-time record a halted leader's replica names, if one is halted on an
+/// unauthenticated record.
+fn halted_on_unauthenticated(d: &rialto_protocol::admin::StoreDescription) -> Option<i64> {
+    d.versions
+        .iter()
+        .flat_map(|v| &v.replicas)
+        .filter_map(|r| r.error.as_deref())
+        .find_map(|e| {
+            let rest = e.strip_prefix("unauthenticated record at offset ")?;
+            assert!(e.contains("is not a registered writer"), "{e}");
+            rest.split(' ').next()?.parse().ok()
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_records_signed_by_registered_writers_reach_a_hybrid_store() -> Result<()> {
+    let cluster = Cluster::start_opts(ClusterOptions {
+        servers: 2,
+        secure: true,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let hybrid = rialto_protocol::meta::HybridConfig {
+        rewind_seconds: 3600,
+        lag_records_max: 1000,
+    };
+    cluster
+        .create_hybrid_string_store("signed", 1, 2, hybrid)
+        .await?;
+    let admin = cluster.admin();
+    // Registering a writer needs `write`.
+    forbidden(
+        cluster
+            .admin_as("alice")
+            .register_realtime_writer("signed")
+            .await,
+        "alice",
+        "write",
+    );
+    admin
+        .change_acl(
+            Some("signed"),
+            true,
+            &change("pusher", &[Permission::Write]),
+        )
+        .await?;
+    let mut writer = cluster.realtime_writer_as("signed", "pusher").await?;
+    let put = |i: usize, value: &str| (Value::String(key_of(i)), Value::String(value.into()));
+    for i in 0..50 {
+        let (k, v) = put(i, &format!("v{i}"));
+        writer.put(&k, &v).await?;
+    }
+    writer.flush().await?;
+    let client = cluster.client("signed").await?;
+    let read = |i: usize| {
+        let client = &client;
+        async move {
+            Ok::<_, anyhow::Error>(match client.get(&Value::String(key_of(i))).await? {
+                Some(Value::String(s)) => Some(s),
+                other => anyhow::bail!("key {i}: {other:?}"),
+            })
+        }
+    };
+    rialto_tests::wait_until(Duration::from_secs(60), "the signed writes", || async {
+        Ok(read(49).await? == Some("v49".into()))
+    })
+    .await?;
+
+    // A writer that never registered (it reached the broker directly): its records carry no
+    // signature, so the leader halts on the first one rather than copy it.
+    let record = admin.describe_store("signed").await?.store;
+    let mut rogue =
+        rialto_push::realtime::RealtimeWriter::new(&record, cluster.pubsub.clone()).await?;
+    let (k, v) = put(0, "rogue");
+    rogue.put(&k, &v).await?;
+    rogue.flush().await?;
+    let (k, v) = put(1, "after");
+    writer.put(&k, &v).await?;
+    writer.flush().await?;
+    rialto_tests::wait_until(Duration::from_secs(60), "a halted leader", || async {
+        Ok(halted_on_unauthenticated(&admin.describe_store("signed").await?).is_some())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        read(0).await?,
+        Some("v0".into()),
+        "the rogue write is not copied"
+    );
+    assert_eq!(
+        read(1).await?,
+        Some("v1".into()),
+        "halted: nothing after it either"
+    );
+
+    // An administrator drops the rogue writer's records, one decision each; the registered
+    // writer's record after them arrives.
+    let started = Instant::now();
+    while read(1).await? != Some("after".into()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the writes after the rogue records never arrived"
+        );
+        if let Some(offset) = halted_on_unauthenticated(&admin.describe_store("signed").await?) {
+            let request = rialto_protocol::admin::RealtimeDecisionRequest {
+                partition: 0,
+                offset,
+                action: rialto_protocol::meta::RealtimeAction::Skip,
+            };
+            forbidden(
+                pusher_admin(&cluster)
+                    .decide_realtime_record("signed", &request)
+                    .await,
+                "pusher",
+                "admin",
+            );
+            admin.decide_realtime_record("signed", &request).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(read(0).await?, Some("v0".into()));
+    writer.close().await?;
+    cluster.shutdown().await
+}
