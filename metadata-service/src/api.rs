@@ -17,7 +17,7 @@ use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::acl::{validate_principal, AclRecord, GRANTS_MAX};
 use rialto_protocol::admin::{
     AclChangeRequest, ControllersView, NodeDescription, NodeReplica, RealtimeDecisionRequest,
-    RealtimeTarget, RealtimeWriterGrant,
+    RealtimeTarget, RealtimeWriterGrant, RealtimeWriterView,
 };
 use rialto_protocol::admin::{
     AddValueSchemaRequest, AddValueSchemaResponse, CreateStoreRequest, FailPushRequest,
@@ -134,7 +134,11 @@ pub(crate) fn router(state: ApiState) -> Router {
         )
         .route(
             "/v1/stores/{store}/realtime/writers",
-            post(register_realtime_writer),
+            post(register_realtime_writer).get(list_realtime_writers),
+        )
+        .route(
+            "/v1/stores/{store}/realtime/writers/{producer}",
+            axum::routing::delete(revoke_realtime_writer),
         )
         .route("/v1/stores/{store}/rollback", post(rollback))
         .route("/v1/stores/{store}/roll-forward", post(roll_forward))
@@ -614,6 +618,52 @@ async fn register_realtime_writer(
             secret: writer.secret,
         }),
     ))
+}
+
+/// `GET /v1/stores/{store}/realtime/writers` (authorized as `admin`): the registered writers,
+/// oldest first, without their secrets.
+async fn list_realtime_writers(
+    State(st): State<Arc<ApiState>>,
+    Path(store): Path<String>,
+) -> ApiResult<Vec<RealtimeWriterView>> {
+    get_store(&st, &store).await?;
+    let (items, _) = st
+        .meta
+        .list(&st.layout.realtime_writers_prefix(&store))
+        .await?;
+    let mut writers = items
+        .iter()
+        .map(|kv| parse_record::<RealtimeWriterRecord>(&kv.key, &kv.value).map(|r| r.view()))
+        .collect::<Result<Vec<_>, _>>()?;
+    writers.sort_by(|a, b| (a.registered_ms, &a.producer).cmp(&(b.registered_ms, &b.producer)));
+    Ok((StatusCode::OK, Json(writers)))
+}
+
+/// `DELETE /v1/stores/{store}/realtime/writers/{producer}` (authorized as `admin`): revokes a
+/// writer's registration; partition leaders refuse its records from within a second on.
+async fn revoke_realtime_writer(
+    State(st): State<Arc<ApiState>>,
+    Path((store, producer)): Path<(String, String)>,
+) -> ApiResult<RealtimeWriterView> {
+    get_store(&st, &store).await?;
+    let producer = parse_guid_hex(&producer)
+        .map(|g| guid_hex(&g))
+        .ok_or_else(|| {
+            ControllerError::BadRequest(format!(
+                "producer `{producer}` is not a producer GUID (32 hexadecimal digits)"
+            ))
+        })?;
+    let key = st.layout.realtime_writer(&store, &producer);
+    let Some(kv) = st.meta.get(&key).await? else {
+        return Err(ControllerError::NotFound(format!(
+            "producer {producer} is not a registered writer of store `{store}`; list them with \
+             `rialto-admin realtime writers {store}`"
+        )));
+    };
+    let record: RealtimeWriterRecord = parse_record(&key, &kv.value)?;
+    st.meta.delete(&key).await?;
+    tracing::warn!(%store, %producer, "real-time writer revoked");
+    Ok((StatusCode::OK, Json(record.view())))
 }
 
 /// `GET /v1/stores/{store}/realtime/decisions`: the operator's decisions about refused

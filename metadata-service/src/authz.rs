@@ -245,6 +245,15 @@ mod tests {
             requirement(&Method::POST, "/v1/stores/feed/realtime/writers"),
             store(Permission::Write)
         );
+        assert_eq!(
+            requirement(&Method::GET, "/v1/stores/feed/realtime/writers"),
+            store(Permission::Admin),
+            "listing writers is the administrators'"
+        );
+        assert_eq!(
+            requirement(&Method::DELETE, "/v1/stores/feed/realtime/writers/00"),
+            store(Permission::Admin)
+        );
         for method in [Method::GET, Method::POST] {
             assert_eq!(
                 requirement(&method, "/v1/stores/feed/realtime/decisions"),

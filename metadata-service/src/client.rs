@@ -19,8 +19,8 @@ use rialto_backends::Network;
 use rialto_protocol::admin::{
     AclChangeRequest, AclRecord, AddValueSchemaRequest, AddValueSchemaResponse, ApiError,
     ControllersView, CreateStoreRequest, FailPushRequest, NodeDescription, RealtimeDecision,
-    RealtimeDecisionRequest, RealtimeTarget, RealtimeWriterGrant, StartPushRequest,
-    StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
+    RealtimeDecisionRequest, RealtimeTarget, RealtimeWriterGrant, RealtimeWriterView,
+    StartPushRequest, StartPushResponse, StoreDescription, UpdateStoreRequest, VersionDescription,
 };
 use rialto_protocol::meta::{NodeRecord, StoreRecord, ValueSchema};
 use serde::de::DeserializeOwned;
@@ -373,6 +373,37 @@ impl AdminClient {
         self.call(
             Method::POST,
             &format!("/v1/stores/{}/realtime/writers", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `GET /v1/stores/{store}/realtime/writers`: the registered writers (needs `admin`).
+    pub async fn realtime_writers(
+        &self,
+        store: &str,
+    ) -> Result<Vec<RealtimeWriterView>, ControllerError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/stores/{}/realtime/writers", segment(store)),
+            None,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/stores/{store}/realtime/writers/{producer}`: revokes a writer (needs `admin`).
+    pub async fn revoke_realtime_writer(
+        &self,
+        store: &str,
+        producer: &str,
+    ) -> Result<RealtimeWriterView, ControllerError> {
+        self.call(
+            Method::DELETE,
+            &format!(
+                "/v1/stores/{}/realtime/writers/{}",
+                segment(store),
+                segment(producer)
+            ),
             None,
         )
         .await

@@ -315,6 +315,20 @@ pub fn realtime_decisions(decisions: &[rialto_protocol::meta::RealtimeDecision])
     t.render()
 }
 
+/// `realtime writers`.
+pub fn realtime_writers(writers: &[rialto_protocol::admin::RealtimeWriterView]) -> String {
+    let mut t = Table::new(["PRODUCER", "REGISTERED BY", "AGE"]);
+    let now = rialto_protocol::meta::now_ms();
+    for w in writers {
+        t.row([
+            w.producer.clone(),
+            w.registered_by.clone(),
+            format!("{} s", (now - w.registered_ms).max(0) / 1000),
+        ]);
+    }
+    t.render()
+}
+
 /// `controllers`.
 pub fn controllers(v: &rialto_protocol::admin::ControllersView) -> String {
     let leader = match (&v.leader, v.leader_since_ms) {

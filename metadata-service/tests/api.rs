@@ -867,7 +867,11 @@ async fn realtime_decisions_and_writers_are_checked_recorded_and_deleted_with_th
 
     // Real-time writers: each registration is a fresh producer with a secret of its own, kept
     // where the servers look for it; a batch store takes none.
-    let e = f.client.register_realtime_writer("batch").await.unwrap_err();
+    let e = f
+        .client
+        .register_realtime_writer("batch")
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), (409, "conflict"));
     let one = f.client.register_realtime_writer("feed").await.unwrap();
     let two = f.client.register_realtime_writer("feed").await.unwrap();
@@ -883,12 +887,45 @@ async fn realtime_decisions_and_writers_are_checked_recorded_and_deleted_with_th
     let registered: rialto_protocol::meta::RealtimeWriterRecord =
         rialto_protocol::meta::decode_record(&kv.value).unwrap();
     assert_eq!(
-        (&registered.producer, &registered.secret, registered.registered_by.as_str()),
+        (
+            &registered.producer,
+            &registered.secret,
+            registered.registered_by.as_str()
+        ),
         (&one.producer, &one.secret, "anonymous")
     );
     assert!(
         !format!("{registered:?}{one:?}").contains(&one.secret),
         "secrets stay out of debug output (and so out of logs)"
+    );
+
+    // Listed without their secrets, oldest first; revoked one by one.
+    let listed = f.client.realtime_writers("feed").await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|w| w.producer == one.producer));
+    assert!(!format!("{listed:?}").contains(&one.secret));
+    let revoked = f
+        .client
+        .revoke_realtime_writer("feed", &one.producer.to_uppercase())
+        .await
+        .unwrap();
+    assert_eq!(revoked.producer, one.producer);
+    let e = f
+        .client
+        .revoke_realtime_writer("feed", &one.producer)
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), (404, "not_found"));
+    let e = f
+        .client
+        .revoke_realtime_writer("feed", "not-a-guid")
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), (400, "bad_request"));
+    let left = f.client.realtime_writers("feed").await.unwrap();
+    assert_eq!(
+        left.iter().map(|w| w.producer.as_str()).collect::<Vec<_>>(),
+        [two.producer.as_str()]
     );
 
     f.client.delete_store("feed").await.unwrap();

@@ -20,6 +20,8 @@
 //! | `GET /v1/stores/{store}/realtime/decisions` | – | 200 `[RealtimeDecision]` |
 //! | `POST /v1/stores/{store}/realtime/decisions` | [`RealtimeDecisionRequest`] | 200 [`RealtimeDecision`] |
 //! | `POST /v1/stores/{store}/realtime/writers` | – | 201 [`RealtimeWriterGrant`] |
+//! | `GET /v1/stores/{store}/realtime/writers` | – | 200 `[RealtimeWriterView]` |
+//! | `DELETE /v1/stores/{store}/realtime/writers/{producer}` | – | 200 [`RealtimeWriterView`] |
 //! | `GET /v1/nodes` | – | 200 `[NodeRecord]` |
 //! | `GET /v1/nodes/{node}` | – | 200 [`NodeDescription`] |
 //! | `POST /v1/nodes/{node}/drain` | – | 200 [`NodeDescription`] |
@@ -282,6 +284,15 @@ impl std::fmt::Debug for RealtimeWriterGrant {
             .field("producer", &self.producer)
             .finish_non_exhaustive()
     }
+}
+
+/// A registered real-time writer as the admin API shows it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeWriterView {
+    /// The producer GUID, 32 hexadecimal digits.
+    pub producer: String,
+    pub registered_by: String,
+    pub registered_ms: i64,
 }
 
 /// Body of the ACL grant and revoke calls.

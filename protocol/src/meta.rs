@@ -686,6 +686,17 @@ pub struct RealtimeWriterRecord {
     pub registered_ms: i64,
 }
 
+impl RealtimeWriterRecord {
+    /// The record without its secret, as the admin API shows it.
+    pub fn view(&self) -> crate::admin::RealtimeWriterView {
+        crate::admin::RealtimeWriterView {
+            producer: self.producer.clone(),
+            registered_by: self.registered_by.clone(),
+            registered_ms: self.registered_ms,
+        }
+    }
+}
+
 impl std::fmt::Debug for RealtimeWriterRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RealtimeWriterRecord")

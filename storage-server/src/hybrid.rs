@@ -299,14 +299,18 @@ async fn lead_term(
         };
         for record in records {
             let offset = record.offset;
-            let at = format!("offset {offset} of {rt_topic}/{partition}");
+            let at = At {
+                offset,
+                topic: &rt_topic,
+                partition,
+            };
             let upstream = Upstream { epoch, offset };
-            let mut attempt = match decode(record.value.as_deref(), &at) {
+            let mut attempt = match decode(record.value.as_deref(), at) {
                 Ok(envelope) => match signers.as_mut() {
-                    None => validate(envelope, &at, &mut validation),
+                    None => validate(envelope, at, &mut validation),
                     Some(signers) => match signers.check(ctx, slot, stop, &envelope, &record).await
                     {
-                        Signed::Valid => validate(envelope, &at, &mut validation),
+                        Signed::Valid => validate(envelope, at, &mut validation),
                         Signed::Refused(why) => Err(Refusal {
                             reason: format!("unauthenticated record at {at}: {why}"),
                             envelope: Some(envelope),
@@ -387,8 +391,26 @@ struct Refusal {
     envelope: Option<Envelope>,
 }
 
+/// Where a real-time record is, for messages (formatted only when one is written).
+#[derive(Clone, Copy)]
+struct At<'a> {
+    offset: i64,
+    topic: &'a str,
+    partition: u32,
+}
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "offset {} of {}/{}",
+            self.offset, self.topic, self.partition
+        )
+    }
+}
+
 /// Decodes one real-time record.
-fn decode(value: Option<&[u8]>, at: &str) -> Result<Envelope, Refusal> {
+fn decode(value: Option<&[u8]>, at: At<'_>) -> Result<Envelope, Refusal> {
     let Some(value) = value else {
         return Err(Refusal {
             reason: format!("the record at {at} has no value"),
@@ -405,7 +427,7 @@ fn decode(value: Option<&[u8]>, at: &str) -> Result<Envelope, Refusal> {
 /// not copied (a control record, a redelivery), or why it is refused.
 fn validate(
     envelope: Envelope,
-    at: &str,
+    at: At<'_>,
     validation: &mut RealtimeValidation,
 ) -> Result<Option<Message>, Refusal> {
     match validation.check(&envelope) {
@@ -427,10 +449,11 @@ enum Signed {
 }
 
 /// The secrets of the store's registered real-time writers a leader has met, read from etcd
-/// on first sight of each producer (`rialto_security::signing`).
+/// on first sight of each producer and again once [`LEADERSHIP_CHECK`] old, so a revoked
+/// writer's records are refused within a second (`rialto_security::signing`).
 #[derive(Default)]
 struct Signers {
-    secrets: std::collections::HashMap<[u8; 16], WriterSecret>,
+    secrets: std::collections::HashMap<[u8; 16], (WriterSecret, Instant)>,
 }
 
 impl Signers {
@@ -445,7 +468,9 @@ impl Signers {
         let guid = envelope.producer.producer_guid;
         let producer = guid_hex(&guid);
         let store = &slot.id.store;
-        if !self.secrets.contains_key(&guid) {
+        let fresh = |(_, read): &(WriterSecret, Instant)| read.elapsed() < LEADERSHIP_CHECK;
+        if !self.secrets.get(&guid).is_some_and(fresh) {
+            self.secrets.remove(&guid);
             let key = ctx.layout.realtime_writer(store, &producer);
             let kv = loop {
                 match ctx.meta.get(&key).await {
@@ -461,14 +486,15 @@ impl Signers {
             let Some(kv) = kv else {
                 return Signed::Refused(format!(
                     "producer {producer} is not a registered writer of store `{store}` (writers \
-                     register through the controller: `RealtimeWriter::connect`, `rialto-push stream`)"
+                     register through the controller: `RealtimeWriter::connect`, `rialto-push \
+                     stream`; an administrator may have revoked it)"
                 ));
             };
             let secret = decode_record::<RealtimeWriterRecord>(&kv.value)
                 .map_err(|e| e.to_string())
                 .and_then(|r| WriterSecret::from_hex(&r.secret).map_err(|e| e.to_string()));
             match secret {
-                Ok(secret) => self.secrets.insert(guid, secret),
+                Ok(secret) => self.secrets.insert(guid, (secret, Instant::now())),
                 Err(e) => {
                     return Signed::Refused(format!(
                         "the registration of producer {producer} at `{key}` is unusable: {e}"
@@ -481,7 +507,7 @@ impl Signers {
             record.key.as_deref().unwrap_or_default(),
         );
         match self.secrets.get(&guid) {
-            Some(secret) if secret.verifies(value, signature) => Signed::Valid,
+            Some((secret, _)) if secret.verifies(value, signature) => Signed::Valid,
             _ if signature.is_empty() => Signed::Refused(format!(
                 "it is not signed, though it names registered producer {producer}"
             )),

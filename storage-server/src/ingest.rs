@@ -1795,6 +1795,23 @@ mod tests {
         })
         .await;
         assert_eq!(stored(&slot, "c"), None);
+
+        // Revoked, the registered writer's next record is refused too.
+        h.meta.delete(&key).await.unwrap();
+        tokio::time::sleep(crate::hybrid::LEADERSHIP_CHECK).await;
+        send(
+            realtime(&mut writer, false, &[("f", Some("revoked"))]),
+            Some(signer),
+        )
+        .await;
+        let r = reported_when(&h, "a halt on the revoked writer", |r| {
+            r.error
+                .as_ref()
+                .is_some_and(|e| e.contains("offset 7 of s_rt/0"))
+        })
+        .await;
+        assert!(r.error.unwrap().contains("is not a registered writer"));
+        assert_eq!(stored(&slot, "f"), None);
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(20), task)
             .await

@@ -1156,6 +1156,20 @@ async fn a_corrupt_real_time_record_halts_its_partition_until_an_operator_skips_
             .collect::<Vec<_>>(),
         [(0, offset, rialto_protocol::meta::RealtimeAction::Skip)]
     );
+    // The writer that wrote all this is registered; revoked through the CLI, it is gone.
+    let (ok, stdout, stderr) = cluster.admin_cli(&["realtime", "writers", "halting", "--json"])?;
+    assert!(ok, "{stderr}");
+    let writers: Vec<rialto_protocol::admin::RealtimeWriterView> = serde_json::from_str(&stdout)?;
+    assert_eq!(writers.len(), 1, "{writers:?}");
+    let producer = writers[0].producer.clone();
+    let (ok, stdout, stderr) =
+        cluster.admin_cli(&["realtime", "revoke", "halting", "--producer", &producer])?;
+    assert!(
+        ok && stdout.contains(&format!("writer {producer}")),
+        "{stdout}{stderr}"
+    );
+    let (ok, stdout, _) = cluster.admin_cli(&["realtime", "writers", "halting"])?;
+    assert!(ok && !stdout.contains(&producer), "{stdout}");
     // A decision about a store without real-time writes, or a partition it lacks, is refused.
     let (ok, _, stderr) = cluster.admin_cli(&[
         "realtime",

@@ -460,6 +460,26 @@ async fn only_records_signed_by_registered_writers_reach_a_hybrid_store() -> Res
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(read(0).await?, Some("v0".into()));
-    writer.close().await?;
+
+    // The registered writer revoked (`rialto-admin realtime revoke`): its next record is refused.
+    let writers = admin.realtime_writers("signed").await?;
+    assert_eq!(writers.len(), 1, "{writers:?}");
+    assert_eq!(writers[0].registered_by, "pusher");
+    admin
+        .revoke_realtime_writer("signed", &writers[0].producer)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (k, v) = put(2, "revoked");
+    writer.put(&k, &v).await?;
+    writer.flush().await?;
+    rialto_tests::wait_until(
+        Duration::from_secs(60),
+        "a halt on the revoked writer",
+        || async {
+            Ok(halted_on_unauthenticated(&admin.describe_store("signed").await?).is_some())
+        },
+    )
+    .await?;
+    assert_eq!(read(2).await?, Some("v2".into()));
     cluster.shutdown().await
 }

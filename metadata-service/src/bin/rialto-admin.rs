@@ -55,8 +55,8 @@ enum Command {
         #[arg(long)]
         version: Option<u32>,
     },
-    /// A hybrid store's real-time records its partition leaders refused: skip one, accept one,
-    /// list the decisions.
+    /// A hybrid store's real-time records its partition leaders refused (skip one, accept one,
+    /// list the decisions) and its registered writers (list, revoke).
     #[command(subcommand)]
     Realtime(RealtimeCommand),
     /// Who may read, write and administer a store (or, with --cluster, every store).
@@ -116,6 +116,16 @@ enum RealtimeCommand {
     Accept(RealtimeRecord),
     /// The decisions taken about a store's real-time records.
     Decisions { store: String },
+    /// The store's registered real-time writers (producer, who registered it, when).
+    Writers { store: String },
+    /// Revokes a real-time writer: with authorization on, partition leaders refuse its records
+    /// within a second (a record already refused halts its partition until skipped).
+    Revoke {
+        store: String,
+        /// The writer's producer GUID, as `realtime writers` lists it.
+        #[arg(long)]
+        producer: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -359,6 +369,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Realtime(RealtimeCommand::Decisions { store }) => {
             let decisions = client.realtime_decisions(&store).await?;
             print(args.json, &decisions, |d| render::realtime_decisions(d))
+        }
+        Command::Realtime(RealtimeCommand::Writers { store }) => {
+            let writers = client.realtime_writers(&store).await?;
+            print(args.json, &writers, |w| render::realtime_writers(w))
+        }
+        Command::Realtime(RealtimeCommand::Revoke { store, producer }) => {
+            let w = client.revoke_realtime_writer(&store, &producer).await?;
+            print(args.json, &w, |w| {
+                format!(
+                    "{store}: real-time writer {} (registered by {}) revoked\n",
+                    w.producer, w.registered_by
+                )
+            })
         }
         Command::Acl(AclCommand::List { target }) => {
             let record = client.acl(target.store.as_deref()).await?;
