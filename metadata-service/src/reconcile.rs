@@ -820,6 +820,9 @@ impl Reconciler {
                 self.meta
                     .delete_prefix(&self.layout.version_leaders_prefix(store, *version))
                     .await?;
+                self.meta
+                    .delete_prefix(&self.layout.version_copiers_prefix(store, *version))
+                    .await?;
                 // The version record goes last: while it exists, the next pass retries the rest.
                 self.meta
                     .delete(&self.layout.version(store, *version))
@@ -852,6 +855,7 @@ impl Reconciler {
                     format!("{}/partition-leaders/{store}/", self.layout.root()),
                     self.layout.realtime_decisions_prefix(store),
                     self.layout.realtime_writers_prefix(store),
+                    self.layout.store_copiers_prefix(store),
                     self.layout.store_versions_prefix(store),
                 ] {
                     self.meta.delete_prefix(&prefix).await?;

@@ -16,6 +16,8 @@
 //!                                                                     with a real-time record it refused
 //! {root}/realtime-writers/{store}/{producer}         RealtimeWriterRecord written by the admin API: a registered real-time
 //!                                                                     writer's producer GUID and signing secret
+//! {root}/copiers/{store}/{version:010}/{producer}    RealtimeWriterRecord written by a partition leader: the producer and
+//!                                                                     secret its copies into the version topic are signed with
 //! ```
 //!
 //! Version numbers and partitions are zero-padded so that etcd's lexical order is numeric order.
@@ -242,6 +244,20 @@ impl Layout {
     /// [`RealtimeWriterRecord`]).
     pub fn realtime_writer(&self, store: &str, producer: &str) -> String {
         format!("{}/realtime-writers/{store}/{producer}", self.root)
+    }
+
+    /// The partition leaders' copy producers of every version of a store.
+    pub fn store_copiers_prefix(&self, store: &str) -> String {
+        format!("{}/copiers/{store}/", self.root)
+    }
+    /// The partition leaders' copy producers of one version.
+    pub fn version_copiers_prefix(&self, store: &str, version: u32) -> String {
+        format!("{}/copiers/{store}/{version:010}/", self.root)
+    }
+    /// A partition leader's copy producer (a [`RealtimeWriterRecord`] registered by the leader,
+    /// with no lease: replicas verify its copies for as long as the version exists).
+    pub fn version_copier(&self, store: &str, version: u32, producer: &str) -> String {
+        format!("{}/copiers/{store}/{version:010}/{producer}", self.root)
     }
 
     /// Every ACL record: the cluster's and each store's (see [`crate::acl`]).

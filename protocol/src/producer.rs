@@ -77,6 +77,11 @@ impl PartitionWriter {
         }
     }
 
+    /// The GUID every envelope of this writer carries.
+    pub fn producer_guid(&self) -> [u8; 16] {
+        self.producer_guid
+    }
+
     fn envelope(&mut self, message: Message) -> Envelope {
         self.envelope_from(message, None)
     }

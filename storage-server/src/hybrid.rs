@@ -36,8 +36,8 @@ use rialto_backends::{ConsumedRecord, PubSubError};
 use rialto_protocol::codec::{self, ValueCompressor};
 use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum, Upstream};
 use rialto_protocol::meta::{
-    decode_record, now_ms, realtime_topic, Compression, LeadershipRecord, RealtimeAction,
-    RealtimeDecision, RealtimeWriterRecord, ReplicaState,
+    decode_record, encode_record, now_ms, realtime_topic, Compression, LeadershipRecord,
+    RealtimeAction, RealtimeDecision, RealtimeWriterRecord, ReplicaState,
 };
 use rialto_protocol::producer::PartitionWriter;
 use rialto_protocol::stored::CHECKSUM_BYTES;
@@ -236,6 +236,10 @@ async fn lead_term(
         Ok(c) => c,
         Err(e) => return TermEnd::Fatal(e),
     };
+    if let Err(e) = copier.register(ctx, slot).await {
+        tracing::warn!(replica = %slot.id, error = %e, "cannot register the copy producer; yielding the leadership");
+        return TermEnd::Yielded;
+    }
     let replay = progress.borrow().replay;
     let start = match replay {
         Some(r) => r.next_realtime_offset(),
@@ -518,6 +522,122 @@ impl Signers {
     }
 }
 
+/// Most producer GUIDs a [`CopyCheck`] remembers as unregistered.
+const UNREGISTERED_REMEMBERED_MAX: usize = 4096;
+
+/// A following replica's check of its version topic after END_OF_PUSH (servers with
+/// authorization on): a record is applied only if it is the push's own (its producer, stamped
+/// in the version record) or signed by a partition leader's copy producer registered for the
+/// version ([`Copier::register`]). Anything else, a forged copy with a high epoch included, is
+/// dropped unapplied, counted and logged: it cannot fence the real leader off or change what
+/// is served.
+#[derive(Default)]
+pub(crate) struct CopyCheck {
+    secrets: std::collections::HashMap<[u8; 16], WriterSecret>,
+    /// Producers found unregistered; a leader registers before it sends, so one never becomes
+    /// registered later.
+    unregistered: std::collections::HashSet<[u8; 16]>,
+}
+
+impl CopyCheck {
+    /// `records` without the unauthenticated ones; `None` when stopped while etcd was
+    /// unreachable.
+    pub(crate) async fn admit(
+        &mut self,
+        ctx: &NodeContext,
+        slot: &ReplicaSlot,
+        plan: &ReplicaPlan,
+        records: Vec<ConsumedRecord>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<ConsumedRecord>> {
+        let push = plan
+            .producer
+            .as_deref()
+            .and_then(rialto_protocol::producer::parse_guid_hex);
+        let mut kept = Vec::with_capacity(records.len());
+        for record in records {
+            let value = record.value.as_deref().unwrap_or_default();
+            let guid = Envelope::decode(value)
+                .ok()
+                .map(|e| e.producer.producer_guid);
+            let admitted = match guid {
+                Some(guid) if Some(guid) == push => true,
+                Some(guid) => match self.secret(ctx, slot, guid, stop).await? {
+                    Some(secret) => {
+                        secret.verifies(value, record.key.as_deref().unwrap_or_default())
+                    }
+                    None => false,
+                },
+                None => false,
+            };
+            if admitted {
+                kept.push(record);
+                continue;
+            }
+            let dropped = ctx
+                .metrics
+                .unauthenticated_copies_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if dropped < 100 || dropped.is_power_of_two() {
+                tracing::warn!(
+                    replica = %slot.id,
+                    offset = record.offset,
+                    producer = %guid.map(|g| guid_hex(&g)).unwrap_or_else(|| "?".into()),
+                    dropped = dropped + 1,
+                    "dropped a version-topic record neither of the push nor signed by a partition leader"
+                );
+            }
+        }
+        Some(kept)
+    }
+
+    /// The registered secret of copy producer `guid`, if any.
+    async fn secret(
+        &mut self,
+        ctx: &NodeContext,
+        slot: &ReplicaSlot,
+        guid: [u8; 16],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Option<&WriterSecret>> {
+        if self.unregistered.contains(&guid) {
+            return Some(None);
+        }
+        if !self.secrets.contains_key(&guid) {
+            let key = ctx
+                .layout
+                .version_copier(&slot.id.store, slot.id.version, &guid_hex(&guid));
+            let kv = loop {
+                match ctx.meta.get(&key).await {
+                    Ok(kv) => break kv,
+                    Err(e) => {
+                        tracing::warn!(replica = %slot.id, error = %e, "cannot read a copy producer's registration; retrying");
+                        if wait(stop, LEADERSHIP_CHECK).await {
+                            return None;
+                        }
+                    }
+                }
+            };
+            let secret = kv.and_then(|kv| {
+                let record = decode_record::<RealtimeWriterRecord>(&kv.value).ok()?;
+                WriterSecret::from_hex(&record.secret).ok()
+            });
+            match secret {
+                Some(secret) => {
+                    self.secrets.insert(guid, secret);
+                }
+                None => {
+                    if self.unregistered.len() >= UNREGISTERED_REMEMBERED_MAX {
+                        self.unregistered.clear();
+                    }
+                    self.unregistered.insert(guid);
+                    return Some(None);
+                }
+            }
+        }
+        Some(self.secrets.get(&guid))
+    }
+}
+
 /// The leadership a term holds.
 #[derive(Clone, Copy)]
 struct Term<'a> {
@@ -648,6 +768,9 @@ struct Copier {
     pending: Vec<Envelope>,
     /// Compresses copied values the way the version stores them.
     compressor: Option<ValueCompressor>,
+    /// Signs every record sent ([`Copier::register`] makes the secret known to the replicas).
+    secret: [u8; rialto_security::signing::SECRET_BYTES],
+    signer: WriterSecret,
 }
 
 impl Copier {
@@ -672,13 +795,37 @@ impl Copier {
         let mut writer = PartitionWriter::new(*uuid::Uuid::new_v4().as_bytes());
         let sos = writer.start_segment();
         tracing::debug!(replica = %slot.id, epoch, producer = %guid_hex(&sos.producer.producer_guid), "copying as a new producer");
+        let secret = rialto_security::signing::generate_secret().map_err(|e| e.to_string())?;
+        let signer = WriterSecret::new(&secret).map_err(|e| e.to_string())?;
         Ok(Copier {
             topic: plan.topic.clone(),
             partition: slot.id.partition,
             writer,
             pending: vec![sos],
             compressor,
+            secret,
+            signer,
         })
+    }
+
+    /// Registers this copier's producer and secret for the version (no lease: its copies are
+    /// verified for as long as the version exists), before anything is sent.
+    async fn register(&self, ctx: &NodeContext, slot: &ReplicaSlot) -> Result<(), String> {
+        let producer = guid_hex(&self.writer.producer_guid());
+        let record = RealtimeWriterRecord {
+            producer: producer.clone(),
+            secret: rialto_security::signing::secret_hex(&self.secret),
+            registered_by: ctx.node_id.clone(),
+            registered_ms: now_ms(),
+        };
+        let key = ctx
+            .layout
+            .version_copier(&slot.id.store, slot.id.version, &producer);
+        let value = encode_record(&record).map_err(|e| e.to_string())?;
+        ctx.meta
+            .put(&key, value, None)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Queues the copy of one real-time PUT or DELETE.
@@ -731,9 +878,11 @@ impl Copier {
     async fn flush(&mut self, ctx: &NodeContext) -> Result<(), PubSubError> {
         let mut deliveries = Vec::with_capacity(self.pending.len());
         for e in self.pending.drain(..) {
+            let bytes = e.encode();
+            let signature = self.signer.sign(&bytes);
             deliveries.push(
                 ctx.pubsub
-                    .send(&self.topic, self.partition, &[], &e.encode())
+                    .send(&self.topic, self.partition, &signature, &bytes)
                     .await?,
             );
         }

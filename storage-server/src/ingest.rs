@@ -360,6 +360,9 @@ async fn follow_realtime(
     // Before START_OF_BUFFER_REPLAY: where the replay would start (the rewind point).
     let mut replay_from: Option<i64> = None;
     let mut last_progress = Instant::now();
+    let mut copy_check = ctx
+        .verify_realtime_writers
+        .then(crate::hybrid::CopyCheck::default);
     let result = loop {
         let records = {
             tokio::select! {
@@ -410,6 +413,13 @@ async fn follow_realtime(
                     }
                 },
             }
+        };
+        let records = match copy_check.as_mut() {
+            Some(check) => match check.admit(ctx, slot, plan, records, &mut stop).await {
+                Some(records) => records,
+                None => break Err(Ended::Stopped),
+            },
+            None => records,
         };
         if !records.is_empty() {
             let rules = Rules {
@@ -1614,8 +1624,9 @@ mod tests {
         h.meta.put(&key, value, None).await.unwrap();
     }
 
+    /// The value the replica holds for `key` (`None` before its database is open, too).
     fn stored(slot: &ReplicaSlot, key: &str) -> Option<Vec<u8>> {
-        let store = slot.store().unwrap();
+        let store = slot.store()?;
         let v = store.get(key.as_bytes()).unwrap();
         v.map(|v| v[4..].to_vec())
     }
@@ -1688,17 +1699,15 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
-    async fn with_authorization_only_records_signed_by_registered_writers_are_copied() {
+    /// Registers real-time writer `guid` of store `s`: its registration's key and its secret.
+    async fn register_writer(
+        h: &Harness,
+        guid: [u8; 16],
+    ) -> (String, rialto_security::signing::WriterSecret) {
         use rialto_security::signing::{generate_secret, secret_hex, WriterSecret};
-        let h = harness_of(ChunkLimits::default(), false, true).await;
-        h.pubsub.create_topic("s_rt", 1).await.unwrap();
-        h.pubsub
-            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
-            .unwrap();
         let secret = generate_secret().unwrap();
         let registration = rialto_protocol::meta::RealtimeWriterRecord {
-            producer: guid_hex(&[9; 16]),
+            producer: guid_hex(&guid),
             secret: secret_hex(&secret),
             registered_by: "pusher".into(),
             registered_ms: 0,
@@ -1706,24 +1715,110 @@ mod tests {
         let key = h.ctx.layout.realtime_writer("s", &registration.producer);
         let value = rialto_protocol::meta::encode_record(&registration).unwrap();
         h.meta.put(&key, value, None).await.unwrap();
-        let signer = WriterSecret::new(&secret).unwrap();
-        let send = |records: Vec<Vec<u8>>, signer: Option<WriterSecret>| {
-            let pubsub = h.pubsub.clone();
-            async move {
-                for bytes in records {
-                    let key = signer
-                        .as_ref()
-                        .map(|s| s.sign(&bytes).to_vec())
-                        .unwrap_or_default();
-                    pubsub
-                        .send("s_rt", 0, &key, &bytes)
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
-                }
-            }
+        (key, WriterSecret::new(&secret).unwrap())
+    }
+
+    /// Sends `records` to partition 0 of `topic`, each signed by `signer` if given.
+    async fn send_signed(
+        h: &Harness,
+        topic: &str,
+        records: Vec<Vec<u8>>,
+        signer: Option<rialto_security::signing::WriterSecret>,
+    ) {
+        for bytes in records {
+            let key = signer
+                .as_ref()
+                .map(|s| s.sign(&bytes).to_vec())
+                .unwrap_or_default();
+            h.pubsub
+                .send(topic, 0, &key, &bytes)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn with_authorization_a_forged_copy_in_the_version_topic_is_dropped_unapplied() {
+        let h = harness_of(ChunkLimits::default(), false, true).await;
+        h.pubsub.create_topic("s_rt", 1).await.unwrap();
+        h.pubsub
+            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
+            .unwrap();
+        let (_, signer) = register_writer(&h, [9; 16]).await;
+        let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
+        let records = realtime(&mut writer, true, &[("a", Some("1"))]);
+        send_signed(&h, "s_rt", records, Some(signer.clone())).await;
+        let slot = slot(&h);
+        let (stop, stop_rx) = watch::channel(false);
+        let (_follow, follow_rx) = watch::channel(true);
+        let task = tokio::spawn(run(
+            h.ctx.clone(),
+            slot.clone(),
+            hybrid_plan(0),
+            stop_rx,
+            follow_rx,
+        ));
+        wait_for("the leader's copy", || {
+            stored(&slot, "a").as_deref() == Some(b"1")
+        })
+        .await;
+
+        // Someone with write access to the version topic adds a copy of their own, with an epoch
+        // that would fence the real leader off, unsigned (or signed by no registered copier).
+        let mut forger = rialto_protocol::producer::PartitionWriter::new([66; 16]);
+        let put = rialto_protocol::envelope::Message::Put {
+            key: b"a".to_vec(),
+            schema_id: 1,
+            value: b"forged".to_vec(),
         };
+        let upstream = rialto_protocol::envelope::Upstream {
+            epoch: u64::MAX / 2,
+            offset: 1_000,
+        };
+        let forged = vec![
+            forger.start_segment().encode(),
+            forger.copied(put, upstream).encode(),
+        ];
+        let intruder = rialto_security::signing::WriterSecret::new(
+            &rialto_security::signing::generate_secret().unwrap(),
+        )
+        .unwrap();
+        send_signed(&h, TOPIC, forged, Some(intruder)).await;
+        // The real leader's copies go on being applied, the forged one never is.
+        let records = realtime(&mut writer, false, &[("b", Some("2")), ("a", Some("3"))]);
+        send_signed(&h, "s_rt", records, Some(signer)).await;
+        wait_for("the leader's later copies", || {
+            stored(&slot, "a").as_deref() == Some(b"3")
+        })
+        .await;
+        assert_eq!(stored(&slot, "b").as_deref(), Some(&b"2"[..]));
+        assert_eq!(
+            h.ctx
+                .metrics
+                .unauthenticated_copies_dropped
+                .load(Ordering::Relaxed),
+            2,
+            "the forger's START_OF_SEGMENT and put"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_authorization_only_records_signed_by_registered_writers_are_copied() {
+        use rialto_security::signing::{generate_secret, WriterSecret};
+        let h = harness_of(ChunkLimits::default(), false, true).await;
+        h.pubsub.create_topic("s_rt", 1).await.unwrap();
+        h.pubsub
+            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
+            .unwrap();
+        let (key, signer) = register_writer(&h, [9; 16]).await;
+        let send = |records, signer| send_signed(&h, "s_rt", records, signer);
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let signed = realtime(&mut writer, true, &[("a", Some("1")), ("b", Some("2"))]);
         send(signed, Some(signer.clone())).await;

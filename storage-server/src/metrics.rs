@@ -76,6 +76,9 @@ pub struct ServerMetrics {
     pub records_ingested: AtomicU64,
     /// Redelivered records skipped by validation.
     pub duplicates_skipped: AtomicU64,
+    /// Version-topic records after END_OF_PUSH neither of the push nor signed by a partition
+    /// leader, dropped unapplied (authorization on).
+    pub unauthenticated_copies_dropped: AtomicU64,
     /// SST files written and ingested by sorted pushes.
     pub sst_files_ingested: AtomicU64,
     /// Read requests delayed by fault injection (tests and benchmarks only).
@@ -153,6 +156,10 @@ impl ServerMetrics {
             (
                 "rialto_server_duplicates_skipped_total",
                 &self.duplicates_skipped,
+            ),
+            (
+                "rialto_server_unauthenticated_copies_dropped_total",
+                &self.unauthenticated_copies_dropped,
             ),
         ] {
             let _ = writeln!(

@@ -407,6 +407,36 @@ async fn only_records_signed_by_registered_writers_reach_a_hybrid_store() -> Res
     })
     .await?;
 
+    // A copy forged straight into the version topic, with an epoch that would fence the real
+    // leader off: every replica drops it, and the leader's copies go on arriving.
+    let mut forger = rialto_protocol::producer::PartitionWriter::new([66; 16]);
+    let forged_put = rialto_protocol::envelope::Message::Put {
+        key: rialto_protocol::avro::AvroCodec::parse(rialto_tests::STRING_SCHEMA)?
+            .encode(&Value::String(key_of(3)), "key")?,
+        schema_id: 1,
+        value: b"forged".to_vec(),
+    };
+    let upstream = rialto_protocol::envelope::Upstream {
+        epoch: u64::MAX / 2,
+        offset: 1 << 40,
+    };
+    for envelope in [forger.start_segment(), forger.copied(forged_put, upstream)] {
+        cluster
+            .pubsub
+            .send("signed_v1", 0, &[], &envelope.encode())
+            .await?
+            .await?;
+    }
+    let (k, v) = put(3, "after the forgery");
+    writer.put(&k, &v).await?;
+    writer.flush().await?;
+    rialto_tests::wait_until(
+        Duration::from_secs(60),
+        "copies after the forgery",
+        || async { Ok(read(3).await? == Some("after the forgery".into())) },
+    )
+    .await?;
+
     // A writer that never registered (it reached the broker directly): its records carry no
     // signature, so the leader halts on the first one rather than copy it.
     let record = admin.describe_store("signed").await?.store;
