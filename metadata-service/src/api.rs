@@ -627,14 +627,12 @@ async fn list_realtime_writers(
     Path(store): Path<String>,
 ) -> ApiResult<Vec<RealtimeWriterView>> {
     get_store(&st, &store).await?;
-    let (items, _) = st
-        .meta
-        .list(&st.layout.realtime_writers_prefix(&store))
-        .await?;
-    let mut writers = items
+    let prefix = st.layout.realtime_writers_prefix(&store);
+    let mut writers: Vec<RealtimeWriterView> = list_records::<RealtimeWriterRecord>(&st, &prefix)
+        .await?
         .iter()
-        .map(|kv| parse_record::<RealtimeWriterRecord>(&kv.key, &kv.value).map(|r| r.view()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(RealtimeWriterRecord::view)
+        .collect();
     writers.sort_by(|a, b| (a.registered_ms, &a.producer).cmp(&(b.registered_ms, &b.producer)));
     Ok((StatusCode::OK, Json(writers)))
 }
@@ -673,15 +671,20 @@ async fn list_realtime_decisions(
     Path(store): Path<String>,
 ) -> ApiResult<Vec<RealtimeDecision>> {
     get_store(&st, &store).await?;
-    let (items, _) = st
-        .meta
-        .list(&st.layout.realtime_decisions_prefix(&store))
-        .await?;
-    let decisions = items
+    let prefix = st.layout.realtime_decisions_prefix(&store);
+    Ok((StatusCode::OK, Json(list_records(&st, &prefix).await?)))
+}
+
+/// Every record under `prefix`, in key order.
+async fn list_records<T: DeserializeOwned>(
+    st: &ApiState,
+    prefix: &str,
+) -> Result<Vec<T>, ControllerError> {
+    let (items, _) = st.meta.list(prefix).await?;
+    items
         .iter()
         .map(|kv| parse_record(&kv.key, &kv.value))
-        .collect::<Result<Vec<RealtimeDecision>, _>>()?;
-    Ok((StatusCode::OK, Json(decisions)))
+        .collect()
 }
 
 /// `POST /v1/stores/{store}/realtime/decisions`: tells the partition leader halted on a refused

@@ -1592,6 +1592,43 @@ mod tests {
         drop(stop);
     }
 
+    /// A hybrid replica of `s` v1 p0 (lag bound 0) ingesting and following in the background.
+    struct Following {
+        slot: Arc<ReplicaSlot>,
+        stop: watch::Sender<bool>,
+        _follow: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Following {
+        fn start(h: &Harness) -> Following {
+            let slot = slot(h);
+            let (stop, stop_rx) = watch::channel(false);
+            let (follow, follow_rx) = watch::channel(true);
+            let task = tokio::spawn(run(
+                h.ctx.clone(),
+                slot.clone(),
+                hybrid_plan(0),
+                stop_rx,
+                follow_rx,
+            ));
+            Following {
+                slot,
+                stop,
+                _follow: follow,
+                task,
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(20), self.task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
     /// The replica's reported record, once `check` holds for it.
     async fn reported_when(
         h: &Harness,
@@ -1647,16 +1684,8 @@ mod tests {
         records.push(bad);
         records.extend(realtime(&mut writer, false, &[("d", Some("4"))]));
         h.pubsub.append_all("s_rt", 0, records).unwrap();
-        let slot = slot(&h);
-        let (stop, stop_rx) = watch::channel(false);
-        let (_follow, follow_rx) = watch::channel(true);
-        let task = tokio::spawn(run(
-            h.ctx.clone(),
-            slot.clone(),
-            hybrid_plan(0),
-            stop_rx,
-            follow_rx,
-        ));
+        let following = Following::start(&h);
+        let slot = following.slot.clone();
         let r = reported_when(&h, "ERROR", |r| r.state == ReplicaState::Error).await;
         let error = r.error.unwrap();
         assert!(
@@ -1692,11 +1721,7 @@ mod tests {
             stored(&slot, "e").as_deref() == Some(b"5")
         })
         .await;
-        stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), task)
-            .await
-            .unwrap()
-            .unwrap();
+        following.stop().await;
     }
 
     /// Registers real-time writer `guid` of store `s`: its registration's key and its secret.
@@ -1750,16 +1775,8 @@ mod tests {
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let records = realtime(&mut writer, true, &[("a", Some("1"))]);
         send_signed(&h, "s_rt", records, Some(signer.clone())).await;
-        let slot = slot(&h);
-        let (stop, stop_rx) = watch::channel(false);
-        let (_follow, follow_rx) = watch::channel(true);
-        let task = tokio::spawn(run(
-            h.ctx.clone(),
-            slot.clone(),
-            hybrid_plan(0),
-            stop_rx,
-            follow_rx,
-        ));
+        let following = Following::start(&h);
+        let slot = following.slot.clone();
         wait_for("the leader's copy", || {
             stored(&slot, "a").as_deref() == Some(b"1")
         })
@@ -1802,11 +1819,7 @@ mod tests {
             2,
             "the forger's START_OF_SEGMENT and put"
         );
-        stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), task)
-            .await
-            .unwrap()
-            .unwrap();
+        following.stop().await;
     }
 
     #[tokio::test]
@@ -1831,16 +1844,8 @@ mod tests {
         )
         .await;
 
-        let slot = slot(&h);
-        let (stop, stop_rx) = watch::channel(false);
-        let (_follow, follow_rx) = watch::channel(true);
-        let task = tokio::spawn(run(
-            h.ctx.clone(),
-            slot.clone(),
-            hybrid_plan(0),
-            stop_rx,
-            follow_rx,
-        ));
+        let following = Following::start(&h);
+        let slot = following.slot.clone();
         let r = reported_when(&h, "ERROR", |r| r.state == ReplicaState::Error).await;
         let error = r.error.unwrap();
         assert!(
@@ -1907,11 +1912,7 @@ mod tests {
         .await;
         assert!(r.error.unwrap().contains("is not a registered writer"));
         assert_eq!(stored(&slot, "f"), None);
-        stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), task)
-            .await
-            .unwrap()
-            .unwrap();
+        following.stop().await;
     }
 
     #[tokio::test]
@@ -1931,16 +1932,8 @@ mod tests {
             &[("c", Some("3")), ("a", Some("4"))],
         ));
         h.pubsub.append_all("s_rt", 0, records).unwrap();
-        let slot = slot(&h);
-        let (stop, stop_rx) = watch::channel(false);
-        let (_follow, follow_rx) = watch::channel(true);
-        let task = tokio::spawn(run(
-            h.ctx.clone(),
-            slot.clone(),
-            hybrid_plan(0),
-            stop_rx,
-            follow_rx,
-        ));
+        let following = Following::start(&h);
+        let slot = following.slot.clone();
         let r = reported_when(&h, "ERROR", |r| r.state == ReplicaState::Error).await;
         let error = r.error.unwrap();
         assert!(
@@ -1966,10 +1959,6 @@ mod tests {
             Some(&b"4"[..]),
             "and what follows it"
         );
-        stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), task)
-            .await
-            .unwrap()
-            .unwrap();
+        following.stop().await;
     }
 }
