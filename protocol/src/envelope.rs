@@ -255,6 +255,18 @@ impl Envelope {
         }
     }
 
+    /// The producer GUID an encoded envelope names, read from its header without decoding or
+    /// verifying the rest (`None` for bytes too short or not an envelope of this format).
+    pub fn producer_guid_of(bytes: &[u8]) -> Option<[u8; 16]> {
+        if bytes.len() < HEADER_BYTES + 4
+            || bytes[0] != ENVELOPE_MAGIC
+            || bytes[1] != ENVELOPE_FORMAT
+        {
+            return None;
+        }
+        bytes.get(3..19)?.try_into().ok()
+    }
+
     /// Decodes and verifies an envelope. Never panics, whatever the input.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         if bytes.len() < HEADER_BYTES + 4 {
@@ -551,6 +563,23 @@ mod tests {
     fn round_trips_every_kind() {
         for e in samples() {
             assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn the_producer_guid_is_read_from_the_header_alone() {
+        for e in samples() {
+            let bytes = e.encode();
+            assert_eq!(
+                Envelope::producer_guid_of(&bytes),
+                Some(e.producer.producer_guid)
+            );
+            for len in 0..HEADER_BYTES + 4 {
+                assert_eq!(Envelope::producer_guid_of(&bytes[..len]), None);
+            }
+            let mut other = bytes.clone();
+            other[1] ^= 1;
+            assert_eq!(Envelope::producer_guid_of(&other), None, "another format");
         }
     }
 

@@ -150,6 +150,7 @@ proptest! {
         raw in prop::collection::vec(any::<u8>(), 0..64),
     ) {
         let _ = Envelope::decode(&raw);
+        let _ = Envelope::producer_guid_of(&raw);
         let _ = Envelope::decode(&with_crc(body.clone()));
         // A header that claims to be a valid envelope of each kind, then anything.
         for kind in 0u8..8 {

@@ -476,35 +476,22 @@ impl Signers {
         if !self.secrets.get(&guid).is_some_and(fresh) {
             self.secrets.remove(&guid);
             let key = ctx.layout.realtime_writer(store, &producer);
-            let kv = loop {
-                match ctx.meta.get(&key).await {
-                    Ok(kv) => break kv,
-                    Err(e) => {
-                        tracing::warn!(replica = %slot.id, error = %e, "cannot read a real-time writer's registration; retrying");
-                        if wait(stop, LEADERSHIP_CHECK).await {
-                            return Signed::Stopped;
-                        }
-                    }
+            match registered_secret(ctx, slot, &key, stop).await {
+                None => return Signed::Stopped,
+                Some(Ok(Some(secret))) => {
+                    self.secrets.insert(guid, (secret, Instant::now()));
                 }
-            };
-            let Some(kv) = kv else {
-                return Signed::Refused(format!(
+                Some(Ok(None)) => return Signed::Refused(format!(
                     "producer {producer} is not a registered writer of store `{store}` (writers \
-                     register through the controller: `RealtimeWriter::connect`, `rialto-push \
-                     stream`; an administrator may have revoked it)"
-                ));
-            };
-            let secret = decode_record::<RealtimeWriterRecord>(&kv.value)
-                .map_err(|e| e.to_string())
-                .and_then(|r| WriterSecret::from_hex(&r.secret).map_err(|e| e.to_string()));
-            match secret {
-                Ok(secret) => self.secrets.insert(guid, (secret, Instant::now())),
-                Err(e) => {
+                         register through the controller: `RealtimeWriter::connect`, `rialto-push \
+                         stream`; an administrator may have revoked it)"
+                )),
+                Some(Err(e)) => {
                     return Signed::Refused(format!(
                         "the registration of producer {producer} at `{key}` is unusable: {e}"
                     ))
                 }
-            };
+            }
         }
         let (value, signature) = (
             record.value.as_deref().unwrap_or_default(),
@@ -520,6 +507,37 @@ impl Signers {
             )),
         }
     }
+}
+
+/// The secret of the registration at `key` (a [`RealtimeWriterRecord`]): `Ok(None)` when there is
+/// none, `Err` when it cannot be used; etcd failures are retried every [`LEADERSHIP_CHECK`],
+/// `None` when stopped meanwhile.
+async fn registered_secret(
+    ctx: &NodeContext,
+    slot: &ReplicaSlot,
+    key: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Result<Option<WriterSecret>, String>> {
+    let kv = loop {
+        match ctx.meta.get(key).await {
+            Ok(kv) => break kv,
+            Err(e) => {
+                tracing::warn!(replica = %slot.id, %key, error = %e, "cannot read a signing registration; retrying");
+                if wait(stop, LEADERSHIP_CHECK).await {
+                    return None;
+                }
+            }
+        }
+    };
+    let Some(kv) = kv else {
+        return Some(Ok(None));
+    };
+    Some(
+        decode_record::<RealtimeWriterRecord>(&kv.value)
+            .map_err(|e| e.to_string())
+            .and_then(|r| WriterSecret::from_hex(&r.secret).map_err(|e| e.to_string()))
+            .map(Some),
+    )
 }
 
 /// Most producer GUIDs a [`CopyCheck`] remembers as unregistered.
@@ -557,9 +575,8 @@ impl CopyCheck {
         let mut kept = Vec::with_capacity(records.len());
         for record in records {
             let value = record.value.as_deref().unwrap_or_default();
-            let guid = Envelope::decode(value)
-                .ok()
-                .map(|e| e.producer.producer_guid);
+            // The signature covers every byte; validation decodes the records kept.
+            let guid = Envelope::producer_guid_of(value);
             let admitted = match guid {
                 Some(guid) if Some(guid) == push => true,
                 Some(guid) => match self.secret(ctx, slot, guid, stop).await? {
@@ -606,26 +623,11 @@ impl CopyCheck {
             let key = ctx
                 .layout
                 .version_copier(&slot.id.store, slot.id.version, &guid_hex(&guid));
-            let kv = loop {
-                match ctx.meta.get(&key).await {
-                    Ok(kv) => break kv,
-                    Err(e) => {
-                        tracing::warn!(replica = %slot.id, error = %e, "cannot read a copy producer's registration; retrying");
-                        if wait(stop, LEADERSHIP_CHECK).await {
-                            return None;
-                        }
-                    }
-                }
-            };
-            let secret = kv.and_then(|kv| {
-                let record = decode_record::<RealtimeWriterRecord>(&kv.value).ok()?;
-                WriterSecret::from_hex(&record.secret).ok()
-            });
-            match secret {
-                Some(secret) => {
+            match registered_secret(ctx, slot, &key, stop).await? {
+                Ok(Some(secret)) => {
                     self.secrets.insert(guid, secret);
                 }
-                None => {
+                Ok(None) | Err(_) => {
                     if self.unregistered.len() >= UNREGISTERED_REMEMBERED_MAX {
                         self.unregistered.clear();
                     }

@@ -1513,16 +1513,8 @@ mod tests {
             );
         }
         h.pubsub.append_all(TOPIC, 0, p.finish()).unwrap();
-        let slot = slot(&h);
-        let (stop, stop_rx) = watch::channel(false);
-        let (follow, follow_rx) = watch::channel(true);
-        let task = tokio::spawn(run(
-            h.ctx.clone(),
-            slot.clone(),
-            hybrid_plan(0),
-            stop_rx,
-            follow_rx,
-        ));
+        let following = Following::start(&h);
+        let slot = following.slot.clone();
 
         wait_for("the replica to be ONLINE", || {
             slot.state() == ReplicaState::Online
@@ -1575,11 +1567,7 @@ mod tests {
         assert_eq!((replay.realtime_start, replay.last_upstream), (0, Some(5)));
 
         // Superseded: stops following and is sealed, serving what it has.
-        follow.send(false).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), task)
-            .await
-            .unwrap()
-            .unwrap();
+        following.supersede().await;
         let r = slot.record();
         assert_eq!(r.state, ReplicaState::Online);
         assert!(!r.following && !r.leader, "{r:?}");
@@ -1589,14 +1577,13 @@ mod tests {
             h.meta.get(&leader_key).await.unwrap().is_none(),
             "leadership released"
         );
-        drop(stop);
     }
 
     /// A hybrid replica of `s` v1 p0 (lag bound 0) ingesting and following in the background.
     struct Following {
         slot: Arc<ReplicaSlot>,
         stop: watch::Sender<bool>,
-        _follow: watch::Sender<bool>,
+        follow: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -1615,9 +1602,18 @@ mod tests {
             Following {
                 slot,
                 stop,
-                _follow: follow,
+                follow,
                 task,
             }
+        }
+
+        /// Superseded by a newer version: stops following and is sealed (`stop` never sent).
+        async fn supersede(self) {
+            self.follow.send(false).unwrap();
+            tokio::time::timeout(Duration::from_secs(20), self.task)
+                .await
+                .unwrap()
+                .unwrap();
         }
 
         async fn stop(self) {
