@@ -796,6 +796,15 @@ async fn start_push(
                 "producer `{text}` is not a producer GUID (32 hexadecimal digits)"
             ))
         })?)),
+        // Without a producer there is nothing to sign the push with: servers verifying
+        // signatures would refuse every record of it.
+        None if st.authz.enabled => {
+            return Err(ControllerError::BadRequest(
+                "with authorization on, a push names the producer GUID it writes as \
+                 (`producer`), and signs its records with the secret the answer carries"
+                    .into(),
+            ))
+        }
         None => None,
     };
     let started = start_version(

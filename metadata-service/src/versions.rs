@@ -4,13 +4,14 @@
 
 use crate::clock::now_ms;
 use rialto_backends::{MetaStore, PubSub};
-use rialto_protocol::admin::StartPushResponse;
+use rialto_protocol::admin::{SigningSecret, StartPushResponse};
 use rialto_protocol::envelope::ControlMessage;
 use rialto_protocol::meta::{
-    version_topic, Compression, Layout, NodeRecord, StoreRecord, ValueFormat, VersionRecord,
-    VersionStatus,
+    version_topic, Compression, Layout, NodeRecord, RealtimeWriterRecord, StoreRecord, ValueFormat,
+    VersionRecord, VersionStatus,
 };
 use rialto_protocol::producer::{guid_hex, PartitionWriter};
+use rialto_security::signing::{generate_secret, secret_hex};
 
 use crate::error::{encode_record, parse_record, ControllerError};
 use crate::placement::place;
@@ -43,12 +44,14 @@ pub(crate) struct PushStart<'a> {
     pub pushed_by: Option<&'a str>,
     /// The registered value schema it writes with; `None`: the latest.
     pub value_schema_id: Option<u32>,
-    /// The producer GUID (hex) the push writes as; its replicas take the push from it only.
+    /// The producer GUID (hex) the push writes as; its replicas take the push from it only,
+    /// signed with the secret registered for it ([`StartPushResponse::signing_secret`]).
     pub producer: Option<&'a str>,
 }
 
 /// Allocates the next version of `store`, places its replicas on the live nodes, creates its
-/// topic and writes its record (Pushing). A topic that cannot be created leaves the version
+/// topic, registers the push's producer with a fresh signing secret (when it names one) and
+/// writes its record (Pushing). A topic that cannot be created leaves the version
 /// recorded as failed. An `empty` version (no data will be pushed) has no sample to train a
 /// compression dictionary on: it compresses without one.
 pub(crate) async fn start_version(
@@ -158,6 +161,24 @@ pub(crate) async fn start_version(
              version {version} is marked failed; check the Kafka broker and start the push again"
         )));
     }
+    // Registered before the record: a replica reads the registration when it starts ingesting.
+    let signing_secret = match producer {
+        Some(producer) => {
+            let secret = generate_secret().map_err(|e| ControllerError::Internal(e.to_string()))?;
+            let registration = RealtimeWriterRecord {
+                producer: producer.to_string(),
+                secret: secret_hex(&secret),
+                registered_by: pushed_by
+                    .unwrap_or(rialto_security::principal::ANONYMOUS)
+                    .to_string(),
+                registered_ms: now_ms(),
+            };
+            let at = layout.version_copier(store, version, producer);
+            meta.put(&at, encode_record(&registration)?, None).await?;
+            Some(SigningSecret(registration.secret))
+        }
+        None => None,
+    };
     if !meta
         .compare_and_put(&key, None, encode_record(&version_record)?, None)
         .await?
@@ -178,6 +199,7 @@ pub(crate) async fn start_version(
         value_schema: value_schema.schema,
         value_format: version_record.value_format,
         max_value_bytes: version_record.max_value_bytes,
+        signing_secret,
     })
 }
 
@@ -238,13 +260,20 @@ pub(crate) async fn start_empty_version(
     Ok(version)
 }
 
-/// Writes a push without records to every partition of the version's topic.
+/// Writes a push without records to every partition of the version's topic, signed with the
+/// secret registered for it.
 async fn write_empty_push(
     pubsub: &dyn PubSub,
     started: &StartPushResponse,
     compression: Compression,
     producer: [u8; 16],
 ) -> Result<(), ControllerError> {
+    let signer = started
+        .signing_secret
+        .as_ref()
+        .map(|s| rialto_security::signing::WriterSecret::from_hex(&s.0))
+        .transpose()
+        .map_err(|e| ControllerError::Internal(e.to_string()))?;
     let mut deliveries = Vec::new();
     for partition in 0..started.partition_count {
         let mut w = PartitionWriter::new(producer);
@@ -259,9 +288,16 @@ async fn write_empty_push(
             w.end_segment(),
         ];
         for e in envelopes {
+            let bytes = e.encode();
+            let signature = signer.as_ref().map(|s| s.sign(&bytes));
             deliveries.push(
                 pubsub
-                    .send(&started.topic, partition, &[], &e.encode())
+                    .send(
+                        &started.topic,
+                        partition,
+                        signature.as_ref().map_or(&[][..], |s| &s[..]),
+                        &bytes,
+                    )
                     .await
                     .map_err(|e| ControllerError::Unavailable(e.to_string()))?,
             );

@@ -327,6 +327,23 @@ async fn start_push_allocates_a_version_with_placement_and_topic() {
             .as_deref(),
         Some("00112233445566778899aabbccddeeff")
     );
+    // It is registered for the version with a fresh secret, given to the push alone.
+    assert!(r2.signing_secret.is_none(), "nothing to sign for");
+    let secret = r3.signing_secret.clone().expect("a signing secret");
+    assert!(!format!("{r3:?}").contains(&secret.0), "Debug hides it");
+    let registration = f
+        .meta
+        .get(
+            &f.layout
+                .version_copier("ads", r3.version, "00112233445566778899aabbccddeeff"),
+        )
+        .await
+        .unwrap()
+        .expect("the push's registration");
+    let registration: rialto_protocol::meta::RealtimeWriterRecord =
+        serde_json::from_slice(&registration.value).unwrap();
+    assert_eq!(registration.secret, secret.0);
+    assert_eq!(registration.secret.len(), 64);
     let e = f
         .client
         .start_push(

@@ -150,6 +150,22 @@ pub struct StartPushResponse {
     /// The largest serialized value the version accepts.
     #[serde(default = "crate::meta::default_max_value_bytes")]
     pub max_value_bytes: u64,
+    /// The secret the push signs each of its records with (`rialto_security::signing`), given
+    /// when the request named its producer: the controller registered it for the version, and
+    /// servers with authorization on ingest only records it signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<SigningSecret>,
+}
+
+/// A signing secret, 64 hexadecimal digits, never shown by `Debug`: keep it to its producer.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SigningSecret(pub String);
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningSecret(..)")
+    }
 }
 
 /// Body of `POST .../fail`.

@@ -34,9 +34,10 @@ use rialto_controller::{AdminClient, ControllerError};
 use rialto_protocol::admin::StartPushRequest;
 use rialto_protocol::avro::{AvroCodec, AvroError};
 use rialto_protocol::codec::{self, ValueCompressor};
-use rialto_protocol::envelope::ControlMessage;
+use rialto_protocol::envelope::{ControlMessage, Envelope};
 use rialto_protocol::meta::{Compression, ReplicaState, ValueFormat, VersionStatus};
 use rialto_protocol::stored::{split_value, value_checksum, StoredPiece, CHECKSUM_BYTES};
+use rialto_security::signing::WriterSecret;
 
 pub use input::{InputFormat, InputShape, RecordLimits, SortConfig, ValueSchemas};
 pub use realtime::{
@@ -356,6 +357,16 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
                     .map_err(|source| PushError::Produce { version, source })?
             }
         };
+        let signer = start
+            .signing_secret
+            .as_ref()
+            .map(|secret| WriterSecret::from_hex(&secret.0))
+            .transpose()
+            .map_err(|e| PushError::VersionFailed {
+                store: store.name.clone(),
+                version,
+                reason: format!("the controller's signing secret is unusable: {e}"),
+            })?;
         let produce_started = Instant::now();
         let partitions = std::mem::take(&mut dataset.partitions);
         let values = ValueStream {
@@ -365,7 +376,8 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
             dictionary: &dictionary,
             compressor: compressor.as_mut(),
         };
-        produce(pubsub.as_ref(), &start.topic, producer_guid, values, partitions, dataset.records)
+        let producer = Producer { topic: &start.topic, guid: producer_guid, signer: signer.as_ref() };
+        produce(pubsub.as_ref(), producer, values, partitions, dataset.records)
             .await
             .map_err(|e| match e {
                 ProduceError::PubSub(source) => PushError::Produce { version, source },
@@ -479,6 +491,15 @@ impl ValueStream<'_> {
 /// Records one partition sends before the next partition's turn (see [`produce`]).
 const PRODUCE_TURN_RECORDS: usize = 256;
 
+/// Who a push produces as: its version topic, its producer GUID and the secret the controller
+/// registered for it (signing every record).
+#[derive(Clone, Copy)]
+struct Producer<'a> {
+    topic: &'a str,
+    guid: [u8; 16],
+    signer: Option<&'a WriterSecret>,
+}
+
 /// One partition's stream being produced: its producer state and its remaining records.
 struct PartitionStream {
     partition: u32,
@@ -495,12 +516,16 @@ struct PartitionStream {
 /// the broker on a shared machine; see benches/README.md, "Pushes against the broker").
 async fn produce(
     pubsub: &dyn PubSub,
-    topic: &str,
-    producer_guid: [u8; 16],
+    producer: Producer<'_>,
     mut values: ValueStream<'_>,
     partitions: Vec<SortedPartition>,
     records_total: u64,
 ) -> Result<ValueSizes, ProduceError> {
+    let Producer {
+        topic,
+        guid: producer_guid,
+        signer,
+    } = producer;
     let mut sizes = ValueSizes::default();
     let mut in_flight = InFlight::default();
     let mut sent: u64 = 0;
@@ -519,9 +544,7 @@ async fn produce(
             }),
         ];
         for e in start {
-            in_flight
-                .send(pubsub, topic, partition, &[], &e.encode())
-                .await?;
+            in_flight.send(pubsub, topic, partition, signer, &e).await?;
         }
         streams.push(PartitionStream {
             partition,
@@ -547,9 +570,7 @@ async fn produce(
                     .map_err(ProduceError::Read)?
                 {
                     let e = stream.writer.put(key, schema_id, body);
-                    in_flight
-                        .send(pubsub, topic, partition, &[], &e.encode())
-                        .await?;
+                    in_flight.send(pubsub, topic, partition, signer, &e).await?;
                 }
                 sent += 1;
             }
@@ -569,7 +590,7 @@ async fn produce(
                 stream.writer.end_segment(),
             ] {
                 in_flight
-                    .send(pubsub, topic, stream.partition, &[], &e.encode())
+                    .send(pubsub, topic, stream.partition, signer, &e)
                     .await?;
             }
         }
@@ -602,22 +623,25 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
-    /// Sends one envelope (with `key` as the record's key), first waiting for acknowledgements
-    /// while over either bound.
+    /// Sends one envelope, signed by `signer` (the signature is the record's key, empty
+    /// without one), first waiting for acknowledgements while over either bound.
     pub(crate) async fn send(
         &mut self,
         pubsub: &dyn PubSub,
         topic: &str,
         partition: u32,
-        key: &[u8],
-        envelope: &[u8],
+        signer: Option<&WriterSecret>,
+        envelope: &Envelope,
     ) -> Result<(), PubSubError> {
         while self.deliveries.len() >= IN_FLIGHT_RECORDS_MAX
             || (self.bytes >= IN_FLIGHT_BYTES_MAX && !self.deliveries.is_empty())
         {
             self.settle_one().await?;
         }
-        let delivery = pubsub.send(topic, partition, key, envelope).await?;
+        let envelope = envelope.encode();
+        let signature = signer.map(|s| s.sign(&envelope));
+        let key = signature.as_ref().map_or(&[][..], |s| &s[..]);
+        let delivery = pubsub.send(topic, partition, key, &envelope).await?;
         let len = envelope.len();
         self.bytes += len;
         self.deliveries
@@ -733,10 +757,15 @@ mod tests {
             dictionary: &[],
             compressor: None,
         };
+        let secret = WriterSecret::new(&[5; 32]).unwrap();
+        let producer = Producer {
+            topic: "t_v1",
+            guid: [7; 16],
+            signer: Some(&secret),
+        };
         produce(
             broker.pubsub.as_ref(),
-            "t_v1",
-            [7; 16],
+            producer,
             values,
             dataset.partitions,
             record,
@@ -744,7 +773,7 @@ mod tests {
         .await
         .unwrap();
         for p in 0..PARTITIONS {
-            let envelopes: Vec<Envelope> = broker.envelopes("t_v1", p);
+            let envelopes: Vec<Envelope> = broker.signed_envelopes("t_v1", p, &secret);
             let n = expected[p as usize].len();
             assert_eq!(envelopes.len(), n + 4, "partition {p}");
             assert!(matches!(

@@ -550,12 +550,15 @@ impl RealtimeWriter {
 
     /// Hands one envelope to the broker (waiting while too much is in flight).
     async fn send(&mut self, partition: u32, envelope: &Envelope) -> Result<(), RealtimeError> {
-        let bytes = envelope.encode();
-        let signature = self.signer.as_ref().map(|s| s.sign(&bytes));
-        let key = signature.as_ref().map_or(&[][..], |s| &s[..]);
         let sent = self
             .in_flight
-            .send(self.pubsub.as_ref(), &self.topic, partition, key, &bytes)
+            .send(
+                self.pubsub.as_ref(),
+                &self.topic,
+                partition,
+                self.signer.as_ref(),
+                envelope,
+            )
             .await;
         sent.map_err(|source| self.broker_failure(source))
     }

@@ -7,6 +7,7 @@ use rialto_backends::faults::{Faults, FaultyPubSub};
 use rialto_backends::memory::MemoryPubSub;
 use rialto_backends::PubSub;
 use rialto_protocol::envelope::Envelope;
+use rialto_security::signing::WriterSecret;
 
 pub(crate) struct TestBroker {
     pub(crate) memory: MemoryPubSub,
@@ -36,6 +37,25 @@ impl TestBroker {
             .into_iter()
             .map(|(key, value)| {
                 assert!(key.is_empty(), "the Kafka record key stays empty");
+                Envelope::decode(&value).expect("envelope decodes")
+            })
+            .collect()
+    }
+
+    /// Every envelope sent to `topic`'s `partition`, decoded, each checked to be signed by
+    /// `secret` (its Kafka key).
+    pub(crate) fn signed_envelopes(
+        &self,
+        topic: &str,
+        partition: u32,
+        secret: &WriterSecret,
+    ) -> Vec<Envelope> {
+        self.memory
+            .records(topic, partition)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (key, value))| {
+                assert!(secret.verifies(&value, &key), "record {i} is signed");
                 Envelope::decode(&value).expect("envelope decodes")
             })
             .collect()

@@ -279,7 +279,7 @@ async fn lead_term(
         }
     };
     let mut validation = RealtimeValidation::default();
-    let mut signers = ctx.verify_realtime_writers.then(Signers::default);
+    let mut signers = ctx.verify_signatures.then(Signers::default);
     let end = 'copy: loop {
         if last_check.elapsed() >= LEADERSHIP_CHECK {
             last_check = Instant::now();
@@ -481,11 +481,13 @@ impl Signers {
                 Some(Ok(Some(secret))) => {
                     self.secrets.insert(guid, (secret, Instant::now()));
                 }
-                Some(Ok(None)) => return Signed::Refused(format!(
+                Some(Ok(None)) => {
+                    return Signed::Refused(format!(
                     "producer {producer} is not a registered writer of store `{store}` (writers \
                          register through the controller: `RealtimeWriter::connect`, `rialto-push \
                          stream`; an administrator may have revoked it)"
-                )),
+                ))
+                }
                 Some(Err(e)) => {
                     return Signed::Refused(format!(
                         "the registration of producer {producer} at `{key}` is unusable: {e}"
@@ -512,7 +514,7 @@ impl Signers {
 /// The secret of the registration at `key` (a [`RealtimeWriterRecord`]): `Ok(None)` when there is
 /// none, `Err` when it cannot be used; etcd failures are retried every [`LEADERSHIP_CHECK`],
 /// `None` when stopped meanwhile.
-async fn registered_secret(
+pub(crate) async fn registered_secret(
     ctx: &NodeContext,
     slot: &ReplicaSlot,
     key: &str,
@@ -544,11 +546,10 @@ async fn registered_secret(
 const UNREGISTERED_REMEMBERED_MAX: usize = 4096;
 
 /// A following replica's check of its version topic after END_OF_PUSH (servers with
-/// authorization on): a record is applied only if it is the push's own (its producer, stamped
-/// in the version record) or signed by a partition leader's copy producer registered for the
-/// version ([`Copier::register`]). Anything else, a forged copy with a high epoch included, is
-/// dropped unapplied, counted and logged: it cannot fence the real leader off or change what
-/// is served.
+/// authorization on): a record is applied only if it is signed by a producer registered for the
+/// version, the push's own (registered by the controller) or a partition leader's copy producer
+/// ([`Copier::register`]). Anything else, a forged copy with a high epoch included, is dropped
+/// unapplied, counted and logged: it cannot fence the real leader off or change what is served.
 #[derive(Default)]
 pub(crate) struct CopyCheck {
     secrets: std::collections::HashMap<[u8; 16], WriterSecret>,
@@ -564,21 +565,15 @@ impl CopyCheck {
         &mut self,
         ctx: &NodeContext,
         slot: &ReplicaSlot,
-        plan: &ReplicaPlan,
         records: Vec<ConsumedRecord>,
         stop: &mut watch::Receiver<bool>,
     ) -> Option<Vec<ConsumedRecord>> {
-        let push = plan
-            .producer
-            .as_deref()
-            .and_then(rialto_protocol::producer::parse_guid_hex);
         let mut kept = Vec::with_capacity(records.len());
         for record in records {
             let value = record.value.as_deref().unwrap_or_default();
             // The signature covers every byte; validation decodes the records kept.
             let guid = Envelope::producer_guid_of(value);
             let admitted = match guid {
-                Some(guid) if Some(guid) == push => true,
                 Some(guid) => match self.secret(ctx, slot, guid, stop).await? {
                     Some(secret) => {
                         secret.verifies(value, record.key.as_deref().unwrap_or_default())
@@ -601,7 +596,7 @@ impl CopyCheck {
                     offset = record.offset,
                     producer = %guid.map(|g| guid_hex(&g)).unwrap_or_else(|| "?".into()),
                     dropped = dropped + 1,
-                    "dropped a version-topic record neither of the push nor signed by a partition leader"
+                    "dropped a version-topic record signed neither by the push nor by a partition leader"
                 );
             }
         }

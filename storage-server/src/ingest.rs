@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use rialto_backends::PartitionConsumer;
 use rialto_protocol::meta::{realtime_topic, ReplicaState, StorageProfile};
+use rialto_security::signing::WriterSecret;
 use tokio::sync::watch;
 
 use crate::node::NodeContext;
@@ -120,6 +121,10 @@ async fn ingest(
         return go_online(ctx, slot, store, &checkpoint, consumed_from).await;
     }
 
+    let push_signer = match ctx.verify_signatures {
+        true => Some(push_signer(ctx, slot, plan, &mut stop).await?),
+        false => None,
+    };
     let mut consumer = open_consumer(ctx, slot, topic, consumed_from, None, &mut stop).await?;
     slot.update(&ctx.metrics, |r| {
         r.state = ReplicaState::Bootstrap;
@@ -207,7 +212,8 @@ async fn ingest(
 
         // A hybrid version's push ends at END_OF_PUSH; what follows is applied by
         // `follow_realtime`, through write batches.
-        let batch = validate_batch(&checkpoint, records, topic, id.partition, Rules::of(plan));
+        let rules = Rules::of(plan).signed_by(push_signer.as_ref());
+        let batch = validate_batch(&checkpoint, records, topic, id.partition, rules);
         if let Some(dictionary) = batch.dictionary {
             let s = store.clone();
             blocking(move || s.set_dictionary(&dictionary))
@@ -267,6 +273,36 @@ async fn ingest(
     writes.flush(ctx, &store).await?;
     persist_checkpoint(&store, &checkpoint).await?;
     go_online(ctx, slot, store, &checkpoint, consumed_from).await
+}
+
+/// The secret the controller registered for the version's push (servers verifying signatures
+/// ingest only records it signed).
+async fn push_signer(
+    ctx: &NodeContext,
+    slot: &ReplicaSlot,
+    plan: &ReplicaPlan,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<WriterSecret, Ended> {
+    let id = &slot.id;
+    let Some(producer) = plan.producer.as_deref() else {
+        return Err(Ended::Failed(format!(
+            "version {} of store `{}` names no push producer, so its push cannot be verified: \
+             with authorization on, servers ingest only signed pushes (push with `rialto-push`)",
+            id.version, id.store
+        )));
+    };
+    let key = ctx.layout.version_copier(&id.store, id.version, producer);
+    match crate::hybrid::registered_secret(ctx, slot, &key, stop).await {
+        None => Err(Ended::Stopped),
+        Some(Ok(Some(secret))) => Ok(secret),
+        Some(Ok(None)) => Err(Ended::Failed(format!(
+            "the push's producer {producer} has no signing registration at `{key}`: its \
+             records cannot be verified"
+        ))),
+        Some(Err(e)) => Err(Ended::Failed(format!(
+            "the push's signing registration at `{key}` is unusable: {e}"
+        ))),
+    }
 }
 
 /// Writes `checkpoint` if the database does not hold it yet.
@@ -361,7 +397,7 @@ async fn follow_realtime(
     let mut replay_from: Option<i64> = None;
     let mut last_progress = Instant::now();
     let mut copy_check = ctx
-        .verify_realtime_writers
+        .verify_signatures
         .then(crate::hybrid::CopyCheck::default);
     let result = loop {
         let records = {
@@ -415,7 +451,7 @@ async fn follow_realtime(
             }
         };
         let records = match copy_check.as_mut() {
-            Some(check) => match check.admit(ctx, slot, plan, records, &mut stop).await {
+            Some(check) => match check.admit(ctx, slot, records, &mut stop).await {
                 Some(records) => records,
                 None => break Err(Ended::Stopped),
             },
@@ -783,7 +819,7 @@ mod tests {
     async fn harness_of(
         sorted_chunk: ChunkLimits,
         lock_in_memory_stores: bool,
-        verify_realtime_writers: bool,
+        verify_signatures: bool,
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemoryMetaStore::new();
@@ -811,7 +847,7 @@ mod tests {
             sorted_chunk,
             lock_in_memory_stores,
             realtime_fetch_wait: crate::hybrid::DEFAULT_REALTIME_FETCH_WAIT,
-            verify_realtime_writers,
+            verify_signatures,
             reports_pending: Default::default(),
         });
         let lease = ctx.register().await.unwrap();
@@ -847,13 +883,17 @@ mod tests {
     }
 
     async fn run_to_end(h: &Harness, slot: &Arc<ReplicaSlot>) {
+        run_plan_to_end(h, slot, plan()).await
+    }
+
+    async fn run_plan_to_end(h: &Harness, slot: &Arc<ReplicaSlot>, plan: ReplicaPlan) {
         let (_stop, stop_rx) = watch::channel(false);
         tokio::time::timeout(
             Duration::from_secs(20),
             run(
                 h.ctx.clone(),
                 slot.clone(),
-                plan(),
+                plan,
                 stop_rx,
                 watch::channel(true).1,
             ),
@@ -1721,11 +1761,9 @@ mod tests {
     }
 
     /// Registers real-time writer `guid` of store `s`: its registration's key and its secret.
-    async fn register_writer(
-        h: &Harness,
-        guid: [u8; 16],
-    ) -> (String, rialto_security::signing::WriterSecret) {
-        use rialto_security::signing::{generate_secret, secret_hex, WriterSecret};
+    /// Registers producer `guid` with a fresh secret at `key`.
+    async fn register_at(h: &Harness, key: &str, guid: [u8; 16]) -> WriterSecret {
+        use rialto_security::signing::{generate_secret, secret_hex};
         let secret = generate_secret().unwrap();
         let registration = rialto_protocol::meta::RealtimeWriterRecord {
             producer: guid_hex(&guid),
@@ -1733,10 +1771,22 @@ mod tests {
             registered_by: "pusher".into(),
             registered_ms: 0,
         };
-        let key = h.ctx.layout.realtime_writer("s", &registration.producer);
         let value = rialto_protocol::meta::encode_record(&registration).unwrap();
-        h.meta.put(&key, value, None).await.unwrap();
-        (key, WriterSecret::new(&secret).unwrap())
+        h.meta.put(key, value, None).await.unwrap();
+        WriterSecret::new(&secret).unwrap()
+    }
+
+    /// Registers a real-time writer of store `s`: its registration's key and its secret.
+    async fn register_writer(h: &Harness, guid: [u8; 16]) -> (String, WriterSecret) {
+        let key = h.ctx.layout.realtime_writer("s", &guid_hex(&guid));
+        let secret = register_at(h, &key, guid).await;
+        (key, secret)
+    }
+
+    /// Registers the push of version 1 of store `s`, as the controller does when it starts.
+    async fn register_push(h: &Harness, guid: [u8; 16]) -> WriterSecret {
+        let key = h.ctx.layout.version_copier("s", 1, &guid_hex(&guid));
+        register_at(h, &key, guid).await
     }
 
     /// Sends `records` to partition 0 of `topic`, each signed by `signer` if given.
@@ -1744,7 +1794,7 @@ mod tests {
         h: &Harness,
         topic: &str,
         records: Vec<Vec<u8>>,
-        signer: Option<rialto_security::signing::WriterSecret>,
+        signer: Option<WriterSecret>,
     ) {
         for bytes in records {
             let key = signer
@@ -1761,12 +1811,72 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_authorization_only_a_push_signed_with_its_registered_secret_is_ingested() {
+        async fn push_to(h: &Harness) -> (ReplicaRecord, Arc<ReplicaSlot>) {
+            let signed_plan = ReplicaPlan {
+                producer: Some(guid_hex(&[1; 16])),
+                ..plan()
+            };
+            let slot = slot(h);
+            run_plan_to_end(h, &slot, signed_plan).await;
+            (reported(h).await, slot)
+        }
+
+        // A version whose push has no registration: nothing can be verified, nothing is read.
+        let h = harness_of(ChunkLimits::default(), false, true).await;
+        h.pubsub.append_all(TOPIC, 0, clean_push(5)).unwrap();
+        let (r, _) = push_to(&h).await;
+        assert_eq!(r.state, ReplicaState::Error);
+        let error = r.error.unwrap();
+        assert!(
+            error.contains("has no signing registration") && error.contains("/copiers/s/"),
+            "{error}"
+        );
+        assert_eq!(r.offset, 0);
+
+        // Someone with the producer's GUID but not its secret slips in a record: the replica
+        // stops at it, having applied only what the push signed.
+        let h = harness_of(ChunkLimits::default(), false, true).await;
+        let push = register_push(&h, [1; 16]).await;
+        let mut records = clean_push(5);
+        let forged = records.split_off(3);
+        send_signed(&h, TOPIC, records, Some(push.clone())).await;
+        let intruder =
+            WriterSecret::new(&rialto_security::signing::generate_secret().unwrap()).unwrap();
+        send_signed(&h, TOPIC, forged[..1].to_vec(), Some(intruder)).await;
+        send_signed(&h, TOPIC, forged[1..].to_vec(), Some(push.clone())).await;
+        let (r, slot) = push_to(&h).await;
+        assert_eq!(r.state, ReplicaState::Error);
+        let error = r.error.unwrap();
+        assert!(
+            error.contains("record at offset 3 of s_v1/0 is not signed by the version's push"),
+            "{error}"
+        );
+        let store = slot.take_store().unwrap();
+        assert_eq!(store.checkpoint().unwrap().unwrap().next_offset, 3);
+        assert!(store.get(b"k0").unwrap().is_some());
+        assert!(store.get(b"k1").unwrap().is_none());
+
+        // The same push, every record signed: ONLINE with all of it.
+        let h = harness_of(ChunkLimits::default(), false, true).await;
+        let push = register_push(&h, [1; 16]).await;
+        send_signed(&h, TOPIC, clean_push(5), Some(push)).await;
+        let (r, _) = push_to(&h).await;
+        assert_eq!(r.state, ReplicaState::Online, "{r:?}");
+        let store = h.ctx.registry.online("s", 1, 0).unwrap();
+        assert_eq!(
+            store.get(b"k4").unwrap().as_deref(),
+            Some(&StoredValue::encode(1, b"v4")[..])
+        );
+    }
+
+    #[tokio::test]
     async fn with_authorization_a_forged_copy_in_the_version_topic_is_dropped_unapplied() {
         let h = harness_of(ChunkLimits::default(), false, true).await;
         h.pubsub.create_topic("s_rt", 1).await.unwrap();
-        h.pubsub
-            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
-            .unwrap();
+        let push = register_push(&h, [1; 16]).await;
+        let records = PushRecords::start([1; 16]).finish();
+        send_signed(&h, TOPIC, records, Some(push)).await;
         let (_, signer) = register_writer(&h, [9; 16]).await;
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let records = realtime(&mut writer, true, &[("a", Some("1"))]);
@@ -1794,10 +1904,8 @@ mod tests {
             forger.start_segment().encode(),
             forger.copied(put, upstream).encode(),
         ];
-        let intruder = rialto_security::signing::WriterSecret::new(
-            &rialto_security::signing::generate_secret().unwrap(),
-        )
-        .unwrap();
+        let intruder =
+            WriterSecret::new(&rialto_security::signing::generate_secret().unwrap()).unwrap();
         send_signed(&h, TOPIC, forged, Some(intruder)).await;
         // The real leader's copies go on being applied, the forged one never is.
         let records = realtime(&mut writer, false, &[("b", Some("2")), ("a", Some("3"))]);
@@ -1820,12 +1928,12 @@ mod tests {
 
     #[tokio::test]
     async fn with_authorization_only_records_signed_by_registered_writers_are_copied() {
-        use rialto_security::signing::{generate_secret, WriterSecret};
+        use rialto_security::signing::generate_secret;
         let h = harness_of(ChunkLimits::default(), false, true).await;
         h.pubsub.create_topic("s_rt", 1).await.unwrap();
-        h.pubsub
-            .append_all(TOPIC, 0, PushRecords::start([1; 16]).finish())
-            .unwrap();
+        let push = register_push(&h, [1; 16]).await;
+        let records = PushRecords::start([1; 16]).finish();
+        send_signed(&h, TOPIC, records, Some(push)).await;
         let (key, signer) = register_writer(&h, [9; 16]).await;
         let send = |records, signer| send_signed(&h, "s_rt", records, signer);
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);

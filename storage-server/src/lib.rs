@@ -332,7 +332,7 @@ pub async fn start(
         sorted_chunk: store::ChunkLimits::default(),
         lock_in_memory_stores: config.lock_in_memory_stores,
         realtime_fetch_wait: config.realtime_fetch_wait,
-        verify_realtime_writers: config.authorize,
+        verify_signatures: config.authorize,
         reports_pending: Default::default(),
     });
 

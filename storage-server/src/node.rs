@@ -48,7 +48,7 @@ pub(crate) struct NodeContext {
     pub realtime_fetch_wait: std::time::Duration,
     /// Partition leaders copy only real-time records signed by a writer registered with the
     /// controller (on with authorization, [`ServerConfig::authorize`](crate::ServerConfig::authorize)).
-    pub verify_realtime_writers: bool,
+    pub verify_signatures: bool,
     /// A replica report failed (the metadata store was unreachable): every replica record is
     /// written again on the next retry tick, since a replica that stays in its state would
     /// never report again, and a blip shorter than the lease TTL does not re-register.

@@ -150,9 +150,23 @@ async fn mutual_tls_and_acls_guard_pushes_admin_calls_and_reads() -> Result<()> 
 
     // Only the principal that started a push (or a store administrator) reports its outcome,
     // so another writer cannot make someone else's version go live.
-    let started = pusher_admin(&cluster)
+    // With authorization on, a push names its producer and is given the secret it signs with.
+    let unnamed = pusher_admin(&cluster)
         .start_push(STORE, &Default::default())
-        .await?;
+        .await
+        .unwrap_err();
+    assert!(
+        unnamed
+            .to_string()
+            .contains("a push names the producer GUID"),
+        "{unnamed}"
+    );
+    let named = rialto_protocol::admin::StartPushRequest {
+        producer: Some(rialto_protocol::producer::guid_hex(&[3; 16])),
+        ..Default::default()
+    };
+    let started = pusher_admin(&cluster).start_push(STORE, &named).await?;
+    assert!(started.signing_secret.is_some());
     admin
         .change_acl(Some(STORE), true, &change("bob", &[Permission::Write]))
         .await?;

@@ -1,5 +1,6 @@
 //! Validation of what a version topic delivers, before anything of it is written: producer
-//! metadata (gaps, duplicates, the push's one producer), envelope integrity, the START_OF_PUSH
+//! metadata (gaps, duplicates, the push's one producer and, with signatures verified, its
+//! signature on every record), envelope integrity, the START_OF_PUSH
 //! codec against the version's, strictly ascending keys for a push announced as sorted, and
 //! what a hybrid version's topic may hold after END_OF_PUSH. Pure: records and a checkpoint in,
 //! the writes and the next checkpoint out.
@@ -7,6 +8,7 @@
 use rialto_backends::ConsumedRecord;
 use rialto_protocol::envelope::{CompressionCodec, ControlMessage, Envelope, Message};
 use rialto_protocol::wire::StoredValue;
+use rialto_security::signing::WriterSecret;
 
 use crate::replica::ReplicaPlan;
 use crate::store::WriteOp;
@@ -47,15 +49,27 @@ pub(crate) struct Rules<'a> {
     pub hybrid: Hybrid,
     /// The only producer the push's records may come from (hex GUID); `None`: any.
     pub producer: Option<&'a str>,
+    /// The secret registered for the push's producer, when signatures are verified: every
+    /// record of the push (a batch version's every record) must be signed with it.
+    pub push_signer: Option<&'a WriterSecret>,
 }
 
-impl Rules<'_> {
+impl<'a> Rules<'a> {
     /// The rules of a version's push.
     pub(crate) fn of(plan: &ReplicaPlan) -> Rules<'_> {
         Rules {
             codec: plan.compression.codec(),
             hybrid: Hybrid::from(plan),
             producer: plan.producer.as_deref(),
+            push_signer: None,
+        }
+    }
+
+    /// These rules, with every record of the push checked to be signed by `signer`.
+    pub(crate) fn signed_by(self, signer: Option<&'a WriterSecret>) -> Rules<'a> {
+        Rules {
+            push_signer: signer,
+            ..self
         }
     }
 
@@ -66,6 +80,7 @@ impl Rules<'_> {
             codec,
             hybrid: Hybrid::No,
             producer: None,
+            push_signer: None,
         }
     }
 }
@@ -123,6 +138,7 @@ fn validate_record(
         codec,
         hybrid,
         producer,
+        push_signer,
     } = rules;
     let offset = record.offset;
     let Some(value) = record.value else {
@@ -130,6 +146,16 @@ fn validate_record(
             "record without a value at offset {offset} of {topic}/{partition}"
         ));
     };
+    // Authenticated before it is parsed: the signature covers every byte.
+    if let Some(signer) = push_signer {
+        if !signer.verifies(&value, record.key.as_deref().unwrap_or_default()) {
+            return Err(format!(
+                "record at offset {offset} of {topic}/{partition} is not signed by the version's \
+                 push (its producer's registered secret): another writer on the version topic; \
+                 nothing from it is applied"
+            ));
+        }
+    }
     let envelope = Envelope::decode(&value)
         .map_err(|e| format!("corrupt record at offset {offset} of {topic}/{partition}: {e}"))?;
     // Before the validator takes it in: a push whose values the client would decode wrongly.
