@@ -92,6 +92,9 @@ pub struct ConnectionLimits {
     /// A request body not fully received this long after its headers is refused (a slow
     /// sender cannot hold a read slot).
     pub body_read_timeout: Duration,
+    /// A response the peer gives no flow-control window to for this long is reset (a stalled
+    /// reader cannot hold a replica's database open, nor a read slot).
+    pub send_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -100,6 +103,7 @@ impl Default for ConnectionLimits {
             connections_max: 4096,
             idle_timeout: Duration::from_secs(300),
             body_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -320,7 +324,13 @@ async fn handle(
                 ),
             )),
             Some(Route::Health) => {
-                send_body(&mut respond, "text/plain", Bytes::from_static(b"ok")).await
+                send_body(
+                    &service,
+                    &mut respond,
+                    "text/plain",
+                    Bytes::from_static(b"ok"),
+                )
+                .await
             }
             Some(Route::Metrics) => {
                 let mut text = service.metrics.render_prometheus();
@@ -331,7 +341,13 @@ async fn handle(
                  rialto_server_reads_in_flight {}\n",
                 service.limits.in_flight()
             ));
-                send_body(&mut respond, "text/plain; version=0.0.4", Bytes::from(text)).await
+                send_body(
+                    &service,
+                    &mut respond,
+                    "text/plain; version=0.0.4",
+                    Bytes::from(text),
+                )
+                .await
             }
             Some(Route::Dictionary { store, version }) => {
                 dictionary(&service, &mut respond, store, version).await
@@ -543,7 +559,7 @@ async fn get(
     };
     service.metrics.keys_found.fetch_add(1, Ordering::Relaxed);
     drop(replica);
-    send_body(respond, "application/octet-stream", value).await
+    send_body(service, respond, "application/octet-stream", value).await
 }
 
 /// The answer to a single get of a missing key (counted).
@@ -701,7 +717,7 @@ async fn batch_get(
                 let chunk = service
                     .buffers
                     .freeze(std::mem::replace(&mut buf, service.buffers.take()));
-                if let Err(e) = send_chunk(&mut stream, chunk, false).await {
+                if let Err(e) = send_chunk(&service, &mut stream, chunk, false).await {
                     tracing::debug!(error = %e, "batch-get stream closed by the client");
                     return Ok(());
                 }
@@ -725,7 +741,7 @@ async fn batch_get(
     if chunk_bytes == FIRST_CHUNK_BYTES {
         metrics.batch_get_first_chunk.observe(arrived.elapsed());
     }
-    if let Err(e) = send_chunk(&mut stream, chunk, true).await {
+    if let Err(e) = send_chunk(&service, &mut stream, chunk, true).await {
         tracing::debug!(error = %e, "batch-get stream closed by the client");
     }
     metrics.batch_get_total.observe(arrived.elapsed());
@@ -754,7 +770,9 @@ async fn dictionary(
             )
         })?;
     match replica.dictionary() {
-        Ok(Some(d)) => send_body(respond, "application/octet-stream", Bytes::from(d)).await,
+        Ok(Some(d)) => {
+            send_body(service, respond, "application/octet-stream", Bytes::from(d)).await
+        }
         Ok(None) => Err(Failure::new(
             ErrorCode::NotFound,
             format!("{store} v{version} has no compression dictionary"),
@@ -864,19 +882,32 @@ fn write_frames(
 }
 
 /// Sends `data`, first waiting until the stream has some flow-control capacity, so at most about
-/// one chunk beyond the peer's window is buffered per stream.
+/// one chunk beyond the peer's window is buffered per stream. A peer that grants none within
+/// [`ConnectionLimits::send_timeout`] has the stream reset.
 async fn send_chunk(
+    service: &ReadService,
     stream: &mut SendStream<Bytes>,
     data: Bytes,
     end_of_stream: bool,
 ) -> Result<(), h2::Error> {
     if !data.is_empty() {
         stream.reserve_capacity(data.len());
+        let wait = service.connection_limits.send_timeout;
         while stream.capacity() == 0 {
-            match futures::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e),
-                None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+            let granted = futures::future::poll_fn(|cx| stream.poll_capacity(cx));
+            match tokio::time::timeout(wait, granted).await {
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) => return Err(h2::Error::from(h2::Reason::CANCEL)),
+                Err(_) => {
+                    service
+                        .metrics
+                        .responses_stalled
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(?wait, "the client read nothing of a response; resetting it");
+                    stream.send_reset(h2::Reason::CANCEL);
+                    return Err(h2::Error::from(h2::Reason::CANCEL));
+                }
             }
         }
     }
@@ -884,6 +915,7 @@ async fn send_chunk(
 }
 
 async fn send_body(
+    service: &ReadService,
     respond: &mut SendResponse<Bytes>,
     content_type: &str,
     body: Bytes,
@@ -895,7 +927,7 @@ async fn send_body(
         .map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
     match respond.send_response(response, false) {
         Ok(mut stream) => {
-            if let Err(e) = send_chunk(&mut stream, body, true).await {
+            if let Err(e) = send_chunk(service, &mut stream, body, true).await {
                 tracing::debug!(error = %e, "client went away during the response");
             }
         }

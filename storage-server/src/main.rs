@@ -58,6 +58,10 @@ struct Cli {
     /// Seconds a request body may take to arrive after its headers.
     #[arg(long, default_value_t = ConnectionLimits::default().body_read_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     body_read_timeout_seconds: u64,
+    /// Seconds a response may wait for the client to read (grant flow-control window) before
+    /// it is reset.
+    #[arg(long, default_value_t = ConnectionLimits::default().send_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    send_timeout_seconds: u64,
     #[command(flatten)]
     etcd_tls: rialto_security::tls::EtcdTlsArgs,
     /// TLS certificate chain (PEM); with --tls-key enables TLS.
@@ -166,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
             connections_max: usize::try_from(cli.connections_max).unwrap_or(usize::MAX),
             idle_timeout: Duration::from_secs(cli.idle_timeout_seconds),
             body_read_timeout: Duration::from_secs(cli.body_read_timeout_seconds),
+            send_timeout: Duration::from_secs(cli.send_timeout_seconds),
         },
         network: rialto_backends::Network::Os,
     };

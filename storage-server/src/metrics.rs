@@ -76,9 +76,11 @@ pub struct ServerMetrics {
     pub records_ingested: AtomicU64,
     /// Redelivered records skipped by validation.
     pub duplicates_skipped: AtomicU64,
-    /// Version-topic records after END_OF_PUSH neither of the push nor signed by a partition
+    /// Version-topic records after END_OF_PUSH signed neither by the push nor by a partition
     /// leader, dropped unapplied (authorization on).
     pub unauthenticated_copies_dropped: AtomicU64,
+    /// Responses reset because the client granted no flow-control window for the send timeout.
+    pub responses_stalled: AtomicU64,
     /// SST files written and ingested by sorted pushes.
     pub sst_files_ingested: AtomicU64,
     /// Read requests delayed by fault injection (tests and benchmarks only).
@@ -160,6 +162,10 @@ impl ServerMetrics {
             (
                 "rialto_server_unauthenticated_copies_dropped_total",
                 &self.unauthenticated_copies_dropped,
+            ),
+            (
+                "rialto_server_responses_stalled_total",
+                &self.responses_stalled,
             ),
         ] {
             let _ = writeln!(

@@ -1,5 +1,6 @@
 //! Hostile peers against a running storage server: garbage bytes, HTTP/1.1 on the HTTP/2 port,
-//! hundreds of idle connections, a slow sender, oversized and truncated bodies, a stream flood.
+//! hundreds of idle connections, a slow sender, a stalled reader, oversized and truncated bodies,
+//! a stream flood.
 //! After each the server still answers a normal batch-get with exactly the values pushed, and the
 //! process's memory stays bounded.
 
@@ -74,6 +75,23 @@ async fn h2_connection(
     Ok((client.ready().await?, driver))
 }
 
+/// The server's `/metrics` text.
+async fn metrics_text(address: std::net::SocketAddr) -> Result<Vec<u8>> {
+    let mut h2 = h2_client(address).await?;
+    let request = Request::builder()
+        .uri("http://localhost/metrics")
+        .body(())?;
+    let (response, _) = h2.send_request(request, true)?;
+    let mut body = response.await?.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 fn batch_path(version: u32) -> String {
     format!("http://localhost/v1/batch-get/{STORE}/{version}")
 }
@@ -84,6 +102,7 @@ async fn a_server_survives_hostile_peers_and_keeps_serving_exact_values() -> Res
         connections_max: 256,
         idle_timeout: Duration::from_secs(2),
         body_read_timeout: Duration::from_secs(1),
+        send_timeout: Duration::from_secs(2),
     };
     let cluster = Cluster::start_opts(ClusterOptions {
         servers: 1,
@@ -174,6 +193,49 @@ async fn a_server_survives_hostile_peers_and_keeps_serving_exact_values() -> Res
     let response = tokio::time::timeout(Duration::from_secs(10), response).await??;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert!(started.elapsed() < Duration::from_secs(5));
+    reads_back(&client).await?;
+
+    // A stalled reader: a batch-get whose response it never reads (it grants no flow-control
+    // window) is reset after the send timeout, so it cannot hold the replica's database open.
+    let tcp = TcpStream::connect(address).await?;
+    let (stalled, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut stalled = stalled.ready().await?;
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(batch_path(version))
+        .body(())?;
+    let (response, mut body) = stalled.send_request(request, false)?;
+    let keys = rialto_protocol::wire::BatchGetRequest {
+        keys: vec![(0, b"never read".to_vec())],
+    };
+    body.send_data(Bytes::from(keys.encode()), true)?;
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(10), response).await??;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut data = response.into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(20), data.data())
+        .await
+        .context("a stalled response must be reset")?;
+    assert!(
+        matches!(&ended, Some(Err(e)) if e.reason() == Some(h2::Reason::CANCEL)),
+        "a stalled response must be reset, not {ended:?}"
+    );
+    assert!(started.elapsed() >= limits.send_timeout - Duration::from_millis(100));
+    eprintln!(
+        "a stalled reader's response reset after {:?}",
+        started.elapsed()
+    );
+    let metrics = String::from_utf8(metrics_text(address).await?)?;
+    assert!(
+        metrics.contains("rialto_server_responses_stalled_total 1\n"),
+        "{metrics}"
+    );
     reads_back(&client).await?;
 
     // Oversized (declared) and truncated bodies.
