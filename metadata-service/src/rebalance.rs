@@ -613,6 +613,28 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_that_lost_every_replica_is_placed_anew_in_each_group() {
+        // `a` and `b` hold both replicas of partitions 0 and 2: after the delay each replica
+        // goes to its group's other member, which bootstraps it from the version topic.
+        let mut v = four_nodes(&[("c", "z1"), ("d", "z2")]);
+        for lost in ["a", "b"] {
+            v.missing_ms
+                .insert(lost.into(), NOW - DELAY.as_millis() as i64);
+        }
+        let mut planned = starts(&plan_moves(&v, &config(8)));
+        planned.sort_by_key(|&(partition, group, ..)| (partition, group));
+        assert_eq!(
+            planned,
+            vec![
+                (0, 0, "a".into(), "c".into(), MoveReason::NodeLost),
+                (0, 1, "b".into(), "d".into(), MoveReason::NodeLost),
+                (2, 0, "a".into(), "c".into(), MoveReason::NodeLost),
+                (2, 1, "b".into(), "d".into(), MoveReason::NodeLost),
+            ]
+        );
+    }
+
+    #[test]
     fn moves_in_flight_are_bounded() {
         let mut v = four_nodes(&ALL[1..]);
         v.missing_ms.insert("a".into(), 0);
