@@ -11,8 +11,9 @@
 # separate processes, driven by rialto-admin, rialto-push and rialto-loadgen, all stopped (by
 # PID) at the end.
 # RIALTO_DEMO_TLS=1 (production backends) runs with TLS and authorization everywhere: a local
-# CA (`rialto-admin certs init`), mutual TLS on the controller's API and the servers' reads,
-# and ACLs (`admin` is a cluster administrator; `reader` is refused until granted `read`).
+# CA (`rialto-admin certs init`), mutual TLS on the controller's API, the servers' reads and
+# etcd (client certificates required), ACLs (`admin` is a cluster administrator; `reader` is
+# refused until granted `read`), and signed pushes and real-time writes.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
@@ -52,23 +53,29 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "demo: starting etcd and tansu in $work/services"
-bash scripts/services.sh start --dir "$work/services" --etcd-port "$etcd_port" --etcd-peer-port "$peer_port" --kafka-port "$kafka_port"
-
 export RUST_LOG="${RUST_LOG:-info}"
-controller_tls=(); server_tls=()
+controller_tls=(); server_tls=(); etcd_tls=()
 if [ "${RIALTO_DEMO_TLS:-0}" = 1 ]; then
   certs="$work/certs"
   "$bin/rialto-admin" certs init --dir "$certs" --client admin --client reader >/dev/null
   echo "demo: TLS and authorization on; certificates in $certs"
   controller="https://127.0.0.1:$controller_port"
+  # etcd serves https and takes only clients with a certificate of the cluster's CA.
+  etcd="https://127.0.0.1:$etcd_port"; etcd_tls=(--etcd-tls-dir "$certs")
   controller_tls=(--tls-cert "$certs/controller.crt" --tls-key "$certs/controller.key"
-    --tls-client-ca "$certs/ca.crt" --authorize --admin-principal admin)
+    --tls-client-ca "$certs/ca.crt" --authorize --admin-principal admin
+    --etcd-ca-cert "$certs/ca.crt" --etcd-cert "$certs/controller.crt" --etcd-key "$certs/controller.key")
   server_tls=(--tls-cert "$certs/server.crt" --tls-key "$certs/server.key"
-    --tls-client-ca "$certs/ca.crt" --authorize)
-  # rialto-admin, rialto-push and rialto-loadgen read these: the CA, and who is calling.
+    --tls-client-ca "$certs/ca.crt" --authorize
+    --etcd-ca-cert "$certs/ca.crt" --etcd-cert "$certs/server.crt" --etcd-key "$certs/server.key")
+  # rialto-admin, rialto-push and rialto-loadgen read these: the CA, and who is calling (to the
+  # controller and the servers, and, for rialto-loadgen's client, to etcd).
   export RIALTO_CA_CERT="$certs/ca.crt" RIALTO_CERT="$certs/client-admin.crt" RIALTO_KEY="$certs/client-admin.key"
+  export RIALTO_ETCD_CA_CERT="$certs/ca.crt" RIALTO_ETCD_CERT="$certs/client-admin.crt" RIALTO_ETCD_KEY="$certs/client-admin.key"
 fi
+echo "demo: starting etcd and tansu in $work/services"
+bash scripts/services.sh start --dir "$work/services" --etcd-port "$etcd_port" --etcd-peer-port "$peer_port" \
+  --kafka-port "$kafka_port" "${etcd_tls[@]}"
 "$bin/rialto-controller" --listen "127.0.0.1:$controller_port" --etcd "$etcd" --kafka "$kafka" \
   "${controller_tls[@]}" >"$work/controller.log" 2>&1 &
 pids+=($!)
