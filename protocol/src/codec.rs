@@ -171,28 +171,71 @@ impl ValueDecompressor {
         })
     }
 
-    /// Decompresses one frame written by [`ValueCompressor::compress`]; a frame that would
-    /// expand beyond `max` bytes is refused before anything is allocated.
-    pub fn decompress(&mut self, frame: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
-        let size = zstd_safe::get_frame_content_size(frame)
-            .map_err(|_| CodecError::Corrupt("bad frame header"))?
-            .ok_or(CodecError::UnknownSize)?;
-        if size > max as u64 {
-            return Err(CodecError::TooLarge { size, max });
+    /// Decompresses what [`ValueCompressor::compress`] wrote: one frame, or several one after
+    /// the other, read as one value (a chunked real-time value is compressed chunk by chunk, see
+    /// [`crate::stored`]). A value that would expand beyond `max` bytes is refused before
+    /// anything is allocated.
+    pub fn decompress(&mut self, frames: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
+        // Every frame's length and stated size, checked before anything is allocated.
+        let mut lengths = Vec::new();
+        let mut total = 0u64;
+        let mut rest = frames;
+        loop {
+            let (len, size) = frame_of(rest)?;
+            total = total.saturating_add(size);
+            if total > max as u64 {
+                return Err(CodecError::TooLarge { size: total, max });
+            }
+            if len == frames.len() {
+                // One frame, as for every value but a chunked real-time one.
+                break;
+            }
+            lengths.push((len, size as usize));
+            rest = rest
+                .get(len..)
+                .ok_or(CodecError::Corrupt("truncated frame"))?;
+            if rest.is_empty() {
+                break;
+            }
         }
-        let mut out = vec![0u8; size as usize];
-        let n = match &self.dictionary {
-            Some(d) => self
-                .dctx
-                .decompress_using_ddict(&mut out[..], frame, &d.ddict),
-            None => self.dctx.decompress(&mut out[..], frame),
+        let mut out = vec![0u8; total as usize];
+        if lengths.is_empty() {
+            self.decompress_frame(&mut out, frames)?;
+            return Ok(out);
         }
-        .map_err(|code| CodecError::Corrupt(zstd_safe::get_error_name(code)))?;
-        if n as u64 != size {
-            return Err(CodecError::Corrupt("frame shorter than its stated size"));
+        let (mut written, mut rest) = (0, frames);
+        for (len, size) in lengths {
+            let (frame, after) = rest.split_at(len);
+            self.decompress_frame(&mut out[written..written + size], frame)?;
+            written += size;
+            rest = after;
         }
         Ok(out)
     }
+
+    /// Decompresses one frame into `into`, which its stated size fills exactly.
+    fn decompress_frame(&mut self, into: &mut [u8], frame: &[u8]) -> Result<(), CodecError> {
+        let size = into.len();
+        let n = match &self.dictionary {
+            Some(d) => self.dctx.decompress_using_ddict(into, frame, &d.ddict),
+            None => self.dctx.decompress(into, frame),
+        }
+        .map_err(|code| CodecError::Corrupt(zstd_safe::get_error_name(code)))?;
+        if n != size {
+            return Err(CodecError::Corrupt("frame shorter than its stated size"));
+        }
+        Ok(())
+    }
+}
+
+/// The length and the stated content size of the frame `bytes` starts with.
+fn frame_of(bytes: &[u8]) -> Result<(usize, u64), CodecError> {
+    let size = zstd_safe::get_frame_content_size(bytes)
+        .map_err(|_| CodecError::Corrupt("bad frame header"))?
+        .ok_or(CodecError::UnknownSize)?;
+    let len = zstd_safe::find_frame_compressed_size(bytes)
+        .map_err(|_| CodecError::Corrupt("truncated frame"))?;
+    Ok((len, size))
 }
 
 fn check_dictionary(d: &[u8]) -> Result<(), CodecError> {
@@ -308,6 +351,32 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 0x55;
         let _ = d.decompress(&flipped, LIMIT); // any result but a panic
+    }
+
+    #[test]
+    fn frames_one_after_the_other_read_as_one_value() {
+        let values = samples(1_000);
+        let dict = train_dictionary(&values, 8 * 1024).unwrap();
+        for dictionary in [None, Some(dict.as_slice())] {
+            let mut c = ValueCompressor::new(DEFAULT_LEVEL, dictionary).unwrap();
+            let digested = dictionary.map(|d| Arc::new(DecompressionDictionary::new(d).unwrap()));
+            let mut d = ValueDecompressor::new(digested).unwrap();
+            let mut frames = Vec::new();
+            for v in &values[..3] {
+                frames.extend_from_slice(&c.compress(v).unwrap());
+            }
+            // The oracle: the values themselves, one after the other.
+            assert_eq!(d.decompress(&frames, LIMIT).unwrap(), values[..3].concat());
+            let whole = values[..3].iter().map(Vec::len).sum::<usize>();
+            assert!(matches!(
+                d.decompress(&frames, whole - 1),
+                Err(CodecError::TooLarge { .. })
+            ));
+            assert!(d.decompress(&frames[..frames.len() - 1], LIMIT).is_err());
+            let mut trailing = frames.clone();
+            trailing.extend_from_slice(b"junk");
+            assert!(d.decompress(&trailing, LIMIT).is_err());
+        }
     }
 
     #[test]
