@@ -17,8 +17,11 @@
 //!
 //! Values are always laid out as [`ValueFormat::Checksummed`](rialto_protocol::meta::ValueFormat)
 //! and uncompressed, whatever the store's compression: the leader re-encodes them for each
-//! version it writes. They are never chunked, so a value's datum must fit one record
-//! ([`CHUNK_BODY_BYTES`] minus the checksum) besides the store's `max_value_bytes`.
+//! version it writes. A value whose body does not fit one record ([`CHUNK_BODY_BYTES`]) is
+//! written as chunks under keys of a random generation, then its manifest under the key
+//! (`rialto_protocol::stored`, "Chunked real-time values"): every piece is a record of its own,
+//! copied by the leader like any other, and the value is readable once its manifest is
+//! applied.
 //!
 //! Producer metadata: one producer GUID per writer (random UUID v4). On each partition, the
 //! writer opens a segment (START_OF_SEGMENT, sequence 0) before its first record, numbers its
@@ -54,7 +57,7 @@ use rialto_protocol::meta::{realtime_topic, StoreRecord};
 use rialto_protocol::partitioner::partition_for_key;
 use rialto_protocol::producer::{parse_guid_hex, PartitionWriter};
 use rialto_protocol::stored::{
-    value_checksum, CHECKSUM_BYTES, CHUNK_BODY_BYTES, CHUNK_KEY_SUFFIX_BYTES,
+    split_value_replacing, value_checksum, CHECKSUM_BYTES, GENERATION_CHUNK_KEY_SUFFIX_BYTES,
 };
 use rialto_security::signing::WriterSecret;
 
@@ -63,11 +66,8 @@ use crate::{InFlight, PushError};
 /// Data records in one segment; the segment is ended after this many and a new one opened.
 pub const SEGMENT_RECORDS_MAX: u32 = 10_000;
 
-/// Largest key datum: the push job's limit (room left for a chunk key's suffix).
-const KEY_DATUM_BYTES_MAX: usize = KEY_BYTES_MAX - CHUNK_KEY_SUFFIX_BYTES;
-
-/// Largest value datum a real-time record holds: a whole body, checksum included.
-const REALTIME_DATUM_BYTES_MAX: usize = CHUNK_BODY_BYTES - CHECKSUM_BYTES;
+/// Largest key datum: room left for the suffix of a chunk key of a generation.
+const KEY_DATUM_BYTES_MAX: usize = KEY_BYTES_MAX - GENERATION_CHUNK_KEY_SUFFIX_BYTES;
 
 /// Why a real-time write (or the writer) failed.
 #[derive(Debug, thiserror::Error)]
@@ -481,25 +481,16 @@ impl RealtimeWriter {
             .unwrap_or_else(|_| format!("{key:02x?}"))
     }
 
-    /// Checks the value's size, then sends `checksum ‖ datum` under `key`.
+    /// Checks the value's size, then sends `checksum ‖ datum` under `key`: one record, or its
+    /// chunks and then its manifest.
     async fn send_put(&mut self, key: Vec<u8>, datum: Vec<u8>) -> Result<(), PushError> {
         let bytes = datum.len() as u64;
-        let over = if bytes > self.max_value_bytes {
-            Some((self.max_value_bytes, "the store's limit (max_value_bytes)"))
-        } else if datum.len() > REALTIME_DATUM_BYTES_MAX {
-            Some((
-                REALTIME_DATUM_BYTES_MAX as u64,
-                "the limit of a real-time value (one record: real-time values are not chunked)",
-            ))
-        } else {
-            None
-        };
-        if let Some((max, limit)) = over {
+        if bytes > self.max_value_bytes {
             return Err(RealtimeError::ValueTooLarge {
                 key: self.show_key(&key),
                 bytes,
-                max,
-                limit,
+                max: self.max_value_bytes,
+                limit: "the store's limit (max_value_bytes)",
             }
             .into());
         }
@@ -508,8 +499,11 @@ impl RealtimeWriter {
         body.extend_from_slice(&value_checksum(schema_id, &datum).to_be_bytes());
         body.extend_from_slice(&datum);
         let partition = partition_for_key(&key, self.partition_count);
-        self.send_data(partition, |w| w.put(key, schema_id, body))
-            .await?;
+        let generation = uuid::Uuid::new_v4().as_u64_pair().0;
+        for (key, schema_id, body) in split_value_replacing(key, schema_id, body, generation) {
+            self.send_data(partition, |w| w.put(key, schema_id, body))
+                .await?;
+        }
         self.puts += 1;
         Ok(())
     }
@@ -1060,32 +1054,66 @@ mod tests {
         assert!(text.contains("100 bytes"), "{text}");
         assert!(text.contains("max_value_bytes"), "{text}");
 
-        // Under the store's limit but over one record: real-time values are not chunked.
         assert_eq!(fake.records_sent(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_value_over_one_record_is_written_as_chunks_then_its_manifest() {
+        use rialto_protocol::stored::{
+            assemble, ChunkManifest, CHUNK_BODY_BYTES, CHUNK_SCHEMA_ID, MANIFEST_SCHEMA_ID,
+        };
         let (mut w, fake) = writer(&store(2)).await;
-        let err = w
-            .put(&key(7), &value(&"y".repeat(CHUNK_BODY_BYTES)))
-            .await
-            .unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains(r#"{"id":7}"#), "{text}");
-        assert!(
-            text.contains(&format!("{} bytes", CHUNK_BODY_BYTES - CHECKSUM_BYTES)),
-            "{text}"
+        let big = value(&"y".repeat(2 * CHUNK_BODY_BYTES));
+        let datum = AvroCodec::parse(VALUE_SCHEMA_2)
+            .unwrap()
+            .encode(&big, "value")
+            .unwrap();
+        w.put(&key(7), &big).await.unwrap();
+        w.put(&key(7), &value("small again")).await.unwrap();
+        let report = w.close().await.unwrap();
+        assert_eq!(report.puts, 2);
+        let puts: Vec<(Vec<u8>, u32, Vec<u8>)> = fake
+            .envelopes("clicks_rt", partition_for_key(&key_bytes(7), 2))
+            .into_iter()
+            .filter_map(|e| match e.message {
+                Message::Put {
+                    key,
+                    schema_id,
+                    value,
+                } => Some((key, schema_id, value)),
+                _ => None,
+            })
+            .collect();
+        // Three chunks, the manifest under the key, then the small value.
+        assert_eq!(puts.len(), 5);
+        let ids: Vec<u32> = puts.iter().map(|p| p.1).collect();
+        assert_eq!(
+            ids,
+            [
+                CHUNK_SCHEMA_ID,
+                CHUNK_SCHEMA_ID,
+                CHUNK_SCHEMA_ID,
+                MANIFEST_SCHEMA_ID,
+                2
+            ]
         );
-        assert!(text.contains("not chunked"), "{text}");
-        // The largest value that fits is accepted.
-        assert_eq!(fake.records_sent(), 0);
-        // 3-byte string length, the string, the 3-byte `n`.
-        let fits = "z".repeat(REALTIME_DATUM_BYTES_MAX - 6);
-        let datum_len = AvroCodec::parse(VALUE_SCHEMA_2)
-            .unwrap()
-            .encode(&value(&fits), "value")
-            .unwrap()
-            .len();
-        assert_eq!(datum_len, REALTIME_DATUM_BYTES_MAX);
-        w.put(&key(8), &value(&fits)).await.unwrap();
-        assert_eq!(fake.records_sent(), 2, "START_OF_SEGMENT and the put");
+        assert_eq!(puts[3].0, key_bytes(7));
+        let manifest = ChunkManifest::decode(&puts[3].2).unwrap();
+        assert_eq!((manifest.schema_id, manifest.chunk_count), (2, 3));
+        for (i, chunk) in puts[..3].iter().enumerate() {
+            assert_eq!(chunk.0, manifest.chunk_key(&key_bytes(7), i as u32));
+        }
+        let stored: Vec<Vec<u8>> = puts[..3]
+            .iter()
+            .map(|(_, id, b)| rialto_protocol::wire::StoredValue::encode(*id, b))
+            .collect();
+        let whole = assemble(&manifest, stored.iter().map(|s| Some(s.as_slice()))).unwrap();
+        // The oracle: the datum the codec wrote, after its checksum.
+        assert_eq!(&whole[4 + CHECKSUM_BYTES..], &datum[..]);
+        assert_eq!(
+            whole[4..4 + CHECKSUM_BYTES],
+            value_checksum(2, &datum).to_be_bytes()
+        );
     }
 
     #[tokio::test]

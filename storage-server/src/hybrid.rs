@@ -40,7 +40,9 @@ use rialto_protocol::meta::{
     RealtimeAction, RealtimeDecision, RealtimeWriterRecord, ReplicaState,
 };
 use rialto_protocol::producer::PartitionWriter;
-use rialto_protocol::stored::CHECKSUM_BYTES;
+use rialto_protocol::stored::{
+    generation_chunk_index, CHECKSUM_BYTES, CHUNK_SCHEMA_ID, MANIFEST_SCHEMA_ID,
+};
 use rialto_security::signing::WriterSecret;
 use tokio::sync::watch;
 
@@ -832,11 +834,19 @@ impl Copier {
                 key,
                 schema_id,
                 value,
-            } => Message::Put {
-                key,
-                schema_id,
-                value: self.stored_body(value)?,
-            },
+            } => {
+                let value = match schema_id {
+                    // A chunked value's manifest (after its chunks): as written.
+                    MANIFEST_SCHEMA_ID => value,
+                    CHUNK_SCHEMA_ID => self.stored_chunk(&key, value)?,
+                    _ => self.stored_body(value)?,
+                };
+                Message::Put {
+                    key,
+                    schema_id,
+                    value,
+                }
+            }
             delete @ Message::Delete { .. } => delete,
             Message::Control(_) => return Ok(()),
         };
@@ -869,6 +879,19 @@ impl Copier {
         out.extend_from_slice(checksum);
         out.extend_from_slice(&compressed);
         Ok(out)
+    }
+
+    /// A chunk of a chunked real-time value as the version stores it: compressed on its own,
+    /// the first one's checksum excepted (see `rialto_protocol::stored`).
+    fn stored_chunk(&mut self, key: &[u8], chunk: Vec<u8>) -> Result<Vec<u8>, String> {
+        let Some(compressor) = self.compressor.as_mut() else {
+            return Ok(chunk);
+        };
+        match generation_chunk_index(key) {
+            Some(0) => self.stored_body(chunk),
+            Some(_) => compressor.compress(&chunk).map_err(|e| e.to_string()),
+            None => Err("a chunk's key without its index".into()),
+        }
     }
 
     /// Sends what is queued and waits until the broker has it.

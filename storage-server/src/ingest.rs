@@ -466,10 +466,19 @@ async fn follow_realtime(
             if batch.next != checkpoint {
                 let applied = batch.next.records - checkpoint.records;
                 let (s, ops, cp) = (store.clone(), batch.ops, batch.next.clone());
-                if let Err(e) = blocking(move || s.apply(&ops, &cp)).await {
-                    break Err(Ended::Failed(format!(
-                        "cannot write to the replica database: {e}"
-                    )));
+                match blocking(move || s.apply_replacing(ops, &cp)).await {
+                    Ok(0) => {}
+                    Ok(incomplete) => {
+                        ctx.metrics
+                            .incomplete_chunked_values
+                            .fetch_add(incomplete as u64, Ordering::Relaxed);
+                        tracing::warn!(replica = %id, incomplete, "chunked real-time values whose first chunks precede the replay were left out");
+                    }
+                    Err(e) => {
+                        break Err(Ended::Failed(format!(
+                            "cannot write to the replica database: {e}"
+                        )))
+                    }
                 }
                 ctx.metrics
                     .records_ingested
@@ -1619,6 +1628,160 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn chunked_real_time_values_are_copied_compressed_and_replace_each_other_whole() {
+        use crate::store::Served;
+        use rialto_protocol::codec::ValueDecompressor;
+        use rialto_protocol::stored::{
+            split_value_replacing, value_checksum, ChunkManifest, CHECKSUM_BYTES, CHUNK_BODY_BYTES,
+        };
+        let h = harness().await;
+        h.pubsub.create_topic("s_rt", 1).await.unwrap();
+        let start_of_push = ControlMessage::StartOfPush {
+            sorted: true,
+            codec: CompressionCodec::Zstd,
+            dictionary: Vec::new(),
+        };
+        let mut push = PushRecords::start_with([1; 16], start_of_push);
+        push.put(b"batch", 1, b"batch data");
+        h.pubsub.append_all(TOPIC, 0, push.finish()).unwrap();
+        let plan = ReplicaPlan {
+            compression: rialto_protocol::meta::Compression::Zstd,
+            ..hybrid_plan(0)
+        };
+        let following = Following::start_with(&h, plan);
+        let slot = following.slot.clone();
+        wait_for("the replica to be ONLINE", || {
+            slot.state() == ReplicaState::Online
+        })
+        .await;
+
+        let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
+        let mut started = false;
+        // Real-time records of a value of `datum` under `key`, written as the writer does.
+        let mut write = |key: &[u8], datum: &[u8], generation: u64| {
+            let mut body = value_checksum(1, datum).to_be_bytes().to_vec();
+            body.extend_from_slice(datum);
+            let mut records = Vec::new();
+            if !started {
+                started = true;
+                records.push(writer.start_segment().encode());
+            }
+            for (k, id, b) in split_value_replacing(key.to_vec(), 1, body, generation) {
+                records.push(writer.put(k, id, b).encode());
+            }
+            records
+        };
+        // What the key serves: the datum after the checksum, decompressed (a chunked value's
+        // chunks were compressed one by one).
+        let read = |key: &[u8]| -> Option<Vec<u8>> {
+            let store = slot.store()?;
+            let stored = store.get(key).unwrap()?.to_vec();
+            let whole = match store.served(key, &stored) {
+                Served::Value(v) => v.to_vec(),
+                Served::Assembled(v) => v,
+                Served::Missing => return None,
+                Served::Corrupt(e) => panic!("corrupt: {e}"),
+            };
+            let payload = &whole[4 + CHECKSUM_BYTES..];
+            Some(
+                ValueDecompressor::new(None)
+                    .unwrap()
+                    .decompress(payload, 1 << 24)
+                    .unwrap(),
+            )
+        };
+        let datum_a: Vec<u8> = (0..2 * CHUNK_BODY_BYTES + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let datum_b: Vec<u8> = (0..CHUNK_BODY_BYTES + 7).map(|i| (i % 13) as u8).collect();
+
+        h.pubsub
+            .append_all("s_rt", 0, write(b"big", &datum_a, 1))
+            .unwrap();
+        wait_for("the chunked value", || read(b"big").is_some()).await;
+        // The oracle: the bytes written.
+        assert_eq!(read(b"big").unwrap(), datum_a);
+        let store = slot.store().unwrap();
+        let manifest_a = store.get(b"big").unwrap().unwrap().to_vec();
+        let chunks_a = ChunkManifest::decode(&manifest_a[4..]).unwrap();
+        assert_eq!(chunks_a.generation, Some(1));
+        assert!(
+            store
+                .get(&chunks_a.chunk_key(b"big", 1))
+                .unwrap()
+                .unwrap()
+                .len()
+                < CHUNK_BODY_BYTES,
+            "each chunk compressed"
+        );
+
+        // Replaced by another chunked value: a reader holding the old manifest is served the
+        // new value, and the old chunks are gone.
+        h.pubsub
+            .append_all("s_rt", 0, write(b"big", &datum_b, 2))
+            .unwrap();
+        wait_for("the new value", || {
+            read(b"big").as_deref() == Some(&datum_b[..])
+        })
+        .await;
+        for i in 0..chunks_a.chunk_count {
+            assert!(store.get(&chunks_a.chunk_key(b"big", i)).unwrap().is_none());
+        }
+        match store.served(b"big", &manifest_a) {
+            Served::Assembled(whole) => assert_eq!(
+                ValueDecompressor::new(None)
+                    .unwrap()
+                    .decompress(&whole[4 + CHECKSUM_BYTES..], 1 << 24)
+                    .unwrap(),
+                datum_b
+            ),
+            _ => panic!("a stale manifest must be served the value that replaced it"),
+        }
+
+        // A manifest whose first chunk was never copied (as when it preceded the replay: here a
+        // writer whose records start after it) is left out: the key keeps its value.
+        let mut body = value_checksum(1, &datum_a).to_be_bytes().to_vec();
+        body.extend_from_slice(&datum_a);
+        let mut late = rialto_protocol::producer::PartitionWriter::new([8; 16]);
+        let mut records = vec![late.start_segment().encode()];
+        for (k, id, b) in split_value_replacing(b"big".to_vec(), 1, body, 3)
+            .into_iter()
+            .skip(1)
+        {
+            records.push(late.put(k, id, b).encode());
+        }
+        h.pubsub.append_all("s_rt", 0, records).unwrap();
+        h.pubsub
+            .append_all("s_rt", 0, write(b"small", b"after", 4))
+            .unwrap();
+        wait_for("the write after it", || {
+            read(b"small").as_deref() == Some(&b"after"[..])
+        })
+        .await;
+        assert_eq!(read(b"big").unwrap(), datum_b);
+        assert_eq!(
+            h.ctx
+                .metrics
+                .incomplete_chunked_values
+                .load(Ordering::Relaxed),
+            1
+        );
+
+        // Replaced by a small value: the chunks of generation 2 go with it.
+        let manifest_b = store.get(b"big").unwrap().unwrap().to_vec();
+        let chunks_b = ChunkManifest::decode(&manifest_b[4..]).unwrap();
+        h.pubsub
+            .append_all("s_rt", 0, write(b"big", b"small now", 5))
+            .unwrap();
+        wait_for("the small value", || {
+            read(b"big").as_deref() == Some(&b"small now"[..])
+        })
+        .await;
+        assert!(store.get(&chunks_b.chunk_key(b"big", 0)).unwrap().is_none());
+        following.stop().await;
+    }
+
     /// A hybrid replica of `s` v1 p0 (lag bound 0) ingesting and following in the background.
     struct Following {
         slot: Arc<ReplicaSlot>,
@@ -1629,16 +1792,14 @@ mod tests {
 
     impl Following {
         fn start(h: &Harness) -> Following {
+            Following::start_with(h, hybrid_plan(0))
+        }
+
+        fn start_with(h: &Harness, plan: ReplicaPlan) -> Following {
             let slot = slot(h);
             let (stop, stop_rx) = watch::channel(false);
             let (follow, follow_rx) = watch::channel(true);
-            let task = tokio::spawn(run(
-                h.ctx.clone(),
-                slot.clone(),
-                hybrid_plan(0),
-                stop_rx,
-                follow_rx,
-            ));
+            let task = tokio::spawn(run(h.ctx.clone(), slot.clone(), plan, stop_rx, follow_rx));
             Following {
                 slot,
                 stop,

@@ -81,6 +81,8 @@ pub struct ServerMetrics {
     pub unauthenticated_copies_dropped: AtomicU64,
     /// Responses reset because the client granted no flow-control window for the send timeout.
     pub responses_stalled: AtomicU64,
+    /// Chunked real-time values left out because their first chunks precede the replay.
+    pub incomplete_chunked_values: AtomicU64,
     /// SST files written and ingested by sorted pushes.
     pub sst_files_ingested: AtomicU64,
     /// Read requests delayed by fault injection (tests and benchmarks only).
@@ -166,6 +168,10 @@ impl ServerMetrics {
             (
                 "rialto_server_responses_stalled_total",
                 &self.responses_stalled,
+            ),
+            (
+                "rialto_server_incomplete_chunked_values_total",
+                &self.incomplete_chunked_values,
             ),
         ] {
             let _ = writeln!(

@@ -45,6 +45,7 @@
 //! it: after a crash in between, the records are consumed and ingested again (same keys, same
 //! values), never skipped.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use rialto_protocol::meta::{Compression, StorageProfile};
 use rialto_protocol::stored::{
-    assemble, chunk_key, ChunkManifest, CHUNK_SCHEMA_ID, MANIFEST_SCHEMA_ID, RESERVED_SCHEMA_IDS,
+    assemble, ChunkManifest, CHUNK_SCHEMA_ID, MANIFEST_SCHEMA_ID, RESERVED_SCHEMA_IDS,
 };
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBPinnableSlice, IngestExternalFileOptions,
@@ -63,12 +64,28 @@ use rocksdb::{
 use crate::error::ServerError;
 use crate::validator::Checkpoint;
 
+/// Reads of a chunked value that find it replaced meanwhile, before the read gives up.
+const REASSEMBLY_TRIES: usize = 4;
+
+/// Whether `stored` (schema id ‖ body) carries `schema_id`.
+fn is_stored_as(stored: &[u8], schema_id: u32) -> bool {
+    stored.first_chunk::<4>().map(|id| u32::from_be_bytes(*id)) == Some(schema_id)
+}
+
+/// The manifest `stored` is, if it is a readable one.
+fn manifest_of(stored: &[u8]) -> Option<ChunkManifest> {
+    if !is_stored_as(stored, MANIFEST_SCHEMA_ID) {
+        return None;
+    }
+    ChunkManifest::decode(&stored[4..]).ok()
+}
+
 /// What a read answers for a stored value (see [`ReplicaStore::served`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Served<'v> {
     /// The stored value, as stored.
     Value(&'v [u8]),
-    /// A chunked value, reassembled.
+    /// A chunked value, reassembled (or a value read again after it was replaced meanwhile).
     Assembled(Vec<u8>),
     /// Not a value (a chunk's own key).
     Missing,
@@ -492,6 +509,64 @@ impl ReplicaStore {
         self.merge_level_0_if_full()
     }
 
+    /// [`ReplicaStore::apply`] for real-time writes copied into a hybrid version, which may
+    /// replace chunked values: a put or a delete of a key whose value is chunked also deletes
+    /// that value's chunks, in the same batch, and the manifest of a chunked value whose chunks
+    /// are not all stored (its first ones were written before the replay began) is not applied:
+    /// the key keeps its value. Returns how many manifests were left out.
+    pub fn apply_replacing(
+        &self,
+        ops: Vec<WriteOp>,
+        checkpoint: &Checkpoint,
+    ) -> Result<usize, ServerError> {
+        // What each key written holds once the ops before are applied (a key may be written
+        // twice in one batch), and the chunks put by this batch.
+        let mut holds: HashMap<Vec<u8>, Option<ChunkManifest>> = HashMap::new();
+        let mut chunks: HashSet<Vec<u8>> = HashSet::new();
+        let mut kept: Vec<WriteOp> = Vec::with_capacity(ops.len());
+        let mut incomplete = 0;
+        for op in ops {
+            let new = match &op {
+                WriteOp::Put { key, value } if is_stored_as(value, CHUNK_SCHEMA_ID) => {
+                    chunks.insert(key.clone());
+                    kept.push(op);
+                    continue;
+                }
+                WriteOp::Put { value, .. } => manifest_of(value),
+                WriteOp::Delete { .. } => None,
+            };
+            let key = op.key();
+            if let Some(manifest) = new.filter(|m| m.generation.is_some()) {
+                let mut stored = true;
+                for i in 0..manifest.chunk_count {
+                    let chunk = manifest.chunk_key(key, i);
+                    if !chunks.contains(&chunk) && self.get(&chunk)?.is_none() {
+                        stored = false;
+                        break;
+                    }
+                }
+                if !stored {
+                    incomplete += 1;
+                    continue;
+                }
+            }
+            let old = match holds.get(key) {
+                Some(held) => *held,
+                None => self.get(key)?.and_then(|v| manifest_of(&v)),
+            };
+            if let Some(old) = old.filter(|old| Some(*old) != new) {
+                let replaced = (0..old.chunk_count).map(|i| WriteOp::Delete {
+                    key: old.chunk_key(key, i),
+                });
+                kept.extend(replaced);
+            }
+            holds.insert(key.to_vec(), new);
+            kept.push(op);
+        }
+        self.apply(&kept, checkpoint)?;
+        Ok(incomplete)
+    }
+
     /// Merges the data's level-0 files into one sorted run below them once there are
     /// `l0_merge_files` of them (an unsorted push larger than [`L0_MERGE_FILES`] flushes; see
     /// the module docs). Ingestion of this replica waits for the merge.
@@ -878,12 +953,47 @@ impl ReplicaStore {
     }
 
     fn assemble<'v>(&self, key: &[u8], manifest: &[u8]) -> Served<'v> {
-        let manifest = match ChunkManifest::decode(manifest) {
-            Ok(m) => m,
-            Err(e) => return Served::Corrupt(format!("unreadable chunk manifest: {e}")),
-        };
+        let mut manifest = manifest.to_vec();
+        for _ in 0..REASSEMBLY_TRIES {
+            let reason = match self.assemble_once(key, &manifest) {
+                Ok(whole) => return Served::Assembled(whole),
+                Err(reason) => reason,
+            };
+            // A real-time write may have replaced the value, and deleted its chunks, since its
+            // manifest was read: what the key holds now is served.
+            let now = match self.get(key) {
+                Ok(Some(now)) => now,
+                Ok(None) => return Served::Missing,
+                Err(e) => return Served::Corrupt(e.to_string()),
+            };
+            match now.split_first_chunk::<4>() {
+                Some((id, body)) if u32::from_be_bytes(*id) == MANIFEST_SCHEMA_ID => {
+                    if body == manifest.as_slice() {
+                        return Served::Corrupt(reason);
+                    }
+                    manifest = body.to_vec();
+                }
+                _ => {
+                    return match self.served(key, &now) {
+                        Served::Value(v) => Served::Assembled(v.to_vec()),
+                        Served::Assembled(v) => Served::Assembled(v),
+                        Served::Missing => Served::Missing,
+                        Served::Corrupt(e) => Served::Corrupt(e),
+                    }
+                }
+            }
+        }
+        Served::Corrupt(format!(
+            "the value was replaced {REASSEMBLY_TRIES} times while it was read"
+        ))
+    }
+
+    /// The value `manifest` describes, from its chunks.
+    fn assemble_once(&self, key: &[u8], manifest: &[u8]) -> Result<Vec<u8>, String> {
+        let manifest = ChunkManifest::decode(manifest)
+            .map_err(|e| format!("unreadable chunk manifest: {e}"))?;
         let chunk_keys: Vec<Vec<u8>> = (0..manifest.chunk_count)
-            .map(|i| chunk_key(key, i))
+            .map(|i| manifest.chunk_key(key, i))
             .collect();
         let refs: Vec<&[u8]> = chunk_keys.iter().map(Vec::as_slice).collect();
         let chunks = self.multi_get_sorted(&refs);
@@ -891,13 +1001,10 @@ impl ReplicaStore {
         for chunk in &chunks {
             match chunk {
                 Ok(c) => pieces.push(c.as_deref()),
-                Err(e) => return Served::Corrupt(e.to_string()),
+                Err(e) => return Err(e.to_string()),
             }
         }
-        match assemble(&manifest, pieces) {
-            Ok(whole) => Served::Assembled(whole),
-            Err(e) => Served::Corrupt(e),
-        }
+        assemble(&manifest, pieces)
     }
 
     /// The last checkpoint written, `None` for a fresh replica.
@@ -991,6 +1098,66 @@ mod tests {
         WriteOp::Put {
             key: k.as_bytes().to_vec(),
             value: v.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_key_written_twice_in_one_batch_keeps_only_the_last_values_chunks() {
+        use rialto_protocol::stored::{split_value_replacing, CHUNK_BODY_BYTES};
+        use rialto_protocol::wire::StoredValue;
+        let dir = tempfile::tempdir().unwrap();
+        for profile in PROFILES {
+            let engine = Engine::new(1 << 20);
+            let store =
+                ReplicaStore::open(&dir.path().join(format!("{profile:?}")), profile, &engine)
+                    .unwrap();
+            let ops_of = |body: Vec<u8>, generation: u64| -> Vec<WriteOp> {
+                split_value_replacing(b"k".to_vec(), 1, body, generation)
+                    .into_iter()
+                    .map(|(key, id, b)| WriteOp::Put {
+                        key,
+                        value: StoredValue::encode(id, &b),
+                    })
+                    .collect()
+            };
+            let a = vec![1u8; CHUNK_BODY_BYTES + 1];
+            let b = vec![2u8; 2 * CHUNK_BODY_BYTES + 1];
+            let mut ops = ops_of(a, 10);
+            ops.extend(ops_of(b.clone(), 20));
+            let left_out = store.apply_replacing(ops, &Checkpoint::default()).unwrap();
+            assert_eq!(left_out, 0);
+            let stored = store.get(b"k").unwrap().unwrap().to_vec();
+            match store.served(b"k", &stored) {
+                Served::Assembled(whole) => assert_eq!(whole, StoredValue::encode(1, &b)),
+                _ => panic!("the last value must be served whole"),
+            }
+            // The first value's chunks went with it; the second's stay.
+            let first = ChunkManifest {
+                schema_id: 1,
+                chunk_count: 2,
+                body_bytes: CHUNK_BODY_BYTES as u64 + 1,
+                generation: Some(10),
+            };
+            for i in 0..2 {
+                assert!(
+                    store.get(&first.chunk_key(b"k", i)).unwrap().is_none(),
+                    "{profile:?}"
+                );
+            }
+            let second = manifest_of(&stored).unwrap();
+            assert_eq!(second.generation, Some(20));
+            for i in 0..3 {
+                assert!(store.get(&second.chunk_key(b"k", i)).unwrap().is_some());
+            }
+            // Deleted: the key and its chunks.
+            let delete = vec![WriteOp::Delete { key: b"k".to_vec() }];
+            store
+                .apply_replacing(delete, &Checkpoint::default())
+                .unwrap();
+            assert!(store.get(b"k").unwrap().is_none());
+            for i in 0..3 {
+                assert!(store.get(&second.chunk_key(b"k", i)).unwrap().is_none());
+            }
         }
     }
 

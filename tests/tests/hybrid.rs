@@ -19,7 +19,9 @@ use rialto_fast_client::Client;
 use rialto_protocol::admin::{ReplicaView, UpdateStoreRequest};
 use rialto_protocol::avro::{AvroCodec, Value};
 use rialto_protocol::envelope::{Envelope, Message};
-use rialto_protocol::meta::{HybridConfig, Layout, LeadershipRecord, ReplicaState, DEFAULT_ROOT};
+use rialto_protocol::meta::{
+    Compression, HybridConfig, Layout, LeadershipRecord, ReplicaState, StorageProfile, DEFAULT_ROOT,
+};
 use rialto_protocol::stored::CHECKSUM_BYTES;
 use rialto_push::realtime::RealtimeWriter;
 use rialto_tests::{
@@ -532,7 +534,20 @@ async fn client_version(cluster: &Cluster) -> Result<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Result<()> {
     let cluster = Cluster::start(2).await?;
-    cluster.create_string_store("made", 2, 2, 500, 16).await?;
+    // In memory and compressed: real-time values over one record are chunked, and each chunk
+    // compressed on its own.
+    cluster
+        .create_store_with(
+            "made",
+            STRING_SCHEMA,
+            STRING_SCHEMA,
+            2,
+            2,
+            StorageProfile::InMemory,
+            Compression::Zstd,
+        )
+        .await?;
+    cluster.push_string_records("made", 500, 16).await?;
     assert!(
         cluster.realtime_writer("made").await.is_err(),
         "not hybrid yet"
@@ -605,6 +620,9 @@ async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Resul
     let mut model = Model::new();
     put(&mut writer, &mut model, &key_of(1), "streamed").await?;
     delete(&mut writer, &mut model, &key_of(2)).await?;
+    // A value over one record: written as chunks, then its manifest.
+    let big = |tag: &str| format!("{tag}-{}", "x".repeat(2_000_000));
+    put(&mut writer, &mut model, "big", &big("replayed")).await?;
     writer.flush().await?;
     let client = cluster.client("made").await?;
     // Version 1 is batch-only: it does not take them.
@@ -625,6 +643,7 @@ async fn a_batch_store_made_hybrid_takes_writes_from_its_next_version() -> Resul
     )
     .await?;
     put(&mut writer, &mut expected, "fresh", "after").await?;
+    put(&mut writer, &mut expected, "big", &big("replaced")).await?;
     writer.close().await?;
     wait_for_model(&client, &expected, "writes after the swap").await?;
     cluster.shutdown().await
