@@ -176,33 +176,39 @@ impl ValueDecompressor {
     /// [`crate::stored`]). A value that would expand beyond `max` bytes is refused before
     /// anything is allocated.
     pub fn decompress(&mut self, frames: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
-        // Every frame's length and stated size, checked before anything is allocated.
+        // One frame, as for every value but a chunked real-time one: sized by its header.
+        let size = zstd_safe::get_frame_content_size(frames)
+            .map_err(|_| CodecError::Corrupt("bad frame header"))?
+            .ok_or(CodecError::UnknownSize)?;
+        if size > max as u64 {
+            return Err(CodecError::TooLarge { size, max });
+        }
+        let mut out = vec![0u8; size as usize];
+        if self.decompress_frame(&mut out, frames).is_ok() {
+            return Ok(out);
+        }
+        // More than one frame (or a corrupt one, which this finds too).
+        self.decompress_frames(frames, max)
+    }
+
+    /// [`ValueDecompressor::decompress`] of frames one after the other: every frame's length
+    /// and stated size checked before anything is allocated.
+    fn decompress_frames(&mut self, frames: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
         let mut lengths = Vec::new();
         let mut total = 0u64;
         let mut rest = frames;
-        loop {
+        while !rest.is_empty() {
             let (len, size) = frame_of(rest)?;
             total = total.saturating_add(size);
             if total > max as u64 {
                 return Err(CodecError::TooLarge { size: total, max });
             }
-            if len == frames.len() {
-                // One frame, as for every value but a chunked real-time one.
-                break;
-            }
             lengths.push((len, size as usize));
             rest = rest
                 .get(len..)
                 .ok_or(CodecError::Corrupt("truncated frame"))?;
-            if rest.is_empty() {
-                break;
-            }
         }
         let mut out = vec![0u8; total as usize];
-        if lengths.is_empty() {
-            self.decompress_frame(&mut out, frames)?;
-            return Ok(out);
-        }
         let (mut written, mut rest) = (0, frames);
         for (len, size) in lengths {
             let (frame, after) = rest.split_at(len);
