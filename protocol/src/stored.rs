@@ -196,21 +196,8 @@ pub type StoredPiece = (Vec<u8>, u32, Vec<u8>);
 /// The records that store `body` under `key`: the value itself when it fits one record, else
 /// its manifest followed by its chunks, in key order.
 pub fn split_value(key: Vec<u8>, schema_id: u32, body: Vec<u8>) -> Vec<StoredPiece> {
-    if body.len() <= CHUNK_BODY_BYTES {
-        return vec![(key, schema_id, body)];
-    }
-    let chunks: Vec<&[u8]> = body.chunks(CHUNK_BODY_BYTES).collect();
-    let manifest = ChunkManifest {
-        schema_id,
-        chunk_count: chunks.len() as u32,
-        body_bytes: body.len() as u64,
-        generation: None,
-    };
-    let mut pieces = Vec::with_capacity(chunks.len() + 1);
-    for (i, chunk) in chunks.iter().enumerate() {
-        pieces.push((chunk_key(&key, i as u32), CHUNK_SCHEMA_ID, chunk.to_vec()));
-    }
-    pieces.insert(0, (key, MANIFEST_SCHEMA_ID, manifest.encode()));
+    let mut pieces = split(key, schema_id, body, None);
+    pieces.rotate_right(1);
     pieces
 }
 
@@ -223,6 +210,11 @@ pub fn split_value_replacing(
     body: Vec<u8>,
     generation: u64,
 ) -> Vec<StoredPiece> {
+    split(key, schema_id, body, Some(generation))
+}
+
+/// `body` under `key`: itself when it fits one record, else its chunks and then its manifest.
+fn split(key: Vec<u8>, schema_id: u32, body: Vec<u8>, generation: Option<u64>) -> Vec<StoredPiece> {
     if body.len() <= CHUNK_BODY_BYTES {
         return vec![(key, schema_id, body)];
     }
@@ -231,7 +223,7 @@ pub fn split_value_replacing(
         schema_id,
         chunk_count: chunks.len() as u32,
         body_bytes: body.len() as u64,
-        generation: Some(generation),
+        generation,
     };
     let mut pieces = Vec::with_capacity(chunks.len() + 1);
     for (i, chunk) in chunks.iter().enumerate() {

@@ -485,10 +485,10 @@ impl Signers {
                 }
                 Some(Ok(None)) => {
                     return Signed::Refused(format!(
-                    "producer {producer} is not a registered writer of store `{store}` (writers \
-                         register through the controller: `RealtimeWriter::connect`, `rialto-push \
-                         stream`; an administrator may have revoked it)"
-                ))
+                        "producer {producer} is not a registered writer of store `{store}` \
+                         (writers register through the controller: `RealtimeWriter::connect`, \
+                         `rialto-push stream`; an administrator may have revoked it)"
+                    ))
                 }
                 Some(Err(e)) => {
                     return Signed::Refused(format!(

@@ -1658,10 +1658,14 @@ mod tests {
 
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let mut started = false;
-        // Real-time records of a value of `datum` under `key`, written as the writer does.
-        let mut write = |key: &[u8], datum: &[u8], generation: u64| {
+        let body_of = |datum: &[u8]| {
             let mut body = value_checksum(1, datum).to_be_bytes().to_vec();
             body.extend_from_slice(datum);
+            body
+        };
+        // Real-time records of a value of `datum` under `key`, written as the writer does.
+        let mut write = |key: &[u8], datum: &[u8], generation: u64| {
+            let body = body_of(datum);
             let mut records = Vec::new();
             if !started {
                 started = true;
@@ -1741,8 +1745,7 @@ mod tests {
 
         // A manifest whose first chunk was never copied (as when it preceded the replay: here a
         // writer whose records start after it) is left out: the key keeps its value.
-        let mut body = value_checksum(1, &datum_a).to_be_bytes().to_vec();
-        body.extend_from_slice(&datum_a);
+        let body = body_of(&datum_a);
         let mut late = rialto_protocol::producer::PartitionWriter::new([8; 16]);
         let mut records = vec![late.start_segment().encode()];
         for (k, id, b) in split_value_replacing(b"big".to_vec(), 1, body, 3)
