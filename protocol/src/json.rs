@@ -362,12 +362,12 @@ impl Parser<'_> {
         loop {
             // Copy the run of plain characters at once.
             let run = self.at;
-            while let Some(c) = self.peek() {
-                if c == b'"' || c == b'\\' || c < 0x20 {
-                    break;
-                }
-                self.at += 1;
-            }
+            let rest = &self.bytes[run..];
+            let plain = rest
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                .unwrap_or(rest.len());
+            self.at += plain;
             out.push_str(&self.text[run..self.at]);
             match self.peek() {
                 None => return Err(self.error("unterminated string")),

@@ -367,30 +367,18 @@ pub fn read_bounded_line(
     max: usize,
 ) -> Option<Result<String, LineError>> {
     let mut line = Vec::new();
-    loop {
-        let buffer = match reader.fill_buf() {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Some(Err(e.into())),
-        };
-        if buffer.is_empty() {
-            if line.is_empty() {
-                return None;
-            }
-            break;
-        }
-        let (taken, ended) = match buffer.iter().position(|&c| c == b'\n') {
-            Some(at) => (at, true),
-            None => (buffer.len(), false),
-        };
-        if line.len() + taken > max {
-            return Some(Err(LineError::TooLong { max }));
-        }
-        line.extend_from_slice(&buffer[..taken]);
-        reader.consume(taken + usize::from(ended));
-        if ended {
-            break;
-        }
+    // One byte more than a line may hold: a line that long, newline excepted, is too long.
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    let mut bounded = std::io::Read::take(&mut *reader, limit);
+    match bounded.read_until(b'\n', &mut line) {
+        Ok(0) => return None,
+        Ok(_) => {}
+        Err(e) => return Some(Err(e.into())),
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > max {
+        return Some(Err(LineError::TooLong { max }));
     }
     if line.last() == Some(&b'\r') {
         line.pop();
