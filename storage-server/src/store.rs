@@ -536,7 +536,7 @@ impl ReplicaStore {
                 WriteOp::Delete { .. } => None,
             };
             let key = op.key();
-            if let Some(manifest) = new.filter(|m| m.generation.is_some()) {
+            if let Some(manifest) = new {
                 let mut stored = true;
                 for i in 0..manifest.chunk_count {
                     let chunk = manifest.chunk_key(key, i);
@@ -1103,7 +1103,9 @@ mod tests {
 
     #[test]
     fn a_key_written_twice_in_one_batch_keeps_only_the_last_values_chunks() {
-        use rialto_protocol::stored::{split_value_replacing, CHUNK_BODY_BYTES};
+        use rialto_protocol::stored::{
+            split_value, split_value_replacing, StoredPiece, CHUNK_BODY_BYTES,
+        };
         use rialto_protocol::wire::StoredValue;
         let dir = tempfile::tempdir().unwrap();
         for profile in PROFILES {
@@ -1148,6 +1150,28 @@ mod tests {
             assert_eq!(second.generation, Some(20));
             for i in 0..3 {
                 assert!(store.get(&second.chunk_key(b"k", i)).unwrap().is_some());
+            }
+            // A manifest whose chunks are not stored, of either format, is left out.
+            let without_chunks = |pieces: Vec<StoredPiece>| -> Vec<WriteOp> {
+                let (key, id, body) = pieces
+                    .into_iter()
+                    .find(|p| p.1 == MANIFEST_SCHEMA_ID)
+                    .unwrap();
+                vec![WriteOp::Put {
+                    key,
+                    value: StoredValue::encode(id, &body),
+                }]
+            };
+            let big = vec![3u8; CHUNK_BODY_BYTES + 1];
+            for orphan in [
+                without_chunks(split_value(b"k".to_vec(), 1, big.clone())),
+                without_chunks(split_value_replacing(b"k".to_vec(), 1, big.clone(), 30)),
+            ] {
+                let left_out = store
+                    .apply_replacing(orphan, &Checkpoint::default())
+                    .unwrap();
+                assert_eq!(left_out, 1);
+                assert_eq!(store.get(b"k").unwrap().as_deref(), Some(&stored[..]));
             }
             // Deleted: the key and its chunks.
             let delete = vec![WriteOp::Delete { key: b"k".to_vec() }];
