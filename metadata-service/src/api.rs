@@ -596,18 +596,10 @@ async fn register_realtime_writer(
             "store `{store}` is not hybrid: it takes no real-time writes"
         )));
     }
-    let secret = rialto_security::signing::generate_secret()
-        .map_err(|e| ControllerError::Internal(e.to_string()))?;
-    let writer = RealtimeWriterRecord {
-        producer: guid_hex(uuid::Uuid::new_v4().as_bytes()),
-        secret: rialto_security::signing::secret_hex(&secret),
-        registered_by: caller
-            .0
-            .as_ref()
-            .map_or(rialto_security::principal::ANONYMOUS, |p| p.as_str())
-            .to_string(),
-        registered_ms: now_ms(),
-    };
+    let writer = crate::versions::signing_registration(
+        guid_hex(uuid::Uuid::new_v4().as_bytes()),
+        caller.0.as_ref().map(|p| p.as_str()),
+    )?;
     let key = st.layout.realtime_writer(&store, &writer.producer);
     st.meta.put(&key, encode_record(&writer)?, None).await?;
     tracing::info!(%store, producer = %writer.producer, by = %writer.registered_by, "real-time writer registered");

@@ -33,6 +33,23 @@ pub(crate) async fn live_nodes(
     Ok(nodes)
 }
 
+/// A producer registered with a fresh signing secret (a push's, or a real-time writer's), by
+/// `registered_by` (`None`: an anonymous caller).
+pub(crate) fn signing_registration(
+    producer: String,
+    registered_by: Option<&str>,
+) -> Result<RealtimeWriterRecord, ControllerError> {
+    let secret = generate_secret().map_err(|e| ControllerError::Internal(e.to_string()))?;
+    Ok(RealtimeWriterRecord {
+        producer,
+        secret: secret_hex(&secret),
+        registered_by: registered_by
+            .unwrap_or(rialto_security::principal::ANONYMOUS)
+            .to_string(),
+        registered_ms: now_ms(),
+    })
+}
+
 /// What a push asks of [`start_version`].
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct PushStart<'a> {
@@ -164,15 +181,7 @@ pub(crate) async fn start_version(
     // Registered before the record: a replica reads the registration when it starts ingesting.
     let signing_secret = match producer {
         Some(producer) => {
-            let secret = generate_secret().map_err(|e| ControllerError::Internal(e.to_string()))?;
-            let registration = RealtimeWriterRecord {
-                producer: producer.to_string(),
-                secret: secret_hex(&secret),
-                registered_by: pushed_by
-                    .unwrap_or(rialto_security::principal::ANONYMOUS)
-                    .to_string(),
-                registered_ms: now_ms(),
-            };
+            let registration = signing_registration(producer.to_string(), pushed_by)?;
             let at = layout.version_copier(store, version, producer);
             meta.put(&at, encode_record(&registration)?, None).await?;
             Some(SigningSecret(registration.secret))

@@ -2034,14 +2034,21 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn with_authorization_a_forged_copy_in_the_version_topic_is_dropped_unapplied() {
+    /// A replica's harness verifying signatures, with the real-time topic, a signed push of `s`
+    /// v1 and the registered real-time writer `[9; 16]`: its registration's key and its secret.
+    async fn signed_hybrid() -> (Harness, String, WriterSecret) {
         let h = harness_of(ChunkLimits::default(), false, true).await;
         h.pubsub.create_topic("s_rt", 1).await.unwrap();
         let push = register_push(&h, [1; 16]).await;
         let records = PushRecords::start([1; 16]).finish();
         send_signed(&h, TOPIC, records, Some(push)).await;
-        let (_, signer) = register_writer(&h, [9; 16]).await;
+        let (key, signer) = register_writer(&h, [9; 16]).await;
+        (h, key, signer)
+    }
+
+    #[tokio::test]
+    async fn with_authorization_a_forged_copy_in_the_version_topic_is_dropped_unapplied() {
+        let (h, _, signer) = signed_hybrid().await;
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let records = realtime(&mut writer, true, &[("a", Some("1"))]);
         send_signed(&h, "s_rt", records, Some(signer.clone())).await;
@@ -2093,12 +2100,7 @@ mod tests {
     #[tokio::test]
     async fn with_authorization_only_records_signed_by_registered_writers_are_copied() {
         use rialto_security::signing::generate_secret;
-        let h = harness_of(ChunkLimits::default(), false, true).await;
-        h.pubsub.create_topic("s_rt", 1).await.unwrap();
-        let push = register_push(&h, [1; 16]).await;
-        let records = PushRecords::start([1; 16]).finish();
-        send_signed(&h, TOPIC, records, Some(push)).await;
-        let (key, signer) = register_writer(&h, [9; 16]).await;
+        let (h, key, signer) = signed_hybrid().await;
         let send = |records, signer| send_signed(&h, "s_rt", records, signer);
         let mut writer = rialto_protocol::producer::PartitionWriter::new([9; 16]);
         let signed = realtime(&mut writer, true, &[("a", Some("1")), ("b", Some("2"))]);
