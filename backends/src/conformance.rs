@@ -315,11 +315,8 @@ async fn topics(broker: &dyn PubSub, topic: &str) {
 
 async fn produce_consume(broker: &dyn PubSub, topic: &str, divergence: BrokerDivergence) {
     broker.create_topic(topic, 2).await.unwrap();
-    let before_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-        - 1;
+    // The clock the memory broker stamps records with; the system time on a running clock.
+    let before_ms = crate::clock::now_ms() - 1;
     // Interleaved sends to two partitions: each partition's offsets follow its send order.
     let mut deliveries = Vec::new();
     for i in 0..15u32 {

@@ -9,10 +9,13 @@
 //! traits, so the in-memory implementations ([`memory`]) replace both in one process. The
 //! [`conformance`] cases hold every implementation to the same behaviour, and [`faults`] wraps
 //! any of them to inject failures. [`net`] is the third: the network every process listens and
-//! connects on, the operating system's or a simulated one.
+//! connects on, the operating system's or a simulated one; [`blocking`] runs blocking work on
+//! tokio's pool, or inline in a simulation.
 //!
 //! **API Boundary:** nothing outside this crate names `rdkafka` or `etcd_client` types.
 
+pub mod blocking;
+pub mod clock;
 pub mod conformance;
 #[cfg(feature = "etcd")]
 pub mod etcd;

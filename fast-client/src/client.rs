@@ -437,6 +437,7 @@ impl Client {
         let verify = shared.verify_checksums && values.checksummed();
         loop {
             tokio::select! {
+                biased;
                 Some((instance, hedge, elapsed, result)) = attempts.next() => match result.and_then(|raw| {
                     // A value that fails its checksum is an error like any other: retried on
                     // another replica, never returned.

@@ -17,7 +17,7 @@
 //! ends as soon as it expires: a recovered server gets its traffic back and, no longer outpaced,
 //! keeps it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -268,16 +268,17 @@ fn backoff(config: &HealthConfig, failures: u32) -> Duration {
         .min(config.backoff_max)
 }
 
-/// Every instance the client knows, by address.
+/// Every instance the client knows, by address (ordered, so that probes go out in one order and
+/// a simulation's seed replays them).
 pub(crate) struct Instances {
-    map: RwLock<HashMap<String, Arc<Instance>>>,
+    map: RwLock<BTreeMap<String, Arc<Instance>>>,
     pub(crate) config: HealthConfig,
 }
 
 impl Instances {
     pub(crate) fn new(config: HealthConfig) -> Instances {
         Instances {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(BTreeMap::new()),
             config,
         }
     }

@@ -1,7 +1,7 @@
 //! Following the store's metadata: four prefix mirrors, a rebuild of the routing table and of the
 //! Avro codecs on every change, and the atomic swap of both.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +82,7 @@ pub(crate) async fn follow(shared: Arc<Shared>, mirrors: Mirrors) {
         let changed = {
             let [a, b, c, d] = &mut subs;
             tokio::select! {
+                biased;
                 r = a.changed() => r,
                 r = b.changed() => r,
                 r = c.changed() => r,
@@ -131,7 +132,7 @@ async fn refresh(shared: &Shared, mirrors: &Mirrors) {
         return;
     }
     // Connect to servers new in this table before routing to them.
-    let new_addresses: HashSet<(String, bool)> = table
+    let new_addresses: BTreeSet<(String, bool)> = table
         .addresses()
         .difference(&shared.table().addresses())
         .cloned()
@@ -183,7 +184,7 @@ pub(crate) fn install(shared: &Shared, table: RoutingTable) {
 /// Opens connections to `addresses` and waits for them up to `wait`; connections still opening
 /// then finish in the background. Failures are logged, not returned (the servers get blocked
 /// and probed once requests fail).
-pub(crate) async fn warm(shared: &Shared, addresses: HashSet<(String, bool)>, wait: Duration) {
+pub(crate) async fn warm(shared: &Shared, addresses: BTreeSet<(String, bool)>, wait: Duration) {
     if addresses.is_empty() {
         return;
     }

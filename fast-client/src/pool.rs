@@ -5,7 +5,7 @@
 //! GOAWAY), so the next request reconnects. h2's `SendRequest` is a cheap clonable handle; many
 //! requests multiplex on one connection.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -49,11 +49,12 @@ struct Connection {
     authority: Authority,
 }
 
-/// The shared connections of one client.
+/// The shared connections of one client, by address (ordered, so that connections dropped together
+/// close in one order and a simulation's seed replays it).
 pub(crate) struct ConnectionPool {
     tls: Option<Tls>,
     network: Network,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: Mutex<BTreeMap<String, Arc<Slot>>>,
     next_id: AtomicU64,
     counters: Arc<Counters>,
     this: Weak<ConnectionPool>,
@@ -70,7 +71,7 @@ impl ConnectionPool {
         Ok(Arc::new_cyclic(|this| ConnectionPool {
             tls,
             network,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             counters,
             this: this.clone(),

@@ -13,7 +13,7 @@
 //! to before (whose replicas stay up as the backup), so a version swap never leaves a partition
 //! without replicas (Venice's "no available replicas during version switch").
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rialto_protocol::meta::{
     Compression, Layout, NodeRecord, ReplicaRecord, ReplicaState, StoreRecord, ValueFormat,
@@ -99,8 +99,8 @@ impl RoutingTable {
             && self.partitions.iter().all(|r| !r.is_empty())
     }
 
-    /// Every distinct server address in the table.
-    pub fn addresses(&self) -> HashSet<(String, bool)> {
+    /// Every distinct server address in the table, in order (connections open in it).
+    pub fn addresses(&self) -> BTreeSet<(String, bool)> {
         self.partitions
             .iter()
             .flatten()

@@ -214,9 +214,7 @@ async fn fetch_dictionary(
 ) -> Result<Arc<DecompressionDictionary>, ClientError> {
     let path = wire::dictionary_path(store, version);
     let mut last = String::from("no server hosts the version");
-    let mut addresses: Vec<(String, bool)> = table.addresses().into_iter().collect();
-    addresses.sort();
-    for (address, tls) in addresses {
+    for (address, tls) in table.addresses() {
         let answer = async {
             let (parts, mut body) = pool
                 .send(&address, tls, http::Method::GET, &path, None)

@@ -3,7 +3,7 @@
 //! Every controller serves it, leader or not: each write is a compare-and-put on one etcd key, so
 //! concurrent controllers cannot corrupt a record. Every error answers with an [`ApiError`] body.
 
-use crate::clock::now_ms;
+use rialto_backends::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

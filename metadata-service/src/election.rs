@@ -99,8 +99,9 @@ async fn wait(shutdown: &mut watch::Receiver<bool>, d: Duration) {
         return;
     }
     tokio::select! {
-        _ = tokio::time::sleep(d) => {}
+        biased;
         _ = shutdown.changed() => {}
+        _ = tokio::time::sleep(d) => {}
     }
 }
 
@@ -142,6 +143,7 @@ async fn lead(
     let watchdog = async {
         loop {
             tokio::select! {
+                biased;
                 r = lost.changed() => {
                     if r.is_err() || *lost.borrow() {
                         tracing::warn!(controller = id, "controller lease lost; stepping down");
@@ -166,6 +168,7 @@ async fn lead(
     };
     tokio::pin!(reconcile);
     tokio::select! {
+        biased;
         _ = &mut reconcile => {}
         _ = watchdog => {
             let _ = stop_tx.send(true);

@@ -24,7 +24,6 @@
 pub mod api;
 pub mod authz;
 pub mod client;
-pub mod clock;
 pub mod election;
 pub mod error;
 pub mod placement;

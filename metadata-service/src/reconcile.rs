@@ -8,7 +8,7 @@
 //!   on a safety tick), and applies each action with compare-and-put, re-reading the record first
 //!   so a stale mirror can never make it swap to an older version or revive a failed one.
 
-use crate::clock::now_ms;
+use rialto_backends::clock::now_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -732,13 +732,14 @@ impl Reconciler {
                 }
             }
             tokio::select! {
+                biased;
+                r = stop.changed() => if r.is_err() { return Ok(()) },
                 _ = s_rx.changed() => {}
                 _ = v_rx.changed() => {}
                 _ = r_rx.changed() => {}
                 _ = n_rx.changed() => {}
                 _ = d_rx.changed() => {}
                 _ = tick.tick() => {}
-                r = stop.changed() => if r.is_err() { return Ok(()) },
             }
         }
     }

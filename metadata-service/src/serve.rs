@@ -48,11 +48,13 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let permit = tokio::select! {
+            biased;
             _ = shutdown.wait_for(|s| *s) => break,
             permit = permits.clone().acquire_owned() => permit,
         };
         let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
+            biased;
             _ = shutdown.wait_for(|s| *s) => break,
             accepted = listener.accept() => accepted,
         };
@@ -112,6 +114,7 @@ async fn connection<I>(
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let stopping = tokio::select! {
+        biased;
         result = conn.as_mut() => {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "admin API connection ended");

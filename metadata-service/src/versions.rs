@@ -2,7 +2,7 @@
 //! reconciler does for a streaming-only hybrid store (an empty version that then only receives
 //! real-time writes).
 
-use crate::clock::now_ms;
+use rialto_backends::clock::now_ms;
 use rialto_backends::{MetaStore, PubSub};
 use rialto_protocol::admin::{SigningSecret, StartPushResponse};
 use rialto_protocol::envelope::ControlMessage;

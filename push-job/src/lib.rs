@@ -265,7 +265,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
     let limits = RecordLimits {
         max_value_bytes: store.max_value_bytes,
     };
-    let dataset = tokio::task::spawn_blocking(move || {
+    let dataset = rialto_backends::blocking::spawn(move || {
         input::read_dataset(
             &input,
             format,
@@ -298,7 +298,7 @@ pub async fn push(config: &PushConfig) -> Result<PushReport, PushError> {
     let dictionary = match compression {
         Compression::ZstdDictionary => {
             let samples = std::mem::take(&mut dataset.samples);
-            let dictionary = tokio::task::spawn_blocking(move || {
+            let dictionary = rialto_backends::blocking::spawn(move || {
                 codec::train_dictionary(&samples, codec::DEFAULT_DICTIONARY_BYTES)
             })
             .await

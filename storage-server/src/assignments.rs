@@ -229,6 +229,7 @@ pub(crate) async fn reconcile(
             );
         }
         tokio::select! {
+            biased;
             _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => break,
             changed = changes.changed() => if changed.is_err() { break },
         }
@@ -265,15 +266,17 @@ async fn drop_replica(ctx: &NodeContext, mut replica: HostedReplica) {
         Some(store) => {
             wait_until_unique(&store).await;
             match Arc::try_unwrap(store) {
-                Ok(store) => match tokio::task::spawn_blocking(move || store.destroy()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(replica = %id, error = %e, "deleting the replica's data failed")
+                Ok(store) => {
+                    match rialto_backends::blocking::spawn(move || store.destroy()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(replica = %id, error = %e, "deleting the replica's data failed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(replica = %id, error = %e, "deleting the replica's data panicked")
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(replica = %id, error = %e, "deleting the replica's data panicked")
-                    }
-                },
+                }
                 Err(_) => tracing::warn!(
                     replica = %id,
                     "reads still hold the database; its directory is deleted at the next start"

@@ -134,8 +134,9 @@ pub(crate) async fn follow(
     let mut changed = mirror.subscribe();
     loop {
         tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
+            biased;
             _ = shutdown.wait_for(|s| *s != Stop::Running) => return,
+            r = changed.changed() => if r.is_err() { return },
         }
         let acls = mirror.with(|map| acls_from(&layout, map)).await;
         authorizer.set(acls);

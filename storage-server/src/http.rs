@@ -136,6 +136,7 @@ pub(crate) async fn serve(
     ));
     let stop = loop {
         let permit = tokio::select! {
+            biased;
             stop = shutdown.wait_for(|s| *s != Stop::Running) => {
                 break stop.map(|s| *s).unwrap_or(Stop::Drain);
             }
@@ -146,6 +147,7 @@ pub(crate) async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let accepted = tokio::select! {
+            biased;
             stop = shutdown.wait_for(|s| *s != Stop::Running) => {
                 break stop.map(|s| *s).unwrap_or(Stop::Drain);
             }
@@ -238,6 +240,14 @@ async fn serve_connection<T>(
     tokio::pin!(idle);
     loop {
         tokio::select! {
+            // In order (a seed of the simulation replays one order): finished requests are
+            // reaped before new ones are taken, so a flood of requests cannot grow the set.
+            biased;
+            Some(_) = streams.join_next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                }
+            }
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
                     streams.spawn(handle(service.clone(), principal.clone(), request, respond));
@@ -248,11 +258,6 @@ async fn serve_connection<T>(
                 }
                 None => break,
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {
-                if streams.is_empty() {
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                }
-            }
             _ = &mut idle, if streams.is_empty() && !draining => {
                 tracing::debug!(%peer, ?idle_timeout, "closing an idle connection");
                 conn.graceful_shutdown();

@@ -32,12 +32,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+use rialto_backends::clock::now_ms;
 use rialto_backends::{ConsumedRecord, PubSubError};
 use rialto_protocol::codec::{self, ValueCompressor};
 use rialto_protocol::envelope::{ControlMessage, Envelope, Message, SegmentChecksum, Upstream};
 use rialto_protocol::meta::{
-    decode_record, encode_record, now_ms, realtime_topic, Compression, LeadershipRecord,
-    RealtimeAction, RealtimeDecision, RealtimeWriterRecord, ReplicaState,
+    decode_record, encode_record, realtime_topic, Compression, LeadershipRecord, RealtimeAction,
+    RealtimeDecision, RealtimeWriterRecord, ReplicaState,
 };
 use rialto_protocol::producer::PartitionWriter;
 use rialto_protocol::stored::{
@@ -133,6 +134,7 @@ pub(crate) async fn lead(
             }
         }
         tokio::select! {
+            biased;
             _ = stopped(&mut stop) => return,
             _ = tokio::time::sleep(LEADERSHIP_CHECK) => {}
         }
@@ -223,6 +225,7 @@ async fn lead_term(
             break;
         }
         tokio::select! {
+            biased;
             _ = stopped(stop) => return TermEnd::Yielded,
             changed = progress.changed() => if changed.is_err() { return TermEnd::Yielded },
             _ = tokio::time::sleep(LEADERSHIP_CHECK) => {
@@ -290,6 +293,7 @@ async fn lead_term(
             }
         }
         let polled = tokio::select! {
+            biased;
             _ = stopped(stop) => break TermEnd::Yielded,
             polled = consumer.poll(POLL_RECORDS_MAX, POLL_TIMEOUT) => polled,
         };
@@ -381,13 +385,14 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Waits `pause` unless stopped first; true when stopped.
 async fn wait(stop: &mut watch::Receiver<bool>, pause: Duration) -> bool {
     tokio::select! {
+        biased;
         _ = stopped(stop) => true,
         _ = tokio::time::sleep(pause) => false,
     }
 }
 
 async fn close_consumer(consumer: Box<dyn rialto_backends::PartitionConsumer>) {
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    let _ = rialto_backends::blocking::spawn(move || drop(consumer)).await;
 }
 
 /// A real-time record the leader does not copy on its own.

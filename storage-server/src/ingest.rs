@@ -155,6 +155,7 @@ async fn ingest(
             }
         }
         let polled = tokio::select! {
+            biased;
             _ = stop.wait_for(|s| *s) => None,
             polled = consumer.poll(POLL_RECORDS_MAX, POLL_TIMEOUT) => Some(polled),
         };
@@ -184,6 +185,7 @@ async fn ingest(
                 }
                 tracing::warn!(replica = %id, error = %e, "poll failed; retrying");
                 let stopped = tokio::select! {
+                    biased;
                     _ = stop.wait_for(|s| *s) => true,
                     _ = tokio::time::sleep(CONSUMER_RETRY_BACKOFF) => false,
                 };
@@ -402,6 +404,7 @@ async fn follow_realtime(
     let result = loop {
         let records = {
             tokio::select! {
+                biased;
                 _ = crate::hybrid::stopped(&mut stop) => break Err(Ended::Stopped),
                 changed = follow.changed() => {
                     // The sender goes with the hosted replica: being dropped, not superseded.
@@ -580,7 +583,7 @@ async fn measure_lag(
     let start = match *replay_from {
         Some(start) => start,
         None => {
-            let since = rialto_protocol::meta::now_ms()
+            let since = rialto_backends::clock::now_ms()
                 - (hybrid.rewind_seconds as i64).saturating_mul(1000);
             let start = crate::hybrid::replay_start(ctx, rt_topic, partition, since).await?;
             *replay_from = Some(start);
@@ -616,7 +619,7 @@ async fn go_online_following(
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::ServerError> + Send + 'static,
 ) -> Result<T, String> {
-    match tokio::task::spawn_blocking(f).await {
+    match rialto_backends::blocking::spawn(f).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(e) => Err(format!("panicked: {e}")),
     }
@@ -740,7 +743,7 @@ async fn mark_online(
 
 /// Closes `consumer` off the async threads: librdkafka's close joins its threads.
 async fn close_consumer(consumer: Box<dyn PartitionConsumer>) {
-    if let Err(e) = tokio::task::spawn_blocking(move || drop(consumer)).await {
+    if let Err(e) = rialto_backends::blocking::spawn(move || drop(consumer)).await {
         tracing::warn!(error = %e, "closing a consumer panicked");
     }
 }
@@ -780,6 +783,7 @@ async fn open_consumer(
                 }
                 tracing::warn!(replica = %slot.id, error = %e, "cannot create consumer; retrying");
                 tokio::select! {
+                    biased;
                     _ = stop.wait_for(|s| *s) => return Err(Ended::Stopped),
                     _ = tokio::time::sleep(CONSUMER_RETRY_BACKOFF) => {}
                 }

@@ -48,8 +48,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use rialto_backends::clock::now_ms;
 use rialto_backends::{MetaStore, Network, PrefixMirror, PubSub};
-use rialto_protocol::meta::{now_ms, Layout, NodeRecord, DEFAULT_ROOT};
+use rialto_protocol::meta::{Layout, NodeRecord, DEFAULT_ROOT};
 use rialto_protocol::wire::BATCH_GET_KEYS_MAX;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -344,9 +345,11 @@ pub async fn start(
     {
         let data_dir = config.data_dir.clone();
         let first = first.clone();
-        tokio::task::spawn_blocking(move || assignments::remove_orphan_dirs(&data_dir, &first))
-            .await
-            .map_err(|e| ServerError::Task("startup cleanup", e.to_string()))??;
+        rialto_backends::blocking::spawn(move || {
+            assignments::remove_orphan_dirs(&data_dir, &first)
+        })
+        .await
+        .map_err(|e| ServerError::Task("startup cleanup", e.to_string()))??;
     }
     let authorizer = if config.authorize {
         let (acls, mirror) = authz::load(meta.clone(), &layout).await?;

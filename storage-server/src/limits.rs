@@ -180,9 +180,10 @@ pub(crate) async fn follow_stores(
         ));
         catalog.update(&stores_now, &versions_now);
         tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s != Stop::Running) => return,
             _ = s_rx.changed() => {}
             _ = v_rx.changed() => {}
-            _ = shutdown.wait_for(|s| *s != Stop::Running) => return,
         }
     }
 }

@@ -166,6 +166,7 @@ pub(crate) async fn keep_registered(
     loop {
         let mut lost = lease.lost.clone();
         let lease_lost = tokio::select! {
+            biased;
             _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => return lease,
             _ = lost.wait_for(|l| *l) => true,
             _ = tokio::time::sleep(LEASE_RETRY_BACKOFF) => false,
@@ -184,6 +185,7 @@ pub(crate) async fn keep_registered(
                 Err(e) => {
                     tracing::warn!(node = %ctx.node_id, error = %e, "cannot re-register; retrying");
                     tokio::select! {
+                        biased;
                         _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => return lease,
                         _ = tokio::time::sleep(LEASE_RETRY_BACKOFF) => {}
                     }

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use rialto_backends::clock::now_ms;
 use rialto_protocol::meta::{
-    now_ms, Compression, HybridConfig, ReplicaRecord, ReplicaState, StorageProfile,
+    Compression, HybridConfig, ReplicaRecord, ReplicaState, StorageProfile,
 };
 use rialto_protocol::ErrorCode;
 

@@ -34,6 +34,7 @@ pub(crate) async fn keep_fresh(
     let mut resident = HashMap::new();
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.wait_for(|s| *s != crate::Stop::Running) => return,
             _ = tokio::time::sleep(every) => {}
         }
@@ -51,7 +52,7 @@ pub(crate) async fn refresh(ctx: &NodeContext, resident: &mut HashMap<ReplicaId,
             continue;
         };
         let in_memory = store.profile() == StorageProfile::InMemory;
-        let usage = match tokio::task::spawn_blocking(move || store.usage()).await {
+        let usage = match rialto_backends::blocking::spawn(move || store.usage()).await {
             Ok(Ok(usage)) => usage,
             Ok(Err(e)) => {
                 tracing::warn!(replica = %slot.id, error = %e, "cannot measure the replica's bytes");

@@ -27,10 +27,16 @@
 //!
 //! What is simulated and what is not: time (tokio's paused clock: every timeout, lease and
 //! retry delay in the code), the network (bytes in memory pipes, with cuts and delays), etcd
-//! and Kafka (the memory backends). RocksDB is real, on a temporary directory; its work on the
-//! blocking pool holds the clock still while it runs. What a seed does not fix: the order in
-//! which tokio's `select!` polls branches that are ready together, and hash-map orders, so a
-//! replay follows the same schedule of faults and requests but not always the same interleaving.
+//! and Kafka (the memory backends). RocksDB is real, on a temporary directory; its calls and
+//! other blocking work run inline on the simulation's thread (`rialto_backends::blocking`), so they
+//! take no simulated time and wake nothing out of turn.
+//!
+//! A seed replays the same run: every `select!` in the production code polls its branches in
+//! order (`biased`), and what is iterated to act on several servers at once (connections to
+//! open, instances to probe, connections to close) is ordered, not hashed. Two runs of one seed
+//! give the same trace, line for line, ending at the same metadata revision (every metadata
+//! write in between counted) and the same number of records. What stays random per run are
+//! values nobody orders by: producer GUIDs, signing secrets and chunk generations.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -113,6 +119,8 @@ pub fn run(seed: u64) -> SimReport {
         .build()
         .expect("a current-thread runtime");
     let dir = tempfile::tempdir().expect("a temporary directory");
+    // RocksDB calls and file syncs run on this thread too, where a run of the seed puts them.
+    let _inline = rialto_backends::blocking::run_inline_on_this_thread();
     let report = runtime.block_on(scenario(seed, dir.path()));
     // Servers' RocksDB handles close with the runtime's tasks.
     drop(runtime);
@@ -292,6 +300,10 @@ impl World {
         config.advertise_host = server_ip(i).to_string();
         config.lease_ttl_s = LEASE_TTL_S;
         config.block_cache_bytes = 8 * 1024 * 1024;
+        // A replica's memory is measured in RocksDB and the OS's page cache, outside the
+        // simulation: measured again during a run, it could take one report more in one run of
+        // a seed than in another. It is measured when a replica goes ONLINE.
+        config.usage_refresh = Duration::from_secs(24 * 3600);
         config.network = self.net.host(server_ip(i));
         let faults = &self.server_faults[i];
         let meta = self.faulty_meta(faults);
@@ -414,7 +426,11 @@ fn schedule(rng: &mut StdRng) -> Vec<(Duration, Fault)> {
         .collect()
 }
 
+/// Where the simulated wall clock starts (2026-01-01): every run of a seed reads the same times.
+const SIM_EPOCH_MS: i64 = 1_767_225_600_000;
+
 async fn scenario(seed: u64, dir: &Path) -> SimReport {
+    let _clock = rialto_backends::clock::simulate_on_this_thread(SIM_EPOCH_MS);
     let mut rng = StdRng::seed_from_u64(seed);
     let book = Shared(Arc::new(Mutex::new(Book {
         started: Instant::now(),
@@ -443,6 +459,15 @@ async fn scenario(seed: u64, dir: &Path) -> SimReport {
         book.violation(format!("the scenario could not run: {e:#}"));
     }
     let mut world = world.lock().await;
+    // Every metadata write (reports, leases, swaps) takes a revision: two runs that end at the
+    // same revision with the same records took the same steps in between, not just the same
+    // traced ones.
+    book.log(format!(
+        "end: metadata at revision {}, {} records in {} topics",
+        world.meta.revision(),
+        world.broker.record_count(),
+        world.broker.topic_names().len()
+    ));
     for server in world.servers.iter_mut().filter_map(Option::take) {
         let _ = server.kill().await;
     }

@@ -107,7 +107,7 @@ impl Log {
     /// A partition kept in the journal at `path`: its records indexed (their keys and values
     /// stay on disk), those older than `retention` (by their wall-clock timestamps) left out.
     fn open(path: &Path, retention: Option<Duration>) -> std::io::Result<Log> {
-        let now_ms = wall_clock_ms();
+        let now_ms = crate::clock::now_ms();
         let now = Instant::now();
         let mut start = 0;
         let mut records = VecDeque::new();
@@ -165,7 +165,7 @@ impl Log {
 
     /// Appends a record, written to the journal first when the broker is persistent.
     fn push(&mut self, key: &[u8], value: &[u8]) -> std::io::Result<i64> {
-        let timestamp_ms = wall_clock_ms();
+        let timestamp_ms = crate::clock::now_ms();
         let body = match self.journal.as_mut() {
             Some(journal) => {
                 let payload = stored_record(timestamp_ms, key, value);
@@ -328,7 +328,7 @@ impl Shared {
         let Some((file, end, id)) = pending else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || file.sync_data())
+        crate::blocking::spawn(move || file.sync_data())
             .await
             .map_err(|e| journal_failed(topic, partition, std::io::Error::other(e)))?
             .map_err(|e| journal_failed(topic, partition, e))?;
@@ -435,12 +435,6 @@ fn read_topic_file(path: &Path) -> std::io::Result<(u32, Option<Duration>)> {
         Some(n) if n > 0 => Ok((n, retention)),
         _ => Err(invalid()),
     }
-}
-
-fn wall_clock_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// An in-memory [`PubSub`] with Kafka's semantics for what Rialto uses: topics with a fixed

@@ -219,7 +219,7 @@ impl SortedChunk {
         self.bytes = 0;
         let records = ops.len() as u64;
         let (s, chunk) = (store.clone(), checkpoint.next_offset);
-        let written = tokio::task::spawn_blocking(move || s.write_sorted(&ops, chunk));
+        let written = rialto_backends::blocking::spawn(move || s.write_sorted(&ops, chunk));
         let previous = match self.wait(ctx).await {
             Ok(previous) => previous,
             Err(e) => {
@@ -233,7 +233,7 @@ impl SortedChunk {
             let file = written
                 .await
                 .map_err(|e| crate::ServerError::Task("write a sorted chunk", e.to_string()))??;
-            tokio::task::spawn_blocking(move || s.ingest_written(file, &cp))
+            rialto_backends::blocking::spawn(move || s.ingest_written(file, &cp))
                 .await
                 .map_err(|e| crate::ServerError::Task("ingest a sorted chunk", e.to_string()))?
         });
