@@ -60,14 +60,19 @@ pub fn free_port() -> u16 {
         .expect("no free port on 127.0.0.1")
 }
 
-/// The checkout's `scripts/`. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test too; that
-/// value wins over the compile-time one, because a shared target dir may hold test binaries
-/// built from another clone of the repository.
-fn scripts_dir() -> PathBuf {
+/// The root of the checkout under test. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test
+/// too; that value wins over the compile-time one, because a shared target dir may hold test
+/// binaries built from another clone of the repository.
+pub fn checkout_dir() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("../scripts")
+        .join("..")
+}
+
+/// The checkout's `scripts/`.
+fn scripts_dir() -> PathBuf {
+    checkout_dir().join("scripts")
 }
 
 /// etcd and tansu, started by `scripts/services.sh` in a temporary folder.

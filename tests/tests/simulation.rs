@@ -100,7 +100,7 @@ fn a_seed_replays_the_same_run() {
 /// `rialto_backends::blocking`). Checked in the code the simulation runs, outside its tests.
 #[test]
 fn the_simulated_code_keeps_to_one_order() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = rialto_tests::checkout_dir();
     let mut broken = Vec::new();
     for dir in [
         "storage-server/src",
