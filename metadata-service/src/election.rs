@@ -51,7 +51,7 @@ pub(crate) async fn run(
                 .compare_and_put(
                     &key,
                     None,
-                    LeadershipRecord::new(&id).encode(),
+                    LeadershipRecord::new(&id, rialto_backends::clock::now_ms()).encode(),
                     Some(lease.id),
                 )
                 .await

@@ -91,10 +91,11 @@ pub struct LeadershipRecord {
 }
 
 impl LeadershipRecord {
-    pub fn new(holder: &str) -> LeadershipRecord {
+    /// `holder` leading from `since_ms` (the caller's clock: `rialto_backends::clock::now_ms`).
+    pub fn new(holder: &str, since_ms: i64) -> LeadershipRecord {
         LeadershipRecord {
             holder: holder.to_string(),
-            since_ms: now_ms(),
+            since_ms,
         }
     }
 
@@ -817,7 +818,9 @@ pub struct ReplicaRecord {
     pub following: bool,
 }
 
-/// Milliseconds since the Unix epoch; metadata timestamps only.
+/// The system time in milliseconds since the Unix epoch, for stamps nothing compares (a
+/// producer's record timestamps, tests). What the controller and servers record and compare
+/// comes from `rialto_backends::clock::now_ms`, which follows a simulation's clock.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -829,8 +832,8 @@ pub fn now_ms() -> i64 {
 mod tests {
     #[test]
     fn a_leadership_is_a_record_and_a_bare_holder_id_still_reads() {
-        use super::LeadershipRecord;
-        let stored = LeadershipRecord::new("server-2").encode();
+        use super::{now_ms, LeadershipRecord};
+        let stored = LeadershipRecord::new("server-2", now_ms()).encode();
         let text = String::from_utf8(stored.clone()).unwrap();
         assert!(
             text.contains(r#""format":1"#) && text.contains(r#""holder":"server-2""#),

@@ -154,7 +154,7 @@ async fn acquire(ctx: &NodeContext, key: &str) -> Result<Option<u64>, String> {
         .compare_and_put(
             key,
             None,
-            LeadershipRecord::new(&ctx.node_id).encode(),
+            LeadershipRecord::new(&ctx.node_id, now_ms()).encode(),
             Some(lease),
         )
         .await
