@@ -407,8 +407,15 @@ impl Client {
             .for_table(&shared.pool, &shared.store, table)
             .await?;
         let deadline = Instant::now() + shared.request_timeout;
-        let path = wire::get_path(&shared.store, route.version, route.partition);
-        let body = Bytes::copy_from_slice(key);
+        // A bodiless GET (one HEADERS frame, answered on the server's connection task) unless
+        // the key is too long for a path.
+        let (method, path, body) = if key.len() <= wire::PATH_KEY_BYTES_MAX {
+            let path = wire::get_key_path(&shared.store, route.version, route.partition, key);
+            (http::Method::GET, path, None)
+        } else {
+            let path = wire::get_path(&shared.store, route.version, route.partition);
+            (http::Method::POST, path, Some(Bytes::copy_from_slice(key)))
+        };
         let rotation = shared.next_rotation();
         let mut tried: u64 = 0;
         let mut attempts = FuturesUnordered::new();
@@ -416,12 +423,11 @@ impl Client {
         let launch = |index: usize, hedge: bool| {
             let replica = &route.replicas[index];
             let instance = shared.instances.of(replica);
-            let path = path.as_str();
-            let body = body.clone();
+            let (method, path, body) = (method.clone(), path.as_str(), body.clone());
             async move {
                 let _pending = instance.start();
                 let started = Instant::now();
-                let result = self.get_once(replica, path, body).await;
+                let result = self.get_once(replica, method, path, body).await;
                 (instance.clone(), hedge, started.elapsed(), result)
             }
         };
@@ -519,14 +525,13 @@ impl Client {
     async fn get_once(
         &self,
         replica: &Replica,
+        method: http::Method,
         path: &str,
-        key: Bytes,
+        key: Option<Bytes>,
     ) -> Result<Option<RawValue>, ClientError> {
         let pool = &self.shared.pool;
         let address = replica.address.as_str();
-        let (parts, mut body) = pool
-            .send(address, replica.tls, http::Method::POST, path, Some(key))
-            .await?;
+        let (parts, mut body) = pool.send(address, replica.tls, method, path, key).await?;
         if parts.status != http::StatusCode::OK {
             let bytes = pool
                 .read_body(address, &mut body, ERROR_BODY_BYTES_MAX)

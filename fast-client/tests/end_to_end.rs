@@ -160,6 +160,9 @@ async fn serve(
         bytes.extend_from_slice(&chunk);
     }
     let route = wire::parse_route(&path);
+    if let Some(Route::Get { key: Some(hex), .. }) = route {
+        bytes = wire::decode_path_key(hex).unwrap();
+    }
     if matches!(route, Some(Route::Get { .. } | Route::BatchGet { .. })) {
         let delay = b.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {

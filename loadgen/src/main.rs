@@ -89,7 +89,8 @@ enum Command {
     /// Measures the broker's own produce rate with the push job's Kafka client and settings
     /// (no push job, no etcd): what a push's produce phase is compared against.
     Produce(produce::ProduceArgs),
-    /// Drives an open-loop workload at a fixed rate and reports throughput and latency.
+    /// Drives an open-loop workload at a fixed rate (or closed-loop callers) and reports
+    /// throughput and latency.
     Run {
         #[arg(long)]
         store: String,
@@ -97,8 +98,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Mode::Batch)]
         mode: Mode,
         /// Requests per second (across all tasks), sent on schedule whatever the completions.
-        #[arg(long)]
-        rate: f64,
+        #[arg(long, required_unless_present = "closed_loop")]
+        rate: Option<f64>,
+        /// Instead of a rate: each task is a caller that sends its next request when its previous
+        /// one finished (as `redis-benchmark`'s clients do); latency is from each request's
+        /// start, throughput what the callers get. `--max-requests` and `--max-in-flight` do
+        /// not apply.
+        #[arg(long, conflicts_with = "rate")]
+        closed_loop: bool,
         /// How long to send measured requests (30, 30s, 500ms, 2m).
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
         duration: Duration,
@@ -283,6 +290,7 @@ async fn main() -> Result<()> {
             store,
             mode,
             rate,
+            closed_loop: _,
             duration,
             warmup,
             max_requests,

@@ -47,7 +47,10 @@ impl LatencySummary {
 pub struct RunConfig {
     pub store: String,
     pub mode: String,
+    /// The open loop's schedule (0 for closed-loop callers).
     pub rate_per_s: f64,
+    /// Callers (`tasks`) each sending the next request when the previous one finished.
+    pub closed_loop: bool,
     pub duration_s: f64,
     pub warmup_s: f64,
     pub max_requests: Option<u64>,
@@ -278,10 +281,14 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "rialto-loadgen run: store {} mode {} at {} req/s for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys, receive pool {} bytes, checksums {}",
+            "rialto-loadgen run: store {} mode {} {} for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys, receive pool {} bytes, checksums {}",
             c.store,
             c.mode,
-            c.rate_per_s,
+            if c.closed_loop {
+                "closed-loop".to_string()
+            } else {
+                format!("at {} req/s", c.rate_per_s)
+            },
             c.duration_s,
             c.warmup_s,
             c.batch_keys,

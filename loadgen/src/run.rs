@@ -14,7 +14,7 @@ use crate::report::{
     stats_delta, Fanout, KeyCounts, LatencySummary, ReceiveCounts, Report, RequestCounts,
     RetryCounts, RunConfig, Throughput,
 };
-use crate::schedule::{drive, report_progress, DriveConfig, Live, Schedule};
+use crate::schedule::{drive, drive_closed, report_progress, DriveConfig, Live, Schedule};
 use crate::workload::{ClientWorkload, Mode};
 
 /// What `run` was asked to do.
@@ -25,7 +25,9 @@ pub struct RunArgs {
     pub tls: Option<rialto_fast_client::ClientTls>,
     pub store: String,
     pub mode: Mode,
-    pub rate: f64,
+    /// Requests per second of the open-loop schedule; `None`: closed-loop callers
+    /// ([`crate::schedule::drive_closed`]).
+    pub rate: Option<f64>,
     pub duration: Duration,
     pub warmup: Duration,
     pub max_requests: Option<u64>,
@@ -79,8 +81,15 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
             rialto_fast_client::BATCH_GET_KEYS_MAX
         );
     }
-    let schedule = Schedule::new(args.rate, args.duration, args.warmup, args.max_requests)
-        .map_err(anyhow::Error::msg)?;
+    // A closed loop has no schedule: a nominal one gives its phases (warmup, run) their times.
+    let closed_loop = args.rate.is_none();
+    let schedule = Schedule::new(
+        args.rate.unwrap_or(1000.0),
+        args.duration,
+        args.warmup,
+        args.max_requests,
+    )
+    .map_err(anyhow::Error::msg)?;
     let mut config = ClientConfig::new(&args.store);
     config.meta_root = args.root.clone();
     config.tls = args.tls.clone();
@@ -116,7 +125,8 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
     let run_config = RunConfig {
         store: args.store.clone(),
         mode: args.mode.name().into(),
-        rate_per_s: args.rate,
+        rate_per_s: args.rate.unwrap_or(0.0),
+        closed_loop,
         duration_s: args.duration.as_secs_f64(),
         warmup_s: args.warmup.as_secs_f64(),
         max_requests: args.max_requests,
@@ -137,14 +147,22 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         receive_pool_bytes: args.receive_pool_bytes,
         verify_checksums: args.verify_checksums,
     };
-    eprintln!(
-        "run: {} {} requests ({} warmup) at {} req/s over {} task(s)",
-        schedule.total(),
-        args.mode.name(),
-        schedule.total() - schedule.measured(),
-        args.rate,
-        run_config.tasks
-    );
+    match args.rate {
+        Some(rate) => eprintln!(
+            "run: {} {} requests ({} warmup) at {rate} req/s over {} task(s)",
+            schedule.total(),
+            args.mode.name(),
+            schedule.total() - schedule.measured(),
+            run_config.tasks
+        ),
+        None => eprintln!(
+            "run: {} closed-loop callers of {} requests, {:?} of warmup then {:?}",
+            run_config.tasks,
+            args.mode.name(),
+            args.warmup,
+            args.duration
+        ),
+    }
 
     let workload = Arc::new(ClientWorkload {
         clients: clients.clone(),
@@ -171,23 +189,29 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         stats_clients.iter().map(Client::stats).collect::<Vec<_>>()
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let progress = tokio::spawn(report_progress(live.clone(), start, schedule, async move {
-        let _ = stop_rx.await;
-    }));
-    let tally = drive(
-        schedule,
+    let total = (!closed_loop).then(|| schedule.total());
+    let progress = tokio::spawn(report_progress(
+        live.clone(),
         start,
-        DriveConfig {
-            tasks: run_config.tasks,
-            max_in_flight: args.max_in_flight,
-            // In-flight requests are awaited up to the request timeout (plus a little).
-            drain: args.request_timeout + Duration::from_millis(500),
-            seed: args.seed,
+        schedule,
+        total,
+        async move {
+            let _ = stop_rx.await;
         },
-        workload,
-        live,
-    )
-    .await;
+    ));
+    let drive_config = DriveConfig {
+        tasks: run_config.tasks,
+        max_in_flight: args.max_in_flight,
+        // In-flight requests are awaited up to the request timeout (plus a little).
+        drain: args.request_timeout + Duration::from_millis(500),
+        seed: args.seed,
+    };
+    let tally = if closed_loop {
+        let (warmup, duration) = (args.warmup, args.duration);
+        drive_closed(start, warmup, duration, drive_config, workload, live).await
+    } else {
+        drive(schedule, start, drive_config, workload, live).await
+    };
     let _ = stop_tx.send(());
     let _ = progress.await;
     let before = before.await.context("stats snapshot task")?;
@@ -222,7 +246,11 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
     let report = Report {
         config: run_config,
         requests: RequestCounts {
-            scheduled: schedule.measured(),
+            scheduled: if closed_loop {
+                tally.sent
+            } else {
+                schedule.measured()
+            },
             sent: tally.sent,
             ok: tally.ok,
             failed: tally.failed,

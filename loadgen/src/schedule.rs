@@ -290,9 +290,7 @@ pub async fn drive(
     for task in 0..tasks {
         let workload = workload.clone();
         let live = live.clone();
-        let seed = config
-            .seed
-            .wrapping_add((task as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let seed = task_seed(config.seed, task);
         handles.push(tokio::spawn(async move {
             run_task(
                 schedule,
@@ -308,14 +306,7 @@ pub async fn drive(
             .await
         }));
     }
-    let mut tally = Tally::default();
-    for h in handles {
-        match h.await {
-            Ok(t) => tally.merge(t),
-            Err(e) => tracing::error!("client task failed: {e}"),
-        }
-    }
-    tally
+    merge_tasks(handles).await
 }
 
 /// Tokio's timer rounds deadlines up to the next millisecond, so a sleep until the due time
@@ -372,16 +363,8 @@ async fn run_task(
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                 match joined {
                     Ok(done) => {
-                        let counter = if done.sample.error.is_none() { &live.ok } else { &live.failed };
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        live.max_latency_us.fetch_max(
-                            micros(done.finished.saturating_duration_since(done.intended)),
-                            Ordering::Relaxed,
-                        );
-                        if done.measured {
-                            measured_in_flight -= 1;
-                            tally.record(&done);
-                        }
+                        measured_in_flight -= u64::from(done.measured);
+                        finished(&live, &mut tally, &done);
                     }
                     Err(e) => {
                         // A request task panicked (a bug): count it as a measured failure.
@@ -401,11 +384,93 @@ async fn run_task(
     tally
 }
 
-/// Prints progress to stderr once a second until `stop` resolves.
+/// Counts a finished request in `live`, and in `tally` when it is measured.
+fn finished(live: &Live, tally: &mut Tally, done: &Done) {
+    let counter = if done.sample.error.is_none() {
+        &live.ok
+    } else {
+        &live.failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    live.max_latency_us.fetch_max(
+        micros(done.finished.saturating_duration_since(done.intended)),
+        Ordering::Relaxed,
+    );
+    if done.measured {
+        tally.record(done);
+    }
+}
+
+/// Runs `config.tasks` closed-loop callers from `start`: each sends its next request as soon as
+/// its previous one finished (as `redis-benchmark`'s clients do) and starts none after `start +
+/// warmup + duration`. Requests started before `start + warmup` are not measured; latency is
+/// from each request's start. The throughput is what the system gives this many callers (no
+/// schedule: `max_in_flight` and `drain` do not apply, each request ends by its own timeout).
+pub async fn drive_closed(
+    start: Instant,
+    warmup: Duration,
+    duration: Duration,
+    config: DriveConfig,
+    workload: Arc<dyn Workload>,
+    live: Arc<Live>,
+) -> Tally {
+    let measured_start = start + warmup;
+    let end = measured_start + duration;
+    let mut handles = Vec::with_capacity(config.tasks.max(1));
+    for task in 0..config.tasks.max(1) {
+        let workload = workload.clone();
+        let live = live.clone();
+        let mut rng = StdRng::seed_from_u64(task_seed(config.seed, task));
+        handles.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            sleep_until(start).await;
+            loop {
+                let started = Instant::now();
+                if started >= end {
+                    break;
+                }
+                let measured = started >= measured_start;
+                tally.sent += u64::from(measured);
+                live.sent.fetch_add(1, Ordering::Relaxed);
+                let sample = workload.request(task, &mut rng).await;
+                let done = Done {
+                    measured,
+                    intended: started,
+                    finished: Instant::now(),
+                    sample,
+                };
+                finished(&live, &mut tally, &done);
+            }
+            tally
+        }));
+    }
+    merge_tasks(handles).await
+}
+
+/// The seed of client task `task`'s key choice.
+fn task_seed(seed: u64, task: usize) -> u64 {
+    seed.wrapping_add((task as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// The merged tally of the client tasks.
+async fn merge_tasks(handles: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+    let mut tally = Tally::default();
+    for h in handles {
+        match h.await {
+            Ok(t) => tally.merge(t),
+            Err(e) => tracing::error!("client task failed: {e}"),
+        }
+    }
+    tally
+}
+
+/// Prints progress to stderr once a second until `stop` resolves; `total` is the requests to
+/// send (none for closed-loop callers, whose `schedule` gives only the phases' times).
 pub async fn report_progress(
     live: Arc<Live>,
     start: Instant,
     schedule: Schedule,
+    total: Option<u64>,
     stop: impl Future<Output = ()>,
 ) {
     let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
@@ -431,10 +496,10 @@ pub async fn report_progress(
                     "drain"
                 };
                 let max_ms = live.max_latency_us.swap(0, Ordering::Relaxed) as f64 / 1000.0;
+                let total = total.map(|t| format!("/{t}")).unwrap_or_default();
                 eprintln!(
-                    "[{:>6.1}s {phase}] sent {sent}/{}, done {done} ({rate:.0} req/s), ok {ok}, failed {failed}, in flight {}, max latency {max_ms:.1} ms",
+                    "[{:>6.1}s {phase}] sent {sent}{total}, done {done} ({rate:.0} req/s), ok {ok}, failed {failed}, in flight {}, max latency {max_ms:.1} ms",
                     at.as_secs_f64(),
-                    schedule.total(),
                     sent.saturating_sub(done)
                 );
             }
@@ -577,6 +642,47 @@ mod tests {
         let last = started.last().unwrap().duration_since(start);
         assert!(last >= Duration::from_millis(494), "last send at {last:?}");
         assert!(last < Duration::from_millis(1500), "last send at {last:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_loop_callers_keep_one_request_each_in_flight() {
+        // 3 callers, 20 ms a request, 100 ms of warmup then 300 ms measured: each caller sends
+        // one request after another, about 5 in the warmup and 15 measured.
+        let workload = slow(Duration::from_millis(20), 0);
+        let live = Arc::new(Live::default());
+        let start = Instant::now();
+        let tally = drive_closed(
+            start,
+            Duration::from_millis(100),
+            Duration::from_millis(300),
+            config(3, 10_000, Duration::from_secs(5)),
+            workload.clone(),
+            live.clone(),
+        )
+        .await;
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(400),
+            "ended at {elapsed:?}"
+        );
+        let started = workload.started.lock().unwrap().clone();
+        // Never more than 3 in flight: request k + 3 starts after request k ended.
+        for (a, b) in started.iter().zip(started.iter().skip(3)) {
+            assert!(*b >= *a + Duration::from_millis(20), "{a:?} {b:?}");
+        }
+        assert!(
+            (30..=48).contains(&tally.sent),
+            "{} measured requests from 3 callers in 300 ms of 20 ms requests",
+            tally.sent
+        );
+        assert_eq!(live.sent.load(Ordering::Relaxed), started.len() as u64);
+        assert!(
+            started.len() as u64 > tally.sent,
+            "warmup requests are not measured"
+        );
+        assert_eq!((tally.ok, tally.latency.len()), (tally.sent, tally.sent));
+        // Measured from each request's own start: about the 20 ms it takes.
+        assert!(tally.latency.min() >= 20_000 && tally.latency.max() < 200_000);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

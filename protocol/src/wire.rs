@@ -6,11 +6,17 @@
 //!
 //! | method, path | request body | response body |
 //! |---|---|---|
-//! | `POST /v1/get/{store}/{version}/{partition}` | the serialized key | a [stored value](StoredValue) (200), or an [error body](ErrorBody) |
+//! | `GET /v2/get/{store}/{version}/{partition}/{key}` | – (the serialized key in the path, [lowercase hex](get_key_path)) | a [stored value](StoredValue) (200), or an [error body](ErrorBody) |
+//! | `POST /v1/get/{store}/{version}/{partition}` | the serialized key | the same |
 //! | `POST /v1/batch-get/{store}/{version}` | a [`BatchGetRequest`] | a stream of [`BatchGetFrame`]s ending with a trailer |
 //! | `POST /v1/compute/{store}/{version}` | a [`ComputeRequest`](crate::compute::ComputeRequest), u32-length-prefixed, then a [`BatchGetRequest`] | batch-get frames whose records are `reader schema id ‖ the key's result` |
 //! | `GET /health` | – | `ok` |
 //! | `GET /metrics` | – | Prometheus text |
+//!
+//! `v2` adds the bodiless get, one HEADERS frame a request (a server answers it on the
+//! connection's own task, without a body to wait for); a client sends it for keys of at most
+//! [`PATH_KEY_BYTES_MAX`] bytes and the `v1` form for longer ones. Every other endpoint is the
+//! same under `v1` and `v2`.
 //!
 //! Batch-get responses are streamed: the server writes record frames as it reads them (in chunks,
 //! not one DATA frame per record) and ends with a trailer that says whether every key was
@@ -19,8 +25,10 @@
 use crate::envelope::{EnvelopeError, Reader, KEY_BYTES_MAX};
 use crate::ErrorCode;
 
-/// The newest request protocol this code speaks (the `v1` of the paths).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest request protocol this code speaks (the `v2` of the paths; it serves `v1` too).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Longest key a client sends in a get's path (`v2`); a longer one goes in a `v1` body.
+pub const PATH_KEY_BYTES_MAX: usize = 1024;
 /// Path of the health endpoint (`GET`): `200 ok` while the server serves.
 pub const HEALTH_PATH: &str = "/health";
 /// Format byte at the start of a batch-get request body.
@@ -32,9 +40,42 @@ pub const REQUEST_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// Header carrying the numeric error code on error responses.
 pub const ERROR_CODE_HEADER: &str = "x-rialto-error";
 
-/// Path of a single get.
+/// Path of a single get with the key in its body (`POST`, protocol `v1`).
 pub fn get_path(store: &str, version: u32, partition: u32) -> String {
     format!("/v1/get/{store}/{version}/{partition}")
+}
+
+/// Path of a bodiless single get (`GET`, protocol `v2`): the key in lowercase hex after the
+/// partition. Keys longer than [`PATH_KEY_BYTES_MAX`] go in a [`get_path`] body instead.
+pub fn get_key_path(store: &str, version: u32, partition: u32, key: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut path = format!("/v2/get/{store}/{version}/{partition}/");
+    path.reserve(key.len() * 2);
+    for &b in key {
+        path.push(char::from(HEX[usize::from(b >> 4)]));
+        path.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    path
+}
+
+/// Decodes the hex key of a [`get_key_path`] (either case); `None` if it is not hex of whole
+/// bytes, or longer than [`KEY_BYTES_MAX`].
+pub fn decode_path_key(hex: &str) -> Option<Vec<u8>> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let hex = hex.as_bytes();
+    if hex.len() % 2 != 0 || hex.len() / 2 > KEY_BYTES_MAX {
+        return None;
+    }
+    hex.chunks_exact(2)
+        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
+        .collect()
 }
 
 /// Path of a batch-get.
@@ -73,6 +114,8 @@ pub enum Route<'a> {
         store: &'a str,
         version: u32,
         partition: u32,
+        /// The key as hex text (`v2`, a bodiless GET); `None` when it is the body (`v1`).
+        key: Option<&'a str>,
     },
     BatchGet {
         store: &'a str,
@@ -97,17 +140,24 @@ pub enum Route<'a> {
 /// Parses a request path; `None` for anything that is not a known endpoint.
 pub fn parse_route(path: &str) -> Option<Route<'_>> {
     let mut parts = path.trim_start_matches('/').split('/');
-    match (parts.next()?, parts.next()) {
+    // `v2` differs from `v1` only in the get, whose key it carries in the path.
+    let (first, v2) = match parts.next()? {
+        "v2" => ("v1", true),
+        other => (other, false),
+    };
+    match (first, parts.next()) {
         ("health", None) => Some(Route::Health),
         ("metrics", None) => Some(Route::Metrics),
         ("v1", Some("get")) => {
             let store = parts.next().filter(|s| !s.is_empty())?;
             let version = parts.next()?.parse().ok()?;
             let partition = parts.next()?.parse().ok()?;
+            let key = if v2 { Some(parts.next()?) } else { None };
             parts.next().is_none().then_some(Route::Get {
                 store,
                 version,
                 partition,
+                key,
             })
         }
         ("v1", Some("batch-get")) => {
@@ -420,7 +470,24 @@ mod tests {
             Some(Route::Get {
                 store: "ads",
                 version: 3,
-                partition: 7
+                partition: 7,
+                key: None,
+            })
+        );
+        assert_eq!(
+            parse_route("/v2/get/ads/3/7/6b31"),
+            Some(Route::Get {
+                store: "ads",
+                version: 3,
+                partition: 7,
+                key: Some("6b31"),
+            })
+        );
+        assert_eq!(
+            parse_route("/v2/batch-get/ads/3"),
+            Some(Route::BatchGet {
+                store: "ads",
+                version: 3
             })
         );
         assert_eq!(
@@ -432,8 +499,8 @@ mod tests {
         );
         assert_eq!(parse_route("/health"), Some(Route::Health));
         assert_eq!(
-            parse_route("/v2/get/ads/3/7"),
-            Some(Route::NewerProtocol { version: 2 })
+            parse_route("/v3/get/ads/3/7"),
+            Some(Route::NewerProtocol { version: 3 })
         );
         assert_eq!(parse_route("/v0/get/ads/3/7"), None);
         assert_eq!(
@@ -452,12 +519,34 @@ mod tests {
             "/v1/get/ads/x/1",
             "/v1/get//1/1",
             "/v1/get/a/1/2/3",
+            "/v2/get/a/1/2",
+            "/v2/get/a/1/2/6b/31",
             "/v2",
             "/vx/get/a/1/1",
             "/v1/batch-get/a/-1",
         ] {
             assert_eq!(parse_route(junk), None, "{junk}");
         }
+    }
+
+    #[test]
+    fn a_key_in_a_get_path_round_trips() {
+        let keys: [&[u8]; 4] = [b"", b"k1", &[0x00, 0xff, 0x7f, 0x80, b'/'], &[0xab; 1024]];
+        for key in keys {
+            let path = get_key_path("ads", 3, 7, key);
+            let Some(Route::Get { key: Some(hex), .. }) = parse_route(&path) else {
+                panic!("{path} is not a get");
+            };
+            // The oracle: the hex text of the key, as Python's `bytes.hex()` writes it.
+            let expected: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, expected);
+            assert_eq!(decode_path_key(hex).as_deref(), Some(key));
+        }
+        assert_eq!(decode_path_key("6B31").as_deref(), Some(&b"k1"[..]));
+        for junk in ["6", "6g", "zz", "6b3", "\u{e9}", "0x"] {
+            assert_eq!(decode_path_key(junk), None, "{junk}");
+        }
+        assert_eq!(decode_path_key(&"00".repeat(KEY_BYTES_MAX + 1)), None);
     }
 
     #[test]

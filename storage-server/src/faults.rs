@@ -141,6 +141,11 @@ impl Faults {
         self.set(FaultConfig::default());
     }
 
+    /// Whether any fault is configured (a delay or a share of failures).
+    pub fn active(&self) -> bool {
+        !self.delay().is_zero() || self.error_rate() > 0.0
+    }
+
     /// The current settings.
     pub fn config(&self) -> FaultConfig {
         FaultConfig {

@@ -33,8 +33,8 @@ use rialto_protocol::compute::ComputeRequest;
 use rialto_protocol::envelope::KEY_BYTES_MAX;
 use rialto_protocol::meta::ReplicaState;
 use rialto_protocol::wire::{
-    parse_route, split_compute_body, BatchGetFrameWriter, BatchGetRequest, BatchGetTrailer,
-    ErrorBody, Route, ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
+    decode_path_key, parse_route, split_compute_body, BatchGetFrameWriter, BatchGetRequest,
+    BatchGetTrailer, ErrorBody, Route, ERROR_CODE_HEADER, PROTOCOL_VERSION, REQUEST_BYTES_MAX,
 };
 use rialto_protocol::ErrorCode;
 use rialto_security::principal::accept_tls;
@@ -238,6 +238,8 @@ async fn serve_connection<T>(
     let idle_timeout = service.connection_limits.idle_timeout;
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    // Gets answered on this task leave `streams` empty: the idle timer checks this instead.
+    let mut last_answered: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             // In order (a seed of the simulation replays one order): finished requests are
@@ -250,7 +252,21 @@ async fn serve_connection<T>(
             }
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    streams.spawn(handle(service.clone(), principal.clone(), request, respond));
+                    match answer_get(&service, principal.as_ref(), request, respond) {
+                        Taken::Answered => last_answered = Some(tokio::time::Instant::now()),
+                        Taken::Sending(stream, value) => {
+                            let service = service.clone();
+                            streams.spawn(async move {
+                                let mut stream = stream;
+                                if let Err(e) = send_chunk(&service, &mut stream, value, true).await {
+                                    tracing::debug!(error = %e, "client went away during the response");
+                                }
+                            });
+                        }
+                        Taken::Spawn(request, respond) => {
+                            streams.spawn(handle(service.clone(), principal.clone(), request, respond));
+                        }
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "connection error");
@@ -259,6 +275,10 @@ async fn serve_connection<T>(
                 None => break,
             },
             _ = &mut idle, if streams.is_empty() && !draining => {
+                if let Some(at) = last_answered.take().filter(|at| at.elapsed() < idle_timeout) {
+                    idle.as_mut().reset(at + idle_timeout);
+                    continue;
+                }
                 tracing::debug!(%peer, ?idle_timeout, "closing an idle connection");
                 conn.graceful_shutdown();
                 draining = true;
@@ -361,23 +381,17 @@ async fn handle(
                 store,
                 version,
                 partition,
+                key,
             }) => {
-                if parts.method != Method::POST {
-                    Err(Failure::new(
-                        ErrorCode::BadRequest,
-                        "get must be a POST with the key as body",
-                    ))
-                } else {
-                    get(
-                        &service,
-                        &mut respond,
-                        body,
-                        declared_len,
-                        store,
-                        version,
-                        partition,
-                    )
-                    .await
+                let key = match (key, &parts.method) {
+                    (Some(hex), &Method::GET) => Ok(GetKey::Path(hex)),
+                    (None, &Method::POST) => Ok(GetKey::Body(body, declared_len)),
+                    (Some(_), _) => Err("a v2 get must be a GET with the key in its path"),
+                    (None, _) => Err("a v1 get must be a POST with the key as body"),
+                };
+                match key {
+                    Ok(key) => get(&service, &mut respond, key, store, version, partition).await,
+                    Err(message) => Err(Failure::new(ErrorCode::BadRequest, message)),
                 }
             }
             Some(
@@ -406,12 +420,94 @@ async fn handle(
         },
     };
     if let Err(failure) = result {
-        service.metrics.count_error(failure.code);
-        if failure.code != ErrorCode::KeyNotFound {
-            tracing::debug!(path = parts.uri.path(), code = %failure.code, message = %failure.message, "request failed");
-        }
-        send_error(&mut respond, failure.code, &failure.message);
+        answer_failure(&service, parts.uri.path(), failure, &mut respond);
     }
+}
+
+/// Counts a failed request and answers it with its error.
+fn answer_failure(
+    service: &ReadService,
+    path: &str,
+    failure: Failure,
+    respond: &mut SendResponse<Bytes>,
+) {
+    service.metrics.count_error(failure.code);
+    if failure.code != ErrorCode::KeyNotFound {
+        tracing::debug!(path, code = %failure.code, message = %failure.message, "request failed");
+    }
+    send_error(respond, failure.code, &failure.message);
+}
+
+/// What the connection's task did with a request it accepted ([`answer_get`]).
+enum Taken {
+    /// Answered.
+    Answered,
+    /// Answered but for the value, which waits for the peer's flow-control window.
+    Sending(SendStream<Bytes>, Bytes),
+    /// Not a bodiless get, or faults are configured (their delay is a timer): a task of its own
+    /// serves it.
+    Spawn(Request<RecvStream>, SendResponse<Bytes>),
+}
+
+/// Answers a bodiless get (`v2`, the key in the path) on the connection's own task: the read is
+/// as synchronous as on a task of its own, and a get then costs no task, no wake-up between
+/// tasks and no body to wait for. The value is sent at once when the stream has window for it
+/// (a get's value almost always fits the initial window); otherwise [`Taken::Sending`] leaves it
+/// to a task that waits as [`send_chunk`] does, after the read slot is given back.
+fn answer_get(
+    service: &ReadService,
+    principal: Option<&Principal>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Taken {
+    let route = match parse_route(request.uri().path()) {
+        Some(route @ Route::Get { key: Some(_), .. })
+            if request.method() == Method::GET && !service.faults.active() =>
+        {
+            route
+        }
+        _ => return Taken::Spawn(request, respond),
+    };
+    let Route::Get {
+        store,
+        version,
+        partition,
+        key: Some(hex),
+    } = route
+    else {
+        unreachable!("matched above");
+    };
+    service.metrics.count_request(RouteKind::Get);
+    let read = || {
+        authorize(&service.authorizer, principal, Some(&route))?;
+        let _in_flight = service.limits.enter().map_err(refused)?;
+        let key = path_key(hex)?;
+        read_value(service, store, version, partition, &key)
+    };
+    let sent = read().and_then(|value| {
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .body(())
+            .map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
+        Ok((response, value))
+    });
+    match sent {
+        Err(failure) => answer_failure(service, request.uri().path(), failure, &mut respond),
+        Ok((response, value)) => match respond.send_response(response, false) {
+            Ok(mut stream) => {
+                stream.reserve_capacity(value.len());
+                if stream.capacity() == 0 && !value.is_empty() {
+                    return Taken::Sending(stream, value);
+                }
+                if let Err(e) = stream.send_data(value, true) {
+                    tracing::debug!(error = %e, "client went away during the response");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "client went away before the response"),
+        },
+    }
+    Taken::Answered
 }
 
 /// Checks the caller may use `route`: reads and dictionaries need `read` on their store,
@@ -525,32 +621,60 @@ async fn read_body_unbounded(
     Ok(first.unwrap_or_else(|| rest.freeze()))
 }
 
+/// Where a get's key is: in its path (`v2`, hex) or its body (`v1`, with the declared length).
+enum GetKey<'a> {
+    Path(&'a str),
+    Body(RecvStream, Option<u64>),
+}
+
+/// A get on a task of its own: a `v1` get, or any get while faults are configured.
 async fn get(
     service: &ReadService,
     respond: &mut SendResponse<Bytes>,
-    body: RecvStream,
-    declared_len: Option<u64>,
+    key: GetKey<'_>,
     store: &str,
     version: u32,
     partition: u32,
 ) -> Result<(), Failure> {
     let _in_flight = service.limits.enter().map_err(refused)?;
     inject_faults(service).await?;
-    let key = read_body(
-        body,
-        declared_len,
-        KEY_BYTES_MAX,
-        service.connection_limits.body_read_timeout,
-    )
-    .await?;
+    let key = match key {
+        GetKey::Path(hex) => Bytes::from(path_key(hex)?),
+        GetKey::Body(body, declared_len) => {
+            let deadline = service.connection_limits.body_read_timeout;
+            read_body(body, declared_len, KEY_BYTES_MAX, deadline).await?
+        }
+    };
+    let value = read_value(service, store, version, partition, &key)?;
+    send_body(service, respond, "application/octet-stream", value).await
+}
+
+/// The key of a `v2` get's path.
+fn path_key(hex: &str) -> Result<Vec<u8>, Failure> {
+    decode_path_key(hex).ok_or_else(|| {
+        Failure::new(
+            ErrorCode::BadRequest,
+            format!("the key in a get's path is not the hex of at most {KEY_BYTES_MAX} bytes"),
+        )
+    })
+}
+
+/// Reads one key's value for a get, after charging the store's quota.
+fn read_value(
+    service: &ReadService,
+    store: &str,
+    version: u32,
+    partition: u32,
+    key: &[u8],
+) -> Result<Bytes, Failure> {
     service.limits.charge(store, 1).map_err(refused)?;
     let replica = online(&service.node.registry, store, version, partition)?;
     service
         .metrics
         .keys_requested
         .fetch_add(1, Ordering::Relaxed);
-    let value = match replica.get(&key) {
-        Ok(Some(v)) => match replica.served(&key, &v) {
+    let value = match replica.get(key) {
+        Ok(Some(v)) => match replica.served(key, &v) {
             Served::Value(v) => Bytes::copy_from_slice(v),
             Served::Assembled(v) => Bytes::from(v),
             Served::Missing => return Err(not_found(service)),
@@ -563,8 +687,7 @@ async fn get(
         Err(e) => return Err(Failure::new(ErrorCode::Internal, e.to_string())),
     };
     service.metrics.keys_found.fetch_add(1, Ordering::Relaxed);
-    drop(replica);
-    send_body(service, respond, "application/octet-stream", value).await
+    Ok(value)
 }
 
 /// The answer to a single get of a missing key (counted).
@@ -1055,6 +1178,11 @@ mod tests {
 
     /// [`fixture`] with faults injected from the start.
     async fn fixture_with(faults: FaultConfig) -> Fixture {
+        fixture_limited(faults, ConnectionLimits::default()).await
+    }
+
+    /// [`fixture_with`] and bounds on each peer.
+    async fn fixture_limited(faults: FaultConfig, limits: ConnectionLimits) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemoryMetaStore::new();
         let pubsub = MemoryPubSub::new();
@@ -1085,6 +1213,7 @@ mod tests {
         config.meta_root = ROOT.into();
         config.batch_get_keys_max = KEYS_MAX;
         config.faults = faults;
+        config.connection_limits = limits;
         let server = start(
             config.clone(),
             Arc::new(meta.clone()),
@@ -1248,6 +1377,128 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_bodiless_get_carries_its_key_in_the_path() {
+        let f = fixture().await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let c = &client;
+        let path = |partition: u32, key: &[u8]| {
+            rialto_protocol::wire::get_key_path("s", 1, partition, key)
+        };
+        let (status, _, body) = call(c, Method::GET, &path(0, b"k5"), &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, StoredValue::encode(1, &big_value(5)));
+        // Upper-case hex is the same key ("k6" is 6b 36).
+        let (status, _, body) = call(c, Method::GET, "/v2/get/s/1/0/6B36", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, StoredValue::encode(1, &big_value(6)));
+        let refused = [
+            (Method::GET, path(0, b"nope"), ErrorCode::KeyNotFound),
+            (Method::GET, path(1, b"k5"), ErrorCode::PartitionNotServed),
+            (
+                Method::GET,
+                "/v2/get/zz/1/0/6b35".into(),
+                ErrorCode::UnknownStore,
+            ),
+            (
+                Method::GET,
+                "/v2/get/s/1/0/6b3".into(),
+                ErrorCode::BadRequest,
+            ),
+            (
+                Method::GET,
+                "/v2/get/s/1/0/6bzz".into(),
+                ErrorCode::BadRequest,
+            ),
+            (Method::POST, path(0, b"k5"), ErrorCode::BadRequest),
+            (Method::GET, "/v1/get/s/1/0".into(), ErrorCode::BadRequest),
+        ];
+        for (method, path, code) in refused {
+            assert_error(&call(c, method, &path, &[], vec![]).await, code);
+        }
+        // The connection still serves, and every get was counted once.
+        let (status, _, body) = call(c, Method::GET, &path(0, b"k7"), &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, StoredValue::encode(1, &big_value(7)));
+        let m = f.server.metrics();
+        assert_eq!(m.requests(RouteKind::Get), 10);
+        assert_eq!(m.keys_found.load(Ordering::Relaxed), 3);
+        assert_eq!(m.keys_missing.load(Ordering::Relaxed), 1);
+        assert_eq!(m.errors(ErrorCode::BadRequest), 4);
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bodiless_get_waits_for_window_when_the_connection_has_none() {
+        let f = fixture().await;
+        // HTTP/2's default windows (a connection's cannot be smaller): one unread batch-get
+        // response of 100 KB takes the whole connection window.
+        let client = connect(f.server.address(), 65_535).await;
+        let mut sender = client.clone().ready().await.unwrap();
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let keys: Vec<(u32, &str)> = keys.iter().map(|k| (0, k.as_str())).collect();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("http://127.0.0.1/v1/batch-get/s/1")
+            .body(())
+            .unwrap();
+        let (response, mut upload) = sender.send_request(request, false).unwrap();
+        upload.send_data(Bytes::from(batch(&keys)), true).unwrap();
+        let mut batch_body = response.await.unwrap().into_body();
+        let first = batch_body.data().await.unwrap().unwrap();
+        // Wait until the server has sent all the window allows.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let path = rialto_protocol::wire::get_key_path("s", 1, 0, b"k19");
+        let get = tokio::spawn({
+            let client = client.clone();
+            async move { call(&client, Method::GET, &path, &[], vec![]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !get.is_finished(),
+            "the get's value came through a full window"
+        );
+        // Reading the batch-get's response gives the window back, and the get's value follows.
+        let mut batch_bytes = first.to_vec();
+        let _ = batch_body.flow_control().release_capacity(first.len());
+        while let Some(chunk) = batch_body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = batch_body.flow_control().release_capacity(chunk.len());
+            batch_bytes.extend_from_slice(&chunk);
+        }
+        assert_eq!(frames(&batch_bytes).last().unwrap(), "trailer 10 10 0 0");
+        let (status, _, body) = get.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, StoredValue::encode(1, &big_value(19)));
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_serving_only_bodiless_gets_is_not_idle() {
+        let idle_timeout = Duration::from_millis(600);
+        let limits = ConnectionLimits {
+            idle_timeout,
+            ..ConnectionLimits::default()
+        };
+        let f = fixture_limited(FaultConfig::default(), limits).await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        let path = rialto_protocol::wire::get_key_path("s", 1, 0, b"k3");
+        // Gets answered on the connection's task for three idle timeouts: one connection.
+        let started = std::time::Instant::now();
+        while started.elapsed() < 3 * idle_timeout {
+            let (status, _, _) = call(&client, Method::GET, &path, &[], vec![]).await;
+            assert_eq!(status, StatusCode::OK, "after {:?}", started.elapsed());
+            tokio::time::sleep(idle_timeout / 6).await;
+        }
+        // Then idle: closed.
+        tokio::time::sleep(idle_timeout * 2).await;
+        assert!(
+            client.clone().ready().await.is_err(),
+            "an idle connection must be closed after {idle_timeout:?}"
+        );
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
     async fn unknown_store_version_partition_and_path() {
         let f = fixture().await;
         let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
@@ -1286,11 +1537,11 @@ mod tests {
             .await,
             ErrorCode::UnknownVersion,
         );
-        let newer = call(c, Method::POST, "/v2/get/s/1/0", &[], vec![]).await;
+        let newer = call(c, Method::POST, "/v3/get/s/1/0", &[], vec![]).await;
         assert_error(&newer, ErrorCode::UnsupportedProtocol);
         let message = ErrorBody::decode(&newer.2).unwrap().message;
         assert!(
-            message.contains("v2 is newer than this server's v1"),
+            message.contains("v3 is newer than this server's v2"),
             "{message}"
         );
         assert_error(
@@ -1466,10 +1717,17 @@ mod tests {
         let c = &client;
         let m = f.server.metrics();
 
-        // The configured delay applies to get and batch-get, not to health or metrics.
+        // The configured delay applies to get (either form) and batch-get, not to health or
+        // metrics.
         let started = std::time::Instant::now();
         let (status, _, _) = call(c, Method::POST, "/v1/get/s/1/0", &[], b"k1".to_vec()).await;
         assert_eq!(status, StatusCode::OK);
+        assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+        let started = std::time::Instant::now();
+        let path = rialto_protocol::wire::get_key_path("s", 1, 0, b"k2");
+        let (status, _, body) = call(c, Method::GET, &path, &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, StoredValue::encode(1, &big_value(2)));
         assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
         let started = std::time::Instant::now();
         let (status, _, body) = call(
@@ -1485,7 +1743,7 @@ mod tests {
         assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
         let (status, _, _) = call(c, Method::GET, "/health", &[], vec![]).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(m.faults_delayed.load(Ordering::Relaxed), 2);
+        assert_eq!(m.faults_delayed.load(Ordering::Relaxed), 3);
 
         // Delays overlap: they are timers, not blocked threads.
         let started = std::time::Instant::now();
@@ -1536,7 +1794,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("rialto_server_faults_injected_total{kind=\"delay\"} 22"),
+            text.contains("rialto_server_faults_injected_total{kind=\"delay\"} 23"),
             "{text}"
         );
         assert_eq!(m.errors(ErrorCode::Overloaded), 2);
