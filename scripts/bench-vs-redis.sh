@@ -8,7 +8,12 @@
 #   in-memory store of the same KEYS × VALUE_BYTES (12 partitions, replication 3) pushed through
 #   `rialto-loadgen prepare`, then open-loop `rialto-loadgen run`s of DURATION each:
 #     - batch-gets of BATCH keys at each rate of BATCH_RATES (requests/s);
-#     - single gets at each rate of GET_RATES, 8 tasks.
+#     - single gets at each rate of GET_RATES, 8 tasks;
+#     - single gets from 8 closed-loop callers (each sends its next get when the previous one
+#       finished: redis-benchmark's GET clients, like for like).
+#   The load generator's runtime has GET_CLIENT_THREADS (1) threads for gets, as redis-benchmark
+#   has one, and one per core for batch-gets (BATCH_CLIENT_THREADS: one thread saturates at
+#   100 batch-gets/s of 5,000 keys).
 # Redis is stopped before Rialto starts, so the two never share the CPU. Prints one table;
 # JSON per run and the raw redis-benchmark output stay in $OUT. Bounded by the counts and
 # durations above; everything started is stopped by PID at exit.
@@ -23,6 +28,8 @@ GET_REQUESTS="${GET_REQUESTS:-1000000}"
 BATCH_RATES="${BATCH_RATES:-60 100 120}"
 GET_RATES="${GET_RATES:-20000 30000 45000}"
 DURATION="${DURATION:-20s}"
+GET_CLIENT_THREADS="${GET_CLIENT_THREADS:-1}"
+BATCH_CLIENT_THREADS="${BATCH_CLIENT_THREADS:-$(nproc)}"
 work="${WORK:-$(mktemp -d /tmp/rialto-bench-redis.XXXXXX)}"
 OUT="${OUT:-$work/results}"
 mkdir -p "$OUT"
@@ -74,15 +81,18 @@ echo "bench: Rialto push of $KEYS keys of $VALUE_BYTES bytes (in-memory store)"
 RUST_LOG=warn,rialto_push=info "$bin/rialto-loadgen" --etcd "$etcd" prepare --controller "$controller" \
   --store vsredis --keys "$KEYS" --value-bytes "$VALUE_BYTES" --partitions 12 --replication 3 \
   --in-memory --kafka "$kafka" 2>"$work/push.log" | tee "$OUT/push.txt"
-run() { # name [args]
-  local name=$1; shift
+run() { # name threads [args]
+  local name=$1 threads=$2; shift 2
   echo "bench: Rialto $name"
-  "$bin/rialto-loadgen" --etcd "$etcd" run --store vsredis --keys "$KEYS" \
+  "$bin/rialto-loadgen" --worker-threads "$threads" --etcd "$etcd" run --store vsredis --keys "$KEYS" \
     --duration "${RUN_DURATION:-$DURATION}" --warmup 3s --json "$OUT/$name.json" "$@" 2>>"$work/loadgen.log" >/dev/null
 }
-RUN_DURATION=10s run settle --mode batch --rate 20 --batch-keys "$BATCH"
-for rate in $BATCH_RATES; do run "batch-$rate" --mode batch --rate "$rate" --batch-keys "$BATCH" --tasks 4; done
-for rate in $GET_RATES; do run "get-$rate" --mode get --rate "$rate" --tasks 8; done
+RUN_DURATION=10s run settle "$BATCH_CLIENT_THREADS" --mode batch --rate 20 --batch-keys "$BATCH"
+for rate in $BATCH_RATES; do
+  run "batch-$rate" "$BATCH_CLIENT_THREADS" --mode batch --rate "$rate" --batch-keys "$BATCH" --tasks 4
+done
+for rate in $GET_RATES; do run "get-$rate" "$GET_CLIENT_THREADS" --mode get --rate "$rate" --tasks 8; done
+run get-closed "$GET_CLIENT_THREADS" --mode get --closed-loop --tasks 8
 
 python3 - "$OUT" "$BATCH" "$redis_load_s" "$BATCH_RATES" "$GET_RATES" <<'PY'
 import csv, json, os, re, sys
@@ -112,6 +122,9 @@ for rate in get_rates:
     rps, kps, p50, p99, failed = rialto(f"get-{rate}")
     note = f" ({failed} failed)" if failed else ""
     print(f"{'':28} {'Rialto':8} {rps:9.0f} {kps:9.0f} {p50:7.2f} {p99:7.2f}  {kps / get_rps:.2f}x, {p99 / get_p99:.2f}x{note}")
+rps, kps, p50, p99, failed = rialto("get-closed")
+note = f" ({failed} failed)" if failed else ""
+print(f"{'  8 closed-loop callers':28} {'Rialto':8} {rps:9.0f} {kps:9.0f} {p50:7.2f} {p99:7.2f}  {kps / get_rps:.2f}x, {p99 / get_p99:.2f}x{note}")
 print(f"{'load of the keys':28} Redis `redis-cli --pipe` {redis_load_s} s; Rialto push: "
       + (f"read and sort {m.group(1)}{m.group(2)}, produce {m.group(3)}{m.group(4)}, ingest {m.group(5)}{m.group(6)}" if m else push.strip()))
 PY

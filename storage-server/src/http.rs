@@ -460,25 +460,25 @@ fn answer_get(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) -> Taken {
-    let route = match parse_route(request.uri().path()) {
-        Some(route @ Route::Get { key: Some(_), .. })
-            if request.method() == Method::GET && !service.faults.active() =>
-        {
-            route
+    let (store, version, partition, hex) = match parse_route(request.uri().path()) {
+        Some(Route::Get {
+            store,
+            version,
+            partition,
+            key: Some(hex),
+        }) if request.method() == Method::GET && !service.faults.active() => {
+            (store, version, partition, hex)
         }
         _ => return Taken::Spawn(request, respond),
     };
-    let Route::Get {
-        store,
-        version,
-        partition,
-        key: Some(hex),
-    } = route
-    else {
-        unreachable!("matched above");
-    };
     service.metrics.count_request(RouteKind::Get);
     let read = || {
+        let route = Route::Get {
+            store,
+            version,
+            partition,
+            key: Some(hex),
+        };
         authorize(&service.authorizer, principal, Some(&route))?;
         let _in_flight = service.limits.enter().map_err(refused)?;
         let key = path_key(hex)?;
