@@ -107,9 +107,8 @@ enum Command {
         rate: Option<f64>,
         /// Instead of a rate: each task is a caller that sends its next request when its previous
         /// one finished (as `redis-benchmark`'s clients do); latency is from each request's
-        /// start, throughput what the callers get. `--max-requests` and `--max-in-flight` do
-        /// not apply.
-        #[arg(long, conflicts_with = "rate")]
+        /// start, throughput what the callers get. `--max-in-flight` does not apply.
+        #[arg(long, conflicts_with_all = ["rate", "max_requests"])]
         closed_loop: bool,
         /// How long to send measured requests (30, 30s, 500ms, 2m).
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
