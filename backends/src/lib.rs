@@ -29,6 +29,7 @@ pub mod net;
 pub mod pubsub;
 #[cfg(feature = "remote")]
 pub mod remote;
+pub mod runtime;
 
 pub use meta::{KeyValue, LeaseHandle, MetaError, MetaStore};
 pub use mirror::PrefixMirror;

@@ -197,13 +197,7 @@ enum Command {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(threads) = args.worker_threads {
-        runtime.worker_threads(threads as usize);
-    }
-    runtime
-        .build()
+    rialto_backends::runtime::multi_thread(args.worker_threads)
         .context("starting the async runtime")?
         .block_on(run_command(args))
 }

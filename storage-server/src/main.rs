@@ -143,13 +143,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(threads) = cli.worker_threads {
-        runtime.worker_threads(threads as usize);
-    }
-    runtime
-        .build()
+    rialto_backends::runtime::multi_thread(cli.worker_threads)
         .context("starting the async runtime")?
         .block_on(serve(cli))
 }
