@@ -10,7 +10,8 @@
 #     - batch-gets of BATCH keys at each rate of BATCH_RATES (requests/s);
 #     - single gets at each rate of GET_RATES, 8 tasks;
 #     - single gets from 8 closed-loop callers (each sends its next get when the previous one
-#       finished: redis-benchmark's GET clients, like for like).
+#       finished: redis-benchmark's GET clients, like for like), with the client's get
+#       coalescing (its default) and without (`--no-coalesce-gets`: one request per get).
 #   The load generator's runtime has GET_CLIENT_THREADS (1) threads for gets, as redis-benchmark
 #   has one, and one per core for batch-gets (BATCH_CLIENT_THREADS: one thread saturates at
 #   100 batch-gets/s of 5,000 keys).
@@ -93,6 +94,7 @@ for rate in $BATCH_RATES; do
 done
 for rate in $GET_RATES; do run "get-$rate" "$GET_CLIENT_THREADS" --mode get --rate "$rate" --tasks 8; done
 run get-closed "$GET_CLIENT_THREADS" --mode get --closed-loop --tasks 8
+run get-closed-alone "$GET_CLIENT_THREADS" --mode get --closed-loop --tasks 8 --no-coalesce-gets
 
 python3 - "$OUT" "$BATCH" "$redis_load_s" "$BATCH_RATES" "$GET_RATES" <<'PY'
 import csv, json, os, re, sys
@@ -122,9 +124,10 @@ for rate in get_rates:
     rps, kps, p50, p99, failed = rialto(f"get-{rate}")
     note = f" ({failed} failed)" if failed else ""
     print(f"{'':28} {'Rialto':8} {rps:9.0f} {kps:9.0f} {p50:7.2f} {p99:7.2f}  {kps / get_rps:.2f}x, {p99 / get_p99:.2f}x{note}")
-rps, kps, p50, p99, failed = rialto("get-closed")
-note = f" ({failed} failed)" if failed else ""
-print(f"{'  8 closed-loop callers':28} {'Rialto':8} {rps:9.0f} {kps:9.0f} {p50:7.2f} {p99:7.2f}  {kps / get_rps:.2f}x, {p99 / get_p99:.2f}x{note}")
+for name, label in [("get-closed", "  8 closed-loop callers"), ("get-closed-alone", "  the same, not coalesced")]:
+    rps, kps, p50, p99, failed = rialto(name)
+    note = f" ({failed} failed)" if failed else ""
+    print(f"{label:28} {'Rialto':8} {rps:9.0f} {kps:9.0f} {p50:7.2f} {p99:7.2f}  {kps / get_rps:.2f}x, {p99 / get_p99:.2f}x{note}")
 print(f"{'load of the keys':28} Redis `redis-cli --pipe` {redis_load_s} s; Rialto push: "
       + (f"read and sort {m.group(1)}{m.group(2)}, produce {m.group(3)}{m.group(4)}, ingest {m.group(5)}{m.group(6)}" if m else push.strip()))
 PY

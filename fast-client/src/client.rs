@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::call::health_failure;
 use crate::codecs::Codecs;
+use crate::coalesce;
 use crate::error::{error_response, ClientError, ERROR_BODY_BYTES_MAX};
 use crate::hedge::RequestKind;
 use crate::instances::count_block;
@@ -139,7 +140,21 @@ impl Client {
         Counters::add(&self.shared.counters.keys_requested, 1);
         let started = std::time::Instant::now();
         let table = self.shared.table();
-        let mut result = self.get_raw_inner(key_bytes, &table).await;
+        let in_flight = self
+            .shared
+            .coalesce_gets
+            .then(|| self.shared.coalescer.enter());
+        let coalesced = if in_flight.as_ref().is_some_and(|f| f.others) {
+            coalesce::get(self, key_bytes)
+                .await
+                .into_result(self.shared.request_timeout)
+        } else {
+            None
+        };
+        let mut result = match coalesced {
+            Some(result) => result,
+            None => self.get_raw_inner(key_bytes, &table).await,
+        };
         let failure = result
             .as_ref()
             .err()
@@ -288,7 +303,7 @@ impl Client {
         self.stream_on(keys, self.shared.table())
     }
 
-    fn stream_on(
+    pub(crate) fn stream_on(
         &self,
         keys: &[Vec<u8>],
         table: Arc<RoutingTable>,

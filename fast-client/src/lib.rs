@@ -35,6 +35,7 @@
 mod call;
 mod client;
 mod codecs;
+mod coalesce;
 mod compute;
 pub mod error;
 pub mod hedge;
@@ -147,6 +148,13 @@ pub struct ClientConfig {
     /// another replica and never returned; turning this off only saves the hashing (about
     /// 0.1 µs per KB, see benches/README.md).
     pub verify_checksums: bool,
+    /// Coalesce concurrent single gets (default true): a `get` that starts while other gets of
+    /// this client are in flight waits for the tasks ready with it to start theirs, and they go
+    /// out together as one batch-get (one request per server of one group) instead of one
+    /// request each; a get with none in flight is sent at once, alone. Fewer requests cost the
+    /// servers and the client less CPU per get under concurrent load (benches/README.md, "Single
+    /// gets coalesced"). A key the shared batch-get could not answer is read again alone.
+    pub coalesce_gets: bool,
     /// The value schema values are returned in (default: the latest registered). Each value is
     /// decoded with the schema it was written with and resolved to this one: fields it lacks
     /// take their defaults, fields this schema lacks are dropped.
@@ -184,6 +192,7 @@ impl ClientConfig {
             long_tail: LongTailRetry::default(),
             health: HealthConfig::default(),
             verify_checksums: true,
+            coalesce_gets: true,
             reader_schema: ReaderSchema::Latest,
             network: rialto_backends::Network::Os,
         }

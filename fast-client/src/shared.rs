@@ -9,6 +9,7 @@ use rialto_protocol::meta::Layout;
 use tokio::sync::watch;
 
 use crate::codecs::Codecs;
+use crate::coalesce::Coalescer;
 use crate::hedge::Hedger;
 use crate::instances::Instances;
 use crate::pool::ConnectionPool;
@@ -38,6 +39,10 @@ pub(crate) struct Shared {
     /// Checksums and decompression of the values of the versions routed to.
     pub(crate) values: ValueCodecs,
     pub(crate) verify_checksums: bool,
+    /// Whether gets started while others are in flight share batch-gets.
+    pub(crate) coalesce_gets: bool,
+    /// The gets in flight and those waiting for the next shared batch-get.
+    pub(crate) coalescer: Coalescer,
     rotation: AtomicUsize,
 }
 
@@ -68,6 +73,8 @@ impl Shared {
             hedger: Hedger::new(config.long_tail.clone()),
             values: ValueCodecs::default(),
             verify_checksums: config.verify_checksums,
+            coalesce_gets: config.coalesce_gets,
+            coalescer: Coalescer::default(),
             rotation: AtomicUsize::new(0),
         }
     }

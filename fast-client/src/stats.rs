@@ -30,6 +30,7 @@ pub(crate) struct Counters {
     pub(crate) checksums_verified: AtomicU64,
     pub(crate) checksum_mismatches: AtomicU64,
     pub(crate) quota_refusals: AtomicU64,
+    pub(crate) gets_coalesced: AtomicU64,
     /// Duration of single-get calls, retries included.
     pub(crate) get_latency: LatencyHistogram,
     /// Duration of batch-get calls, from the call to its last key.
@@ -95,6 +96,10 @@ pub struct ClientStats {
     pub checksum_mismatches: u64,
     /// Calls refused because the store's read quota was used up.
     pub quota_refusals: u64,
+    /// Single gets sent within a batch-get shared with other gets started while they were in
+    /// flight ([`ClientConfig::coalesce_gets`](crate::ClientConfig::coalesce_gets)); each such
+    /// batch counts in `batch_gets`, and its requests in `requests`.
+    pub gets_coalesced: u64,
 }
 
 impl Counters {
@@ -123,6 +128,7 @@ impl Counters {
             checksums_verified: load(&self.checksums_verified),
             checksum_mismatches: load(&self.checksum_mismatches),
             quota_refusals: load(&self.quota_refusals),
+            gets_coalesced: load(&self.gets_coalesced),
             // Filled in by `Client::stats` from the instances and the receive pool.
             instances_blocked_now: 0,
             receive_blocks_reused: 0,
@@ -151,7 +157,7 @@ impl Counters {
 
 impl ClientStats {
     /// Every counter as `(name, help, value, is_gauge)`, for [`render_prometheus`].
-    fn series(&self) -> [(&'static str, &'static str, u64, bool); 26] {
+    fn series(&self) -> [(&'static str, &'static str, u64, bool); 27] {
         [
             (
                 "requests_total",
@@ -302,6 +308,12 @@ impl ClientStats {
                 "quota_refusals_total",
                 "Calls refused over the store's read quota",
                 self.quota_refusals,
+                false,
+            ),
+            (
+                "gets_coalesced_total",
+                "Single gets sent within a batch-get shared with other gets",
+                self.gets_coalesced,
                 false,
             ),
         ]

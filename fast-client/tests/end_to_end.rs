@@ -1183,6 +1183,8 @@ async fn least_loaded_selection_starves_a_slow_replica_until_it_recovers() {
     fleet[0].1.delay_ms.store(200, Ordering::SeqCst);
     let mut config = ClientConfig::new(STORE);
     config.long_tail = LongTailRetry::disabled();
+    // Each get its own request: this is about choosing the replica of one.
+    config.coalesce_gets = false;
     let client = Client::connect(config, meta.clone()).await.unwrap();
     let key = string("key-1");
     let round = |client: Client, key: Value| async move {
@@ -1502,4 +1504,101 @@ async fn a_value_that_fails_its_checksum_is_retried_elsewhere_and_never_returned
     let unverified = Client::connect(config, meta.clone()).await.unwrap();
     assert!(unverified.get(&string("key-5")).await.is_ok());
     assert_eq!(unverified.stats().checksums_verified, 0);
+}
+
+/// `callers` gets at once of `key-0..key-{callers}`, each with its index.
+async fn concurrent_gets(
+    client: &Client,
+    callers: usize,
+) -> Vec<(usize, Result<Option<Value>, ClientError>)> {
+    let reads = (0..callers).map(|i| {
+        let client = client.clone();
+        async move { (i, client.get(&string(&format!("key-{i}"))).await) }
+    });
+    futures::future::join_all(reads).await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn gets_started_while_others_are_in_flight_share_batch_gets() {
+    let meta = Arc::new(MemoryMetaStore::new());
+    let assignment = [vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1], vec![0, 2, 1]];
+    let fleet = fleet(&meta, 3, &assignment, 100).await;
+    let mut lone = ClientConfig::new(STORE);
+    lone.coalesce_gets = false;
+    for coalesce in [true, false] {
+        let config = if coalesce {
+            ClientConfig::new(STORE)
+        } else {
+            lone.clone()
+        };
+        let client = Client::connect(config, meta.clone()).await.unwrap();
+        let before: usize = fleet.iter().map(|(s, _)| requests(s)).sum();
+        // 120 callers at once: 100 stored keys, 20 the store has no value for.
+        for (i, result) in concurrent_gets(&client, 120).await {
+            let expected = (i < 100).then(|| string(&format!("v1-value-{i}")));
+            assert_eq!(result.unwrap(), expected, "key-{i}, coalesce {coalesce}");
+        }
+        let sent = fleet.iter().map(|(s, _)| requests(s)).sum::<usize>() - before;
+        let stats = client.stats();
+        assert_eq!(stats.keys_requested, 120, "{stats:?}");
+        assert_eq!(stats.errors, 0, "{stats:?}");
+        if coalesce {
+            // The first get went out alone at once; the 119 started while it was in flight
+            // went together: one request to each server of one group.
+            assert_eq!(stats.gets_coalesced, 119, "{stats:?}");
+            assert_eq!(stats.batch_gets, 1, "{stats:?}");
+            assert!(sent <= 4, "{sent} requests for 120 gets");
+        } else {
+            assert_eq!(stats.gets_coalesced, 0, "{stats:?}");
+            assert_eq!(sent, 120, "{sent} requests for 120 gets");
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_coalesced_get_ends_as_a_lone_get_would() {
+    let meta = Arc::new(MemoryMetaStore::new());
+    let fleet = fleet(&meta, 2, &[vec![0, 1], vec![1, 0]], 20).await;
+    let mut config = ClientConfig::new(STORE);
+    config.request_timeout = Duration::from_millis(300);
+    config.long_tail = LongTailRetry::disabled();
+    // Failing servers stay in use, so a lone get and a coalesced one meet the same servers.
+    config.health.errors_to_block = u32::MAX;
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+
+    // Every server fails: the shared batch-get answers nothing, so each key is read again alone
+    // and fails with a lone get's error, not a batch-get's `Incomplete`.
+    for (_, b) in &fleet {
+        b.failing.store(true, Ordering::SeqCst);
+    }
+    let lone = client.get(&string("key-0")).await.unwrap_err();
+    assert!(
+        matches!(lone, ClientError::Server { code: ErrorCode::Internal, .. }),
+        "{lone:?}"
+    );
+    for (i, result) in concurrent_gets(&client, 10).await {
+        let e = result.unwrap_err();
+        assert_eq!(
+            std::mem::discriminant(&e),
+            std::mem::discriminant(&lone),
+            "key-{i}: {e:?}"
+        );
+    }
+    assert_eq!(client.stats().gets_coalesced, 9);
+
+    // Every server is slower than the timeout: the batch-get times out, and so does each get,
+    // without a second timeout spent reading it alone.
+    for (_, b) in &fleet {
+        b.failing.store(false, Ordering::SeqCst);
+        b.delay_ms.store(5_000, Ordering::SeqCst);
+    }
+    let started = std::time::Instant::now();
+    for (i, result) in concurrent_gets(&client, 10).await {
+        let e = result.unwrap_err();
+        assert!(matches!(e, ClientError::Timeout { .. }), "key-{i}: {e:?}");
+    }
+    let elapsed = started.elapsed();
+    // Read again alone after the batch timed out, they would have taken two timeouts.
+    assert!(elapsed < Duration::from_millis(600), "{elapsed:?}");
+    assert_eq!(client.stats().gets_coalesced, 18);
 }

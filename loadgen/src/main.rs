@@ -160,6 +160,9 @@ enum Command {
         /// Do not verify values' checksums (to measure what verifying costs).
         #[arg(long)]
         no_verify_checksums: bool,
+        /// Send every single get as its own request (the client's `coalesce_gets` off).
+        #[arg(long)]
+        no_coalesce_gets: bool,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -316,6 +319,7 @@ async fn run_command(args: Args) -> Result<()> {
             sub_request_keys,
             receive_pool_bytes,
             no_verify_checksums,
+            no_coalesce_gets,
             json,
         } => {
             let report = run::run(
@@ -341,6 +345,7 @@ async fn run_command(args: Args) -> Result<()> {
                     sub_request_keys,
                     receive_pool_bytes,
                     verify_checksums: !no_verify_checksums,
+                    coalesce_gets: !no_coalesce_gets,
                     json,
                 },
                 meta.clone(),

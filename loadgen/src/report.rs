@@ -66,6 +66,7 @@ pub struct RunConfig {
     pub sub_request_keys: usize,
     pub receive_pool_bytes: usize,
     pub verify_checksums: bool,
+    pub coalesce_gets: bool,
 }
 
 /// Request counts of the measured phase.
@@ -134,6 +135,8 @@ pub struct RetryCounts {
     pub error_retries: u64,
     /// HTTP/2 requests sent by the client(s).
     pub http_requests: u64,
+    /// Single gets sent within a batch-get shared with other gets (the client's `coalesce_gets`).
+    pub gets_coalesced: u64,
     pub client_timeouts: u64,
     pub instances_blocked: u64,
     pub connections_opened: u64,
@@ -214,6 +217,7 @@ pub fn stats_delta(before: &[ClientStats], after: &[ClientStats]) -> ClientStats
         d.receive_blocks_reused += sub(a.receive_blocks_reused, b.receive_blocks_reused);
         d.receive_blocks_allocated += sub(a.receive_blocks_allocated, b.receive_blocks_allocated);
         d.receive_pool_free_bytes += a.receive_pool_free_bytes;
+        d.gets_coalesced += sub(a.gets_coalesced, b.gets_coalesced);
     }
     d
 }
@@ -228,6 +232,7 @@ impl RetryCounts {
             long_tail_over_budget: d.long_tail_retries_over_budget,
             error_retries: d.retries,
             http_requests: d.requests,
+            gets_coalesced: d.gets_coalesced,
             client_timeouts: d.timeouts,
             instances_blocked: d.instances_blocked,
             connections_opened: d.connections_opened,
@@ -281,7 +286,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "rialto-loadgen run: store {} mode {} {} for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys, receive pool {} bytes, checksums {}",
+            "rialto-loadgen run: store {} mode {} {} for {}s (warmup {}s), {} keys/request, key space {}, {} tasks, {} clients, long-tail retry {}, group routing {}, sub-requests of at most {} keys, receive pool {} bytes, checksums {}, gets coalesced {}",
             c.store,
             c.mode,
             if c.closed_loop {
@@ -300,6 +305,7 @@ impl Report {
             c.sub_request_keys,
             c.receive_pool_bytes,
             if c.verify_checksums { "verified" } else { "not verified" },
+            if c.coalesce_gets { "on" } else { "off" },
         );
         let r = &self.requests;
         let _ = writeln!(
@@ -351,7 +357,7 @@ impl Report {
         let x = &self.retries;
         let _ = writeln!(
             out,
-            "  long-tail retries: {} sent, {} won, {} dropped late, {} over budget; {} error retries, {} client timeouts, {} instances blocked, {} HTTP/2 requests",
+            "  long-tail retries: {} sent, {} won, {} dropped late, {} over budget; {} error retries, {} client timeouts, {} instances blocked, {} HTTP/2 requests, {} gets coalesced",
             x.long_tail_sent,
             x.long_tail_won,
             x.long_tail_dropped_late,
@@ -359,7 +365,8 @@ impl Report {
             x.error_retries,
             x.client_timeouts,
             x.instances_blocked,
-            x.http_requests
+            x.http_requests,
+            x.gets_coalesced
         );
         let r = &self.receive;
         let _ = writeln!(

@@ -45,6 +45,7 @@ pub struct RunArgs {
     pub sub_request_keys: usize,
     pub receive_pool_bytes: usize,
     pub verify_checksums: bool,
+    pub coalesce_gets: bool,
     pub json: Option<PathBuf>,
 }
 
@@ -99,6 +100,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
     config.sub_request_keys_max = args.sub_request_keys;
     config.receive_pool_bytes = args.receive_pool_bytes;
     config.verify_checksums = args.verify_checksums;
+    config.coalesce_gets = args.coalesce_gets;
     if !args.long_tail_retry {
         config.long_tail = LongTailRetry::disabled();
     }
@@ -146,6 +148,7 @@ pub async fn run(args: RunArgs, meta: Arc<dyn MetaStore>) -> Result<Report> {
         sub_request_keys: args.sub_request_keys,
         receive_pool_bytes: args.receive_pool_bytes,
         verify_checksums: args.verify_checksums,
+        coalesce_gets: args.coalesce_gets,
     };
     match args.rate {
         Some(rate) => eprintln!(
