@@ -15,8 +15,8 @@ use rialto_protocol::ErrorCode;
 use tokio::time::Instant;
 
 use crate::call::health_failure;
-use crate::codecs::Codecs;
 use crate::coalesce;
+use crate::codecs::Codecs;
 use crate::error::{error_response, ClientError, ERROR_BODY_BYTES_MAX};
 use crate::hedge::RequestKind;
 use crate::instances::count_block;

@@ -133,16 +133,14 @@ async fn flush(client: &Client, batch: Vec<Waiter>) {
         }
         return;
     }
-    let (keys, mut replies): (Vec<Vec<u8>>, Vec<Option<oneshot::Sender<Outcome>>>) = batch
-        .into_iter()
-        .map(|w| (w.key, Some(w.reply)))
-        .unzip();
+    let (keys, mut replies): (Vec<Vec<u8>>, Vec<Option<oneshot::Sender<Outcome>>>) =
+        batch.into_iter().map(|w| (w.key, Some(w.reply))).unzip();
     let shared = &client.shared;
-    Counters::add(&shared.counters.gets_coalesced, keys.len() as u64);
     let mut stream = match client.stream_on(&keys, shared.table()) {
         Ok(stream) => stream,
         Err(_) => return, // every waiter reads alone, and meets the error itself
     };
+    Counters::add(&shared.counters.gets_coalesced, keys.len() as u64);
     while let Some(event) = stream.next().await {
         match event {
             BatchEvent::Record { index, value, .. } => {

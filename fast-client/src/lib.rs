@@ -29,13 +29,14 @@
 //!
 //! Modules: `typed` ([`Client::builder`], reads through serde), [`routing`] (the pure routing-table builder), `metadata` (following etcd),
 //! `pool` (HTTP/2 connections), `response` (incremental batch-get decoding), `client` (single get
-//! and the entry points), [`stream`] (the batch-get engine), [`hedge`] (long-tail retry),
+//! and the entry points), `coalesce` (concurrent single gets sent as one batch-get),
+//! [`stream`] (the batch-get engine), [`hedge`] (long-tail retry),
 //! [`instances`] (load and health), [`error`] and `stats`.
 
 mod call;
 mod client;
-mod codecs;
 mod coalesce;
+mod codecs;
 mod compute;
 pub mod error;
 pub mod hedge;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use rialto_protocol::meta::Layout;
 use tokio::sync::watch;
 
-use crate::codecs::Codecs;
 use crate::coalesce::Coalescer;
+use crate::codecs::Codecs;
 use crate::hedge::Hedger;
 use crate::instances::Instances;
 use crate::pool::ConnectionPool;

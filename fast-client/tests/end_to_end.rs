@@ -1573,7 +1573,13 @@ async fn a_coalesced_get_ends_as_a_lone_get_would() {
     }
     let lone = client.get(&string("key-0")).await.unwrap_err();
     assert!(
-        matches!(lone, ClientError::Server { code: ErrorCode::Internal, .. }),
+        matches!(
+            lone,
+            ClientError::Server {
+                code: ErrorCode::Internal,
+                ..
+            }
+        ),
         "{lone:?}"
     );
     for (i, result) in concurrent_gets(&client, 10).await {
