@@ -163,7 +163,7 @@ async fn flush(client: &Client, batch: Vec<Waiter>) {
 }
 
 impl Outcome {
-    /// The result of a get that met `Outcome::TimedOut`, or `None` for one to read alone.
+    /// The result of the get this outcome is for, or `None` when it must be read alone.
     pub(crate) fn into_result(
         self,
         timeout: std::time::Duration,
