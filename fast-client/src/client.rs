@@ -303,7 +303,7 @@ impl Client {
         self.stream_on(keys, self.shared.table())
     }
 
-    pub(crate) fn stream_on(
+    fn stream_on(
         &self,
         keys: &[Vec<u8>],
         table: Arc<RoutingTable>,

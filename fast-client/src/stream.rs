@@ -5,6 +5,8 @@
 //! the task carries out what the machine decides and feeds it what happens. Each request to a
 //! server (a *sub-request*) runs as its own task and reports back through the call's inbox as
 //! response chunks arrive, so records reach the application while the rest is still on the wire.
+//! Coalesced gets' batches ([`run_here`]) run the same machine on their caller's task instead,
+//! sub-requests included.
 //!
 //! 1. **Plan.** Keys are partitioned with the shared partitioner. With group routing one group
 //!    (logical zone) is chosen per call, the least loaded (fewest pending requests over its
@@ -29,7 +31,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::future::{Abortable, BoxFuture};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, Stream, StreamExt};
 use rialto_protocol::avro::Value;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -168,7 +172,16 @@ pub(crate) fn start(
     }
     .into();
     let call = Call::new(shared.clone(), table.clone(), keys, compute, Instant::now());
-    let task = tokio::spawn(drive(call, shared, table, path, tx));
+    let task = tokio::spawn(drive(
+        call,
+        shared,
+        table,
+        path,
+        Runner::Tasks,
+        move |events| {
+            let _ = tx.send(events);
+        },
+    ));
     RawBatchStream {
         rx,
         buffered: Vec::new().into_iter(),
@@ -176,7 +189,33 @@ pub(crate) fn start(
     }
 }
 
-/// A message from a sub-request task to its call.
+/// A batch-get run on the caller's own task, its sub-requests polled there too: no task for the
+/// call or its sub-requests, so no wake-up between tasks on the way out or back. For coalesced
+/// gets' batches, a few keys waited on by callers for whom those hops are a good part of the
+/// round trip. The same state machine decides as for [`start`]; `emit` receives the records and,
+/// last, [`BatchEvent::Done`]. Dropping the future drops the sub-requests with it.
+pub(crate) async fn run_here(
+    shared: Arc<Shared>,
+    table: Arc<RoutingTable>,
+    version: u32,
+    keys: &[Vec<u8>],
+    emit: impl FnMut(Vec<BatchEvent>),
+) {
+    let path: Arc<str> = rialto_protocol::wire::batch_get_path(&shared.store, version).into();
+    let call = Call::new(shared.clone(), table.clone(), keys, None, Instant::now());
+    drive(call, shared, table, path, Runner::Here, emit).await;
+}
+
+/// Where a call's sub-requests run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Runner {
+    /// One task each: a large call's responses are decoded on several threads at once.
+    Tasks,
+    /// On the call's own task.
+    Here,
+}
+
+/// A message from a sub-request to its call.
 enum SubMsg {
     Answers {
         sub: usize,
@@ -190,13 +229,14 @@ enum SubMsg {
 
 /// Runs one call: resolves how its version's values are stored, then feeds the state machine
 /// sub-request messages and timer expiries until it is over, carrying out its actions. Dropping
-/// the task (the stream dropped) aborts the sub-requests with it.
+/// it (the stream dropped) aborts the sub-requests with it.
 async fn drive(
     mut call: Call,
     shared: Arc<Shared>,
     table: Arc<RoutingTable>,
     path: Arc<str>,
-    out: mpsc::UnboundedSender<Vec<BatchEvent>>,
+    runner: Runner,
+    emit: impl FnMut(Vec<BatchEvent>),
 ) {
     let values = if call.is_compute() {
         // Results are made by the servers: nothing to decompress or verify here.
@@ -212,14 +252,20 @@ async fn drive(
         shared: &shared,
         path: &path,
         inbox: &inbox_tx,
-        out: &out,
+        emit,
+        runner,
         tasks: JoinSet::new(),
+        here: FuturesUnordered::new(),
         aborts: HashMap::new(),
     };
     subs.apply(call.start(values, Instant::now()));
     while !call.is_over() {
         let actions = tokio::select! {
             biased;
+            // Sub-requests polled here first: what they report is then handled in this same
+            // poll, not after a wake-up that sends this task to the back of the run queue.
+            // One ended (its end came through the inbox) or was cancelled.
+            Some(_) = subs.here.next(), if !subs.here.is_empty() => continue,
             msg = inbox.recv() => match msg {
                 Some(SubMsg::Answers { sub, answers }) => call.on_answers(sub, answers, Instant::now()),
                 Some(SubMsg::Finished { sub, result }) => {
@@ -233,20 +279,29 @@ async fn drive(
         subs.apply(actions);
     }
     subs.tasks.abort_all();
-    let _ = out.send(vec![BatchEvent::Done(call.finish(Instant::now()))]);
+    subs.here.clear();
+    (subs.emit)(vec![BatchEvent::Done(call.finish(Instant::now()))]);
 }
 
-/// The sub-request tasks of one call, and where their records go.
-struct Subs<'a> {
+/// The sub-requests of one call, and where its records go.
+struct Subs<'a, E> {
     shared: &'a Arc<Shared>,
     path: &'a Arc<str>,
     inbox: &'a mpsc::UnboundedSender<SubMsg>,
-    out: &'a mpsc::UnboundedSender<Vec<BatchEvent>>,
+    emit: E,
+    runner: Runner,
     tasks: JoinSet<()>,
-    aborts: HashMap<usize, AbortHandle>,
+    here: FuturesUnordered<Abortable<BoxFuture<'static, ()>>>,
+    aborts: HashMap<usize, Running>,
 }
 
-impl Subs<'_> {
+/// How to stop a sub-request.
+enum Running {
+    Task(AbortHandle),
+    Here(futures::future::AbortHandle),
+}
+
+impl<E: FnMut(Vec<BatchEvent>)> Subs<'_, E> {
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
@@ -256,7 +311,7 @@ impl Subs<'_> {
                     body,
                     keys,
                 } => {
-                    let abort = self.tasks.spawn(run_sub(
+                    let run = run_sub(
                         self.shared.clone(),
                         instance,
                         self.path.clone(),
@@ -264,17 +319,23 @@ impl Subs<'_> {
                         keys,
                         sub,
                         self.inbox.clone(),
-                    ));
-                    self.aborts.insert(sub, abort);
+                    );
+                    let running = match self.runner {
+                        Runner::Tasks => Running::Task(self.tasks.spawn(run)),
+                        Runner::Here => {
+                            let (run, abort) = futures::future::abortable(run.boxed());
+                            self.here.push(run);
+                            Running::Here(abort)
+                        }
+                    };
+                    self.aborts.insert(sub, running);
                 }
-                Action::Cancel { sub } => {
-                    if let Some(abort) = self.aborts.remove(&sub) {
-                        abort.abort();
-                    }
-                }
-                Action::Emit(records) => {
-                    let _ = self.out.send(records);
-                }
+                Action::Cancel { sub } => match self.aborts.remove(&sub) {
+                    Some(Running::Task(abort)) => abort.abort(),
+                    Some(Running::Here(abort)) => abort.abort(),
+                    None => {}
+                },
+                Action::Emit(records) => (self.emit)(records),
             }
         }
     }

@@ -1613,3 +1613,40 @@ async fn a_coalesced_get_ends_as_a_lone_get_would() {
     assert!(elapsed < Duration::from_millis(600), "{elapsed:?}");
     assert_eq!(client.stats().gets_coalesced, 18);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_get_dropped_while_leading_its_batch_strands_no_other_get() {
+    let meta = Arc::new(MemoryMetaStore::new());
+    let fleet = fleet(&meta, 2, &[vec![0, 1], vec![1, 0]], 20).await;
+    let mut config = ClientConfig::new(STORE);
+    config.long_tail = LongTailRetry::disabled();
+    let client = Client::connect(config, meta.clone()).await.unwrap();
+
+    // A slow get in flight, so the gets below are coalesced.
+    for (_, b) in &fleet {
+        b.delay_ms.store(300, Ordering::SeqCst);
+    }
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(&string("key-0")).await }
+    });
+    while fleet.iter().map(|(s, _)| requests(s)).sum::<usize>() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for (_, b) in &fleet {
+        b.delay_ms.store(0, Ordering::SeqCst);
+    }
+    // The first get queued leads the next batch; its caller gives up on it while it waits
+    // for other callers to queue.
+    assert!(client.get(&string("key-1")).now_or_never().is_none());
+    // The next gets queue behind no one: they lead their own batch and are answered.
+    let (key2, key3) = (string("key-2"), string("key-3"));
+    let next = futures::future::join(client.get(&key2), client.get(&key3));
+    let (a, b) = tokio::time::timeout(Duration::from_secs(2), next)
+        .await
+        .expect("gets queued after a dropped leader are answered");
+    assert_eq!(a.unwrap(), Some(string("v1-value-2")));
+    assert_eq!(b.unwrap(), Some(string("v1-value-3")));
+    assert_eq!(client.stats().gets_coalesced, 2, "{:?}", client.stats());
+    assert_eq!(slow.await.unwrap().unwrap(), Some(string("v1-value-0")));
+}
