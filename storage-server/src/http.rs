@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
@@ -52,8 +53,9 @@ use crate::metrics::{
     render_realtime, render_storage, FollowingReplica, RouteKind, ServerMetrics, VersionBytes,
 };
 use crate::node::NodeContext;
-use crate::replica::ReplicaRegistry;
+use crate::replica::{ReplicaRegistry, VersionMap};
 use crate::store::{ReplicaStore, Served};
+use crate::wakes::SelfWaking;
 use crate::Stop;
 
 /// Initial per-stream flow-control window advertised to clients.
@@ -167,7 +169,8 @@ pub(crate) async fn serve(
         let service = service.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        connections.spawn(async move {
+        // Requests answered on the connection's task wake it while it runs (`wakes`).
+        connections.spawn(SelfWaking::new(async move {
             let _permit = permit;
             match tls {
                 None => serve_connection(tcp, peer, None, service, shutdown).await,
@@ -179,7 +182,7 @@ pub(crate) async fn serve(
                     }
                 }
             }
-        });
+        }));
     };
     drop(listener);
     if stop == Stop::Kill {
@@ -252,7 +255,7 @@ async fn serve_connection<T>(
             }
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    match answer_get(&service, principal.as_ref(), request, respond) {
+                    match take(&service, principal.as_ref(), request, respond) {
                         Taken::Answered => last_answered = Some(tokio::time::Instant::now()),
                         Taken::Sending(stream, value) => {
                             let service = service.clone();
@@ -263,8 +266,8 @@ async fn serve_connection<T>(
                                 }
                             });
                         }
-                        Taken::Spawn(request, respond) => {
-                            streams.spawn(handle(service.clone(), principal.clone(), request, respond));
+                        Taken::Spawn(request, respond, prefix) => {
+                            streams.spawn(handle(service.clone(), principal.clone(), request, respond, prefix));
                         }
                     }
                 }
@@ -316,6 +319,7 @@ async fn handle(
     principal: Option<Principal>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    prefix: Option<Bytes>,
 ) {
     let (parts, body) = request.into_parts();
     let route = parse_route(parts.uri.path());
@@ -409,6 +413,7 @@ async fn handle(
                         &service,
                         &mut respond,
                         body,
+                        prefix,
                         declared_len,
                         store,
                         version,
@@ -438,15 +443,41 @@ fn answer_failure(
     send_error(respond, failure.code, &failure.message);
 }
 
-/// What the connection's task did with a request it accepted ([`answer_get`]).
+/// What the connection's task did with a request it accepted ([`take`]).
 enum Taken {
     /// Answered.
     Answered,
-    /// Answered but for the value, which waits for the peer's flow-control window.
+    /// Answered but for the body, which waits for the peer's flow-control window.
     Sending(SendStream<Bytes>, Bytes),
-    /// Not a bodiless get, or faults are configured (their delay is a timer): a task of its own
-    /// serves it.
-    Spawn(Request<RecvStream>, SendResponse<Bytes>),
+    /// Neither a bodiless get nor a small batch-get all in, or faults are configured (their
+    /// delay is a timer): a task of its own serves it, given the start of its body if the
+    /// connection's task read it.
+    Spawn(Request<RecvStream>, SendResponse<Bytes>, Option<Bytes>),
+}
+
+/// Answers a bodiless get ([`answer_get`]) or a small batch-get ([`answer_batch_get`]) on the
+/// connection's own task; leaves any other request to a task.
+fn take(
+    service: &ReadService,
+    principal: Option<&Principal>,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> Taken {
+    enum Here {
+        Get,
+        BatchGet,
+    }
+    let here = match parse_route(request.uri().path()) {
+        _ if service.faults.active() => None,
+        Some(Route::Get { key: Some(_), .. }) if request.method() == Method::GET => Some(Here::Get),
+        Some(Route::BatchGet { .. }) if request.method() == Method::POST => Some(Here::BatchGet),
+        _ => None,
+    };
+    match here {
+        Some(Here::Get) => answer_get(service, principal, request, respond),
+        Some(Here::BatchGet) => answer_batch_get(service, principal, request, respond),
+        None => Taken::Spawn(request, respond, None),
+    }
 }
 
 /// Answers a bodiless get (`v2`, the key in the path) on the connection's own task: the read is
@@ -458,7 +489,7 @@ fn answer_get(
     service: &ReadService,
     principal: Option<&Principal>,
     request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) -> Taken {
     let (store, version, partition, hex) = match parse_route(request.uri().path()) {
         Some(Route::Get {
@@ -469,7 +500,7 @@ fn answer_get(
         }) if request.method() == Method::GET && !service.faults.active() => {
             (store, version, partition, hex)
         }
-        _ => return Taken::Spawn(request, respond),
+        _ => return Taken::Spawn(request, respond, None),
     };
     service.metrics.count_request(RouteKind::Get);
     let read = || {
@@ -484,30 +515,7 @@ fn answer_get(
         let key = path_key(hex)?;
         read_value(service, store, version, partition, &key)
     };
-    let sent = read().and_then(|value| {
-        let response = Response::builder()
-            .status(StatusCode::OK)
-            .header(http::header::CONTENT_TYPE, "application/octet-stream")
-            .body(())
-            .map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
-        Ok((response, value))
-    });
-    match sent {
-        Err(failure) => answer_failure(service, request.uri().path(), failure, &mut respond),
-        Ok((response, value)) => match respond.send_response(response, false) {
-            Ok(mut stream) => {
-                stream.reserve_capacity(value.len());
-                if stream.capacity() == 0 && !value.is_empty() {
-                    return Taken::Sending(stream, value);
-                }
-                if let Err(e) = stream.send_data(value, true) {
-                    tracing::debug!(error = %e, "client went away during the response");
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "client went away before the response"),
-        },
-    }
-    Taken::Answered
+    reply_now(service, request.uri().path(), respond, read())
 }
 
 /// Checks the caller may use `route`: reads and dictionaries need `read` on their store,
@@ -563,11 +571,13 @@ async fn inject_faults(service: &ReadService) -> Result<(), Failure> {
 /// capacity as it goes.
 async fn read_body(
     body: RecvStream,
+    prefix: Option<Bytes>,
     declared_len: Option<u64>,
     limit: usize,
     deadline: Duration,
 ) -> Result<Bytes, Failure> {
-    tokio::time::timeout(deadline, read_body_unbounded(body, declared_len, limit))
+    let read = read_body_unbounded(body, prefix, declared_len, limit);
+    tokio::time::timeout(deadline, read)
         .await
         .unwrap_or_else(|_| {
             Err(Failure::new(
@@ -579,6 +589,7 @@ async fn read_body(
 
 async fn read_body_unbounded(
     mut body: RecvStream,
+    prefix: Option<Bytes>,
     declared_len: Option<u64>,
     limit: usize,
 ) -> Result<Bytes, Failure> {
@@ -593,9 +604,12 @@ async fn read_body_unbounded(
             return Err(too_large(len));
         }
     }
-    let mut first: Option<Bytes> = None;
+    let mut total = prefix.as_ref().map_or(0, Bytes::len);
+    if total > limit {
+        return Err(too_large(total as u64));
+    }
+    let mut first: Option<Bytes> = prefix;
     let mut rest = BytesMut::new();
-    let mut total = 0usize;
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|e| {
             Failure::new(
@@ -642,7 +656,7 @@ async fn get(
         GetKey::Path(hex) => Bytes::from(path_key(hex)?),
         GetKey::Body(body, declared_len) => {
             let deadline = service.connection_limits.body_read_timeout;
-            read_body(body, declared_len, KEY_BYTES_MAX, deadline).await?
+            read_body(body, None, declared_len, KEY_BYTES_MAX, deadline).await?
         }
     };
     let value = read_value(service, store, version, partition, &key)?;
@@ -718,11 +732,14 @@ fn not_served_message(code: ErrorCode, store: &str, version: u32, partition: u32
 }
 
 /// A batch-get, or with `compute` a read-compute request: the same keys, routing and streaming,
-/// each found value answered by its compute result instead.
+/// each found value answered by its compute result instead. `prefix` is the start of the body,
+/// when the connection's task read it already ([`answer_batch_get`]).
+#[allow(clippy::too_many_arguments)]
 async fn batch_get(
     service: &ReadService,
     respond: &mut SendResponse<Bytes>,
     body: RecvStream,
+    prefix: Option<Bytes>,
     declared_len: Option<u64>,
     store: &str,
     version: u32,
@@ -733,92 +750,256 @@ async fn batch_get(
     inject_faults(service).await?;
     let body = read_body(
         body,
+        prefix,
         declared_len,
         REQUEST_BYTES_MAX,
         service.connection_limits.body_read_timeout,
     )
     .await?;
-    let (spec, keys_body) = if compute {
-        let (spec, keys) = split_compute_body(&body)
-            .map_err(|e| Failure::new(e.code(), format!("bad compute request: {e}")))?;
-        let spec = ComputeRequest::decode(spec)
-            .map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
-        (Some(spec), keys)
-    } else {
-        (None, &body[..])
+    let keys_max = service.batch_get_keys_max;
+    let mut answer = BatchAnswer::new(service, &body, store, version, compute, keys_max, arrived)?;
+    let Some(mut stream) = start_response(respond)? else {
+        return Ok(());
     };
-    let keys = BatchGetRequest::decode(keys_body, service.batch_get_keys_max)
-        .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
-    service.limits.charge(store, keys.len()).map_err(refused)?;
     let metrics = &service.metrics;
-    metrics.batch_get_request.observe(arrived.elapsed());
-    let partitions = service
-        .node
-        .registry
-        .version(store, version)
-        .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))?;
-    let job = match spec {
-        None => None,
-        Some(spec) => {
-            let replica = partitions
-                .values()
-                .find_map(|slot| slot.online_store())
-                .ok_or_else(|| {
-                    Failure::new(
-                        ErrorCode::PartitionNotServed,
-                        not_served_message(ErrorCode::PartitionNotServed, store, version, 0),
-                    )
-                })?;
-            let job = service
-                .catalog
-                .job(store, version, spec, &replica)
-                .map_err(|(code, message)| Failure::new(code, message))?;
-            Some(job)
+    let mut buf = service.buffers.take();
+    let mut chunk_bytes = FIRST_CHUNK_BYTES;
+    while answer.fill(service, &mut buf, chunk_bytes) {
+        if chunk_bytes == FIRST_CHUNK_BYTES {
+            metrics.batch_get_first_chunk.observe(arrived.elapsed());
         }
-    };
-    service
-        .metrics
-        .keys_requested
-        .fetch_add(keys.len() as u64, Ordering::Relaxed);
-
-    // Group request indexes by partition so each partition is one multi-get, in key order
-    // (RocksDB's batched multi-get is faster on sorted keys; frames carry their index).
-    let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for (index, (partition, _)) in keys.iter().enumerate() {
-        groups.entry(*partition).or_default().push(index as u32);
+        chunk_bytes = CHUNK_BYTES;
+        let chunk = service
+            .buffers
+            .freeze(std::mem::replace(&mut buf, service.buffers.take()));
+        if let Err(e) = send_chunk(service, &mut stream, chunk, false).await {
+            tracing::debug!(error = %e, "batch-get stream closed by the client");
+            return Ok(());
+        }
+        // Let the connection task write the chunk now. It was woken from this worker, so it
+        // waits in the worker's LIFO slot (which other workers do not steal) until this task
+        // yields: without this, the first chunk leaves with the last.
+        tokio::task::yield_now().await;
     }
-    for indexes in groups.values_mut() {
-        indexes.sort_unstable_by_key(|&i| keys[i as usize].1);
+    answer.finish(service, &mut buf);
+    if chunk_bytes == FIRST_CHUNK_BYTES {
+        metrics.batch_get_first_chunk.observe(arrived.elapsed());
     }
+    let chunk = service.buffers.freeze(buf);
+    if let Err(e) = send_chunk(service, &mut stream, chunk, true).await {
+        tracing::debug!(error = %e, "batch-get stream closed by the client");
+    }
+    metrics.batch_get_total.observe(arrived.elapsed());
+    Ok(())
+}
 
+/// Sends a read's response headers; `None` when the client went away.
+fn start_response(respond: &mut SendResponse<Bytes>) -> Result<Option<SendStream<Bytes>>, Failure> {
     let response = Response::builder()
         .status(StatusCode::OK)
         .header(http::header::CONTENT_TYPE, "application/octet-stream")
         .body(())
         .map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
-    let mut stream = match respond.send_response(response, false) {
-        Ok(s) => s,
+    match respond.send_response(response, false) {
+        Ok(stream) => Ok(Some(stream)),
         Err(e) => {
             tracing::debug!(error = %e, "client went away before the response");
-            return Ok(());
+            Ok(None)
         }
+    }
+}
+
+/// Most keys in a batch-get answered on the connection's task ([`answer_batch_get`]): a few
+/// point lookups, so the connection's other streams wait no longer than for a few gets.
+const INLINE_BATCH_KEYS_MAX: usize = 32;
+
+/// Answers a small batch-get whose body is already in (a few coalesced gets: one DATA frame
+/// arrives with its HEADERS) on the connection's own task, as [`answer_get`] answers a get: no
+/// task, no wake-up between tasks. Anything else, or a body not all in yet, is left to a task
+/// of its own, given what was read of the body.
+fn answer_batch_get(
+    service: &ReadService,
+    principal: Option<&Principal>,
+    mut request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> Taken {
+    let arrived = Instant::now();
+    let body = request.body_mut();
+    let first = match body.data().now_or_never() {
+        Some(Some(Ok(chunk))) => chunk,
+        _ => return Taken::Spawn(request, respond, None),
     };
-    let mut trailer = BatchGetTrailer {
-        keys_total: keys.len() as u32,
-        ..Default::default()
+    let _ = body.flow_control().release_capacity(first.len());
+    let all_in = body.is_end_stream();
+    let path = request.uri().path();
+    let (store, version) = match parse_route(path) {
+        Some(Route::BatchGet { store, version }) if all_in => (store, version),
+        _ => return Taken::Spawn(request, respond, Some(first)),
     };
-    let mut buf = service.buffers.take();
-    let mut chunk_bytes = FIRST_CHUNK_BYTES;
-    let mut key_refs: Vec<&[u8]> = Vec::with_capacity(MULTI_GET_KEYS_MAX);
-    for (partition, indexes) in &groups {
-        let replica = partitions
-            .get(partition)
-            .and_then(|slot| slot.online_store());
-        for sub in indexes.chunks(MULTI_GET_KEYS_MAX) {
-            match &replica {
+    match BatchGetRequest::decode(&first, INLINE_BATCH_KEYS_MAX) {
+        Ok(_) if first.len() <= REQUEST_BYTES_MAX => {}
+        // Larger, or malformed: a task answers it as any batch-get (with the error, if any).
+        _ => return Taken::Spawn(request, respond, Some(first)),
+    }
+    service.metrics.count_request(RouteKind::BatchGet);
+    let route = Route::BatchGet { store, version };
+    let answered = authorize(&service.authorizer, principal, Some(&route)).and_then(|()| {
+        let _in_flight = service.limits.enter().map_err(refused)?;
+        let keys_max = INLINE_BATCH_KEYS_MAX;
+        let mut answer =
+            BatchAnswer::new(service, &first, store, version, false, keys_max, arrived)?;
+        let mut buf = service.buffers.take();
+        while answer.fill(service, &mut buf, usize::MAX) {}
+        answer.finish(service, &mut buf);
+        Ok(service.buffers.freeze(buf))
+    });
+    if answered.is_ok() {
+        let metrics = &service.metrics;
+        metrics.batch_get_first_chunk.observe(arrived.elapsed());
+        metrics.batch_get_total.observe(arrived.elapsed());
+    }
+    reply_now(service, path, respond, answered)
+}
+
+/// Sends a read answered on the connection's task: its failure, or its whole body when the
+/// stream has window for it (a few values almost always fit the initial window); otherwise
+/// [`Taken::Sending`] leaves the body to a task that waits as [`send_chunk`] does.
+fn reply_now(
+    service: &ReadService,
+    path: &str,
+    mut respond: SendResponse<Bytes>,
+    answered: Result<Bytes, Failure>,
+) -> Taken {
+    let started = answered.and_then(|body| Ok((start_response(&mut respond)?, body)));
+    match started {
+        Err(failure) => answer_failure(service, path, failure, &mut respond),
+        Ok((None, _)) => {}
+        Ok((Some(mut stream), body)) => {
+            stream.reserve_capacity(body.len());
+            if stream.capacity() == 0 && !body.is_empty() {
+                return Taken::Sending(stream, body);
+            }
+            if let Err(e) = stream.send_data(body, true) {
+                tracing::debug!(error = %e, "client went away during the response");
+            }
+        }
+    }
+    Taken::Answered
+}
+
+/// A batch-get's (or compute's) keys grouped by partition, answered a sub-batch at a time into
+/// response chunks: by [`batch_get`] on a task of its own, or whole by [`answer_batch_get`] on
+/// the connection's task.
+struct BatchAnswer<'b> {
+    keys: Vec<(u32, &'b [u8])>,
+    /// Request indexes by partition, each in key order (RocksDB's batched multi-get is faster on
+    /// sorted keys; frames carry their index).
+    groups: Vec<(u32, Vec<u32>)>,
+    /// The next sub-batch: its group, and where in the group it starts.
+    next: (usize, usize),
+    partitions: VersionMap,
+    job: Option<ComputeJob>,
+    trailer: BatchGetTrailer,
+    key_refs: Vec<&'b [u8]>,
+}
+
+impl<'b> BatchAnswer<'b> {
+    /// Checks and plans a request whose body is in: decodes it (at most `keys_max` keys), charges
+    /// the store's read quota, and finds the version's replicas here.
+    fn new(
+        service: &ReadService,
+        body: &'b [u8],
+        store: &str,
+        version: u32,
+        compute: bool,
+        keys_max: usize,
+        arrived: Instant,
+    ) -> Result<BatchAnswer<'b>, Failure> {
+        let (spec, keys_body) = if compute {
+            let (spec, keys) = split_compute_body(body)
+                .map_err(|e| Failure::new(e.code(), format!("bad compute request: {e}")))?;
+            let spec = ComputeRequest::decode(spec)
+                .map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
+            (Some(spec), keys)
+        } else {
+            (None, body)
+        };
+        let keys = BatchGetRequest::decode(keys_body, keys_max)
+            .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
+        service.limits.charge(store, keys.len()).map_err(refused)?;
+        service.metrics.batch_get_request.observe(arrived.elapsed());
+        let partitions = service
+            .node
+            .registry
+            .version(store, version)
+            .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))?;
+        let job = match spec {
+            None => None,
+            Some(spec) => {
+                let replica = partitions
+                    .values()
+                    .find_map(|slot| slot.online_store())
+                    .ok_or_else(|| {
+                        Failure::new(
+                            ErrorCode::PartitionNotServed,
+                            not_served_message(ErrorCode::PartitionNotServed, store, version, 0),
+                        )
+                    })?;
+                let job = service
+                    .catalog
+                    .job(store, version, spec, &replica)
+                    .map_err(|(code, message)| Failure::new(code, message))?;
+                Some(job)
+            }
+        };
+        service
+            .metrics
+            .keys_requested
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (index, (partition, _)) in keys.iter().enumerate() {
+            groups.entry(*partition).or_default().push(index as u32);
+        }
+        let mut groups: Vec<(u32, Vec<u32>)> = groups.into_iter().collect();
+        for (_, indexes) in &mut groups {
+            indexes.sort_unstable_by_key(|&i| keys[i as usize].1);
+        }
+        Ok(BatchAnswer {
+            trailer: BatchGetTrailer {
+                keys_total: keys.len() as u32,
+                ..Default::default()
+            },
+            keys,
+            groups,
+            next: (0, 0),
+            partitions,
+            job,
+            key_refs: Vec::with_capacity(MULTI_GET_KEYS_MAX),
+        })
+    }
+
+    /// Reads sub-batches of at most [`MULTI_GET_KEYS_MAX`] keys into `buf` until it holds at
+    /// least `bytes`; false once every key is answered.
+    fn fill(&mut self, service: &ReadService, buf: &mut Vec<u8>, bytes: usize) -> bool {
+        let BatchAnswer {
+            keys,
+            groups,
+            next,
+            partitions,
+            job,
+            trailer,
+            key_refs,
+        } = self;
+        while let Some((partition, indexes)) = groups.get(next.0) {
+            let end = (next.1 + MULTI_GET_KEYS_MAX).min(indexes.len());
+            let sub = &indexes[next.1..end];
+            match partitions
+                .get(partition)
+                .and_then(|slot| slot.online_store())
+            {
                 None => {
                     for &i in sub {
-                        BatchGetFrameWriter::key_error(&mut buf, i, ErrorCode::PartitionNotServed);
+                        BatchGetFrameWriter::key_error(buf, i, ErrorCode::PartitionNotServed);
                         service.metrics.count_error(ErrorCode::PartitionNotServed);
                     }
                     trailer.errors += sub.len() as u32;
@@ -827,53 +1008,37 @@ async fn batch_get(
                     key_refs.clear();
                     key_refs.extend(sub.iter().map(|&i| keys[i as usize].1));
                     write_frames(
-                        replica,
-                        &key_refs,
+                        &replica,
+                        key_refs,
                         sub,
-                        &mut buf,
-                        &mut trailer,
+                        buf,
+                        trailer,
                         &service.metrics,
                         job.as_ref(),
                     );
                 }
             }
-            if buf.len() >= chunk_bytes {
-                if chunk_bytes == FIRST_CHUNK_BYTES {
-                    metrics.batch_get_first_chunk.observe(arrived.elapsed());
-                }
-                chunk_bytes = CHUNK_BYTES;
-                let chunk = service
-                    .buffers
-                    .freeze(std::mem::replace(&mut buf, service.buffers.take()));
-                if let Err(e) = send_chunk(&service, &mut stream, chunk, false).await {
-                    tracing::debug!(error = %e, "batch-get stream closed by the client");
-                    return Ok(());
-                }
-                // Let the connection task write the chunk now. It was woken from this worker,
-                // so it waits in the worker's LIFO slot (which other workers do not steal) until
-                // this task yields: without this, the first chunk leaves with the last.
-                tokio::task::yield_now().await;
+            *next = if end == indexes.len() {
+                (next.0 + 1, 0)
+            } else {
+                (next.0, end)
+            };
+            if buf.len() >= bytes {
+                return next.0 < groups.len();
             }
         }
+        false
     }
-    service
-        .metrics
-        .keys_found
-        .fetch_add(trailer.found as u64, Ordering::Relaxed);
-    service
-        .metrics
-        .keys_missing
-        .fetch_add(trailer.missing as u64, Ordering::Relaxed);
-    BatchGetFrameWriter::trailer(&mut buf, &trailer);
-    let chunk = service.buffers.freeze(buf);
-    if chunk_bytes == FIRST_CHUNK_BYTES {
-        metrics.batch_get_first_chunk.observe(arrived.elapsed());
+
+    /// Appends the trailer and counts what was found.
+    fn finish(self, service: &ReadService, buf: &mut Vec<u8>) {
+        let metrics = &service.metrics;
+        let found = self.trailer.found as u64;
+        metrics.keys_found.fetch_add(found, Ordering::Relaxed);
+        let missing = self.trailer.missing as u64;
+        metrics.keys_missing.fetch_add(missing, Ordering::Relaxed);
+        BatchGetFrameWriter::trailer(buf, &self.trailer);
     }
-    if let Err(e) = send_chunk(&service, &mut stream, chunk, true).await {
-        tracing::debug!(error = %e, "batch-get stream closed by the client");
-    }
-    metrics.batch_get_total.observe(arrived.elapsed());
-    Ok(())
 }
 
 /// A version's compression dictionary, from any ONLINE replica of it here.
@@ -1648,6 +1813,95 @@ mod tests {
         let (status, _, _) = call(c, Method::POST, "/v1/get/s/1/0", &[], b"k7".to_vec()).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(f.server.metrics().errors(ErrorCode::TooManyKeys), 1);
+        f.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn small_batch_gets_answered_on_the_connection_task_match_large_ones() {
+        let f = fixture().await;
+        let client = connect(f.server.address(), STREAM_WINDOW_BYTES).await;
+        // Found keys (one twice), a missing key, a partition this server does not serve.
+        let small: Vec<(u32, String)> = [(0, "k7"), (0, "nope"), (1, "k8"), (0, "k250"), (0, "k7")]
+            .into_iter()
+            .map(|(p, k)| (p, k.to_string()))
+            .collect();
+        // The same first keys, then more than a connection's task answers itself.
+        let large: Vec<(u32, String)> = small
+            .iter()
+            .cloned()
+            .chain((0..INLINE_BATCH_KEYS_MAX).map(|i| (0, format!("k{}", 100 + i))))
+            .collect();
+        let expected = |index: usize, (partition, key): &(u32, String)| -> String {
+            let value = key.strip_prefix('k').and_then(|i| i.parse::<usize>().ok());
+            match (partition, value) {
+                (1, _) => format!("error {index} partition_not_served"),
+                (_, Some(i)) => {
+                    format!("record {index} {:?}", StoredValue::encode(1, &big_value(i)))
+                }
+                (_, None) => format!("missing {index}"),
+            }
+        };
+        for keys in [&small, &large] {
+            let refs: Vec<(u32, &str)> = keys.iter().map(|(p, k)| (*p, k.as_str())).collect();
+            let (status, _, body) = call(
+                &client,
+                Method::POST,
+                "/v1/batch-get/s/1",
+                &[],
+                batch(&refs),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+            let mut got = Vec::new();
+            let mut rest = &body[..];
+            while let Some((frame, used)) = decode_frame(rest).unwrap() {
+                got.push(match frame {
+                    BatchGetFrame::Record { key_index, stored } => {
+                        (key_index, format!("record {key_index} {stored:?}"))
+                    }
+                    BatchGetFrame::Missing { key_index } => {
+                        (key_index, format!("missing {key_index}"))
+                    }
+                    BatchGetFrame::KeyError { key_index, code } => {
+                        (key_index, format!("error {key_index} {}", code.name()))
+                    }
+                    BatchGetFrame::Trailer(t) => (
+                        u32::MAX,
+                        format!(
+                            "trailer {} {} {} {}",
+                            t.keys_total, t.found, t.missing, t.errors
+                        ),
+                    ),
+                });
+                rest = &rest[used..];
+            }
+            assert!(rest.is_empty());
+            got.sort();
+            let mut want: Vec<(u32, String)> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (i as u32, expected(i, k)))
+                .collect();
+            let found = keys.len() - 2;
+            want.push((u32::MAX, format!("trailer {} {found} 1 1", keys.len())));
+            assert_eq!(got.len(), want.len(), "{} keys", keys.len());
+            for (got, want) in got.iter().zip(&want) {
+                assert!(
+                    got == want,
+                    "{} keys: got {:.80}, want {:.80}",
+                    keys.len(),
+                    got.1,
+                    want.1
+                );
+            }
+        }
+        let m = f.server.metrics();
+        assert_eq!(
+            m.keys_found.load(Ordering::Relaxed),
+            (small.len() + large.len() - 4) as u64
+        );
+        assert_eq!(m.keys_missing.load(Ordering::Relaxed), 2);
+        assert_eq!(m.batch_get_total.count(), 2);
         f.server.shutdown().await.unwrap();
     }
 

@@ -43,6 +43,7 @@ pub mod store;
 pub mod testing;
 pub mod usage;
 pub mod validator;
+mod wakes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

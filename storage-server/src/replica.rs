@@ -147,7 +147,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-type VersionMap = BTreeMap<u32, Arc<ReplicaSlot>>;
+/// A version's replicas here, by partition.
+pub type VersionMap = BTreeMap<u32, Arc<ReplicaSlot>>;
 
 /// Every replica hosted here, for the read path.
 #[derive(Debug, Default)]
