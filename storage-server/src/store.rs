@@ -884,7 +884,8 @@ impl ReplicaStore {
         })
     }
 
-    /// The stored value of `key`, pinned (no copy out of the block cache).
+    /// The stored value of `key`, pinned (no copy out of the block cache). The data column
+    /// family is the default one, which this reads without looking its handle up.
     pub fn get(&self, key: &[u8]) -> Result<Option<DBPinnableSlice<'_>>, ServerError> {
         self.db.get_pinned(key).map_err(|e| storage(&self.path, e))
     }
@@ -911,6 +912,11 @@ impl ReplicaStore {
         keys: &[&[u8]],
         sorted: bool,
     ) -> Vec<Result<Option<DBPinnableSlice<'a>>, ServerError>> {
+        if let [key] = keys {
+            // A point lookup skips a multi-get's setup (a partition's one key of a small
+            // batch-get, as coalesced single gets are).
+            return vec![self.get(key)];
+        }
         let cf = match self.data_cf() {
             Ok(cf) => cf,
             Err(e) => {
@@ -926,14 +932,6 @@ impl ReplicaStore {
                     .collect();
             }
         };
-        if let [key] = keys {
-            // A point lookup skips a multi-get's setup (a partition's one key of a small
-            // batch-get, as coalesced single gets are).
-            return vec![self
-                .db
-                .get_pinned_cf(cf, key)
-                .map_err(|e| storage(&self.path, e))];
-        }
         self.db
             .batched_multi_get_cf(cf, keys.iter().copied(), sorted)
             .into_iter()
