@@ -928,23 +928,11 @@ impl<'b> BatchAnswer<'b> {
             .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
         service.limits.charge(store, keys.len()).map_err(refused)?;
         service.metrics.batch_get_request.observe(arrived.elapsed());
-        let partitions = service
-            .node
-            .registry
-            .version(store, version)
-            .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))?;
+        let partitions = version_here(service, store, version)?;
         let job = match spec {
             None => None,
             Some(spec) => {
-                let replica = partitions
-                    .values()
-                    .find_map(|slot| slot.online_store())
-                    .ok_or_else(|| {
-                        Failure::new(
-                            ErrorCode::PartitionNotServed,
-                            not_served_message(ErrorCode::PartitionNotServed, store, version, 0),
-                        )
-                    })?;
+                let replica = any_online(&partitions, store, version)?;
                 let job = service
                     .catalog
                     .job(store, version, spec, &replica)
@@ -1041,19 +1029,22 @@ impl<'b> BatchAnswer<'b> {
     }
 }
 
-/// A version's compression dictionary, from any ONLINE replica of it here.
-async fn dictionary(
-    service: &ReadService,
-    respond: &mut SendResponse<Bytes>,
+/// The replicas of a version hosted here, by partition.
+fn version_here(service: &ReadService, store: &str, version: u32) -> Result<VersionMap, Failure> {
+    let registry = &service.node.registry;
+    registry
+        .version(store, version)
+        .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))
+}
+
+/// Any ONLINE replica of a version here (for what all its partitions share: the value schemas,
+/// the compression dictionary).
+fn any_online(
+    partitions: &VersionMap,
     store: &str,
     version: u32,
-) -> Result<(), Failure> {
-    let partitions = service
-        .node
-        .registry
-        .version(store, version)
-        .map_err(|code| Failure::new(code, not_served_message(code, store, version, 0)))?;
-    let replica = partitions
+) -> Result<Arc<ReplicaStore>, Failure> {
+    partitions
         .values()
         .find_map(|slot| slot.online_store())
         .ok_or_else(|| {
@@ -1061,7 +1052,18 @@ async fn dictionary(
                 ErrorCode::PartitionNotServed,
                 format!("no ONLINE replica of {store} v{version} here"),
             )
-        })?;
+        })
+}
+
+/// A version's compression dictionary, from any ONLINE replica of it here.
+async fn dictionary(
+    service: &ReadService,
+    respond: &mut SendResponse<Bytes>,
+    store: &str,
+    version: u32,
+) -> Result<(), Failure> {
+    let partitions = version_here(service, store, version)?;
+    let replica = any_online(&partitions, store, version)?;
     match replica.dictionary() {
         Ok(Some(d)) => {
             send_body(service, respond, "application/octet-stream", Bytes::from(d)).await
@@ -1473,6 +1475,17 @@ mod tests {
         .encode()
     }
 
+    /// The body of a batch-get of `s` v1 answered 200.
+    async fn batch_get_ok(
+        client: &h2::client::SendRequest<Bytes>,
+        keys: &[(u32, &str)],
+    ) -> Vec<u8> {
+        let path = "/v1/batch-get/s/1";
+        let (status, _, body) = call(client, Method::POST, path, &[], batch(keys)).await;
+        assert_eq!(status, StatusCode::OK);
+        body
+    }
+
     fn frames(body: &[u8]) -> Vec<String> {
         let mut out = Vec::new();
         let mut rest = body;
@@ -1843,15 +1856,7 @@ mod tests {
         };
         for keys in [&small, &large] {
             let refs: Vec<(u32, &str)> = keys.iter().map(|(p, k)| (*p, k.as_str())).collect();
-            let (status, _, body) = call(
-                &client,
-                Method::POST,
-                "/v1/batch-get/s/1",
-                &[],
-                batch(&refs),
-            )
-            .await;
-            assert_eq!(status, StatusCode::OK);
+            let body = batch_get_ok(&client, &refs).await;
             let mut got = Vec::new();
             let mut rest = &body[..];
             while let Some((frame, used)) = decode_frame(rest).unwrap() {
@@ -1912,15 +1917,7 @@ mod tests {
         let client = connect(f.server.address(), 65_535).await;
         let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
         let keys: Vec<(u32, &str)> = keys.iter().map(|k| (0, k.as_str())).collect();
-        let (status, _, body) = call(
-            &client,
-            Method::POST,
-            "/v1/batch-get/s/1",
-            &[],
-            batch(&keys),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
+        let body = batch_get_ok(&client, &keys).await;
         assert!(body.len() > 2 * CHUNK_BYTES, "{}", body.len());
         let got = frames(&body);
         assert_eq!(got.last().unwrap(), "trailer 300 300 0 0");
