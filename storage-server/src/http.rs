@@ -836,18 +836,16 @@ fn answer_batch_get(
         Some(Route::BatchGet { store, version }) if all_in => (store, version),
         _ => return Taken::Spawn(request, respond, Some(first)),
     };
-    match BatchGetRequest::decode(&first, INLINE_BATCH_KEYS_MAX) {
-        Ok(_) if first.len() <= REQUEST_BYTES_MAX => {}
+    let keys = match BatchGetRequest::decode(&first, INLINE_BATCH_KEYS_MAX) {
+        Ok(keys) if first.len() <= REQUEST_BYTES_MAX => keys,
         // Larger, or malformed: a task answers it as any batch-get (with the error, if any).
         _ => return Taken::Spawn(request, respond, Some(first)),
-    }
+    };
     service.metrics.count_request(RouteKind::BatchGet);
     let route = Route::BatchGet { store, version };
     let answered = authorize(&service.authorizer, principal, Some(&route)).and_then(|()| {
         let _in_flight = service.limits.enter().map_err(refused)?;
-        let keys_max = INLINE_BATCH_KEYS_MAX;
-        let mut answer =
-            BatchAnswer::new(service, &first, store, version, false, keys_max, arrived)?;
+        let mut answer = BatchAnswer::plan(service, keys, None, store, version, arrived)?;
         let mut buf = service.buffers.take();
         while answer.fill(service, &mut buf, usize::MAX) {}
         answer.finish(service, &mut buf);
@@ -904,8 +902,8 @@ struct BatchAnswer<'b> {
 }
 
 impl<'b> BatchAnswer<'b> {
-    /// Checks and plans a request whose body is in: decodes it (at most `keys_max` keys), charges
-    /// the store's read quota, and finds the version's replicas here.
+    /// Checks and plans a request whose body is in: decodes it (at most `keys_max` keys), then
+    /// [`BatchAnswer::plan`].
     fn new(
         service: &ReadService,
         body: &'b [u8],
@@ -926,6 +924,19 @@ impl<'b> BatchAnswer<'b> {
         };
         let keys = BatchGetRequest::decode(keys_body, keys_max)
             .map_err(|e| Failure::new(e.code(), format!("bad batch-get request: {e}")))?;
+        BatchAnswer::plan(service, keys, spec, store, version, arrived)
+    }
+
+    /// Plans decoded keys (with `spec`, a compute request's): charges the store's read quota and
+    /// finds the version's replicas here.
+    fn plan(
+        service: &ReadService,
+        keys: Vec<(u32, &'b [u8])>,
+        spec: Option<ComputeRequest>,
+        store: &str,
+        version: u32,
+        arrived: Instant,
+    ) -> Result<BatchAnswer<'b>, Failure> {
         service.limits.charge(store, keys.len()).map_err(refused)?;
         service.metrics.batch_get_request.observe(arrived.elapsed());
         let partitions = version_here(service, store, version)?;
